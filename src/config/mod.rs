@@ -1,0 +1,500 @@
+//! Loading and validating the config: the main file, the files it includes, and Pingora's
+//! server settings that share the main file's top level.
+//!
+//! The file model ([`file`]) is parsed strictly; this module merges the files, resolves
+//! service references, and compiles the validated runtime model ([`Config`]) that the
+//! proxy serves. Every error names the file, the line and the key.
+
+pub mod file;
+pub mod locate;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use http::HeaderValue;
+use once_cell::sync::Lazy;
+use pingora_core::server::configuration::ServerConf;
+use serde::de::DeserializeOwned;
+
+use crate::error::{ConfigError, ConfigErrorKind as Kind};
+use crate::routing::{HostRoutes, Route, RouteTable};
+use crate::sse::SseSettings;
+use crate::upstream::{HostHeader, Service, Timeouts};
+use file::{HostRuleFile, IncludedFile, MainFile, ServiceFile, SseFile, TimeoutsFile};
+use locate::KeyPath;
+
+/// The config `streamgate` serves when started without `-c`: a listener on
+/// 127.0.0.1:8080 in front of the built-in demo SSE origin.
+pub const EMBEDDED: &str = include_str!("../../conf/default.yaml");
+
+/// Where the embedded config says it comes from in messages.
+pub const EMBEDDED_NAME: &str = "<embedded default config>";
+
+/// Listen address when the main file has no `listen`.
+const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+
+/// A validated config, ready to serve.
+#[derive(Debug)]
+pub struct Config {
+    /// The main file (or [`EMBEDDED_NAME`]).
+    pub source: PathBuf,
+    /// Every file that was read, main file first.
+    pub files: Vec<PathBuf>,
+    /// Pingora's own settings from the main file.
+    pub server: ServerConf,
+    pub listen: Vec<SocketAddr>,
+    /// Address of the built-in demo origin, when `demo:` is set.
+    pub demo: Option<SocketAddr>,
+    pub services: BTreeMap<String, Arc<Service>>,
+    pub routes: RouteTable,
+}
+
+impl Config {
+    /// Loads and validates `path` and everything it includes.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, "", Kind::Io(e)))?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        Config::from_text(path, &text, base)
+    }
+
+    /// The embedded default config.
+    pub fn embedded() -> Result<Config, ConfigError> {
+        Config::from_text(Path::new(EMBEDDED_NAME), EMBEDDED, Path::new("."))
+    }
+
+    /// Parses a main file whose text is already read; includes resolve against `base`.
+    pub fn from_text(file: &Path, text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let main = Source {
+            file: file.to_path_buf(),
+            text: text.to_string(),
+        };
+        check_top_level_keys(&main)?;
+        let server: ServerConf = main.parse()?;
+        let server = server.validate().map_err(|e| {
+            main.error(KeyPath::root(), Kind::Invalid(format!("Pingora server setting: {e}")))
+        })?;
+        let parsed: MainFile = main.parse()?;
+        main.refuse_unsupported_main(&parsed)?;
+
+        let mut sources = vec![main];
+        let mut included = Vec::new();
+        for (i, pattern) in parsed.include.iter().enumerate() {
+            for path in expand_include(&sources[0], i, pattern, base)? {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| ConfigError::new(&path, "", Kind::Io(e)))?;
+                let source = Source { file: path, text };
+                let file: IncludedFile = source.parse()?;
+                source.refuse_unsupported_services(&file.services)?;
+                source.refuse_unsupported_rules(&file.host_rules)?;
+                if file.middleware_services.is_some() {
+                    return Err(source.error(
+                        KeyPath::root().key("middleware_services"),
+                        Kind::NotSupportedYet("middleware_services"),
+                    ));
+                }
+                included.push(file);
+                sources.push(source);
+            }
+        }
+
+        let global_sse = apply_sse(&SseSettings::default(), parsed.sse.as_ref());
+        let mut services = BTreeMap::new();
+        let mut defined_in: BTreeMap<String, usize> = BTreeMap::new();
+        let service_files = std::iter::once((0, &parsed.services)).chain(
+            included
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (i + 1, &f.services)),
+        );
+        for (src, files) in service_files {
+            for (name, service) in files {
+                let path = KeyPath::root().key("services").key(name);
+                if let Some(&first) = defined_in.get(name) {
+                    let first = sources[first].file.display().to_string();
+                    return Err(sources[src].error(
+                        path,
+                        Kind::DuplicateService {
+                            name: name.clone(),
+                            first,
+                        },
+                    ));
+                }
+                let built = build_service(&sources[src], &path, name, service, &global_sse)?;
+                defined_in.insert(name.clone(), src);
+                services.insert(name.clone(), Arc::new(built));
+            }
+        }
+
+        let mut routes = RouteTable::default();
+        let rule_files = std::iter::once((0, &parsed.host_rules)).chain(
+            included
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (i + 1, &f.host_rules)),
+        );
+        for (src, rules) in rule_files {
+            for (i, rule) in rules.iter().enumerate() {
+                let path = KeyPath::root().key("host_rules").index(i);
+                add_host_rule(&mut routes, &sources[src], &path, rule, &services)?;
+            }
+        }
+
+        let listen = match parsed.listen {
+            Some(list) if list.is_empty() => {
+                return Err(sources[0].error(
+                    KeyPath::root().key("listen"),
+                    Kind::Invalid("at least one listen address is needed".into()),
+                ))
+            }
+            Some(list) => list.into_iter().map(|a| a.0).collect(),
+            None => vec![DEFAULT_LISTEN.parse().map_err(|_| {
+                sources[0].error(KeyPath::root(), Kind::Invalid("bad default listen".into()))
+            })?],
+        };
+        let mut seen = HashSet::new();
+        for (i, addr) in listen.iter().enumerate() {
+            if !seen.insert(*addr) {
+                return Err(sources[0].error(
+                    KeyPath::root().key("listen").index(i),
+                    Kind::Invalid(format!("{addr} is listed twice")),
+                ));
+            }
+        }
+
+        Ok(Config {
+            source: file.to_path_buf(),
+            files: sources.into_iter().map(|s| s.file).collect(),
+            server,
+            listen,
+            demo: parsed.demo.map(|d| d.listen.0),
+            services,
+            routes,
+        })
+    }
+
+    /// A readable summary of what this config serves, for `streamgate -t`.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        let listen: Vec<String> = self.listen.iter().map(|a| a.to_string()).collect();
+        out.push_str(&format!("listen: {}\n", listen.join(", ")));
+        if let Some(demo) = self.demo {
+            out.push_str(&format!("demo origin: {demo}\n"));
+        }
+        out.push_str("services:\n");
+        for service in self.services.values() {
+            out.push_str(&format!(
+                "  {:<20} http://{}{}\n",
+                service.name,
+                service.url.authority(),
+                service.url.prefix
+            ));
+        }
+        out.push_str("routes (in precedence order):\n");
+        for (host, routes) in self.routes.describe() {
+            for (path, route) in routes {
+                out.push_str(&format!(
+                    "  {host:<24} {path:<28} -> {:<16} [{}]\n",
+                    route.service.name, route.name
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// One file's text, kept to locate errors found after parsing.
+struct Source {
+    file: PathBuf,
+    text: String,
+}
+
+impl Source {
+    fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        serde_yaml::from_str(&self.text).map_err(|e| parse_error(&self.file, &e))
+    }
+
+    fn error(&self, path: KeyPath, kind: Kind) -> ConfigError {
+        let position = locate::locate(&self.text, &path);
+        ConfigError::new(&self.file, path.to_string(), kind).at(position)
+    }
+
+    fn refuse_unsupported_main(&self, main: &MainFile) -> Result<(), ConfigError> {
+        let root = KeyPath::root();
+        if main.middleware_services.is_some() {
+            return Err(self.error(
+                root.key("middleware_services"),
+                Kind::NotSupportedYet("middleware_services"),
+            ));
+        }
+        if main.middlewares.is_some() {
+            return Err(self.error(root.key("middlewares"), Kind::NotSupportedYet("middlewares")));
+        }
+        if let Some(sse) = &main.sse {
+            self.refuse_unsupported_sse(root.key("sse"), sse)?;
+        }
+        self.refuse_unsupported_services(&main.services)?;
+        self.refuse_unsupported_rules(&main.host_rules)
+    }
+
+    fn refuse_unsupported_sse(&self, path: KeyPath, sse: &SseFile) -> Result<(), ConfigError> {
+        if sse.connection_tracking.is_some() {
+            return Err(self.error(
+                path.key("connection_tracking"),
+                Kind::NotSupportedYet("connection_tracking"),
+            ));
+        }
+        if sse.max_connections.is_some() {
+            return Err(self.error(
+                path.key("max_connections"),
+                Kind::NotSupportedYet("max_connections"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn refuse_unsupported_services(
+        &self,
+        services: &BTreeMap<String, ServiceFile>,
+    ) -> Result<(), ConfigError> {
+        for (name, service) in services {
+            if let Some(sse) = &service.sse {
+                let path = KeyPath::root().key("services").key(name).key("sse");
+                self.refuse_unsupported_sse(path, sse)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn refuse_unsupported_rules(&self, rules: &[HostRuleFile]) -> Result<(), ConfigError> {
+        for (i, rule) in rules.iter().enumerate() {
+            let path = KeyPath::root().key("host_rules").index(i);
+            if rule.middlewares.is_some() {
+                return Err(self.error(path.key("middlewares"), Kind::NotSupportedYet("middlewares")));
+            }
+            for (j, route) in rule.route_rules.iter().enumerate() {
+                if route.middlewares.is_some() {
+                    let path = path.key("route_rules").index(j).key("middlewares");
+                    return Err(self.error(path, Kind::NotSupportedYet("middlewares")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Pingora's `ServerConf` keys, read off its serialised default so they track the version.
+static PINGORA_KEYS: Lazy<HashSet<String>> = Lazy::new(|| {
+    let value = serde_yaml::to_value(ServerConf::default()).unwrap_or_default();
+    value
+        .as_mapping()
+        .map(|m| {
+            m.keys()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+});
+
+/// The main file's top level mixes our keys and Pingora's; anything else is a typo.
+fn check_top_level_keys(main: &Source) -> Result<(), ConfigError> {
+    let value: serde_yaml::Value = main.parse()?;
+    let mapping = match value {
+        serde_yaml::Value::Mapping(m) => m,
+        serde_yaml::Value::Null => serde_yaml::Mapping::new(),
+        _ => {
+            return Err(main.error(
+                KeyPath::root(),
+                Kind::Invalid("the config must be a mapping of keys to values".into()),
+            ))
+        }
+    };
+    for key in mapping.keys() {
+        let Some(key) = key.as_str() else {
+            return Err(main.error(
+                KeyPath::root(),
+                Kind::Invalid("top-level keys must be strings".into()),
+            ));
+        };
+        if !file::OWN_KEYS.contains(&key) && !PINGORA_KEYS.contains(key) {
+            return Err(main.error(KeyPath::root().key(key), Kind::UnknownKey));
+        }
+    }
+    Ok(())
+}
+
+/// Turns a serde_yaml error into a config error with position and key path.
+fn parse_error(file: &Path, e: &serde_yaml::Error) -> ConfigError {
+    let position = e.location().map(|l| (l.line(), l.column()));
+    let mut message = e.to_string();
+    if let Some(at) = message.rfind(" at line ") {
+        message.truncate(at);
+    }
+    let (mut key, mut message) = match message.split_once(": ") {
+        Some((k, m)) if !k.is_empty() && !k.contains(' ') => (k.to_string(), m.to_string()),
+        _ => (String::new(), message),
+    };
+    if let Some(field) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        key = if key.is_empty() || key == "." {
+            field.to_string()
+        } else {
+            format!("{key}.{field}")
+        };
+        message = format!("unknown key; {message}");
+    }
+    ConfigError::new(file, key, Kind::Parse(message)).at(position)
+}
+
+fn expand_include(
+    main: &Source,
+    index: usize,
+    pattern: &str,
+    base: &Path,
+) -> Result<Vec<PathBuf>, ConfigError> {
+    let err = |reason: String| {
+        main.error(
+            KeyPath::root().key("include").index(index),
+            Kind::Include {
+                pattern: pattern.to_string(),
+                reason,
+            },
+        )
+    };
+    let full = base.join(pattern);
+    let full = full
+        .to_str()
+        .ok_or_else(|| err("the path is not valid UTF-8".into()))?;
+    let mut paths: Vec<PathBuf> = glob::glob(full)
+        .map_err(|e| err(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    paths.retain(|p| p.is_file());
+    paths.sort();
+    if paths.is_empty() && !glob_has_wildcard(pattern) {
+        return Err(err("no such file".into()));
+    }
+    Ok(paths)
+}
+
+fn glob_has_wildcard(pattern: &str) -> bool {
+    pattern.contains(['*', '?', '['])
+}
+
+/// `base` with the keys set in `file` replaced.
+fn apply_sse(base: &SseSettings, file: Option<&SseFile>) -> SseSettings {
+    let Some(file) = file else {
+        return base.clone();
+    };
+    SseSettings {
+        enabled: file.enabled.unwrap_or(base.enabled),
+        flush_interval: file.flush_interval.map_or(base.flush_interval, |d| d.limit()),
+        read_timeout: file.read_timeout.map_or(base.read_timeout, |d| d.limit()),
+        write_timeout: file.write_timeout.map_or(base.write_timeout, |d| d.limit()),
+    }
+}
+
+fn apply_timeouts(file: Option<&TimeoutsFile>) -> Timeouts {
+    let base = Timeouts::default();
+    let Some(file) = file else {
+        return base;
+    };
+    Timeouts {
+        connect: file.connect.map_or(base.connect, |d| d.limit()),
+        read: file.read.map_or(base.read, |d| d.limit()),
+        write: file.write.map_or(base.write, |d| d.limit()),
+        idle: file.idle.map_or(base.idle, |d| d.limit()),
+    }
+}
+
+fn build_service(
+    source: &Source,
+    path: &KeyPath,
+    name: &str,
+    file: &ServiceFile,
+    global_sse: &SseSettings,
+) -> Result<Service, ConfigError> {
+    let url = file.url.0.clone();
+    let host_header = match file.host_header.as_deref() {
+        None | Some("passthrough") => HostHeader::Passthrough,
+        Some("upstream") => HostHeader::Fixed(HeaderValue::from_str(&url.authority()).map_err(
+            |e| source.error(path.key("url"), Kind::Invalid(format!("bad host: {e}"))),
+        )?),
+        Some(literal) => HostHeader::Fixed(HeaderValue::from_str(literal).map_err(|_| {
+            source.error(
+                path.key("host_header"),
+                Kind::Invalid(format!(
+                    "`{literal}` is not a valid header value; use `passthrough`, \
+                     `upstream` or a host name"
+                )),
+            )
+        })?),
+    };
+    Ok(Service::new(
+        name.to_string(),
+        url,
+        host_header,
+        apply_timeouts(file.timeouts.as_ref()),
+        apply_sse(global_sse, file.sse.as_ref()),
+    ))
+}
+
+fn add_host_rule(
+    routes: &mut RouteTable,
+    source: &Source,
+    path: &KeyPath,
+    rule: &HostRuleFile,
+    services: &BTreeMap<String, Arc<Service>>,
+) -> Result<(), ConfigError> {
+    let service = |path: KeyPath, name: &str| {
+        services
+            .get(name)
+            .cloned()
+            .ok_or_else(|| source.error(path, Kind::UnknownService(name.to_string())))
+    };
+    let host = &rule.pattern.0;
+    let host_label = match rule.port {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    };
+    let fallback = match &rule.target {
+        Some(target) => Some(Arc::new(Route {
+            name: rule.name.clone().unwrap_or_else(|| host_label.clone()),
+            service: service(path.key("target"), target)?,
+        })),
+        None => None,
+    };
+    let mut host_routes = HostRoutes::new(fallback);
+    for (j, route) in rule.route_rules.iter().enumerate() {
+        let rpath = path.key("route_rules").index(j);
+        let pattern = route.pattern.0.clone();
+        let name = route
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{host_label}{}", pattern.source()));
+        let compiled = Arc::new(Route {
+            name,
+            service: service(rpath.key("target"), &route.target)?,
+        });
+        if !host_routes.add(pattern.clone(), compiled) {
+            return Err(source.error(
+                rpath.key("pattern"),
+                Kind::DuplicateRouteRule(pattern.source()),
+            ));
+        }
+    }
+    if !routes.add_host(host.clone(), rule.port, host_routes) {
+        return Err(source.error(
+            path.key("pattern"),
+            Kind::DuplicateHostRule(host_label),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,31 @@
+//! `streamgate [-c FILE] [-t] [-d] [-u]`: Pingora's standard flags. Without `-c` it serves
+//! the embedded default config (a demo SSE origin behind 127.0.0.1:8080).
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use pingora_core::server::configuration::Opt;
+use streamgate::{build_server, Config};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let opt = Opt::parse_args();
+    let loaded = match &opt.conf {
+        Some(path) => Config::load(Path::new(path)),
+        None => Config::embedded(),
+    };
+    let config = match loaded {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("streamgate: configuration error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if opt.test {
+        let files: Vec<String> = config.files.iter().map(|f| f.display().to_string()).collect();
+        println!("streamgate: configuration ok: {}", files.join(", "));
+        print!("{}", config.describe());
+        return ExitCode::SUCCESS;
+    }
+    build_server(config, Some(opt)).run_forever()
+}

@@ -1,0 +1,362 @@
+//! The one `impl ProxyHttp`: each hook dispatches to routing, upstream and SSE code.
+//!
+//! A request's path through the hooks:
+//!
+//! ```text
+//! request_filter          reject bad paths (400); route lookup (404 on a miss); note
+//!                         whether the client asked for SSE. [middleware request chain]
+//! upstream_peer           resolve the service address (502 on failure); build the peer
+//!                         with SSE-aware timeouts
+//! fail_to_connect         no retries (endpoint retries come with service discovery)
+//! upstream_request_filter path prefix, Host policy, X-Forwarded-*, X-Real-IP
+//!                         [middleware upstream-request chain]
+//! response_filter         SSE response? fix its headers (no Content-Length, no-cache,
+//!                         X-Accel-Buffering), set the client write timeout, start the
+//!                         stream record. [middleware response chain]
+//! response_body_filter    SSE: pace writes when flush_interval > 0, else pass through.
+//!                         [middleware body chain: synchronous, never holds a stream]
+//! fail_to_proxy           502/504 (or the status a hook chose) with a one-line reason
+//! logging                 SSE streams: one info line with duration, bytes and how it ended
+//! ```
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{ACCEPT, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use pingora_core::modules::http::HttpModules;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::error::http_error;
+use crate::routing::{NoRoute, Route, RouteTable};
+use crate::sse::{self, FlushPacer};
+
+/// The proxy. Holds the current route table; a request keeps the route it matched for its
+/// whole life, whatever happens to the table meanwhile.
+pub struct StreamGate {
+    routes: ArcSwap<RouteTable>,
+}
+
+impl StreamGate {
+    pub fn new(routes: RouteTable) -> Self {
+        StreamGate {
+            routes: ArcSwap::from_pointee(routes),
+        }
+    }
+}
+
+/// Per-request state.
+#[derive(Default)]
+pub struct RequestCtx {
+    /// The route this request matched, set in `request_filter`.
+    pub route: Option<Arc<Route>>,
+    /// The client asked for an event stream (`Accept: text/event-stream`) on a service
+    /// with SSE enabled: the upstream read timeout is the SSE one.
+    pub sse_request: bool,
+    /// Set when the response turned out to be an event stream.
+    pub stream: Option<SseStream>,
+}
+
+/// An SSE response in flight.
+pub struct SseStream {
+    started: Instant,
+    pacer: Option<FlushPacer>,
+}
+
+#[async_trait]
+impl ProxyHttp for StreamGate {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    /// No downstream modules: Pingora's compression module holds event streams until their
+    /// end, and nothing else is wanted.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let req = session.req_header();
+        if has_dot_segment(req.uri.path()) {
+            respond_text(session, 400, "the path contains `.` or `..` segments").await?;
+            return Ok(true);
+        }
+        let host = request_host(req);
+        let port = session
+            .server_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.port());
+        let routes = self.routes.load();
+        let route = match routes.lookup(host, port, req.uri.path()) {
+            Ok(route) => route.clone(),
+            Err(miss) => {
+                let reason = match miss {
+                    NoRoute::Host => format!("no route for host `{}`", host.unwrap_or("")),
+                    NoRoute::Path => format!(
+                        "no route for path `{}` on host `{}`",
+                        req.uri.path(),
+                        host.unwrap_or("")
+                    ),
+                };
+                respond_text(session, 404, &reason).await?;
+                return Ok(true);
+            }
+        };
+        ctx.sse_request = route.service.sse.enabled
+            && session
+                .get_header(ACCEPT)
+                .is_some_and(|v| sse::accepts_event_stream(v.as_bytes()));
+        ctx.route = Some(route);
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let service = &route(ctx)?.service;
+        let addr = service
+            .address()
+            .await
+            .map_err(|e| http_error(502, format!("service `{}`: {e}", service.name)))?;
+        Ok(service.peer(addr, ctx.sse_request))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        _ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // One endpoint per service: retrying the same address only multiplies the wait.
+        e.set_retry(false);
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let client = client_ip(session);
+        route(ctx)?
+            .service
+            .rewrite_request(upstream_request, client, "http")
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let settings = &route(ctx)?.service.sse;
+        let is_sse = settings.enabled
+            && upstream_response
+                .headers
+                .get(CONTENT_TYPE)
+                .is_some_and(|v| sse::is_event_stream(v.as_bytes()));
+        if is_sse {
+            sse::fix_response_header(upstream_response, session.req_header().version)?;
+            if settings.write_timeout.is_some() {
+                session.set_write_timeout(settings.write_timeout);
+            }
+            ctx.stream = Some(SseStream {
+                started: Instant::now(),
+                pacer: settings.flush_interval.map(FlushPacer::new),
+            });
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        let pacer = ctx.stream.as_mut().and_then(|s| s.pacer.as_mut());
+        match pacer {
+            Some(pacer) if !end_of_stream && body.as_ref().is_some_and(|b| !b.is_empty()) => {
+                Ok(pacer.delay(Instant::now()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
+        // A started event stream always ends with an "error" (client gone, origin gone,
+        // timeout); `logging` reports those at info level with the reason.
+        ctx.stream.is_some() && error.esource() != &ErrorSource::Internal
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let service = ctx.route.as_ref().map(|r| r.service.name.as_str());
+        let code = match error_response(e, service) {
+            Some((code, reason)) if session.response_written().is_none() => {
+                if let Err(write_error) = respond_text(session, code, &reason).await {
+                    log::debug!("could not send the {code} response: {write_error}");
+                }
+                code
+            }
+            Some((code, _)) => code,
+            None => 0,
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let Some(stream) = &ctx.stream else {
+            return;
+        };
+        let reason = match e {
+            None => "origin_closed",
+            Some(e) => match (e.esource(), e.etype()) {
+                (ErrorSource::Downstream, _) => "client_closed",
+                (ErrorSource::Upstream, ErrorType::ReadTimedout) => "read_timeout",
+                (ErrorSource::Upstream, _) => "origin_error",
+                _ => "error",
+            },
+        };
+        let route = ctx.route.as_ref().map_or("", |r| r.name.as_str());
+        let client = client_ip(session).map(|ip| ip.to_string()).unwrap_or_default();
+        log::info!(
+            "sse stream ended: route={route} client={client} duration={:.3}s bytes={} reason={reason}{}",
+            stream.started.elapsed().as_secs_f64(),
+            session.body_bytes_sent(),
+            e.map(|e| format!(" detail=\"{e}\"")).unwrap_or_default(),
+        );
+    }
+}
+
+fn route(ctx: &RequestCtx) -> Result<&Arc<Route>> {
+    ctx.route
+        .as_ref()
+        .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))
+}
+
+/// The host the client addressed: the URI authority (HTTP/2, absolute-form) or `Host`.
+fn request_host(req: &RequestHeader) -> Option<&str> {
+    req.uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers.get(http::header::HOST)?.to_str().ok())
+}
+
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+/// Whether a path has `.` or `..` segments, plain or percent-encoded. Such paths could
+/// match one route here and mean another path at the origin.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let s = segment.as_bytes();
+        let dot = |b: &[u8]| b == b"." || b.eq_ignore_ascii_case(b"%2e");
+        match s.len() {
+            1 | 3 => dot(s),
+            2 => s == b"..",
+            4 => (dot(&s[..1]) && dot(&s[1..])) || (dot(&s[..3]) && dot(&s[3..])),
+            6 => dot(&s[..3]) && dot(&s[3..]),
+            _ => false,
+        }
+    })
+}
+
+/// The status and one-line reason for an error, or `None` when the client is gone.
+fn error_response(e: &Error, service: Option<&str>) -> Option<(u16, String)> {
+    let service = service.map_or_else(String::new, |s| format!("service `{s}`: "));
+    let what = match e.etype() {
+        ErrorType::HTTPStatus(code) => {
+            let reason = e.context.as_ref().map(|c| c.as_str().to_string());
+            return Some((*code, reason.unwrap_or_else(|| format!("error {code}"))));
+        }
+        ErrorType::ConnectTimedout => (504, "connecting to the origin timed out"),
+        ErrorType::ReadTimedout => (504, "the origin did not answer in time"),
+        ErrorType::WriteTimedout if e.esource() == &ErrorSource::Upstream => {
+            (504, "sending the request to the origin timed out")
+        }
+        ErrorType::ConnectRefused => (502, "the origin refused the connection"),
+        ErrorType::ConnectNoRoute => (502, "no network route to the origin"),
+        _ => match e.esource() {
+            ErrorSource::Upstream => {
+                return Some((502, format!("{service}the origin failed: {}", e.etype().as_str())))
+            }
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
+                    return None
+                }
+                _ => (400, "the request could not be read"),
+            },
+            _ => (500, "internal error"),
+        },
+    };
+    Some((what.0, format!("{service}{}", what.1)))
+}
+
+/// Answers with a short plain-text body.
+async fn respond_text(session: &mut Session, status: u16, reason: &str) -> Result<()> {
+    let body = Bytes::from(format!("{status} {reason}\n"));
+    let mut header = ResponseHeader::build(status, Some(4))?;
+    header.insert_header(CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    header.insert_header(CONTENT_LENGTH, body.len())?;
+    header.insert_header(CACHE_CONTROL, "no-store")?;
+    session.write_response_header(Box::new(header), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments() {
+        assert!(has_dot_segment("/a/../b"));
+        assert!(has_dot_segment("/a/./b"));
+        assert!(has_dot_segment("/a/%2E%2e/b"));
+        assert!(has_dot_segment("/a/.%2e"));
+        assert!(has_dot_segment("/.."));
+        assert!(!has_dot_segment("/a/..b/c"));
+        assert!(!has_dot_segment("/a/b.c/"));
+        assert!(!has_dot_segment("/"));
+    }
+
+    #[test]
+    fn error_statuses() {
+        let refused = Error::new(ErrorType::ConnectRefused).into_up();
+        assert_eq!(
+            error_response(&refused, Some("web")),
+            Some((502, "service `web`: the origin refused the connection".into()))
+        );
+        let timeout = Error::new(ErrorType::ReadTimedout).into_up();
+        assert_eq!(error_response(&timeout, None).map(|r| r.0), Some(504));
+        let gone = Error::new(ErrorType::ConnectionClosed).into_down();
+        assert_eq!(error_response(&gone, None), None);
+        let status = http_error(502, "service `x`: cannot resolve `y`");
+        assert_eq!(
+            error_response(&status, None),
+            Some((502, "service `x`: cannot resolve `y`".into()))
+        );
+    }
+}

@@ -1,0 +1,133 @@
+//! Server-Sent Events: detection, the response-header rules every SSE response gets, and
+//! write pacing for `flush_interval`.
+//!
+//! What "correct by default" means here:
+//! - a response is SSE when its `Content-Type` is `text/event-stream` (parameters allowed);
+//! - its headers go out at once and it never carries `Content-Length` (so Pingora streams
+//!   it chunked and flushes every chunk), is never compressed by the proxy, and gets
+//!   `Cache-Control: no-cache` and `X-Accel-Buffering: no` unless the origin set them;
+//! - with `flush_interval: 0` every upstream chunk is written and flushed as it arrives.
+
+mod pacer;
+
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::Version;
+use pingora_http::ResponseHeader;
+
+pub use pacer::FlushPacer;
+
+static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+
+/// Effective SSE settings of a service: its `sse:` block over the global one.
+/// `None` durations mean no limit (written `0` in the config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseSettings {
+    /// When false, event streams are proxied like any other response.
+    pub enabled: bool,
+    /// Coalesce writes for at most this long; `None` flushes every chunk at once.
+    pub flush_interval: Option<Duration>,
+    /// Longest silence from the origin between events.
+    pub read_timeout: Option<Duration>,
+    /// Longest a write to the client may block.
+    pub write_timeout: Option<Duration>,
+}
+
+impl Default for SseSettings {
+    fn default() -> Self {
+        SseSettings {
+            enabled: true,
+            flush_interval: None,
+            read_timeout: None,
+            write_timeout: None,
+        }
+    }
+}
+
+/// Whether a `Content-Type` value is `text/event-stream`, with or without parameters.
+pub fn is_event_stream(content_type: &[u8]) -> bool {
+    let essence = content_type
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    essence.eq_ignore_ascii_case(b"text/event-stream")
+}
+
+/// Whether an `Accept` value asks for `text/event-stream` (and does not refuse it with
+/// `q=0`).
+pub fn accepts_event_stream(accept: &[u8]) -> bool {
+    accept.split(|&b| b == b',').any(|range| {
+        let mut parts = range.split(|&b| b == b';');
+        let refused = |param: &[u8]| {
+            let param = param.trim_ascii();
+            param.len() >= 2
+                && param[..2].eq_ignore_ascii_case(b"q=")
+                && param[2..]
+                    .trim_ascii()
+                    .iter()
+                    .all(|&b| b == b'0' || b == b'.')
+        };
+        is_event_stream(parts.next().unwrap_or_default()) && !parts.any(refused)
+    })
+}
+
+/// Applies the SSE response rules to an event-stream response header.
+pub fn fix_response_header(
+    header: &mut ResponseHeader,
+    downstream: Version,
+) -> pingora_error::Result<()> {
+    if header.remove_header(&CONTENT_LENGTH).is_some()
+        && downstream == Version::HTTP_11
+        && header.headers.get(&TRANSFER_ENCODING).is_none()
+    {
+        // Without a length the body must be chunked, which Pingora flushes per chunk.
+        header.insert_header(TRANSFER_ENCODING, "chunked")?;
+    }
+    if header.headers.get(&CACHE_CONTROL).is_none() {
+        header.insert_header(CACHE_CONTROL, HeaderValue::from_static("no-cache"))?;
+    }
+    if header.headers.get(&X_ACCEL_BUFFERING).is_none() {
+        header.insert_header(X_ACCEL_BUFFERING.clone(), HeaderValue::from_static("no"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_event_stream_content_types() {
+        assert!(is_event_stream(b"text/event-stream"));
+        assert!(is_event_stream(b"Text/Event-Stream; charset=utf-8"));
+        assert!(is_event_stream(b" text/event-stream ;charset=utf-8"));
+        assert!(!is_event_stream(b"text/event-streams"));
+        assert!(!is_event_stream(b"text/plain"));
+        assert!(!is_event_stream(b""));
+    }
+
+    #[test]
+    fn detects_accept() {
+        assert!(accepts_event_stream(b"text/event-stream"));
+        assert!(accepts_event_stream(b"application/json, text/event-stream;q=0.9"));
+        assert!(!accepts_event_stream(b"text/event-stream;q=0"));
+        assert!(!accepts_event_stream(b"*/*"));
+        assert!(!accepts_event_stream(b"text/html"));
+    }
+
+    #[test]
+    fn fixes_headers() {
+        let mut h = ResponseHeader::build(200, None).expect("header");
+        h.insert_header("content-type", "text/event-stream")
+            .expect("insert");
+        h.insert_header("content-length", "100").expect("insert");
+        h.insert_header("cache-control", "private").expect("insert");
+        fix_response_header(&mut h, Version::HTTP_11).expect("fix");
+        assert!(h.headers.get("content-length").is_none());
+        assert_eq!(h.headers["transfer-encoding"], "chunked");
+        assert_eq!(h.headers["cache-control"], "private");
+        assert_eq!(h.headers["x-accel-buffering"], "no");
+    }
+}

@@ -1,0 +1,268 @@
+//! Services: where a route's requests go and how they get there.
+//!
+//! A [`Service`] is built once per config from `services.<name>`: its URL (host, port,
+//! path prefix), the `Host` header policy, its timeouts and its effective SSE settings.
+//! Per request it resolves the address (IP literals at load time, names through the
+//! system resolver with a short cache, never panicking), builds the Pingora peer with the
+//! timeouts that fit the request, and rewrites the upstream request (path prefix, `Host`,
+//! `X-Forwarded-*`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use http::header::{HeaderName, HeaderValue, HOST};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_http::RequestHeader;
+
+use crate::sse::SseSettings;
+
+/// How long a resolved host name is reused before asking the resolver again.
+const DNS_CACHE: Duration = Duration::from_secs(5);
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// `services.<name>.url`, parsed: `http://host[:port][/prefix]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceUrl {
+    pub host: String,
+    pub port: u16,
+    /// Path prefix without a trailing slash; empty when the URL has no path.
+    pub prefix: String,
+    ip: Option<IpAddr>,
+}
+
+impl TryFrom<String> for ServiceUrl {
+    type Error = String;
+
+    fn try_from(raw: String) -> Result<Self, String> {
+        let bad = |why: &str| format!("invalid service URL `{raw}`: {why}");
+        let uri: http::Uri = raw.parse().map_err(|e| bad(&format!("{e}")))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(bad(
+                    "https upstreams are not supported yet; use http:// (TLS to origins comes \
+                     with service discovery)",
+                ))
+            }
+            Some(other) => return Err(bad(&format!("unsupported scheme `{other}`, use http://"))),
+            None => return Err(bad("missing scheme, write http://host:port")),
+        }
+        let authority = uri.authority().ok_or_else(|| bad("missing host"))?;
+        if authority.as_str().contains('@') {
+            return Err(bad("user info is not allowed in a service URL"));
+        }
+        let host = authority.host().to_string();
+        if host.is_empty() {
+            return Err(bad("missing host"));
+        }
+        if uri.query().is_some() {
+            return Err(bad("a query string is not allowed in a service URL"));
+        }
+        let port = authority.port_u16().unwrap_or(80);
+        let ip = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok();
+        Ok(ServiceUrl {
+            host,
+            port,
+            prefix: uri.path().trim_end_matches('/').to_string(),
+            ip,
+        })
+    }
+}
+
+impl ServiceUrl {
+    /// `host:port`, or `host` alone for port 80, as a `Host` header would carry it.
+    pub fn authority(&self) -> String {
+        if self.port == 80 {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// What `Host` the origin sees: `services.<name>.host_header`.
+#[derive(Debug, Clone)]
+pub enum HostHeader {
+    /// The client's `Host` (the default).
+    Passthrough,
+    /// A fixed value: the service URL's authority for `upstream`, or a literal.
+    Fixed(HeaderValue),
+}
+
+/// Timeouts for ordinary (non-SSE) requests. `None` means no limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Option<Duration>,
+    /// Longest wait for the response header and between body reads.
+    pub read: Option<Duration>,
+    pub write: Option<Duration>,
+    /// How long an idle upstream keep-alive connection stays in the pool.
+    pub idle: Option<Duration>,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Some(Duration::from_secs(5)),
+            read: Some(Duration::from_secs(60)),
+            write: Some(Duration::from_secs(60)),
+            idle: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Resolved {
+    addr: SocketAddr,
+    at: Instant,
+}
+
+/// A named upstream service.
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    pub url: ServiceUrl,
+    pub host_header: HostHeader,
+    pub timeouts: Timeouts,
+    pub sse: SseSettings,
+    resolved: ArcSwapOption<Resolved>,
+}
+
+impl Service {
+    pub fn new(
+        name: String,
+        url: ServiceUrl,
+        host_header: HostHeader,
+        timeouts: Timeouts,
+        sse: SseSettings,
+    ) -> Self {
+        Service {
+            name,
+            url,
+            host_header,
+            timeouts,
+            sse,
+            resolved: ArcSwapOption::empty(),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn for_tests(name: &str) -> Self {
+        let url = ServiceUrl::try_from("http://127.0.0.1:1".to_string()).expect("test url");
+        Service::new(
+            name.to_string(),
+            url,
+            HostHeader::Passthrough,
+            Timeouts::default(),
+            SseSettings::default(),
+        )
+    }
+
+    /// The address to connect to. Host names go through the system resolver, cached for a
+    /// few seconds; a failure is an error message, never a panic.
+    pub async fn address(&self) -> Result<SocketAddr, String> {
+        if let Some(ip) = self.url.ip {
+            return Ok(SocketAddr::new(ip, self.url.port));
+        }
+        if let Some(cached) = self.resolved.load().as_deref() {
+            if cached.at.elapsed() < DNS_CACHE {
+                return Ok(cached.addr);
+            }
+        }
+        let host = self.url.host.as_str();
+        let addr = tokio::net::lookup_host((host, self.url.port))
+            .await
+            .map_err(|e| format!("cannot resolve `{host}`: {e}"))?
+            .next()
+            .ok_or_else(|| format!("`{host}` resolves to no address"))?;
+        self.resolved.store(Some(Arc::new(Resolved {
+            addr,
+            at: Instant::now(),
+        })));
+        Ok(addr)
+    }
+
+    /// The Pingora peer for one request. An SSE request reads with the SSE read timeout
+    /// (usually none), because Pingora fixes an upstream connection's read timeout when
+    /// the request is sent.
+    pub fn peer(&self, addr: SocketAddr, sse: bool) -> Box<HttpPeer> {
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        let options = &mut peer.options;
+        options.connection_timeout = self.timeouts.connect;
+        options.read_timeout = if sse {
+            self.sse.read_timeout
+        } else {
+            self.timeouts.read
+        };
+        options.write_timeout = self.timeouts.write;
+        options.idle_timeout = self.timeouts.idle;
+        Box::new(peer)
+    }
+
+    /// Rewrites the request the origin will see: joins the service's path prefix, applies
+    /// the `Host` policy and sets the forwarding headers.
+    pub fn rewrite_request(
+        &self,
+        req: &mut RequestHeader,
+        client: Option<IpAddr>,
+        proto: &'static str,
+    ) -> pingora_error::Result<()> {
+        let original_host = req
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers
+                    .get(HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            });
+        if !self.url.prefix.is_empty() || req.uri.authority().is_some() {
+            let path = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let joined = format!("{}{}", self.url.prefix, path);
+            let uri = http::Uri::try_from(joined).map_err(|e| {
+                crate::error::http_error(400, format!("cannot build the upstream path: {e}"))
+            })?;
+            req.set_uri(uri);
+        }
+        match &self.host_header {
+            HostHeader::Passthrough => {
+                if let Some(host) = &original_host {
+                    if req.headers.get(HOST).is_none() {
+                        req.insert_header(HOST, host.as_str())?;
+                    }
+                }
+            }
+            HostHeader::Fixed(value) => req.insert_header(HOST, value.clone())?,
+        }
+        if let Some(ip) = client {
+            let ip = ip.to_string();
+            // Append to what earlier proxies recorded, across repeated header lines.
+            let mut forwarded = String::new();
+            for prior in req.headers.get_all(&X_FORWARDED_FOR) {
+                if let Ok(prior) = prior.to_str() {
+                    forwarded.push_str(prior.trim());
+                    forwarded.push_str(", ");
+                }
+            }
+            forwarded.push_str(&ip);
+            req.insert_header(X_FORWARDED_FOR.clone(), forwarded)?;
+            req.insert_header(X_REAL_IP.clone(), ip)?;
+        }
+        req.insert_header(X_FORWARDED_PROTO.clone(), proto)?;
+        if let Some(host) = original_host {
+            req.insert_header(X_FORWARDED_HOST.clone(), host)?;
+        }
+        Ok(())
+    }
+}
