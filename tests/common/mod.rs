@@ -1,0 +1,311 @@
+//! Test harness: a scriptable HTTP/1.1 origin on a real socket, the proxy started from
+//! `build_server` on a real socket, and helpers to read SSE events as a client sees them.
+//!
+//! Each test binary runs under nextest one test per process, so every test gets its own
+//! Pingora server; it is never shut down, the process exit ends it.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
+use streamgate::{build_server, Config};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// Upper bound for anything a test awaits: a hang fails the test instead of stalling CI.
+pub const GUARD: Duration = Duration::from_secs(10);
+
+/// Awaits `fut`, failing the test if it takes longer than [`GUARD`].
+pub async fn guard<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(GUARD, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out waiting for: {what}"),
+    }
+}
+
+/// A request as the origin received it.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Head {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A connection to the origin, handed to the test's handler after the request head.
+pub struct Conn {
+    pub reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.reader.get_mut().write_all(bytes).await
+    }
+
+    /// A complete response with a `Content-Length` body.
+    pub async fn respond(&mut self, status: u16, body: &str) -> std::io::Result<()> {
+        let head = format!(
+            "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.write(head.as_bytes()).await
+    }
+
+    /// The head of a chunked `text/event-stream` response.
+    pub async fn sse_head(&mut self) -> std::io::Result<()> {
+        self.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+        )
+        .await
+    }
+
+    /// One chunk of a chunked body.
+    pub async fn chunk(&mut self, data: &str) -> std::io::Result<()> {
+        let framed = format!("{:x}\r\n{data}\r\n", data.len());
+        self.write(framed.as_bytes()).await
+    }
+
+    /// The terminating chunk.
+    pub async fn end(&mut self) -> std::io::Result<()> {
+        self.write(b"0\r\n\r\n").await
+    }
+
+    /// Waits until the peer (the proxy) closes the connection.
+    pub async fn closed(&mut self) {
+        let mut buf = [0u8; 1024];
+        loop {
+            match self.reader.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// What a handler decides after answering: keep the connection for the next request or not.
+pub enum After {
+    KeepAlive(Conn),
+    Close,
+}
+
+/// A scriptable origin on 127.0.0.1.
+pub struct Origin {
+    pub addr: SocketAddr,
+    /// Every request head, in arrival order.
+    pub requests: mpsc::UnboundedReceiver<Head>,
+    connections: Arc<AtomicUsize>,
+}
+
+impl Origin {
+    /// Starts an origin whose `handler` answers each request.
+    pub async fn start<F, Fut>(handler: F) -> Origin
+    where
+        F: Fn(Head, Conn) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = After> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().expect("origin addr");
+        let (tx, requests) = mpsc::unbounded_channel();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let handler = Arc::new(handler);
+        let count = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let handler = handler.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut conn = Conn {
+                        reader: BufReader::new(stream),
+                    };
+                    while let Some(head) = read_head(&mut conn.reader).await {
+                        let _ = tx.send(head.clone());
+                        match handler(head, conn).await {
+                            After::KeepAlive(c) => conn = c,
+                            After::Close => return,
+                        }
+                    }
+                });
+            }
+        });
+        Origin {
+            addr,
+            requests,
+            connections,
+        }
+    }
+
+    /// An origin that answers every request with `200` and `body`, keeping connections.
+    pub async fn plain(body: &'static str) -> Origin {
+        Origin::start(move |_, mut conn| async move {
+            match conn.respond(200, body).await {
+                Ok(()) => After::KeepAlive(conn),
+                Err(_) => After::Close,
+            }
+        })
+        .await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    pub async fn next_request(&mut self) -> Head {
+        guard("the origin to receive a request", self.requests.recv())
+            .await
+            .expect("origin request channel")
+    }
+}
+
+async fn read_head(reader: &mut BufReader<TcpStream>) -> Option<Head> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).await.ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let target = parts.next()?.to_string();
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).await.ok()? == 0 {
+            return None;
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':')?;
+        headers.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    Some(Head {
+        method,
+        target,
+        headers,
+    })
+}
+
+/// A port that was free a moment ago (the proxy binds it right after).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A running proxy.
+pub struct Proxy {
+    pub addr: SocketAddr,
+}
+
+impl Proxy {
+    /// Starts the proxy on a fresh port. `body` is the config without `listen`: services,
+    /// host rules and so on.
+    pub async fn start(body: &str) -> Proxy {
+        let port = free_port();
+        let text = format!("listen: [\"127.0.0.1:{port}\"]\n{body}");
+        let config =
+            Config::from_text(Path::new("test.yaml"), &text, Path::new(".")).unwrap_or_else(|e| {
+                panic!("test config does not load: {e}\n{text}");
+            });
+        std::thread::spawn(move || {
+            build_server(config, None).run(RunArgs {
+                shutdown_signal: Box::new(Never),
+            })
+        });
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        guard("the proxy to listen", async {
+            while TcpStream::connect(addr).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        Proxy { addr }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+struct Never;
+
+#[async_trait]
+impl ShutdownSignalWatch for Never {
+    async fn recv(&self) -> ShutdownSignal {
+        std::future::pending().await
+    }
+}
+
+/// A client that does not pool connections across tests' expectations.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client")
+}
+
+/// Reads whole SSE events (up to the blank line) from a streaming response.
+pub struct Events {
+    response: reqwest::Response,
+    buf: String,
+}
+
+impl Events {
+    pub fn new(response: reqwest::Response) -> Self {
+        Events {
+            response,
+            buf: String::new(),
+        }
+    }
+
+    /// The next event's text without its final blank line, or `None` when the stream ended
+    /// cleanly. Panics on a transport error.
+    pub async fn next(&mut self) -> Option<String> {
+        guard("the next event", async {
+            loop {
+                if let Some(end) = self.buf.find("\n\n") {
+                    let event = self.buf[..end].to_string();
+                    self.buf.drain(..end + 2);
+                    return Some(event);
+                }
+                match self.response.chunk().await.expect("stream read") {
+                    Some(bytes) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
+                    None => return None,
+                }
+            }
+        })
+        .await
+    }
+
+    /// Reads until the stream ends, returning whether it ended with an error (truncated)
+    /// rather than cleanly.
+    pub async fn until_end(&mut self) -> Result<(), reqwest::Error> {
+        guard("the stream to end", async {
+            while self.response.chunk().await?.is_some() {}
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,279 @@
+//! SSE through the proxy, end to end: unbuffered delivery, headers first, SSE timeouts,
+//! disconnects on either side, Last-Event-ID.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{client, guard, After, Events, Origin, Proxy};
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+fn config(origin: &Origin, extra_service: &str) -> String {
+    format!(
+        "services:\n  feed:\n    url: \"{}\"\n{extra_service}\
+         host_rules:\n  - pattern: \"*\"\n    target: feed\n",
+        origin.url()
+    )
+}
+
+/// An origin that sends `count` events, each only after the test acknowledged the previous
+/// one. If the proxy held any event back, the client would never see it and the test would
+/// stop at the guard.
+async fn lockstep_origin(count: usize) -> (Origin, mpsc::UnboundedSender<()>) {
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<()>();
+    let ack_rx = Arc::new(Mutex::new(ack_rx));
+    let origin = Origin::start(move |_, mut conn| {
+        let ack_rx = ack_rx.clone();
+        async move {
+            let mut acks = ack_rx.lock().await;
+            conn.sse_head().await.expect("head");
+            for i in 0..count {
+                conn.chunk(&format!("id: {i}\ndata: event {i}\n\n"))
+                    .await
+                    .expect("event");
+                if acks.recv().await.is_none() {
+                    break;
+                }
+            }
+            let _ = conn.end().await;
+            After::Close
+        }
+    })
+    .await;
+    (origin, ack_tx)
+}
+
+async fn each_event_arrives_before_the_next_is_sent(service_sse: &str) {
+    let (origin, ack) = lockstep_origin(5).await;
+    let proxy = Proxy::start(&config(&origin, service_sse)).await;
+    let response = client()
+        .get(proxy.url("/events"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("response");
+    let mut events = Events::new(response);
+    for i in 0..5 {
+        let event = events.next().await.expect("an event");
+        assert_eq!(event, format!("id: {i}\ndata: event {i}"));
+        ack.send(()).expect("ack");
+    }
+    assert_eq!(events.next().await, None, "stream ends cleanly after the origin ends");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_event_arrives_before_the_origin_sends_the_next() {
+    each_event_arrives_before_the_next_is_sent("").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn flush_interval_coalesces_but_never_holds_an_event() {
+    each_event_arrives_before_the_next_is_sent("    sse: { flush_interval: 100ms }\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn headers_arrive_before_the_first_event() {
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let go_rx = Arc::new(Mutex::new(Some(go_rx)));
+    let origin = Origin::start(move |_, mut conn| {
+        let go_rx = go_rx.clone();
+        async move {
+            // The origin sends a Content-Length the proxy must drop for SSE.
+            conn.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n\
+                         content-length: 13\r\n\r\n")
+                .await
+                .expect("head");
+            let go = go_rx.lock().await.take().expect("one request");
+            let _ = go.await;
+            conn.write(b"data: first\n\n").await.expect("event");
+            After::Close
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, "")).await;
+    let response = guard(
+        "response headers while the origin holds its first event",
+        client().get(proxy.url("/events")).send(),
+    )
+    .await
+    .expect("response");
+    let headers = response.headers();
+    assert_eq!(headers["content-type"], "text/event-stream; charset=utf-8");
+    assert!(headers.get("content-length").is_none());
+    assert_eq!(headers["cache-control"], "no-cache");
+    assert_eq!(headers["x-accel-buffering"], "no");
+    assert!(headers.get("content-encoding").is_none());
+    go_tx.send(()).expect("origin waiting");
+    let mut events = Events::new(response);
+    assert_eq!(events.next().await.as_deref(), Some("data: first"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn origin_cache_control_is_kept() {
+    let origin = Origin::start(|_, mut conn| async move {
+        conn.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                     cache-control: private, max-age=0\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await
+            .expect("head");
+        conn.chunk("data: x\n\n").await.expect("event");
+        conn.end().await.expect("end");
+        After::Close
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, "")).await;
+    let response = client().get(proxy.url("/")).send().await.expect("response");
+    assert_eq!(response.headers()["cache-control"], "private, max-age=0");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quiet_stream_outlives_the_ordinary_read_timeout() {
+    // The ordinary read timeout is 300 ms; the origin is silent for 1.2 s between events.
+    let origin = Origin::start(|head, mut conn| async move {
+        if head.target == "/plain" {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            let _ = conn.respond(200, "late").await;
+            return After::Close;
+        }
+        conn.sse_head().await.expect("head");
+        conn.chunk("data: one\n\n").await.expect("event");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        conn.chunk("data: two\n\n").await.expect("event");
+        conn.end().await.expect("end");
+        After::Close
+    })
+    .await;
+    let service = "    timeouts: { read: 300ms }\n    sse: { read_timeout: 0 }\n";
+    let proxy = Proxy::start(&config(&origin, service)).await;
+
+    let response = client()
+        .get(proxy.url("/events"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("response");
+    let mut events = Events::new(response);
+    assert_eq!(events.next().await.as_deref(), Some("data: one"));
+    assert_eq!(events.next().await.as_deref(), Some("data: two"));
+    assert_eq!(events.next().await, None);
+
+    // The same silence on an ordinary request is cut by the ordinary timeout.
+    let plain = client().get(proxy.url("/plain")).send().await.expect("response");
+    assert_eq!(plain.status(), 504);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_read_timeout_cuts_a_silent_origin() {
+    let origin = Origin::start(|_, mut conn| async move {
+        conn.sse_head().await.expect("head");
+        conn.chunk("data: one\n\n").await.expect("event");
+        conn.closed().await;
+        After::Close
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, "    sse: { read_timeout: 300ms }\n")).await;
+    let response = client()
+        .get(proxy.url("/events"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("response");
+    let mut events = Events::new(response);
+    assert_eq!(events.next().await.as_deref(), Some("data: one"));
+    assert!(
+        events.until_end().await.is_err(),
+        "a stream cut by a timeout must not look complete"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_disconnect_closes_the_upstream_connection() {
+    let (closed_tx, closed_rx) = oneshot::channel::<()>();
+    let closed_tx = Arc::new(Mutex::new(Some(closed_tx)));
+    let origin = Origin::start(move |_, mut conn| {
+        let closed_tx = closed_tx.clone();
+        async move {
+            conn.sse_head().await.expect("head");
+            conn.chunk("data: hello\n\n").await.expect("event");
+            conn.closed().await;
+            if let Some(tx) = closed_tx.lock().await.take() {
+                let _ = tx.send(());
+            }
+            After::Close
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, "")).await;
+    let response = client()
+        .get(proxy.url("/events"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("response");
+    let mut events = Events::new(response);
+    assert_eq!(events.next().await.as_deref(), Some("data: hello"));
+    drop(events);
+    guard("the proxy to close the upstream connection", closed_rx)
+        .await
+        .expect("origin saw the close");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn origin_death_ends_the_client_stream() {
+    let origin = Origin::start(|_, mut conn| async move {
+        conn.sse_head().await.expect("head");
+        conn.chunk("data: last words\n\n").await.expect("event");
+        // Dropping the connection without the terminating chunk: the origin died.
+        After::Close
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, "")).await;
+    let response = client()
+        .get(proxy.url("/events"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("response");
+    let mut events = Events::new(response);
+    assert_eq!(events.next().await.as_deref(), Some("data: last words"));
+    assert!(
+        events.until_end().await.is_err(),
+        "a truncated stream must end with an error, not look complete"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn last_event_id_reaches_the_origin_unchanged() {
+    let mut origin = Origin::start(|_, mut conn| async move {
+        conn.sse_head().await.expect("head");
+        conn.end().await.expect("end");
+        After::Close
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, "")).await;
+    let response = client()
+        .get(proxy.url("/events"))
+        .header("accept", "text/event-stream")
+        .header("last-event-id", "  opaque-ID:42  ")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    let head = origin.next_request().await;
+    assert_eq!(head.header("last-event-id"), Some("opaque-ID:42"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_disabled_leaves_the_response_alone() {
+    let origin = Origin::start(|_, mut conn| async move {
+        conn.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 9\r\n\r\ndata: x\n\n")
+            .await
+            .expect("response");
+        After::Close
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, "    sse: { enabled: false }\n")).await;
+    let response = client().get(proxy.url("/")).send().await.expect("response");
+    assert_eq!(response.headers()["content-length"], "9");
+    assert!(response.headers().get("x-accel-buffering").is_none());
+}
