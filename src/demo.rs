@@ -95,10 +95,11 @@ impl DemoOrigin {
             let millis = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis());
-            let event = format!(
-                "id: {next}\nevent: tick\ndata: {{\"n\":{next},\"unix_ms\":{millis}}}\n\n"
-            );
-            session.write_response_body(Bytes::from(event), false).await?;
+            let event =
+                format!("id: {next}\nevent: tick\ndata: {{\"n\":{next},\"unix_ms\":{millis}}}\n\n");
+            session
+                .write_response_body(Bytes::from(event), false)
+                .await?;
             next += 1;
             tokio::select! {
                 _ = tokio::time::sleep(self.interval) => {}

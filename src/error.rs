@@ -41,8 +41,8 @@ pub enum ConfigErrorKind {
 #[derive(Debug)]
 pub struct ConfigError {
     pub file: PathBuf,
-    pub line: Option<usize>,
-    pub column: Option<usize>,
+    pub line: Option<u32>,
+    pub column: Option<u32>,
     /// Dotted key path, for example `host_rules[0].route_rules[1].target`.
     pub key: String,
     pub kind: ConfigErrorKind,
@@ -61,8 +61,8 @@ impl ConfigError {
 
     pub fn at(mut self, position: Option<(usize, usize)>) -> Self {
         if let Some((line, column)) = position {
-            self.line = Some(line);
-            self.column = Some(column);
+            self.line = u32::try_from(line).ok();
+            self.column = u32::try_from(column).ok();
         }
         self
     }

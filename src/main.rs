@@ -22,7 +22,11 @@ fn main() -> ExitCode {
         }
     };
     if opt.test {
-        let files: Vec<String> = config.files.iter().map(|f| f.display().to_string()).collect();
+        let files: Vec<String> = config
+            .files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect();
         println!("streamgate: configuration ok: {}", files.join(", "));
         print!("{}", config.describe());
         return ExitCode::SUCCESS;

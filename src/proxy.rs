@@ -237,7 +237,9 @@ impl ProxyHttp for StreamGate {
             },
         };
         let route = ctx.route.as_ref().map_or("", |r| r.name.as_str());
-        let client = client_ip(session).map(|ip| ip.to_string()).unwrap_or_default();
+        let client = client_ip(session)
+            .map(|ip| ip.to_string())
+            .unwrap_or_default();
         log::info!(
             "sse stream ended: route={route} client={client} duration={:.3}s bytes={} reason={reason}{}",
             stream.started.elapsed().as_secs_f64(),
@@ -301,7 +303,10 @@ fn error_response(e: &Error, service: Option<&str>) -> Option<(u16, String)> {
         ErrorType::ConnectNoRoute => (502, "no network route to the origin"),
         _ => match e.esource() {
             ErrorSource::Upstream => {
-                return Some((502, format!("{service}the origin failed: {}", e.etype().as_str())))
+                return Some((
+                    502,
+                    format!("{service}the origin failed: {}", e.etype().as_str()),
+                ))
             }
             ErrorSource::Downstream => match e.etype() {
                 ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
@@ -322,7 +327,9 @@ async fn respond_text(session: &mut Session, status: u16, reason: &str) -> Resul
     header.insert_header(CONTENT_TYPE, "text/plain; charset=utf-8")?;
     header.insert_header(CONTENT_LENGTH, body.len())?;
     header.insert_header(CACHE_CONTROL, "no-store")?;
-    session.write_response_header(Box::new(header), false).await?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
     session.write_response_body(Some(body), true).await
 }
 
@@ -347,7 +354,10 @@ mod tests {
         let refused = Error::new(ErrorType::ConnectRefused).into_up();
         assert_eq!(
             error_response(&refused, Some("web")),
-            Some((502, "service `web`: the origin refused the connection".into()))
+            Some((
+                502,
+                "service `web`: the origin refused the connection".into()
+            ))
         );
         let timeout = Error::new(ErrorType::ReadTimedout).into_up();
         assert_eq!(error_response(&timeout, None).map(|r| r.0), Some(504));

@@ -21,7 +21,13 @@ async fn get(proxy: &Proxy, host: &str, path: &str) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn routing_precedence_across_hosts_and_paths() {
     let names = [
-        "exact", "exact-events", "exact-live", "exact-special", "regex", "wild", "wild-deep",
+        "exact",
+        "exact-events",
+        "exact-live",
+        "exact-special",
+        "regex",
+        "wild",
+        "wild-deep",
         "any",
     ];
     let mut origins = Vec::new();
@@ -172,7 +178,10 @@ async fn forwarding_headers_and_host_passthrough() {
     assert_eq!(response.status(), 200);
     let head = origin.next_request().await;
     assert_eq!(head.header("host"), Some("app.example.com"));
-    assert_eq!(head.header("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
+    assert_eq!(
+        head.header("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
     assert_eq!(head.header("x-real-ip"), Some("127.0.0.1"));
     assert_eq!(head.header("x-forwarded-proto"), Some("http"));
     assert_eq!(head.header("x-forwarded-host"), Some("app.example.com"));
@@ -216,7 +225,11 @@ async fn upstream_connections_are_reused() {
     for _ in 0..5 {
         assert_eq!(get(&proxy, "h", "/").await, (200, "ok".into()));
     }
-    assert_eq!(origin.connections(), 1, "five requests over one upstream connection");
+    assert_eq!(
+        origin.connections(),
+        1,
+        "five requests over one upstream connection"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -229,7 +242,9 @@ async fn dot_segments_are_refused() {
     );
     let proxy = Proxy::start(&config).await;
     // Sent raw: an HTTP client would normalise the path away.
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     stream
         .write_all(b"GET /public/%2e%2e/admin HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r\n")

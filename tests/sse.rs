@@ -59,7 +59,11 @@ async fn each_event_arrives_before_the_next_is_sent(service_sse: &str) {
         assert_eq!(event, format!("id: {i}\ndata: event {i}"));
         ack.send(()).expect("ack");
     }
-    assert_eq!(events.next().await, None, "stream ends cleanly after the origin ends");
+    assert_eq!(
+        events.next().await,
+        None,
+        "stream ends cleanly after the origin ends"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -80,10 +84,12 @@ async fn headers_arrive_before_the_first_event() {
         let go_rx = go_rx.clone();
         async move {
             // The origin sends a Content-Length the proxy must drop for SSE.
-            conn.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n\
-                         content-length: 13\r\n\r\n")
-                .await
-                .expect("head");
+            conn.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n\
+                         content-length: 13\r\n\r\n",
+            )
+            .await
+            .expect("head");
             let go = go_rx.lock().await.take().expect("one request");
             let _ = go.await;
             conn.write(b"data: first\n\n").await.expect("event");
@@ -112,10 +118,12 @@ async fn headers_arrive_before_the_first_event() {
 #[tokio::test(flavor = "multi_thread")]
 async fn origin_cache_control_is_kept() {
     let origin = Origin::start(|_, mut conn| async move {
-        conn.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
-                     cache-control: private, max-age=0\r\ntransfer-encoding: chunked\r\n\r\n")
-            .await
-            .expect("head");
+        conn.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                     cache-control: private, max-age=0\r\ntransfer-encoding: chunked\r\n\r\n",
+        )
+        .await
+        .expect("head");
         conn.chunk("data: x\n\n").await.expect("event");
         conn.end().await.expect("end");
         After::Close
@@ -158,7 +166,11 @@ async fn quiet_stream_outlives_the_ordinary_read_timeout() {
     assert_eq!(events.next().await, None);
 
     // The same silence on an ordinary request is cut by the ordinary timeout.
-    let plain = client().get(proxy.url("/plain")).send().await.expect("response");
+    let plain = client()
+        .get(proxy.url("/plain"))
+        .send()
+        .await
+        .expect("response");
     assert_eq!(plain.status(), 504);
 }
 

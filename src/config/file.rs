@@ -144,7 +144,9 @@ macro_rules! parsed_string {
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 let raw = String::deserialize(d)?;
-                <$inner>::try_from(raw).map($name).map_err(de::Error::custom)
+                <$inner>::try_from(raw)
+                    .map($name)
+                    .map_err(de::Error::custom)
             }
         }
     };

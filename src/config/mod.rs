@@ -54,8 +54,8 @@ pub struct Config {
 impl Config {
     /// Loads and validates `path` and everything it includes.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(path, "", Kind::Io(e)))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::new(path, "", Kind::Io(e)))?;
         let base = path.parent().unwrap_or_else(|| Path::new("."));
         Config::from_text(path, &text, base)
     }
@@ -74,7 +74,10 @@ impl Config {
         check_top_level_keys(&main)?;
         let server: ServerConf = main.parse()?;
         let server = server.validate().map_err(|e| {
-            main.error(KeyPath::root(), Kind::Invalid(format!("Pingora server setting: {e}")))
+            main.error(
+                KeyPath::root(),
+                Kind::Invalid(format!("Pingora server setting: {e}")),
+            )
         })?;
         let parsed: MainFile = main.parse()?;
         main.refuse_unsupported_main(&parsed)?;
@@ -213,7 +216,11 @@ struct Source {
 
 impl Source {
     fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
-        serde_yaml::from_str(&self.text).map_err(|e| parse_error(&self.file, &e))
+        let de = serde_yaml::Deserializer::from_str(&self.text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            parse_error(&self.file, &path, e.inner())
+        })
     }
 
     fn error(&self, path: KeyPath, kind: Kind) -> ConfigError {
@@ -230,7 +237,10 @@ impl Source {
             ));
         }
         if main.middlewares.is_some() {
-            return Err(self.error(root.key("middlewares"), Kind::NotSupportedYet("middlewares")));
+            return Err(self.error(
+                root.key("middlewares"),
+                Kind::NotSupportedYet("middlewares"),
+            ));
         }
         if let Some(sse) = &main.sse {
             self.refuse_unsupported_sse(root.key("sse"), sse)?;
@@ -272,7 +282,10 @@ impl Source {
         for (i, rule) in rules.iter().enumerate() {
             let path = KeyPath::root().key("host_rules").index(i);
             if rule.middlewares.is_some() {
-                return Err(self.error(path.key("middlewares"), Kind::NotSupportedYet("middlewares")));
+                return Err(self.error(
+                    path.key("middlewares"),
+                    Kind::NotSupportedYet("middlewares"),
+                ));
             }
             for (j, route) in rule.route_rules.iter().enumerate() {
                 if route.middlewares.is_some() {
@@ -325,26 +338,36 @@ fn check_top_level_keys(main: &Source) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Turns a serde_yaml error into a config error with position and key path.
-fn parse_error(file: &Path, e: &serde_yaml::Error) -> ConfigError {
+/// Turns a serde_yaml error into a config error with position and key path. `path` is the
+/// key path serde_path_to_error tracked (`.` for the root).
+fn parse_error(file: &Path, path: &str, e: &serde_yaml::Error) -> ConfigError {
     let position = e.location().map(|l| (l.line(), l.column()));
     let mut message = e.to_string();
     if let Some(at) = message.rfind(" at line ") {
         message.truncate(at);
     }
-    let (mut key, mut message) = match message.split_once(": ") {
-        Some((k, m)) if !k.is_empty() && !k.contains(' ') => (k.to_string(), m.to_string()),
-        _ => (String::new(), message),
+    // serde_yaml prefixes its own (shorter) path; the tracked one replaces it.
+    if let Some((prefix, rest)) = message.split_once(": ") {
+        if !prefix.is_empty() && !prefix.contains(' ') {
+            message = rest.to_string();
+        }
+    }
+    let mut key = if path == "." {
+        String::new()
+    } else {
+        path.to_string()
     };
     if let Some(field) = message
         .strip_prefix("unknown field `")
         .and_then(|rest| rest.split('`').next())
     {
-        key = if key.is_empty() || key == "." {
-            field.to_string()
-        } else {
-            format!("{key}.{field}")
-        };
+        if !key.ends_with(field) {
+            key = if key.is_empty() {
+                field.to_string()
+            } else {
+                format!("{key}.{field}")
+            };
+        }
         message = format!("unknown key; {message}");
     }
     ConfigError::new(file, key, Kind::Parse(message)).at(position)
@@ -392,7 +415,9 @@ fn apply_sse(base: &SseSettings, file: Option<&SseFile>) -> SseSettings {
     };
     SseSettings {
         enabled: file.enabled.unwrap_or(base.enabled),
-        flush_interval: file.flush_interval.map_or(base.flush_interval, |d| d.limit()),
+        flush_interval: file
+            .flush_interval
+            .map_or(base.flush_interval, |d| d.limit()),
         read_timeout: file.read_timeout.map_or(base.read_timeout, |d| d.limit()),
         write_timeout: file.write_timeout.map_or(base.write_timeout, |d| d.limit()),
     }
@@ -421,9 +446,11 @@ fn build_service(
     let url = file.url.0.clone();
     let host_header = match file.host_header.as_deref() {
         None | Some("passthrough") => HostHeader::Passthrough,
-        Some("upstream") => HostHeader::Fixed(HeaderValue::from_str(&url.authority()).map_err(
-            |e| source.error(path.key("url"), Kind::Invalid(format!("bad host: {e}"))),
-        )?),
+        Some("upstream") => {
+            HostHeader::Fixed(HeaderValue::from_str(&url.authority()).map_err(|e| {
+                source.error(path.key("url"), Kind::Invalid(format!("bad host: {e}")))
+            })?)
+        }
         Some(literal) => HostHeader::Fixed(HeaderValue::from_str(literal).map_err(|_| {
             source.error(
                 path.key("host_header"),
@@ -488,10 +515,7 @@ fn add_host_rule(
         }
     }
     if !routes.add_host(host.clone(), rule.port, host_routes) {
-        return Err(source.error(
-            path.key("pattern"),
-            Kind::DuplicateHostRule(host_label),
-        ));
+        return Err(source.error(path.key("pattern"), Kind::DuplicateHostRule(host_label)));
     }
     Ok(())
 }

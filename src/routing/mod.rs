@@ -33,6 +33,9 @@ pub struct Route {
     pub service: Arc<Service>,
 }
 
+/// A path pattern and its route, as listed by `describe`.
+pub type RouteEntry<'a> = (String, &'a Arc<Route>);
+
 /// The routes of one host rule.
 #[derive(Debug, Default)]
 pub struct HostRoutes {
@@ -93,11 +96,10 @@ impl HostRoutes {
     }
 
     /// Every route, in precedence order (for `-t` output and, later, the admin API).
-    pub fn describe(&self) -> Vec<(String, &Arc<Route>)> {
+    pub fn describe(&self) -> Vec<RouteEntry<'_>> {
         let mut exact: Vec<_> = self.exact.iter().collect();
         exact.sort_by(|a, b| a.0.cmp(b.0));
-        let mut out: Vec<(String, &Arc<Route>)> =
-            exact.into_iter().map(|(p, r)| (p.clone(), r)).collect();
+        let mut out: Vec<RouteEntry<'_>> = exact.into_iter().map(|(p, r)| (p.clone(), r)).collect();
         out.extend(self.prefixes.iter().map(|(p, r)| (format!("{p}/*"), r)));
         out.extend(
             self.regexes
@@ -156,7 +158,12 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Adds a host rule. Returns false when the same pattern and port are already present.
-    pub fn add_host(&mut self, pattern: HostPattern, port: Option<u16>, routes: HostRoutes) -> bool {
+    pub fn add_host(
+        &mut self,
+        pattern: HostPattern,
+        port: Option<u16>,
+        routes: HostRoutes,
+    ) -> bool {
         let routes = Arc::new(routes);
         match pattern {
             HostPattern::Exact(host) => self.exact.entry(host).or_default().add(port, routes),
@@ -204,7 +211,7 @@ impl RouteTable {
     }
 
     /// Every host rule in precedence order with its routes (for `-t` output).
-    pub fn describe(&self) -> Vec<(String, Vec<(String, &Arc<Route>)>)> {
+    pub fn describe(&self) -> Vec<(String, Vec<RouteEntry<'_>>)> {
         let label = |host: &str, port: &Option<u16>| match port {
             Some(p) => format!("{host}:{p}"),
             None => host.to_string(),
@@ -276,7 +283,11 @@ mod tests {
         let mut on_port = HostRoutes::new(Some(route("exact-8443")));
         assert!(on_port.add(path("/only"), route("only-8443")));
         assert!(t.add_host(host("api.example.com"), Some(8443), on_port));
-        assert!(t.add_host(host("*.example.com"), None, HostRoutes::new(Some(route("wild")))));
+        assert!(t.add_host(
+            host("*.example.com"),
+            None,
+            HostRoutes::new(Some(route("wild")))
+        ));
         assert!(t.add_host(
             host("*.deep.example.com"),
             None,
@@ -300,11 +311,26 @@ mod tests {
     #[test]
     fn host_precedence() {
         let t = table();
-        assert_eq!(name(&t, Some("api.example.com"), Some(80), "/"), "exact-default");
-        assert_eq!(name(&t, Some("API.Example.COM:80"), Some(80), "/"), "exact-default");
-        assert_eq!(name(&t, Some("api.example.com."), None, "/"), "exact-default");
-        assert_eq!(name(&t, Some("api.example.com"), Some(8443), "/"), "exact-8443");
-        assert_eq!(name(&t, Some("api.example.com"), Some(8443), "/only"), "only-8443");
+        assert_eq!(
+            name(&t, Some("api.example.com"), Some(80), "/"),
+            "exact-default"
+        );
+        assert_eq!(
+            name(&t, Some("API.Example.COM:80"), Some(80), "/"),
+            "exact-default"
+        );
+        assert_eq!(
+            name(&t, Some("api.example.com."), None, "/"),
+            "exact-default"
+        );
+        assert_eq!(
+            name(&t, Some("api.example.com"), Some(8443), "/"),
+            "exact-8443"
+        );
+        assert_eq!(
+            name(&t, Some("api.example.com"), Some(8443), "/only"),
+            "only-8443"
+        );
         assert_eq!(name(&t, Some("w.example.com"), None, "/"), "wild");
         assert_eq!(name(&t, Some("a.b.example.com"), None, "/"), "wild");
         assert_eq!(name(&t, Some("a.deep.example.com"), None, "/"), "wild-deep");

@@ -111,7 +111,9 @@ mod tests {
     #[test]
     fn detects_accept() {
         assert!(accepts_event_stream(b"text/event-stream"));
-        assert!(accepts_event_stream(b"application/json, text/event-stream;q=0.9"));
+        assert!(accepts_event_stream(
+            b"application/json, text/event-stream;q=0.9"
+        ));
         assert!(!accepts_event_stream(b"text/event-stream;q=0"));
         assert!(!accepts_event_stream(b"*/*"));
         assert!(!accepts_event_stream(b"text/html"));

@@ -225,8 +225,8 @@ impl Proxy {
     pub async fn start(body: &str) -> Proxy {
         let port = free_port();
         let text = format!("listen: [\"127.0.0.1:{port}\"]\n{body}");
-        let config =
-            Config::from_text(Path::new("test.yaml"), &text, Path::new(".")).unwrap_or_else(|e| {
+        let config = Config::from_text(Path::new("test.yaml"), &text, Path::new("."))
+            .unwrap_or_else(|e| {
                 panic!("test config does not load: {e}\n{text}");
             });
         std::thread::spawn(move || {

@@ -1,0 +1,226 @@
+//! The real binary: `-t` on shipped and broken configs, the no-argument demo, and a
+//! zero-downtime upgrade with `-u`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{client, free_port, guard, Events};
+
+const BIN: &str = env!("CARGO_BIN_EXE_streamgate");
+
+fn check(file: &Path) -> Output {
+    Command::new(BIN)
+        .args(["-t", "-c"])
+        .arg(file)
+        .output()
+        .expect("run streamgate -t")
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("read conf dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            yaml_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn every_file_under_conf_passes_the_check() {
+    let mut files = Vec::new();
+    yaml_files(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("conf"),
+        &mut files,
+    );
+    assert!(
+        files.len() >= 3,
+        "conf/ holds the shipped configs: {files:?}"
+    );
+    for file in files {
+        let out = check(&file);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("configuration ok"), "{stdout}");
+        assert!(stdout.contains("routes (in precedence order)"), "{stdout}");
+    }
+}
+
+#[test]
+fn broken_configs_fail_the_check_naming_file_line_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        ("typo.yaml", "listen: [\"127.0.0.1:1\"]\nservics: {}\n", ":2:1: `servics`"),
+        (
+            "target.yaml",
+            "services:\n  w: { url: \"http://x\" }\nhost_rules:\n  - pattern: \"*\"\n    target: nope\n",
+            ":5:5: `host_rules[0].target`: service `nope` is not defined",
+        ),
+        (
+            "regex.yaml",
+            "services:\n  w: { url: \"http://x\" }\nhost_rules:\n  - pattern: \"*\"\n    route_rules:\n      - pattern: \"~[\"\n        target: w\n",
+            ":6:9: `host_rules[0].route_rules[0].pattern`: invalid regex",
+        ),
+        (
+            "url.yaml",
+            "services:\n  w:\n    url: \"127.0.0.1:80\"\n",
+            ":3:5: `services.w.url`: invalid service URL",
+        ),
+    ];
+    for (name, text, expected) in cases {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text).expect("write");
+        let out = check(&file);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} passed the check");
+        assert!(
+            stderr.contains(&format!("{}{expected}", file.display())),
+            "{name}: {stderr}"
+        );
+    }
+    let out = check(&dir.path().join("absent.yaml"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("absent.yaml"));
+}
+
+/// Kills the child when the test ends, however it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+async fn wait_listening(url: &str) {
+    guard("the binary to serve", async {
+        loop {
+            if let Ok(r) = client().get(url).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_arguments_it_serves_the_demo_stream_on_8080() {
+    let _proxy = Running(
+        Command::new(BIN)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    wait_listening("http://127.0.0.1:8080/demo/").await;
+    let response = client()
+        .get("http://127.0.0.1:8080/demo/events")
+        .header("last-event-id", "41")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(response.headers()["x-accel-buffering"], "no");
+    let mut events = Events::new(response);
+    assert_eq!(events.next().await.as_deref(), Some("retry: 2000"));
+    let first = events.next().await.expect("event");
+    assert!(
+        first.starts_with("id: 42\nevent: tick\ndata: {\"n\":42"),
+        "{first}"
+    );
+    let second = events.next().await.expect("event");
+    assert!(second.starts_with("id: 43\n"), "{second}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upgrade_with_dash_u_hands_over_without_refusing_requests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let demo = free_port();
+    let config = dir.path().join("streamgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "pid_file: {dir}/sg.pid\nupgrade_sock: {dir}/upgrade.sock\n\
+             grace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n\
+             listen: [\"127.0.0.1:{port}\"]\ndemo: {{ listen: \"127.0.0.1:{demo}\" }}\n\
+             services:\n  demo: {{ url: \"http://127.0.0.1:{demo}\" }}\n\
+             host_rules:\n  - pattern: \"*\"\n    target: demo\n",
+            dir = dir.path().display()
+        ),
+    )
+    .expect("write config");
+    let start = |upgrade: bool| {
+        let mut cmd = Command::new(BIN);
+        if upgrade {
+            cmd.arg("-u");
+        }
+        cmd.arg("-c")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn")
+    };
+    let url = format!("http://127.0.0.1:{port}/");
+    let mut old = Running(start(false));
+    wait_listening(&url).await;
+
+    // Requests keep flowing while the handover happens.
+    let load_url = url.clone();
+    let load = tokio::spawn(async move {
+        let mut failures = 0;
+        for _ in 0..60 {
+            match client().get(&load_url).send().await {
+                Ok(r) if r.status().is_success() => {}
+                _ => failures += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        failures
+    });
+
+    // The new process first, then SIGQUIT to the old one: it sends its listeners over.
+    let _new = Running(start(true));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(old.0.id(), "-QUIT");
+    let exited = guard("the old process to exit", async {
+        loop {
+            if let Some(status) = old.0.try_wait().expect("wait") {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(exited.success(), "old process exit: {exited}");
+    let failures = guard("the request loop", load).await.expect("load task");
+    assert_eq!(failures, 0, "requests refused during the upgrade");
+    // The new process serves alone now.
+    let r = client()
+        .get(&url)
+        .send()
+        .await
+        .expect("new process answers");
+    assert!(r.status().is_success());
+}
