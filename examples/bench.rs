@@ -132,7 +132,8 @@ async fn client(
     phase: Arc<AtomicU8>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<Histogram<u64>, String> {
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
     let mut stream = TcpStream::connect(target)
         .await
         .map_err(|e| format!("connect {target}: {e}"))?;
@@ -171,7 +172,10 @@ async fn client(
                 break;
             };
             let digits = &pending[digits_start..digits_start + nl];
-            if let Some(sent) = std::str::from_utf8(digits).ok().and_then(|s| s.parse::<u64>().ok()) {
+            if let Some(sent) = std::str::from_utf8(digits)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+            {
                 if phase.load(Ordering::Relaxed) == MEASURING {
                     hist.saturating_record(now.saturating_sub(sent).max(1));
                 }
@@ -205,12 +209,7 @@ struct Report {
     memory: Option<(u64, u64)>,
 }
 
-async fn run_phase(
-    label: &str,
-    target: SocketAddr,
-    args: &Args,
-    proxy_pid: Option<u32>,
-) -> Report {
+async fn run_phase(label: &str, target: SocketAddr, args: &Args, proxy_pid: Option<u32>) -> Report {
     let baseline = proxy_pid.and_then(rss_kib);
     let ready = Arc::new(Barrier::new(args.streams + 1));
     let phase = Arc::new(AtomicU8::new(WARMING));
@@ -226,11 +225,17 @@ async fn run_phase(
         tokio::task::yield_now().await;
     }
     let open_budget = Duration::from_secs(10 + args.streams as u64 / 500);
-    if tokio::time::timeout(open_budget, ready.wait()).await.is_err() {
+    if tokio::time::timeout(open_budget, ready.wait())
+        .await
+        .is_err()
+    {
         eprintln!("{label}: not every stream opened within {open_budget:?}");
     }
     tokio::time::sleep(args.warmup).await;
-    let memory = proxy_pid.and_then(rss_kib).zip(baseline).map(|(open, base)| (base, open));
+    let memory = proxy_pid
+        .and_then(rss_kib)
+        .zip(baseline)
+        .map(|(open, base)| (base, open));
     phase.store(MEASURING, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     let _ = stop_tx.send(true);
@@ -268,7 +273,10 @@ impl Drop for ProxyProcess {
     }
 }
 
-async fn start_proxy(args: &Args, origin: SocketAddr) -> Result<(ProxyProcess, SocketAddr), String> {
+async fn start_proxy(
+    args: &Args,
+    origin: SocketAddr,
+) -> Result<(ProxyProcess, SocketAddr), String> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| e.to_string())?
@@ -295,9 +303,16 @@ async fn start_proxy(args: &Args, origin: SocketAddr) -> Result<(ProxyProcess, S
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot start {} ({e}); run `cargo build --release` first", args.proxy))?;
+        .map_err(|e| {
+            format!(
+                "cannot start {} ({e}); run `cargo build --release` first",
+                args.proxy
+            )
+        })?;
     let proxy = ProxyProcess(child);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().map_err(|e| format!("{e}"))?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
     for _ in 0..200 {
         if TcpStream::connect(addr).await.is_ok() {
             return Ok((proxy, addr));
