@@ -313,3 +313,16 @@ fn every_shipped_config_loads() {
     }
     Config::embedded().expect("embedded config");
 }
+
+#[test]
+fn the_core_issue_example_loads_as_written() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/issue_example.yaml");
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.server.grace_period_seconds, Some(30));
+    let feed = &config.services["sse-service"];
+    assert_eq!(feed.sse.flush_interval, Some(Duration::from_millis(50)));
+    let on_80 = config.routes.lookup(Some("sse.example.com"), Some(80), "/x");
+    assert_eq!(on_80.expect("route").service.name, "sse-service");
+    let on_8080 = config.routes.lookup(Some("sse.example.com"), Some(8080), "/x");
+    assert_eq!(on_8080.expect("route").service.name, "web");
+}
