@@ -21,10 +21,12 @@ pub enum ConfigErrorKind {
     Parse(String),
     #[error("unknown key: it is neither a streamgate setting nor a Pingora server setting")]
     UnknownKey,
-    #[error("`{0}` is recognised but not supported yet by this version of streamgate")]
-    NotSupportedYet(&'static str),
     #[error("service `{0}` is not defined in `services`")]
     UnknownService(String),
+    #[error("middleware `{0}` is not defined in `middleware_services`")]
+    UnknownMiddleware(String),
+    #[error("middleware `{name}` is already defined in {first}")]
+    DuplicateMiddleware { name: String, first: String },
     #[error("service `{name}` is already defined in {first}")]
     DuplicateService { name: String, first: String },
     #[error("host rule `{0}` is defined twice for the same port")]

@@ -8,38 +8,56 @@
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod middleware;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod sse;
 pub mod upstream;
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use pingora_core::server::configuration::Opt;
 use pingora_core::server::Server;
+use pingora_core::services::background::background_service;
 
 pub use config::Config;
 pub use proxy::StreamGate;
 
 /// Builds the Pingora server for `config`. `opt` carries Pingora's command-line flags
 /// (`-d`, `-u`); its config path, if any, has already been read into `config`.
-pub fn build_server(config: Config, opt: Option<Opt>) -> Server {
+///
+/// Besides the proxy (and the demo origin when configured), the server runs the reloader:
+/// `SIGHUP` or a change to any config file swaps in the new config without a restart.
+pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
     let opt = opt.map(|mut opt| {
         opt.conf = None;
         opt
     });
-    let mut server = Server::new_with_opt_and_conf(opt, config.server);
+    // Pingora takes its own settings; the rest of the config is served and reloaded.
+    let server_conf = std::mem::take(&mut config.server);
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
 
+    let listen = config.listen.clone();
+    let demo = config.demo;
+    let current = Arc::new(ArcSwap::from_pointee(config));
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
-        StreamGate::new(config.routes),
+        StreamGate::new(current.clone()),
         "streamgate",
     );
-    for addr in &config.listen {
+    for addr in &listen {
         proxy.add_tcp(&addr.to_string());
     }
     server.add_service(proxy);
+    server.add_service(background_service(
+        "config reloader",
+        reload::Reloader::new(current),
+    ));
 
-    if let Some(addr) = config.demo {
+    if let Some(addr) = demo {
         server.add_service(demo::service(&addr.to_string()));
     }
     server

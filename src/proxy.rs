@@ -4,22 +4,27 @@
 //!
 //! ```text
 //! request_filter          reject bad paths (400); route lookup (404 on a miss); note
-//!                         whether the client asked for SSE. [middleware request chain]
+//!                         whether the client asked for SSE; run the chain's request hooks
+//!                         (a direct answer skips the rest, response hooks still run);
+//!                         take SSE limit slots (503 when full)
+//! request_body_filter     the chain's request_body hooks (size limits)
 //! upstream_peer           resolve the service address (502 on failure); build the peer
 //!                         with SSE-aware timeouts
 //! fail_to_connect         no retries (endpoint retries come with service discovery)
-//! upstream_request_filter path prefix, Host policy, X-Forwarded-*, X-Real-IP
-//!                         [middleware upstream-request chain]
+//! upstream_request_filter path prefix, Host policy, X-Forwarded-*, X-Real-IP; then the
+//!                         chain's upstream_request hooks
 //! response_filter         SSE response? fix its headers (no Content-Length, no-cache,
 //!                         X-Accel-Buffering), set the client write timeout, start the
-//!                         stream record. [middleware response chain]
-//! response_body_filter    SSE: pace writes when flush_interval > 0, else pass through.
-//!                         [middleware body chain: synchronous, never holds a stream]
+//!                         stream record; then the chain's response hooks, which may
+//!                         install body filters
+//! response_body_filter    body filters in chain order (synchronous, never holding an
+//!                         event back); then SSE pacing when flush_interval > 0
 //! fail_to_proxy           502/504 (or the status a hook chose) with a one-line reason
-//! logging                 SSE streams: one info line with duration, bytes and how it ended
+//! logging                 the chain's logging hooks; SSE streams: one info line with
+//!                         duration, bytes and how it ended
 //! ```
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,34 +38,68 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::config::Config;
 use crate::error::http_error;
-use crate::routing::{NoRoute, Route, RouteTable};
-use crate::sse::{self, FlushPacer};
+use crate::middleware::{BodyFilter, Outcome, Reply};
+use crate::routing::{NoRoute, Route};
+use crate::sse::limits::SlotGuard;
+use crate::sse::{self, FlushPacer, SseSettings};
 
-/// The proxy. Holds the current route table; a request keeps the route it matched for its
-/// whole life, whatever happens to the table meanwhile.
+/// The proxy. Holds the current config; a request keeps the route (and so the service and
+/// middleware chain) it matched for its whole life, whatever a reload does meanwhile.
 pub struct StreamGate {
-    routes: ArcSwap<RouteTable>,
+    config: Arc<ArcSwap<Config>>,
 }
 
 impl StreamGate {
-    pub fn new(routes: RouteTable) -> Self {
-        StreamGate {
-            routes: ArcSwap::from_pointee(routes),
-        }
+    pub fn new(config: Arc<ArcSwap<Config>>) -> Self {
+        StreamGate { config }
     }
 }
 
-/// Per-request state.
+/// Per-request state: what the origin design's middleware `Context` carries (the request
+/// and response are the session's and the hooks' arguments).
 #[derive(Default)]
 pub struct RequestCtx {
-    /// The route this request matched, set in `request_filter`.
+    /// The route this request matched, set in `request_filter`: its service and chain.
     pub route: Option<Arc<Route>>,
-    /// The client asked for an event stream (`Accept: text/event-stream`) on a service
-    /// with SSE enabled: the upstream read timeout is the SSE one.
+    /// A typed value map the middlewares of a chain share.
+    pub values: http::Extensions,
+    /// The effective SSE settings: the service's, overlaid by any `sse` middleware.
+    pub sse: SseSettings,
+    /// The client asked for an event stream (`Accept: text/event-stream`) and SSE is
+    /// enabled: the upstream read timeout is the SSE one and stream limits apply.
     pub sse_request: bool,
     /// Set when the response turned out to be an event stream.
     pub stream: Option<SseStream>,
+    /// The origin address, once chosen.
+    pub upstream: Option<SocketAddr>,
+    /// The response status, once known.
+    pub status: Option<u16>,
+    /// Set by the `request_id` middleware.
+    pub request_id: Option<String>,
+    /// Request body bytes seen so far (for size limits).
+    pub request_body_bytes: u64,
+    /// Limit slots held while this request lives.
+    pub slots: Vec<SlotGuard>,
+    body_filters: Vec<Box<dyn BodyFilter>>,
+}
+
+impl RequestCtx {
+    /// The service this request goes to.
+    pub fn service_name(&self) -> Option<&str> {
+        self.route.as_ref().map(|r| r.service.name.as_str())
+    }
+
+    /// The URL the request was sent to at the origin, once the origin is chosen.
+    pub fn target_url(&self, path_and_query: &str) -> Option<String> {
+        let route = self.route.as_ref()?;
+        let addr = self.upstream?;
+        Some(format!(
+            "http://{addr}{}{path_and_query}",
+            route.service.url.prefix
+        ))
+    }
 }
 
 /// An SSE response in flight.
@@ -84,7 +123,8 @@ impl ProxyHttp for StreamGate {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
         if has_dot_segment(req.uri.path()) {
-            respond_text(session, 400, "the path contains `.` or `..` segments").await?;
+            let reply = Reply::text(400, "the path contains `.` or `..` segments");
+            write_reply(session, reply).await?;
             return Ok(true);
         }
         let host = request_host(req);
@@ -92,8 +132,8 @@ impl ProxyHttp for StreamGate {
             .server_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.port());
-        let routes = self.routes.load();
-        let route = match routes.lookup(host, port, req.uri.path()) {
+        let config = self.config.load();
+        let route = match config.routes.lookup(host, port, req.uri.path()) {
             Ok(route) => route.clone(),
             Err(miss) => {
                 let reason = match miss {
@@ -104,16 +144,65 @@ impl ProxyHttp for StreamGate {
                         host.unwrap_or("")
                     ),
                 };
-                respond_text(session, 404, &reason).await?;
+                write_reply(session, Reply::text(404, &reason)).await?;
                 return Ok(true);
             }
         };
-        ctx.sse_request = route.service.sse.enabled
+        ctx.sse = route.service.sse;
+        ctx.sse_request = ctx.sse.enabled
             && session
                 .get_header(ACCEPT)
                 .is_some_and(|v| sse::accepts_event_stream(v.as_bytes()));
-        ctx.route = Some(route);
+        ctx.route = Some(route.clone());
+
+        for instance in route.chain.iter() {
+            if let Outcome::Respond(reply) = instance.middleware.request(session, ctx).await? {
+                self.answer(session, ctx, &route, reply).await?;
+                return Ok(true);
+            }
+        }
+
+        if ctx.sse_request {
+            let limits = [
+                (config.sse_limit.as_ref(), "this proxy"),
+                (route.service.sse_limit.as_ref(), "this service"),
+            ];
+            for (slots, scope) in limits {
+                let Some(slots) = slots else { continue };
+                match slots.try_acquire() {
+                    Some(guard) => ctx.slots.push(guard),
+                    None => {
+                        let reply = crate::middleware::sse::limit_reply(slots.max(), scope);
+                        self.answer(session, ctx, &route, reply).await?;
+                        return Ok(true);
+                    }
+                }
+            }
+            if ctx.sse.connection_tracking {
+                log::info!(
+                    "sse stream opened: route={} client={}",
+                    route.name,
+                    client_ip(session)
+                        .map(|ip| ip.to_string())
+                        .unwrap_or_default()
+                );
+            }
+        }
         Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let route = route(ctx)?.clone();
+        for instance in route.chain.iter() {
+            instance.middleware.request_body(body, end_of_stream, ctx)?;
+        }
+        Ok(())
     }
 
     async fn upstream_peer(
@@ -121,12 +210,14 @@ impl ProxyHttp for StreamGate {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let service = &route(ctx)?.service;
+        let route = route(ctx)?.clone();
+        let service = &route.service;
         let addr = service
             .address()
             .await
             .map_err(|e| http_error(502, format!("service `{}`: {e}", service.name)))?;
-        Ok(service.peer(addr, ctx.sse_request))
+        ctx.upstream = Some(addr);
+        Ok(service.peer(addr, ctx.sse_request.then_some(&ctx.sse)))
     }
 
     fn fail_to_connect(
@@ -148,9 +239,16 @@ impl ProxyHttp for StreamGate {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let client = client_ip(session);
-        route(ctx)?
+        let route = route(ctx)?.clone();
+        route
             .service
-            .rewrite_request(upstream_request, client, "http")
+            .rewrite_request(upstream_request, client, "http")?;
+        for instance in route.chain.iter() {
+            instance
+                .middleware
+                .upstream_request(session, upstream_request, ctx)?;
+        }
+        Ok(())
     }
 
     async fn response_filter(
@@ -159,7 +257,8 @@ impl ProxyHttp for StreamGate {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let settings = &route(ctx)?.service.sse;
+        let route = route(ctx)?.clone();
+        let settings = ctx.sse;
         let is_sse = settings.enabled
             && upstream_response
                 .headers
@@ -175,6 +274,15 @@ impl ProxyHttp for StreamGate {
                 pacer: settings.flush_interval.map(FlushPacer::new),
             });
         }
+        ctx.status = Some(upstream_response.status.as_u16());
+        for instance in route.chain.iter() {
+            if let Some(filter) = instance
+                .middleware
+                .response(session, upstream_response, ctx)?
+            {
+                ctx.body_filters.push(filter);
+            }
+        }
         Ok(())
     }
 
@@ -185,6 +293,9 @@ impl ProxyHttp for StreamGate {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
+        for filter in ctx.body_filters.iter_mut() {
+            filter.filter(body, end_of_stream)?;
+        }
         let pacer = ctx.stream.as_mut().and_then(|s| s.pacer.as_mut());
         match pacer {
             Some(pacer) if !end_of_stream && body.as_ref().is_some_and(|b| !b.is_empty()) => {
@@ -209,7 +320,7 @@ impl ProxyHttp for StreamGate {
         let service = ctx.route.as_ref().map(|r| r.service.name.as_str());
         let code = match error_response(e, service) {
             Some((code, reason)) if session.response_written().is_none() => {
-                if let Err(write_error) = respond_text(session, code, &reason).await {
+                if let Err(write_error) = write_reply(session, Reply::text(code, &reason)).await {
                     log::debug!("could not send the {code} response: {write_error}");
                 }
                 code
@@ -224,6 +335,11 @@ impl ProxyHttp for StreamGate {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(route) = &ctx.route {
+            for instance in route.chain.iter() {
+                instance.middleware.logging(session, ctx);
+            }
+        }
         let Some(stream) = &ctx.stream else {
             return;
         };
@@ -320,17 +436,53 @@ fn error_response(e: &Error, service: Option<&str>) -> Option<(u16, String)> {
     Some((what.0, format!("{service}{}", what.1)))
 }
 
-/// Answers with a short plain-text body.
-async fn respond_text(session: &mut Session, status: u16, reason: &str) -> Result<()> {
-    let body = Bytes::from(format!("{status} {reason}\n"));
-    let mut header = ResponseHeader::build(status, Some(4))?;
-    header.insert_header(CONTENT_TYPE, "text/plain; charset=utf-8")?;
-    header.insert_header(CONTENT_LENGTH, body.len())?;
-    header.insert_header(CACHE_CONTROL, "no-store")?;
+impl StreamGate {
+    /// Answers a request directly with `reply`, after every response hook of the route's
+    /// chain has seen it.
+    async fn answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        route: &Route,
+        reply: Reply,
+    ) -> Result<()> {
+        let mut header = reply_header(&reply)?;
+        ctx.status = Some(reply.status);
+        for instance in route.chain.iter() {
+            // A direct answer's body is complete: body filters are not needed.
+            let _ = instance.middleware.response(session, &mut header, ctx)?;
+        }
+        write(session, header, reply.body).await
+    }
+}
+
+fn reply_header(reply: &Reply) -> Result<ResponseHeader> {
+    let mut header = ResponseHeader::build(reply.status, Some(reply.headers.len() + 2))?;
+    for (name, value) in &reply.headers {
+        header.append_header(name.clone(), value.clone())?;
+    }
+    header.insert_header(CONTENT_LENGTH, reply.body.len())?;
+    if !header.headers.contains_key(CACHE_CONTROL) {
+        header.insert_header(CACHE_CONTROL, "no-store")?;
+    }
+    Ok(header)
+}
+
+/// Writes `reply` as it is (no chain: for answers before a route is known).
+async fn write_reply(session: &mut Session, reply: Reply) -> Result<()> {
+    let header = reply_header(&reply)?;
+    write(session, header, reply.body).await
+}
+
+async fn write(session: &mut Session, header: ResponseHeader, body: Bytes) -> Result<()> {
+    let empty = body.is_empty();
     session
-        .write_response_header(Box::new(header), false)
+        .write_response_header(Box::new(header), empty)
         .await?;
-    session.write_response_body(Some(body), true).await
+    if !empty {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

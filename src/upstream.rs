@@ -16,6 +16,7 @@ use http::header::{HeaderName, HeaderValue, HOST};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 
+use crate::sse::limits::{self, Slots};
 use crate::sse::SseSettings;
 
 /// How long a resolved host name is reused before asking the resolver again.
@@ -135,6 +136,8 @@ pub struct Service {
     pub host_header: HostHeader,
     pub timeouts: Timeouts,
     pub sse: SseSettings,
+    /// The counter behind `sse.max_connections` of this service.
+    pub sse_limit: Option<Arc<Slots>>,
     resolved: ArcSwapOption<Resolved>,
 }
 
@@ -146,12 +149,16 @@ impl Service {
         timeouts: Timeouts,
         sse: SseSettings,
     ) -> Self {
+        let sse_limit = sse
+            .max_connections
+            .map(|max| limits::slots(&format!("service:{name}"), max));
         Service {
             name,
             url,
             host_header,
             timeouts,
             sse,
+            sse_limit,
             resolved: ArcSwapOption::empty(),
         }
     }
@@ -192,17 +199,16 @@ impl Service {
         Ok(addr)
     }
 
-    /// The Pingora peer for one request. An SSE request reads with the SSE read timeout
-    /// (usually none), because Pingora fixes an upstream connection's read timeout when
-    /// the request is sent.
-    pub fn peer(&self, addr: SocketAddr, sse: bool) -> Box<HttpPeer> {
+    /// The Pingora peer for one request. An SSE request (`sse` holds its effective
+    /// settings) reads with the SSE read timeout (usually none), because Pingora fixes an
+    /// upstream connection's read timeout when the request is sent.
+    pub fn peer(&self, addr: SocketAddr, sse: Option<&SseSettings>) -> Box<HttpPeer> {
         let mut peer = HttpPeer::new(addr, false, String::new());
         let options = &mut peer.options;
         options.connection_timeout = self.timeouts.connect;
-        options.read_timeout = if sse {
-            self.sse.read_timeout
-        } else {
-            self.timeouts.read
+        options.read_timeout = match sse {
+            Some(sse) => sse.read_timeout,
+            None => self.timeouts.read,
         };
         options.write_timeout = self.timeouts.write;
         options.idle_timeout = self.timeouts.idle;

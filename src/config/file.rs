@@ -3,10 +3,6 @@
 //! Values that can be checked on their own (URLs, patterns, durations, addresses) are parsed
 //! here, so their errors carry serde_yaml's line and column. Cross-references (service
 //! names) are resolved in [`super`], which locates its errors by key path.
-//!
-//! Keys from the origin design that this version does not implement yet are accepted as
-//! raw values so that they can be refused with "not supported yet" rather than reported as
-//! typos.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,8 +11,8 @@ use std::time::Duration;
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
-use serde_yaml::Value;
 
+pub use crate::middleware::MiddlewareFile;
 use crate::routing::{HostPattern, PathPattern};
 use crate::upstream::ServiceUrl;
 
@@ -50,12 +46,12 @@ pub struct MainFile {
     #[serde(default)]
     pub host_rules: Vec<HostRuleFile>,
     #[serde(default)]
-    pub middleware_services: Option<Value>,
+    pub middleware_services: Vec<MiddlewareFile>,
     #[serde(default)]
-    pub middlewares: Option<Value>,
+    pub middlewares: Vec<String>,
 }
 
-/// A file named by `include`: more services and host rules.
+/// A file named by `include`: more services, host rules and middleware instances.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IncludedFile {
@@ -64,7 +60,7 @@ pub struct IncludedFile {
     #[serde(default)]
     pub host_rules: Vec<HostRuleFile>,
     #[serde(default)]
-    pub middleware_services: Option<Value>,
+    pub middleware_services: Vec<MiddlewareFile>,
 }
 
 /// `demo:`: start the built-in demo SSE origin on this address.
@@ -74,16 +70,18 @@ pub struct DemoFile {
     pub listen: ListenAddr,
 }
 
-/// `sse:`, globally and per service. Unset keys inherit.
-#[derive(Debug, Default, Deserialize)]
+/// `sse:`, globally, per service, and as the `sse` middleware's config. Unset keys inherit.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SseFile {
     pub enabled: Option<bool>,
     pub flush_interval: Option<Dur>,
     pub read_timeout: Option<Dur>,
     pub write_timeout: Option<Dur>,
-    pub connection_tracking: Option<Value>,
-    pub max_connections: Option<Value>,
+    /// Log every stream's open and close.
+    pub connection_tracking: Option<bool>,
+    /// Most event streams open at once under this block.
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,7 +119,7 @@ pub struct HostRuleFile {
     #[serde(default)]
     pub route_rules: Vec<RouteRuleFile>,
     #[serde(default)]
-    pub middlewares: Option<Value>,
+    pub middlewares: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,7 +130,7 @@ pub struct RouteRuleFile {
     pub name: Option<String>,
     pub target: String,
     #[serde(default)]
-    pub middlewares: Option<Value>,
+    pub middlewares: Vec<String>,
 }
 
 /// Newtypes so serde reports parse failures of these values at their position.

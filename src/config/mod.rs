@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use http::HeaderValue;
 use once_cell::sync::Lazy;
@@ -19,10 +20,12 @@ use pingora_core::server::configuration::ServerConf;
 use serde::de::DeserializeOwned;
 
 use crate::error::{ConfigError, ConfigErrorKind as Kind};
+use crate::middleware::{join_levels, Chain, Instance, MiddlewareFile};
 use crate::routing::{HostRoutes, Route, RouteTable};
+use crate::sse::limits::{self, Slots};
 use crate::sse::SseSettings;
 use crate::upstream::{HostHeader, Service, Timeouts};
-use file::{HostRuleFile, IncludedFile, MainFile, ServiceFile, SseFile, TimeoutsFile};
+use file::{HostRuleFile, IncludedFile, MainFile, ServiceFile, TimeoutsFile};
 use locate::KeyPath;
 
 /// The config `streamgate` serves when started without `-c`: a listener on
@@ -42,22 +45,55 @@ pub struct Config {
     pub source: PathBuf,
     /// Every file that was read, main file first.
     pub files: Vec<PathBuf>,
-    /// Pingora's own settings from the main file.
+    /// The directories include globs search, where new files may appear.
+    pub include_roots: Vec<PathBuf>,
+    /// A hash of every file's text: the config's version in logs.
+    pub version: String,
+    pub loaded_at: SystemTime,
+    /// Pingora's own settings from the main file. [`crate::build_server`] takes them out.
     pub server: ServerConf,
+    /// Pingora's worker thread count, kept to tell a reload that it cannot change it.
+    pub threads: usize,
     pub listen: Vec<SocketAddr>,
     /// Address of the built-in demo origin, when `demo:` is set.
     pub demo: Option<SocketAddr>,
+    /// The global `sse.max_connections` counter.
+    pub sse_limit: Option<Arc<Slots>>,
     pub services: BTreeMap<String, Arc<Service>>,
+    /// Every `middleware_services` instance by name (enabled or not).
+    pub middlewares: Instances,
     pub routes: RouteTable,
+}
+
+/// Middleware instances by name.
+pub type Instances = BTreeMap<String, Arc<Instance>>;
+
+/// One file's parts that merge across files.
+struct Parts<'a> {
+    services: &'a BTreeMap<String, ServiceFile>,
+    host_rules: &'a [HostRuleFile],
+    middleware_services: &'a [MiddlewareFile],
+}
+
+/// The chains of one host rule: for its own target, and for each route rule.
+struct RuleChains {
+    host: Chain,
+    routes: Vec<Chain>,
 }
 
 impl Config {
     /// Loads and validates `path` and everything it includes.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_reusing(path, &BTreeMap::new())
+    }
+
+    /// Like [`Config::load`], keeping the middleware instances of `previous` whose type and
+    /// config did not change (so a rate limiter keeps its buckets across a reload).
+    pub fn load_reusing(path: &Path, previous: &Instances) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::new(path, "", Kind::Io(e)))?;
         let base = path.parent().unwrap_or_else(|| Path::new("."));
-        Config::from_text(path, &text, base)
+        Config::build(path, &text, base, previous)
     }
 
     /// The embedded default config.
@@ -65,8 +101,25 @@ impl Config {
         Config::from_text(Path::new(EMBEDDED_NAME), EMBEDDED, Path::new("."))
     }
 
+    /// Reads this config's files again (the same main file), reusing unchanged middleware.
+    pub fn reload(&self) -> Result<Config, ConfigError> {
+        if self.source == Path::new(EMBEDDED_NAME) {
+            return Config::build(&self.source, EMBEDDED, Path::new("."), &self.middlewares);
+        }
+        Config::load_reusing(&self.source, &self.middlewares)
+    }
+
     /// Parses a main file whose text is already read; includes resolve against `base`.
     pub fn from_text(file: &Path, text: &str, base: &Path) -> Result<Config, ConfigError> {
+        Config::build(file, text, base, &BTreeMap::new())
+    }
+
+    fn build(
+        file: &Path,
+        text: &str,
+        base: &Path,
+        previous: &Instances,
+    ) -> Result<Config, ConfigError> {
         let main = Source {
             file: file.to_path_buf(),
             text: text.to_string(),
@@ -80,7 +133,6 @@ impl Config {
             )
         })?;
         let parsed: MainFile = main.parse()?;
-        main.refuse_unsupported_main(&parsed)?;
 
         let mut sources = vec![main];
         let mut included = Vec::new();
@@ -90,30 +142,31 @@ impl Config {
                     .map_err(|e| ConfigError::new(&path, "", Kind::Io(e)))?;
                 let source = Source { file: path, text };
                 let file: IncludedFile = source.parse()?;
-                source.refuse_unsupported_services(&file.services)?;
-                source.refuse_unsupported_rules(&file.host_rules)?;
-                if file.middleware_services.is_some() {
-                    return Err(source.error(
-                        KeyPath::root().key("middleware_services"),
-                        Kind::NotSupportedYet("middleware_services"),
-                    ));
-                }
                 included.push(file);
                 sources.push(source);
             }
         }
+        // Every file's parts, tagged with the index of its source.
+        let files: Vec<Parts> = std::iter::once(Parts {
+            services: &parsed.services,
+            host_rules: &parsed.host_rules,
+            middleware_services: &parsed.middleware_services,
+        })
+        .chain(included.iter().map(|f| Parts {
+            services: &f.services,
+            host_rules: &f.host_rules,
+            middleware_services: &f.middleware_services,
+        }))
+        .collect();
 
-        let global_sse = apply_sse(&SseSettings::default(), parsed.sse.as_ref());
+        let global_sse = match &parsed.sse {
+            Some(sse) => SseSettings::default().overlay(sse),
+            None => SseSettings::default(),
+        };
         let mut services = BTreeMap::new();
         let mut defined_in: BTreeMap<String, usize> = BTreeMap::new();
-        let service_files = std::iter::once((0, &parsed.services)).chain(
-            included
-                .iter()
-                .enumerate()
-                .map(|(i, f)| (i + 1, &f.services)),
-        );
-        for (src, files) in service_files {
-            for (name, service) in files {
+        for (src, part) in files.iter().enumerate() {
+            for (name, service) in part.services {
                 let path = KeyPath::root().key("services").key(name);
                 if let Some(&first) = defined_in.get(name) {
                     let first = sources[first].file.display().to_string();
@@ -131,17 +184,66 @@ impl Config {
             }
         }
 
-        let mut routes = RouteTable::default();
-        let rule_files = std::iter::once((0, &parsed.host_rules)).chain(
-            included
+        let mut middlewares: Instances = BTreeMap::new();
+        let mut mw_defined_in: BTreeMap<String, usize> = BTreeMap::new();
+        for (src, part) in files.iter().enumerate() {
+            let source = &sources[src];
+            let dir = source.file.parent().unwrap_or(base);
+            for (i, entry) in part.middleware_services.iter().enumerate() {
+                let path = KeyPath::root().key("middleware_services").index(i);
+                if let Some(&first) = mw_defined_in.get(&entry.name) {
+                    return Err(source.error(
+                        path.key("name"),
+                        Kind::DuplicateMiddleware {
+                            name: entry.name.clone(),
+                            first: sources[first].file.display().to_string(),
+                        },
+                    ));
+                }
+                let instance = build_instance(source, &path, entry, dir, previous)?;
+                mw_defined_in.insert(entry.name.clone(), src);
+                middlewares.insert(entry.name.clone(), Arc::new(instance));
+            }
+        }
+        let resolve = |source: &Source, path: KeyPath, names: &[String]| {
+            names
                 .iter()
                 .enumerate()
-                .map(|(i, f)| (i + 1, &f.host_rules)),
-        );
-        for (src, rules) in rule_files {
-            for (i, rule) in rules.iter().enumerate() {
+                .map(|(i, name)| {
+                    middlewares.get(name).cloned().ok_or_else(|| {
+                        source.error(path.index(i), Kind::UnknownMiddleware(name.clone()))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let global_chain = resolve(
+            &sources[0],
+            KeyPath::root().key("middlewares"),
+            &parsed.middlewares,
+        )?;
+
+        let mut routes = RouteTable::default();
+        for (src, part) in files.iter().enumerate() {
+            for (i, rule) in part.host_rules.iter().enumerate() {
+                let source = &sources[src];
                 let path = KeyPath::root().key("host_rules").index(i);
-                add_host_rule(&mut routes, &sources[src], &path, rule, &services)?;
+                let host_chain = resolve(source, path.key("middlewares"), &rule.middlewares)?;
+                let mut route_chains = Vec::with_capacity(rule.route_rules.len());
+                for (j, route) in rule.route_rules.iter().enumerate() {
+                    let rpath = path.key("route_rules").index(j).key("middlewares");
+                    let own = resolve(source, rpath, &route.middlewares)?;
+                    route_chains.push(join_levels(vec![
+                        global_chain.clone(),
+                        host_chain.clone(),
+                        own,
+                    ]));
+                }
+                let host_default = join_levels(vec![global_chain.clone(), host_chain]);
+                let rule_chains = RuleChains {
+                    host: host_default,
+                    routes: route_chains,
+                };
+                add_host_rule(&mut routes, source, &path, rule, &services, rule_chains)?;
             }
         }
 
@@ -167,13 +269,32 @@ impl Config {
             }
         }
 
+        let version = version_of(&sources);
+        let include_roots = parsed
+            .include
+            .iter()
+            .map(|pattern| {
+                base.join(pattern)
+                    .components()
+                    .take_while(|c| !glob_has_wildcard(&c.as_os_str().to_string_lossy()))
+                    .collect::<PathBuf>()
+            })
+            .collect();
         Ok(Config {
             source: file.to_path_buf(),
+            include_roots,
             files: sources.into_iter().map(|s| s.file).collect(),
+            version,
+            loaded_at: SystemTime::now(),
+            threads: server.threads,
             server,
             listen,
             demo: parsed.demo.map(|d| d.listen.0),
+            sse_limit: global_sse
+                .max_connections
+                .map(|max| limits::slots("global", max)),
             services,
+            middlewares,
             routes,
         })
     }
@@ -226,75 +347,6 @@ impl Source {
     fn error(&self, path: KeyPath, kind: Kind) -> ConfigError {
         let position = locate::locate(&self.text, &path);
         ConfigError::new(&self.file, path.to_string(), kind).at(position)
-    }
-
-    fn refuse_unsupported_main(&self, main: &MainFile) -> Result<(), ConfigError> {
-        let root = KeyPath::root();
-        if main.middleware_services.is_some() {
-            return Err(self.error(
-                root.key("middleware_services"),
-                Kind::NotSupportedYet("middleware_services"),
-            ));
-        }
-        if main.middlewares.is_some() {
-            return Err(self.error(
-                root.key("middlewares"),
-                Kind::NotSupportedYet("middlewares"),
-            ));
-        }
-        if let Some(sse) = &main.sse {
-            self.refuse_unsupported_sse(root.key("sse"), sse)?;
-        }
-        self.refuse_unsupported_services(&main.services)?;
-        self.refuse_unsupported_rules(&main.host_rules)
-    }
-
-    fn refuse_unsupported_sse(&self, path: KeyPath, sse: &SseFile) -> Result<(), ConfigError> {
-        if sse.connection_tracking.is_some() {
-            return Err(self.error(
-                path.key("connection_tracking"),
-                Kind::NotSupportedYet("connection_tracking"),
-            ));
-        }
-        if sse.max_connections.is_some() {
-            return Err(self.error(
-                path.key("max_connections"),
-                Kind::NotSupportedYet("max_connections"),
-            ));
-        }
-        Ok(())
-    }
-
-    fn refuse_unsupported_services(
-        &self,
-        services: &BTreeMap<String, ServiceFile>,
-    ) -> Result<(), ConfigError> {
-        for (name, service) in services {
-            if let Some(sse) = &service.sse {
-                let path = KeyPath::root().key("services").key(name).key("sse");
-                self.refuse_unsupported_sse(path, sse)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn refuse_unsupported_rules(&self, rules: &[HostRuleFile]) -> Result<(), ConfigError> {
-        for (i, rule) in rules.iter().enumerate() {
-            let path = KeyPath::root().key("host_rules").index(i);
-            if rule.middlewares.is_some() {
-                return Err(self.error(
-                    path.key("middlewares"),
-                    Kind::NotSupportedYet("middlewares"),
-                ));
-            }
-            for (j, route) in rule.route_rules.iter().enumerate() {
-                if route.middlewares.is_some() {
-                    let path = path.key("route_rules").index(j).key("middlewares");
-                    return Err(self.error(path, Kind::NotSupportedYet("middlewares")));
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -408,19 +460,43 @@ fn glob_has_wildcard(pattern: &str) -> bool {
     pattern.contains(['*', '?', '['])
 }
 
-/// `base` with the keys set in `file` replaced.
-fn apply_sse(base: &SseSettings, file: Option<&SseFile>) -> SseSettings {
-    let Some(file) = file else {
-        return base.clone();
+/// Builds a `middleware_services` entry, or reuses the previous config's middleware when
+/// its type and config are unchanged.
+fn build_instance(
+    source: &Source,
+    path: &KeyPath,
+    entry: &MiddlewareFile,
+    dir: &Path,
+    previous: &Instances,
+) -> Result<Instance, ConfigError> {
+    let fingerprint = format!("{:?}", entry.config);
+    let middleware = match previous.get(&entry.name) {
+        Some(old) if old.fingerprint == fingerprint => old.middleware.clone(),
+        _ => entry
+            .config
+            .build(&entry.name, dir)
+            .map_err(|e| source.error(path.key("config"), Kind::Invalid(e)))?
+            .into(),
     };
-    SseSettings {
-        enabled: file.enabled.unwrap_or(base.enabled),
-        flush_interval: file
-            .flush_interval
-            .map_or(base.flush_interval, |d| d.limit()),
-        read_timeout: file.read_timeout.map_or(base.read_timeout, |d| d.limit()),
-        write_timeout: file.write_timeout.map_or(base.write_timeout, |d| d.limit()),
+    Ok(Instance {
+        name: entry.name.clone(),
+        kind: entry.config.kind(),
+        priority: entry.priority,
+        enabled: entry.enabled,
+        fingerprint,
+        middleware,
+    })
+}
+
+/// A short hash of every file's text.
+fn version_of(sources: &[Source]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for source in sources {
+        source.file.hash(&mut hasher);
+        source.text.hash(&mut hasher);
     }
+    format!("{:016x}", hasher.finish())
 }
 
 fn apply_timeouts(file: Option<&TimeoutsFile>) -> Timeouts {
@@ -466,7 +542,10 @@ fn build_service(
         url,
         host_header,
         apply_timeouts(file.timeouts.as_ref()),
-        apply_sse(global_sse, file.sse.as_ref()),
+        match &file.sse {
+            Some(sse) => global_sse.overlay(sse),
+            None => *global_sse,
+        },
     ))
 }
 
@@ -476,6 +555,7 @@ fn add_host_rule(
     path: &KeyPath,
     rule: &HostRuleFile,
     services: &BTreeMap<String, Arc<Service>>,
+    chains: RuleChains,
 ) -> Result<(), ConfigError> {
     let service = |path: KeyPath, name: &str| {
         services
@@ -492,11 +572,12 @@ fn add_host_rule(
         Some(target) => Some(Arc::new(Route {
             name: rule.name.clone().unwrap_or_else(|| host_label.clone()),
             service: service(path.key("target"), target)?,
+            chain: chains.host.clone(),
         })),
         None => None,
     };
     let mut host_routes = HostRoutes::new(fallback);
-    for (j, route) in rule.route_rules.iter().enumerate() {
+    for ((j, route), chain) in rule.route_rules.iter().enumerate().zip(chains.routes) {
         let rpath = path.key("route_rules").index(j);
         let pattern = route.pattern.0.clone();
         let name = route
@@ -506,6 +587,7 @@ fn add_host_rule(
         let compiled = Arc::new(Route {
             name,
             service: service(rpath.key("target"), &route.target)?,
+            chain,
         });
         if !host_routes.add(pattern.clone(), compiled) {
             return Err(source.error(

@@ -247,58 +247,33 @@ fn includes_merge_in_lexical_order_and_report_their_own_files() {
     Config::load(&main).expect("empty glob");
 }
 
-/// Deletes the YAML node that starts at `line` (1-based): that line and the more indented
-/// lines under it.
-fn remove_node(text: &str, line: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    let indent = |l: &str| l.len() - l.trim_start().len();
-    let start = line - 1;
-    let own = indent(lines[start]);
-    let mut end = start + 1;
-    while end < lines.len() && (lines[end].trim().is_empty() || indent(lines[end]) > own) {
-        end += 1;
-    }
-    let mut kept: Vec<&str> = lines[..start].to_vec();
-    kept.extend_from_slice(&lines[end..]);
-    kept.join("\n") + "\n"
-}
-
 #[test]
-fn the_origin_design_examples_are_refused_only_for_keys_not_built_yet() {
-    let mut text = include_str!("../../tests/fixtures/seed_4_4.yaml").to_string();
-    let mut refused_keys = Vec::new();
-    let config = loop {
-        match load(&text) {
-            Ok(config) => break config,
-            Err(e) => match e.kind {
-                Kind::NotSupportedYet(key) => {
-                    refused_keys.push(key);
-                    text = remove_node(&text, e.line.expect("a line") as usize);
-                }
-                other => panic!("refused for something other than a missing feature: {other}"),
-            },
-        }
-        assert!(refused_keys.len() < 10, "too many refusals");
-    };
-    refused_keys.sort_unstable();
-    refused_keys.dedup();
-    assert_eq!(
-        refused_keys,
-        [
-            "connection_tracking",
-            "max_connections",
-            "middleware_services",
-            "middlewares"
-        ]
-    );
+fn the_origin_design_examples_load_as_written() {
+    let text = include_str!("../../tests/fixtures/seed_4_4.yaml");
+    let config = load(text).unwrap_or_else(|e| panic!("{e}"));
     let service = &config.services["sse-service"];
     assert_eq!(service.sse.flush_interval, Some(Duration::from_millis(50)));
+    assert_eq!(
+        service.sse.max_connections,
+        Some(1000),
+        "inherited from the global block"
+    );
+    assert!(service.sse.connection_tracking);
     assert_eq!(service.url.host, "backend-sse");
+    assert_eq!(config.sse_limit.as_ref().map(|s| s.max()), Some(1000));
+    let instance = &config.middlewares["sse_support"];
+    assert_eq!(instance.kind, "sse");
     let route = config
         .routes
         .lookup(Some("sse.example.com"), Some(80), "/events/x")
         .expect("route");
     assert_eq!(route.service.name, "sse-service");
+    let chain: Vec<&str> = route.chain.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(
+        chain,
+        ["sse_support"],
+        "named at host and route level, runs once"
+    );
 }
 
 #[test]
@@ -321,8 +296,12 @@ fn the_core_issue_example_loads_as_written() {
     assert_eq!(config.server.grace_period_seconds, Some(30));
     let feed = &config.services["sse-service"];
     assert_eq!(feed.sse.flush_interval, Some(Duration::from_millis(50)));
-    let on_80 = config.routes.lookup(Some("sse.example.com"), Some(80), "/x");
+    let on_80 = config
+        .routes
+        .lookup(Some("sse.example.com"), Some(80), "/x");
     assert_eq!(on_80.expect("route").service.name, "sse-service");
-    let on_8080 = config.routes.lookup(Some("sse.example.com"), Some(8080), "/x");
+    let on_8080 = config
+        .routes
+        .lookup(Some("sse.example.com"), Some(8080), "/x");
     assert_eq!(on_8080.expect("route").service.name, "web");
 }

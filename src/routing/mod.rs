@@ -22,6 +22,7 @@ use regex::Regex;
 
 pub use pattern::{HostPattern, PathPattern};
 
+use crate::middleware::Chain;
 use crate::upstream::Service;
 
 /// A matched route: what the rest of the request needs to know about where it goes.
@@ -31,6 +32,8 @@ pub struct Route {
     /// pattern. Used in logs (and metrics labels), never the raw request path.
     pub name: String,
     pub service: Arc<Service>,
+    /// The middleware chain, in run order: global, host, route.
+    pub chain: Chain,
 }
 
 /// A path pattern and its route, as listed by `describe`.
@@ -253,12 +256,14 @@ fn normalize_host<'a>(raw: &str, buf: &'a mut [u8; 256]) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::middleware::Chain;
     use crate::upstream::Service;
 
     fn route(name: &str) -> Arc<Route> {
         Arc::new(Route {
             name: name.to_string(),
             service: Arc::new(Service::for_tests(name)),
+            chain: Vec::new().into(),
         })
     }
 

@@ -8,6 +8,7 @@
 //!   `Cache-Control: no-cache` and `X-Accel-Buffering: no` unless the origin set them;
 //! - with `flush_interval: 0` every upstream chunk is written and flushed as it arrives.
 
+pub mod limits;
 mod pacer;
 
 use std::time::Duration;
@@ -18,11 +19,13 @@ use pingora_http::ResponseHeader;
 
 pub use pacer::FlushPacer;
 
+use crate::config::file::SseFile;
+
 static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
 /// Effective SSE settings of a service: its `sse:` block over the global one.
 /// `None` durations mean no limit (written `0` in the config).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SseSettings {
     /// When false, event streams are proxied like any other response.
     pub enabled: bool,
@@ -32,6 +35,26 @@ pub struct SseSettings {
     pub read_timeout: Option<Duration>,
     /// Longest a write to the client may block.
     pub write_timeout: Option<Duration>,
+    /// Log each stream's open and close (the live registry comes with connection management).
+    pub connection_tracking: bool,
+    /// Most event streams open at once under this block; `None` for no limit.
+    pub max_connections: Option<usize>,
+}
+
+impl SseSettings {
+    /// These settings with the keys set in `file` replaced.
+    pub fn overlay(&self, file: &SseFile) -> SseSettings {
+        SseSettings {
+            enabled: file.enabled.unwrap_or(self.enabled),
+            flush_interval: file
+                .flush_interval
+                .map_or(self.flush_interval, |d| d.limit()),
+            read_timeout: file.read_timeout.map_or(self.read_timeout, |d| d.limit()),
+            write_timeout: file.write_timeout.map_or(self.write_timeout, |d| d.limit()),
+            connection_tracking: file.connection_tracking.unwrap_or(self.connection_tracking),
+            max_connections: file.max_connections.or(self.max_connections),
+        }
+    }
 }
 
 impl Default for SseSettings {
@@ -41,6 +64,8 @@ impl Default for SseSettings {
             flush_interval: None,
             read_timeout: None,
             write_timeout: None,
+            connection_tracking: false,
+            max_connections: None,
         }
     }
 }

@@ -1,0 +1,140 @@
+//! `headers`: set, add and remove request and response headers.
+//!
+//! ```yaml
+//! type: headers
+//! config:
+//!   request:                        # what the origin sees (applied after routing)
+//!     set: { x-env: prod }          # replace any existing value
+//!     add: { x-trace: edge }        # append another value
+//!     remove: [cookie]
+//!   response:                       # what the client sees, also on direct answers
+//!     set: { strict-transport-security: "max-age=63072000" }
+//!     remove: [server, x-powered-by]
+//! ```
+//!
+//! Phases: `upstream_request` and `response`. Never short-circuits. Names and values are
+//! checked when the config loads.
+
+use std::collections::BTreeMap;
+
+use http::header::{HeaderName, HeaderValue};
+use pingora_error::Result;
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+use serde::Deserialize;
+
+use super::{header_name, header_value, BodyFilter, Middleware};
+use crate::proxy::RequestCtx;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub request: Ops,
+    #[serde(default)]
+    pub response: Ops,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ops {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Compiled {
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+    remove: Vec<HeaderName>,
+}
+
+impl Compiled {
+    fn new(ops: &Ops) -> Result<Self, String> {
+        let pairs = |m: &BTreeMap<String, String>| {
+            m.iter()
+                .map(|(k, v)| Ok((header_name(k)?, header_value(v)?)))
+                .collect::<Result<Vec<_>, String>>()
+        };
+        Ok(Compiled {
+            set: pairs(&ops.set)?,
+            add: pairs(&ops.add)?,
+            remove: ops
+                .remove
+                .iter()
+                .map(|n| header_name(n))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+pub struct Headers {
+    request: Compiled,
+    response: Compiled,
+}
+
+impl Headers {
+    pub fn new(config: &Config) -> Result<Self, String> {
+        Ok(Headers {
+            request: Compiled::new(&config.request)?,
+            response: Compiled::new(&config.response)?,
+        })
+    }
+}
+
+impl Middleware for Headers {
+    fn upstream_request(
+        &self,
+        _session: &mut Session,
+        request: &mut RequestHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        for name in &self.request.remove {
+            request.remove_header(name);
+        }
+        for (name, value) in &self.request.set {
+            request.insert_header(name.clone(), value.clone())?;
+        }
+        for (name, value) in &self.request.add {
+            request.append_header(name.clone(), value.clone())?;
+        }
+        Ok(())
+    }
+
+    fn response(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Option<Box<dyn BodyFilter>>> {
+        for name in &self.response.remove {
+            response.remove_header(name);
+        }
+        for (name, value) in &self.response.set {
+            response.insert_header(name.clone(), value.clone())?;
+        }
+        for (name, value) in &self.response.add {
+            response.append_header(name.clone(), value.clone())?;
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_names_and_values_are_refused() {
+        let mut c = Config::default();
+        c.request.set.insert("bad name".into(), "v".into());
+        assert!(Headers::new(&c).is_err());
+        let mut c = Config::default();
+        c.response.add.insert("x".into(), "bad\nvalue".into());
+        assert!(Headers::new(&c).is_err());
+    }
+}

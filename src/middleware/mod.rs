@@ -1,0 +1,459 @@
+//! The middleware chain: the trait every middleware type implements, the outcome of the
+//! request hook, the registry that turns `middleware_services` entries into instances, and
+//! the per-route chain.
+//!
+//! # Hooks
+//!
+//! All hooks default to no-ops; a type implements the ones it needs.
+//!
+//! | hook | Pingora phase | may |
+//! | --- | --- | --- |
+//! | `request` (async) | `request_filter` | answer directly with [`Outcome::Respond`] |
+//! | `request_body` | `request_body_filter` | refuse the body with an error status |
+//! | `upstream_request` | `upstream_request_filter` | change what the origin sees |
+//! | `response` | `response_filter` | change the response header; return a [`BodyFilter`] |
+//! | `logging` | `logging` | observe the finished request |
+//!
+//! Response bodies go through the [`BodyFilter`]s that `response` hooks returned, per chunk
+//! and synchronously, like Pingora's own body filters. A body filter must never hold back an
+//! SSE stream: whatever it has once an event is complete, it passes on.
+//!
+//! # Chain order
+//!
+//! A route's chain is built once, when the config loads: the global `middlewares`, then the
+//! host rule's, then the route rule's. Within each level, higher `priority` runs first, ties
+//! in the order listed. An instance named at two levels runs once, at its first place. With
+//!
+//! ```yaml
+//! middleware_services:
+//!   - { name: ids,  type: request_id }
+//!   - { name: cors, type: cors, priority: 10 }
+//!   - { name: auth, type: api_key, priority: 20, config: { keys: [k1] } }
+//! middlewares: [ids, cors]                 # global
+//! host_rules:
+//!   - pattern: "*"
+//!     middlewares: [auth, ids]             # host
+//! ```
+//!
+//! the chain is `cors, ids, auth`: global first (cors outranks ids), then host (ids already
+//! ran). Request hooks run in chain order; a middleware that answers skips the origin and the
+//! rest of the request hooks, but every `response` hook of the chain still sees the answer
+//! (so CORS headers reach a 401).
+
+pub mod auth;
+pub mod cors;
+pub mod headers;
+pub mod ip_filter;
+pub mod rate_limit;
+pub mod redirect;
+pub mod request_id;
+pub mod rewrite;
+pub mod size_limit;
+pub mod sse;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use pingora_error::Result;
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+
+use crate::proxy::RequestCtx;
+
+/// A direct answer from a middleware.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// A short plain-text answer: `"{status} {reason}\n"`.
+    pub fn text(status: u16, reason: &str) -> Self {
+        Reply {
+            status,
+            headers: vec![(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            )],
+            body: Bytes::from(format!("{status} {reason}\n")),
+        }
+    }
+
+    /// An answer with no body.
+    pub fn empty(status: u16) -> Self {
+        Reply {
+            status,
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+}
+
+/// What the request hook decided.
+#[derive(Debug)]
+pub enum Outcome {
+    Continue,
+    Respond(Reply),
+}
+
+/// Per-request state for rewriting a response body, created by a `response` hook.
+pub trait BodyFilter: Send + Sync {
+    /// Called for every body chunk, in order. May replace the chunk; must not keep a
+    /// complete SSE event back.
+    fn filter(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) -> Result<()>;
+}
+
+/// A middleware type.
+#[async_trait]
+pub trait Middleware: Send + Sync {
+    async fn request(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Outcome> {
+        Ok(Outcome::Continue)
+    }
+
+    fn request_body(
+        &self,
+        _body: &Option<Bytes>,
+        _end_of_stream: bool,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn upstream_request(
+        &self,
+        _session: &mut Session,
+        _request: &mut RequestHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn response(
+        &self,
+        _session: &mut Session,
+        _response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Option<Box<dyn BodyFilter>>> {
+        Ok(None)
+    }
+
+    fn logging(&self, _session: &Session, _ctx: &RequestCtx) {}
+}
+
+/// A configured middleware: one `middleware_services` entry, built.
+pub struct Instance {
+    pub name: String,
+    pub kind: &'static str,
+    pub priority: i32,
+    pub enabled: bool,
+    /// The type and config as loaded, to tell whether a reload changed this instance.
+    pub fingerprint: String,
+    pub middleware: Arc<dyn Middleware>,
+}
+
+impl fmt::Debug for Instance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Instance")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("priority", &self.priority)
+            .field("enabled", &self.enabled)
+            .finish()
+    }
+}
+
+/// A route's middleware chain, in run order.
+pub type Chain = Arc<[Arc<Instance>]>;
+
+/// The per-type config of a `middleware_services` entry.
+#[derive(Debug)]
+pub enum MiddlewareConfig {
+    Sse(sse::Config),
+    Headers(headers::Config),
+    Rewrite(rewrite::Config),
+    Redirect(redirect::Config),
+    IpFilter(ip_filter::Config),
+    BasicAuth(auth::BasicConfig),
+    ApiKey(auth::ApiKeyConfig),
+    RateLimit(rate_limit::Config),
+    Cors(cors::Config),
+    RequestId(request_id::Config),
+    RequestSizeLimit(size_limit::Config),
+}
+
+/// Every type name, for error messages.
+pub const TYPES: &[&str] = &[
+    "sse",
+    "headers",
+    "rewrite",
+    "redirect",
+    "ip_filter",
+    "basic_auth",
+    "api_key",
+    "rate_limit",
+    "cors",
+    "request_id",
+    "request_size_limit",
+];
+
+impl MiddlewareConfig {
+    /// Deserialises `config` for `kind` straight from the YAML, so errors keep their line.
+    fn from_map<'de, A: MapAccess<'de>>(kind: &str, map: &mut A) -> Result<Self, A::Error> {
+        Ok(match kind {
+            "sse" => Self::Sse(map.next_value()?),
+            "headers" => Self::Headers(map.next_value()?),
+            "rewrite" => Self::Rewrite(map.next_value()?),
+            "redirect" => Self::Redirect(map.next_value()?),
+            "ip_filter" => Self::IpFilter(map.next_value()?),
+            "basic_auth" => Self::BasicAuth(map.next_value()?),
+            "api_key" => Self::ApiKey(map.next_value()?),
+            "rate_limit" => Self::RateLimit(map.next_value()?),
+            "cors" => Self::Cors(map.next_value()?),
+            "request_id" => Self::RequestId(map.next_value()?),
+            "request_size_limit" => Self::RequestSizeLimit(map.next_value()?),
+            other => return Err(de::Error::custom(unknown_type(other))),
+        })
+    }
+
+    /// The same, from an already parsed value (when `config` came before `type`).
+    fn from_value(kind: &str, value: serde_yaml::Value) -> Result<Self, String> {
+        let value = match value {
+            serde_yaml::Value::Null => serde_yaml::Value::Mapping(Default::default()),
+            v => v,
+        };
+        let e = |e: serde_yaml::Error| e.to_string();
+        Ok(match kind {
+            "sse" => Self::Sse(serde_yaml::from_value(value).map_err(e)?),
+            "headers" => Self::Headers(serde_yaml::from_value(value).map_err(e)?),
+            "rewrite" => Self::Rewrite(serde_yaml::from_value(value).map_err(e)?),
+            "redirect" => Self::Redirect(serde_yaml::from_value(value).map_err(e)?),
+            "ip_filter" => Self::IpFilter(serde_yaml::from_value(value).map_err(e)?),
+            "basic_auth" => Self::BasicAuth(serde_yaml::from_value(value).map_err(e)?),
+            "api_key" => Self::ApiKey(serde_yaml::from_value(value).map_err(e)?),
+            "rate_limit" => Self::RateLimit(serde_yaml::from_value(value).map_err(e)?),
+            "cors" => Self::Cors(serde_yaml::from_value(value).map_err(e)?),
+            "request_id" => Self::RequestId(serde_yaml::from_value(value).map_err(e)?),
+            "request_size_limit" => {
+                Self::RequestSizeLimit(serde_yaml::from_value(value).map_err(e)?)
+            }
+            other => return Err(unknown_type(other)),
+        })
+    }
+
+    /// The type name as written in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Sse(_) => "sse",
+            Self::Headers(_) => "headers",
+            Self::Rewrite(_) => "rewrite",
+            Self::Redirect(_) => "redirect",
+            Self::IpFilter(_) => "ip_filter",
+            Self::BasicAuth(_) => "basic_auth",
+            Self::ApiKey(_) => "api_key",
+            Self::RateLimit(_) => "rate_limit",
+            Self::Cors(_) => "cors",
+            Self::RequestId(_) => "request_id",
+            Self::RequestSizeLimit(_) => "request_size_limit",
+        }
+    }
+
+    /// Builds the middleware. `base` is the directory of the file that defined it, for
+    /// config keys that name files.
+    pub fn build(&self, name: &str, base: &std::path::Path) -> Result<Box<dyn Middleware>, String> {
+        Ok(match self {
+            Self::Sse(c) => Box::new(sse::SseMiddleware::new(c, name)),
+            Self::Headers(c) => Box::new(headers::Headers::new(c)?),
+            Self::Rewrite(c) => Box::new(rewrite::Rewrite::new(c)?),
+            Self::Redirect(c) => Box::new(redirect::Redirect::new(c)?),
+            Self::IpFilter(c) => Box::new(ip_filter::IpFilter::new(c)),
+            Self::BasicAuth(c) => Box::new(auth::BasicAuth::new(c, base)?),
+            Self::ApiKey(c) => Box::new(auth::ApiKey::new(c, base)?),
+            Self::RateLimit(c) => Box::new(rate_limit::RateLimit::new(c)?),
+            Self::Cors(c) => Box::new(cors::Cors::new(c)?),
+            Self::RequestId(c) => Box::new(request_id::RequestId::new(c)?),
+            Self::RequestSizeLimit(c) => Box::new(size_limit::SizeLimit::new(c)),
+        })
+    }
+}
+
+fn unknown_type(kind: &str) -> String {
+    format!(
+        "unknown middleware type `{kind}`; the types are: {}",
+        TYPES.join(", ")
+    )
+}
+
+/// A `middleware_services` entry as written.
+#[derive(Debug)]
+pub struct MiddlewareFile {
+    pub name: String,
+    pub config: MiddlewareConfig,
+    pub enabled: bool,
+    pub priority: i32,
+}
+
+impl<'de> Deserialize<'de> for MiddlewareFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(EntryVisitor)
+    }
+}
+
+struct EntryVisitor;
+
+impl<'de> Visitor<'de> for EntryVisitor {
+    type Value = MiddlewareFile;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a middleware: name, type, and optionally enabled, priority, config")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<MiddlewareFile, A::Error> {
+        let mut name: Option<String> = None;
+        let mut kind: Option<String> = None;
+        let mut enabled: Option<bool> = None;
+        let mut priority: Option<i32> = None;
+        let mut config: Option<MiddlewareConfig> = None;
+        let mut early_config: Option<serde_yaml::Value> = None;
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "name" => name = Some(map.next_value()?),
+                "type" => {
+                    let k: String = map.next_value()?;
+                    if !TYPES.contains(&k.as_str()) {
+                        return Err(de::Error::custom(unknown_type(&k)));
+                    }
+                    kind = Some(k);
+                }
+                "enabled" => enabled = Some(map.next_value()?),
+                "priority" => priority = Some(map.next_value()?),
+                "config" => match &kind {
+                    Some(kind) => config = Some(MiddlewareConfig::from_map(kind, &mut map)?),
+                    None => early_config = Some(map.next_value()?),
+                },
+                other => {
+                    return Err(de::Error::unknown_field(
+                        other,
+                        &["name", "type", "enabled", "priority", "config"],
+                    ))
+                }
+            }
+        }
+        let name = name.ok_or_else(|| de::Error::missing_field("name"))?;
+        let kind = kind.ok_or_else(|| de::Error::missing_field("type"))?;
+        let config = match config {
+            Some(c) => c,
+            None => {
+                MiddlewareConfig::from_value(&kind, early_config.unwrap_or(serde_yaml::Value::Null))
+                    .map_err(|e| de::Error::custom(format!("config: {e}")))?
+            }
+        };
+        Ok(MiddlewareFile {
+            name,
+            config,
+            enabled: enabled.unwrap_or(true),
+            priority: priority.unwrap_or(0),
+        })
+    }
+}
+
+/// Orders one level of a chain: higher priority first, ties in listed order.
+pub fn sort_level(level: &mut [Arc<Instance>]) {
+    level.sort_by_key(|i| std::cmp::Reverse(i.priority));
+}
+
+/// Joins the levels into a chain: each instance once, at its first place; disabled
+/// instances are left out.
+pub fn join_levels(levels: Vec<Vec<Arc<Instance>>>) -> Chain {
+    let mut chain: Vec<Arc<Instance>> = Vec::new();
+    for mut level in levels {
+        sort_level(&mut level);
+        for instance in level {
+            if instance.enabled && !chain.iter().any(|i| i.name == instance.name) {
+                chain.push(instance);
+            }
+        }
+    }
+    chain.into()
+}
+
+/// Parses a header name from config.
+pub fn header_name(raw: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(raw.as_bytes())
+        .map_err(|_| format!("`{raw}` is not a valid header name"))
+}
+
+/// Parses a header value from config.
+pub fn header_value(raw: &str) -> Result<HeaderValue, String> {
+    HeaderValue::from_str(raw).map_err(|_| format!("`{raw}` is not a valid header value"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(name: &str, priority: i32, enabled: bool) -> Arc<Instance> {
+        Arc::new(Instance {
+            name: name.into(),
+            kind: "headers",
+            priority,
+            enabled,
+            fingerprint: String::new(),
+            middleware: Arc::new(headers::Headers::new(&headers::Config::default()).expect("mw")),
+        })
+    }
+
+    #[test]
+    fn chain_order_levels_priority_and_run_once() {
+        let ids = instance("ids", 0, true);
+        let cors = instance("cors", 10, true);
+        let auth = instance("auth", 20, true);
+        let off = instance("off", 99, false);
+        let low = instance("low", -5, true);
+        let chain = join_levels(vec![
+            vec![ids.clone(), cors.clone()],
+            vec![low.clone(), auth.clone(), ids.clone(), off],
+            vec![cors.clone(), instance("last", 100, true)],
+        ]);
+        let names: Vec<&str> = chain.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["cors", "ids", "auth", "low", "last"]);
+    }
+
+    #[test]
+    fn entries_parse_with_type_before_or_after_config() {
+        let a: MiddlewareFile = serde_yaml::from_str(
+            "name: a\ntype: headers\npriority: 3\nconfig: { response: { set: { x-a: '1' } } }\n",
+        )
+        .expect("parse");
+        assert_eq!(a.config.kind(), "headers");
+        assert_eq!(a.priority, 3);
+        assert!(a.enabled);
+        let b: MiddlewareFile = serde_yaml::from_str(
+            "config: { response: { set: { x-a: '1' } } }\nname: b\ntype: headers\n",
+        )
+        .expect("parse");
+        assert_eq!(b.config.kind(), "headers");
+        let e = serde_yaml::from_str::<MiddlewareFile>("name: c\ntype: nope\n")
+            .expect_err("unknown type");
+        assert!(
+            e.to_string().contains("unknown middleware type `nope`"),
+            "{e}"
+        );
+        let e = serde_yaml::from_str::<MiddlewareFile>(
+            "name: c\ntype: headers\nconfig:\n  response:\n    sett: {}\n",
+        )
+        .expect_err("unknown key");
+        assert_eq!(e.location().map(|l| l.line()), Some(5), "{e}");
+    }
+}

@@ -1,0 +1,87 @@
+//! `sse`: the origin design's SSE middleware. Marks event-stream requests and applies its
+//! own SSE settings to the routes it is on.
+//!
+//! ```yaml
+//! type: sse
+//! config:                      # the keys of the global `sse` block; unset keys inherit
+//!   enabled: true              # false: treat event streams on these routes as ordinary
+//!   flush_interval: 100ms
+//!   read_timeout: 0
+//!   write_timeout: 0
+//!   connection_tracking: true  # log each stream's open and close
+//!   max_connections: 1000      # streams open at once through this instance
+//! ```
+//!
+//! Phase: `request`. For a request that asks for an event stream (`Accept:
+//! text/event-stream`) it overlays its settings on the service's, marks the request
+//! (`ctx.sse_request`, and `IsSse` in the value map), and takes a slot under its own
+//! `max_connections`; when none is free it answers `503` with `Retry-After` before the
+//! origin is contacted.
+
+use async_trait::async_trait;
+use http::header::{HeaderValue, ACCEPT, RETRY_AFTER};
+use pingora_error::Result;
+use pingora_proxy::Session;
+
+use super::{Middleware, Outcome, Reply};
+use crate::config::file::SseFile;
+use crate::proxy::RequestCtx;
+use crate::sse::{self, limits};
+
+pub type Config = SseFile;
+
+/// Set in the request's value map when this middleware saw an event-stream request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IsSse(pub bool);
+
+/// Seconds a client refused by a limit is told to wait.
+pub const LIMIT_RETRY_AFTER: u32 = 5;
+
+pub struct SseMiddleware {
+    config: SseFile,
+    slots: Option<std::sync::Arc<limits::Slots>>,
+}
+
+impl SseMiddleware {
+    pub fn new(config: &Config, name: &str) -> Self {
+        SseMiddleware {
+            config: config.clone(),
+            slots: config
+                .max_connections
+                .map(|max| limits::slots(&format!("middleware:{name}"), max)),
+        }
+    }
+}
+
+#[async_trait]
+impl Middleware for SseMiddleware {
+    async fn request(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Outcome> {
+        ctx.sse = ctx.sse.overlay(&self.config);
+        ctx.sse_request = ctx.sse.enabled
+            && session
+                .get_header(ACCEPT)
+                .is_some_and(|v| sse::accepts_event_stream(v.as_bytes()));
+        ctx.values.insert(IsSse(ctx.sse_request));
+        if !ctx.sse_request {
+            return Ok(Outcome::Continue);
+        }
+        if let Some(slots) = &self.slots {
+            match slots.try_acquire() {
+                Some(guard) => ctx.slots.push(guard),
+                None => {
+                    return Ok(Outcome::Respond(limit_reply(slots.max(), "this route")));
+                }
+            }
+        }
+        Ok(Outcome::Continue)
+    }
+}
+
+/// The `503` for a stream refused by a `max_connections` limit.
+pub fn limit_reply(max: usize, scope: &str) -> Reply {
+    Reply::text(
+        503,
+        &format!("too many open event streams for {scope} (limit {max})"),
+    )
+    .with_header(RETRY_AFTER, HeaderValue::from(LIMIT_RETRY_AFTER))
+}

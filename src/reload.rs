@@ -1,0 +1,192 @@
+//! Live config reload: on `SIGHUP`, and when a config file changes on disk.
+//!
+//! The new config (main file and includes) is read and validated aside; only when it is
+//! whole is it swapped in, atomically. Requests in flight keep the route, service and
+//! middleware chain they matched, so SSE streams on routes that still exist keep streaming.
+//! Middleware instances whose type and config did not change are carried over with their
+//! state; new or enabled ones are loaded, removed or disabled ones unloaded. A config that
+//! fails validation is refused and logged with file, line and key; the old one keeps
+//! serving. Listeners and thread counts cannot change in a running process: a reload that
+//! changes them says so and points to `-u`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use notify::{RecursiveMode, Watcher};
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::error::ConfigError;
+
+/// How long file events must settle before a reload (editors write in several steps).
+const DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// The background service that reloads the config.
+pub struct Reloader {
+    current: Arc<ArcSwap<Config>>,
+}
+
+impl Reloader {
+    pub fn new(current: Arc<ArcSwap<Config>>) -> Self {
+        Reloader { current }
+    }
+}
+
+/// Reloads the config in `current` from its files. On success the new config is live and
+/// returned; on failure nothing changes.
+pub fn reload(current: &ArcSwap<Config>) -> Result<Arc<Config>, ConfigError> {
+    let old = current.load_full();
+    let new = match old.reload() {
+        Ok(new) => Arc::new(new),
+        Err(e) => {
+            log::error!(
+                "config reload refused, still serving version {}: {e}",
+                old.version
+            );
+            return Err(e);
+        }
+    };
+    if new.listen != old.listen || new.threads != old.threads || new.demo != old.demo {
+        log::warn!(
+            "config reload: `listen`, `threads` and `demo` cannot change in a running process; \
+             they stay as they were until a restart or a `streamgate -u` upgrade"
+        );
+    }
+    let enabled = |c: &Config| -> BTreeSet<String> {
+        c.middlewares
+            .values()
+            .filter(|i| i.enabled)
+            .map(|i| i.name.clone())
+            .collect()
+    };
+    let (before, after) = (enabled(&old), enabled(&new));
+    let loaded: Vec<_> = after.difference(&before).cloned().collect();
+    let unloaded: Vec<_> = before.difference(&after).cloned().collect();
+    current.store(new.clone());
+    log::info!(
+        "config reloaded: version {} (was {}), loaded at {}s since epoch; \
+         middlewares loaded: [{}], unloaded: [{}]",
+        new.version,
+        old.version,
+        new.loaded_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs(),
+        loaded.join(", "),
+        unloaded.join(", ")
+    );
+    Ok(new)
+}
+
+/// Directories to watch for `config`: where its files are, and where its include globs
+/// could add new ones.
+fn watch_dirs(config: &Config) -> BTreeSet<PathBuf> {
+    let mut dirs: BTreeSet<PathBuf> = config
+        .files
+        .iter()
+        .chain(&config.include_roots)
+        .filter_map(|f| {
+            if f.is_dir() {
+                Some(f.clone())
+            } else {
+                f.parent().map(Path::to_path_buf)
+            }
+        })
+        .map(|d| {
+            if d.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                d
+            }
+        })
+        .filter(|d| d.is_dir())
+        .collect();
+    dirs.retain(|d| d.exists());
+    dirs
+}
+
+fn is_config_file(path: &Path, files: &[PathBuf]) -> bool {
+    files
+        .iter()
+        .any(|f| f == path || f.file_name() == path.file_name())
+        || path.extension().is_some_and(|e| e == "yaml" || e == "yml")
+}
+
+/// Starts a watcher that sends a unit on `tx` for every change to a config file.
+fn watch(config: &Config, tx: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
+    if config.source == Path::new(crate::config::EMBEDDED_NAME) {
+        return None;
+    }
+    let files = config.files.clone();
+    let handler = move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event {
+            let relevant = !matches!(event.kind, notify::EventKind::Access(_))
+                && event.paths.iter().any(|p| is_config_file(p, &files));
+            if relevant {
+                let _ = tx.send(());
+            }
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            log::warn!("cannot watch the config files ({e}); reload with SIGHUP");
+            return None;
+        }
+    };
+    for dir in watch_dirs(config) {
+        if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+            log::warn!("cannot watch {} ({e}); reload with SIGHUP", dir.display());
+        }
+    }
+    Some(watcher)
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log::warn!("cannot listen for SIGHUP ({e}); reload by changing the files");
+                None
+            }
+        };
+        let (tx, mut changes) = mpsc::unbounded_channel();
+        let mut watcher = watch(&self.current.load(), tx.clone());
+        log::info!(
+            "config version {} serving (watching {} file(s))",
+            self.current.load().version,
+            self.current.load().files.len()
+        );
+        loop {
+            let hup = async {
+                match hangup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = hup => log::info!("SIGHUP: reloading the config"),
+                Some(()) = changes.recv() => {
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while changes.try_recv().is_ok() {}
+                    log::info!("config files changed: reloading");
+                }
+            }
+            if let Ok(new) = reload(&self.current) {
+                // The set of files (and so of directories) may have changed.
+                drop(watcher.take());
+                watcher = watch(&new, tx.clone());
+            }
+        }
+    }
+}
