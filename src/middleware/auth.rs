@@ -173,7 +173,7 @@ impl ApiKey {
         })
     }
 
-    fn from_query<'a>(&self, query: Option<&'a str>) -> Option<&'a str> {
+    fn key_in_query<'a>(&self, query: Option<&'a str>) -> Option<&'a str> {
         let name = self.query.as_deref()?;
         query?
             .split('&')
@@ -191,7 +191,7 @@ impl Middleware for ApiKey {
             .headers
             .get(&self.header)
             .map(|v| v.as_bytes())
-            .or_else(|| self.from_query(req.uri.query()).map(str::as_bytes));
+            .or_else(|| self.key_in_query(req.uri.query()).map(str::as_bytes));
         if presented.is_some_and(|k| matches_any(&self.keys, k)) {
             return Ok(Outcome::Continue);
         }
@@ -231,7 +231,7 @@ mod tests {
         assert!(matches_any(&auth.keys, b"k-file"));
         assert!(matches_any(&auth.keys, b"k1"));
         assert!(!matches_any(&auth.keys, b"k2"));
-        assert_eq!(auth.from_query(Some("a=1&api_key=k1")), Some("k1"));
+        assert_eq!(auth.key_in_query(Some("a=1&api_key=k1")), Some("k1"));
         let missing: ApiKeyConfig = serde_yaml::from_str("keys_file: nope.txt").expect("c");
         assert!(ApiKey::new(&missing, dir.path()).is_err());
         let empty: ApiKeyConfig = serde_yaml::from_str("header: x-key").expect("c");

@@ -111,7 +111,7 @@ impl Cors {
             return Some(HeaderValue::from_static("*"));
         }
         let o = origin.to_str().ok()?.to_ascii_lowercase();
-        self.origins.iter().any(|a| *a == o).then(|| origin.clone())
+        self.origins.contains(&o).then(|| origin.clone())
     }
 }
 

@@ -256,7 +256,6 @@ fn normalize_host<'a>(raw: &str, buf: &'a mut [u8; 256]) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::middleware::Chain;
     use crate::upstream::Service;
 
     fn route(name: &str) -> Arc<Route> {
