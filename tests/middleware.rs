@@ -1,0 +1,499 @@
+//! The middleware chain and every built-in type, end to end over real sockets.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{client, guard, After, Events, Origin, Proxy};
+use tokio::sync::{mpsc, Mutex};
+
+/// A config with one service `web` at `origin`, the given middleware definitions, global
+/// chain, and one catch-all host rule with `host_mw` and a `/r/*` route with `route_mw`.
+fn config(origin: &Origin, defs: &str, global: &str, host_mw: &str, route_mw: &str) -> String {
+    format!(
+        "services:\n  web:\n    url: \"{}\"\n\
+         middleware_services:\n{defs}\
+         middlewares: [{global}]\n\
+         host_rules:\n  - pattern: \"*\"\n    target: web\n    middlewares: [{host_mw}]\n\
+         \x20   route_rules:\n      - pattern: /r/*\n        target: web\n        middlewares: [{route_mw}]\n",
+        origin.url()
+    )
+}
+
+fn values(response: &reqwest::Response, name: &str) -> Vec<String> {
+    response
+        .headers()
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chain_runs_global_host_route_by_priority_and_each_instance_once() {
+    let origin = Origin::plain("ok").await;
+    let mark = |name: &str, priority: i32| {
+        format!(
+            "  - {{ name: {name}, type: headers, priority: {priority}, \
+             config: {{ response: {{ add: {{ x-chain: {name} }} }} }} }}\n"
+        )
+    };
+    let defs = [
+        mark("g_low", 0),
+        mark("g_high", 5),
+        mark("h", 0),
+        mark("r_low", -1),
+        mark("r_high", 100),
+        "  - { name: off, type: headers, enabled: false, config: { response: { add: { x-chain: off } } } }\n".into(),
+    ]
+    .concat();
+    let proxy = Proxy::start(&config(
+        &origin,
+        &defs,
+        "g_low, g_high",
+        "h, g_low, off",
+        "r_low, r_high, h",
+    ))
+    .await;
+    let response = client().get(proxy.url("/r/x")).send().await.expect("response");
+    assert_eq!(
+        values(&response, "x-chain"),
+        ["g_high", "g_low", "h", "r_high", "r_low"]
+    );
+    let response = client().get(proxy.url("/other")).send().await.expect("response");
+    assert_eq!(values(&response, "x-chain"), ["g_high", "g_low", "h"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_direct_answer_skips_the_origin_but_response_hooks_still_run() {
+    let mut origin = Origin::plain("ok").await;
+    let defs = "  - { name: cors, type: cors }\n\
+                \x20 - { name: auth, type: api_key, config: { keys: [k1] } }\n\
+                \x20 - { name: hdr, type: headers, config: { response: { set: { x-edge: yes } } } }\n";
+    let proxy = Proxy::start(&config(&origin, defs, "cors, auth, hdr", "", "")).await;
+    let refused = client()
+        .get(proxy.url("/"))
+        .header("origin", "https://app.test")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.headers()["access-control-allow-origin"], "*");
+    assert_eq!(refused.headers()["x-edge"], "yes", "hooks after the answering one still run");
+    let ok = client()
+        .get(proxy.url("/"))
+        .header("x-api-key", "k1")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(ok.status(), 200);
+    // Only the authorised request reached the origin.
+    let head = origin.next_request().await;
+    assert_eq!(head.header("x-api-key"), Some("k1"));
+    assert!(origin.requests.try_recv().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn headers_change_what_origin_and_client_see() {
+    let origin = Origin::start(|_, mut conn| async move {
+        let head = "HTTP/1.1 200 OK\r\nserver: secret-origin\r\ncontent-length: 2\r\n\r\nok";
+        match conn.write(head.as_bytes()).await {
+            Ok(()) => After::KeepAlive(conn),
+            Err(_) => After::Close,
+        }
+    })
+    .await;
+    let mut origin = origin;
+    let defs = "  - name: hdr\n    type: headers\n    config:\n      request:\n        \
+                set: { x-env: prod }\n        add: { x-trace: edge }\n        remove: [cookie]\n      \
+                response:\n        set: { x-frame-options: DENY }\n        remove: [server]\n";
+    let proxy = Proxy::start(&config(&origin, defs, "hdr", "", "")).await;
+    let response = client()
+        .get(proxy.url("/"))
+        .header("cookie", "session=1")
+        .header("x-trace", "client")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(response.headers()["x-frame-options"], "DENY");
+    assert!(response.headers().get("server").is_none());
+    let head = origin.next_request().await;
+    assert_eq!(head.header("x-env"), Some("prod"));
+    assert!(head.header("cookie").is_none());
+    let traces: Vec<_> = head
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("x-trace"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(traces, ["client", "edge"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rewrite_changes_the_path_the_origin_sees() {
+    let mut origin = Origin::plain("ok").await;
+    let defs = "  - { name: rw, type: rewrite, config: { strip_prefix: /r, regex: { pattern: '^/u/([0-9]+)$', replacement: '/users/$1' } } }\n";
+    let proxy = Proxy::start(&config(&origin, defs, "", "", "rw")).await;
+    assert!(client().get(proxy.url("/r/u/42?x=1")).send().await.expect("r").status().is_success());
+    assert_eq!(origin.next_request().await.target, "/users/42?x=1");
+    assert!(client().get(proxy.url("/r/other")).send().await.expect("r").status().is_success());
+    assert_eq!(origin.next_request().await.target, "/other");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redirect_answers_with_the_templated_location() {
+    let origin = Origin::plain("ok").await;
+    let defs = "  - { name: https, type: redirect, config: { status: 308, location: 'https://{host}{path}{query}' } }\n";
+    let proxy = Proxy::start(&config(&origin, defs, "", "", "https")).await;
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let response = no_follow
+        .get(proxy.url("/r/a?b=1"))
+        .header("host", "shop.test:8080")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(response.status(), 308);
+    assert_eq!(response.headers()["location"], "https://shop.test/r/a?b=1");
+    // Routes without it are proxied.
+    assert_eq!(client().get(proxy.url("/x")).send().await.expect("r").status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ip_filter_denies_and_trusts_forwarded_for_only_from_trusted_proxies() {
+    let origin = Origin::plain("ok").await;
+    let defs = "  - { name: deny_local, type: ip_filter, config: { deny: [127.0.0.0/8] } }\n\
+                \x20 - { name: allow_office, type: ip_filter, config: { allow: [198.51.100.0/24], trusted_proxies: [127.0.0.1] } }\n";
+    let proxy = Proxy::start(&config(&origin, defs, "", "", "deny_local")).await;
+    let denied = client().get(proxy.url("/r/x")).send().await.expect("r");
+    assert_eq!(denied.status(), 403);
+    assert_eq!(client().get(proxy.url("/x")).send().await.expect("r").status(), 200);
+
+    let proxy = Proxy::start(&config(&origin, defs, "", "allow_office", "")).await;
+    let via_office = client()
+        .get(proxy.url("/x"))
+        .header("x-forwarded-for", "198.51.100.9")
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(via_office.status(), 200, "127.0.0.1 is a trusted proxy");
+    let spoofed = client()
+        .get(proxy.url("/x"))
+        .header("x-forwarded-for", "198.51.100.9, 203.0.113.1")
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(spoofed.status(), 403, "the nearest untrusted hop is the client");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn basic_auth_challenges_and_admits() {
+    let origin = Origin::plain("ok").await;
+    let defs = "  - { name: auth, type: basic_auth, config: { realm: ops, users: { alice: s3cret } } }\n";
+    let proxy = Proxy::start(&config(&origin, defs, "auth", "", "")).await;
+    let refused = client().get(proxy.url("/")).send().await.expect("r");
+    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.headers()["www-authenticate"], "Basic realm=\"ops\"");
+    let wrong = client()
+        .get(proxy.url("/"))
+        .basic_auth("alice", Some("nope"))
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(wrong.status(), 401);
+    let ok = client()
+        .get(proxy.url("/"))
+        .basic_auth("alice", Some("s3cret"))
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(ok.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_key_in_header_or_query() {
+    let origin = Origin::plain("ok").await;
+    let defs = "  - { name: key, type: api_key, config: { header: x-key, query: key, keys: [abc] } }\n";
+    let proxy = Proxy::start(&config(&origin, defs, "key", "", "")).await;
+    let status = |path: &'static str, key: Option<&'static str>| {
+        let url = proxy.url(path);
+        async move {
+            let mut req = client().get(url);
+            if let Some(k) = key {
+                req = req.header("x-key", k);
+            }
+            req.send().await.expect("r").status().as_u16()
+        }
+    };
+    assert_eq!(status("/", None).await, 401);
+    assert_eq!(status("/", Some("abd")).await, 401);
+    assert_eq!(status("/", Some("abc")).await, 200);
+    assert_eq!(status("/?key=abc", None).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limit_refuses_with_retry_after_and_counts_stream_opens_not_events() {
+    let origin = Origin::start(|head, mut conn| async move {
+        if head.target.starts_with("/r/") {
+            conn.sse_head().await.expect("head");
+            for i in 0..5 {
+                conn.chunk(&format!("data: {i}\n\n")).await.expect("event");
+            }
+            conn.end().await.expect("end");
+            return After::Close;
+        }
+        match conn.respond(200, "ok").await {
+            Ok(()) => After::KeepAlive(conn),
+            Err(_) => After::Close,
+        }
+    })
+    .await;
+    let defs = "  - { name: rl, type: rate_limit, config: { rate: 0.01, burst: 2 } }\n\
+                \x20 - { name: streams, type: rate_limit, config: { rate: 0.01, burst: 1, key: 'header:x-user' } }\n";
+    let proxy = Proxy::start(&config(&origin, defs, "", "rl", "streams")).await;
+    assert_eq!(client().get(proxy.url("/a")).send().await.expect("r").status(), 200);
+    assert_eq!(client().get(proxy.url("/a")).send().await.expect("r").status(), 200);
+    let limited = client().get(proxy.url("/a")).send().await.expect("r");
+    assert_eq!(limited.status(), 429);
+    let retry: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(retry >= 1);
+
+    // On the stream route the host-level limiter is spent too, so use a fresh proxy where
+    // only the per-user stream limiter applies.
+    let proxy = Proxy::start(&config(&origin, defs, "", "", "streams")).await;
+    let stream = client()
+        .get(proxy.url("/r/events"))
+        .header("x-user", "u1")
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(stream.status(), 200);
+    let mut events = Events::new(stream);
+    for i in 0..5 {
+        assert_eq!(events.next().await, Some(format!("data: {i}")), "events are not limited");
+    }
+    let second = client()
+        .get(proxy.url("/r/events"))
+        .header("x-user", "u1")
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(second.status(), 429, "a second stream open is");
+    let other_user = client()
+        .get(proxy.url("/r/events"))
+        .header("x-user", "u2")
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(other_user.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cors_answers_preflights_and_marks_sse_responses() {
+    let mut origin = Origin::start(|_, mut conn| async move {
+        conn.sse_head().await.expect("head");
+        conn.chunk("data: hi\n\n").await.expect("event");
+        conn.end().await.expect("end");
+        After::Close
+    })
+    .await;
+    let defs = "  - name: cors\n    type: cors\n    config:\n      allow_origins: [\"https://app.test\"]\n      \
+                allow_methods: [GET]\n      allow_credentials: true\n      expose_headers: [x-request-id]\n      max_age: 10m\n";
+    let proxy = Proxy::start(&config(&origin, defs, "cors", "", "")).await;
+    let preflight = client()
+        .request(reqwest::Method::OPTIONS, proxy.url("/events"))
+        .header("origin", "https://app.test")
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "last-event-id")
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(preflight.status(), 204);
+    let h = preflight.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.test");
+    assert_eq!(h["access-control-allow-methods"], "GET");
+    assert_eq!(h["access-control-allow-headers"], "last-event-id");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert_eq!(h["access-control-max-age"], "600");
+    let stranger = client()
+        .request(reqwest::Method::OPTIONS, proxy.url("/events"))
+        .header("origin", "https://evil.test")
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(stranger.status(), 403);
+    assert!(origin.requests.try_recv().is_err(), "preflights never reach the origin");
+
+    let stream = client()
+        .get(proxy.url("/events"))
+        .header("origin", "https://app.test")
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(stream.headers()["access-control-allow-origin"], "https://app.test");
+    assert_eq!(stream.headers()["access-control-expose-headers"], "x-request-id");
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    let mut events = Events::new(stream);
+    assert_eq!(events.next().await.as_deref(), Some("data: hi"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_id_is_set_passed_on_and_returned() {
+    let mut origin = Origin::plain("ok").await;
+    let defs = "  - { name: ids, type: request_id }\n";
+    let proxy = Proxy::start(&config(&origin, defs, "ids", "", "")).await;
+    let response = client().get(proxy.url("/")).send().await.expect("r");
+    let id = response.headers()["x-request-id"].to_str().expect("ascii").to_string();
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    assert_eq!(origin.next_request().await.header("x-request-id"), Some(id.as_str()));
+    let kept = client()
+        .get(proxy.url("/"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(kept.headers()["x-request-id"], "abc-123");
+    assert_eq!(origin.next_request().await.header("x-request-id"), Some("abc-123"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_size_limit_refuses_large_bodies() {
+    let mut origin = Origin::start(|head, mut conn| async move {
+        // Read and discard the body, then answer.
+        let len: usize = head
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        use tokio::io::AsyncReadExt;
+        if conn.reader.read_exact(&mut body).await.is_err() {
+            return After::Close;
+        }
+        match conn.respond(200, "ok").await {
+            Ok(()) => After::KeepAlive(conn),
+            Err(_) => After::Close,
+        }
+    })
+    .await;
+    let defs = "  - { name: small, type: request_size_limit, config: { max: 1KiB } }\n";
+    let proxy = Proxy::start(&config(&origin, defs, "small", "", "")).await;
+    let ok = client()
+        .post(proxy.url("/"))
+        .body(vec![b'a'; 1024])
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(ok.status(), 200);
+    origin.next_request().await;
+    let big = client()
+        .post(proxy.url("/"))
+        .body(vec![b'a'; 1025])
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(big.status(), 413);
+    assert!(origin.requests.try_recv().is_err(), "refused before the origin");
+
+    // A chunked body has no declared length: it is counted as it streams.
+    let chunks = futures_util::stream::iter(
+        (0..4).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'b'; 512]))),
+    );
+    let streamed = client()
+        .post(proxy.url("/"))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await;
+    match streamed {
+        Ok(r) => assert_eq!(r.status(), 413),
+        // The proxy may close the connection while the client is still sending.
+        Err(e) => assert!(e.is_request() || e.is_body(), "{e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_middleware_limits_open_streams_and_frees_slots_when_streams_end() {
+    let (release_tx, release_rx) = mpsc::unbounded_channel::<()>();
+    let release_rx = Arc::new(Mutex::new(release_rx));
+    let origin = Origin::start(move |_, mut conn| {
+        let release_rx = release_rx.clone();
+        async move {
+            conn.sse_head().await.expect("head");
+            conn.chunk("data: open\n\n").await.expect("event");
+            let _ = release_rx.lock().await.recv().await;
+            let _ = conn.end().await;
+            After::Close
+        }
+    })
+    .await;
+    let defs = "  - { name: one_stream, type: sse, config: { max_connections: 1, connection_tracking: true } }\n";
+    let proxy = Proxy::start(&config(&origin, defs, "", "", "one_stream")).await;
+    let open = || {
+        client()
+            .get(proxy.url("/r/events"))
+            .header("accept", "text/event-stream")
+            .send()
+    };
+    let first = open().await.expect("r");
+    assert_eq!(first.status(), 200);
+    let mut events = Events::new(first);
+    assert_eq!(events.next().await.as_deref(), Some("data: open"));
+    let refused = open().await.expect("r");
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "5");
+    // Ordinary requests on the route are not streams and are not counted.
+    assert_eq!(client().get(proxy.url("/plain")).send().await.expect("r").status(), 200);
+
+    release_tx.send(()).expect("release");
+    assert_eq!(events.next().await, None);
+    // The slot is free once the first stream has ended.
+    let second = guard("a slot to free up", async {
+        loop {
+            let r = open().await.expect("r");
+            if r.status() == 200 {
+                return r;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let mut events = Events::new(second);
+    assert_eq!(events.next().await.as_deref(), Some("data: open"));
+    release_tx.send(()).expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_origin_design_examples_run_as_written() {
+    let mut origin = Origin::start(|_, mut conn| async move {
+        conn.sse_head().await.expect("head");
+        conn.chunk("data: from the seed\n\n").await.expect("event");
+        conn.end().await.expect("end");
+        After::Close
+    })
+    .await;
+    let seed = include_str!("fixtures/seed_4_4.yaml")
+        .replace("http://backend-sse:8080", &origin.url())
+        .replace("    port: 80\n", "");
+    let proxy = Proxy::start(&seed).await;
+    let response = client()
+        .get(proxy.url("/events/live"))
+        .header("host", "sse.example.com")
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-accel-buffering"], "no");
+    let mut events = Events::new(response);
+    assert_eq!(events.next().await.as_deref(), Some("data: from the seed"));
+    assert_eq!(origin.next_request().await.target, "/events/live");
+}
