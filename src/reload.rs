@@ -3,8 +3,8 @@
 //! The new config (main file and includes) is read and validated aside; only when it is
 //! whole is it swapped in, atomically. Requests in flight keep the route, service and
 //! middleware chain they matched, so SSE streams on routes that still exist keep streaming.
-//! Middleware instances whose type and config did not change are carried over with their
-//! state; new or enabled ones are loaded, removed or disabled ones unloaded. A config that
+//! Stateful middleware instances (rate limiters) whose config did not change are carried
+//! over with their state; new or enabled ones are loaded, removed or disabled ones unloaded. A config that
 //! fails validation is refused and logged with file, line and key; the old one keeps
 //! serving. Listeners and thread counts cannot change in a running process: a reload that
 //! changes them says so and points to `-u`.

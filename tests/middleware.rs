@@ -55,12 +55,20 @@ async fn chain_runs_global_host_route_by_priority_and_each_instance_once() {
         "r_low, r_high, h",
     ))
     .await;
-    let response = client().get(proxy.url("/r/x")).send().await.expect("response");
+    let response = client()
+        .get(proxy.url("/r/x"))
+        .send()
+        .await
+        .expect("response");
     assert_eq!(
         values(&response, "x-chain"),
         ["g_high", "g_low", "h", "r_high", "r_low"]
     );
-    let response = client().get(proxy.url("/other")).send().await.expect("response");
+    let response = client()
+        .get(proxy.url("/other"))
+        .send()
+        .await
+        .expect("response");
     assert_eq!(values(&response, "x-chain"), ["g_high", "g_low", "h"]);
 }
 
@@ -79,7 +87,11 @@ async fn a_direct_answer_skips_the_origin_but_response_hooks_still_run() {
         .expect("response");
     assert_eq!(refused.status(), 401);
     assert_eq!(refused.headers()["access-control-allow-origin"], "*");
-    assert_eq!(refused.headers()["x-edge"], "yes", "hooks after the answering one still run");
+    assert_eq!(
+        refused.headers()["x-edge"],
+        "yes",
+        "hooks after the answering one still run"
+    );
     let ok = client()
         .get(proxy.url("/"))
         .header("x-api-key", "k1")
@@ -134,9 +146,21 @@ async fn rewrite_changes_the_path_the_origin_sees() {
     let mut origin = Origin::plain("ok").await;
     let defs = "  - { name: rw, type: rewrite, config: { strip_prefix: /r, regex: { pattern: '^/u/([0-9]+)$', replacement: '/users/$1' } } }\n";
     let proxy = Proxy::start(&config(&origin, defs, "", "", "rw")).await;
-    assert!(client().get(proxy.url("/r/u/42?x=1")).send().await.expect("r").status().is_success());
+    assert!(client()
+        .get(proxy.url("/r/u/42?x=1"))
+        .send()
+        .await
+        .expect("r")
+        .status()
+        .is_success());
     assert_eq!(origin.next_request().await.target, "/users/42?x=1");
-    assert!(client().get(proxy.url("/r/other")).send().await.expect("r").status().is_success());
+    assert!(client()
+        .get(proxy.url("/r/other"))
+        .send()
+        .await
+        .expect("r")
+        .status()
+        .is_success());
     assert_eq!(origin.next_request().await.target, "/other");
 }
 
@@ -158,7 +182,15 @@ async fn redirect_answers_with_the_templated_location() {
     assert_eq!(response.status(), 308);
     assert_eq!(response.headers()["location"], "https://shop.test/r/a?b=1");
     // Routes without it are proxied.
-    assert_eq!(client().get(proxy.url("/x")).send().await.expect("r").status(), 200);
+    assert_eq!(
+        client()
+            .get(proxy.url("/x"))
+            .send()
+            .await
+            .expect("r")
+            .status(),
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -169,7 +201,15 @@ async fn ip_filter_denies_and_trusts_forwarded_for_only_from_trusted_proxies() {
     let proxy = Proxy::start(&config(&origin, defs, "", "", "deny_local")).await;
     let denied = client().get(proxy.url("/r/x")).send().await.expect("r");
     assert_eq!(denied.status(), 403);
-    assert_eq!(client().get(proxy.url("/x")).send().await.expect("r").status(), 200);
+    assert_eq!(
+        client()
+            .get(proxy.url("/x"))
+            .send()
+            .await
+            .expect("r")
+            .status(),
+        200
+    );
 
     let proxy = Proxy::start(&config(&origin, defs, "", "allow_office", "")).await;
     let via_office = client()
@@ -185,13 +225,18 @@ async fn ip_filter_denies_and_trusts_forwarded_for_only_from_trusted_proxies() {
         .send()
         .await
         .expect("r");
-    assert_eq!(spoofed.status(), 403, "the nearest untrusted hop is the client");
+    assert_eq!(
+        spoofed.status(),
+        403,
+        "the nearest untrusted hop is the client"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn basic_auth_challenges_and_admits() {
     let origin = Origin::plain("ok").await;
-    let defs = "  - { name: auth, type: basic_auth, config: { realm: ops, users: { alice: s3cret } } }\n";
+    let defs =
+        "  - { name: auth, type: basic_auth, config: { realm: ops, users: { alice: s3cret } } }\n";
     let proxy = Proxy::start(&config(&origin, defs, "auth", "", "")).await;
     let refused = client().get(proxy.url("/")).send().await.expect("r");
     assert_eq!(refused.status(), 401);
@@ -215,7 +260,8 @@ async fn basic_auth_challenges_and_admits() {
 #[tokio::test(flavor = "multi_thread")]
 async fn api_key_in_header_or_query() {
     let origin = Origin::plain("ok").await;
-    let defs = "  - { name: key, type: api_key, config: { header: x-key, query: key, keys: [abc] } }\n";
+    let defs =
+        "  - { name: key, type: api_key, config: { header: x-key, query: key, keys: [abc] } }\n";
     let proxy = Proxy::start(&config(&origin, defs, "key", "", "")).await;
     let status = |path: &'static str, key: Option<&'static str>| {
         let url = proxy.url(path);
@@ -253,8 +299,24 @@ async fn rate_limit_refuses_with_retry_after_and_counts_stream_opens_not_events(
     let defs = "  - { name: rl, type: rate_limit, config: { rate: 0.01, burst: 2 } }\n\
                 \x20 - { name: streams, type: rate_limit, config: { rate: 0.01, burst: 1, key: 'header:x-user' } }\n";
     let proxy = Proxy::start(&config(&origin, defs, "", "rl", "streams")).await;
-    assert_eq!(client().get(proxy.url("/a")).send().await.expect("r").status(), 200);
-    assert_eq!(client().get(proxy.url("/a")).send().await.expect("r").status(), 200);
+    assert_eq!(
+        client()
+            .get(proxy.url("/a"))
+            .send()
+            .await
+            .expect("r")
+            .status(),
+        200
+    );
+    assert_eq!(
+        client()
+            .get(proxy.url("/a"))
+            .send()
+            .await
+            .expect("r")
+            .status(),
+        200
+    );
     let limited = client().get(proxy.url("/a")).send().await.expect("r");
     assert_eq!(limited.status(), 429);
     let retry: u64 = limited.headers()["retry-after"]
@@ -277,7 +339,11 @@ async fn rate_limit_refuses_with_retry_after_and_counts_stream_opens_not_events(
     assert_eq!(stream.status(), 200);
     let mut events = Events::new(stream);
     for i in 0..5 {
-        assert_eq!(events.next().await, Some(format!("data: {i}")), "events are not limited");
+        assert_eq!(
+            events.next().await,
+            Some(format!("data: {i}")),
+            "events are not limited"
+        );
     }
     let second = client()
         .get(proxy.url("/r/events"))
@@ -331,7 +397,10 @@ async fn cors_answers_preflights_and_marks_sse_responses() {
         .await
         .expect("r");
     assert_eq!(stranger.status(), 403);
-    assert!(origin.requests.try_recv().is_err(), "preflights never reach the origin");
+    assert!(
+        origin.requests.try_recv().is_err(),
+        "preflights never reach the origin"
+    );
 
     let stream = client()
         .get(proxy.url("/events"))
@@ -340,8 +409,14 @@ async fn cors_answers_preflights_and_marks_sse_responses() {
         .send()
         .await
         .expect("r");
-    assert_eq!(stream.headers()["access-control-allow-origin"], "https://app.test");
-    assert_eq!(stream.headers()["access-control-expose-headers"], "x-request-id");
+    assert_eq!(
+        stream.headers()["access-control-allow-origin"],
+        "https://app.test"
+    );
+    assert_eq!(
+        stream.headers()["access-control-expose-headers"],
+        "x-request-id"
+    );
     assert_eq!(stream.headers()["content-type"], "text/event-stream");
     let mut events = Events::new(stream);
     assert_eq!(events.next().await.as_deref(), Some("data: hi"));
@@ -353,9 +428,15 @@ async fn request_id_is_set_passed_on_and_returned() {
     let defs = "  - { name: ids, type: request_id }\n";
     let proxy = Proxy::start(&config(&origin, defs, "ids", "", "")).await;
     let response = client().get(proxy.url("/")).send().await.expect("r");
-    let id = response.headers()["x-request-id"].to_str().expect("ascii").to_string();
+    let id = response.headers()["x-request-id"]
+        .to_str()
+        .expect("ascii")
+        .to_string();
     assert_eq!(id.len(), 36, "a UUID: {id}");
-    assert_eq!(origin.next_request().await.header("x-request-id"), Some(id.as_str()));
+    assert_eq!(
+        origin.next_request().await.header("x-request-id"),
+        Some(id.as_str())
+    );
     let kept = client()
         .get(proxy.url("/"))
         .header("x-request-id", "abc-123")
@@ -363,7 +444,10 @@ async fn request_id_is_set_passed_on_and_returned() {
         .await
         .expect("r");
     assert_eq!(kept.headers()["x-request-id"], "abc-123");
-    assert_eq!(origin.next_request().await.header("x-request-id"), Some("abc-123"));
+    assert_eq!(
+        origin.next_request().await.header("x-request-id"),
+        Some("abc-123")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -402,7 +486,10 @@ async fn request_size_limit_refuses_large_bodies() {
         .await
         .expect("r");
     assert_eq!(big.status(), 413);
-    assert!(origin.requests.try_recv().is_err(), "refused before the origin");
+    assert!(
+        origin.requests.try_recv().is_err(),
+        "refused before the origin"
+    );
 
     // A chunked body has no declared length: it is counted as it streams.
     let chunks = futures_util::stream::iter(
@@ -451,7 +538,15 @@ async fn sse_middleware_limits_open_streams_and_frees_slots_when_streams_end() {
     assert_eq!(refused.status(), 503);
     assert_eq!(refused.headers()["retry-after"], "5");
     // Ordinary requests on the route are not streams and are not counted.
-    assert_eq!(client().get(proxy.url("/plain")).send().await.expect("r").status(), 200);
+    assert_eq!(
+        client()
+            .get(proxy.url("/plain"))
+            .send()
+            .await
+            .expect("r")
+            .status(),
+        200
+    );
 
     release_tx.send(()).expect("release");
     assert_eq!(events.next().await, None);

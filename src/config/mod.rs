@@ -461,7 +461,7 @@ fn glob_has_wildcard(pattern: &str) -> bool {
 }
 
 /// Builds a `middleware_services` entry, or reuses the previous config's middleware when
-/// its type and config are unchanged.
+/// it keeps state and its type and config are unchanged.
 fn build_instance(
     source: &Source,
     path: &KeyPath,
@@ -471,7 +471,9 @@ fn build_instance(
 ) -> Result<Instance, ConfigError> {
     let fingerprint = format!("{:?}", entry.config);
     let middleware = match previous.get(&entry.name) {
-        Some(old) if old.fingerprint == fingerprint => old.middleware.clone(),
+        Some(old) if old.fingerprint == fingerprint && entry.config.keeps_state() => {
+            old.middleware.clone()
+        }
         _ => entry
             .config
             .build(&entry.name, dir)

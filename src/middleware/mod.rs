@@ -269,6 +269,13 @@ impl MiddlewareConfig {
         }
     }
 
+    /// Whether an unchanged instance should be carried over a reload rather than rebuilt:
+    /// only types with state worth keeping (rate limiter buckets). Types that read files
+    /// are always rebuilt, so a reload picks up new credentials.
+    pub fn keeps_state(&self) -> bool {
+        matches!(self, Self::RateLimit(_))
+    }
+
     /// Builds the middleware. `base` is the directory of the file that defined it, for
     /// config keys that name files.
     pub fn build(&self, name: &str, base: &std::path::Path) -> Result<Box<dyn Middleware>, String> {

@@ -229,12 +229,23 @@ impl Proxy {
             .unwrap_or_else(|e| {
                 panic!("test config does not load: {e}\n{text}");
             });
+        Proxy::run(config).await
+    }
+
+    /// Starts the proxy from a config file (which names its own `listen`), so that it can
+    /// be changed and reloaded.
+    pub async fn start_file(path: &Path) -> Proxy {
+        let config = Config::load(path).unwrap_or_else(|e| panic!("test config: {e}"));
+        Proxy::run(config).await
+    }
+
+    async fn run(config: Config) -> Proxy {
+        let addr = config.listen[0];
         std::thread::spawn(move || {
             build_server(config, None).run(RunArgs {
                 shutdown_signal: Box::new(Never),
             })
         });
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         guard("the proxy to listen", async {
             while TcpStream::connect(addr).await.is_err() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
