@@ -592,3 +592,186 @@ async fn the_origin_design_examples_run_as_written() {
     assert_eq!(events.next().await.as_deref(), Some("data: from the seed"));
     assert_eq!(origin.next_request().await.target, "/events/live");
 }
+
+/// An origin streaming `count` events in lockstep with the test's acknowledgements.
+async fn lockstep(count: usize, event: fn(usize) -> String) -> (Origin, mpsc::UnboundedSender<()>) {
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<()>();
+    let ack_rx = Arc::new(Mutex::new(ack_rx));
+    let origin = Origin::start(move |_, mut conn| {
+        let ack_rx = ack_rx.clone();
+        async move {
+            let mut acks = ack_rx.lock().await;
+            conn.sse_head().await.expect("head");
+            for i in 0..count {
+                conn.chunk(&event(i)).await.expect("event");
+                if acks.recv().await.is_none() {
+                    break;
+                }
+            }
+            let _ = conn.end().await;
+            After::Close
+        }
+    })
+    .await;
+    (origin, ack_tx)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn body_replace_rewrites_a_live_stream_event_by_event() {
+    let (origin, ack) =
+        lockstep(4, |i| format!("id: {i}\ndata: http://internal.svc/{i}\n\n")).await;
+    let defs = "  - { name: rw, type: body_replace, config: { replacements: [{ literal: 'http://internal.svc', with: 'https://api.test' }] } }\n";
+    let proxy = Proxy::start(&config(&origin, defs, "rw", "", "")).await;
+    let response = client()
+        .get(proxy.url("/events"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("r");
+    assert!(response.headers().get("content-length").is_none());
+    let mut events = Events::new(response);
+    for i in 0..4 {
+        assert_eq!(
+            events.next().await,
+            Some(format!("id: {i}\ndata: https://api.test/{i}")),
+            "each event arrives rewritten before the origin sends the next"
+        );
+        ack.send(()).expect("ack");
+    }
+    assert_eq!(events.next().await, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn body_replace_finds_matches_split_across_chunks() {
+    let origin = Origin::start(|_, mut conn| async move {
+        conn.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ntransfer-encoding: chunked\r\n\r\n",
+        )
+        .await
+        .expect("head");
+        for piece in [
+            "<a href=\"http://inter",
+            "nal.svc/a\">",
+            "x</a> http://internal.s",
+            "vc",
+        ] {
+            conn.chunk(piece).await.expect("chunk");
+            tokio::task::yield_now().await;
+        }
+        conn.end().await.expect("end");
+        After::Close
+    })
+    .await;
+    let defs = "  - { name: rw, type: body_replace, config: { replacements: [{ literal: 'http://internal.svc', with: 'https://api.test' }] } }\n";
+    let proxy = Proxy::start(&config(&origin, defs, "rw", "", "")).await;
+    let text = client()
+        .get(proxy.url("/"))
+        .send()
+        .await
+        .expect("r")
+        .text()
+        .await
+        .expect("body");
+    assert_eq!(
+        text,
+        "<a href=\"https://api.test/a\">x</a> https://api.test"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compress_on_sse_flushes_so_each_event_decodes_on_arrival() {
+    let (origin, ack) = lockstep(4, |i| format!("data: event {i} {}\n\n", "x".repeat(200))).await;
+    let defs = "  - { name: gz, type: compress, config: { algorithms: [gzip], sse: true } }\n";
+    let proxy = Proxy::start(&config(&origin, defs, "gz", "", "")).await;
+    let mut response = client()
+        .get(proxy.url("/events"))
+        .header("accept", "text/event-stream")
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(response.headers()["content-encoding"], "gzip");
+    assert!(response.headers().get("content-length").is_none());
+    let mut wire = Vec::new();
+    for i in 0..4 {
+        let want = format!("data: event {i} ");
+        guard("the compressed event to decode", async {
+            loop {
+                let chunk = response.chunk().await.expect("read").expect("more data");
+                wire.extend_from_slice(&chunk);
+                if gunzip_prefix(&wire).contains(&want) {
+                    break;
+                }
+            }
+        })
+        .await;
+        ack.send(()).expect("ack");
+    }
+    while let Some(chunk) = response.chunk().await.expect("read") {
+        wire.extend_from_slice(&chunk);
+    }
+    let mut all = String::new();
+    use std::io::Read;
+    flate2::read::GzDecoder::new(&wire[..])
+        .read_to_string(&mut all)
+        .expect("a complete gzip stream");
+    assert_eq!(all.matches("data: event").count(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compress_leaves_sse_alone_by_default_and_compresses_pages() {
+    let origin = Origin::start(|head, mut conn| async move {
+        if head.target == "/events" {
+            conn.sse_head().await.expect("head");
+            conn.chunk("data: plain\n\n").await.expect("event");
+            conn.end().await.expect("end");
+            return After::Close;
+        }
+        let page = "<p>hello</p>".repeat(200);
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\r\n{page}",
+            page.len()
+        );
+        conn.write(head.as_bytes()).await.expect("page");
+        After::Close
+    })
+    .await;
+    let defs = "  - { name: c, type: compress }\n";
+    let proxy = Proxy::start(&config(&origin, defs, "c", "", "")).await;
+    let sse = client()
+        .get(proxy.url("/events"))
+        .header("accept-encoding", "gzip, br")
+        .send()
+        .await
+        .expect("r");
+    assert!(sse.headers().get("content-encoding").is_none());
+    let page = client()
+        .get(proxy.url("/page"))
+        .header("accept-encoding", "gzip, br")
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(page.headers()["content-encoding"], "br");
+    assert_eq!(page.headers()["vary"], "accept-encoding");
+    let bytes = page.bytes().await.expect("body");
+    let mut text = String::new();
+    use std::io::Read;
+    brotli::Decompressor::new(&bytes[..], 4096)
+        .read_to_string(&mut text)
+        .expect("brotli");
+    assert_eq!(text, "<p>hello</p>".repeat(200));
+}
+
+fn gunzip_prefix(wire: &[u8]) -> String {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut d = flate2::read::GzDecoder::new(wire);
+    while let Ok(n) = d.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

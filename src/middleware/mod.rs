@@ -41,6 +41,8 @@
 //! (so CORS headers reach a 401).
 
 pub mod auth;
+pub mod body_replace;
+pub mod compress;
 pub mod cors;
 pub mod headers;
 pub mod ip_filter;
@@ -191,6 +193,8 @@ pub enum MiddlewareConfig {
     Cors(cors::Config),
     RequestId(request_id::Config),
     RequestSizeLimit(size_limit::Config),
+    BodyReplace(body_replace::Config),
+    Compress(compress::Config),
 }
 
 /// Every type name, for error messages.
@@ -206,6 +210,8 @@ pub const TYPES: &[&str] = &[
     "cors",
     "request_id",
     "request_size_limit",
+    "body_replace",
+    "compress",
 ];
 
 impl MiddlewareConfig {
@@ -223,6 +229,8 @@ impl MiddlewareConfig {
             "cors" => Self::Cors(map.next_value()?),
             "request_id" => Self::RequestId(map.next_value()?),
             "request_size_limit" => Self::RequestSizeLimit(map.next_value()?),
+            "body_replace" => Self::BodyReplace(map.next_value()?),
+            "compress" => Self::Compress(map.next_value()?),
             other => return Err(de::Error::custom(unknown_type(other))),
         })
     }
@@ -248,6 +256,8 @@ impl MiddlewareConfig {
             "request_size_limit" => {
                 Self::RequestSizeLimit(serde_yaml::from_value(value).map_err(e)?)
             }
+            "body_replace" => Self::BodyReplace(serde_yaml::from_value(value).map_err(e)?),
+            "compress" => Self::Compress(serde_yaml::from_value(value).map_err(e)?),
             other => return Err(unknown_type(other)),
         })
     }
@@ -266,6 +276,8 @@ impl MiddlewareConfig {
             Self::Cors(_) => "cors",
             Self::RequestId(_) => "request_id",
             Self::RequestSizeLimit(_) => "request_size_limit",
+            Self::BodyReplace(_) => "body_replace",
+            Self::Compress(_) => "compress",
         }
     }
 
@@ -291,6 +303,8 @@ impl MiddlewareConfig {
             Self::Cors(c) => Box::new(cors::Cors::new(c)?),
             Self::RequestId(c) => Box::new(request_id::RequestId::new(c)?),
             Self::RequestSizeLimit(c) => Box::new(size_limit::SizeLimit::new(c)),
+            Self::BodyReplace(c) => Box::new(body_replace::BodyReplace::new(c)?),
+            Self::Compress(c) => Box::new(compress::Compress::new(c)?),
         })
     }
 }

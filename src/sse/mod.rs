@@ -119,6 +119,34 @@ pub fn fix_response_header(
     Ok(())
 }
 
+/// The end of the last complete event in `data` (after its blank line), if any. SSE lines
+/// end in LF, CR or CRLF; an event ends at an empty line.
+pub fn last_event_end(data: &[u8]) -> Option<usize> {
+    let mut end = None;
+    let mut i = 0;
+    let mut line_start = 0;
+    while i < data.len() {
+        let b = data[i];
+        if b == b'\n' || b == b'\r' {
+            let mut next = i + 1;
+            if b == b'\r' && data.get(next) == Some(&b'\n') {
+                next += 1;
+            } else if b == b'\r' && next == data.len() {
+                // A CR at the very end may be the first half of a CRLF: not final yet.
+                break;
+            }
+            if i == line_start {
+                end = Some(next);
+            }
+            line_start = next;
+            i = next;
+        } else {
+            i += 1;
+        }
+    }
+    end
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +170,21 @@ mod tests {
         assert!(!accepts_event_stream(b"text/event-stream;q=0"));
         assert!(!accepts_event_stream(b"*/*"));
         assert!(!accepts_event_stream(b"text/html"));
+    }
+
+    #[test]
+    fn event_ends_follow_all_line_endings() {
+        assert_eq!(last_event_end(b"data: a\n\n"), Some(9));
+        assert_eq!(last_event_end(b"data: a\r\rdata: b"), Some(9));
+        assert_eq!(last_event_end(b"data: a\r\n\r\n"), Some(11));
+        assert_eq!(
+            last_event_end(b"data: a\r\n\r"),
+            None,
+            "CR may start a CRLF"
+        );
+        assert_eq!(last_event_end(b"data: a\n"), None);
+        assert_eq!(last_event_end(b"\n"), Some(1));
+        assert_eq!(last_event_end(b"a\n\nb\n\nc"), Some(6));
     }
 
     #[test]
