@@ -316,13 +316,30 @@ impl Config {
                 service.url.prefix
             ));
         }
+        if !self.middlewares.is_empty() {
+            out.push_str("middlewares:\n");
+            for instance in self.middlewares.values() {
+                out.push_str(&format!(
+                    "  {:<20} {:<18} priority {}{}\n",
+                    instance.name,
+                    instance.kind,
+                    instance.priority,
+                    if instance.enabled { "" } else { " (disabled)" }
+                ));
+            }
+        }
         out.push_str("routes (in precedence order):\n");
         for (host, routes) in self.routes.describe() {
             for (path, route) in routes {
+                let chain: Vec<&str> = route.chain.iter().map(|i| i.name.as_str()).collect();
                 out.push_str(&format!(
-                    "  {host:<24} {path:<28} -> {:<16} [{}]\n",
+                    "  {host:<24} {path:<28} -> {:<16} [{}]",
                     route.service.name, route.name
                 ));
+                if !chain.is_empty() {
+                    out.push_str(&format!(" chain: {}", chain.join(", ")));
+                }
+                out.push('\n');
             }
         }
         out

@@ -305,3 +305,83 @@ fn the_core_issue_example_loads_as_written() {
         .lookup(Some("sse.example.com"), Some(8080), "/x");
     assert_eq!(on_8080.expect("route").service.name, "web");
 }
+
+const MW_BASE: &str = "services:\n  w: { url: \"http://x\" }\n";
+
+#[test]
+fn middleware_errors_name_line_and_key() {
+    let e = refused(
+        &format!("{MW_BASE}middleware_services:\n  - name: a\n    type: nope\n"),
+        5,
+        "middleware_services[0].type",
+    );
+    assert!(e.to_string().contains("unknown middleware type `nope`"), "{e}");
+    refused(
+        &format!(
+            "{MW_BASE}middleware_services:\n  - name: a\n    type: headers\n    config:\n      \
+             response:\n        sett: {{}}\n"
+        ),
+        8,
+        "middleware_services[0].config.response.sett",
+    );
+    refused(
+        &format!(
+            "{MW_BASE}middleware_services:\n  - name: a\n    type: ip_filter\n    config:\n      \
+             allow: [\"10.0.0.0/40\"]\n"
+        ),
+        7,
+        "middleware_services[0].config.allow[0]",
+    );
+    // Errors found when building the instance point at its config.
+    refused(
+        &format!(
+            "{MW_BASE}middleware_services:\n  - name: a\n    type: rate_limit\n    config:\n      \
+             rate: 0\n"
+        ),
+        6,
+        "middleware_services[0].config",
+    );
+    let e = refused(
+        &format!("{MW_BASE}middlewares: [ghost]\n"),
+        3,
+        "middlewares[0]",
+    );
+    assert!(matches!(e.kind, Kind::UnknownMiddleware(ref n) if n == "ghost"), "{e}");
+    refused(
+        &format!(
+            "{MW_BASE}host_rules:\n  - pattern: \"*\"\n    target: w\n    route_rules:\n      \
+             - pattern: /a\n        target: w\n        middlewares: [ghost]\n"
+        ),
+        9,
+        "host_rules[0].route_rules[0].middlewares[0]",
+    );
+    refused(
+        &format!(
+            "{MW_BASE}middleware_services:\n  - {{ name: a, type: request_id }}\n  \
+             - {{ name: a, type: cors }}\n"
+        ),
+        5,
+        "middleware_services[1].name",
+    );
+}
+
+#[test]
+fn chains_are_built_per_route() {
+    let config = load(&format!(
+        "{MW_BASE}middleware_services:\n  - {{ name: ids, type: request_id }}\n  \
+         - {{ name: cors, type: cors, priority: 10 }}\n  \
+         - {{ name: auth, type: api_key, priority: 20, config: {{ keys: [k1] }} }}\n  \
+         - {{ name: off, type: cors, enabled: false }}\n\
+         middlewares: [ids, cors]\n\
+         host_rules:\n  - pattern: \"*\"\n    target: w\n    middlewares: [auth, ids, off]\n    \
+         route_rules:\n      - {{ pattern: /open, target: w }}\n"
+    ))
+    .expect("loads");
+    let chain = |path: &str| -> Vec<String> {
+        let route = config.routes.lookup(Some("h"), None, path).expect("route");
+        route.chain.iter().map(|i| i.name.clone()).collect()
+    };
+    assert_eq!(chain("/"), ["cors", "ids", "auth"]);
+    assert_eq!(chain("/open"), ["cors", "ids", "auth"]);
+    assert_eq!(config.middlewares.len(), 4, "disabled instances are defined, not run");
+}

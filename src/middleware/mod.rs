@@ -331,6 +331,34 @@ impl<'de> Deserialize<'de> for MiddlewareFile {
     }
 }
 
+/// A middleware type name, checked where it is written.
+struct TypeName(String);
+
+impl<'de> Deserialize<'de> for TypeName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Checked inside the visitor, so the parser marks the error at the value.
+        struct NameVisitor;
+
+        impl Visitor<'_> for NameVisitor {
+            type Value = TypeName;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a middleware type name")
+            }
+
+            fn visit_str<E: de::Error>(self, name: &str) -> Result<TypeName, E> {
+                if TYPES.contains(&name) {
+                    Ok(TypeName(name.to_string()))
+                } else {
+                    Err(E::custom(unknown_type(name)))
+                }
+            }
+        }
+
+        d.deserialize_str(NameVisitor)
+    }
+}
+
 struct EntryVisitor;
 
 impl<'de> Visitor<'de> for EntryVisitor {
@@ -350,13 +378,7 @@ impl<'de> Visitor<'de> for EntryVisitor {
         while let Some(key) = map.next_key::<String>()? {
             match key.as_str() {
                 "name" => name = Some(map.next_value()?),
-                "type" => {
-                    let k: String = map.next_value()?;
-                    if !TYPES.contains(&k.as_str()) {
-                        return Err(de::Error::custom(unknown_type(&k)));
-                    }
-                    kind = Some(k);
-                }
+                "type" => kind = Some(map.next_value::<TypeName>()?.0),
                 "enabled" => enabled = Some(map.next_value()?),
                 "priority" => priority = Some(map.next_value()?),
                 "config" => match &kind {
