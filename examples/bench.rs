@@ -1,17 +1,27 @@
-//! SSE load tool: per-event latency and per-stream memory, through streamgate and straight
-//! to the origin, in one run.
+//! Load tool for streamgate, two scenarios.
 //!
 //! ```text
 //! cargo build --release
-//! cargo run --release --example bench -- --streams 1000 --seconds 20
+//! cargo run --release --example bench -- --streams 1000 --seconds 20     # SSE (default)
+//! cargo run --release --example bench -- --scenario chain --seconds 5    # middleware cost
 //! ```
+//!
+//! `--scenario sse`: per-event latency and per-stream memory, through streamgate and
+//! straight to the origin, in one run.
 //!
 //! It starts an SSE origin in this process (each stream gets one event per `--interval`,
 //! spread evenly over the interval, each carrying its send time), opens `--streams`
 //! streams straight to the origin and measures the delivery latency of every event, then
 //! starts the release binary (`--proxy`, default `target/release/streamgate`) in front of
 //! the same origin and does the same through it. The proxy's resident memory is read from
-//! /proc before and after the streams open. Only loopback addresses are used.
+//! /proc before and after the streams open.
+//!
+//! `--scenario chain`: plain request throughput (small responses, keep-alive, `--conns`
+//! connections) through two proxies side by side, one with an empty middleware chain and
+//! one with five typical middlewares (request_id, headers, ip_filter, rate_limit, cors),
+//! alternating between them for `--rounds` rounds of `--seconds` each.
+//!
+//! Only loopback addresses are used.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -32,6 +42,10 @@ fn micros_now() -> u64 {
 }
 
 struct Args {
+    pin: bool,
+    scenario: String,
+    conns: usize,
+    rounds: usize,
     streams: usize,
     seconds: u64,
     interval: Duration,
@@ -43,6 +57,10 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
+        pin: false,
+        scenario: "sse".into(),
+        conns: 32,
+        rounds: 3,
         streams: 1000,
         seconds: 20,
         interval: Duration::from_secs(1),
@@ -55,6 +73,10 @@ fn parse_args() -> Result<Args, String> {
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
+            "--scenario" => args.scenario = value()?,
+            "--pin" => args.pin = true,
+            "--conns" => args.conns = value()?.parse().map_err(|e| format!("{e}"))?,
+            "--rounds" => args.rounds = value()?.parse().map_err(|e| format!("{e}"))?,
             "--streams" => args.streams = value()?.parse().map_err(|e| format!("{e}"))?,
             "--seconds" => args.seconds = value()?.parse().map_err(|e| format!("{e}"))?,
             "--interval" => {
@@ -67,10 +89,12 @@ fn parse_args() -> Result<Args, String> {
             "--mode" => args.mode = value()?,
             "--threads" => args.threads = value()?.parse().map_err(|e| format!("{e}"))?,
             "-h" | "--help" => {
-                return Err("usage: bench [--streams N] [--seconds S] [--interval 1s] \
-                            [--warmup 3s] [--mode both|direct|proxy] [--proxy PATH] \
-                            [--threads N]"
-                    .into())
+                return Err(
+                    "usage: bench [--scenario sse|chain] [--streams N] [--seconds S] \
+                            [--interval 1s] [--warmup 3s] [--mode both|direct|proxy] \
+                            [--proxy PATH] [--threads N] [--conns N] [--rounds N] [--pin]"
+                        .into(),
+                )
             }
             other => return Err(format!("unknown flag {other}")),
         }
@@ -276,12 +300,13 @@ impl Drop for ProxyProcess {
 async fn start_proxy(
     args: &Args,
     origin: SocketAddr,
+    middleware: &str,
 ) -> Result<(ProxyProcess, SocketAddr), String> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| e.to_string())?
         .port();
-    let dir = std::env::temp_dir().join(format!("streamgate-bench-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("streamgate-bench-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let config = dir.join("bench.yaml");
     std::fs::write(
@@ -291,16 +316,26 @@ async fn start_proxy(
              grace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n\
              listen: [\"127.0.0.1:{port}\"]\n\
              services:\n  origin:\n    url: \"http://{origin}\"\n\
+             {middleware}\
              host_rules:\n  - pattern: \"*\"\n    target: origin\n",
             threads = args.threads,
             dir = dir.display()
         ),
     )
     .map_err(|e| e.to_string())?;
-    let child = Command::new(&args.proxy)
+    // With `--pin`, the proxy gets CPU 1 to itself and this process stays on CPU 0, so the
+    // proxy is what limits throughput, not the load generator it shares the machine with.
+    let mut command = if args.pin {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "1"]).arg(&args.proxy);
+        c
+    } else {
+        Command::new(&args.proxy)
+    };
+    let child = command
         .arg("-c")
         .arg(&config)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "error")
         .stdout(Stdio::null())
         .spawn()
         .map_err(|e| {
@@ -376,10 +411,25 @@ fn main() {
         }
     };
     Lazy::force(&EPOCH);
+    if args.pin {
+        let pid = std::process::id().to_string();
+        let pinned = Command::new("taskset")
+            .args(["-a", "-p", "-c", "0", &pid])
+            .stdout(Stdio::null())
+            .status();
+        if !pinned.is_ok_and(|s| s.success()) {
+            eprintln!("--pin needs taskset (util-linux) and two CPUs");
+            std::process::exit(2);
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
+    if args.scenario == "chain" {
+        runtime.block_on(chain_scenario(&args));
+        return;
+    }
     runtime.block_on(async {
         let origin = origin(args.interval, args.streams).await;
         let mut reports = Vec::new();
@@ -387,7 +437,7 @@ fn main() {
             reports.push(run_phase("direct", origin, &args, None).await);
         }
         if args.mode == "both" || args.mode == "proxy" {
-            match start_proxy(&args, origin).await {
+            match start_proxy(&args, origin, "").await {
                 Ok((proxy, addr)) => {
                     let pid = proxy.0.id();
                     reports.push(run_phase("streamgate", addr, &args, Some(pid)).await);
@@ -400,4 +450,223 @@ fn main() {
         }
         print(&reports, &args);
     });
+}
+
+/// The five typical middlewares of the chain scenario.
+const CHAIN: &str = "middleware_services:\n\
+  - { name: ids, type: request_id }\n\
+  - { name: hdr, type: headers, config: { request: { set: { x-edge: bench } }, response: { set: { x-content-type-options: nosniff } } } }\n\
+  - { name: ipf, type: ip_filter, config: { allow: [127.0.0.0/8], deny: [10.0.0.0/8] } }\n\
+  - { name: rl, type: rate_limit, config: { rate: 1000000000, burst: 1000000000 } }\n\
+  - { name: cors, type: cors }\n\
+middlewares: [ids, hdr, ipf, rl, cors]\n";
+
+/// A keep-alive origin answering every request with a two-byte body.
+async fn plain_origin() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut pending = Vec::new();
+                loop {
+                    let n = match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    pending.extend_from_slice(&buf[..n]);
+                    let mut answers = 0;
+                    while let Some(end) = find(&pending, b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        answers += 1;
+                    }
+                    let reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
+                    let mut out = Vec::with_capacity(reply.len() * answers);
+                    for _ in 0..answers {
+                        out.extend_from_slice(reply);
+                    }
+                    if stream.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One keep-alive connection sending requests back to back until `stop`; returns how many
+/// got a 200.
+async fn http_client(target: SocketAddr, mut stop: watch::Receiver<bool>) -> Result<u64, String> {
+    let mut stream = TcpStream::connect(target)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let request = b"GET /bench HTTP/1.1\r\nhost: bench\r\norigin: https://app.test\r\n\r\n";
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    let mut ok = 0;
+    loop {
+        if *stop.borrow() {
+            return Ok(ok);
+        }
+        stream.write_all(request).await.map_err(|e| e.to_string())?;
+        // Read one response: head, then Content-Length bytes.
+        loop {
+            if let Some(end) = find(&pending, b"\r\n\r\n") {
+                let head = &pending[..end];
+                let len = content_length(head);
+                if pending.len() >= end + 4 + len {
+                    if !head.starts_with(b"HTTP/1.1 200") {
+                        let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+                        return Err(String::from_utf8_lossy(line).into_owned());
+                    }
+                    pending.drain(..end + 4 + len);
+                    ok += 1;
+                    break;
+                }
+            }
+            let n = tokio::select! {
+                _ = stop.changed() => return Ok(ok),
+                n = stream.read(&mut buf) => n.map_err(|e| e.to_string())?,
+            };
+            if n == 0 {
+                return Err("connection closed".into());
+            }
+            pending.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+/// The `Content-Length` of a response head, found without allocating.
+fn content_length(head: &[u8]) -> usize {
+    head.split(|&b| b == b'\n')
+        .find_map(|line| {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let (name, value) = line.split_at(line.iter().position(|&b| b == b':')?);
+            name.eq_ignore_ascii_case(b"content-length")
+                .then(|| std::str::from_utf8(&value[1..]).ok()?.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) a process has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+async fn throughput(target: SocketAddr, conns: usize, seconds: u64) -> (f64, usize) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let tasks: Vec<_> = (0..conns)
+        .map(|_| tokio::spawn(http_client(target, stop_rx.clone())))
+        .collect();
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let _ = stop_tx.send(true);
+    let mut total = 0;
+    let mut errors = 0;
+    for t in tasks {
+        match t.await {
+            Ok(Ok(n)) => total += n,
+            Ok(Err(e)) => {
+                if errors == 0 {
+                    eprintln!("client error: {e}");
+                }
+                errors += 1;
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    (total as f64 / started.elapsed().as_secs_f64(), errors)
+}
+
+async fn chain_scenario(args: &Args) {
+    let origin = plain_origin().await;
+    let (empty, empty_addr) = match start_proxy(args, origin, "").await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
+    // BENCH_CHAIN=ids,hdr runs a subset, to find what one middleware costs.
+    let chain_config = match std::env::var("BENCH_CHAIN") {
+        Ok(names) => CHAIN.replace("[ids, hdr, ipf, rl, cors]", &format!("[{names}]")),
+        Err(_) => CHAIN.to_string(),
+    };
+    let (chain, chain_addr) = match start_proxy(args, origin, &chain_config).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
+    // Warm both up (connection pools, allocator).
+    throughput(empty_addr, args.conns, 1).await;
+    throughput(chain_addr, args.conns, 1).await;
+    let (empty_pid, chain_pid) = (empty.0.id(), chain.0.id());
+    let mut rates = [0.0f64; 2];
+    let mut cpu = [0.0f64; 2];
+    println!(
+        "\nplain GET, {} keep-alive connections, {} rounds of {} s per proxy, alternating A-B, B-A",
+        args.conns, args.rounds, args.seconds
+    );
+    println!(
+        "{:<8} {:>14} {:>14} {:>20} {:>20}",
+        "round", "empty req/s", "chain req/s", "empty CPU µs/req", "chain CPU µs/req"
+    );
+    for round in 1..=args.rounds {
+        let mut row = [(0.0, 0.0, 0); 2];
+        // A-B, then B-A: neither proxy always runs second.
+        let order = if round % 2 == 1 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let (addr, pid) = [(empty_addr, empty_pid), (chain_addr, chain_pid)][i];
+            let before = cpu_seconds(pid);
+            let (rate, errors) = throughput(addr, args.conns, args.seconds).await;
+            let used = cpu_seconds(pid) - before;
+            let per_request = used * 1e6 / (rate * args.seconds as f64).max(1.0);
+            rates[i] += rate;
+            cpu[i] += per_request;
+            row[i] = (rate, per_request, errors);
+        }
+        println!(
+            "{round:<8} {:>14.0} {:>14.0} {:>20.1} {:>20.1}{}",
+            row[0].0,
+            row[1].0,
+            row[0].1,
+            row[1].1,
+            if row[0].2 + row[1].2 > 0 {
+                "  (errors)"
+            } else {
+                ""
+            }
+        );
+    }
+    let n = args.rounds as f64;
+    let (a, b) = (rates[0] / n, rates[1] / n);
+    let (ca, cb) = (cpu[0] / n, cpu[1] / n);
+    println!("{:<8} {a:>14.0} {b:>14.0} {ca:>20.1} {cb:>20.1}", "mean");
+    println!(
+        "the chain costs {:.1}% of the throughput and {:.1}% more proxy CPU per request",
+        (1.0 - b / a) * 100.0,
+        (cb / ca - 1.0) * 100.0
+    );
+    drop(empty);
+    drop(chain);
 }

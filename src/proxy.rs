@@ -307,8 +307,17 @@ impl ProxyHttp for StreamGate {
 
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
         // A started event stream always ends with an "error" (client gone, origin gone,
-        // timeout); `logging` reports those at info level with the reason.
-        ctx.stream.is_some() && error.esource() != &ErrorSource::Internal
+        // timeout); `logging` reports those at info level with the reason. A client that
+        // hangs up before its answer is ordinary too.
+        let client_gone = error.esource() == &ErrorSource::Downstream
+            && matches!(
+                error.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            );
+        if client_gone && ctx.stream.is_none() {
+            log::debug!("client closed the connection: {error}");
+        }
+        client_gone || (ctx.stream.is_some() && error.esource() != &ErrorSource::Internal)
     }
 
     async fn fail_to_proxy(

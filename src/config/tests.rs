@@ -315,7 +315,10 @@ fn middleware_errors_name_line_and_key() {
         5,
         "middleware_services[0].type",
     );
-    assert!(e.to_string().contains("unknown middleware type `nope`"), "{e}");
+    assert!(
+        e.to_string().contains("unknown middleware type `nope`"),
+        "{e}"
+    );
     refused(
         &format!(
             "{MW_BASE}middleware_services:\n  - name: a\n    type: headers\n    config:\n      \
@@ -346,7 +349,10 @@ fn middleware_errors_name_line_and_key() {
         3,
         "middlewares[0]",
     );
-    assert!(matches!(e.kind, Kind::UnknownMiddleware(ref n) if n == "ghost"), "{e}");
+    assert!(
+        matches!(e.kind, Kind::UnknownMiddleware(ref n) if n == "ghost"),
+        "{e}"
+    );
     refused(
         &format!(
             "{MW_BASE}host_rules:\n  - pattern: \"*\"\n    target: w\n    route_rules:\n      \
@@ -383,5 +389,9 @@ fn chains_are_built_per_route() {
     };
     assert_eq!(chain("/"), ["cors", "ids", "auth"]);
     assert_eq!(chain("/open"), ["cors", "ids", "auth"]);
-    assert_eq!(config.middlewares.len(), 4, "disabled instances are defined, not run");
+    assert_eq!(
+        config.middlewares.len(),
+        4,
+        "disabled instances are defined, not run"
+    );
 }

@@ -40,10 +40,12 @@
 //! rest of the request hooks, but every `response` hook of the chain still sees the answer
 //! (so CORS headers reach a 401).
 
-pub mod auth;
+pub mod api_key;
+pub mod basic_auth;
 pub mod body_replace;
 pub mod compress;
 pub mod cors;
+mod credentials;
 pub mod headers;
 pub mod ip_filter;
 pub mod rate_limit;
@@ -187,8 +189,8 @@ pub enum MiddlewareConfig {
     Rewrite(rewrite::Config),
     Redirect(redirect::Config),
     IpFilter(ip_filter::Config),
-    BasicAuth(auth::BasicConfig),
-    ApiKey(auth::ApiKeyConfig),
+    BasicAuth(basic_auth::Config),
+    ApiKey(api_key::Config),
     RateLimit(rate_limit::Config),
     Cors(cors::Config),
     RequestId(request_id::Config),
@@ -297,8 +299,8 @@ impl MiddlewareConfig {
             Self::Rewrite(c) => Box::new(rewrite::Rewrite::new(c)?),
             Self::Redirect(c) => Box::new(redirect::Redirect::new(c)?),
             Self::IpFilter(c) => Box::new(ip_filter::IpFilter::new(c)),
-            Self::BasicAuth(c) => Box::new(auth::BasicAuth::new(c, base)?),
-            Self::ApiKey(c) => Box::new(auth::ApiKey::new(c, base)?),
+            Self::BasicAuth(c) => Box::new(basic_auth::BasicAuth::new(c, base)?),
+            Self::ApiKey(c) => Box::new(api_key::ApiKey::new(c, base)?),
             Self::RateLimit(c) => Box::new(rate_limit::RateLimit::new(c)?),
             Self::Cors(c) => Box::new(cors::Cors::new(c)?),
             Self::RequestId(c) => Box::new(request_id::RequestId::new(c)?),
