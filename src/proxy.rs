@@ -76,8 +76,6 @@ pub struct RequestCtx {
     pub upstream: Option<SocketAddr>,
     /// The response status, once known.
     pub status: Option<u16>,
-    /// Set by the `request_id` middleware.
-    pub request_id: Option<String>,
     /// Request body bytes seen so far (for size limits).
     pub request_body_bytes: u64,
     /// Limit slots held while this request lives.
@@ -89,6 +87,12 @@ impl RequestCtx {
     /// The service this request goes to.
     pub fn service_name(&self) -> Option<&str> {
         self.route.as_ref().map(|r| r.service.name.as_str())
+    }
+
+    /// The id the `request_id` middleware gave this request.
+    pub fn request_id(&self) -> Option<&str> {
+        let crate::middleware::request_id::Id(id) = self.values.get()?;
+        id.to_str().ok()
     }
 
     /// The URL the request was sent to at the origin, once the origin is chosen.

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
@@ -23,9 +24,6 @@ use crate::sse::SseSettings;
 const DNS_CACHE: Duration = Duration::from_secs(5);
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// `services.<name>.url`, parsed: `http://host[:port][/prefix]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,12 +260,12 @@ impl Service {
                 }
             }
             forwarded.push_str(&ip);
-            req.insert_header(X_FORWARDED_FOR.clone(), forwarded)?;
-            req.insert_header(X_REAL_IP.clone(), ip)?;
+            req.insert_header(Bytes::from_static(b"X-Forwarded-For"), forwarded)?;
+            req.insert_header(Bytes::from_static(b"X-Real-IP"), ip)?;
         }
-        req.insert_header(X_FORWARDED_PROTO.clone(), proto)?;
+        req.insert_header(Bytes::from_static(b"X-Forwarded-Proto"), proto)?;
         if let Some(host) = original_host {
-            req.insert_header(X_FORWARDED_HOST.clone(), host)?;
+            req.insert_header(Bytes::from_static(b"X-Forwarded-Host"), host)?;
         }
         Ok(())
     }

@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -46,10 +47,14 @@ pub struct Ops {
     pub remove: Vec<String>,
 }
 
+/// A header name as written in the config (Pingora keeps that case on the wire; handing it
+/// over as bytes also spares a conversion per request) and its value.
+type Pair = (Bytes, HeaderValue);
+
 #[derive(Debug, Default)]
 struct Compiled {
-    set: Vec<(HeaderName, HeaderValue)>,
-    add: Vec<(HeaderName, HeaderValue)>,
+    set: Vec<Pair>,
+    add: Vec<Pair>,
     remove: Vec<HeaderName>,
 }
 
@@ -57,7 +62,10 @@ impl Compiled {
     fn new(ops: &Ops) -> Result<Self, String> {
         let pairs = |m: &BTreeMap<String, String>| {
             m.iter()
-                .map(|(k, v)| Ok((header_name(k)?, header_value(v)?)))
+                .map(|(k, v)| {
+                    header_name(k)?;
+                    Ok((Bytes::copy_from_slice(k.as_bytes()), header_value(v)?))
+                })
                 .collect::<Result<Vec<_>, String>>()
         };
         Ok(Compiled {

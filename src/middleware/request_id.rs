@@ -11,6 +11,7 @@
 //! `response` (echoes it). Never short-circuits.
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use pingora_error::Result;
 use pingora_http::ResponseHeader;
@@ -41,12 +42,19 @@ fn default_header() -> String {
 
 pub struct RequestId {
     header: HeaderName,
+    /// The name as configured, handed to Pingora as bytes.
+    wire_name: Bytes,
 }
+
+/// The id of this request, in the value map.
+#[derive(Debug, Clone)]
+pub struct Id(pub HeaderValue);
 
 impl RequestId {
     pub fn new(config: &Config) -> Result<Self, String> {
         Ok(RequestId {
             header: header_name(&config.header)?,
+            wire_name: Bytes::copy_from_slice(config.header.as_bytes()),
         })
     }
 }
@@ -61,16 +69,20 @@ fn acceptable(v: &HeaderValue) -> bool {
 impl Middleware for RequestId {
     async fn request(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Outcome> {
         let id = match session.get_header(&self.header) {
-            Some(v) if acceptable(v) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            Some(v) if acceptable(v) => v.clone(),
             _ => {
-                let id = uuid::Uuid::new_v4().to_string();
+                let mut buf = uuid::Uuid::encode_buffer();
+                let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+                let id = HeaderValue::from_str(text).map_err(|_| {
+                    pingora_error::Error::explain(pingora_error::ErrorType::InternalError, "uuid")
+                })?;
                 session
                     .req_header_mut()
-                    .insert_header(self.header.clone(), id.as_str())?;
+                    .insert_header(self.wire_name.clone(), id.clone())?;
                 id
             }
         };
-        ctx.request_id = Some(id);
+        ctx.values.insert(Id(id));
         Ok(Outcome::Continue)
     }
 
@@ -80,8 +92,8 @@ impl Middleware for RequestId {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Box<dyn BodyFilter>>> {
-        if let Some(id) = &ctx.request_id {
-            response.insert_header(self.header.clone(), id.as_str())?;
+        if let Some(Id(id)) = ctx.values.get::<Id>() {
+            response.insert_header(self.wire_name.clone(), id.clone())?;
         }
         Ok(None)
     }
