@@ -184,11 +184,12 @@ impl ProxyHttp for StreamGate {
             }
             if ctx.sse.connection_tracking {
                 log::info!(
-                    "sse stream opened: route={} client={}",
+                    "sse stream opened: route={} client={} request_id={}",
                     route.name,
                     client_ip(session)
                         .map(|ip| ip.to_string())
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    ctx.request_id().unwrap_or("-")
                 );
             }
         }
@@ -309,6 +310,15 @@ impl ProxyHttp for StreamGate {
         }
     }
 
+    /// Pingora's error log line for a request: its own summary, plus the request id.
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        let summary = session.as_ref().request_summary();
+        match ctx.request_id() {
+            Some(id) => format!("{summary}, request id: {id}"),
+            None => summary,
+        }
+    }
+
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
         // A started event stream always ends with an "error" (client gone, origin gone,
         // timeout); `logging` reports those at info level with the reason. A client that
@@ -370,7 +380,9 @@ impl ProxyHttp for StreamGate {
             .map(|ip| ip.to_string())
             .unwrap_or_default();
         log::info!(
-            "sse stream ended: route={route} client={client} duration={:.3}s bytes={} reason={reason}{}",
+            "sse stream ended: route={route} client={client} request_id={} duration={:.3}s \
+             bytes={} reason={reason}{}",
+            ctx.request_id().unwrap_or("-"),
             stream.started.elapsed().as_secs_f64(),
             session.body_bytes_sent(),
             e.map(|e| format!(" detail=\"{e}\"")).unwrap_or_default(),
