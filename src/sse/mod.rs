@@ -10,6 +10,7 @@
 
 pub mod limits;
 mod pacer;
+pub mod scanner;
 
 use std::time::Duration;
 

@@ -1,0 +1,399 @@
+//! An incremental scanner of the SSE framing, fed the chunks of a stream as they pass.
+//!
+//! It follows the event-stream format of the HTML specification: lines end in LF, CR or
+//! CRLF (a CRLF split across two chunks is one line end); a line starting with `:` is a
+//! comment; an empty line dispatches the event; a leading UTF-8 BOM is skipped. It counts
+//! dispatched events (blocks with at least one `data` field) and bytes, tells whether the
+//! stream is between events (where something may be inserted without splitting one), and
+//! remembers the last event id as a client would (the `id` buffer applies at dispatch; an
+//! `id` containing NUL is ignored).
+//!
+//! It never alters or delays a chunk, and allocates nothing per chunk: the id is kept in a
+//! buffer reused across events (ids longer than [`MAX_ID`] bytes are cut there).
+
+/// Longest event id kept, in bytes.
+pub const MAX_ID: usize = 256;
+
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Which field the current line is, as far as its name has been read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// Nothing on this line yet.
+    Start,
+    /// Reading the field name; holds how many bytes of it so far and a short copy.
+    Name { len: usize, name: [u8; 5] },
+    /// After the `:` of an `id` field.
+    IdValue { skipped_space: bool },
+    /// After the `:` of a `data` field, or any other field, or in a comment.
+    Other,
+}
+
+#[derive(Debug, Clone)]
+pub struct EventScanner {
+    line: Line,
+    /// The previous byte was a CR: a LF now is the same line end.
+    after_cr: bool,
+    /// Bytes of the BOM matched so far at the start of the stream; `None` once decided.
+    bom: Option<usize>,
+    /// The current event has a `data` field.
+    has_data: bool,
+    /// The current event has any field (so the stream is inside an event).
+    in_event: bool,
+    /// The `id` being read on the current line.
+    id_line: Vec<u8>,
+    id_line_nul: bool,
+    /// The last event ID buffer (set by `id` lines, applied at dispatch).
+    id_buffer: Vec<u8>,
+    /// The last event id dispatched to the client.
+    last_id: Vec<u8>,
+    events: u64,
+    bytes: u64,
+}
+
+impl Default for EventScanner {
+    fn default() -> Self {
+        EventScanner {
+            line: Line::Start,
+            after_cr: false,
+            bom: Some(0),
+            has_data: false,
+            in_event: false,
+            id_line: Vec::with_capacity(32),
+            id_line_nul: false,
+            id_buffer: Vec::with_capacity(32),
+            last_id: Vec::with_capacity(32),
+            events: 0,
+            bytes: 0,
+        }
+    }
+}
+
+impl EventScanner {
+    pub fn new() -> Self {
+        EventScanner::default()
+    }
+
+    /// Follows `chunk`; returns how many events it completed.
+    pub fn feed(&mut self, chunk: &[u8]) -> u64 {
+        self.bytes += chunk.len() as u64;
+        let before = self.events;
+        let mut rest = chunk;
+        if let Some(matched) = self.bom {
+            let mut m = matched;
+            while m < BOM.len() && !rest.is_empty() && rest[0] == BOM[m] {
+                rest = &rest[1..];
+                m += 1;
+            }
+            self.bom = if m == BOM.len() || !rest.is_empty() {
+                None
+            } else {
+                Some(m)
+            };
+            if m > 0 && m < BOM.len() && self.bom.is_none() {
+                // A partial BOM followed by other bytes: those bytes were content, the start
+                // of a field with a name that is neither `id` nor `data`.
+                self.in_event = true;
+                self.line = Line::Other;
+            }
+        }
+        for &b in rest {
+            if self.after_cr {
+                self.after_cr = false;
+                if b == b'\n' {
+                    continue;
+                }
+            }
+            match b {
+                b'\r' => {
+                    self.end_line();
+                    self.after_cr = true;
+                }
+                b'\n' => self.end_line(),
+                _ => self.byte(b),
+            }
+        }
+        self.events - before
+    }
+
+    fn byte(&mut self, b: u8) {
+        self.line = match self.line {
+            Line::Start if b == b':' => Line::Other,
+            Line::Start => {
+                self.in_event = true;
+                let mut name = [0u8; 5];
+                name[0] = b;
+                Line::Name { len: 1, name }
+            }
+            Line::Name { len, name } if b == b':' => self.field(&name[..len.min(5)], len),
+            Line::Name { len, mut name } => {
+                if len < name.len() {
+                    name[len] = b;
+                }
+                Line::Name { len: len + 1, name }
+            }
+            Line::IdValue { skipped_space } => {
+                if !skipped_space && b == b' ' {
+                    // One space after the colon is part of the syntax, not the value.
+                } else if b == 0 {
+                    self.id_line_nul = true;
+                } else if self.id_line.len() < MAX_ID {
+                    self.id_line.push(b);
+                }
+                Line::IdValue {
+                    skipped_space: true,
+                }
+            }
+            Line::Other => Line::Other,
+        };
+    }
+
+    /// The field whose name just ended with `:`.
+    fn field(&mut self, name: &[u8], len: usize) -> Line {
+        match (name, len) {
+            (b"id", 2) => {
+                self.id_line.clear();
+                self.id_line_nul = false;
+                Line::IdValue {
+                    skipped_space: false,
+                }
+            }
+            (b"data", 4) => {
+                self.has_data = true;
+                Line::Other
+            }
+            _ => Line::Other,
+        }
+    }
+
+    fn end_line(&mut self) {
+        match self.line {
+            Line::Start => self.dispatch(),
+            // A field name without a colon is the whole name with an empty value.
+            Line::Name { len, name } => {
+                let _ = self.field(&name[..len.min(5)], len);
+                if matches!((&name[..len.min(5)], len), (b"id", 2)) {
+                    self.set_id_buffer();
+                }
+            }
+            Line::IdValue { .. } => self.set_id_buffer(),
+            Line::Other => {}
+        }
+        self.line = Line::Start;
+    }
+
+    fn set_id_buffer(&mut self) {
+        if !self.id_line_nul {
+            self.id_buffer.clear();
+            self.id_buffer.extend_from_slice(&self.id_line);
+        }
+    }
+
+    fn dispatch(&mut self) {
+        if !self.in_event {
+            return;
+        }
+        self.last_id.clear();
+        self.last_id.extend_from_slice(&self.id_buffer);
+        if self.has_data {
+            self.events += 1;
+        }
+        self.has_data = false;
+        self.in_event = false;
+    }
+
+    /// Events dispatched so far.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Bytes seen so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The id of the last dispatched event (what a client would send as `Last-Event-ID`).
+    pub fn last_id(&self) -> &[u8] {
+        &self.last_id
+    }
+
+    /// Whether the stream is between events: at the start of a line, with no field of an
+    /// unfinished event seen. Only here may something be inserted without splitting an
+    /// event.
+    pub fn at_boundary(&self) -> bool {
+        self.line == Line::Start && !self.in_event && self.bom.is_none_or(|m| m == 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A straightforward reference: split into lines, then apply the spec's rules.
+    fn reference(stream: &[u8]) -> (u64, Vec<u8>, bool) {
+        let mut s = stream;
+        if s.starts_with(BOM) {
+            s = &s[3..];
+        }
+        let mut lines: Vec<&[u8]> = Vec::new();
+        let mut start = 0;
+        let mut i = 0;
+        let mut ended = true;
+        while i < s.len() {
+            match s[i] {
+                b'\n' => {
+                    lines.push(&s[start..i]);
+                    i += 1;
+                    start = i;
+                }
+                b'\r' => {
+                    lines.push(&s[start..i]);
+                    i += if s.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+                    start = i;
+                }
+                _ => i += 1,
+            }
+        }
+        if start < s.len() {
+            ended = false;
+        }
+        let (mut events, mut id_buf, mut last, mut data, mut in_event) =
+            (0, Vec::new(), Vec::new(), false, false);
+        for line in lines {
+            if line.is_empty() {
+                if in_event {
+                    last = id_buf.clone();
+                    if data {
+                        events += 1;
+                    }
+                }
+                data = false;
+                in_event = false;
+                continue;
+            }
+            if line[0] == b':' {
+                continue;
+            }
+            in_event = true;
+            let (name, value) = match line.iter().position(|&b| b == b':') {
+                Some(p) => {
+                    let v = &line[p + 1..];
+                    (&line[..p], v.strip_prefix(b" ").unwrap_or(v))
+                }
+                None => (line, &b""[..]),
+            };
+            match name {
+                b"data" => data = true,
+                b"id" if !value.contains(&0) => id_buf = value[..value.len().min(MAX_ID)].to_vec(),
+                _ => {}
+            }
+        }
+        (events, last, ended && !in_event)
+    }
+
+    fn scan(chunks: &[&[u8]]) -> (u64, Vec<u8>, bool) {
+        let mut s = EventScanner::new();
+        for c in chunks {
+            s.feed(c);
+        }
+        (s.events(), s.last_id().to_vec(), s.at_boundary())
+    }
+
+    const SAMPLE: &[u8] = b"\xEF\xBB\xBF: hello\r\nretry: 1000\r\n\r\nid: 1\ndata: a\n\nid\ndata\r\rdata: x\r\nid: 3\r\nevent: e\r\ndata: b\r\ndata: c\r\n\r\n:keepalive\n\nid: 4\x00\ndata: d\n\nid:5\ndata:e\n\nid: partial";
+
+    #[test]
+    fn counts_events_and_follows_ids() {
+        let (events, last, boundary) = scan(&[SAMPLE]);
+        assert_eq!(events, 5);
+        assert_eq!(
+            last, b"5",
+            "an id with NUL is ignored; `id:5` without a space counts"
+        );
+        assert!(!boundary, "the stream ends inside an event");
+        assert_eq!(reference(SAMPLE), (events, last, boundary));
+        let mut s = EventScanner::new();
+        s.feed(b"data: x\n\n");
+        assert!(s.at_boundary());
+        s.feed(b"data: y\n");
+        assert!(!s.at_boundary());
+    }
+
+    #[test]
+    fn split_at_every_position_gives_the_same_result() {
+        let whole = scan(&[SAMPLE]);
+        for cut in 0..=SAMPLE.len() {
+            assert_eq!(
+                scan(&[&SAMPLE[..cut], &SAMPLE[cut..]]),
+                whole,
+                "cut at {cut}"
+            );
+            for cut2 in cut..=SAMPLE.len() {
+                let parts = [&SAMPLE[..cut], &SAMPLE[cut..cut2], &SAMPLE[cut2..]];
+                assert_eq!(scan(&parts), whole, "cuts at {cut}, {cut2}");
+            }
+        }
+        let bytes: Vec<&[u8]> = SAMPLE.chunks(1).collect();
+        assert_eq!(scan(&bytes), whole);
+    }
+
+    /// A small deterministic generator, so the randomized test needs no crate and repeats.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn pick<'a>(&mut self, items: &[&'a [u8]]) -> &'a [u8] {
+            items[(self.next() % items.len() as u64) as usize]
+        }
+    }
+
+    #[test]
+    fn random_streams_and_random_chunking_match_the_reference() {
+        let pieces: &[&[u8]] = &[
+            b"data: x",
+            b"data",
+            b"id: 7",
+            b"id",
+            b"id: \x00",
+            b":c",
+            b"event: e",
+            b"retry: 5",
+            b"",
+            b"\xEF\xBB",
+            b"\xBF",
+            b"d",
+            b":",
+            b" ",
+            b"id:",
+            b"i",
+        ];
+        let ends: &[&[u8]] = &[b"\n", b"\r", b"\r\n"];
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for _ in 0..3000 {
+            let mut stream = Vec::new();
+            if rng.next() % 4 == 0 {
+                stream.extend_from_slice(BOM);
+            }
+            for _ in 0..(rng.next() % 12) {
+                stream.extend_from_slice(rng.pick(pieces));
+                stream.extend_from_slice(rng.pick(ends));
+            }
+            if rng.next() % 3 == 0 {
+                stream.extend_from_slice(rng.pick(pieces));
+            }
+            let mut chunks: Vec<&[u8]> = Vec::new();
+            let mut rest = &stream[..];
+            while !rest.is_empty() {
+                let n = 1 + (rng.next() as usize % rest.len().min(7));
+                chunks.push(&rest[..n]);
+                rest = &rest[n..];
+            }
+            assert_eq!(scan(&chunks), reference(&stream), "stream {stream:?}");
+        }
+    }
+}
