@@ -42,7 +42,9 @@ use crate::config::Config;
 use crate::error::http_error;
 use crate::middleware::{BodyFilter, Outcome, Reply};
 use crate::routing::{NoRoute, Route};
-use crate::sse::limits::SlotGuard;
+use crate::sse::limits::{ClientSlotGuard, SlotGuard};
+use crate::sse::scanner::EventScanner;
+use crate::sse::tracker::{Opening, TrackGuard, TRACKER};
 use crate::sse::{self, FlushPacer, SseSettings};
 
 /// The proxy. Holds the current config; a request keeps the route (and so the service and
@@ -80,6 +82,9 @@ pub struct RequestCtx {
     pub request_body_bytes: u64,
     /// Limit slots held while this request lives.
     pub slots: Vec<SlotGuard>,
+    pub client_slots: Vec<ClientSlotGuard>,
+    /// The stream's registry entry, with `connection_tracking`.
+    pub tracked: Option<TrackGuard>,
     body_filters: Vec<Box<dyn BodyFilter>>,
 }
 
@@ -110,6 +115,7 @@ impl RequestCtx {
 pub struct SseStream {
     started: Instant,
     pacer: Option<FlushPacer>,
+    scanner: EventScanner,
 }
 
 #[async_trait]
@@ -182,15 +188,22 @@ impl ProxyHttp for StreamGate {
                     }
                 }
             }
-            if ctx.sse.connection_tracking {
-                log::info!(
-                    "sse stream opened: route={} client={} request_id={}",
-                    route.name,
-                    client_ip(session)
-                        .map(|ip| ip.to_string())
-                        .unwrap_or_default(),
-                    ctx.request_id().unwrap_or("-")
-                );
+            let client_limits = [
+                config.sse_client_limit.as_ref(),
+                route.service.sse_client_limit.as_ref(),
+            ];
+            for slots in client_limits.into_iter().flatten() {
+                let Some(client) = client_ip(session) else {
+                    break;
+                };
+                match slots.try_acquire(client) {
+                    Some(guard) => ctx.client_slots.push(guard),
+                    None => {
+                        let reply = crate::middleware::sse::client_limit_reply(slots.max());
+                        self.answer(session, ctx, &route, reply).await?;
+                        return Ok(true);
+                    }
+                }
             }
         }
         Ok(false)
@@ -277,7 +290,19 @@ impl ProxyHttp for StreamGate {
             ctx.stream = Some(SseStream {
                 started: Instant::now(),
                 pacer: settings.flush_interval.map(FlushPacer::new),
+                scanner: EventScanner::new(),
             });
+            if settings.connection_tracking {
+                let req = session.req_header();
+                ctx.tracked = Some(TRACKER.open(Opening {
+                    client: client_ip(session),
+                    host: request_host(req).unwrap_or_default().to_string(),
+                    path: req.uri.path().to_string(),
+                    route: route.name.clone(),
+                    service: route.service.name.clone(),
+                    upstream: ctx.upstream,
+                }));
+            }
         }
         ctx.status = Some(upstream_response.status.as_u16());
         for instance in route.chain.iter() {
@@ -298,6 +323,14 @@ impl ProxyHttp for StreamGate {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
+        if let (Some(stream), Some(chunk)) = (ctx.stream.as_mut(), body.as_ref()) {
+            // Follows what the origin sent, before any middleware rewrites it.
+            let events = stream.scanner.feed(chunk);
+            if let Some(tracked) = &ctx.tracked {
+                let id = (events > 0).then(|| stream.scanner.last_id());
+                tracked.entry.record(chunk.len(), events, id);
+            }
+        }
         for filter in ctx.body_filters.iter_mut() {
             filter.filter(body, end_of_stream)?;
         }
@@ -375,16 +408,24 @@ impl ProxyHttp for StreamGate {
                 _ => "error",
             },
         };
+        if let Some(tracked) = ctx.tracked.as_mut() {
+            // The guard logs the close when it drops, with this reason.
+            tracked.reason = reason;
+            tracked.detail = e.map(|e| e.to_string());
+            return;
+        }
         let route = ctx.route.as_ref().map_or("", |r| r.name.as_str());
         let client = client_ip(session)
             .map(|ip| ip.to_string())
             .unwrap_or_default();
         log::info!(
             "sse stream ended: route={route} client={client} request_id={} duration={:.3}s \
-             bytes={} reason={reason}{}",
+             events={} bytes={} last_event_id={:?} reason={reason}{}",
             ctx.request_id().unwrap_or("-"),
             stream.started.elapsed().as_secs_f64(),
+            stream.scanner.events(),
             session.body_bytes_sent(),
+            String::from_utf8_lossy(stream.scanner.last_id()),
             e.map(|e| format!(" detail=\"{e}\"")).unwrap_or_default(),
         );
     }

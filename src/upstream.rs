@@ -17,7 +17,7 @@ use http::header::{HeaderName, HeaderValue, HOST};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 
-use crate::sse::limits::{self, Slots};
+use crate::sse::limits::{self, ClientSlots, Slots};
 use crate::sse::SseSettings;
 
 /// How long a resolved host name is reused before asking the resolver again.
@@ -136,6 +136,8 @@ pub struct Service {
     pub sse: SseSettings,
     /// The counter behind `sse.max_connections` of this service.
     pub sse_limit: Option<Arc<Slots>>,
+    /// The counters behind `sse.max_connections_per_client` of this service.
+    pub sse_client_limit: Option<Arc<ClientSlots>>,
     resolved: ArcSwapOption<Resolved>,
 }
 
@@ -150,6 +152,9 @@ impl Service {
         let sse_limit = sse
             .max_connections
             .map(|max| limits::slots(&format!("service:{name}"), max));
+        let sse_client_limit = sse
+            .max_connections_per_client
+            .map(|max| limits::client_slots(&format!("service:{name}"), max));
         Service {
             name,
             url,
@@ -157,6 +162,7 @@ impl Service {
             timeouts,
             sse,
             sse_limit,
+            sse_client_limit,
             resolved: ArcSwapOption::empty(),
         }
     }

@@ -289,3 +289,133 @@ async fn sse_disabled_leaves_the_response_alone() {
     assert_eq!(response.headers()["content-length"], "9");
     assert!(response.headers().get("x-accel-buffering").is_none());
 }
+
+/// Waits until the registry of open streams holds `n` entries.
+async fn tracked(n: usize) -> Vec<std::sync::Arc<streamgate::sse::tracker::StreamEntry>> {
+    use streamgate::sse::tracker::TRACKER;
+    guard("the stream registry to settle", async {
+        loop {
+            if TRACKER.len() == n {
+                return TRACKER.snapshot();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tracked_streams_are_registered_and_removed_however_they_end() {
+    let (origin, ack) = lockstep_origin(3).await;
+    let proxy = Proxy::start(&config(&origin, "    sse: { connection_tracking: true }\n")).await;
+    let open = || {
+        client()
+            .get(proxy.url("/events/live"))
+            .header("accept", "text/event-stream")
+            .send()
+    };
+    // Ends when the origin ends.
+    let mut events = Events::new(open().await.expect("r"));
+    assert!(events.next().await.is_some());
+    let entries = tracked(1).await;
+    assert_eq!(entries[0].path, "/events/live");
+    assert_eq!(entries[0].service, "feed");
+    ack.send(()).expect("ack");
+    assert!(events.next().await.is_some());
+    ack.send(()).expect("ack");
+    assert!(events.next().await.is_some());
+    assert_eq!(entries[0].events(), 3);
+    assert_eq!(entries[0].last_event_id(), "2");
+    ack.send(()).expect("ack");
+    assert_eq!(events.next().await, None);
+    tracked(0).await;
+
+    // Ends when the client goes.
+    let mut events = Events::new(open().await.expect("r"));
+    assert!(events.next().await.is_some());
+    tracked(1).await;
+    drop(events);
+    tracked(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_streams_leave_nothing_behind() {
+    let origin = Origin::start(|_, mut conn| async move {
+        conn.sse_head().await.expect("head");
+        let _ = conn.chunk("id: 1\ndata: x\n\n").await;
+        conn.closed().await;
+        After::Close
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, "    sse: { connection_tracking: true }\n")).await;
+    for round in 0..4 {
+        let mut open = Vec::new();
+        for _ in 0..50 {
+            let r = client()
+                .get(proxy.url("/events"))
+                .header("accept", "text/event-stream")
+                .send()
+                .await
+                .expect("r");
+            let mut events = Events::new(r);
+            assert_eq!(
+                events.next().await.as_deref(),
+                Some("id: 1\ndata: x"),
+                "round {round}"
+            );
+            open.push(events);
+        }
+        tracked(50).await;
+        drop(open);
+        tracked(0).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_client_limit_refuses_with_429_before_the_origin() {
+    let mut origin = Origin::start(|_, mut conn| async move {
+        conn.sse_head().await.expect("head");
+        let _ = conn.chunk("data: x\n\n").await;
+        conn.closed().await;
+        After::Close
+    })
+    .await;
+    let proxy = Proxy::start(&config(
+        &origin,
+        "    sse: { max_connections_per_client: 2 }\n",
+    ))
+    .await;
+    let open = || {
+        client()
+            .get(proxy.url("/events"))
+            .header("accept", "text/event-stream")
+            .send()
+    };
+    let first = open().await.expect("r");
+    let second = open().await.expect("r");
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    origin.next_request().await;
+    origin.next_request().await;
+    let third = open().await.expect("r");
+    assert_eq!(third.status(), 429);
+    assert_eq!(third.headers()["retry-after"], "5");
+    assert!(
+        origin.requests.try_recv().is_err(),
+        "refused before the origin"
+    );
+    drop(first);
+    let again = guard("a slot to free up", async {
+        loop {
+            let r = open().await.expect("r");
+            if r.status() == 200 {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    drop((second, again));
+}

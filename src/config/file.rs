@@ -78,10 +78,12 @@ pub struct SseFile {
     pub flush_interval: Option<Dur>,
     pub read_timeout: Option<Dur>,
     pub write_timeout: Option<Dur>,
-    /// Log every stream's open and close.
+    /// Register every stream (open, close, counters) and log its open and close.
     pub connection_tracking: Option<bool>,
     /// Most event streams open at once under this block.
     pub max_connections: Option<usize>,
+    /// Most event streams one client address may have open at once under this block.
+    pub max_connections_per_client: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

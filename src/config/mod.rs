@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use crate::error::{ConfigError, ConfigErrorKind as Kind};
 use crate::middleware::{join_levels, Chain, Instance, MiddlewareFile};
 use crate::routing::{HostRoutes, Route, RouteTable};
-use crate::sse::limits::{self, Slots};
+use crate::sse::limits::{self, ClientSlots, Slots};
 use crate::sse::SseSettings;
 use crate::upstream::{HostHeader, Service, Timeouts};
 use file::{HostRuleFile, IncludedFile, MainFile, ServiceFile, TimeoutsFile};
@@ -59,6 +59,8 @@ pub struct Config {
     pub demo: Option<SocketAddr>,
     /// The global `sse.max_connections` counter.
     pub sse_limit: Option<Arc<Slots>>,
+    /// The global `sse.max_connections_per_client` counters.
+    pub sse_client_limit: Option<Arc<ClientSlots>>,
     pub services: BTreeMap<String, Arc<Service>>,
     /// Every `middleware_services` instance by name (enabled or not).
     pub middlewares: Instances,
@@ -293,6 +295,9 @@ impl Config {
             sse_limit: global_sse
                 .max_connections
                 .map(|max| limits::slots("global", max)),
+            sse_client_limit: global_sse
+                .max_connections_per_client
+                .map(|max| limits::client_slots("global", max)),
             services,
             middlewares,
             routes,

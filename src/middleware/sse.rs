@@ -10,13 +10,15 @@
 //!   write_timeout: 0
 //!   connection_tracking: true  # log each stream's open and close
 //!   max_connections: 1000      # streams open at once through this instance
+//!   max_connections_per_client: 5   # per client address
 //! ```
 //!
 //! Phase: `request`. For a request that asks for an event stream (`Accept:
 //! text/event-stream`) it overlays its settings on the service's, marks the request
 //! (`ctx.sse_request`, and `IsSse` in the value map), and takes a slot under its own
-//! `max_connections`; when none is free it answers `503` with `Retry-After` before the
-//! origin is contacted.
+//! `max_connections` and its client's under `max_connections_per_client`; when none is free
+//! it answers `503` (`429` for the per-client limit) with `Retry-After` before the origin is
+//! contacted.
 
 use async_trait::async_trait;
 use http::header::{HeaderValue, ACCEPT, RETRY_AFTER};
@@ -40,6 +42,7 @@ pub const LIMIT_RETRY_AFTER: u32 = 5;
 pub struct SseMiddleware {
     config: SseFile,
     slots: Option<std::sync::Arc<limits::Slots>>,
+    client_slots: Option<std::sync::Arc<limits::ClientSlots>>,
 }
 
 impl SseMiddleware {
@@ -49,6 +52,9 @@ impl SseMiddleware {
             slots: config
                 .max_connections
                 .map(|max| limits::slots(&format!("middleware:{name}"), max)),
+            client_slots: config
+                .max_connections_per_client
+                .map(|max| limits::client_slots(&format!("middleware:{name}"), max)),
         }
     }
 }
@@ -73,8 +79,27 @@ impl Middleware for SseMiddleware {
                 }
             }
         }
+        if let (Some(slots), Some(client)) = (&self.client_slots, client_ip(session)) {
+            match slots.try_acquire(client) {
+                Some(guard) => ctx.client_slots.push(guard),
+                None => return Ok(Outcome::Respond(client_limit_reply(slots.max()))),
+            }
+        }
         Ok(Outcome::Continue)
     }
+}
+
+fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
+    Some(session.client_addr()?.as_inet()?.ip())
+}
+
+/// The `429` for a stream refused by a `max_connections_per_client` limit.
+pub fn client_limit_reply(max: usize) -> Reply {
+    Reply::text(
+        429,
+        &format!("too many open event streams from this client (limit {max})"),
+    )
+    .with_header(RETRY_AFTER, HeaderValue::from(LIMIT_RETRY_AFTER))
 }
 
 /// The `503` for a stream refused by a `max_connections` limit.

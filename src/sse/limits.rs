@@ -1,4 +1,5 @@
-//! Open-stream limits (`max_connections`), exact under concurrent opens.
+//! Open-stream limits (`max_connections`, `max_connections_per_client`), exact under
+//! concurrent opens.
 //!
 //! A [`Slots`] counts the event streams open under one limit: global, per service, or per
 //! `sse` middleware instance. Taking a slot is one atomic increment that is undone if it
@@ -9,6 +10,7 @@
 //! counting the streams that are already open; the limit itself follows the new config.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -52,6 +54,71 @@ impl Drop for SlotGuard {
 }
 
 static REGISTRY: Lazy<Mutex<HashMap<String, Arc<Slots>>>> = Lazy::new(Default::default);
+static CLIENT_REGISTRY: Lazy<Mutex<HashMap<String, Arc<ClientSlots>>>> =
+    Lazy::new(Default::default);
+
+/// Streams open per client address under one `max_connections_per_client`.
+#[derive(Debug)]
+pub struct ClientSlots {
+    open: Mutex<HashMap<IpAddr, usize>>,
+    max: AtomicUsize,
+}
+
+impl ClientSlots {
+    /// Takes a slot for `client`, or `None` when it already has `max` streams open.
+    pub fn try_acquire(self: &Arc<Self>, client: IpAddr) -> Option<ClientSlotGuard> {
+        let max = self.max.load(Ordering::Relaxed);
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(client).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlotGuard {
+            slots: self.clone(),
+            client,
+        })
+    }
+
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+}
+
+/// One client's open stream; releases its slot on drop.
+#[derive(Debug)]
+pub struct ClientSlotGuard {
+    slots: Arc<ClientSlots>,
+    client: IpAddr,
+}
+
+impl Drop for ClientSlotGuard {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// The per-client counter for `name`, with its limit set to `max`.
+pub fn client_slots(name: &str, max: usize) -> Arc<ClientSlots> {
+    let mut registry = CLIENT_REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    let slots = registry
+        .entry(name.to_string())
+        .or_insert_with(|| {
+            Arc::new(ClientSlots {
+                open: Mutex::new(HashMap::new()),
+                max: AtomicUsize::new(max),
+            })
+        })
+        .clone();
+    slots.max.store(max, Ordering::Relaxed);
+    slots
+}
 
 /// The counter for `name` (for example `global`, `service:feed`), with its limit set to
 /// `max`. Called when a config is built, never per request.
@@ -94,6 +161,19 @@ mod tests {
         assert_eq!(s.open(), 50);
         drop(held);
         assert_eq!(s.open(), 0);
+    }
+
+    #[test]
+    fn per_client_limits_count_each_address() {
+        let s = client_slots("test:clients", 2);
+        let a: IpAddr = "192.0.2.1".parse().expect("ip");
+        let b: IpAddr = "192.0.2.2".parse().expect("ip");
+        let g1 = s.try_acquire(a).expect("first");
+        let _g2 = s.try_acquire(a).expect("second");
+        assert!(s.try_acquire(a).is_none());
+        assert!(s.try_acquire(b).is_some());
+        drop(g1);
+        assert!(s.try_acquire(a).is_some());
     }
 
     #[test]

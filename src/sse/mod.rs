@@ -11,6 +11,7 @@
 pub mod limits;
 mod pacer;
 pub mod scanner;
+pub mod tracker;
 
 use std::time::Duration;
 
@@ -40,6 +41,8 @@ pub struct SseSettings {
     pub connection_tracking: bool,
     /// Most event streams open at once under this block; `None` for no limit.
     pub max_connections: Option<usize>,
+    /// Most event streams one client address may have open at once under this block.
+    pub max_connections_per_client: Option<usize>,
 }
 
 impl SseSettings {
@@ -54,6 +57,9 @@ impl SseSettings {
             write_timeout: file.write_timeout.map_or(self.write_timeout, |d| d.limit()),
             connection_tracking: file.connection_tracking.unwrap_or(self.connection_tracking),
             max_connections: file.max_connections.or(self.max_connections),
+            max_connections_per_client: file
+                .max_connections_per_client
+                .or(self.max_connections_per_client),
         }
     }
 }
@@ -67,6 +73,7 @@ impl Default for SseSettings {
             write_timeout: None,
             connection_tracking: false,
             max_connections: None,
+            max_connections_per_client: None,
         }
     }
 }

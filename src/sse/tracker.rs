@@ -1,0 +1,223 @@
+//! The registry of open SSE streams (`connection_tracking: true`).
+//!
+//! Each tracked stream has an entry: id, client, host, path, route, service, upstream
+//! address, start time, last activity, events, bytes and last event id. The entry belongs to
+//! a [`TrackGuard`] held by the request; when the guard drops, whichever way the request
+//! ends (client gone, origin gone, timeout, error, or the runtime dropping it at shutdown,
+//! where Pingora's `logging` hook never runs), the entry is removed and the close is logged
+//! with its reason.
+//!
+//! Counters are atomics updated per chunk; the map is locked only when a stream opens or
+//! closes, and the last event id only when it changes.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use once_cell::sync::Lazy;
+
+/// One open stream.
+#[derive(Debug)]
+pub struct StreamEntry {
+    pub id: u64,
+    pub client: Option<IpAddr>,
+    pub host: String,
+    pub path: String,
+    pub route: String,
+    pub service: String,
+    pub upstream: Option<SocketAddr>,
+    pub started: SystemTime,
+    started_at: Instant,
+    /// Milliseconds after `started` of the last chunk from the origin.
+    last_activity_ms: AtomicU64,
+    events: AtomicU64,
+    bytes: AtomicU64,
+    last_event_id: Mutex<String>,
+}
+
+impl StreamEntry {
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn last_event_id(&self) -> String {
+        self.last_event_id
+            .lock()
+            .map(|id| id.clone())
+            .unwrap_or_default()
+    }
+
+    /// How long since the origin last sent anything.
+    pub fn idle(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
+        self.started_at.elapsed().saturating_sub(last)
+    }
+
+    pub fn age(&self) -> std::time::Duration {
+        self.started_at.elapsed()
+    }
+
+    /// Records a chunk from the origin: its size, the events it completed and, when it
+    /// changed, the last event id.
+    pub fn record(&self, bytes: usize, events: u64, last_id: Option<&[u8]>) {
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.events.fetch_add(events, Ordering::Relaxed);
+        self.last_activity_ms.store(
+            self.started_at.elapsed().as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        if let Some(id) = last_id {
+            if let Ok(mut current) = self.last_event_id.lock() {
+                if current.as_bytes() != id {
+                    current.clear();
+                    current.push_str(&String::from_utf8_lossy(id));
+                }
+            }
+        }
+    }
+}
+
+/// What is known about a stream when it opens.
+#[derive(Debug, Default)]
+pub struct Opening {
+    pub client: Option<IpAddr>,
+    pub host: String,
+    pub path: String,
+    pub route: String,
+    pub service: String,
+    pub upstream: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default)]
+pub struct Tracker {
+    streams: Mutex<HashMap<u64, Arc<StreamEntry>>>,
+    next_id: AtomicU64,
+}
+
+/// The process's registry: it outlives config reloads.
+pub static TRACKER: Lazy<Tracker> = Lazy::new(Tracker::default);
+
+impl Tracker {
+    /// Registers a stream; it stays registered until the guard drops.
+    pub fn open(&'static self, opening: Opening) -> TrackGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let entry = Arc::new(StreamEntry {
+            id,
+            client: opening.client,
+            host: opening.host,
+            path: opening.path,
+            route: opening.route,
+            service: opening.service,
+            upstream: opening.upstream,
+            started: SystemTime::now(),
+            started_at: Instant::now(),
+            last_activity_ms: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            last_event_id: Mutex::new(String::new()),
+        });
+        if let Ok(mut streams) = self.streams.lock() {
+            streams.insert(id, entry.clone());
+        }
+        log::info!(
+            "sse stream {id} opened: route={} client={} path={}",
+            entry.route,
+            entry.client.map(|c| c.to_string()).unwrap_or_default(),
+            entry.path
+        );
+        TrackGuard {
+            tracker: self,
+            entry,
+            reason: "error",
+            detail: None,
+        }
+    }
+
+    /// The open streams, oldest first.
+    pub fn snapshot(&self) -> Vec<Arc<StreamEntry>> {
+        let mut all: Vec<_> = self
+            .streams
+            .lock()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default();
+        all.sort_by_key(|e| e.id);
+        all
+    }
+
+    pub fn len(&self) -> usize {
+        self.streams.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A tracked stream; removing its entry and logging the close when dropped.
+#[derive(Debug)]
+pub struct TrackGuard {
+    tracker: &'static Tracker,
+    pub entry: Arc<StreamEntry>,
+    /// Why the stream ended: `client_closed`, `origin_closed`, `read_timeout`,
+    /// `origin_error`, `error`. Set by the proxy when it knows; `error` otherwise.
+    pub reason: &'static str,
+    pub detail: Option<String>,
+}
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        if let Ok(mut streams) = self.tracker.streams.lock() {
+            streams.remove(&self.entry.id);
+        }
+        let e = &self.entry;
+        log::info!(
+            "sse stream {} closed: route={} client={} duration={:.3}s events={} bytes={} \
+             last_event_id={:?} reason={}{}",
+            e.id,
+            e.route,
+            e.client.map(|c| c.to_string()).unwrap_or_default(),
+            e.age().as_secs_f64(),
+            e.events(),
+            e.bytes(),
+            e.last_event_id(),
+            self.reason,
+            self.detail
+                .as_ref()
+                .map(|d| format!(" detail=\"{d}\""))
+                .unwrap_or_default()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static LOCAL: Lazy<Tracker> = Lazy::new(Tracker::default);
+
+    #[test]
+    fn entries_live_as_long_as_their_guards() {
+        let a = LOCAL.open(Opening {
+            route: "r".into(),
+            ..Opening::default()
+        });
+        let b = LOCAL.open(Opening::default());
+        assert_eq!(LOCAL.len(), 2);
+        a.entry.record(10, 2, Some(b"41"));
+        a.entry.record(5, 1, Some(b"42"));
+        let snap = LOCAL.snapshot();
+        assert_eq!(snap[0].events(), 3);
+        assert_eq!(snap[0].bytes(), 15);
+        assert_eq!(snap[0].last_event_id(), "42");
+        drop(a);
+        assert_eq!(LOCAL.len(), 1);
+        drop(b);
+        assert!(LOCAL.is_empty());
+    }
+}
