@@ -5,9 +5,12 @@
 //! service (and the demo origin when the config asks for it). `main.rs` and the
 //! end-to-end tests both start the proxy through it.
 
+pub mod access_log;
+pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod metrics;
 pub mod middleware;
 pub mod proxy;
 pub mod reload;
@@ -42,6 +45,7 @@ pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
 
     let listen = config.listen.clone();
     let demo = config.demo;
+    metrics::config_loaded(&config.version, config.loaded_secs());
     let current = Arc::new(ArcSwap::from_pointee(config));
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
@@ -52,6 +56,9 @@ pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
         proxy.add_tcp(&addr.to_string());
     }
     server.add_service(proxy);
+    if let Some(admin) = admin::service(current.clone()) {
+        server.add_service(admin);
+    }
     server.add_service(background_service(
         "config reloader",
         reload::Reloader::new(current),

@@ -40,6 +40,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::config::Config;
 use crate::error::http_error;
+use crate::metrics::OpenStream;
 use crate::middleware::{BodyFilter, Outcome, Reply};
 use crate::routing::{NoRoute, Route};
 use crate::sse::limits::{ClientSlotGuard, SlotGuard};
@@ -76,6 +77,8 @@ pub struct RequestCtx {
     pub stream: Option<SseStream>,
     /// The origin address, once chosen.
     pub upstream: Option<SocketAddr>,
+    /// When the request arrived.
+    pub started: Option<Instant>,
     /// The response status, once known.
     pub status: Option<u16>,
     /// Request body bytes seen so far (for size limits).
@@ -116,6 +119,10 @@ pub struct SseStream {
     started: Instant,
     pacer: Option<FlushPacer>,
     scanner: EventScanner,
+    /// When the last event completed, for the gap histogram.
+    last_event_at: Option<Instant>,
+    /// Keeps the stream in the open-streams gauge; counts its close on drop.
+    open: OpenStream,
 }
 
 #[async_trait]
@@ -131,6 +138,7 @@ impl ProxyHttp for StreamGate {
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.started = Some(Instant::now());
         let req = session.req_header();
         if has_dot_segment(req.uri.path()) {
             let reply = Reply::text(400, "the path contains `.` or `..` segments");
@@ -291,6 +299,8 @@ impl ProxyHttp for StreamGate {
                 started: Instant::now(),
                 pacer: settings.flush_interval.map(FlushPacer::new),
                 scanner: EventScanner::new(),
+                last_event_at: None,
+                open: route.metrics.sse_opened(),
             });
             if settings.connection_tracking {
                 let req = session.req_header();
@@ -329,6 +339,17 @@ impl ProxyHttp for StreamGate {
             if let Some(tracked) = &ctx.tracked {
                 let id = (events > 0).then(|| stream.scanner.last_id());
                 tracked.entry.record(chunk.len(), events, id);
+            }
+            if let Some(route) = &ctx.route {
+                route.metrics.sse_chunk(chunk.len(), events);
+                if events > 0 {
+                    let now = Instant::now();
+                    match stream.last_event_at {
+                        None => route.metrics.sse_first_event.observe(now - stream.started),
+                        Some(last) => route.metrics.sse_gap.observe(now - last),
+                    }
+                    stream.last_event_at = Some(now);
+                }
             }
         }
         for filter in ctx.body_filters.iter_mut() {
@@ -395,25 +416,58 @@ impl ProxyHttp for StreamGate {
             for instance in route.chain.iter() {
                 instance.middleware.logging(session, ctx);
             }
+            let status = session
+                .response_written()
+                .map_or(ctx.status.unwrap_or(0), |r| r.status.as_u16());
+            let elapsed = ctx.started.map(|s| s.elapsed()).unwrap_or_default();
+            route.metrics.request(status, elapsed);
+            if let Some(e) = e.filter(|e| e.esource() == &ErrorSource::Upstream) {
+                match e.etype() {
+                    ErrorType::ConnectTimedout
+                    | ErrorType::ReadTimedout
+                    | ErrorType::WriteTimedout => route.service.metrics.timeout(),
+                    ErrorType::ConnectRefused
+                    | ErrorType::ConnectNoRoute
+                    | ErrorType::ConnectError
+                    | ErrorType::ConnectProxyFailure => route.service.metrics.connect_error(),
+                    _ => {}
+                }
+            }
         }
-        let Some(stream) = &ctx.stream else {
+        let access = self.config.load().access_log;
+        if access.enabled {
+            let status = session
+                .response_written()
+                .map_or(ctx.status.unwrap_or(0), |r| r.status.as_u16());
+            let sse = ctx
+                .stream
+                .as_ref()
+                .map(|s| (s.scanner.events(), close_reason(e)));
+            crate::access_log::write(
+                access.format,
+                &crate::access_log::Entry {
+                    session,
+                    ctx,
+                    status,
+                    sse,
+                    error: e,
+                },
+            );
+        }
+        let Some(stream) = ctx.stream.as_mut() else {
             return;
         };
-        let reason = match e {
-            None => "origin_closed",
-            Some(e) => match (e.esource(), e.etype()) {
-                (ErrorSource::Downstream, _) => "client_closed",
-                (ErrorSource::Upstream, ErrorType::ReadTimedout) => "read_timeout",
-                (ErrorSource::Upstream, _) => "origin_error",
-                _ => "error",
-            },
-        };
+        let reason = close_reason(e);
+        stream.open.reason = reason;
         if let Some(tracked) = ctx.tracked.as_mut() {
             // The guard logs the close when it drops, with this reason.
             tracked.reason = reason;
             tracked.detail = e.map(|e| e.to_string());
             return;
         }
+        let Some(stream) = ctx.stream.as_ref() else {
+            return;
+        };
         let route = ctx.route.as_ref().map_or("", |r| r.name.as_str());
         let client = client_ip(session)
             .map(|ip| ip.to_string())
@@ -428,6 +482,19 @@ impl ProxyHttp for StreamGate {
             String::from_utf8_lossy(stream.scanner.last_id()),
             e.map(|e| format!(" detail=\"{e}\"")).unwrap_or_default(),
         );
+    }
+}
+
+/// How a stream ended, from the error Pingora finished it with.
+fn close_reason(e: Option<&Error>) -> &'static str {
+    match e {
+        None => "origin_closed",
+        Some(e) => match (e.esource(), e.etype()) {
+            (ErrorSource::Downstream, _) => "client_closed",
+            (ErrorSource::Upstream, ErrorType::ReadTimedout) => "read_timeout",
+            (ErrorSource::Upstream, _) => "origin_error",
+            _ => "error",
+        },
     }
 }
 
@@ -514,6 +581,9 @@ impl StreamGate {
     ) -> Result<()> {
         let mut header = reply_header(&reply)?;
         ctx.status = Some(reply.status);
+        if ctx.sse_request && matches!(reply.status, 429 | 503) {
+            route.metrics.sse_refused();
+        }
         for instance in route.chain.iter() {
             // A direct answer's body is complete: body filters are not needed.
             let _ = instance.middleware.response(session, &mut header, ctx)?;

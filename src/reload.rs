@@ -52,10 +52,14 @@ pub fn reload(current: &ArcSwap<Config>) -> Result<Arc<Config>, ConfigError> {
             return Err(e);
         }
     };
-    if new.listen != old.listen || new.threads != old.threads || new.demo != old.demo {
+    if new.listen != old.listen
+        || new.threads != old.threads
+        || new.demo != old.demo
+        || new.admin != old.admin
+    {
         log::warn!(
-            "config reload: `listen`, `threads` and `demo` cannot change in a running process; \
-             they stay as they were until a restart or a `streamgate -u` upgrade"
+            "config reload: `listen`, `threads`, `demo` and `admin` cannot change in a running \
+             process; they stay as they were until a restart or a `streamgate -u` upgrade"
         );
     }
     let enabled = |c: &Config| -> BTreeSet<String> {
@@ -69,6 +73,7 @@ pub fn reload(current: &ArcSwap<Config>) -> Result<Arc<Config>, ConfigError> {
     let loaded: Vec<_> = after.difference(&before).cloned().collect();
     let unloaded: Vec<_> = before.difference(&after).cloned().collect();
     current.store(new.clone());
+    crate::metrics::config_loaded(&new.version, new.loaded_secs());
     log::info!(
         "config reloaded: version {} (was {}), loaded at {}s since epoch; \
          middlewares loaded: [{}], unloaded: [{}]",

@@ -17,6 +17,7 @@ use http::header::{HeaderName, HeaderValue, HOST};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 
+use crate::metrics::ServiceMetrics;
 use crate::sse::limits::{self, ClientSlots, Slots};
 use crate::sse::SseSettings;
 
@@ -138,6 +139,7 @@ pub struct Service {
     pub sse_limit: Option<Arc<Slots>>,
     /// The counters behind `sse.max_connections_per_client` of this service.
     pub sse_client_limit: Option<Arc<ClientSlots>>,
+    pub metrics: Arc<ServiceMetrics>,
     resolved: ArcSwapOption<Resolved>,
 }
 
@@ -152,6 +154,7 @@ impl Service {
         let sse_limit = sse
             .max_connections
             .map(|max| limits::slots(&format!("service:{name}"), max));
+        let metrics = crate::metrics::service(&name);
         let sse_client_limit = sse
             .max_connections_per_client
             .map(|max| limits::client_slots(&format!("service:{name}"), max));
@@ -163,6 +166,7 @@ impl Service {
             sse,
             sse_limit,
             sse_client_limit,
+            metrics,
             resolved: ArcSwapOption::empty(),
         }
     }

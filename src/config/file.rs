@@ -27,6 +27,8 @@ pub const OWN_KEYS: &[&str] = &[
     "host_rules",
     "middleware_services",
     "middlewares",
+    "admin",
+    "access_log",
 ];
 
 /// The main config file (streamgate's part; Pingora's keys are read by Pingora's
@@ -49,6 +51,38 @@ pub struct MainFile {
     pub middleware_services: Vec<MiddlewareFile>,
     #[serde(default)]
     pub middlewares: Vec<String>,
+    #[serde(default)]
+    pub admin: Option<AdminFile>,
+    #[serde(default)]
+    pub access_log: Option<AccessLogFile>,
+}
+
+/// `admin:`: the admin listener (health, config, routes, streams, reload, metrics).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    pub listen: ListenAddr,
+    /// Required when `listen` is not a loopback address.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// `access_log:`: one line per request on the `streamgate::access` log target.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogFile {
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub format: Option<AccessLogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    #[default]
+    Combined,
+    Json,
 }
 
 /// A file named by `include`: more services, host rules and middleware instances.

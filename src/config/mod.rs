@@ -20,12 +20,13 @@ use pingora_core::server::configuration::ServerConf;
 use serde::de::DeserializeOwned;
 
 use crate::error::{ConfigError, ConfigErrorKind as Kind};
+use crate::metrics;
 use crate::middleware::{join_levels, Chain, Instance, MiddlewareFile};
 use crate::routing::{HostRoutes, Route, RouteTable};
 use crate::sse::limits::{self, ClientSlots, Slots};
 use crate::sse::SseSettings;
 use crate::upstream::{HostHeader, Service, Timeouts};
-use file::{HostRuleFile, IncludedFile, MainFile, ServiceFile, TimeoutsFile};
+use file::{AccessLogFormat, HostRuleFile, IncludedFile, MainFile, ServiceFile, TimeoutsFile};
 use locate::KeyPath;
 
 /// The config `streamgate` serves when started without `-c`: a listener on
@@ -65,6 +66,23 @@ pub struct Config {
     /// Every `middleware_services` instance by name (enabled or not).
     pub middlewares: Instances,
     pub routes: RouteTable,
+    /// The admin listener, when `admin:` is set.
+    pub admin: Option<AdminConfig>,
+    pub access_log: AccessLog,
+    /// Each file's text as loaded, for the admin API's `/config` (secrets redacted there).
+    pub texts: Vec<(PathBuf, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessLog {
+    pub enabled: bool,
+    pub format: AccessLogFormat,
 }
 
 /// Middleware instances by name.
@@ -271,7 +289,41 @@ impl Config {
             }
         }
 
+        let admin = match &parsed.admin {
+            Some(admin) => {
+                let listen = admin.listen.0;
+                if !listen.ip().is_loopback() && admin.token.as_deref().is_none_or(str::is_empty) {
+                    return Err(sources[0].error(
+                        KeyPath::root().key("admin").key("listen"),
+                        Kind::Invalid(format!(
+                            "{listen} is reachable from other machines: set admin.token"
+                        )),
+                    ));
+                }
+                Some(AdminConfig {
+                    listen,
+                    token: admin.token.clone(),
+                })
+            }
+            None => None,
+        };
+        let access_log = AccessLog {
+            enabled: parsed
+                .access_log
+                .as_ref()
+                .and_then(|a| a.enabled)
+                .unwrap_or(true),
+            format: parsed
+                .access_log
+                .as_ref()
+                .and_then(|a| a.format)
+                .unwrap_or_default(),
+        };
         let version = version_of(&sources);
+        let texts = sources
+            .iter()
+            .map(|s| (s.file.clone(), s.text.clone()))
+            .collect();
         let include_roots = parsed
             .include
             .iter()
@@ -301,7 +353,18 @@ impl Config {
             services,
             middlewares,
             routes,
+            admin,
+            access_log,
+            texts,
         })
+    }
+
+    /// Load time in seconds since the Unix epoch.
+    pub fn loaded_secs(&self) -> u64 {
+        self.loaded_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
     }
 
     /// A readable summary of what this config serves, for `streamgate -t`.
@@ -593,11 +656,16 @@ fn add_host_rule(
         None => host.to_string(),
     };
     let fallback = match &rule.target {
-        Some(target) => Some(Arc::new(Route {
-            name: rule.name.clone().unwrap_or_else(|| host_label.clone()),
-            service: service(path.key("target"), target)?,
-            chain: chains.host.clone(),
-        })),
+        Some(target) => {
+            let name = rule.name.clone().unwrap_or_else(|| host_label.clone());
+            let service = service(path.key("target"), target)?;
+            Some(Arc::new(Route {
+                metrics: metrics::route(&name, &service.name),
+                name,
+                service,
+                chain: chains.host.clone(),
+            }))
+        }
         None => None,
     };
     let mut host_routes = HostRoutes::new(fallback);
@@ -608,9 +676,11 @@ fn add_host_rule(
             .name
             .clone()
             .unwrap_or_else(|| format!("{host_label}{}", pattern.source()));
+        let service = service(rpath.key("target"), &route.target)?;
         let compiled = Arc::new(Route {
+            metrics: metrics::route(&name, &service.name),
             name,
-            service: service(rpath.key("target"), &route.target)?,
+            service,
             chain,
         });
         if !host_routes.add(pattern.clone(), compiled) {

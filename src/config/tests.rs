@@ -395,3 +395,12 @@ fn chains_are_built_per_route() {
         "disabled instances are defined, not run"
     );
 }
+
+#[test]
+fn an_admin_listener_off_loopback_needs_a_token() {
+    refused("admin: { listen: \"0.0.0.0:9901\" }\n", 1, "admin.listen");
+    let config = load("admin: { listen: \"0.0.0.0:9901\", token: t }\n").expect("loads");
+    assert_eq!(config.admin.and_then(|a| a.token).as_deref(), Some("t"));
+    assert!(load("admin: { listen: \"127.0.0.1:9901\" }\n").is_ok());
+    refused("access_log: { format: xml }\n", 1, "access_log.format");
+}

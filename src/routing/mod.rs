@@ -22,6 +22,7 @@ use regex::Regex;
 
 pub use pattern::{HostPattern, PathPattern};
 
+use crate::metrics::RouteMetrics;
 use crate::middleware::Chain;
 use crate::upstream::Service;
 
@@ -34,6 +35,7 @@ pub struct Route {
     pub service: Arc<Service>,
     /// The middleware chain, in run order: global, host, route.
     pub chain: Chain,
+    pub metrics: Arc<RouteMetrics>,
 }
 
 /// A path pattern and its route, as listed by `describe`.
@@ -263,6 +265,7 @@ mod tests {
             name: name.to_string(),
             service: Arc::new(Service::for_tests(name)),
             chain: Vec::new().into(),
+            metrics: crate::metrics::route(name, name),
         })
     }
 

@@ -1,0 +1,329 @@
+//! The admin listener: a separate Pingora service (`admin: { listen, token }`) that shows
+//! what the proxy is doing and takes a few commands. Loopback by default; any other address
+//! needs `admin.token`, and with a token every endpoint needs `Authorization: Bearer
+//! <token>` (compared in constant time). Mutating endpoints are POST only.
+//!
+//! | endpoint | answer |
+//! | --- | --- |
+//! | `GET /healthz` | the process is alive |
+//! | `GET /readyz` | a config is loaded and being served |
+//! | `GET /config` | every config file as loaded, secrets redacted, with version and load time |
+//! | `GET /routes` | the route table in precedence order, with each route's chain |
+//! | `GET /upstreams` | services, their URL, SSE limits and open streams |
+//! | `GET /sse/connections` | open tracked streams; filters `route`, `service`, `client`, `min_age`; `limit`, `offset` |
+//! | `GET /sse/connections/{id}` | one stream |
+//! | `POST /reload` | the same reload as `SIGHUP`: the new version, or the validation error (422) |
+//! | `GET /metrics` | Prometheus text format |
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::Method;
+use pingora_core::apps::{HttpServerApp, ReusedHttpStream};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::listening::Service;
+use pingora_http::ResponseHeader;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+
+use crate::config::Config;
+use crate::sse::tracker::{StreamEntry, TRACKER};
+
+/// Keys whose values `/config` hides.
+const SECRET_KEYS: &[&str] = &["password", "token", "secret", "users", "keys"];
+
+pub struct Admin {
+    config: Arc<ArcSwap<Config>>,
+    token: Option<String>,
+}
+
+/// The admin listening service for `config`'s `admin` block.
+pub fn service(config: Arc<ArcSwap<Config>>) -> Option<Service<Admin>> {
+    let admin = config.load().admin.clone()?;
+    let mut service = Service::new(
+        "admin".to_string(),
+        Admin {
+            config,
+            token: admin.token,
+        },
+    );
+    service.add_tcp(&admin.listen.to_string());
+    Some(service)
+}
+
+struct Answer {
+    status: u16,
+    content_type: &'static str,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(status: u16, value: Value) -> Self {
+        Answer {
+            status,
+            content_type: "application/json",
+            body: Bytes::from(value.to_string()),
+        }
+    }
+
+    fn error(status: u16, message: &str) -> Self {
+        Answer::json(status, json!({ "error": message }))
+    }
+}
+
+#[async_trait]
+impl HttpServerApp for Admin {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        _shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        if !matches!(session.read_request().await, Ok(true)) {
+            return None;
+        }
+        let answer = self.answer(&session);
+        let result = async {
+            let mut header = ResponseHeader::build(answer.status, Some(3))?;
+            header.insert_header("content-type", answer.content_type)?;
+            header.insert_header("content-length", answer.body.len())?;
+            header.insert_header("cache-control", "no-store")?;
+            session.write_response_header(Box::new(header)).await?;
+            session.write_response_body(answer.body, true).await
+        };
+        if let Err(e) = result.await {
+            log::debug!("admin: could not answer: {e}");
+        }
+        None
+    }
+}
+
+impl Admin {
+    fn authorized(&self, session: &ServerSession) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let presented = session
+            .get_header("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        presented.as_bytes().ct_eq(token.as_bytes()).into()
+    }
+
+    fn answer(&self, session: &ServerSession) -> Answer {
+        if !self.authorized(session) {
+            return Answer::error(401, "a valid bearer token is required");
+        }
+        let req = session.req_header();
+        let path = req.uri.path();
+        let query = req.uri.query().unwrap_or("");
+        let get = req.method == Method::GET || req.method == Method::HEAD;
+        let config = self.config.load_full();
+        match (path, get, req.method == Method::POST) {
+            ("/healthz", true, _) => Answer::json(200, json!({ "status": "ok" })),
+            ("/readyz", true, _) => {
+                Answer::json(200, json!({ "ready": true, "version": config.version }))
+            }
+            ("/config", true, _) => Answer::json(200, config_view(&config)),
+            ("/routes", true, _) => Answer::json(200, routes_view(&config)),
+            ("/upstreams", true, _) => Answer::json(200, upstreams_view(&config)),
+            ("/sse/connections", true, _) => match connections_view(query) {
+                Ok(v) => Answer::json(200, v),
+                Err(e) => Answer::error(400, &e),
+            },
+            ("/reload", _, true) => match crate::reload::reload(&self.config) {
+                Ok(new) => Answer::json(200, json!({ "reloaded": true, "version": new.version })),
+                Err(e) => Answer::json(422, json!({ "reloaded": false, "error": e.to_string() })),
+            },
+            ("/metrics", true, _) => Answer {
+                status: 200,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body: Bytes::from(crate::metrics::render()),
+            },
+            (p, true, _) if p.starts_with("/sse/connections/") => {
+                let id = p.trim_start_matches("/sse/connections/").parse::<u64>();
+                match id
+                    .ok()
+                    .and_then(|id| TRACKER.snapshot().into_iter().find(|e| e.id == id))
+                {
+                    Some(entry) => Answer::json(200, stream_view(&entry)),
+                    None => Answer::error(404, "no such open stream"),
+                }
+            }
+            (
+                "/healthz" | "/readyz" | "/config" | "/routes" | "/upstreams" | "/metrics"
+                | "/sse/connections",
+                false,
+                _,
+            ) => Answer::error(405, "use GET"),
+            ("/reload", _, false) => Answer::error(405, "use POST"),
+            _ => Answer::error(404, "no such endpoint"),
+        }
+    }
+}
+
+fn unix_seconds(t: std::time::SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+/// Every config file as loaded, parsed to JSON, with secret values replaced.
+fn config_view(config: &Config) -> Value {
+    let files: Vec<Value> = config
+        .texts
+        .iter()
+        .map(|(path, text)| {
+            let parsed: serde_yaml::Value = serde_yaml::from_str(text).unwrap_or_default();
+            json!({ "file": path.display().to_string(), "content": redact(yaml_to_json(parsed)) })
+        })
+        .collect();
+    json!({
+        "version": config.version,
+        "loaded_at": unix_seconds(config.loaded_at),
+        "files": files,
+    })
+}
+
+fn yaml_to_json(value: serde_yaml::Value) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+fn redact(value: Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| {
+                    let lower = k.to_ascii_lowercase();
+                    let secret = SECRET_KEYS.contains(&lower.as_str())
+                        || ["_password", "_token", "_secret"]
+                            .iter()
+                            .any(|s| lower.ends_with(s));
+                    let v = if secret {
+                        Value::String("<redacted>".into())
+                    } else {
+                        redact(v)
+                    };
+                    (k, v)
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().map(redact).collect()),
+        other => other,
+    }
+}
+
+fn routes_view(config: &Config) -> Value {
+    let mut out = Vec::new();
+    for (host, routes) in config.routes.describe() {
+        for (path, route) in routes {
+            out.push(json!({
+                "host": host,
+                "path": path,
+                "route": route.name,
+                "service": route.service.name,
+                "chain": route.chain.iter().map(|i| json!({ "name": i.name, "type": i.kind })).collect::<Vec<_>>(),
+            }));
+        }
+    }
+    Value::Array(out)
+}
+
+fn upstreams_view(config: &Config) -> Value {
+    let streams = TRACKER.snapshot();
+    let services: Vec<Value> = config
+        .services
+        .values()
+        .map(|s| {
+            json!({
+                "service": s.name,
+                "url": format!("http://{}{}", s.url.authority(), s.url.prefix),
+                "tracked_sse_streams": streams.iter().filter(|e| e.service == s.name).count(),
+                "sse_open_streams": s.sse_limit.as_ref().map(|l| l.open()),
+                "sse_max_connections": s.sse.max_connections,
+            })
+        })
+        .collect();
+    Value::Array(services)
+}
+
+fn stream_view(e: &StreamEntry) -> Value {
+    json!({
+        "id": e.id,
+        "client": e.client.map(|c| c.to_string()),
+        "host": e.host,
+        "path": e.path,
+        "route": e.route,
+        "service": e.service,
+        "upstream": e.upstream.map(|u| u.to_string()),
+        "started": unix_seconds(e.started),
+        "age_seconds": e.age().as_secs_f64(),
+        "idle_seconds": e.idle().as_secs_f64(),
+        "events": e.events(),
+        "bytes": e.bytes(),
+        "last_event_id": e.last_event_id(),
+    })
+}
+
+fn connections_view(query: &str) -> Result<Value, String> {
+    let mut route = None;
+    let mut service = None;
+    let mut client = None;
+    let mut min_age = Duration::ZERO;
+    let mut limit = 100usize;
+    let mut offset = 0usize;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "route" => route = Some(v.to_string()),
+            "service" => service = Some(v.to_string()),
+            "client" => client = Some(v.to_string()),
+            "min_age" => {
+                min_age = humantime::parse_duration(v).map_err(|e| format!("min_age: {e}"))?
+            }
+            "limit" => limit = v.parse().map_err(|_| "limit: a number")?,
+            "offset" => offset = v.parse().map_err(|_| "offset: a number")?,
+            other => return Err(format!("unknown filter `{other}`")),
+        }
+    }
+    let matching: Vec<_> = TRACKER
+        .snapshot()
+        .into_iter()
+        .filter(|e| route.as_ref().is_none_or(|r| *r == e.route))
+        .filter(|e| service.as_ref().is_none_or(|s| *s == e.service))
+        .filter(|e| {
+            client
+                .as_ref()
+                .is_none_or(|c| e.client.is_some_and(|ip| ip.to_string() == *c))
+        })
+        .filter(|e| e.age() >= min_age)
+        .collect();
+    // Oldest first: the snapshot is in id order, which is opening order.
+    let items: Vec<Value> = matching
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|e| stream_view(e))
+        .collect();
+    Ok(json!({ "total": matching.len(), "offset": offset, "items": items }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted() {
+        let yaml: serde_yaml::Value = serde_yaml::from_str(
+            "admin: { token: t }\nmiddleware_services:\n  - { name: a, type: basic_auth, config: { users: { u: p } } }\n  - { name: k, type: api_key, config: { keys: [k1], header: x-key } }\n",
+        )
+        .expect("yaml");
+        let out = redact(yaml_to_json(yaml)).to_string();
+        assert!(!out.contains("\"t\""), "{out}");
+        assert!(!out.contains("k1"), "{out}");
+        assert!(!out.contains("\"p\""), "{out}");
+        assert!(out.contains("x-key"), "{out}");
+    }
+}
