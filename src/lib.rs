@@ -9,6 +9,7 @@ pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod diagnose;
 pub mod error;
 pub mod metrics;
 pub mod middleware;

@@ -1,5 +1,7 @@
 //! `streamgate [-c FILE] [-t] [-d] [-u]`: Pingora's standard flags. Without `-c` it serves
 //! the embedded default config (a demo SSE origin behind 127.0.0.1:8080).
+//!
+//! `streamgate connections|upstreams [..]` ask a running instance's admin API instead.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -9,6 +11,13 @@ use streamgate::{build_server, Config};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args
+        .first()
+        .is_some_and(|a| streamgate::diagnose::COMMANDS.contains(&a.as_str()))
+    {
+        return streamgate::diagnose::run(&args);
+    }
     let opt = Opt::parse_args();
     let loaded = match &opt.conf {
         Some(path) => Config::load(Path::new(path)),

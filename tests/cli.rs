@@ -224,3 +224,84 @@ async fn upgrade_with_dash_u_hands_over_without_refusing_requests() {
         .expect("new process answers");
     assert!(r.status().is_success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_and_upstreams_subcommands_print_tables() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, demo, admin) = (free_port(), free_port(), free_port());
+    let config = dir.path().join("streamgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "pid_file: {dir}/sg.pid\nupgrade_sock: {dir}/upgrade.sock\n\
+             grace_period_seconds: 0\ngraceful_shutdown_timeout_seconds: 1\n\
+             listen: [\"127.0.0.1:{port}\"]\ndemo: {{ listen: \"127.0.0.1:{demo}\" }}\n\
+             admin: {{ listen: \"127.0.0.1:{admin}\" }}\n\
+             sse: {{ connection_tracking: true }}\n\
+             services:\n  demo: {{ url: \"http://127.0.0.1:{demo}\" }}\n\
+             host_rules:\n  - {{ pattern: \"*\", target: demo, name: demo-route }}\n",
+            dir = dir.path().display()
+        ),
+    )
+    .expect("write config");
+    let _proxy = Running(
+        Command::new(BIN)
+            .arg("-c")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    wait_listening(&format!("http://127.0.0.1:{port}/")).await;
+    let stream = client()
+        .get(format!("http://127.0.0.1:{port}/demo/events"))
+        .send()
+        .await
+        .expect("stream");
+    let mut events = Events::new(stream);
+    assert!(events.next().await.is_some());
+
+    let connections = Command::new(BIN)
+        .args(["connections", "--admin", &format!("127.0.0.1:{admin}")])
+        .output()
+        .expect("run connections");
+    let out = String::from_utf8_lossy(&connections.stdout);
+    assert!(
+        connections.status.success(),
+        "{}",
+        String::from_utf8_lossy(&connections.stderr)
+    );
+    assert!(out.starts_with("ID"), "{out}");
+    assert!(
+        out.contains("demo-route") && out.contains("/demo/events"),
+        "{out}"
+    );
+    assert!(out.contains("1 open stream(s)"), "{out}");
+
+    // The admin address can come from the config file too.
+    let upstreams = Command::new(BIN)
+        .arg("upstreams")
+        .arg("-c")
+        .arg(&config)
+        .output()
+        .expect("run upstreams");
+    let out = String::from_utf8_lossy(&upstreams.stdout);
+    assert!(
+        upstreams.status.success(),
+        "{}",
+        String::from_utf8_lossy(&upstreams.stderr)
+    );
+    assert!(out.contains(&format!("http://127.0.0.1:{demo}")), "{out}");
+
+    let unreachable = Command::new(BIN)
+        .args([
+            "upstreams",
+            "--admin",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
+        .output()
+        .expect("run");
+    assert!(!unreachable.status.success());
+    assert!(String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach the admin API"));
+}

@@ -1,0 +1,264 @@
+//! `streamgate connections` and `streamgate upstreams`: the origin design's fault diagnosis
+//! tool. They ask a running instance's admin API and print readable tables.
+//!
+//! ```text
+//! streamgate connections [-c FILE | --admin HOST:PORT] [--token T] [--route R]
+//!                        [--service S] [--client IP] [--min-age 30s]
+//! streamgate upstreams   [-c FILE | --admin HOST:PORT] [--token T]
+//! ```
+//!
+//! The admin address comes from `--admin`, else from the config file's `admin.listen`
+//! (`-c`), else 127.0.0.1:9901; the token from `--token`, the config, or
+//! `STREAMGATE_ADMIN_TOKEN`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::config::Config;
+
+/// The subcommands, as the first argument.
+pub const COMMANDS: &[&str] = &["connections", "upstreams"];
+
+const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+
+struct Target {
+    addr: SocketAddr,
+    token: Option<String>,
+}
+
+/// Runs a subcommand; `args` are the arguments after the binary name.
+pub fn run(args: &[String]) -> ExitCode {
+    match run_inner(args) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("streamgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_inner(args: &[String]) -> Result<String, String> {
+    let (command, rest) = args.split_first().ok_or("no subcommand")?;
+    let mut admin: Option<String> = None;
+    let mut config: Option<String> = None;
+    let mut token = std::env::var("STREAMGATE_ADMIN_TOKEN").ok();
+    let mut query: Vec<String> = Vec::new();
+    let mut it = rest.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--admin" => admin = Some(value()?),
+            "-c" | "--conf" => config = Some(value()?),
+            "--token" => token = Some(value()?),
+            "--route" if command == "connections" => query.push(format!("route={}", value()?)),
+            "--service" if command == "connections" => query.push(format!("service={}", value()?)),
+            "--client" if command == "connections" => query.push(format!("client={}", value()?)),
+            "--min-age" if command == "connections" => query.push(format!("min_age={}", value()?)),
+            other => return Err(format!("{command}: unknown flag {other}")),
+        }
+    }
+    let target = target(admin, config, token)?;
+    match command.as_str() {
+        "connections" => {
+            query.push("limit=1000".into());
+            let body = get(&target, &format!("/sse/connections?{}", query.join("&")))?;
+            Ok(connections_table(&body))
+        }
+        "upstreams" => Ok(upstreams_table(&get(&target, "/upstreams")?)),
+        other => Err(format!("unknown subcommand {other}")),
+    }
+}
+
+fn target(
+    admin: Option<String>,
+    config: Option<String>,
+    token: Option<String>,
+) -> Result<Target, String> {
+    let from_config = match &config {
+        Some(path) => Config::load(Path::new(path))
+            .map_err(|e| e.to_string())?
+            .admin
+            .ok_or_else(|| format!("{path} has no `admin:` block"))?
+            .into(),
+        None => None,
+    };
+    let addr = match (&admin, &from_config) {
+        (Some(a), _) => a.clone(),
+        (None, Some(c)) => c.listen.to_string(),
+        (None, None) => DEFAULT_ADMIN.to_string(),
+    };
+    let addr = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("admin address {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("admin address {addr} resolves to nothing"))?;
+    Ok(Target {
+        addr,
+        token: token.or(from_config.and_then(|c| c.token)),
+    })
+}
+
+/// A GET to the admin API, returning the parsed JSON body.
+fn get(target: &Target, path: &str) -> Result<Value, String> {
+    let timeout = Duration::from_secs(5);
+    let mut stream = TcpStream::connect_timeout(&target.addr, timeout).map_err(|e| {
+        format!(
+            "cannot reach the admin API at {} ({e}); is `admin:` set in the config?",
+            target.addr
+        )
+    })?;
+    let _ = stream.set_read_timeout(Some(timeout));
+    let auth = target
+        .token
+        .as_ref()
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nhost: {}\r\n{auth}connection: close\r\n\r\n",
+        target.addr
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("malformed admin answer")?;
+    let status = head.split_whitespace().nth(1).unwrap_or("?");
+    let json: Value = serde_json::from_str(body).map_err(|e| format!("admin answer: {e}"))?;
+    if status != "200" {
+        let reason = json["error"].as_str().unwrap_or("error");
+        return Err(format!("admin API answered {status}: {reason}"));
+    }
+    Ok(json)
+}
+
+fn seconds(v: &Value) -> String {
+    let s = v.as_f64().unwrap_or(0.0);
+    if s >= 3600.0 {
+        format!("{:.1}h", s / 3600.0)
+    } else if s >= 60.0 {
+        format!("{:.1}m", s / 60.0)
+    } else {
+        format!("{s:.1}s")
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Lays rows out in columns as wide as their widest cell.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        padded.join("  ").trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        out.push_str(&line(row));
+    }
+    out
+}
+
+fn connections_table(body: &Value) -> String {
+    let items = body["items"].as_array().cloned().unwrap_or_default();
+    let rows = items
+        .iter()
+        .map(|e| {
+            vec![
+                text(&e["id"]),
+                seconds(&e["age_seconds"]),
+                seconds(&e["idle_seconds"]),
+                text(&e["events"]),
+                text(&e["bytes"]),
+                text(&e["client"]),
+                text(&e["route"]),
+                text(&e["service"]),
+                text(&e["path"]),
+                text(&e["last_event_id"]),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "ID", "AGE", "IDLE", "EVENTS", "BYTES", "CLIENT", "ROUTE", "SERVICE", "PATH", "LAST-ID",
+        ],
+        rows,
+    );
+    out.push_str(&format!(
+        "{} open stream(s)\n",
+        body["total"].as_u64().unwrap_or(0)
+    ));
+    out
+}
+
+fn upstreams_table(body: &Value) -> String {
+    let items = body.as_array().cloned().unwrap_or_default();
+    let rows = items
+        .iter()
+        .map(|s| {
+            vec![
+                text(&s["service"]),
+                text(&s["url"]),
+                text(&s["tracked_sse_streams"]),
+                text(&s["sse_open_streams"]),
+                text(&s["sse_max_connections"]),
+            ]
+        })
+        .collect();
+    table(&["SERVICE", "URL", "TRACKED", "OPEN", "LIMIT"], rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align() {
+        let out = table(
+            &["A", "LONGER"],
+            vec![
+                vec!["wide cell".into(), "x".into()],
+                vec!["y".into(), "z".into()],
+            ],
+        );
+        assert_eq!(out, "A          LONGER\nwide cell  x\ny          z\n");
+    }
+
+    #[test]
+    fn flags_are_checked() {
+        let args: Vec<String> = ["upstreams", "--route", "x"].map(String::from).to_vec();
+        assert!(run_inner(&args).is_err_and(|e| e.contains("unknown flag")));
+    }
+}
