@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use once_cell::sync::Lazy;
+use serde_json::{json, Value};
 
 /// Why an SSE stream closed, as counted in `streamgate_sse_streams_closed_total`.
 pub const CLOSE_REASONS: &[&str] = &[
@@ -21,6 +22,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "origin_closed",
     "read_timeout",
     "origin_error",
+    "ended",
     "error",
 ];
 
@@ -83,7 +85,7 @@ pub struct RouteMetrics {
     pub duration: Histogram,
     sse_open: AtomicI64,
     sse_opened: AtomicU64,
-    sse_closed: [AtomicU64; 5],
+    sse_closed: [AtomicU64; 6],
     sse_refused: AtomicU64,
     sse_events: AtomicU64,
     sse_bytes: AtomicU64,
@@ -200,6 +202,29 @@ pub fn route(route: &str, service: &str) -> Arc<RouteMetrics> {
 pub fn service(name: &str) -> Arc<ServiceMetrics> {
     let mut all = SERVICES.lock().unwrap_or_else(|p| p.into_inner());
     all.entry(name.to_string()).or_default().clone()
+}
+
+/// Per-route totals for the dashboard: route, service, open streams, streams opened,
+/// events, bytes, requests.
+pub fn route_summaries() -> Vec<Value> {
+    ROUTES
+        .lock()
+        .map(|r| {
+            r.values()
+                .map(|m| {
+                    json!({
+                        "route": m.route,
+                        "service": m.service,
+                        "open": m.sse_open_now(),
+                        "opened": m.sse_opened.load(Ordering::Relaxed),
+                        "events": m.sse_events.load(Ordering::Relaxed),
+                        "bytes": m.sse_bytes.load(Ordering::Relaxed),
+                        "requests": m.requests.iter().map(|n| n.load(Ordering::Relaxed)).sum::<u64>(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Records the config version being served.

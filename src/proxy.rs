@@ -123,6 +123,8 @@ pub struct SseStream {
     last_event_at: Option<Instant>,
     /// Keeps the stream in the open-streams gauge; counts its close on drop.
     open: OpenStream,
+    /// The admin API asked to end this stream and the `retry:` hint has gone out.
+    ending: bool,
 }
 
 #[async_trait]
@@ -301,6 +303,7 @@ impl ProxyHttp for StreamGate {
                 scanner: EventScanner::new(),
                 last_event_at: None,
                 open: route.metrics.sse_opened(),
+                ending: false,
             });
             if settings.connection_tracking {
                 let req = session.req_header();
@@ -333,6 +336,23 @@ impl ProxyHttp for StreamGate {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
+        if let (Some(stream), Some(tracked)) = (ctx.stream.as_mut(), ctx.tracked.as_mut()) {
+            if stream.ending {
+                tracked.reason = "ended";
+                return Err(Error::explain(
+                    ErrorType::InternalError,
+                    "stream ended through the admin API",
+                ));
+            }
+            if tracked.entry.end_requested() && stream.scanner.at_boundary() && !end_of_stream {
+                // Between two events: tell the client when to come back, then end the
+                // stream when the origin next sends something. The chunk that arrived is
+                // not delivered; a client resuming with Last-Event-ID gets it again.
+                *body = Some(Bytes::from_static(sse::END_HINT));
+                stream.ending = true;
+                return Ok(None);
+            }
+        }
         if let (Some(stream), Some(chunk)) = (ctx.stream.as_mut(), body.as_ref()) {
             // Follows what the origin sent, before any middleware rewrites it.
             let events = stream.scanner.feed(chunk);
@@ -458,6 +478,7 @@ impl ProxyHttp for StreamGate {
             return;
         };
         let reason = close_reason(e);
+        let reason = if stream.ending { "ended" } else { reason };
         stream.open.reason = reason;
         if let Some(tracked) = ctx.tracked.as_mut() {
             // The guard logs the close when it drops, with this reason.

@@ -25,6 +25,9 @@ use crate::config::file::SseFile;
 
 static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
+/// What a stream ended by the proxy gets last: come back in three seconds.
+pub const END_HINT: &[u8] = b"retry: 3000\n\n";
+
 /// Effective SSE settings of a service: its `sse:` block over the global one.
 /// `None` durations mean no limit (written `0` in the config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

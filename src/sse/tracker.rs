@@ -10,9 +10,9 @@
 //! Counters are atomics updated per chunk; the map is locked only when a stream opens or
 //! closes, and the last event id only when it changes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -35,9 +35,20 @@ pub struct StreamEntry {
     events: AtomicU64,
     bytes: AtomicU64,
     last_event_id: Mutex<String>,
+    /// Set by the admin API: end this stream at its next event boundary.
+    end_requested: AtomicBool,
 }
 
 impl StreamEntry {
+    /// Asks the proxy to end this stream at its next event boundary (with a `retry:` hint).
+    pub fn request_end(&self) {
+        self.end_requested.store(true, Ordering::Relaxed);
+    }
+
+    pub fn end_requested(&self) -> bool {
+        self.end_requested.load(Ordering::Relaxed)
+    }
+
     pub fn events(&self) -> u64 {
         self.events.load(Ordering::Relaxed)
     }
@@ -94,10 +105,26 @@ pub struct Opening {
     pub upstream: Option<SocketAddr>,
 }
 
+/// A stream that ended, as the dashboard lists it.
+#[derive(Debug, Clone)]
+pub struct Closed {
+    pub id: u64,
+    pub route: String,
+    pub client: Option<IpAddr>,
+    pub duration: std::time::Duration,
+    pub events: u64,
+    pub reason: &'static str,
+    pub at: SystemTime,
+}
+
+/// How many recent closes are kept.
+const RECENT: usize = 50;
+
 #[derive(Debug, Default)]
 pub struct Tracker {
     streams: Mutex<HashMap<u64, Arc<StreamEntry>>>,
     next_id: AtomicU64,
+    recent: Mutex<VecDeque<Closed>>,
 }
 
 /// The process's registry: it outlives config reloads.
@@ -121,6 +148,7 @@ impl Tracker {
             events: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             last_event_id: Mutex::new(String::new()),
+            end_requested: AtomicBool::new(false),
         });
         if let Ok(mut streams) = self.streams.lock() {
             streams.insert(id, entry.clone());
@@ -150,6 +178,20 @@ impl Tracker {
         all
     }
 
+    /// The most recent closes, newest first.
+    pub fn recent(&self) -> Vec<Closed> {
+        self.recent
+            .lock()
+            .map(|r| r.iter().rev().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Asks stream `id` to end; false when no such stream is open.
+    pub fn request_end(&self, id: u64) -> bool {
+        let entry = self.streams.lock().ok().and_then(|s| s.get(&id).cloned());
+        entry.map(|e| e.request_end()).is_some()
+    }
+
     pub fn len(&self) -> usize {
         self.streams.lock().map(|s| s.len()).unwrap_or(0)
     }
@@ -165,7 +207,8 @@ pub struct TrackGuard {
     tracker: &'static Tracker,
     pub entry: Arc<StreamEntry>,
     /// Why the stream ended: `client_closed`, `origin_closed`, `read_timeout`,
-    /// `origin_error`, `error`. Set by the proxy when it knows; `error` otherwise.
+    /// `origin_error`, `ended` (by the admin API), `error`. Set by the proxy when it knows;
+    /// `error` otherwise.
     pub reason: &'static str,
     pub detail: Option<String>,
 }
@@ -176,6 +219,20 @@ impl Drop for TrackGuard {
             streams.remove(&self.entry.id);
         }
         let e = &self.entry;
+        if let Ok(mut recent) = self.tracker.recent.lock() {
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(Closed {
+                id: e.id,
+                route: e.route.clone(),
+                client: e.client,
+                duration: e.age(),
+                events: e.events(),
+                reason: self.reason,
+                at: SystemTime::now(),
+            });
+        }
         log::info!(
             "sse stream {} closed: route={} client={} duration={:.3}s events={} bytes={} \
              last_event_id={:?} reason={}{}",

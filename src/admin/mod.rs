@@ -13,7 +13,13 @@
 //! | `GET /sse/connections` | open tracked streams; filters `route`, `service`, `client`, `min_age`; `limit`, `offset` |
 //! | `GET /sse/connections/{id}` | one stream |
 //! | `POST /reload` | the same reload as `SIGHUP`: the new version, or the validation error (422) |
+//! | `DELETE /sse/connections/{id}` | ends that stream at its next event boundary, with a `retry:` hint |
 //! | `GET /metrics` | Prometheus text format |
+//! | `GET /` | the live dashboard (one page, assets embedded) |
+//! | `GET /events` | the dashboard's feed: an SSE stream of snapshots, one a second |
+//!
+//! Browsers cannot put a bearer token on a page load or an `EventSource`, so the token is
+//! also accepted as a `token` query parameter.
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -35,6 +41,11 @@ use crate::sse::tracker::{StreamEntry, TRACKER};
 
 /// Keys whose values `/config` hides.
 const SECRET_KEYS: &[&str] = &["password", "token", "secret", "users", "keys"];
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// How often the dashboard feed sends a snapshot.
+const FEED_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Admin {
     config: Arc<ArcSwap<Config>>,
@@ -80,9 +91,16 @@ impl HttpServerApp for Admin {
     async fn process_new_http(
         self: &Arc<Self>,
         mut session: ServerSession,
-        _shutdown: &ShutdownWatch,
+        shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
         if !matches!(session.read_request().await, Ok(true)) {
+            return None;
+        }
+        let req = session.req_header();
+        if req.uri.path() == "/events" && req.method == Method::GET && self.authorized(&session) {
+            if let Err(e) = self.feed(&mut session, shutdown.clone()).await {
+                log::debug!("admin: dashboard feed ended: {e}");
+            }
             return None;
         }
         let answer = self.answer(&session);
@@ -106,12 +124,42 @@ impl Admin {
         let Some(token) = &self.token else {
             return true;
         };
-        let presented = session
+        let from_header = session
             .get_header("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let from_query = session
+            .req_header()
+            .uri
+            .query()
+            .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("token=")));
+        let presented = from_header.or(from_query).unwrap_or("");
         presented.as_bytes().ct_eq(token.as_bytes()).into()
+    }
+
+    /// The dashboard's feed: a snapshot event every second until the client leaves or the
+    /// process shuts down.
+    async fn feed(
+        &self,
+        session: &mut ServerSession,
+        mut shutdown: ShutdownWatch,
+    ) -> pingora_error::Result<()> {
+        let mut header = ResponseHeader::build(200, Some(3))?;
+        header.insert_header("content-type", "text/event-stream")?;
+        header.insert_header("cache-control", "no-cache")?;
+        session.write_response_header(Box::new(header)).await?;
+        loop {
+            let snapshot = snapshot(&self.config.load());
+            let event = format!("event: snapshot\ndata: {snapshot}\n\n");
+            session
+                .write_response_body(Bytes::from(event), false)
+                .await?;
+            tokio::select! {
+                _ = tokio::time::sleep(FEED_INTERVAL) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        session.write_response_body(Bytes::new(), true).await
     }
 
     fn answer(&self, session: &ServerSession) -> Answer {
@@ -139,6 +187,20 @@ impl Admin {
                 Ok(new) => Answer::json(200, json!({ "reloaded": true, "version": new.version })),
                 Err(e) => Answer::json(422, json!({ "reloaded": false, "error": e.to_string() })),
             },
+            ("/", true, _) => Answer {
+                status: 200,
+                content_type: "text/html; charset=utf-8",
+                body: Bytes::from_static(DASHBOARD.as_bytes()),
+            },
+            (p, _, _) if req.method == Method::DELETE && p.starts_with("/sse/connections/") => {
+                let id = p.trim_start_matches("/sse/connections/").parse::<u64>();
+                match id {
+                    Ok(id) if TRACKER.request_end(id) => {
+                        Answer::json(202, json!({ "id": id, "ending": true }))
+                    }
+                    _ => Answer::error(404, "no such open stream"),
+                }
+            }
             ("/metrics", true, _) => Answer {
                 status: 200,
                 content_type: "text/plain; version=0.0.4; charset=utf-8",
@@ -267,6 +329,38 @@ fn stream_view(e: &StreamEntry) -> Value {
     })
 }
 
+/// What the dashboard shows, in one JSON object.
+fn snapshot(config: &Config) -> Value {
+    let streams: Vec<Value> = TRACKER
+        .snapshot()
+        .iter()
+        .take(500)
+        .map(|e| stream_view(e))
+        .collect();
+    let recent: Vec<Value> = TRACKER
+        .recent()
+        .iter()
+        .map(|c| {
+            json!({
+                "id": c.id,
+                "route": c.route,
+                "client": c.client.map(|ip| ip.to_string()),
+                "duration_seconds": c.duration.as_secs_f64(),
+                "events": c.events,
+                "reason": c.reason,
+                "at": unix_seconds(c.at),
+            })
+        })
+        .collect();
+    json!({
+        "version": config.version,
+        "streams": streams,
+        "routes": crate::metrics::route_summaries(),
+        "upstreams": upstreams_view(config),
+        "recent": recent,
+    })
+}
+
 fn connections_view(query: &str) -> Result<Value, String> {
     let mut route = None;
     let mut service = None;
@@ -285,6 +379,7 @@ fn connections_view(query: &str) -> Result<Value, String> {
             }
             "limit" => limit = v.parse().map_err(|_| "limit: a number")?,
             "offset" => offset = v.parse().map_err(|_| "offset: a number")?,
+            "token" => {}
             other => return Err(format!("unknown filter `{other}`")),
         }
     }
