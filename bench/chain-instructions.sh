@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Instructions per proxied request, with an empty middleware chain and with five typical
-# middlewares (request_id, headers, ip_filter, rate_limit, cors), counted by callgrind:
-# repeatable, unlike timings on a shared machine.
+# Instructions per proxied request, counted by callgrind (repeatable, unlike timings on a
+# shared machine): with an empty middleware chain and the access log off, with five typical
+# middlewares (request_id, headers, ip_filter, rate_limit, cors), and with the access log
+# written (metrics are always recorded).
 #   cargo build --release && bench/chain-instructions.sh [REQUESTS]
 # Needs valgrind and python3 (apt-get install -y valgrind). Loopback only.
 set -euo pipefail
@@ -46,13 +47,13 @@ chain='middleware_services:
   - { name: cors, type: cors }
 middlewares: [ids, hdr, ipf, rl, cors]'
 # Instructions for `warm + count` requests minus those for `warm` alone, per request.
-measure() { # name config-extra
+measure() { # name config-extra [RUST_LOG]
   local total=()
   for count in 0 "$n"; do
     local p; p=$(port)
     printf 'threads: 1\npid_file: %s/pid\nupgrade_sock: %s/sock\ngrace_period_seconds: 0\ngraceful_shutdown_timeout_seconds: 0\nlisten: ["127.0.0.1:%s"]\nservices:\n  origin: { url: "http://127.0.0.1:%s" }\nhost_rules:\n  - { pattern: "*", target: origin }\n%s\n' \
       "$dir" "$dir" "$p" "$origin_port" "$2" > "$dir/$1.yaml"
-    RUST_LOG=off valgrind --tool=callgrind --callgrind-out-file="$dir/$1-$count.out" "$bin" -c "$dir/$1.yaml" >/dev/null 2>&1 &
+    RUST_LOG=${3:-off} valgrind --tool=callgrind --callgrind-out-file="$dir/$1-$count.out" "$bin" -c "$dir/$1.yaml" >/dev/null 2>&1 &
     local vg=$!
     for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$p))" 2>/dev/null && break; sleep 0.2; done
     python3 "$dir/client.py" "$p" 200
@@ -62,6 +63,10 @@ measure() { # name config-extra
   done
   echo $(( (total[1] - total[0]) / n ))
 }
-empty=$(measure empty "")
-full=$(measure chain "$chain")
+quiet='access_log: { enabled: false }'
+empty=$(measure empty "$quiet")
+full=$(measure chain "$quiet
+$chain")
+logged=$(measure logged 'access_log: { enabled: true, format: combined }' 'off,streamgate::access=info')
 echo "instructions per request: empty chain $empty, five middlewares $full ($(( (full - empty) * 100 / empty ))% more)"
+echo "instructions per request: access log off $empty, on $logged ($(( (logged - empty) * 100 / empty ))% more)"

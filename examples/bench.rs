@@ -1,9 +1,10 @@
-//! Load tool for streamgate, two scenarios.
+//! Load tool for streamgate, three scenarios.
 //!
 //! ```text
 //! cargo build --release
 //! cargo run --release --example bench -- --streams 1000 --seconds 20     # SSE (default)
 //! cargo run --release --example bench -- --scenario chain --seconds 5    # middleware cost
+//! cargo run --release --example bench -- --scenario observability       # access log cost
 //! ```
 //!
 //! `--scenario sse`: per-event latency and per-stream memory, through streamgate and
@@ -20,6 +21,9 @@
 //! connections) through two proxies side by side, one with an empty middleware chain and
 //! one with five typical middlewares (request_id, headers, ip_filter, rate_limit, cors),
 //! alternating between them for `--rounds` rounds of `--seconds` each.
+//!
+//! `--scenario observability`: the same comparison between the access log off and on
+//! (lines formatted and written to a discarded stderr); metrics are recorded in both.
 //!
 //! Only loopback addresses are used.
 
@@ -88,14 +92,12 @@ fn parse_args() -> Result<Args, String> {
             "--proxy" => args.proxy = value()?,
             "--mode" => args.mode = value()?,
             "--threads" => args.threads = value()?.parse().map_err(|e| format!("{e}"))?,
-            "-h" | "--help" => {
-                return Err(
-                    "usage: bench [--scenario sse|chain] [--streams N] [--seconds S] \
+            "-h" | "--help" => return Err(
+                "usage: bench [--scenario sse|chain|observability] [--streams N] [--seconds S] \
                             [--interval 1s] [--warmup 3s] [--mode both|direct|proxy] \
                             [--proxy PATH] [--threads N] [--conns N] [--rounds N] [--pin]"
-                        .into(),
-                )
-            }
+                    .into(),
+            ),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -301,6 +303,7 @@ async fn start_proxy(
     args: &Args,
     origin: SocketAddr,
     middleware: &str,
+    rust_log: &str,
 ) -> Result<(ProxyProcess, SocketAddr), String> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -335,8 +338,9 @@ async fn start_proxy(
     let child = command
         .arg("-c")
         .arg(&config)
-        .env("RUST_LOG", "error")
+        .env("RUST_LOG", rust_log)
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .map_err(|e| {
             format!(
@@ -430,6 +434,10 @@ fn main() {
         runtime.block_on(chain_scenario(&args));
         return;
     }
+    if args.scenario == "observability" {
+        runtime.block_on(observability_scenario(&args));
+        return;
+    }
     runtime.block_on(async {
         let origin = origin(args.interval, args.streams).await;
         let mut reports = Vec::new();
@@ -437,7 +445,7 @@ fn main() {
             reports.push(run_phase("direct", origin, &args, None).await);
         }
         if args.mode == "both" || args.mode == "proxy" {
-            match start_proxy(&args, origin, "").await {
+            match start_proxy(&args, origin, "", "error").await {
                 Ok((proxy, addr)) => {
                     let pid = proxy.0.id();
                     reports.push(run_phase("streamgate", addr, &args, Some(pid)).await);
@@ -596,31 +604,71 @@ async fn throughput(target: SocketAddr, conns: usize, seconds: u64) -> (f64, usi
     (total as f64 / started.elapsed().as_secs_f64(), errors)
 }
 
+/// One side of an A/B throughput comparison.
+struct Variant {
+    label: &'static str,
+    config: String,
+    rust_log: &'static str,
+}
+
 async fn chain_scenario(args: &Args) {
-    let origin = plain_origin().await;
-    let (empty, empty_addr) = match start_proxy(args, origin, "").await {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(1);
-        }
-    };
     // BENCH_CHAIN=ids,hdr runs a subset, to find what one middleware costs.
     let chain_config = match std::env::var("BENCH_CHAIN") {
         Ok(names) => CHAIN.replace("[ids, hdr, ipf, rl, cors]", &format!("[{names}]")),
         Err(_) => CHAIN.to_string(),
     };
-    let (chain, chain_addr) = match start_proxy(args, origin, &chain_config).await {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(1);
+    let quiet = "access_log: { enabled: false }\n";
+    compare(
+        args,
+        Variant {
+            label: "empty chain",
+            config: quiet.to_string(),
+            rust_log: "error",
+        },
+        Variant {
+            label: "5 middlewares",
+            config: format!("{quiet}{chain_config}"),
+            rust_log: "error",
+        },
+    )
+    .await;
+}
+
+/// Access log off versus on (written, to a discarded stderr); metrics are always on.
+async fn observability_scenario(args: &Args) {
+    compare(
+        args,
+        Variant {
+            label: "access log off",
+            config: "access_log: { enabled: false }\n".into(),
+            rust_log: "error",
+        },
+        Variant {
+            label: "access log on",
+            config: "access_log: { enabled: true, format: combined }\n".into(),
+            rust_log: "error,streamgate::access=info",
+        },
+    )
+    .await;
+}
+
+async fn compare(args: &Args, a: Variant, b: Variant) {
+    let origin = plain_origin().await;
+    let mut procs = Vec::new();
+    for v in [&a, &b] {
+        match start_proxy(args, origin, &v.config, v.rust_log).await {
+            Ok(p) => procs.push(p),
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
         }
-    };
+    }
+    let targets: Vec<(SocketAddr, u32)> = procs.iter().map(|(p, addr)| (*addr, p.0.id())).collect();
     // Warm both up (connection pools, allocator).
-    throughput(empty_addr, args.conns, 1).await;
-    throughput(chain_addr, args.conns, 1).await;
-    let (empty_pid, chain_pid) = (empty.0.id(), chain.0.id());
+    for (addr, _) in &targets {
+        throughput(*addr, args.conns, 1).await;
+    }
     let mut rates = [0.0f64; 2];
     let mut cpu = [0.0f64; 2];
     println!(
@@ -628,15 +676,19 @@ async fn chain_scenario(args: &Args) {
         args.conns, args.rounds, args.seconds
     );
     println!(
-        "{:<8} {:>14} {:>14} {:>20} {:>20}",
-        "round", "empty req/s", "chain req/s", "empty CPU µs/req", "chain CPU µs/req"
+        "{:<8} {:>18} {:>18} {:>16} {:>16}",
+        "round",
+        format!("{} req/s", a.label),
+        format!("{} req/s", b.label),
+        "A CPU µs/req",
+        "B CPU µs/req"
     );
     for round in 1..=args.rounds {
         let mut row = [(0.0, 0.0, 0); 2];
         // A-B, then B-A: neither proxy always runs second.
         let order = if round % 2 == 1 { [0, 1] } else { [1, 0] };
         for i in order {
-            let (addr, pid) = [(empty_addr, empty_pid), (chain_addr, chain_pid)][i];
+            let (addr, pid) = targets[i];
             let before = cpu_seconds(pid);
             let (rate, errors) = throughput(addr, args.conns, args.seconds).await;
             let used = cpu_seconds(pid) - before;
@@ -646,7 +698,7 @@ async fn chain_scenario(args: &Args) {
             row[i] = (rate, per_request, errors);
         }
         println!(
-            "{round:<8} {:>14.0} {:>14.0} {:>20.1} {:>20.1}{}",
+            "{round:<8} {:>18.0} {:>18.0} {:>16.1} {:>16.1}{}",
             row[0].0,
             row[1].0,
             row[0].1,
@@ -659,14 +711,14 @@ async fn chain_scenario(args: &Args) {
         );
     }
     let n = args.rounds as f64;
-    let (a, b) = (rates[0] / n, rates[1] / n);
+    let (ra, rb) = (rates[0] / n, rates[1] / n);
     let (ca, cb) = (cpu[0] / n, cpu[1] / n);
-    println!("{:<8} {a:>14.0} {b:>14.0} {ca:>20.1} {cb:>20.1}", "mean");
+    println!("{:<8} {ra:>18.0} {rb:>18.0} {ca:>16.1} {cb:>16.1}", "mean");
     println!(
-        "the chain costs {:.1}% of the throughput and {:.1}% more proxy CPU per request",
-        (1.0 - b / a) * 100.0,
-        (cb / ca - 1.0) * 100.0
+        "{} costs {:.1}% of the throughput and {:.1}% more proxy CPU per request than {}",
+        b.label,
+        (1.0 - rb / ra) * 100.0,
+        (cb / ca - 1.0) * 100.0,
+        a.label
     );
-    drop(empty);
-    drop(chain);
 }

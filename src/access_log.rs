@@ -1,7 +1,8 @@
 //! The access log: one line per request on the `streamgate::access` log target, so it can
 //! be routed or filtered on its own (`RUST_LOG=streamgate::access=info`). `combined` is the
-//! familiar Apache/nginx line with streamgate's fields appended; `json` is one object per
-//! line. Event streams add their event count and how they ended.
+//! familiar Apache/nginx line with streamgate's fields appended (`sse_events` and
+//! `sse_close` are `-` for ordinary requests); `json` is one object per line. Event streams
+//! add their event count and how they ended.
 
 use std::time::SystemTime;
 
@@ -13,6 +14,27 @@ use crate::config::file::AccessLogFormat;
 use crate::proxy::RequestCtx;
 
 pub const TARGET: &str = "streamgate::access";
+
+/// Shows `-` for nothing, without allocating.
+struct Maybe<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for Maybe<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// Microseconds shown as seconds with six decimals, with integer formatting only.
+struct Seconds(u128);
+
+impl std::fmt::Display for Seconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{:06}", self.0 / 1_000_000, self.0 % 1_000_000)
+    }
+}
 
 /// What one line says about a request.
 pub struct Entry<'a> {
@@ -30,12 +52,13 @@ pub fn write(format: AccessLogFormat, entry: &Entry<'_>) {
         return;
     }
     let req = entry.session.req_header();
-    let client = entry
-        .session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip().to_string())
-        .unwrap_or_else(|| "-".into());
+    let client = Maybe(
+        entry
+            .session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip()),
+    );
     let host = req
         .uri
         .authority()
@@ -51,26 +74,24 @@ pub fn write(format: AccessLogFormat, entry: &Entry<'_>) {
     let ctx = entry.ctx;
     let route = ctx.route.as_ref().map_or("-", |r| r.name.as_str());
     let service = ctx.service_name().unwrap_or("-");
-    let upstream = ctx
-        .upstream
-        .map(|u| u.to_string())
-        .unwrap_or_else(|| "-".into());
-    let duration = ctx.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    let upstream = Maybe(ctx.upstream);
+    let micros = ctx.started.map_or(0, |s| s.elapsed().as_micros());
+    let duration = Seconds(micros);
     let bytes = entry.session.body_bytes_sent();
     let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
     let time = humantime::format_rfc3339_millis(SystemTime::now());
     let request_id = ctx.request_id().unwrap_or("-");
     match format {
         AccessLogFormat::Combined => {
-            let sse = entry
-                .sse
-                .map(|(events, reason)| format!(" sse_events={events} sse_close={reason}"))
-                .unwrap_or_default();
+            let (events, close) = match entry.sse {
+                Some((events, reason)) => (Maybe(Some(events)), reason),
+                None => (Maybe(None), "-"),
+            };
             log::info!(
                 target: TARGET,
                 "{client} - - [{time}] \"{} {path} {:?}\" {} {bytes} \"{}\" \"{}\" host={host} \
-                 route={route} service={service} upstream={upstream} duration={duration:.6} \
-                 request_id={request_id}{sse}",
+                 route={route} service={service} upstream={upstream} duration={duration} \
+                 request_id={request_id} sse_events={events} sse_close={close}",
                 req.method,
                 req.version,
                 entry.status,
@@ -81,16 +102,16 @@ pub fn write(format: AccessLogFormat, entry: &Entry<'_>) {
         AccessLogFormat::Json => {
             let mut line = json!({
                 "time": time.to_string(),
-                "client": client,
+                "client": client.0.map(|ip| ip.to_string()),
                 "host": host,
                 "method": req.method.as_str(),
                 "path": path,
                 "status": entry.status,
                 "bytes": bytes,
-                "duration": duration,
+                "duration": micros as f64 / 1e6,
                 "route": route,
                 "service": service,
-                "upstream": upstream,
+                "upstream": upstream.0.map(|u| u.to_string()),
                 "request_id": request_id,
             });
             if let Some((events, reason)) = entry.sse {

@@ -10,7 +10,7 @@ use pingora_core::server::configuration::Opt;
 use streamgate::{build_server, Config};
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    streamgate::logging::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args
         .first()
