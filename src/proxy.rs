@@ -23,6 +23,13 @@
 //! logging                 the chain's logging hooks; SSE streams: one info line with
 //!                         duration, bytes and how it ended
 //! ```
+//!
+//! Pingora drives the response: the proxy sees an SSE stream only when a chunk passes
+//! `response_body_filter`, and can end it only by returning an error there. That is enough
+//! to end a stream at its next event boundary once the origin sends again (the admin API's
+//! `DELETE /sse/connections/{id}`), but not to write to a stream whose origin is silent
+//! (heartbeats) or to finish one cleanly on a timer (`max_lifetime`, draining on shutdown):
+//! those need SSE responses streamed by a loop of streamgate's own.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -226,7 +233,10 @@ impl ProxyHttp for StreamGate {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let route = route(ctx)?.clone();
+        // A request answered before routing has no chain to run.
+        let Some(route) = ctx.route.clone() else {
+            return Ok(());
+        };
         for instance in route.chain.iter() {
             instance.middleware.request_body(body, end_of_stream, ctx)?;
         }
