@@ -4,7 +4,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{client, guard, After, Events, Origin, Proxy};
+use common::{client, guard, lockstep, After, Events, Origin, Proxy};
 use tokio::sync::{mpsc, Mutex};
 
 /// A config with one service `web` at `origin`, the given middleware definitions, global
@@ -591,29 +591,6 @@ async fn the_origin_design_examples_run_as_written() {
     let mut events = Events::new(response);
     assert_eq!(events.next().await.as_deref(), Some("data: from the seed"));
     assert_eq!(origin.next_request().await.target, "/events/live");
-}
-
-/// An origin streaming `count` events in lockstep with the test's acknowledgements.
-async fn lockstep(count: usize, event: fn(usize) -> String) -> (Origin, mpsc::UnboundedSender<()>) {
-    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<()>();
-    let ack_rx = Arc::new(Mutex::new(ack_rx));
-    let origin = Origin::start(move |_, mut conn| {
-        let ack_rx = ack_rx.clone();
-        async move {
-            let mut acks = ack_rx.lock().await;
-            conn.sse_head().await.expect("head");
-            for i in 0..count {
-                conn.chunk(&event(i)).await.expect("event");
-                if acks.recv().await.is_none() {
-                    break;
-                }
-            }
-            let _ = conn.end().await;
-            After::Close
-        }
-    })
-    .await;
-    (origin, ack_tx)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -7,22 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{client, free_port, guard, After, Events, Origin, Proxy};
+use common::{client, eventually, free_port, After, Events, Origin, Proxy};
 use tokio::sync::{mpsc, Mutex};
-
-/// Polls `check` until it holds: reloads are observed through what the proxy serves.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    guard(what, async {
-        while !check().await {
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    })
-    .await
-}
 
 async fn body(url: String) -> (u16, String) {
     match client().get(url).send().await {

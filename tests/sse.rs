@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{client, guard, After, Events, Origin, Proxy};
+use common::{client, guard, lockstep, After, Events, Origin, Proxy};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 fn config(origin: &Origin, extra_service: &str) -> String {
@@ -17,31 +17,11 @@ fn config(origin: &Origin, extra_service: &str) -> String {
     )
 }
 
-/// An origin that sends `count` events, each only after the test acknowledged the previous
-/// one. If the proxy held any event back, the client would never see it and the test would
-/// stop at the guard.
+/// Events `id: i` / `data: event i`, sent in lockstep with the test's acknowledgements. If
+/// the proxy held any event back, the client would never see it and the test would stop at
+/// the guard.
 async fn lockstep_origin(count: usize) -> (Origin, mpsc::UnboundedSender<()>) {
-    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<()>();
-    let ack_rx = Arc::new(Mutex::new(ack_rx));
-    let origin = Origin::start(move |_, mut conn| {
-        let ack_rx = ack_rx.clone();
-        async move {
-            let mut acks = ack_rx.lock().await;
-            conn.sse_head().await.expect("head");
-            for i in 0..count {
-                conn.chunk(&format!("id: {i}\ndata: event {i}\n\n"))
-                    .await
-                    .expect("event");
-                if acks.recv().await.is_none() {
-                    break;
-                }
-            }
-            let _ = conn.end().await;
-            After::Close
-        }
-    })
-    .await;
-    (origin, ack_tx)
+    lockstep(count, |i| format!("id: {i}\ndata: event {i}\n\n")).await
 }
 
 async fn each_event_arrives_before_the_next_is_sent(service_sse: &str) {

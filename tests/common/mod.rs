@@ -31,6 +31,47 @@ pub async fn guard<T>(what: &str, fut: impl Future<Output = T>) -> T {
     }
 }
 
+/// Polls `check` until it holds (at most [`GUARD`]): for state the test can only observe.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    guard(what, async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+/// An origin whose every stream sends `count` events made by `event`, each only after the
+/// test acknowledged the previous one on the returned sender.
+pub async fn lockstep(
+    count: usize,
+    event: fn(usize) -> String,
+) -> (Origin, mpsc::UnboundedSender<()>) {
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<()>();
+    let ack_rx = Arc::new(tokio::sync::Mutex::new(ack_rx));
+    let origin = Origin::start(move |_, mut conn| {
+        let ack_rx = ack_rx.clone();
+        async move {
+            let mut acks = ack_rx.lock().await;
+            conn.sse_head().await.expect("head");
+            for i in 0..count {
+                conn.chunk(&event(i)).await.expect("event");
+                if acks.recv().await.is_none() {
+                    break;
+                }
+            }
+            let _ = conn.end().await;
+            After::Close
+        }
+    })
+    .await;
+    (origin, ack_tx)
+}
+
 /// A request as the origin received it.
 #[derive(Debug, Clone)]
 pub struct Head {
