@@ -5,7 +5,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{client, free_port, guard, After, Events, Origin, Proxy};
+use common::{client, free_port, guard, sse_get, After, Events, Origin, Proxy};
 use serde_json::Value;
 
 async fn sse_origin() -> Origin {
@@ -57,12 +57,7 @@ async fn admin_endpoints_show_routes_streams_config_and_reload() {
     let origin = sse_origin().await;
     let admin = free_port();
     let proxy = Proxy::start(&config(&origin, admin, "")).await;
-    let stream = client()
-        .get(proxy.url("/events/a"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .expect("stream");
+    let stream = sse_get(proxy.url("/events/a")).await;
     let mut events = Events::new(stream);
     assert_eq!(events.next().await.as_deref(), Some("id: 7\ndata: hello"));
 
@@ -187,12 +182,7 @@ async fn metrics_count_requests_and_streams_and_pass_promtool() {
             .status(),
         401
     );
-    let stream = client()
-        .get(proxy.url("/events/m"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .expect("stream");
+    let stream = sse_get(proxy.url("/events/m")).await;
     let mut events = Events::new(stream);
     assert!(events.next().await.is_some());
 
@@ -290,12 +280,7 @@ async fn access_log_writes_one_json_line_per_request() {
         .to_str()
         .expect("id")
         .to_string();
-    let stream = client()
-        .get(proxy.url("/events/z"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .expect("stream");
+    let stream = sse_get(proxy.url("/events/z")).await;
     let mut events = Events::new(stream);
     assert!(events.next().await.is_some());
     drop(events);

@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{client, free_port, guard, After, Events, Origin, Proxy};
+use common::{free_port, guard, sse_get, After, Events, Origin, Proxy};
 use serde_json::{json, Value};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
@@ -182,12 +182,7 @@ async fn the_dashboard_shows_a_live_stream_and_ends_it() {
         origin.url()
     ))
     .await;
-    let stream = client()
-        .get(proxy.url("/events"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .expect("stream");
+    let stream = sse_get(proxy.url("/events")).await;
     let mut events = Events::new(stream);
     assert!(events.next().await.is_some());
 

@@ -4,7 +4,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{client, guard, lockstep, After, Events, Origin, Proxy};
+use common::{client, guard, lockstep, sse_get, After, Events, Origin, Proxy};
 use tokio::sync::{mpsc, Mutex};
 
 /// A config with one service `web` at `origin`, the given middleware definitions, global
@@ -599,12 +599,7 @@ async fn body_replace_rewrites_a_live_stream_event_by_event() {
         lockstep(4, |i| format!("id: {i}\ndata: http://internal.svc/{i}\n\n")).await;
     let defs = "  - { name: rw, type: body_replace, config: { replacements: [{ literal: 'http://internal.svc', with: 'https://api.test' }] } }\n";
     let proxy = Proxy::start(&config(&origin, defs, "rw", "", "")).await;
-    let response = client()
-        .get(proxy.url("/events"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .expect("r");
+    let response = sse_get(proxy.url("/events")).await;
     assert!(response.headers().get("content-length").is_none());
     let mut events = Events::new(response);
     for i in 0..4 {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{client, eventually, free_port, After, Events, Origin, Proxy};
+use common::{client, eventually, free_port, sse_get, After, Events, Origin, Proxy};
 use tokio::sync::{mpsc, Mutex};
 
 async fn body(url: String) -> (u16, String) {
@@ -76,12 +76,7 @@ async fn file_changes_apply_live_without_touching_open_streams() {
     write_config(&main, &format!("{base}{}", rules("")));
     let proxy = Proxy::start_file(&main).await;
 
-    let stream = client()
-        .get(proxy.url("/events"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .expect("stream");
+    let stream = sse_get(proxy.url("/events")).await;
     let mut events = Events::new(stream);
     let mut next_id = 0;
     expect_event(&mut events, &ack_tx, &mut next_id).await;

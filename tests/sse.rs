@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{client, guard, lockstep, After, Events, Origin, Proxy};
+use common::{client, guard, lockstep, sse_get, After, Events, Origin, Proxy};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 fn config(origin: &Origin, extra_service: &str) -> String {
@@ -27,12 +27,7 @@ async fn lockstep_origin(count: usize) -> (Origin, mpsc::UnboundedSender<()>) {
 async fn each_event_arrives_before_the_next_is_sent(service_sse: &str) {
     let (origin, ack) = lockstep_origin(5).await;
     let proxy = Proxy::start(&config(&origin, service_sse)).await;
-    let response = client()
-        .get(proxy.url("/events"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .expect("response");
+    let response = sse_get(proxy.url("/events")).await;
     let mut events = Events::new(response);
     for i in 0..5 {
         let event = events.next().await.expect("an event");
@@ -134,12 +129,7 @@ async fn quiet_stream_outlives_the_ordinary_read_timeout() {
     let service = "    timeouts: { read: 300ms }\n    sse: { read_timeout: 0 }\n";
     let proxy = Proxy::start(&config(&origin, service)).await;
 
-    let response = client()
-        .get(proxy.url("/events"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .expect("response");
+    let response = sse_get(proxy.url("/events")).await;
     let mut events = Events::new(response);
     assert_eq!(events.next().await.as_deref(), Some("data: one"));
     assert_eq!(events.next().await.as_deref(), Some("data: two"));
@@ -164,12 +154,7 @@ async fn sse_read_timeout_cuts_a_silent_origin() {
     })
     .await;
     let proxy = Proxy::start(&config(&origin, "    sse: { read_timeout: 300ms }\n")).await;
-    let response = client()
-        .get(proxy.url("/events"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .expect("response");
+    let response = sse_get(proxy.url("/events")).await;
     let mut events = Events::new(response);
     assert_eq!(events.next().await.as_deref(), Some("data: one"));
     assert!(
@@ -196,12 +181,7 @@ async fn client_disconnect_closes_the_upstream_connection() {
     })
     .await;
     let proxy = Proxy::start(&config(&origin, "")).await;
-    let response = client()
-        .get(proxy.url("/events"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .expect("response");
+    let response = sse_get(proxy.url("/events")).await;
     let mut events = Events::new(response);
     assert_eq!(events.next().await.as_deref(), Some("data: hello"));
     drop(events);
@@ -220,12 +200,7 @@ async fn origin_death_ends_the_client_stream() {
     })
     .await;
     let proxy = Proxy::start(&config(&origin, "")).await;
-    let response = client()
-        .get(proxy.url("/events"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .expect("response");
+    let response = sse_get(proxy.url("/events")).await;
     let mut events = Events::new(response);
     assert_eq!(events.next().await.as_deref(), Some("data: last words"));
     assert!(
@@ -331,12 +306,7 @@ async fn many_streams_leave_nothing_behind() {
     for round in 0..4 {
         let mut open = Vec::new();
         for _ in 0..50 {
-            let r = client()
-                .get(proxy.url("/events"))
-                .header("accept", "text/event-stream")
-                .send()
-                .await
-                .expect("r");
+            let r = sse_get(proxy.url("/events")).await;
             let mut events = Events::new(r);
             assert_eq!(
                 events.next().await.as_deref(),

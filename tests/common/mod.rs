@@ -318,6 +318,16 @@ pub fn client() -> reqwest::Client {
         .expect("client")
 }
 
+/// A GET asking for an event stream, as an `EventSource` sends it.
+pub async fn sse_get(url: String) -> reqwest::Response {
+    client()
+        .get(url)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("the proxy answers")
+}
+
 /// Reads whole SSE events (up to the blank line) from a streaming response.
 pub struct Events {
     response: reqwest::Response,
