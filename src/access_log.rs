@@ -11,6 +11,7 @@ use pingora_proxy::Session;
 use serde_json::json;
 
 use crate::config::file::AccessLogFormat;
+use crate::http_util;
 use crate::proxy::RequestCtx;
 
 pub const TARGET: &str = "streamgate::access";
@@ -59,12 +60,7 @@ pub fn write(format: AccessLogFormat, entry: &Entry<'_>) {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip()),
     );
-    let host = req
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| req.headers.get(http::header::HOST)?.to_str().ok())
-        .unwrap_or("-");
+    let host = http_util::request_host(req).unwrap_or("-");
     let header = |name: http::header::HeaderName| {
         req.headers
             .get(name)

@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod diagnose;
 pub mod error;
+pub mod http_util;
 pub mod logging;
 pub mod metrics;
 pub mod middleware;

@@ -31,7 +31,7 @@
 //! (heartbeats) or to finish one cleanly on a timer (`max_lifetime`, draining on shutdown):
 //! those need SSE responses streamed by a loop of streamgate's own.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,12 +47,13 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::config::Config;
 use crate::error::http_error;
+use crate::http_util::{client_ip, request_host};
 use crate::metrics::OpenStream;
 use crate::middleware::{BodyFilter, Outcome, Reply};
 use crate::routing::{NoRoute, Route};
 use crate::sse::limits::{ClientSlotGuard, SlotGuard};
 use crate::sse::scanner::EventScanner;
-use crate::sse::tracker::{Opening, TrackGuard, TRACKER};
+use crate::sse::tracker::{StreamInfo, TrackGuard, TRACKER};
 use crate::sse::{self, FlushPacer, SseSettings};
 
 /// The proxy. Holds the current config; a request keeps the route (and so the service and
@@ -317,7 +318,7 @@ impl ProxyHttp for StreamGate {
             });
             if settings.connection_tracking {
                 let req = session.req_header();
-                ctx.tracked = Some(TRACKER.open(Opening {
+                ctx.tracked = Some(TRACKER.open(StreamInfo {
                     client: client_ip(session),
                     host: request_host(req).unwrap_or_default().to_string(),
                     path: req.uri.path().to_string(),
@@ -348,7 +349,6 @@ impl ProxyHttp for StreamGate {
     ) -> Result<Option<Duration>> {
         if let (Some(stream), Some(tracked)) = (ctx.stream.as_mut(), ctx.tracked.as_mut()) {
             if stream.ending {
-                tracked.reason = "ended";
                 return Err(Error::explain(
                     ErrorType::InternalError,
                     "stream ended through the admin API",
@@ -442,13 +442,17 @@ impl ProxyHttp for StreamGate {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session
+            .response_written()
+            .map_or(ctx.status.unwrap_or(0), |r| r.status.as_u16());
+        let reason = match &ctx.stream {
+            Some(stream) if stream.ending => "ended",
+            _ => close_reason(e),
+        };
         if let Some(route) = &ctx.route {
             for instance in route.chain.iter() {
                 instance.middleware.logging(session, ctx);
             }
-            let status = session
-                .response_written()
-                .map_or(ctx.status.unwrap_or(0), |r| r.status.as_u16());
             let elapsed = ctx.started.map(|s| s.elapsed()).unwrap_or_default();
             route.metrics.request(status, elapsed);
             if let Some(e) = e.filter(|e| e.esource() == &ErrorSource::Upstream) {
@@ -466,13 +470,7 @@ impl ProxyHttp for StreamGate {
         }
         let access = self.config.load().access_log;
         if access.enabled {
-            let status = session
-                .response_written()
-                .map_or(ctx.status.unwrap_or(0), |r| r.status.as_u16());
-            let sse = ctx
-                .stream
-                .as_ref()
-                .map(|s| (s.scanner.events(), close_reason(e)));
+            let sse = ctx.stream.as_ref().map(|s| (s.scanner.events(), reason));
             crate::access_log::write(
                 access.format,
                 &crate::access_log::Entry {
@@ -487,8 +485,6 @@ impl ProxyHttp for StreamGate {
         let Some(stream) = ctx.stream.as_mut() else {
             return;
         };
-        let reason = close_reason(e);
-        let reason = if stream.ending { "ended" } else { reason };
         stream.open.reason = reason;
         if let Some(tracked) = ctx.tracked.as_mut() {
             // The guard logs the close when it drops, with this reason.
@@ -533,21 +529,6 @@ fn route(ctx: &RequestCtx) -> Result<&Arc<Route>> {
     ctx.route
         .as_ref()
         .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))
-}
-
-/// The host the client addressed: the URI authority (HTTP/2, absolute-form) or `Host`.
-fn request_host(req: &RequestHeader) -> Option<&str> {
-    req.uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| req.headers.get(http::header::HOST)?.to_str().ok())
-}
-
-fn client_ip(session: &Session) -> Option<IpAddr> {
-    session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip())
 }
 
 /// Whether a path has `.` or `..` segments, plain or percent-encoded. Such paths could

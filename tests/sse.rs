@@ -273,8 +273,8 @@ async fn tracked_streams_are_registered_and_removed_however_they_end() {
     let mut events = Events::new(open().await.expect("r"));
     assert!(events.next().await.is_some());
     let entries = tracked(1).await;
-    assert_eq!(entries[0].path, "/events/live");
-    assert_eq!(entries[0].service, "feed");
+    assert_eq!(entries[0].info.path, "/events/live");
+    assert_eq!(entries[0].info.service, "feed");
     ack.send(()).expect("ack");
     assert!(events.next().await.is_some());
     ack.send(()).expect("ack");

@@ -302,7 +302,7 @@ fn upstreams_view(config: &Config) -> Value {
             json!({
                 "service": s.name,
                 "url": format!("http://{}{}", s.url.authority(), s.url.prefix),
-                "tracked_sse_streams": streams.iter().filter(|e| e.service == s.name).count(),
+                "tracked_sse_streams": streams.iter().filter(|e| e.info.service == s.name).count(),
                 "sse_open_streams": s.sse_limit.as_ref().map(|l| l.open()),
                 "sse_max_connections": s.sse.max_connections,
             })
@@ -314,12 +314,12 @@ fn upstreams_view(config: &Config) -> Value {
 fn stream_view(e: &StreamEntry) -> Value {
     json!({
         "id": e.id,
-        "client": e.client.map(|c| c.to_string()),
-        "host": e.host,
-        "path": e.path,
-        "route": e.route,
-        "service": e.service,
-        "upstream": e.upstream.map(|u| u.to_string()),
+        "client": e.info.client.map(|c| c.to_string()),
+        "host": e.info.host,
+        "path": e.info.path,
+        "route": e.info.route,
+        "service": e.info.service,
+        "upstream": e.info.upstream.map(|u| u.to_string()),
         "started": unix_seconds(e.started),
         "age_seconds": e.age().as_secs_f64(),
         "idle_seconds": e.idle().as_secs_f64(),
@@ -386,12 +386,12 @@ fn connections_view(query: &str) -> Result<Value, String> {
     let matching: Vec<_> = TRACKER
         .snapshot()
         .into_iter()
-        .filter(|e| route.as_ref().is_none_or(|r| *r == e.route))
-        .filter(|e| service.as_ref().is_none_or(|s| *s == e.service))
+        .filter(|e| route.as_ref().is_none_or(|r| *r == e.info.route))
+        .filter(|e| service.as_ref().is_none_or(|s| *s == e.info.service))
         .filter(|e| {
             client
                 .as_ref()
-                .is_none_or(|c| e.client.is_some_and(|ip| ip.to_string() == *c))
+                .is_none_or(|c| e.info.client.is_some_and(|ip| ip.to_string() == *c))
         })
         .filter(|e| e.age() >= min_age)
         .collect();

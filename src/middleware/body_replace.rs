@@ -24,10 +24,7 @@
 //! and installs the body filter). Compressed responses are passed through untouched.
 
 use bytes::{Bytes, BytesMut};
-use http::header::{
-    ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING,
-};
-use http::Version;
+use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE};
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
@@ -36,6 +33,7 @@ use serde::Deserialize;
 
 use super::size_limit::ByteSize;
 use super::{BodyFilter, Middleware};
+use crate::http_util::{drop_content_length, media_essence};
 use crate::proxy::RequestCtx;
 use crate::sse;
 
@@ -169,11 +167,7 @@ impl BodyReplace {
     }
 
     fn applies_to(&self, content_type: &[u8]) -> bool {
-        let essence = content_type
-            .split(|&b| b == b';')
-            .next()
-            .unwrap_or_default()
-            .trim_ascii();
+        let essence = media_essence(content_type);
         self.types
             .iter()
             .any(|t| essence.eq_ignore_ascii_case(t.as_bytes()))
@@ -209,12 +203,7 @@ impl Middleware for BodyReplace {
             return Ok(None);
         }
         let events = sse::is_event_stream(content_type.as_bytes());
-        if response.remove_header(&CONTENT_LENGTH).is_some()
-            && session.req_header().version == Version::HTTP_11
-            && !response.headers.contains_key(TRANSFER_ENCODING)
-        {
-            response.insert_header(TRANSFER_ENCODING, "chunked")?;
-        }
+        drop_content_length(response, session.req_header().version)?;
         Ok(Some(Box::new(ReplaceFilter {
             rules: self.rules.clone(),
             events,

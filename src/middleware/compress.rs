@@ -26,10 +26,9 @@ use std::io::Write;
 use bytes::Bytes;
 use flate2::write::GzEncoder;
 use http::header::{
-    ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE,
-    TRANSFER_ENCODING, VARY,
+    ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, VARY,
 };
-use http::{Method, Version};
+use http::Method;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
@@ -37,6 +36,7 @@ use serde::Deserialize;
 
 use super::size_limit::ByteSize;
 use super::{BodyFilter, Middleware};
+use crate::http_util::{drop_content_length, list_accepts, media_essence};
 use crate::proxy::RequestCtx;
 use crate::sse;
 
@@ -136,16 +136,8 @@ impl Compress {
     /// The first configured algorithm the client accepts (`q` above zero).
     fn negotiate(&self, accept: &[u8]) -> Option<Algorithm> {
         let accepted = |token: &str| {
-            accept.split(|&b| b == b',').any(|item| {
-                let mut parts = item.split(|&b| b == b';');
-                let name = parts.next().unwrap_or_default().trim_ascii();
-                let zero = parts.any(|p| {
-                    let p = p.trim_ascii();
-                    p.len() > 2
-                        && p[..2].eq_ignore_ascii_case(b"q=")
-                        && p[2..].iter().all(|&b| b == b'0' || b == b'.')
-                });
-                (name.eq_ignore_ascii_case(token.as_bytes()) || name == b"*") && !zero
+            list_accepts(accept, |name| {
+                name.eq_ignore_ascii_case(token.as_bytes()) || name == b"*"
             })
         };
         self.algorithms
@@ -153,14 +145,6 @@ impl Compress {
             .copied()
             .find(|a| accepted(a.token()))
     }
-}
-
-fn essence(content_type: &[u8]) -> &[u8] {
-    content_type
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii()
 }
 
 impl Middleware for Compress {
@@ -191,7 +175,7 @@ impl Middleware for Compress {
         if events && !self.sse {
             return Ok(None);
         }
-        let ty = essence(content_type.as_bytes());
+        let ty = media_essence(content_type.as_bytes());
         if !events
             && !self
                 .types
@@ -215,15 +199,9 @@ impl Middleware for Compress {
         else {
             return Ok(None);
         };
-        let http11 = req.version == Version::HTTP_11;
         response.insert_header(CONTENT_ENCODING, algorithm.token())?;
         response.append_header(VARY, "accept-encoding")?;
-        if response.remove_header(&CONTENT_LENGTH).is_some()
-            && http11
-            && !response.headers.contains_key(TRANSFER_ENCODING)
-        {
-            response.insert_header(TRANSFER_ENCODING, "chunked")?;
-        }
+        drop_content_length(response, session.req_header().version)?;
         let encoder = match algorithm {
             Algorithm::Gzip => Encoder::Gzip(GzEncoder::new(
                 Vec::new(),

@@ -104,7 +104,7 @@ pub fn client_ip(peer: IpAddr, forwarded: Option<&str>, trusted: &[IpNet]) -> Ip
 
 /// The client address of a session, seen through `trusted` proxies.
 pub fn session_client(session: &Session, trusted: &[IpNet]) -> Option<IpAddr> {
-    let peer = session.client_addr()?.as_inet()?.ip();
+    let peer = crate::http_util::client_ip(session)?;
     let forwarded = session
         .get_header("x-forwarded-for")
         .and_then(|v| v.to_str().ok());

@@ -139,12 +139,7 @@ fn parse_template(template: &str) -> Result<Vec<Part>, String> {
 impl Middleware for Redirect {
     async fn request(&self, session: &mut Session, _ctx: &mut RequestCtx) -> Result<Outcome> {
         let req = session.req_header();
-        let authority = req
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| req.headers.get(http::header::HOST)?.to_str().ok())
-            .unwrap_or("");
+        let authority = crate::http_util::request_host(req).unwrap_or("");
         let location = self.location("http", authority, req.uri.path(), req.uri.query());
         let value = HeaderValue::from_str(&location).map_err(|_| {
             crate::error::http_error(400, "the request cannot be redirected".to_string())

@@ -27,6 +27,7 @@ use pingora_proxy::Session;
 
 use super::{Middleware, Outcome, Reply};
 use crate::config::file::SseFile;
+use crate::http_util::client_ip;
 use crate::proxy::RequestCtx;
 use crate::sse::{self, limits};
 
@@ -87,10 +88,6 @@ impl Middleware for SseMiddleware {
         }
         Ok(Outcome::Continue)
     }
-}
-
-fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
-    Some(session.client_addr()?.as_inet()?.ip())
 }
 
 /// The `429` for a stream refused by a `max_connections_per_client` limit.

@@ -15,13 +15,14 @@ pub mod tracker;
 
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{HeaderName, HeaderValue, CACHE_CONTROL};
 use http::Version;
 use pingora_http::ResponseHeader;
 
 pub use pacer::FlushPacer;
 
 use crate::config::file::SseFile;
+use crate::http_util::{drop_content_length, list_accepts, media_essence};
 
 static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
@@ -83,30 +84,13 @@ impl Default for SseSettings {
 
 /// Whether a `Content-Type` value is `text/event-stream`, with or without parameters.
 pub fn is_event_stream(content_type: &[u8]) -> bool {
-    let essence = content_type
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
-    essence.eq_ignore_ascii_case(b"text/event-stream")
+    media_essence(content_type).eq_ignore_ascii_case(b"text/event-stream")
 }
 
 /// Whether an `Accept` value asks for `text/event-stream` (and does not refuse it with
 /// `q=0`).
 pub fn accepts_event_stream(accept: &[u8]) -> bool {
-    accept.split(|&b| b == b',').any(|range| {
-        let mut parts = range.split(|&b| b == b';');
-        let refused = |param: &[u8]| {
-            let param = param.trim_ascii();
-            param.len() >= 2
-                && param[..2].eq_ignore_ascii_case(b"q=")
-                && param[2..]
-                    .trim_ascii()
-                    .iter()
-                    .all(|&b| b == b'0' || b == b'.')
-        };
-        is_event_stream(parts.next().unwrap_or_default()) && !parts.any(refused)
-    })
+    list_accepts(accept, is_event_stream)
 }
 
 /// Applies the SSE response rules to an event-stream response header.
@@ -114,13 +98,7 @@ pub fn fix_response_header(
     header: &mut ResponseHeader,
     downstream: Version,
 ) -> pingora_error::Result<()> {
-    if header.remove_header(&CONTENT_LENGTH).is_some()
-        && downstream == Version::HTTP_11
-        && header.headers.get(&TRANSFER_ENCODING).is_none()
-    {
-        // Without a length the body must be chunked, which Pingora flushes per chunk.
-        header.insert_header(TRANSFER_ENCODING, "chunked")?;
-    }
+    drop_content_length(header, downstream)?;
     if header.headers.get(&CACHE_CONTROL).is_none() {
         header.insert_header(CACHE_CONTROL, HeaderValue::from_static("no-cache"))?;
     }

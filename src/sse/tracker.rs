@@ -22,12 +22,8 @@ use once_cell::sync::Lazy;
 #[derive(Debug)]
 pub struct StreamEntry {
     pub id: u64,
-    pub client: Option<IpAddr>,
-    pub host: String,
-    pub path: String,
-    pub route: String,
-    pub service: String,
-    pub upstream: Option<SocketAddr>,
+    /// What was known when it opened.
+    pub info: StreamInfo,
     pub started: SystemTime,
     started_at: Instant,
     /// Milliseconds after `started` of the last chunk from the origin.
@@ -96,7 +92,7 @@ impl StreamEntry {
 
 /// What is known about a stream when it opens.
 #[derive(Debug, Default)]
-pub struct Opening {
+pub struct StreamInfo {
     pub client: Option<IpAddr>,
     pub host: String,
     pub path: String,
@@ -132,16 +128,11 @@ pub static TRACKER: Lazy<Tracker> = Lazy::new(Tracker::default);
 
 impl Tracker {
     /// Registers a stream; it stays registered until the guard drops.
-    pub fn open(&'static self, opening: Opening) -> TrackGuard {
+    pub fn open(&'static self, info: StreamInfo) -> TrackGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let entry = Arc::new(StreamEntry {
             id,
-            client: opening.client,
-            host: opening.host,
-            path: opening.path,
-            route: opening.route,
-            service: opening.service,
-            upstream: opening.upstream,
+            info,
             started: SystemTime::now(),
             started_at: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
@@ -155,9 +146,9 @@ impl Tracker {
         }
         log::info!(
             "sse stream {id} opened: route={} client={} path={}",
-            entry.route,
-            entry.client.map(|c| c.to_string()).unwrap_or_default(),
-            entry.path
+            entry.info.route,
+            entry.info.client.map(|c| c.to_string()).unwrap_or_default(),
+            entry.info.path
         );
         TrackGuard {
             tracker: self,
@@ -225,8 +216,8 @@ impl Drop for TrackGuard {
             }
             recent.push_back(Closed {
                 id: e.id,
-                route: e.route.clone(),
-                client: e.client,
+                route: e.info.route.clone(),
+                client: e.info.client,
                 duration: e.age(),
                 events: e.events(),
                 reason: self.reason,
@@ -237,8 +228,8 @@ impl Drop for TrackGuard {
             "sse stream {} closed: route={} client={} duration={:.3}s events={} bytes={} \
              last_event_id={:?} reason={}{}",
             e.id,
-            e.route,
-            e.client.map(|c| c.to_string()).unwrap_or_default(),
+            e.info.route,
+            e.info.client.map(|c| c.to_string()).unwrap_or_default(),
             e.age().as_secs_f64(),
             e.events(),
             e.bytes(),
@@ -260,11 +251,11 @@ mod tests {
 
     #[test]
     fn entries_live_as_long_as_their_guards() {
-        let a = LOCAL.open(Opening {
+        let a = LOCAL.open(StreamInfo {
             route: "r".into(),
-            ..Opening::default()
+            ..StreamInfo::default()
         });
-        let b = LOCAL.open(Opening::default());
+        let b = LOCAL.open(StreamInfo::default());
         assert_eq!(LOCAL.len(), 2);
         a.entry.record(10, 2, Some(b"41"));
         a.entry.record(5, 1, Some(b"42"));
