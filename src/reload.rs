@@ -40,7 +40,18 @@ impl Reloader {
 
 /// Reloads the config in `current` from its files. On success the new config is live and
 /// returned; on failure nothing changes.
-pub fn reload(current: &ArcSwap<Config>) -> Result<Arc<Config>, ConfigError> {
+/// The outcome of a successful reload.
+#[derive(Debug)]
+pub struct Reloaded {
+    pub config: Arc<Config>,
+    /// Settings that changed in the files but keep their old values until a restart or a
+    /// `-u` upgrade: `listen`, `threads`, `demo`, `admin`.
+    pub not_applied: Vec<&'static str>,
+    pub loaded: Vec<String>,
+    pub unloaded: Vec<String>,
+}
+
+pub fn reload(current: &ArcSwap<Config>) -> Result<Reloaded, ConfigError> {
     let old = current.load_full();
     let new = match old.reload() {
         Ok(new) => Arc::new(new),
@@ -52,14 +63,20 @@ pub fn reload(current: &ArcSwap<Config>) -> Result<Arc<Config>, ConfigError> {
             return Err(e);
         }
     };
-    if new.listen != old.listen
-        || new.threads != old.threads
-        || new.demo != old.demo
-        || new.admin != old.admin
-    {
+    let not_applied: Vec<&'static str> = [
+        ("listen", new.listen != old.listen),
+        ("threads", new.threads != old.threads),
+        ("demo", new.demo != old.demo),
+        ("admin", new.admin != old.admin),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect();
+    if !not_applied.is_empty() {
         log::warn!(
-            "config reload: `listen`, `threads`, `demo` and `admin` cannot change in a running \
-             process; they stay as they were until a restart or a `streamgate -u` upgrade"
+            "config reload: [{}] cannot change in a running process; they stay as they were \
+             until a restart or a `streamgate -u` upgrade",
+            not_applied.join(", ")
         );
     }
     let enabled = |c: &Config| -> BTreeSet<String> {
@@ -86,7 +103,12 @@ pub fn reload(current: &ArcSwap<Config>) -> Result<Arc<Config>, ConfigError> {
         loaded.join(", "),
         unloaded.join(", ")
     );
-    Ok(new)
+    Ok(Reloaded {
+        config: new,
+        not_applied,
+        loaded,
+        unloaded,
+    })
 }
 
 /// Directories to watch for `config`: where its files are, and where its include globs
@@ -187,10 +209,10 @@ impl BackgroundService for Reloader {
                     log::info!("config files changed: reloading");
                 }
             }
-            if let Ok(new) = reload(&self.current) {
+            if let Ok(done) = reload(&self.current) {
                 // The set of files (and so of directories) may have changed.
                 drop(watcher.take());
-                watcher = watch(&new, tx.clone());
+                watcher = watch(&done.config, tx.clone());
             }
         }
     }

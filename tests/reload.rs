@@ -225,3 +225,35 @@ async fn unchanged_middleware_keeps_its_state_across_reloads() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_says_which_settings_need_an_upgrade() {
+    use arc_swap::ArcSwap;
+    use streamgate::Config;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let main = dir.path().join("streamgate.yaml");
+    let text = |port: u16, mw: &str| {
+        format!("listen: [\"127.0.0.1:{port}\"]\nservices: {{}}\nmiddleware_services:\n{mw}")
+    };
+    write_config(&main, &text(1, "  - { name: a, type: request_id }\n"));
+    let current = ArcSwap::from_pointee(Config::load(&main).expect("loads"));
+    write_config(&main, &text(2, "  - { name: b, type: request_id }\n"));
+    let done = streamgate::reload::reload(&current).expect("reloads");
+    assert_eq!(done.not_applied, ["listen"]);
+    assert_eq!(
+        (done.loaded, done.unloaded),
+        (vec!["b".to_string()], vec!["a".to_string()])
+    );
+    assert_eq!(
+        current.load().version,
+        done.config.version,
+        "the new config is live"
+    );
+    write_config(&main, "listen: nope\n");
+    assert!(streamgate::reload::reload(&current).is_err());
+    assert_eq!(
+        current.load().version,
+        done.config.version,
+        "a broken config changes nothing"
+    );
+}

@@ -184,7 +184,16 @@ impl Admin {
                 Err(e) => Answer::error(400, &e),
             },
             ("/reload", _, true) => match crate::reload::reload(&self.config) {
-                Ok(new) => Answer::json(200, json!({ "reloaded": true, "version": new.version })),
+                Ok(done) => Answer::json(
+                    200,
+                    json!({
+                        "reloaded": true,
+                        "version": done.config.version,
+                        "middlewares_loaded": done.loaded,
+                        "middlewares_unloaded": done.unloaded,
+                        "not_applied_until_upgrade": done.not_applied,
+                    }),
+                ),
                 Err(e) => Answer::json(422, json!({ "reloaded": false, "error": e.to_string() })),
             },
             ("/", true, _) => Answer {

@@ -404,3 +404,15 @@ fn an_admin_listener_off_loopback_needs_a_token() {
     assert!(load("admin: { listen: \"127.0.0.1:9901\" }\n").is_ok());
     refused("access_log: { format: xml }\n", 1, "access_log.format");
 }
+
+#[test]
+fn any_pingora_setting_is_passed_through_but_typos_beside_them_are_not() {
+    let config = load(
+        "work_stealing: false\nupstream_keepalive_pool_size: 7\nmax_retries: 2\n\
+         daemon_wait_for_ready: false\nservices: {}\n",
+    )
+    .expect("Pingora's own keys load");
+    assert!(!config.server.work_stealing);
+    assert_eq!(config.server.upstream_keepalive_pool_size, 7);
+    refused("work_steeling: false\n", 1, "work_steeling");
+}
