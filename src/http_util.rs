@@ -53,6 +53,16 @@ pub fn client_ip(session: &Session) -> Option<IpAddr> {
     Some(session.client_addr()?.as_inet()?.ip())
 }
 
+/// `https` when the request came over TLS, else `http`: what `X-Forwarded-Proto` says.
+pub fn scheme(session: &Session) -> &'static str {
+    let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+    if tls {
+        "https"
+    } else {
+        "http"
+    }
+}
+
 /// The host the client addressed: the URI authority (HTTP/2, absolute-form) or `Host`.
 pub fn request_host(req: &RequestHeader) -> Option<&str> {
     req.uri

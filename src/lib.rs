@@ -12,6 +12,7 @@ pub mod demo;
 pub mod diagnose;
 pub mod error;
 pub mod http_util;
+pub mod listeners;
 pub mod logging;
 pub mod metrics;
 pub mod middleware;
@@ -19,6 +20,7 @@ pub mod proxy;
 pub mod reload;
 pub mod routing;
 pub mod sse;
+pub mod tls;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -34,7 +36,9 @@ pub use proxy::StreamGate;
 /// Builds the Pingora server for `config`. `opt` carries Pingora's command-line flags
 /// (`-d`, `-u`); its config path, if any, has already been read into `config`.
 ///
-/// Besides the proxy (and the demo origin when configured), the server runs the reloader:
+/// The proxy runs as one or more services that share the config (see [`listeners`]: TLS
+/// and plain HTTP/1.1 listeners, h2c listeners, redirects to https). Besides them (and the
+/// demo origin when configured), the server runs the reloader:
 /// `SIGHUP` or a change to any config file swaps in the new config without a restart.
 pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
     let opt = opt.map(|mut opt| {
@@ -46,19 +50,14 @@ pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
 
-    let listen = config.listen.clone();
     let demo = config.demo;
     metrics::config_loaded(&config.version, config.loaded_secs());
     let current = Arc::new(ArcSwap::from_pointee(config));
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+    server.add_services(listeners::services(
         &server.configuration,
-        StreamGate::new(current.clone()),
-        "streamgate",
-    );
-    for addr in &listen {
-        proxy.add_tcp(&addr.to_string());
-    }
-    server.add_service(proxy);
+        &current.load(),
+        &current,
+    ));
     if let Some(admin) = admin::service(current.clone()) {
         server.add_service(admin);
     }

@@ -47,7 +47,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::config::Config;
 use crate::error::http_error;
-use crate::http_util::{client_ip, request_host};
+use crate::http_util::{client_ip, request_host, scheme};
 use crate::metrics::OpenStream;
 use crate::middleware::{BodyFilter, Outcome, Reply};
 use crate::routing::{NoRoute, Route};
@@ -281,7 +281,7 @@ impl ProxyHttp for StreamGate {
         let route = route(ctx)?.clone();
         route
             .service
-            .rewrite_request(upstream_request, client, "http")?;
+            .rewrite_request(upstream_request, client, scheme(session))?;
         for instance in route.chain.iter() {
             instance
                 .middleware

@@ -45,7 +45,7 @@ impl Reloader {
 pub struct Reloaded {
     pub config: Arc<Config>,
     /// Settings that changed in the files but keep their old values until a restart or a
-    /// `-u` upgrade: `listen`, `threads`, `demo`, `admin`.
+    /// `-u` upgrade: `listen`, `http2`, `threads`, `demo`, `admin`. (Certificates do change.)
     pub not_applied: Vec<&'static str>,
     pub loaded: Vec<String>,
     pub unloaded: Vec<String>,
@@ -64,7 +64,8 @@ pub fn reload(current: &ArcSwap<Config>) -> Result<Reloaded, ConfigError> {
         }
     };
     let not_applied: Vec<&'static str> = [
-        ("listen", new.listen != old.listen),
+        ("listen", new.listeners != old.listeners),
+        ("http2", new.http2 != old.http2),
         ("threads", new.threads != old.threads),
         ("demo", new.demo != old.demo),
         ("admin", new.admin != old.admin),

@@ -20,6 +20,7 @@ use crate::upstream::ServiceUrl;
 /// must be Pingora server settings.
 pub const OWN_KEYS: &[&str] = &[
     "listen",
+    "http2",
     "include",
     "demo",
     "sse",
@@ -36,7 +37,9 @@ pub const OWN_KEYS: &[&str] = &[
 #[derive(Debug, Deserialize)]
 pub struct MainFile {
     #[serde(default)]
-    pub listen: Option<Vec<ListenAddr>>,
+    pub listen: Option<Vec<ListenFile>>,
+    #[serde(default)]
+    pub http2: Option<Http2File>,
     #[serde(default)]
     pub include: Vec<String>,
     #[serde(default)]
@@ -194,16 +197,169 @@ parsed_string!(ServiceUrlFile, ServiceUrl);
 #[derive(Debug, Clone, Copy)]
 pub struct ListenAddr(pub SocketAddr);
 
+impl ListenAddr {
+    fn parse(raw: &str) -> Result<Self, String> {
+        raw.parse().map(ListenAddr).map_err(|_| {
+            format!(
+                "invalid listen address `{raw}`: write an IP and a port, \
+                 like `0.0.0.0:8080` or `[::]:8080`"
+            )
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for ListenAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(d)?;
-        raw.parse().map(ListenAddr).map_err(|_| {
-            de::Error::custom(format!(
-                "invalid listen address `{raw}`: write an IP and a port, \
-                 like `0.0.0.0:8080` or `[::]:8080`"
-            ))
+        ListenAddr::parse(&raw).map_err(de::Error::custom)
+    }
+}
+
+/// One `listen` entry: an address alone (plain HTTP/1.1), or a mapping with `address` and
+/// the listener's options.
+#[derive(Debug)]
+pub enum ListenFile {
+    Addr(ListenAddr),
+    Full(ListenerFile),
+}
+
+impl ListenFile {
+    pub fn address(&self) -> SocketAddr {
+        match self {
+            ListenFile::Addr(a) => a.0,
+            ListenFile::Full(l) => l.address.0,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ListenVisitor;
+
+        impl<'de> Visitor<'de> for ListenVisitor {
+            type Value = ListenFile;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address such as \"0.0.0.0:8080\", or a mapping with `address`")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ListenFile, E> {
+                ListenAddr::parse(v)
+                    .map(ListenFile::Addr)
+                    .map_err(E::custom)
+            }
+
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<ListenFile, A::Error> {
+                ListenerFile::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(ListenFile::Full)
+            }
+        }
+
+        d.deserialize_any(ListenVisitor)
+    }
+}
+
+/// The mapping form of a `listen` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    pub address: ListenAddr,
+    /// Terminate TLS on this listener.
+    #[serde(default)]
+    pub tls: Option<TlsFile>,
+    /// TLS listeners: offer HTTP/2 by ALPN (default true).
+    #[serde(default)]
+    pub http2: Option<bool>,
+    /// Plain listeners: accept HTTP/2 with prior knowledge beside HTTP/1.1.
+    #[serde(default)]
+    pub h2c: Option<bool>,
+    /// Plain listeners: answer every request with a 308 to its https form.
+    #[serde(default)]
+    pub redirect_http: Option<bool>,
+    /// TCP keepalive on accepted connections: idle time before the first probe; 0 = off.
+    #[serde(default)]
+    pub tcp_keepalive: Option<Dur>,
+}
+
+/// `listen[].tls`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub certificates: Vec<CertificateFile>,
+    #[serde(default)]
+    pub min_version: Option<TlsVersion>,
+}
+
+/// `listen[].tls.certificates[]`: a certificate chain and its key, PEM files relative to
+/// the config file. `hosts` (SNI names) default to the certificate's own DNS names.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFile {
+    pub cert: String,
+    pub key: String,
+    #[serde(default)]
+    pub hosts: Option<Vec<HostPatternFile>>,
+}
+
+/// The oldest TLS version a listener accepts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    #[default]
+    V1_2,
+    V1_3,
+}
+
+impl fmt::Display for TlsVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsVersion::V1_2 => "1.2",
+            TlsVersion::V1_3 => "1.3",
         })
     }
+}
+
+impl<'de> Deserialize<'de> for TlsVersion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct VersionVisitor;
+
+        impl Visitor<'_> for VersionVisitor {
+            type Value = TlsVersion;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"1.2\" or \"1.3\"")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TlsVersion, E> {
+                match v
+                    .trim()
+                    .trim_start_matches("TLSv")
+                    .trim_start_matches("TLS")
+                {
+                    "1.2" => Ok(TlsVersion::V1_2),
+                    "1.3" => Ok(TlsVersion::V1_3),
+                    _ => Err(E::custom(format!(
+                        "unsupported TLS version `{v}`: write \"1.2\" or \"1.3\" \
+                         (older versions are not offered)"
+                    ))),
+                }
+            }
+
+            // `min_version: 1.3` without quotes is a YAML number.
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<TlsVersion, E> {
+                self.visit_str(&v.to_string())
+            }
+        }
+
+        d.deserialize_any(VersionVisitor)
+    }
+}
+
+/// `http2:`: settings of every HTTP/2 connection (TLS listeners with `http2`, h2c).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http2File {
+    pub max_concurrent_streams: Option<u32>,
+    pub idle_timeout: Option<Dur>,
 }
 
 /// A duration: a humantime string (`100ms`, `30s`, `1h`) or `0` for none.

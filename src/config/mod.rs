@@ -20,13 +20,17 @@ use pingora_core::server::configuration::ServerConf;
 use serde::de::DeserializeOwned;
 
 use crate::error::{ConfigError, ConfigErrorKind as Kind};
+use crate::listeners::{Http2Settings, Listener, ListenerKind, DEFAULT_TCP_KEEPALIVE};
 use crate::metrics;
 use crate::middleware::{join_levels, Chain, Instance, MiddlewareFile};
 use crate::routing::{HostRoutes, Route, RouteTable};
 use crate::sse::limits::{self, ClientSlots, Slots};
 use crate::sse::SseSettings;
+use crate::tls::{self, ListenerTls, PairError};
 use crate::upstream::{HostHeader, Service, Timeouts};
-use file::{AccessLogFormat, HostRuleFile, IncludedFile, MainFile, ServiceFile, TimeoutsFile};
+use file::{
+    AccessLogFormat, HostRuleFile, IncludedFile, ListenFile, MainFile, ServiceFile, TimeoutsFile,
+};
 use locate::KeyPath;
 
 /// The config `streamgate` serves when started without `-c`: a listener on
@@ -55,7 +59,12 @@ pub struct Config {
     pub server: ServerConf,
     /// Pingora's worker thread count, kept to tell a reload that it cannot change it.
     pub threads: usize,
+    /// Every listener's address, in file order (what each one is: [`Config::listeners`]).
     pub listen: Vec<SocketAddr>,
+    pub listeners: Vec<Listener>,
+    /// The certificates of each TLS listener, by its address. Reloaded with the config.
+    pub tls: BTreeMap<SocketAddr, Arc<ListenerTls>>,
+    pub http2: Http2Settings,
     /// Address of the built-in demo origin, when `demo:` is set.
     pub demo: Option<SocketAddr>,
     /// The global `sse.max_connections` counter.
@@ -267,27 +276,8 @@ impl Config {
             }
         }
 
-        let listen = match parsed.listen {
-            Some(list) if list.is_empty() => {
-                return Err(sources[0].error(
-                    KeyPath::root().key("listen"),
-                    Kind::Invalid("at least one listen address is needed".into()),
-                ))
-            }
-            Some(list) => list.into_iter().map(|a| a.0).collect(),
-            None => vec![DEFAULT_LISTEN.parse().map_err(|_| {
-                sources[0].error(KeyPath::root(), Kind::Invalid("bad default listen".into()))
-            })?],
-        };
-        let mut seen = HashSet::new();
-        for (i, addr) in listen.iter().enumerate() {
-            if !seen.insert(*addr) {
-                return Err(sources[0].error(
-                    KeyPath::root().key("listen").index(i),
-                    Kind::Invalid(format!("{addr} is listed twice")),
-                ));
-            }
-        }
+        let built = build_listeners(&sources[0], parsed.listen.as_deref(), base)?;
+        let http2 = build_http2(&sources[0], parsed.http2.as_ref())?;
 
         let admin = match &parsed.admin {
             Some(admin) => {
@@ -319,7 +309,8 @@ impl Config {
                 .and_then(|a| a.format)
                 .unwrap_or_default(),
         };
-        let version = version_of(&sources);
+        let certs: Vec<&tls::LoadedCert> = built.tls.values().flat_map(|t| &t.certs).collect();
+        let version = version_of(&sources, &certs);
         let texts = sources
             .iter()
             .map(|s| (s.file.clone(), s.text.clone()))
@@ -334,15 +325,26 @@ impl Config {
                     .collect::<PathBuf>()
             })
             .collect();
+        let mut files: Vec<PathBuf> = sources.into_iter().map(|s| s.file).collect();
+        for cert in certs {
+            for path in [&cert.cert_path, &cert.key_path] {
+                if !files.contains(path) {
+                    files.push(path.clone());
+                }
+            }
+        }
         Ok(Config {
             source: file.to_path_buf(),
             include_roots,
-            files: sources.into_iter().map(|s| s.file).collect(),
+            files,
             version,
             loaded_at: SystemTime::now(),
             threads: server.threads,
             server,
-            listen,
+            listen: built.listeners.iter().map(|l| l.addr).collect(),
+            listeners: built.listeners,
+            tls: built.tls,
+            http2,
             demo: parsed.demo.map(|d| d.listen.0),
             sse_limit: global_sse
                 .max_connections
@@ -370,8 +372,29 @@ impl Config {
     /// A readable summary of what this config serves, for `streamgate -t`.
     pub fn describe(&self) -> String {
         let mut out = String::new();
-        let listen: Vec<String> = self.listen.iter().map(|a| a.to_string()).collect();
-        out.push_str(&format!("listen: {}\n", listen.join(", ")));
+        out.push_str("listen:\n");
+        for listener in &self.listeners {
+            out.push_str(&format!("  {listener}\n"));
+            let Some(tls) = self.tls.get(&listener.addr) else {
+                continue;
+            };
+            out.push_str(&format!("    min TLS version {}\n", tls.min_version));
+            for (i, cert) in tls.certs.iter().enumerate() {
+                let hosts: Vec<String> = cert.hosts.iter().map(|h| h.to_string()).collect();
+                out.push_str(&format!(
+                    "    {}{}\n      names: {}\n      expires: {}\n      chosen for: {}\n",
+                    cert.cert_path.display(),
+                    if i == 0 { " (default)" } else { "" },
+                    cert.names.join(", "),
+                    cert.expiry(),
+                    if hosts.is_empty() {
+                        "-".to_string()
+                    } else {
+                        hosts.join(", ")
+                    },
+                ));
+            }
+        }
         if let Some(demo) = self.demo {
             out.push_str(&format!("demo origin: {demo}\n"));
         }
@@ -575,15 +598,178 @@ fn build_instance(
     })
 }
 
-/// A short hash of every file's text.
-fn version_of(sources: &[Source]) -> String {
+/// A short hash of every file's text and every certificate.
+fn version_of(sources: &[Source], certs: &[&tls::LoadedCert]) -> String {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     for source in sources {
         source.file.hash(&mut hasher);
         source.text.hash(&mut hasher);
     }
+    for cert in certs {
+        for der in &cert.key.cert {
+            der.as_ref().hash(&mut hasher);
+        }
+    }
     format!("{:016x}", hasher.finish())
+}
+
+/// The listeners and the certificates of the TLS ones.
+struct Listeners {
+    listeners: Vec<Listener>,
+    tls: BTreeMap<SocketAddr, Arc<ListenerTls>>,
+}
+
+fn build_listeners(
+    main: &Source,
+    entries: Option<&[ListenFile]>,
+    base: &Path,
+) -> Result<Listeners, ConfigError> {
+    let root = KeyPath::root().key("listen");
+    let default = [ListenFile::Addr(file::ListenAddr(
+        DEFAULT_LISTEN
+            .parse()
+            .map_err(|_| main.error(KeyPath::root(), Kind::Invalid("bad default listen".into())))?,
+    ))];
+    let entries = match entries {
+        Some([]) => {
+            return Err(main.error(
+                root,
+                Kind::Invalid("at least one listen address is needed".into()),
+            ))
+        }
+        Some(entries) => entries,
+        None => &default,
+    };
+    // Redirects go to the first TLS listener's port.
+    let https_port = entries
+        .iter()
+        .find_map(|e| match e {
+            ListenFile::Full(l) if l.tls.is_some() => Some(l.address.0.port()),
+            _ => None,
+        })
+        .unwrap_or(443);
+    let mut seen = HashSet::new();
+    let mut built = Listeners {
+        listeners: Vec::new(),
+        tls: BTreeMap::new(),
+    };
+    for (i, entry) in entries.iter().enumerate() {
+        let path = root.index(i);
+        let addr = entry.address();
+        if !seen.insert(addr) {
+            return Err(main.error(path, Kind::Invalid(format!("{addr} is listed twice"))));
+        }
+        let ListenFile::Full(l) = entry else {
+            built.listeners.push(Listener {
+                addr,
+                kind: ListenerKind::Plain { h2c: false },
+                tcp_keepalive: Some(DEFAULT_TCP_KEEPALIVE),
+            });
+            continue;
+        };
+        let refuse =
+            |key: &str, why: &str| Err(main.error(path.key(key), Kind::Invalid(why.into())));
+        let h2c = l.h2c.unwrap_or(false);
+        let redirect = l.redirect_http.unwrap_or(false);
+        let kind =
+            match &l.tls {
+                Some(tls) => {
+                    if h2c {
+                        return refuse(
+                            "h2c",
+                            "h2c is plaintext HTTP/2; on a TLS listener HTTP/2 is offered by ALPN \
+                         (`http2: true`, the default)",
+                        );
+                    }
+                    if redirect {
+                        return refuse(
+                            "redirect_http",
+                            "redirect_http belongs on a plain listener: this one already is https",
+                        );
+                    }
+                    let certs_path = path.key("tls").key("certificates");
+                    if tls.certificates.is_empty() {
+                        return refuse("tls", "`tls.certificates` needs at least one cert and key");
+                    }
+                    let mut certs = Vec::with_capacity(tls.certificates.len());
+                    for (j, entry) in tls.certificates.iter().enumerate() {
+                        let hosts = entry
+                            .hosts
+                            .as_ref()
+                            .map(|h| h.iter().map(|p| p.0.clone()).collect());
+                        let loaded =
+                            tls::load_pair(&base.join(&entry.cert), &base.join(&entry.key), hosts)
+                                .map_err(|e| match e {
+                                    PairError::Cert(why) => main
+                                        .error(certs_path.index(j).key("cert"), Kind::Invalid(why)),
+                                    PairError::Key(why) => main
+                                        .error(certs_path.index(j).key("key"), Kind::Invalid(why)),
+                                })?;
+                        certs.push(loaded);
+                    }
+                    let min_version = tls.min_version.unwrap_or_default();
+                    built
+                        .tls
+                        .insert(addr, Arc::new(ListenerTls::new(min_version, certs)));
+                    ListenerKind::Tls {
+                        http2: l.http2.unwrap_or(true),
+                    }
+                }
+                None => {
+                    if l.http2 == Some(true) {
+                        return refuse(
+                            "http2",
+                            "http2 is negotiated by ALPN on TLS listeners; for plaintext HTTP/2 \
+                         set `h2c: true`",
+                        );
+                    }
+                    match (redirect, h2c) {
+                        (true, true) => {
+                            return refuse(
+                                "h2c",
+                                "a redirect_http listener answers every request with a redirect; \
+                             h2c has no use there",
+                            )
+                        }
+                        (true, false) => ListenerKind::Redirect { https_port },
+                        (false, h2c) => ListenerKind::Plain { h2c },
+                    }
+                }
+            };
+        built.listeners.push(Listener {
+            addr,
+            kind,
+            tcp_keepalive: l
+                .tcp_keepalive
+                .map_or(Some(DEFAULT_TCP_KEEPALIVE), |d| d.limit()),
+        });
+    }
+    Ok(built)
+}
+
+fn build_http2(
+    main: &Source,
+    file: Option<&file::Http2File>,
+) -> Result<Http2Settings, ConfigError> {
+    let defaults = Http2Settings::default();
+    let Some(file) = file else {
+        return Ok(defaults);
+    };
+    if file.max_concurrent_streams == Some(0) {
+        return Err(main.error(
+            KeyPath::root().key("http2").key("max_concurrent_streams"),
+            Kind::Invalid("at least 1 stream per connection is needed".into()),
+        ));
+    }
+    Ok(Http2Settings {
+        max_concurrent_streams: file
+            .max_concurrent_streams
+            .unwrap_or(defaults.max_concurrent_streams),
+        idle_timeout: file
+            .idle_timeout
+            .map_or(defaults.idle_timeout, |d| d.limit()),
+    })
 }
 
 fn apply_timeouts(file: Option<&TimeoutsFile>) -> Timeouts {

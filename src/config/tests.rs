@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::*;
+use crate::listeners::ListenerKind;
 
 fn load(text: &str) -> Result<Config, ConfigError> {
     Config::from_text(Path::new("main.yaml"), text, Path::new("."))
@@ -415,4 +416,215 @@ fn any_pingora_setting_is_passed_through_but_typos_beside_them_are_not() {
     assert!(!config.server.work_stealing);
     assert_eq!(config.server.upstream_keepalive_pool_size, 7);
     refused("work_steeling: false\n", 1, "work_steeling");
+}
+
+/// A self-signed certificate for `names` and its key, written to `dir` as
+/// `{stem}.pem` and `{stem}.key`.
+fn write_cert(dir: &Path, stem: &str, names: &[&str]) {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let made = rcgen::generate_simple_self_signed(names).expect("rcgen");
+    fs::write(dir.join(format!("{stem}.pem")), made.cert.pem()).expect("write");
+    fs::write(
+        dir.join(format!("{stem}.key")),
+        made.key_pair.serialize_pem(),
+    )
+    .expect("write");
+}
+
+#[test]
+fn the_tls_issue_example_loads_as_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::create_dir(dir.path().join("certs")).expect("mkdir");
+    write_cert(&dir.path().join("certs"), "example", &["example.com"]);
+    write_cert(&dir.path().join("certs"), "wild", &["*.example.com"]);
+    let main = dir.path().join("main.yaml");
+    fs::write(
+        &main,
+        r#"
+listen:
+  - "0.0.0.0:8080"                       # plain, as before
+  - address: "0.0.0.0:8443"
+    tls:
+      certificates:                       # chosen by SNI; the first is the default
+        - { cert: certs/example.pem, key: certs/example.key }          # paths relative to the config file
+        - { cert: certs/wild.pem, key: certs/wild.key, hosts: ["*.example.com"] }
+      min_version: "1.2"
+    http2: true                           # ALPN h2 + http/1.1; false = http/1.1 only
+    h2c: false                            # plaintext HTTP/2 on a plain listener, for internal hops
+"#,
+    )
+    .expect("write");
+    let config = Config::load(&main).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.listen.len(), 2);
+    assert_eq!(config.listeners[1].kind, ListenerKind::Tls { http2: true });
+    let tls = &config.tls[&config.listen[1]];
+    assert_eq!(tls.min_version, file::TlsVersion::V1_2);
+    let pick = |sni| {
+        tls.select(Some(sni))
+            .expect("a certificate")
+            .cert_path
+            .clone()
+    };
+    assert!(pick("a.example.com").ends_with("certs/wild.pem"));
+    assert!(pick("example.com").ends_with("certs/example.pem"));
+    assert!(
+        pick("other.test").ends_with("certs/example.pem"),
+        "the default"
+    );
+    // Certificate files are watched for reloads like the config's own files.
+    assert!(config.files.iter().any(|f| f.ends_with("certs/wild.key")));
+    let described = config.describe();
+    assert!(
+        described.contains("certs/example.pem (default)"),
+        "{described}"
+    );
+    assert!(described.contains("names: *.example.com"), "{described}");
+    assert!(described.contains("expires: "), "{described}");
+}
+
+#[test]
+fn listener_forms_load_into_their_kinds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_cert(dir.path(), "a", &["a.test"]);
+    let d = dir.path().display();
+    let config = load(&format!(
+        "listen:\n  - \"127.0.0.1:1\"\n  - {{ address: \"127.0.0.1:2\", h2c: true, tcp_keepalive: 0 }}\n  \
+         - {{ address: \"127.0.0.1:3\", redirect_http: true }}\n  \
+         - address: \"127.0.0.1:4\"\n    http2: false\n    tls:\n      min_version: 1.3\n      \
+         certificates: [{{ cert: {d}/a.pem, key: {d}/a.key }}]\n\
+         http2: {{ max_concurrent_streams: 10, idle_timeout: 0 }}\n"
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let kinds: Vec<ListenerKind> = config.listeners.iter().map(|l| l.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            ListenerKind::Plain { h2c: false },
+            ListenerKind::Plain { h2c: true },
+            ListenerKind::Redirect { https_port: 4 },
+            ListenerKind::Tls { http2: false },
+        ]
+    );
+    assert_eq!(
+        config.listeners[0].tcp_keepalive,
+        Some(Duration::from_secs(60))
+    );
+    assert_eq!(config.listeners[1].tcp_keepalive, None);
+    assert_eq!(config.tls.len(), 1);
+    assert_eq!(
+        config.tls[&config.listen[3]].min_version,
+        file::TlsVersion::V1_3,
+        "an unquoted 1.3 is a version too"
+    );
+    assert_eq!(config.http2.max_concurrent_streams, 10);
+    assert_eq!(config.http2.idle_timeout, None);
+    let defaults = load("services: {}\n").expect("loads").http2;
+    assert_eq!(defaults.max_concurrent_streams, 256);
+    assert_eq!(defaults.idle_timeout, Some(Duration::from_secs(180)));
+}
+
+#[test]
+fn bad_listeners_are_refused_with_line_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_cert(dir.path(), "a", &["a.test"]);
+    write_cert(dir.path(), "b", &["b.test"]);
+    let d = dir.path().display();
+    let tls = |extra: &str, cert: &str, key: &str| {
+        format!(
+            "listen:\n  - address: \"127.0.0.1:1\"\n    tls:\n      certificates:\n        \
+             - cert: {d}/{cert}\n          key: {d}/{key}\n{extra}"
+        )
+    };
+    // Unknown keys, in the listener, in tls, in a certificate.
+    refused(
+        "listen:\n  - address: \"127.0.0.1:1\"\n    tsl: {}\n",
+        3,
+        "listen[0].tsl",
+    );
+    refused(
+        &tls("      min_versoin: \"1.2\"\n", "a.pem", "a.key"),
+        7,
+        "listen[0].tls.min_versoin",
+    );
+    refused(
+        "listen:\n  - address: \"127.0.0.1:1\"\n    tls:\n      certificates:\n        \
+         - { cert: a, key: b, host: [x] }\n",
+        5,
+        "listen[0].tls.certificates[0].host",
+    );
+    let e = refused("listen:\n  - { h2c: true }\n", 2, "listen[0]");
+    assert!(e.to_string().contains("missing field `address`"), "{e}");
+    refused("listen: [8080]\n", 1, "listen[0]");
+    // Certificate files: missing, not a certificate, a key of another certificate.
+    let e = refused(
+        &tls("", "missing.pem", "a.key"),
+        5,
+        "listen[0].tls.certificates[0].cert",
+    );
+    assert!(e.to_string().contains("missing.pem"), "{e}");
+    let e = refused(
+        &tls("", "a.key", "a.key"),
+        5,
+        "listen[0].tls.certificates[0].cert",
+    );
+    assert!(e.to_string().contains("no certificate"), "{e}");
+    let e = refused(
+        &tls("", "a.pem", "b.key"),
+        6,
+        "listen[0].tls.certificates[0].key",
+    );
+    assert!(
+        e.to_string()
+            .contains("b.key is not the private key of the certificate in"),
+        "{e}"
+    );
+    let e = refused(
+        &tls("", "a.pem", "a.pem"),
+        6,
+        "listen[0].tls.certificates[0].key",
+    );
+    assert!(e.to_string().contains("no PEM private key"), "{e}");
+    // Versions, options that contradict the listener's kind.
+    let e = refused(
+        &tls("      min_version: \"1.1\"\n", "a.pem", "a.key"),
+        7,
+        "listen[0].tls.min_version",
+    );
+    assert!(e.to_string().contains("1.2"), "{e}");
+    refused(
+        &tls("    h2c: true\n", "a.pem", "a.key"),
+        7,
+        "listen[0].h2c",
+    );
+    refused(
+        &tls("    redirect_http: true\n", "a.pem", "a.key"),
+        7,
+        "listen[0].redirect_http",
+    );
+    refused(
+        "listen:\n  - address: \"127.0.0.1:1\"\n    tls: { certificates: [] }\n",
+        3,
+        "listen[0].tls",
+    );
+    refused(
+        "listen:\n  - { address: \"127.0.0.1:1\", http2: true }\n",
+        2,
+        "listen[0].http2",
+    );
+    refused(
+        "listen:\n  - { address: \"127.0.0.1:1\", redirect_http: true, h2c: true }\n",
+        2,
+        "listen[0].h2c",
+    );
+    refused(
+        "listen:\n  - \"127.0.0.1:1\"\n  - { address: \"127.0.0.1:1\", h2c: true }\n",
+        3,
+        "listen[1]",
+    );
+    refused(
+        "http2:\n  max_concurrent_streams: 0\n",
+        2,
+        "http2.max_concurrent_streams",
+    );
+    refused("http2:\n  ping_interval: 10s\n", 2, "http2.ping_interval");
 }

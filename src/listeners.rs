@@ -1,0 +1,274 @@
+//! Listeners: what each `listen` entry is (plain, TLS, h2c, redirect to https), the
+//! HTTP/2 settings, and the Pingora services they are served by.
+//!
+//! Pingora sets HTTP/2 options (`h2c`, the idle timeout, the h2 settings) per service,
+//! not per listener, so listeners are grouped: one proxy service for TLS listeners and
+//! plain HTTP/1.1 ones, a second for plain listeners that also take HTTP/2 with prior
+//! knowledge (`h2c`), and for each `redirect_http` listener a small service that answers
+//! every request with a 308 to the https form. The proxy services share one config handle, so
+//! a reload reaches every listener at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION};
+use http::{Response, StatusCode};
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::apps::HttpServerOptions;
+use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::listeners::{TcpSocketOptions, ALPN};
+use pingora_core::protocols::http::v2::server::default_h2_options;
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::TcpKeepalive;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::services::listening::Service;
+use pingora_core::services::ServiceWithDependents;
+
+use crate::config::Config;
+use crate::proxy::StreamGate;
+use crate::tls::CertResolver;
+
+/// Default `http2.max_concurrent_streams`: room for a page's event streams and its other
+/// requests on one connection (Pingora's own default is 100).
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Default `http2.idle_timeout`: a connection with no open stream for this long closes.
+pub const DEFAULT_H2_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+/// Default `tcp_keepalive`: idle time before the first probe on an accepted connection.
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Keepalive probes sent before a silent peer is given up.
+const KEEPALIVE_PROBES: usize = 6;
+
+/// One `listen` entry, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub kind: ListenerKind,
+    /// Idle time before TCP keepalive probes start; `None`: off.
+    pub tcp_keepalive: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Plain HTTP/1.1, and HTTP/2 with prior knowledge when `h2c`.
+    Plain { h2c: bool },
+    /// Plain HTTP answered with a 308 to `https://host[:https_port]/path`.
+    Redirect { https_port: u16 },
+    /// TLS; its certificates are in [`Config::tls`] under the same address. `http2`:
+    /// ALPN offers h2 before http/1.1.
+    Tls { http2: bool },
+}
+
+impl std::fmt::Display for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ", self.addr)?;
+        match self.kind {
+            ListenerKind::Plain { h2c: false } => f.write_str("http/1.1"),
+            ListenerKind::Plain { h2c: true } => f.write_str("http/1.1 + h2c"),
+            ListenerKind::Redirect { https_port } => {
+                write!(f, "redirect to https (port {https_port})")
+            }
+            ListenerKind::Tls { http2: true } => f.write_str("tls, alpn h2 + http/1.1"),
+            ListenerKind::Tls { http2: false } => f.write_str("tls, alpn http/1.1"),
+        }
+    }
+}
+
+/// `http2:`, for every HTTP/2 connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Settings {
+    pub max_concurrent_streams: u32,
+    /// Close a connection that has had no open stream for this long. A connection with any
+    /// stream open (an event stream, however quiet) is never closed by it.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for Http2Settings {
+    fn default() -> Self {
+        Http2Settings {
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            idle_timeout: Some(DEFAULT_H2_IDLE_TIMEOUT),
+        }
+    }
+}
+
+/// The services serving `config`'s listeners, sharing `current`.
+pub fn services(
+    server_conf: &Arc<ServerConf>,
+    config: &Config,
+    current: &Arc<ArcSwap<Config>>,
+) -> Vec<Box<dyn ServiceWithDependents>> {
+    let mut services: Vec<Box<dyn ServiceWithDependents>> = Vec::new();
+    for h2c in [false, true] {
+        let group: Vec<&Listener> = config
+            .listeners
+            .iter()
+            .filter(|l| match l.kind {
+                ListenerKind::Plain { h2c: on } => on == h2c,
+                ListenerKind::Tls { .. } => !h2c,
+                ListenerKind::Redirect { .. } => false,
+            })
+            .collect();
+        if group.is_empty() {
+            continue;
+        }
+        let name = if h2c { "streamgate h2c" } else { "streamgate" };
+        let mut proxy = pingora_proxy::http_proxy_service_with_name(
+            server_conf,
+            StreamGate::new(current.clone()),
+            name,
+        );
+        if let Some(app) = proxy.app_logic_mut() {
+            let mut options = HttpServerOptions::default();
+            options.h2c = h2c;
+            options.h2_idle_timeout = config.http2.idle_timeout;
+            app.server_options = Some(options);
+            let mut h2 = default_h2_options();
+            h2.max_concurrent_streams(config.http2.max_concurrent_streams);
+            app.h2_options = Some(h2);
+        }
+        for listener in group {
+            let addr = listener.addr.to_string();
+            let sock = socket_options(listener);
+            match listener.kind {
+                ListenerKind::Tls { http2 } => {
+                    let Some(tls) = config.tls.get(&listener.addr) else {
+                        log::error!("{addr}: no certificates loaded; listener not started");
+                        continue;
+                    };
+                    let resolver = CertResolver::new(current.clone(), listener.addr, tls.clone());
+                    let mut settings = match TlsSettings::intermediate("", "") {
+                        Ok(settings) => settings,
+                        Err(e) => {
+                            log::error!("{addr}: TLS settings: {e}; listener not started");
+                            continue;
+                        }
+                    };
+                    settings.set_cert_resolver(Arc::new(resolver));
+                    settings.set_alpn(if http2 { ALPN::H2H1 } else { ALPN::H1 });
+                    proxy.add_tls_with_settings(&addr, sock, settings);
+                }
+                _ => match sock {
+                    Some(sock) => proxy.add_tcp_with_settings(&addr, sock),
+                    None => proxy.add_tcp(&addr),
+                },
+            }
+        }
+        services.push(Box::new(proxy));
+    }
+
+    for listener in &config.listeners {
+        if let ListenerKind::Redirect { https_port } = listener.kind {
+            let mut redirect = Service::new(
+                format!("streamgate redirect {}", listener.addr),
+                Redirect { https_port },
+            );
+            let addr = listener.addr.to_string();
+            match socket_options(listener) {
+                Some(sock) => redirect.add_tcp_with_settings(&addr, sock),
+                None => redirect.add_tcp(&addr),
+            }
+            services.push(Box::new(redirect));
+        }
+    }
+    services
+}
+
+fn socket_options(listener: &Listener) -> Option<TcpSocketOptions> {
+    let idle = listener.tcp_keepalive?;
+    let mut options = TcpSocketOptions::default();
+    options.tcp_keepalive = Some(TcpKeepalive {
+        idle,
+        interval: idle.min(Duration::from_secs(10)),
+        count: KEEPALIVE_PROBES,
+        #[cfg(target_os = "linux")]
+        user_timeout: Duration::ZERO,
+    });
+    Some(options)
+}
+
+/// Answers every request on a `redirect_http` listener with a 308 to its https form:
+/// the same host and path, on the https port (the first TLS listener's, else 443).
+pub struct Redirect {
+    https_port: u16,
+}
+
+#[async_trait]
+impl ServeHttp for Redirect {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        let host = req
+            .uri
+            .host()
+            .or_else(|| req.headers.get(HOST)?.to_str().ok())
+            .map(host_without_port)
+            .filter(|h| is_host(h));
+        let path = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let built = match host {
+            Some(host) => Response::builder()
+                .status(StatusCode::PERMANENT_REDIRECT)
+                .header(LOCATION, https_url(host, self.https_port, path))
+                .header(CONTENT_LENGTH, 0)
+                .body(Vec::new()),
+            None => {
+                let body = b"no valid Host header to redirect to https with\n".to_vec();
+                Response::builder()
+                    .status(StatusCode::BAD_REQUEST)
+                    .header(CONTENT_TYPE, "text/plain")
+                    .header(CONTENT_LENGTH, body.len())
+                    .body(body)
+            }
+        };
+        built.unwrap_or_else(|_| {
+            let mut response = Response::new(Vec::new());
+            *response.status_mut() = StatusCode::BAD_REQUEST;
+            response
+        })
+    }
+}
+
+/// `example.com:8080` -> `example.com`, `[::1]:8080` -> `[::1]`.
+fn host_without_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+/// A host name or IP literal, nothing that could change the URL's shape.
+fn is_host(host: &str) -> bool {
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b))
+}
+
+fn https_url(host: &str, port: u16, path: &str) -> String {
+    if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_targets() {
+        assert_eq!(host_without_port("Example.com:8080"), "Example.com");
+        assert_eq!(host_without_port("[::1]:8080"), "[::1]");
+        assert_eq!(host_without_port("[::1]"), "[::1]");
+        assert_eq!(host_without_port("example.com"), "example.com");
+        assert!(!is_host("evil.com/x"));
+        assert!(!is_host(""));
+        assert_eq!(https_url("a.test", 443, "/x?y"), "https://a.test/x?y");
+        assert_eq!(https_url("a.test", 8443, "/"), "https://a.test:8443/");
+    }
+}

@@ -1,0 +1,341 @@
+//! TLS termination: certificates loaded and checked when the config loads, and the
+//! certificate resolver every TLS handshake goes through.
+//!
+//! Each TLS listener's certificates ([`ListenerTls`]) are part of the [`Config`], so they
+//! are read and validated with it: at start, by `streamgate -t`, and on every reload. A
+//! file that does not parse or a key that does not match its certificate fails the whole
+//! config, so a reload with a broken pair keeps the old certificates.
+//!
+//! Pingora fixes a listener's TLS settings when it starts; what it lets change later is the
+//! certificate resolver's answer. [`CertResolver`] reads the live config at each handshake
+//! and picks the certificate for the client's SNI name from whatever was loaded last, so a
+//! renewed certificate is served from the next handshake on, without a restart.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use x509_parser::extensions::GeneralName;
+
+use crate::config::file::TlsVersion;
+use crate::config::Config;
+use crate::routing::HostPattern;
+
+/// A certificate chain and its key, loaded and checked.
+#[derive(Debug)]
+pub struct LoadedCert {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub key: Arc<CertifiedKey>,
+    /// The DNS names and IP addresses the leaf certificate is valid for.
+    pub names: Vec<String>,
+    /// The SNI names this certificate is chosen for: `hosts`, or else its DNS names.
+    pub hosts: Vec<HostPattern>,
+    /// End of validity, in seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+impl LoadedCert {
+    /// `2027-01-01T00:00:00Z (in 400 days)`, or `(EXPIRED)`.
+    pub fn expiry(&self) -> String {
+        let at = UNIX_EPOCH + Duration::from_secs(self.not_after.max(0).unsigned_abs());
+        let date = humantime::format_rfc3339_seconds(at);
+        match at.duration_since(SystemTime::now()) {
+            Ok(left) => format!("{date} (in {} days)", left.as_secs() / 86_400),
+            Err(_) => format!("{date} (EXPIRED)"),
+        }
+    }
+}
+
+/// Which file of a pair is at fault.
+#[derive(Debug)]
+pub enum PairError {
+    Cert(String),
+    Key(String),
+}
+
+/// Loads a PEM certificate chain and its PEM private key, and checks that the key belongs
+/// to the certificate.
+pub fn load_pair(
+    cert_path: &Path,
+    key_path: &Path,
+    hosts: Option<Vec<HostPattern>>,
+) -> Result<LoadedCert, PairError> {
+    let cert_name = cert_path.display();
+    let key_name = key_path.display();
+    let pem = std::fs::read(cert_path)
+        .map_err(|e| PairError::Cert(format!("cannot read {cert_name}: {e}")))?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PairError::Cert(format!("{cert_name} is not a PEM certificate file: {e}")))?;
+    let leaf = chain.first().ok_or_else(|| {
+        PairError::Cert(format!(
+            "{cert_name} holds no certificate (no `BEGIN CERTIFICATE` block)"
+        ))
+    })?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(|e| {
+        PairError::Cert(format!("{cert_name}: the certificate does not parse: {e}"))
+    })?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(dns) => names.push(dns.to_ascii_lowercase()),
+                GeneralName::IPAddress(ip) => names.push(ip_text(ip)),
+                _ => {}
+            }
+        }
+    }
+    let not_after = parsed.validity().not_after.timestamp();
+
+    let pem = std::fs::read(key_path)
+        .map_err(|e| PairError::Key(format!("cannot read {key_name}: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        PairError::Key(format!(
+            "{key_name} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"
+        ))
+    })?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| PairError::Key(format!("{key_name}: unsupported private key: {e}")))?;
+    let key = CertifiedKey::new(chain, signer);
+    if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+        key.keys_match()
+    {
+        return Err(PairError::Key(format!(
+            "{key_name} is not the private key of the certificate in {cert_name}"
+        )));
+    }
+    let hosts = hosts.unwrap_or_else(|| {
+        names
+            .iter()
+            .filter_map(|n| HostPattern::try_from(n.clone()).ok())
+            .collect()
+    });
+    Ok(LoadedCert {
+        cert_path: cert_path.to_path_buf(),
+        key_path: key_path.to_path_buf(),
+        key: Arc::new(key),
+        names,
+        hosts,
+        not_after,
+    })
+}
+
+fn ip_text(octets: &[u8]) -> String {
+    match octets.len() {
+        4 => {
+            let v4: [u8; 4] = octets.try_into().unwrap_or_default();
+            std::net::Ipv4Addr::from(v4).to_string()
+        }
+        16 => {
+            let v6: [u8; 16] = octets.try_into().unwrap_or_default();
+            std::net::Ipv6Addr::from(v6).to_string()
+        }
+        _ => String::new(),
+    }
+}
+
+/// One TLS listener's certificates and protocol floor.
+#[derive(Debug)]
+pub struct ListenerTls {
+    pub min_version: TlsVersion,
+    /// In config order; the first is the default.
+    pub certs: Vec<LoadedCert>,
+    exact: HashMap<String, usize>,
+    /// Wildcard suffixes (with their leading dot), longest first.
+    wildcards: Vec<(String, usize)>,
+    default: usize,
+}
+
+impl ListenerTls {
+    /// `certs` must not be empty (the config requires one).
+    pub fn new(min_version: TlsVersion, certs: Vec<LoadedCert>) -> Self {
+        let mut exact = HashMap::new();
+        let mut wildcards = Vec::new();
+        let mut default = None;
+        for (i, cert) in certs.iter().enumerate() {
+            for host in &cert.hosts {
+                match host {
+                    // An earlier certificate keeps a name it already claimed.
+                    HostPattern::Exact(name) => {
+                        exact.entry(name.clone()).or_insert(i);
+                    }
+                    HostPattern::Wildcard(suffix) => {
+                        if !wildcards.iter().any(|(s, _)| s == suffix) {
+                            wildcards.push((suffix.clone(), i));
+                        }
+                    }
+                    HostPattern::Any => {
+                        default.get_or_insert(i);
+                    }
+                }
+            }
+        }
+        wildcards.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
+        ListenerTls {
+            min_version,
+            certs,
+            exact,
+            wildcards,
+            default: default.unwrap_or(0),
+        }
+    }
+
+    /// The certificate for an SNI name: an exact host, then the longest wildcard, then the
+    /// default (the first, or the one with `hosts: ["*"]`).
+    pub fn select(&self, sni: Option<&str>) -> Option<&LoadedCert> {
+        let index = sni
+            .map(|name| name.trim_end_matches('.').to_ascii_lowercase())
+            .and_then(|name| {
+                self.exact.get(&name).copied().or_else(|| {
+                    self.wildcards
+                        .iter()
+                        .find(|(suffix, _)| name.ends_with(suffix.as_str()))
+                        .map(|&(_, i)| i)
+                })
+            })
+            .unwrap_or(self.default);
+        self.certs.get(index)
+    }
+}
+
+/// Whether a ClientHello can negotiate TLS 1.3: it offers a TLS 1.3 cipher suite
+/// (0x13xx). Every client that supports TLS 1.3 offers one, and rustls picks 1.3 whenever
+/// the client supports it, so a hello without one would end up on TLS 1.2.
+fn offers_tls13(hello: &ClientHello<'_>) -> bool {
+    hello
+        .cipher_suites()
+        .iter()
+        .any(|suite| suite.to_array()[0] == 0x13)
+}
+
+/// The certificate resolver of the TLS listener on `addr`. It looks the listener up in
+/// the live config at each handshake; `initial` serves when a reload dropped the listener
+/// from the config (the socket stays until a restart or an upgrade).
+#[derive(Debug)]
+pub struct CertResolver {
+    config: Arc<ArcSwap<Config>>,
+    addr: SocketAddr,
+    initial: Arc<ListenerTls>,
+}
+
+impl CertResolver {
+    pub fn new(config: Arc<ArcSwap<Config>>, addr: SocketAddr, initial: Arc<ListenerTls>) -> Self {
+        CertResolver {
+            config,
+            addr,
+            initial,
+        }
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let config = self.config.load();
+        let tls = config.tls.get(&self.addr).unwrap_or(&self.initial);
+        if tls.min_version == TlsVersion::V1_3 && !offers_tls13(&hello) {
+            // No certificate: rustls ends the handshake with a handshake_failure alert.
+            log::debug!(
+                "TLS handshake on {} refused: the client cannot do TLS 1.3 (min_version)",
+                self.addr
+            );
+            return None;
+        }
+        tls.select(hello.server_name()).map(|c| c.key.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(dir: &Path, name: &str, sans: &[&str]) -> (PathBuf, PathBuf) {
+        let names: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let made = rcgen::generate_simple_self_signed(names).expect("rcgen");
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&cert, made.cert.pem()).expect("write");
+        std::fs::write(&key, made.key_pair.serialize_pem()).expect("write");
+        (cert, key)
+    }
+
+    #[test]
+    fn sni_picks_exact_then_longest_wildcard_then_default() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let load = |name, sans: &[&str], hosts: Option<Vec<&str>>| {
+            let (c, k) = cert(dir.path(), name, sans);
+            let hosts = hosts.map(|h| {
+                h.into_iter()
+                    .map(|p| HostPattern::try_from(p.to_string()).expect("pattern"))
+                    .collect()
+            });
+            load_pair(&c, &k, hosts).expect("loads")
+        };
+        let tls = ListenerTls::new(
+            TlsVersion::V1_2,
+            vec![
+                load("default", &["example.com", "www.example.com"], None),
+                load("wild", &["*.example.com"], None),
+                load(
+                    "deep",
+                    &["x"],
+                    Some(vec!["*.api.example.com", "Other.test"]),
+                ),
+            ],
+        );
+        let pick = |sni: Option<&str>| {
+            tls.select(sni)
+                .and_then(|c| c.cert_path.file_stem())
+                .and_then(|s| s.to_str())
+                .map(str::to_string)
+        };
+        assert_eq!(pick(Some("www.example.com")).as_deref(), Some("default"));
+        assert_eq!(pick(Some("a.example.com")).as_deref(), Some("wild"));
+        assert_eq!(pick(Some("v1.api.example.com")).as_deref(), Some("deep"));
+        assert_eq!(pick(Some("other.test.")).as_deref(), Some("deep"));
+        assert_eq!(pick(Some("nothing.test")).as_deref(), Some("default"));
+        assert_eq!(pick(None).as_deref(), Some("default"));
+        assert_eq!(tls.certs[0].names, ["example.com", "www.example.com"]);
+        assert!(tls.certs[0].expiry().contains("days"));
+    }
+
+    #[test]
+    fn broken_and_mismatched_pairs_name_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a_cert, _) = cert(dir.path(), "a", &["a.test"]);
+        let (_, b_key) = cert(dir.path(), "b", &["b.test"]);
+        let err = |r: Result<LoadedCert, PairError>| match r {
+            Ok(_) => panic!("should be refused"),
+            Err(e) => e,
+        };
+        let e = err(load_pair(&a_cert, &b_key, None));
+        assert!(
+            matches!(&e, PairError::Key(m) if m.contains("b.key") && m.contains("a.pem")),
+            "{e:?}"
+        );
+        let e = err(load_pair(&dir.path().join("none.pem"), &b_key, None));
+        assert!(
+            matches!(&e, PairError::Cert(m) if m.contains("none.pem")),
+            "{e:?}"
+        );
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate\n").expect("write");
+        let e = err(load_pair(&garbage, &b_key, None));
+        assert!(
+            matches!(&e, PairError::Cert(m) if m.contains("no certificate")),
+            "{e:?}"
+        );
+        let e = err(load_pair(&a_cert, &garbage, None));
+        assert!(
+            matches!(&e, PairError::Key(m) if m.contains("garbage.pem")),
+            "{e:?}"
+        );
+    }
+}
