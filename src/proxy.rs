@@ -3,7 +3,8 @@
 //! A request's path through the hooks:
 //!
 //! ```text
-//! request_filter          reject bad paths (400); route lookup (404 on a miss); note
+//! request_filter          TLS older than the listener's min_version (403);
+//!                         reject bad paths (400); route lookup (404 on a miss); note
 //!                         whether the client asked for SSE; run the chain's request hooks
 //!                         (a direct answer skips the rest, response hooks still run);
 //!                         take SSE limit slots (503 when full)
@@ -149,6 +150,11 @@ impl ProxyHttp for StreamGate {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.started = Some(Instant::now());
+        if let Some(min) = crate::tls::below_min_version(session, &self.config.load()) {
+            let reply = Reply::text(403, &format!("this listener requires TLS {min} or newer"));
+            write_reply(session, reply).await?;
+            return Ok(true);
+        }
         let req = session.req_header();
         if has_dot_segment(req.uri.path()) {
             let reply = Reply::text(400, "the path contains `.` or `..` segments");

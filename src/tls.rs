@@ -10,6 +10,11 @@
 //! certificate resolver's answer. [`CertResolver`] reads the live config at each handshake
 //! and picks the certificate for the client's SNI name from whatever was loaded last, so a
 //! renewed certificate is served from the next handshake on, without a restart.
+//!
+//! `min_version: "1.3"`: Pingora's rustls acceptor always enables TLS 1.2 and 1.3, so the
+//! floor is enforced in two steps. The resolver refuses a ClientHello that offers no TLS
+//! 1.3 cipher suite (a client that cannot do 1.3; the handshake fails with an alert), and
+//! [`below_min_version`] refuses requests on a connection that still negotiated 1.2.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
+use pingora_proxy::Session;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -214,6 +220,40 @@ fn offers_tls13(hello: &ClientHello<'_>) -> bool {
         .cipher_suites()
         .iter()
         .any(|suite| suite.to_array()[0] == 0x13)
+}
+
+/// The version a connection negotiated, from Pingora's `SslDigest` (`TLSv1_2`).
+fn negotiated(version: &str) -> Option<TlsVersion> {
+    if version.ends_with("1_3") || version.ends_with("1.3") {
+        Some(TlsVersion::V1_3)
+    } else if version.ends_with("1_2") || version.ends_with("1.2") {
+        Some(TlsVersion::V1_2)
+    } else {
+        None
+    }
+}
+
+/// The TLS listener a connection accepted on `local` came through: its exact address, or
+/// the one bound to the unspecified address on that port.
+fn listener_tls(config: &Config, local: SocketAddr) -> Option<&ListenerTls> {
+    config.tls.get(&local).map(Arc::as_ref).or_else(|| {
+        config
+            .tls
+            .iter()
+            .find(|(addr, _)| addr.port() == local.port() && addr.ip().is_unspecified())
+            .map(|(_, tls)| tls.as_ref())
+    })
+}
+
+/// The second half of `min_version`: `Some(min)` when the request came over a TLS
+/// connection older than its listener's `min_version`. The resolver refuses every client
+/// that cannot do TLS 1.3 at all; a client that offers TLS 1.3 cipher suites yet settles
+/// on TLS 1.2 (rustls restricted to 1.2 does) passes the handshake and is refused here.
+pub fn below_min_version(session: &Session, config: &Config) -> Option<TlsVersion> {
+    let ssl = session.digest()?.ssl_digest.as_ref()?;
+    let local = *session.server_addr()?.as_inet()?;
+    let min = listener_tls(config, local)?.min_version;
+    (negotiated(&ssl.version)? < min).then_some(min)
 }
 
 /// The certificate resolver of the TLS listener on `addr`. It looks the listener up in

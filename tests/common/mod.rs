@@ -255,6 +255,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Waits until something accepts TCP connections on `addr` (a listener of a service that
+/// starts beside the first one).
+pub async fn listening(addr: SocketAddr) {
+    guard("a listener to accept connections", async {
+        while TcpStream::connect(addr).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
 /// A running proxy.
 pub struct Proxy {
     pub addr: SocketAddr,
