@@ -17,6 +17,15 @@
 //! the same origin and does the same through it. The proxy's resident memory is read from
 //! /proc before and after the streams open.
 //!
+//! `--tls` puts a TLS listener in front (a self-signed certificate made at start; ALPN h2
+//! and http/1.1), and `--h2` adds a phase with the same streams over HTTP/2 on `--conns`
+//! connections (ALPN h2 with `--tls`, else h2c with prior knowledge) after the HTTP/1.1
+//! phase (one connection per stream), each phase with a fresh proxy process:
+//!
+//! ```text
+//! cargo run --release --example bench -- --streams 1000 --seconds 20 --tls --h2 --conns 10
+//! ```
+//!
 //! `--scenario chain`: plain request throughput (small responses, keep-alive, `--conns`
 //! connections) through two proxies side by side, one with an empty middleware chain and
 //! one with five typical middlewares (request_id, headers, ip_filter, rate_limit, cors),
@@ -33,9 +42,10 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hdrhistogram::Histogram;
 use once_cell::sync::Lazy;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Barrier};
 
@@ -57,6 +67,8 @@ struct Args {
     proxy: String,
     mode: String,
     threads: usize,
+    tls: bool,
+    h2: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -72,6 +84,8 @@ fn parse_args() -> Result<Args, String> {
         proxy: "target/release/streamgate".into(),
         mode: "both".into(),
         threads: 2,
+        tls: false,
+        h2: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -92,10 +106,13 @@ fn parse_args() -> Result<Args, String> {
             "--proxy" => args.proxy = value()?,
             "--mode" => args.mode = value()?,
             "--threads" => args.threads = value()?.parse().map_err(|e| format!("{e}"))?,
+            "--tls" => args.tls = true,
+            "--h2" => args.h2 = true,
             "-h" | "--help" => return Err(
                 "usage: bench [--scenario sse|chain|observability] [--streams N] [--seconds S] \
                             [--interval 1s] [--warmup 3s] [--mode both|direct|proxy] \
-                            [--proxy PATH] [--threads N] [--conns N] [--rounds N] [--pin]"
+                            [--proxy PATH] [--threads N] [--conns N] [--rounds N] [--pin] \
+                            [--tls] [--h2]"
                     .into(),
             ),
             other => return Err(format!("unknown flag {other}")),
@@ -150,21 +167,81 @@ async fn origin(interval: Duration, streams: usize) -> SocketAddr {
 const WARMING: u8 = 0;
 const MEASURING: u8 = 1;
 
-/// One client stream: records the latency of each event that arrives while measuring,
-/// until `stop` fires.
+/// A byte stream to the proxy: TCP, or TLS over TCP.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Where the streams of a phase go, and how.
+#[derive(Clone)]
+struct Target {
+    addr: SocketAddr,
+    /// TLS to the proxy (SNI `bench.test`), trusting the bench's own certificate.
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// `Some(n)`: HTTP/2, the streams spread over `n` connections; `None`: HTTP/1.1,
+    /// one connection per stream.
+    h2_conns: Option<usize>,
+}
+
+impl Target {
+    async fn connect(&self, alpn: &[u8]) -> Result<Box<dyn Io>, String> {
+        let tcp = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| format!("connect {}: {e}", self.addr))?;
+        let _ = tcp.set_nodelay(true);
+        let Some(tls) = &self.tls else {
+            return Ok(Box::new(tcp));
+        };
+        let mut config = (**tls).clone();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let name =
+            rustls::pki_types::ServerName::try_from("bench.test").map_err(|e| e.to_string())?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        Ok(Box::new(stream))
+    }
+}
+
+fn new_histogram() -> Result<Histogram<u64>, String> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())
+}
+
+/// Records the latency of every complete `data: <send time>` line in `pending` (read at
+/// `now`) while measuring, and drops what it consumed.
+fn record_events(pending: &mut Vec<u8>, now: u64, phase: &AtomicU8, hist: &mut Histogram<u64>) {
+    let mut consumed = 0;
+    while let Some(at) = find(&pending[consumed..], b"data: ") {
+        let digits_start = consumed + at + 6;
+        let Some(nl) = pending[digits_start..].iter().position(|&b| b == b'\n') else {
+            break;
+        };
+        let digits = &pending[digits_start..digits_start + nl];
+        if let Some(sent) = std::str::from_utf8(digits)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            if phase.load(Ordering::Relaxed) == MEASURING {
+                hist.saturating_record(now.saturating_sub(sent).max(1));
+            }
+        }
+        consumed = digits_start + nl + 1;
+    }
+    pending.drain(..consumed);
+}
+
+/// One HTTP/1.1 client stream: records the latency of each event that arrives while
+/// measuring, until `stop` fires.
 async fn client(
-    target: SocketAddr,
+    target: Target,
     ready: Arc<Barrier>,
     phase: Arc<AtomicU8>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<Histogram<u64>, String> {
-    let mut hist =
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
-    let mut stream = TcpStream::connect(target)
-        .await
-        .map_err(|e| format!("connect {target}: {e}"))?;
+    let mut hist = new_histogram()?;
+    let mut stream = target.connect(b"http/1.1").await?;
     stream
-        .write_all(b"GET /events HTTP/1.1\r\nhost: bench\r\naccept: text/event-stream\r\n\r\n")
+        .write_all(b"GET /events HTTP/1.1\r\nhost: bench.test\r\naccept: text/event-stream\r\n\r\n")
         .await
         .map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 8192];
@@ -191,24 +268,61 @@ async fn client(
             connected = true;
             ready.wait().await;
         }
-        let mut consumed = 0;
-        while let Some(at) = find(&pending[consumed..], b"data: ") {
-            let digits_start = consumed + at + 6;
-            let Some(nl) = pending[digits_start..].iter().position(|&b| b == b'\n') else {
-                break;
-            };
-            let digits = &pending[digits_start..digits_start + nl];
-            if let Some(sent) = std::str::from_utf8(digits)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-            {
-                if phase.load(Ordering::Relaxed) == MEASURING {
-                    hist.saturating_record(now.saturating_sub(sent).max(1));
-                }
-            }
-            consumed = digits_start + nl + 1;
-        }
-        pending.drain(..consumed);
+        record_events(&mut pending, now, &phase, &mut hist);
+    }
+    Ok(hist)
+}
+
+/// One HTTP/2 connection: its driver runs in the background; returns the handle that
+/// opens streams on it.
+async fn h2_connection(target: &Target) -> Result<h2::client::SendRequest<Bytes>, String> {
+    let io = target.connect(b"h2").await?;
+    let (send, connection) = h2::client::handshake(io)
+        .await
+        .map_err(|e| format!("h2 handshake: {e}"))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(send)
+}
+
+/// One HTTP/2 stream on a shared connection, measured like [`client`].
+async fn h2_client(
+    send: h2::client::SendRequest<Bytes>,
+    scheme: &'static str,
+    ready: Arc<Barrier>,
+    phase: Arc<AtomicU8>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Histogram<u64>, String> {
+    let mut hist = new_histogram()?;
+    let mut send = send.ready().await.map_err(|e| e.to_string())?;
+    let request = http::Request::get(format!("{scheme}://bench.test/events"))
+        .header("accept", "text/event-stream")
+        .body(())
+        .map_err(|e| e.to_string())?;
+    let (response, _) = send
+        .send_request(request, true)
+        .map_err(|e| e.to_string())?;
+    let response = response.await.map_err(|e| e.to_string())?;
+    if response.status() != 200 {
+        return Err(format!("status {}", response.status()));
+    }
+    ready.wait().await;
+    let mut body = response.into_body();
+    let mut pending: Vec<u8> = Vec::with_capacity(8192);
+    loop {
+        let data = tokio::select! {
+            _ = stop.changed() => break,
+            data = body.data() => match data {
+                None => return Err("stream ended early".into()),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(data)) => data,
+            },
+        };
+        let now = micros_now();
+        let _ = body.flow_control().release_capacity(data.len());
+        pending.extend_from_slice(&data);
+        record_events(&mut pending, now, &phase, &mut hist);
     }
     Ok(hist)
 }
@@ -235,19 +349,35 @@ struct Report {
     memory: Option<(u64, u64)>,
 }
 
-async fn run_phase(label: &str, target: SocketAddr, args: &Args, proxy_pid: Option<u32>) -> Report {
+async fn run_phase(label: &str, target: Target, args: &Args, proxy_pid: Option<u32>) -> Report {
     let baseline = proxy_pid.and_then(rss_kib);
     let ready = Arc::new(Barrier::new(args.streams + 1));
     let phase = Arc::new(AtomicU8::new(WARMING));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::with_capacity(args.streams);
-    for _ in 0..args.streams {
-        tasks.push(tokio::spawn(client(
-            target,
-            ready.clone(),
-            phase.clone(),
-            stop_rx.clone(),
-        )));
+    let mut connections = Vec::new();
+    if let Some(conns) = target.h2_conns {
+        for _ in 0..conns.max(1) {
+            match h2_connection(&target).await {
+                Ok(send) => connections.push(send),
+                Err(e) => {
+                    eprintln!("{label}: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+    }
+    let scheme = if target.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    for i in 0..args.streams {
+        let (ready, phase, stop) = (ready.clone(), phase.clone(), stop_rx.clone());
+        tasks.push(match connections.get(i % connections.len().max(1)) {
+            Some(send) => tokio::spawn(h2_client(send.clone(), scheme, ready, phase, stop)),
+            None => tokio::spawn(client(target.clone(), ready, phase, stop)),
+        });
         tokio::task::yield_now().await;
     }
     let open_budget = Duration::from_secs(10 + args.streams as u64 / 500);
@@ -265,7 +395,7 @@ async fn run_phase(label: &str, target: SocketAddr, args: &Args, proxy_pid: Opti
     phase.store(MEASURING, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     let _ = stop_tx.send(true);
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+    let mut hist = new_histogram().expect("histogram");
     let mut errors = 0;
     for task in tasks {
         match task.await {
@@ -299,11 +429,42 @@ impl Drop for ProxyProcess {
     }
 }
 
+/// The certificate of the bench's TLS listener (`bench.test`, self-signed) and a client
+/// configuration that trusts it.
+struct Pki {
+    cert_pem: String,
+    key_pem: String,
+    client: Arc<rustls::ClientConfig>,
+}
+
+impl Pki {
+    fn new() -> Result<Pki, String> {
+        let made = rcgen::generate_simple_self_signed(vec!["bench.test".to_string()])
+            .map_err(|e| e.to_string())?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(made.cert.der().clone())
+            .map_err(|e| e.to_string())?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Pki {
+            cert_pem: made.cert.pem(),
+            key_pem: made.key_pair.serialize_pem(),
+            client: Arc::new(client),
+        })
+    }
+}
+
 async fn start_proxy(
     args: &Args,
     origin: SocketAddr,
     middleware: &str,
     rust_log: &str,
+    tls: Option<&Pki>,
 ) -> Result<(ProxyProcess, SocketAddr), String> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -312,12 +473,25 @@ async fn start_proxy(
     let dir = std::env::temp_dir().join(format!("streamgate-bench-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let config = dir.join("bench.yaml");
+    // TLS: ALPN offers h2 and http/1.1. Plain with --h2: h2c beside HTTP/1.1.
+    let listen = match tls {
+        Some(pki) => {
+            std::fs::write(dir.join("bench.pem"), &pki.cert_pem).map_err(|e| e.to_string())?;
+            std::fs::write(dir.join("bench.key"), &pki.key_pem).map_err(|e| e.to_string())?;
+            format!(
+                "listen:\n  - address: \"127.0.0.1:{port}\"\n    tls: {{ certificates: \
+                 [{{ cert: bench.pem, key: bench.key }}] }}\n"
+            )
+        }
+        None if args.h2 => format!("listen:\n  - {{ address: \"127.0.0.1:{port}\", h2c: true }}\n"),
+        None => format!("listen: [\"127.0.0.1:{port}\"]\n"),
+    };
     std::fs::write(
         &config,
         format!(
             "threads: {threads}\npid_file: {dir}/sg.pid\nupgrade_sock: {dir}/sg.sock\n\
              grace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n\
-             listen: [\"127.0.0.1:{port}\"]\n\
+             {listen}\
              services:\n  origin:\n    url: \"http://{origin}\"\n\
              {middleware}\
              host_rules:\n  - pattern: \"*\"\n    target: origin\n",
@@ -367,13 +541,13 @@ fn print(reports: &[Report], args: &Args) {
         args.streams, args.interval, args.seconds, args.warmup
     );
     println!(
-        "{:<10} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "{:<18} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "path", "events", "errors", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs"
     );
     for r in reports {
         let h = &r.hist;
         println!(
-            "{:<10} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "{:<18} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
             r.label,
             h.len(),
             r.errors,
@@ -384,23 +558,26 @@ fn print(reports: &[Report], args: &Args) {
             h.max()
         );
     }
-    if let [direct, proxied] = reports {
-        let added = |q: f64| {
-            proxied.hist.value_at_quantile(q) as i64 - direct.hist.value_at_quantile(q) as i64
-        };
-        println!(
-            "added by the proxy: p50 {} µs, p99 {} µs",
-            added(0.50),
-            added(0.99)
-        );
+    if let Some((direct, proxied)) = reports.split_first().filter(|(d, _)| d.label == "direct") {
+        for proxied in proxied {
+            let added = |q: f64| {
+                proxied.hist.value_at_quantile(q) as i64 - direct.hist.value_at_quantile(q) as i64
+            };
+            println!(
+                "added by the proxy ({}): p50 {} µs, p99 {} µs",
+                proxied.label,
+                added(0.50),
+                added(0.99)
+            );
+        }
     }
     for r in reports {
         if let Some((base, open)) = r.memory {
             let per = (open.saturating_sub(base)) as f64 / args.streams as f64;
             println!(
-                "proxy resident memory: {base} KiB idle, {open} KiB with {} streams open: \
+                "proxy resident memory ({}): {base} KiB idle, {open} KiB with {} streams open: \
                  {per:.1} KiB per stream",
-                args.streams
+                r.label, args.streams
             );
         }
     }
@@ -442,17 +619,46 @@ fn main() {
         let origin = origin(args.interval, args.streams).await;
         let mut reports = Vec::new();
         if args.mode == "both" || args.mode == "direct" {
-            reports.push(run_phase("direct", origin, &args, None).await);
+            let direct = Target {
+                addr: origin,
+                tls: None,
+                h2_conns: None,
+            };
+            reports.push(run_phase("direct", direct, &args, None).await);
         }
         if args.mode == "both" || args.mode == "proxy" {
-            match start_proxy(&args, origin, "", "error").await {
-                Ok((proxy, addr)) => {
-                    let pid = proxy.0.id();
-                    reports.push(run_phase("streamgate", addr, &args, Some(pid)).await);
-                }
+            let pki = match args.tls.then(Pki::new).transpose() {
+                Ok(pki) => pki,
                 Err(e) => {
-                    eprintln!("{e}");
+                    eprintln!("cannot make the bench certificate: {e}");
                     std::process::exit(1);
+                }
+            };
+            let tls = pki.as_ref().map(|p| p.client.clone());
+            let suffix = if tls.is_some() { " tls" } else { "" };
+            let mut phases = vec![(format!("proxy h1{suffix}"), None)];
+            if args.h2 {
+                phases.push((
+                    format!("proxy h2{suffix} x{}", args.conns),
+                    Some(args.conns),
+                ));
+            }
+            // A fresh proxy process per phase, so each one's memory is its own.
+            for (label, h2_conns) in phases {
+                match start_proxy(&args, origin, "", "error", pki.as_ref()).await {
+                    Ok((proxy, addr)) => {
+                        let pid = proxy.0.id();
+                        let target = Target {
+                            addr,
+                            tls: tls.clone(),
+                            h2_conns,
+                        };
+                        reports.push(run_phase(&label, target, &args, Some(pid)).await);
+                    }
+                    Err(e) => {
+                        eprintln!("{e}");
+                        std::process::exit(1);
+                    }
                 }
             }
         }
@@ -656,7 +862,7 @@ async fn compare(args: &Args, a: Variant, b: Variant) {
     let origin = plain_origin().await;
     let mut procs = Vec::new();
     for v in [&a, &b] {
-        match start_proxy(args, origin, &v.config, v.rust_log).await {
+        match start_proxy(args, origin, &v.config, v.rust_log, None).await {
             Ok(p) => procs.push(p),
             Err(e) => {
                 eprintln!("{e}");
