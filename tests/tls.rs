@@ -204,11 +204,7 @@ fn routes(origin: &Origin) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn sni_picks_the_certificate_and_alpn_the_protocol() {
     let mut origin = Origin::plain("hello").await;
-    let (h2, h1_only, tls13) = (
-        common::free_port(),
-        common::free_port(),
-        common::free_port(),
-    );
+    let [h2, h1_only, tls13] = common::free_ports();
     let certs = "        - { cert: DIR/main.pem, key: DIR/main.key }\n        \
                  - { cert: DIR/wild.pem, key: DIR/wild.key, hosts: [\"*.wild.test\"] }\n";
     let (site, issued) = Site::start(
@@ -383,9 +379,7 @@ impl H2Events {
     async fn next(&mut self) -> Option<String> {
         guard("the next event on an HTTP/2 stream", async {
             loop {
-                if let Some(end) = self.buf.find("\n\n") {
-                    let event = self.buf[..end].to_string();
-                    self.buf.drain(..end + 2);
+                if let Some(event) = common::take_event(&mut self.buf) {
                     return Some(event);
                 }
                 let data = self.body.data().await?.expect("stream data");
@@ -398,16 +392,20 @@ impl H2Events {
 }
 
 /// An HTTP/2 connection (TLS, ALPN h2) to the proxy.
-async fn h2_connect(site: &Site, port: u16) -> h2::client::SendRequest<Bytes> {
+/// Also returns the connection's driver, which ends when the connection closes.
+async fn h2_connect(
+    site: &Site,
+    port: u16,
+) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
     let tls = tls_connect(&site.ca, addr(port), "example.test", &[b"h2"])
         .await
         .expect("handshake");
     assert_eq!(alpn(&tls).as_deref(), Some(&b"h2"[..]));
     let (client, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
-    tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         let _ = connection.await;
     });
-    client
+    (client, driver)
 }
 
 fn get(port: u16, path: &str, sse: bool) -> http::Request<()> {
@@ -481,7 +479,7 @@ async fn h2_site() -> (
                     ""
                 ),
                 routes(&origin)
-            )
+            ) + "http2: { max_concurrent_streams: 32, idle_timeout: 300ms }\n"
         },
         &[addr(port)],
     )
@@ -492,12 +490,24 @@ async fn h2_site() -> (
 #[tokio::test(flavor = "multi_thread")]
 async fn twenty_event_streams_share_one_http2_connection() {
     let (site, port, rounds, mut closed, mut origin) = h2_site().await;
-    let mut client = h2_connect(&site, port).await;
+    let (mut client, _) = h2_connect(&site, port).await;
     let mut streams = open_streams(&mut client, port, 20).await;
+    assert_eq!(
+        client.current_max_send_streams(),
+        32,
+        "http2.max_concurrent_streams reaches the client"
+    );
     for _ in 0..20 {
         let head = origin.next_request().await;
         assert_eq!(head.header("x-forwarded-proto"), Some("https"));
     }
+    // The idle timeout (300ms) closes a connection with nothing open, never one whose
+    // streams are open but quiet.
+    let (_idle, idle_driver) = h2_connect(&site, port).await;
+    guard("the idle connection to close", idle_driver)
+        .await
+        .expect("driver");
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     for round in 1..=3 {
         rounds.send(round).expect("origin streams");
         // Every stream gets its own event before the origin sends the next round.
@@ -524,7 +534,7 @@ async fn twenty_event_streams_share_one_http2_connection() {
 #[tokio::test(flavor = "multi_thread")]
 async fn resetting_one_stream_closes_its_upstream_and_leaves_the_others() {
     let (site, port, rounds, mut closed, _origin) = h2_site().await;
-    let mut client = h2_connect(&site, port).await;
+    let (mut client, _) = h2_connect(&site, port).await;
     let mut streams = open_streams(&mut client, port, 20).await;
     rounds.send(1).expect("origin streams");
     for (_, events) in streams.iter_mut() {
@@ -553,11 +563,7 @@ async fn resetting_one_stream_closes_its_upstream_and_leaves_the_others() {
 #[tokio::test(flavor = "multi_thread")]
 async fn h2c_and_redirect_listeners() {
     let mut origin = Origin::plain("hello").await;
-    let (h2c, redirect, tls) = (
-        common::free_port(),
-        common::free_port(),
-        common::free_port(),
-    );
+    let [h2c, redirect, tls] = common::free_ports();
     let (_site, _) = Site::start(
         &[("main", &["example.test"])],
         |dir| {
@@ -621,7 +627,7 @@ async fn h2c_and_redirect_listeners() {
 #[tokio::test(flavor = "multi_thread")]
 async fn renewed_certificates_are_served_and_broken_ones_refused() {
     let origin = Origin::plain("hello").await;
-    let (tls, admin) = (common::free_port(), common::free_port());
+    let [tls, admin] = common::free_ports();
     let (site, issued) = Site::start(
         &[("main", &["example.test"])],
         |dir| {
@@ -694,12 +700,14 @@ fn dash_t_reports_certificates_and_refuses_mismatched_keys() {
         )
     );
     std::fs::write(&config, &text).expect("write");
-    let bin = env!("CARGO_BIN_EXE_streamgate");
-    let out = Command::new(bin)
-        .args(["-t", "-c"])
-        .arg(&config)
-        .output()
-        .expect("run");
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_streamgate"))
+            .args(["-t", "-c"])
+            .arg(&config)
+            .output()
+            .expect("run streamgate -t")
+    };
+    let out = check();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -714,11 +722,7 @@ fn dash_t_reports_certificates_and_refuses_mismatched_keys() {
     assert!(stdout.contains("days)"), "{stdout}");
 
     std::fs::write(dir.path().join("main.key"), other.key_pem).expect("write");
-    let out = Command::new(bin)
-        .args(["-t", "-c"])
-        .arg(&config)
-        .output()
-        .expect("run");
+    let out = check();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(

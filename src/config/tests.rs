@@ -555,35 +555,24 @@ fn bad_listeners_are_refused_with_line_and_key() {
     let e = refused("listen:\n  - { h2c: true }\n", 2, "listen[0]");
     assert!(e.to_string().contains("missing field `address`"), "{e}");
     refused("listen: [8080]\n", 1, "listen[0]");
-    // Certificate files: missing, not a certificate, a key of another certificate.
-    let e = refused(
-        &tls("", "missing.pem", "a.key"),
-        5,
-        "listen[0].tls.certificates[0].cert",
-    );
-    assert!(e.to_string().contains("missing.pem"), "{e}");
-    let e = refused(
-        &tls("", "a.key", "a.key"),
-        5,
-        "listen[0].tls.certificates[0].cert",
-    );
-    assert!(e.to_string().contains("no certificate"), "{e}");
-    let e = refused(
-        &tls("", "a.pem", "b.key"),
-        6,
-        "listen[0].tls.certificates[0].key",
-    );
-    assert!(
-        e.to_string()
-            .contains("b.key is not the private key of the certificate in"),
-        "{e}"
-    );
-    let e = refused(
-        &tls("", "a.pem", "a.pem"),
-        6,
-        "listen[0].tls.certificates[0].key",
-    );
-    assert!(e.to_string().contains("no PEM private key"), "{e}");
+    // Certificate files: missing, not a certificate, a key of another certificate, no key.
+    let cert = "listen[0].tls.certificates[0].cert";
+    let key = "listen[0].tls.certificates[0].key";
+    for (cert_file, key_file, line, at, says) in [
+        ("missing.pem", "a.key", 5, cert, "missing.pem"),
+        ("a.key", "a.key", 5, cert, "no certificate"),
+        (
+            "a.pem",
+            "b.key",
+            6,
+            key,
+            "b.key is not the private key of the certificate in",
+        ),
+        ("a.pem", "a.pem", 6, key, "no PEM private key"),
+    ] {
+        let e = refused(&tls("", cert_file, key_file), line, at);
+        assert!(e.to_string().contains(says), "{e}");
+    }
     // Versions, options that contradict the listener's kind.
     let e = refused(
         &tls("      min_version: \"1.1\"\n", "a.pem", "a.key"),

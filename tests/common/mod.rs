@@ -247,6 +247,19 @@ async fn read_head(reader: &mut BufReader<TcpStream>) -> Option<Head> {
     })
 }
 
+/// Takes the first whole SSE event (up to its blank line) off the front of `buf`.
+pub fn take_event(buf: &mut String) -> Option<String> {
+    let end = buf.find("\n\n")?;
+    let event = buf[..end].to_string();
+    buf.drain(..end + 2);
+    Some(event)
+}
+
+/// `N` ports that were free a moment ago.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    std::array::from_fn(|_| free_port())
+}
+
 /// A port that was free a moment ago (the proxy binds it right after).
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
