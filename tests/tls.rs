@@ -187,6 +187,9 @@ fn https_client(ca: &Ca, host: &str, addr: SocketAddr) -> reqwest::Client {
         .expect("client")
 }
 
+/// The `certificates` entry for the `main` pair.
+const MAIN_CERT: &str = "        - { cert: DIR/main.pem, key: DIR/main.key }\n";
+
 fn tls_listener(port: u16, dir: &Path, certs: &str, extra: &str) -> String {
     format!(
         "  - address: \"127.0.0.1:{port}\"\n    tls:\n      certificates:\n{certs}{extra}",
@@ -472,12 +475,7 @@ async fn h2_site() -> (
         |dir| {
             format!(
                 "listen:\n{}{}",
-                tls_listener(
-                    port,
-                    dir,
-                    "        - { cert: DIR/main.pem, key: DIR/main.key }\n",
-                    ""
-                ),
+                tls_listener(port, dir, MAIN_CERT, ""),
                 routes(&origin)
             ) + "http2: { max_concurrent_streams: 32, idle_timeout: 300ms }\n"
         },
@@ -570,12 +568,7 @@ async fn h2c_and_redirect_listeners() {
             format!(
                 "listen:\n  - {{ address: \"127.0.0.1:{h2c}\", h2c: true }}\n  \
                  - {{ address: \"127.0.0.1:{redirect}\", redirect_http: true }}\n{}{}",
-                tls_listener(
-                    tls,
-                    dir,
-                    "        - { cert: DIR/main.pem, key: DIR/main.key }\n",
-                    ""
-                ),
+                tls_listener(tls, dir, MAIN_CERT, ""),
                 routes(&origin)
             )
         },
@@ -633,12 +626,7 @@ async fn renewed_certificates_are_served_and_broken_ones_refused() {
         |dir| {
             format!(
                 "admin: {{ listen: \"127.0.0.1:{admin}\" }}\nlisten:\n{}{}",
-                tls_listener(
-                    tls,
-                    dir,
-                    "        - { cert: DIR/main.pem, key: DIR/main.key }\n",
-                    ""
-                ),
+                tls_listener(tls, dir, MAIN_CERT, ""),
                 routes(&origin)
             )
         },
@@ -690,15 +678,7 @@ fn dash_t_reports_certificates_and_refuses_mismatched_keys() {
         .write(dir.path(), "main");
     let other = ca.issue(&["other.test"]);
     let config = dir.path().join("streamgate.yaml");
-    let text = format!(
-        "listen:\n{}",
-        tls_listener(
-            1,
-            dir.path(),
-            "        - { cert: DIR/main.pem, key: DIR/main.key }\n",
-            ""
-        )
-    );
+    let text = format!("listen:\n{}", tls_listener(1, dir.path(), MAIN_CERT, ""));
     std::fs::write(&config, &text).expect("write");
     let check = || {
         Command::new(env!("CARGO_BIN_EXE_streamgate"))
