@@ -204,7 +204,7 @@ impl Admin {
             (p, _, _) if req.method == Method::DELETE && p.starts_with("/sse/connections/") => {
                 let id = p.trim_start_matches("/sse/connections/").parse::<u64>();
                 match id {
-                    Ok(id) if TRACKER.request_end(id) => {
+                    Ok(id) if TRACKER.request_end(id, "ended") => {
                         Answer::json(202, json!({ "id": id, "ending": true }))
                     }
                     _ => Answer::error(404, "no such open stream"),
