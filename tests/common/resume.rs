@@ -131,10 +131,7 @@ async fn read_stream(
         }
         // De-chunk whatever complete chunks are buffered.
         let mut ended = false;
-        loop {
-            let Some(line_end) = raw.windows(2).position(|w| w == b"\r\n") else {
-                break;
-            };
+        while let Some(line_end) = raw.windows(2).position(|w| w == b"\r\n") {
             let size = std::str::from_utf8(&raw[..line_end])
                 .ok()
                 .and_then(|s| usize::from_str_radix(s.trim(), 16).ok());
