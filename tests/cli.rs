@@ -1,5 +1,5 @@
-//! The real binary: `-t` on shipped and broken configs, the no-argument demo, and a
-//! zero-downtime upgrade with `-u`.
+//! The real binary: `-t` on shipped and broken configs, the no-argument demo, a
+//! zero-downtime upgrade with `-u`, and the drain of open streams on `-u` and `SIGTERM`.
 
 mod common;
 
@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{client, free_port, guard, Events};
+use common::resume::{contiguous, counting_origin, Resumer};
+use common::{client, eventually, free_port, guard, Events};
 
 const BIN: &str = env!("CARGO_BIN_EXE_streamgate");
 
@@ -223,6 +224,113 @@ async fn upgrade_with_dash_u_hands_over_without_refusing_requests() {
         .await
         .expect("new process answers");
     assert!(r.status().is_success());
+}
+
+/// A config for the drain tests: streams of a counting origin, drained over `drain`.
+fn drain_config(dir: &Path, port: u16, origin: &common::Origin, drain: &str) -> PathBuf {
+    let config = dir.join("streamgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "pid_file: {dir}/sg.pid\nupgrade_sock: {dir}/upgrade.sock\n\
+             graceful_shutdown_timeout_seconds: 1\n\
+             listen: [\"127.0.0.1:{port}\"]\n\
+             sse: {{ drain_period: {drain}, connection_tracking: true }}\n\
+             services:\n  feed: {{ url: \"{}\" }}\n\
+             host_rules:\n  - {{ pattern: \"*\", target: feed }}\n",
+            origin.url(),
+            dir = dir.display()
+        ),
+    )
+    .expect("write config");
+    config
+}
+
+fn start_binary(config: &Path, upgrade: bool) -> Child {
+    let mut cmd = Command::new(BIN);
+    if upgrade {
+        cmd.arg("-u");
+    }
+    cmd.arg("-c")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn")
+}
+
+async fn exited(child: &mut Child) -> std::process::ExitStatus {
+    guard("the process to exit by itself", async {
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_drains_streams_to_the_new_process_without_losing_an_event() {
+    let origin = counting_origin(Duration::from_millis(20)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = drain_config(dir.path(), port, &origin, "1s");
+    let mut old = Running(start_binary(&config, false));
+    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_listening(&format!("http://{addr}/")).await;
+    let clients: Vec<Resumer> = (0..50).map(|_| Resumer::start(addr, "/events")).collect();
+    eventually("every client to stream", || async {
+        clients.iter().all(|c| c.events() >= 3)
+    })
+    .await;
+
+    let _new = Running(start_binary(&config, true));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(old.0.id(), "-QUIT");
+    let status = exited(&mut old.0).await;
+    assert!(status.success(), "old process exit: {status}");
+
+    // Every client was handed a hint, came back, and streams from the new process.
+    let at_exit: Vec<u64> = clients.iter().map(|c| c.events()).collect();
+    eventually("every client to stream from the new process", || async {
+        clients
+            .iter()
+            .zip(&at_exit)
+            .all(|(c, n)| c.events() >= n + 5)
+    })
+    .await;
+    for client in clients {
+        let seen = client.stop().await;
+        assert!(seen.hints >= 1 && seen.connections >= 2, "{seen:?}");
+        contiguous(&seen.ids).unwrap_or_else(|e| panic!("{e}: {:?}", seen.ids));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_streams_and_exits_without_sleeping_out_a_grace_period() {
+    let origin = counting_origin(Duration::from_millis(20)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    // No grace_period_seconds: it follows the drain period (Pingora's own default is 300 s).
+    let config = drain_config(dir.path(), port, &origin, "500ms");
+    let mut proxy = Running(start_binary(&config, false));
+    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_listening(&format!("http://{addr}/")).await;
+    let clients: Vec<Resumer> = (0..10).map(|_| Resumer::start(addr, "/events")).collect();
+    eventually("every client to stream", || async {
+        clients.iter().all(|c| c.events() >= 3)
+    })
+    .await;
+    signal(proxy.0.id(), "-TERM");
+    let status = exited(&mut proxy.0).await;
+    assert!(status.success(), "exit: {status}");
+    for client in clients {
+        let seen = client.stop().await;
+        assert!(seen.hints >= 1, "drained with a hint: {seen:?}");
+        contiguous(&seen.ids).unwrap_or_else(|e| panic!("{e}: {:?}", seen.ids));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
