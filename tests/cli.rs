@@ -333,6 +333,108 @@ async fn sigterm_drains_streams_and_exits_without_sleeping_out_a_grace_period() 
     }
 }
 
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Opens `total` event streams, `at_once` at a time; each is closed by the client after
+/// its first event.
+async fn open_and_close(addr: std::net::SocketAddr, total: usize, at_once: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let one = move || async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /events HTTP/1.1\r\nhost: t\r\naccept: text/event-stream\r\n\r\n")
+            .await
+            .expect("request");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(7).any(|w| w == b"data: x") {
+            let n = s.read(&mut buf).await.expect("read");
+            assert!(
+                n > 0,
+                "stream ended early: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    for _ in 0..total / at_once {
+        futures_util::future::join_all((0..at_once).map(|_| one())).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_streams_leave_no_entry_and_no_memory_behind() {
+    let origin = common::Origin::start(|_, mut conn| async move {
+        conn.sse_head().await.expect("head");
+        let _ = conn.chunk("data: x\n\n").await;
+        conn.closed().await;
+        common::After::Close
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, admin) = (free_port(), free_port());
+    let config = dir.path().join("leak.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: [\"127.0.0.1:{port}\"]\nadmin: {{ listen: \"127.0.0.1:{admin}\" }}\n\
+             sse: {{ connection_tracking: true }}\n\
+             services:\n  feed: {{ url: \"{}\" }}\n\
+             host_rules:\n  - {{ pattern: \"*\", target: feed }}\n",
+            origin.url()
+        ),
+    )
+    .expect("write config");
+    let proxy = Running(start_binary(&config, false));
+    let pid = proxy.0.id();
+    wait_listening(&format!("http://127.0.0.1:{admin}/healthz")).await;
+    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let open_streams = || async {
+        let url = format!("http://127.0.0.1:{admin}/sse/connections");
+        let view: serde_json::Value = client()
+            .get(url)
+            .send()
+            .await
+            .expect("admin")
+            .text()
+            .await
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .expect("json");
+        view["total"].as_u64().expect("total")
+    };
+
+    // Warm up: allocator arenas, connection pools, worker threads.
+    open_and_close(addr, 1_000, 200).await;
+    eventually("the registry to empty", || async {
+        open_streams().await == 0
+    })
+    .await;
+    let before = rss_kib(pid);
+    let took = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(120), open_and_close(addr, 10_000, 200))
+        .await
+        .expect("10,000 streams within two minutes");
+    eprintln!("10,000 streams opened and closed in {:?}", took.elapsed());
+    eventually("the registry to empty", || async {
+        open_streams().await == 0
+    })
+    .await;
+    let after = rss_kib(pid);
+    eprintln!("resident memory: {before} KiB after warm-up, {after} KiB after 10,000 streams");
+    assert!(
+        after < before + 8 * 1024,
+        "memory grew from {before} KiB to {after} KiB"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_and_upstreams_subcommands_print_tables() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -191,11 +191,17 @@ async fn an_origin_dying_between_events_sends_the_error_event_when_asked() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drain_ends_every_stream_between_events_with_a_hint() {
     let origin = counting_origin(Duration::from_millis(10)).await;
-    let proxy = Proxy::start(&config(
-        &origin,
-        "drain_period: 300ms, connection_tracking: true",
+    let admin = common::free_port();
+    let proxy = Proxy::start(&format!(
+        "admin: {{ listen: \"127.0.0.1:{admin}\" }}\n{}",
+        config(&origin, "drain_period: 300ms, connection_tracking: true")
     ))
     .await;
+    let ready = |admin: u16| async move {
+        let url = format!("http://127.0.0.1:{admin}/readyz");
+        client().get(url).send().await.expect("readyz").status()
+    };
+    assert_eq!(ready(admin).await, 200);
     let clients: Vec<Resumer> = (0..20)
         .map(|_| Resumer::start(proxy.addr, "/events"))
         .collect();
@@ -204,6 +210,7 @@ async fn a_drain_ends_every_stream_between_events_with_a_hint() {
     })
     .await;
     streamgate::sse::supervisor::start_drain();
+    assert_eq!(ready(admin).await, 503, "a draining process is not ready");
     eventually("every stream to be drained", || async {
         clients
             .iter()
@@ -253,4 +260,58 @@ async fn a_client_gone_closes_its_relayed_upstream_and_entry() {
     // Not relayed: a stream without `Accept: text/event-stream` still streams.
     let plain = client().get(proxy.url("/events")).send().await.expect("r");
     assert_eq!(plain.headers()["content-type"], "text/event-stream");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_hold_exactly_under_a_storm_of_opens() {
+    let open_now = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (release_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let origin = Origin::start({
+        let (open_now, most, release_tx) = (open_now.clone(), most.clone(), release_tx.clone());
+        move |_, mut conn| {
+            let (open_now, most) = (open_now.clone(), most.clone());
+            let mut release = release_tx.subscribe();
+            async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                let now = open_now.fetch_add(1, SeqCst) + 1;
+                most.fetch_max(now, SeqCst);
+                conn.sse_head().await.expect("head");
+                let _ = conn.chunk("data: in\n\n").await;
+                let _ = release.recv().await;
+                open_now.fetch_sub(1, SeqCst);
+                let _ = conn.end().await;
+                After::Close
+            }
+        }
+    })
+    .await;
+    // The global limit (10) is the tightest of three.
+    let proxy = Proxy::start(&format!(
+        "sse: {{ max_connections: 10 }}\n{}",
+        config(
+            &origin,
+            "max_connections: 15, max_connections_per_client: 12"
+        )
+    ))
+    .await;
+    let storm = (0..200).map(|_| {
+        let url = proxy.url("/events");
+        tokio::spawn(async move { sse_get(url).await })
+    });
+    let mut answered = Vec::new();
+    for r in futures_util::future::join_all(storm).await {
+        answered.push(r.expect("task"));
+    }
+    let ok = answered.iter().filter(|r| r.status() == 200).count();
+    let refused: Vec<_> = answered.iter().filter(|r| r.status() == 503).collect();
+    assert_eq!((ok, refused.len()), (10, 190));
+    assert!(refused.iter().all(|r| r.headers()["retry-after"] == "5"));
+    let _ = release_tx.send(());
+    drop(answered);
+    assert_eq!(
+        most.load(std::sync::atomic::Ordering::SeqCst),
+        10,
+        "never one stream over"
+    );
 }
