@@ -24,11 +24,23 @@ pub mod upstream;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use pingora_core::listeners::ListenerConfig;
+use pingora_core::protocols::l4::stream::L4BufferSettings;
 use pingora_core::server::configuration::Opt;
 use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
 
 pub use config::Config;
+
+/// Socket buffering of client connections. Pingora's default read buffer is 64 KiB per
+/// connection, zeroed when the connection is accepted: for an event stream, whose client
+/// sends one request header and then only listens, that is most of the memory the stream
+/// costs. Pingora reads request headers and bodies into buffers of their own, so the
+/// socket is read directly; writes keep Pingora's small MSS-sized buffer.
+const CLIENT_BUFFERS: L4BufferSettings = L4BufferSettings {
+    read: Some(0),
+    write: None,
+};
 pub use proxy::StreamGate;
 
 /// Builds the Pingora server for `config`. `opt` carries Pingora's command-line flags
@@ -56,7 +68,7 @@ pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
         "streamgate",
     );
     for addr in &listen {
-        proxy.add_tcp(&addr.to_string());
+        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(CLIENT_BUFFERS));
     }
     server.add_service(proxy);
     if let Some(admin) = admin::service(current.clone()) {
