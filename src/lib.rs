@@ -65,6 +65,10 @@ pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
         "config reloader",
         reload::Reloader::new(current),
     ));
+    server.add_service(background_service(
+        "sse supervisor",
+        sse::supervisor::Supervisor,
+    ));
 
     if let Some(addr) = demo {
         server.add_service(demo::service(&addr.to_string()));

@@ -19,7 +19,7 @@ use http::{Response, StatusCode};
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
-use pingora_core::listeners::{TcpSocketOptions, ALPN};
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions, ALPN};
 use pingora_core::protocols::http::v2::server::default_h2_options;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::TcpKeepalive;
@@ -40,6 +40,16 @@ pub const DEFAULT_H2_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// Keepalive probes sent before a silent peer is given up.
 const KEEPALIVE_PROBES: usize = 6;
+
+/// Socket buffering of client connections. Pingora's default read buffer is 64 KiB per
+/// connection, zeroed when the connection is accepted: for an event stream, whose client
+/// sends one request header and then only listens, that is most of the memory the stream
+/// costs. Pingora reads request headers and bodies into buffers of their own, so the
+/// socket is read directly; writes keep Pingora's small MSS-sized buffer.
+const CLIENT_BUFFERS: L4BufferSettings = L4BufferSettings {
+    read: Some(0),
+    write: None,
+};
 
 /// One `listen` entry, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,31 +140,25 @@ pub fn services(
             app.h2_options = Some(h2);
         }
         for listener in group {
-            let addr = listener.addr.to_string();
-            let sock = socket_options(listener);
-            match listener.kind {
-                ListenerKind::Tls { http2 } => {
-                    let Some(tls) = config.tls.get(&listener.addr) else {
-                        log::error!("{addr}: no certificates loaded; listener not started");
+            let mut endpoint = endpoint(listener);
+            if let ListenerKind::Tls { http2 } = listener.kind {
+                let Some(tls) = config.tls.get(&listener.addr) else {
+                    log::error!("{}: no certificates loaded; not listening", listener.addr);
+                    continue;
+                };
+                let resolver = CertResolver::new(current.clone(), listener.addr, tls.clone());
+                let mut settings = match TlsSettings::intermediate("", "") {
+                    Ok(settings) => settings,
+                    Err(e) => {
+                        log::error!("{}: TLS settings: {e}; not listening", listener.addr);
                         continue;
-                    };
-                    let resolver = CertResolver::new(current.clone(), listener.addr, tls.clone());
-                    let mut settings = match TlsSettings::intermediate("", "") {
-                        Ok(settings) => settings,
-                        Err(e) => {
-                            log::error!("{addr}: TLS settings: {e}; listener not started");
-                            continue;
-                        }
-                    };
-                    settings.set_cert_resolver(Arc::new(resolver));
-                    settings.set_alpn(if http2 { ALPN::H2H1 } else { ALPN::H1 });
-                    proxy.add_tls_with_settings(&addr, sock, settings);
-                }
-                _ => match sock {
-                    Some(sock) => proxy.add_tcp_with_settings(&addr, sock),
-                    None => proxy.add_tcp(&addr),
-                },
+                    }
+                };
+                settings.set_cert_resolver(Arc::new(resolver));
+                settings.set_alpn(if http2 { ALPN::H2H1 } else { ALPN::H1 });
+                endpoint = endpoint.tls(settings);
             }
+            proxy.add_listener(endpoint);
         }
         services.push(Box::new(proxy));
     }
@@ -165,15 +169,20 @@ pub fn services(
                 format!("streamgate redirect {}", listener.addr),
                 Redirect { https_port },
             );
-            let addr = listener.addr.to_string();
-            match socket_options(listener) {
-                Some(sock) => redirect.add_tcp_with_settings(&addr, sock),
-                None => redirect.add_tcp(&addr),
-            }
+            redirect.add_listener(endpoint(listener));
             services.push(Box::new(redirect));
         }
     }
     services
+}
+
+/// The listening endpoint of `listener`, without TLS.
+fn endpoint(listener: &Listener) -> ListenerConfig {
+    let endpoint = ListenerConfig::tcp(listener.addr.to_string()).l4_buffer(CLIENT_BUFFERS);
+    match socket_options(listener) {
+        Some(options) => endpoint.tcp_socket_options(options),
+        None => endpoint,
+    }
 }
 
 fn socket_options(listener: &Listener) -> Option<TcpSocketOptions> {

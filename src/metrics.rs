@@ -16,12 +16,24 @@ use std::time::Duration;
 use once_cell::sync::Lazy;
 use serde_json::{json, Value};
 
-/// Why an SSE stream closed, as counted in `streamgate_sse_streams_closed_total`.
+/// Why an SSE stream closed, as counted in `streamgate_sse_streams_closed_total` and
+/// logged on close:
+/// - `client_closed`: the client went away;
+/// - `origin_closed`: the origin finished the stream;
+/// - `origin_error`: the origin failed mid-stream (reset, broken framing);
+/// - `idle_timeout`: the origin was silent longer than `read_timeout`, or longer than
+///   `inactive_threshold` and the cleanup task closed the stream;
+/// - `max_lifetime`: the stream reached `max_lifetime` and was ended with a `retry:` hint;
+/// - `drain`: the process was shutting down or upgrading and ended the stream with a hint;
+/// - `ended`: the admin API ended it;
+/// - `error`: anything else (a write to the client timed out, an internal error).
 pub const CLOSE_REASONS: &[&str] = &[
     "client_closed",
     "origin_closed",
-    "read_timeout",
     "origin_error",
+    "idle_timeout",
+    "max_lifetime",
+    "drain",
     "ended",
     "error",
 ];
@@ -85,7 +97,7 @@ pub struct RouteMetrics {
     pub duration: Histogram,
     sse_open: AtomicI64,
     sse_opened: AtomicU64,
-    sse_closed: [AtomicU64; 6],
+    sse_closed: [AtomicU64; CLOSE_REASONS.len()],
     sse_refused: AtomicU64,
     sse_events: AtomicU64,
     sse_bytes: AtomicU64,

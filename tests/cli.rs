@@ -1,5 +1,5 @@
-//! The real binary: `-t` on shipped and broken configs, the no-argument demo, and a
-//! zero-downtime upgrade with `-u`.
+//! The real binary: `-t` on shipped and broken configs, the no-argument demo, a
+//! zero-downtime upgrade with `-u`, and the drain of open streams on `-u` and `SIGTERM`.
 
 mod common;
 
@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{client, free_port, guard, Events};
+use common::resume::{contiguous, counting_origin, Resumer};
+use common::{client, eventually, free_port, guard, Events};
 
 const BIN: &str = env!("CARGO_BIN_EXE_streamgate");
 
@@ -223,6 +224,215 @@ async fn upgrade_with_dash_u_hands_over_without_refusing_requests() {
         .await
         .expect("new process answers");
     assert!(r.status().is_success());
+}
+
+/// A config for the drain tests: streams of a counting origin, drained over `drain`.
+fn drain_config(dir: &Path, port: u16, origin: &common::Origin, drain: &str) -> PathBuf {
+    let config = dir.join("streamgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "pid_file: {dir}/sg.pid\nupgrade_sock: {dir}/upgrade.sock\n\
+             graceful_shutdown_timeout_seconds: 1\n\
+             listen: [\"127.0.0.1:{port}\"]\n\
+             sse: {{ drain_period: {drain}, connection_tracking: true }}\n\
+             services:\n  feed: {{ url: \"{}\" }}\n\
+             host_rules:\n  - {{ pattern: \"*\", target: feed }}\n",
+            origin.url(),
+            dir = dir.display()
+        ),
+    )
+    .expect("write config");
+    config
+}
+
+fn start_binary(config: &Path, upgrade: bool) -> Child {
+    let mut cmd = Command::new(BIN);
+    if upgrade {
+        cmd.arg("-u");
+    }
+    cmd.arg("-c")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn")
+}
+
+async fn exited(child: &mut Child) -> std::process::ExitStatus {
+    guard("the process to exit by itself", async {
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_drains_streams_to_the_new_process_without_losing_an_event() {
+    let origin = counting_origin(Duration::from_millis(20)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = drain_config(dir.path(), port, &origin, "1s");
+    let mut old = Running(start_binary(&config, false));
+    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_listening(&format!("http://{addr}/")).await;
+    let clients: Vec<Resumer> = (0..50).map(|_| Resumer::start(addr, "/events")).collect();
+    eventually("every client to stream", || async {
+        clients.iter().all(|c| c.events() >= 3)
+    })
+    .await;
+
+    let _new = Running(start_binary(&config, true));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(old.0.id(), "-QUIT");
+    let status = exited(&mut old.0).await;
+    assert!(status.success(), "old process exit: {status}");
+
+    // Every client was handed a hint, came back, and streams from the new process.
+    let at_exit: Vec<u64> = clients.iter().map(|c| c.events()).collect();
+    eventually("every client to stream from the new process", || async {
+        clients
+            .iter()
+            .zip(&at_exit)
+            .all(|(c, n)| c.events() >= n + 5)
+    })
+    .await;
+    for client in clients {
+        let seen = client.stop().await;
+        assert!(seen.hints >= 1 && seen.connections >= 2, "{seen:?}");
+        contiguous(&seen.ids).unwrap_or_else(|e| panic!("{e}: {:?}", seen.ids));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_streams_and_exits_without_sleeping_out_a_grace_period() {
+    let origin = counting_origin(Duration::from_millis(20)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    // No grace_period_seconds: it follows the drain period (Pingora's own default is 300 s).
+    let config = drain_config(dir.path(), port, &origin, "500ms");
+    let mut proxy = Running(start_binary(&config, false));
+    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_listening(&format!("http://{addr}/")).await;
+    let clients: Vec<Resumer> = (0..10).map(|_| Resumer::start(addr, "/events")).collect();
+    eventually("every client to stream", || async {
+        clients.iter().all(|c| c.events() >= 3)
+    })
+    .await;
+    signal(proxy.0.id(), "-TERM");
+    let status = exited(&mut proxy.0).await;
+    assert!(status.success(), "exit: {status}");
+    for client in clients {
+        let seen = client.stop().await;
+        assert!(seen.hints >= 1, "drained with a hint: {seen:?}");
+        contiguous(&seen.ids).unwrap_or_else(|e| panic!("{e}: {:?}", seen.ids));
+    }
+}
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Opens `total` event streams, `at_once` at a time; each is closed by the client after
+/// its first event.
+async fn open_and_close(addr: std::net::SocketAddr, total: usize, at_once: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let one = move || async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /events HTTP/1.1\r\nhost: t\r\naccept: text/event-stream\r\n\r\n")
+            .await
+            .expect("request");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(7).any(|w| w == b"data: x") {
+            let n = s.read(&mut buf).await.expect("read");
+            assert!(
+                n > 0,
+                "stream ended early: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    for _ in 0..total / at_once {
+        futures_util::future::join_all((0..at_once).map(|_| one())).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_streams_leave_no_entry_and_no_memory_behind() {
+    let origin = common::Origin::start(|_, mut conn| async move {
+        conn.sse_head().await.expect("head");
+        let _ = conn.chunk("data: x\n\n").await;
+        conn.closed().await;
+        common::After::Close
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, admin) = (free_port(), free_port());
+    let config = dir.path().join("leak.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: [\"127.0.0.1:{port}\"]\nadmin: {{ listen: \"127.0.0.1:{admin}\" }}\n\
+             sse: {{ connection_tracking: true }}\n\
+             services:\n  feed: {{ url: \"{}\" }}\n\
+             host_rules:\n  - {{ pattern: \"*\", target: feed }}\n",
+            origin.url()
+        ),
+    )
+    .expect("write config");
+    let proxy = Running(start_binary(&config, false));
+    let pid = proxy.0.id();
+    wait_listening(&format!("http://127.0.0.1:{admin}/healthz")).await;
+    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let open_streams = || async {
+        let url = format!("http://127.0.0.1:{admin}/sse/connections");
+        let view: serde_json::Value = client()
+            .get(url)
+            .send()
+            .await
+            .expect("admin")
+            .text()
+            .await
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .expect("json");
+        view["total"].as_u64().expect("total")
+    };
+
+    // Warm up: allocator arenas, connection pools, worker threads.
+    open_and_close(addr, 1_000, 200).await;
+    eventually("the registry to empty", || async {
+        open_streams().await == 0
+    })
+    .await;
+    let before = rss_kib(pid);
+    let took = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(120), open_and_close(addr, 10_000, 200))
+        .await
+        .expect("10,000 streams within two minutes");
+    eprintln!("10,000 streams opened and closed in {:?}", took.elapsed());
+    eventually("the registry to empty", || async {
+        open_streams().await == 0
+    })
+    .await;
+    let after = rss_kib(pid);
+    eprintln!("resident memory: {before} KiB after warm-up, {after} KiB after 10,000 streams");
+    assert!(
+        after < before + 8 * 1024,
+        "memory grew from {before} KiB to {after} KiB"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

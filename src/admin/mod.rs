@@ -173,6 +173,12 @@ impl Admin {
         let config = self.config.load_full();
         match (path, get, req.method == Method::POST) {
             ("/healthz", true, _) => Answer::json(200, json!({ "status": "ok" })),
+            // A draining process (shutting down or handing over to a new one) is not ready:
+            // load balancers should stop sending it streams.
+            ("/readyz", true, _) if crate::sse::supervisor::draining() => Answer::json(
+                503,
+                json!({ "ready": false, "draining": true, "version": config.version }),
+            ),
             ("/readyz", true, _) => {
                 Answer::json(200, json!({ "ready": true, "version": config.version }))
             }
@@ -204,7 +210,7 @@ impl Admin {
             (p, _, _) if req.method == Method::DELETE && p.starts_with("/sse/connections/") => {
                 let id = p.trim_start_matches("/sse/connections/").parse::<u64>();
                 match id {
-                    Ok(id) if TRACKER.request_end(id) => {
+                    Ok(id) if TRACKER.request_end(id, "ended") => {
                         Answer::json(202, json!({ "id": id, "ending": true }))
                     }
                     _ => Answer::error(404, "no such open stream"),

@@ -113,14 +113,39 @@ pub struct DemoFile {
 pub struct SseFile {
     pub enabled: Option<bool>,
     pub flush_interval: Option<Dur>,
+    /// Longest the origin may take to send the response headers of a stream.
+    pub header_timeout: Option<Dur>,
+    /// Longest silence from the origin between events.
     pub read_timeout: Option<Dur>,
     pub write_timeout: Option<Dur>,
+    /// After this long a stream is ended at an event boundary with a `retry:` hint.
+    pub max_lifetime: Option<Dur>,
+    /// A tracked stream whose origin sent nothing for this long is closed by the cleanup
+    /// task.
+    pub inactive_threshold: Option<Dur>,
+    /// When the origin has been silent this long, send the client a comment line.
+    pub heartbeat_interval: Option<Dur>,
+    /// What the client gets when the origin fails mid-stream.
+    pub on_upstream_error: Option<OnUpstreamError>,
+    /// On shutdown or upgrade, open streams are ended at random moments over this period.
+    pub drain_period: Option<Dur>,
     /// Register every stream (open, close, counters) and log its open and close.
     pub connection_tracking: Option<bool>,
     /// Most event streams open at once under this block.
     pub max_connections: Option<usize>,
     /// Most event streams one client address may have open at once under this block.
     pub max_connections_per_client: Option<usize>,
+}
+
+/// `on_upstream_error:` what a client sees when its origin dies mid-stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUpstreamError {
+    /// The stream just ends (HTTP/1.1: without its last chunk, so it reads as cut).
+    #[default]
+    End,
+    /// A last `event: error` with a short JSON reason, then a clean end.
+    Event,
 }
 
 #[derive(Debug, Deserialize)]

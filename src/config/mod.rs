@@ -40,6 +40,10 @@ pub const EMBEDDED: &str = include_str!("../../conf/default.yaml");
 /// Where the embedded config says it comes from in messages.
 pub const EMBEDDED_NAME: &str = "<embedded default config>";
 
+/// Seconds of grace period after the longest `drain_period` when `grace_period_seconds`
+/// is not set.
+pub const DRAIN_MARGIN_SECS: u64 = 2;
+
 /// Listen address when the main file has no `listen`.
 const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 
@@ -325,6 +329,20 @@ impl Config {
                     .collect::<PathBuf>()
             })
             .collect();
+        let mut server = server;
+        if server.grace_period_seconds.is_none() {
+            // Pingora waits the whole grace period before it exits: make it as long as the
+            // longest drain, plus a little for the last streams' event boundaries, rather
+            // than Pingora's five minutes.
+            let drain = services
+                .values()
+                .map(|s: &Arc<Service>| s.sse.drain_period)
+                .chain([global_sse.drain_period])
+                .max()
+                .unwrap_or_default();
+            server.grace_period_seconds =
+                Some(drain.as_secs_f64().ceil() as u64 + DRAIN_MARGIN_SECS);
+        }
         let mut files: Vec<PathBuf> = sources.into_iter().map(|s| s.file).collect();
         for cert in certs {
             for path in [&cert.cert_path, &cert.key_path] {

@@ -11,9 +11,12 @@
 pub mod limits;
 mod pacer;
 pub mod scanner;
+pub mod supervisor;
 pub mod tracker;
 
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use http::header::{HeaderName, HeaderValue, CACHE_CONTROL};
 use http::Version;
@@ -21,6 +24,7 @@ use pingora_http::ResponseHeader;
 
 pub use pacer::FlushPacer;
 
+pub use crate::config::file::OnUpstreamError;
 use crate::config::file::SseFile;
 use crate::http_util::{drop_content_length, list_accepts, media_essence};
 
@@ -28,6 +32,26 @@ static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-bufferin
 
 /// What a stream ended by the proxy gets last: come back in three seconds.
 pub const END_HINT: &[u8] = b"retry: 3000\n\n";
+
+/// What a stream ended by a drain gets last: come back at once (the jitter of the drain
+/// already spreads the reconnects).
+pub const DRAIN_HINT: &[u8] = b"retry: 250\n\n";
+
+/// The heartbeat: an SSE comment line and the blank line after it.
+pub const HEARTBEAT: &[u8] = b":\n\n";
+
+/// Default `header_timeout`.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default `drain_period`.
+pub const DEFAULT_DRAIN_PERIOD: Duration = Duration::from_secs(10);
+
+/// The last event a client gets when the origin fails mid-stream with
+/// `on_upstream_error: event`: `event: error` and a one-line JSON reason.
+pub fn error_event(reason: &str) -> Bytes {
+    let json = serde_json::json!({ "error": "upstream", "reason": reason });
+    Bytes::from(format!("event: error\ndata: {json}\n\n"))
+}
 
 /// Effective SSE settings of a service: its `sse:` block over the global one.
 /// `None` durations mean no limit (written `0` in the config).
@@ -37,11 +61,23 @@ pub struct SseSettings {
     pub enabled: bool,
     /// Coalesce writes for at most this long; `None` flushes every chunk at once.
     pub flush_interval: Option<Duration>,
+    /// Longest the origin may take to send a stream's response headers.
+    pub header_timeout: Option<Duration>,
     /// Longest silence from the origin between events.
     pub read_timeout: Option<Duration>,
     /// Longest a write to the client may block.
     pub write_timeout: Option<Duration>,
-    /// Log each stream's open and close (the live registry comes with connection management).
+    /// Streams older than this are ended at an event boundary with a `retry:` hint.
+    pub max_lifetime: Option<Duration>,
+    /// Tracked streams whose origin is silent this long are closed by the cleanup task.
+    pub inactive_threshold: Option<Duration>,
+    /// Origin silence after which the client gets a comment line; `None`: never.
+    pub heartbeat_interval: Option<Duration>,
+    /// What the client sees when the origin fails mid-stream.
+    pub on_upstream_error: OnUpstreamError,
+    /// On shutdown or upgrade, streams end at random moments spread over this period.
+    pub drain_period: Duration,
+    /// Register each stream in the live registry and log its open and close.
     pub connection_tracking: bool,
     /// Most event streams open at once under this block; `None` for no limit.
     pub max_connections: Option<usize>,
@@ -57,8 +93,20 @@ impl SseSettings {
             flush_interval: file
                 .flush_interval
                 .map_or(self.flush_interval, |d| d.limit()),
+            header_timeout: file
+                .header_timeout
+                .map_or(self.header_timeout, |d| d.limit()),
             read_timeout: file.read_timeout.map_or(self.read_timeout, |d| d.limit()),
             write_timeout: file.write_timeout.map_or(self.write_timeout, |d| d.limit()),
+            max_lifetime: file.max_lifetime.map_or(self.max_lifetime, |d| d.limit()),
+            inactive_threshold: file
+                .inactive_threshold
+                .map_or(self.inactive_threshold, |d| d.limit()),
+            heartbeat_interval: file
+                .heartbeat_interval
+                .map_or(self.heartbeat_interval, |d| d.limit()),
+            on_upstream_error: file.on_upstream_error.unwrap_or(self.on_upstream_error),
+            drain_period: file.drain_period.map_or(self.drain_period, |d| d.0),
             connection_tracking: file.connection_tracking.unwrap_or(self.connection_tracking),
             max_connections: file.max_connections.or(self.max_connections),
             max_connections_per_client: file
@@ -73,8 +121,14 @@ impl Default for SseSettings {
         SseSettings {
             enabled: true,
             flush_interval: None,
+            header_timeout: Some(DEFAULT_HEADER_TIMEOUT),
             read_timeout: None,
             write_timeout: None,
+            max_lifetime: None,
+            inactive_threshold: None,
+            heartbeat_interval: None,
+            on_upstream_error: OnUpstreamError::End,
+            drain_period: DEFAULT_DRAIN_PERIOD,
             connection_tracking: false,
             max_connections: None,
             max_connections_per_client: None,

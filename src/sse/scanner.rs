@@ -202,6 +202,27 @@ impl EventScanner {
         self.in_event = false;
     }
 
+    /// Follows `chunk` only up to the first event boundary in it and returns how many of
+    /// its bytes that is (0 when the stream is already at one; `chunk.len()` when the
+    /// chunk ends inside an event). Used to end a stream right after its current event.
+    pub fn feed_to_boundary(&mut self, chunk: &[u8]) -> usize {
+        if self.at_boundary() {
+            return 0;
+        }
+        for i in 0..chunk.len() {
+            self.feed(&chunk[i..i + 1]);
+            if self.at_boundary() {
+                // A CRLF's LF belongs to the line end just seen.
+                let lf = self.after_cr && chunk.get(i + 1) == Some(&b'\n');
+                if lf {
+                    self.feed(b"\n");
+                }
+                return i + 1 + usize::from(lf);
+            }
+        }
+        chunk.len()
+    }
+
     /// Events dispatched so far.
     pub fn events(&self) -> u64 {
         self.events
@@ -395,5 +416,32 @@ mod tests {
             }
             assert_eq!(scan(&chunks), reference(&stream), "stream {stream:?}");
         }
+    }
+
+    #[test]
+    fn feed_to_boundary_stops_after_the_current_event() {
+        let mut s = EventScanner::new();
+        assert_eq!(
+            s.feed_to_boundary(b"data: a\n\ndata: b\n\n"),
+            0,
+            "already between events"
+        );
+        s.feed(b"data: a\nda");
+        let chunk = b"ta: b\n\ndata: c\n\n";
+        let n = s.feed_to_boundary(chunk);
+        assert_eq!(&chunk[..n], b"ta: b\n\n");
+        assert_eq!(s.events(), 1);
+        assert!(s.at_boundary());
+
+        let mut s = EventScanner::new();
+        s.feed(b"data: a\r\n");
+        let chunk = b"\r\nrest";
+        assert_eq!(s.feed_to_boundary(chunk), 2, "the CRLF is kept whole");
+        assert_eq!(s.events(), 1);
+
+        let mut s = EventScanner::new();
+        s.feed(b"data: a");
+        assert_eq!(s.feed_to_boundary(b"bc\n"), 3, "no boundary in the chunk");
+        assert!(!s.at_boundary());
     }
 }

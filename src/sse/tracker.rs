@@ -12,11 +12,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use once_cell::sync::Lazy;
+use tokio::sync::Notify;
 
 /// One open stream.
 #[derive(Debug)]
@@ -31,18 +32,35 @@ pub struct StreamEntry {
     events: AtomicU64,
     bytes: AtomicU64,
     last_event_id: Mutex<String>,
-    /// Set by the admin API: end this stream at its next event boundary.
-    end_requested: AtomicBool,
+    /// Why this stream was asked to end (the admin API, the cleanup task); the first ask
+    /// wins.
+    end: OnceLock<&'static str>,
+    /// Wakes the stream's relay when an end is asked for.
+    end_notify: Notify,
 }
 
 impl StreamEntry {
-    /// Asks the proxy to end this stream at its next event boundary (with a `retry:` hint).
-    pub fn request_end(&self) {
-        self.end_requested.store(true, Ordering::Relaxed);
+    /// Asks the proxy to end this stream at its next event boundary (with a `retry:` hint),
+    /// giving the reason its close will be logged with.
+    pub fn request_end(&self, reason: &'static str) {
+        if self.end.set(reason).is_ok() {
+            self.end_notify.notify_one();
+        }
     }
 
-    pub fn end_requested(&self) -> bool {
-        self.end_requested.load(Ordering::Relaxed)
+    /// Why the stream was asked to end, if it was.
+    pub fn end_requested(&self) -> Option<&'static str> {
+        self.end.get().copied()
+    }
+
+    /// Resolves once an end has been asked for.
+    pub async fn end_asked(&self) -> &'static str {
+        loop {
+            if let Some(reason) = self.end_requested() {
+                return reason;
+            }
+            self.end_notify.notified().await;
+        }
     }
 
     pub fn events(&self) -> u64 {
@@ -61,12 +79,12 @@ impl StreamEntry {
     }
 
     /// How long since the origin last sent anything.
-    pub fn idle(&self) -> std::time::Duration {
-        let last = std::time::Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
+    pub fn idle(&self) -> Duration {
+        let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
         self.started_at.elapsed().saturating_sub(last)
     }
 
-    pub fn age(&self) -> std::time::Duration {
+    pub fn age(&self) -> Duration {
         self.started_at.elapsed()
     }
 
@@ -99,6 +117,9 @@ pub struct StreamInfo {
     pub route: String,
     pub service: String,
     pub upstream: Option<SocketAddr>,
+    /// `inactive_threshold` of the stream's settings: the cleanup task closes it after
+    /// this much origin silence.
+    pub inactive_threshold: Option<Duration>,
 }
 
 /// A stream that ended, as the dashboard lists it.
@@ -107,7 +128,7 @@ pub struct Closed {
     pub id: u64,
     pub route: String,
     pub client: Option<IpAddr>,
-    pub duration: std::time::Duration,
+    pub duration: Duration,
     pub events: u64,
     pub reason: &'static str,
     pub at: SystemTime,
@@ -139,7 +160,8 @@ impl Tracker {
             events: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             last_event_id: Mutex::new(String::new()),
-            end_requested: AtomicBool::new(false),
+            end: OnceLock::new(),
+            end_notify: Notify::new(),
         });
         if let Ok(mut streams) = self.streams.lock() {
             streams.insert(id, entry.clone());
@@ -178,9 +200,25 @@ impl Tracker {
     }
 
     /// Asks stream `id` to end; false when no such stream is open.
-    pub fn request_end(&self, id: u64) -> bool {
+    pub fn request_end(&self, id: u64, reason: &'static str) -> bool {
         let entry = self.streams.lock().ok().and_then(|s| s.get(&id).cloned());
-        entry.map(|e| e.request_end()).is_some()
+        entry.map(|e| e.request_end(reason)).is_some()
+    }
+
+    /// The cleanup task's sweep: asks every stream whose origin has been silent longer
+    /// than its `inactive_threshold` to end. Returns how many were asked.
+    pub fn end_inactive(&self) -> usize {
+        let mut asked = 0;
+        for entry in self.snapshot() {
+            let Some(threshold) = entry.info.inactive_threshold else {
+                continue;
+            };
+            if entry.end_requested().is_none() && entry.idle() >= threshold {
+                entry.request_end("idle_timeout");
+                asked += 1;
+            }
+        }
+        asked
     }
 
     pub fn len(&self) -> usize {
@@ -197,9 +235,8 @@ impl Tracker {
 pub struct TrackGuard {
     tracker: &'static Tracker,
     pub entry: Arc<StreamEntry>,
-    /// Why the stream ended: `client_closed`, `origin_closed`, `read_timeout`,
-    /// `origin_error`, `ended` (by the admin API), `error`. Set by the proxy when it knows;
-    /// `error` otherwise.
+    /// Why the stream ended: one of [`crate::metrics::CLOSE_REASONS`]. Set by the proxy
+    /// when it knows; `error` otherwise.
     pub reason: &'static str,
     pub detail: Option<String>,
 }

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod resume;
+
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::Path;
@@ -383,6 +385,22 @@ impl Events {
             }
         })
         .await
+    }
+
+    /// Like [`Events::next`], but a transport error (a cut stream) is returned, not a panic.
+    pub async fn next_raw(&mut self) -> Option<Result<String, reqwest::Error>> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let event = self.buf[..end].to_string();
+                self.buf.drain(..end + 2);
+                return Some(Ok(event));
+            }
+            match self.response.chunk().await {
+                Ok(Some(bytes)) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
+                Ok(None) => return None,
+                Err(e) => return Some(Err(e)),
+            }
+        }
     }
 
     /// Reads until the stream ends, returning whether it ended with an error (truncated)

@@ -25,12 +25,16 @@
 //!                         duration, bytes and how it ended
 //! ```
 //!
-//! Pingora drives the response: the proxy sees an SSE stream only when a chunk passes
-//! `response_body_filter`, and can end it only by returning an error there. That is enough
-//! to end a stream at its next event boundary once the origin sends again (the admin API's
-//! `DELETE /sse/connections/{id}`), but not to write to a stream whose origin is silent
-//! (heartbeats) or to finish one cleanly on a timer (`max_lifetime`, draining on shutdown):
-//! those need SSE responses streamed by a loop of streamgate's own.
+//! A `GET` that asks for an event stream does not go through Pingora's proxy loop past
+//! `request_filter`: [`relay`] connects to the origin and streams the response itself,
+//! calling `upstream_request_filter`, `response_filter` and the body filters the same way,
+//! because only a loop of its own can act while the origin is silent (heartbeats, timeouts,
+//! `max_lifetime`, draining). An event stream that arrives for any other request (no
+//! `Accept: text/event-stream`) streams through Pingora's loop and `response_body_filter`,
+//! unbuffered and observed, and the admin API can end it at its next event boundary, but the
+//! timer-driven features do not apply to it.
+
+mod relay;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,6 +44,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{ACCEPT, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use pingora_core::connectors::http::Connector;
 use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
@@ -61,11 +66,16 @@ use crate::sse::{self, FlushPacer, SseSettings};
 /// middleware chain) it matched for its whole life, whatever a reload does meanwhile.
 pub struct StreamGate {
     config: Arc<ArcSwap<Config>>,
+    /// Connects relayed event streams to their origins.
+    connector: Connector,
 }
 
 impl StreamGate {
     pub fn new(config: Arc<ArcSwap<Config>>) -> Self {
-        StreamGate { config }
+        StreamGate {
+            config,
+            connector: Connector::new(None),
+        }
     }
 }
 
@@ -97,6 +107,8 @@ pub struct RequestCtx {
     pub client_slots: Vec<ClientSlotGuard>,
     /// The stream's registry entry, with `connection_tracking`.
     pub tracked: Option<TrackGuard>,
+    /// The request is an event stream relayed by [`relay`].
+    pub relayed: bool,
     body_filters: Vec<Box<dyn BodyFilter>>,
 }
 
@@ -132,8 +144,11 @@ pub struct SseStream {
     last_event_at: Option<Instant>,
     /// Keeps the stream in the open-streams gauge; counts its close on drop.
     open: OpenStream,
-    /// The admin API asked to end this stream and the `retry:` hint has gone out.
+    /// The admin API asked to end this stream and the `retry:` hint has gone out
+    /// (streams through Pingora's loop).
     ending: bool,
+    /// How the stream ended, when the proxy knows better than the final error.
+    reason: Option<&'static str>,
 }
 
 #[async_trait]
@@ -230,6 +245,10 @@ impl ProxyHttp for StreamGate {
                 }
             }
         }
+        if relay::relays(session, ctx) {
+            self.relay(session, ctx).await?;
+            return Ok(true);
+        }
         Ok(false)
     }
 
@@ -321,6 +340,7 @@ impl ProxyHttp for StreamGate {
                 last_event_at: None,
                 open: route.metrics.sse_opened(),
                 ending: false,
+                reason: None,
             });
             if settings.connection_tracking {
                 let req = session.req_header();
@@ -331,6 +351,7 @@ impl ProxyHttp for StreamGate {
                     route: route.name.clone(),
                     service: route.service.name.clone(),
                     upstream: ctx.upstream,
+                    inactive_threshold: settings.inactive_threshold,
                 }));
             }
         }
@@ -360,37 +381,26 @@ impl ProxyHttp for StreamGate {
                     "stream ended through the admin API",
                 ));
             }
-            if tracked.entry.end_requested() && stream.scanner.at_boundary() && !end_of_stream {
-                // Between two events: tell the client when to come back, then end the
-                // stream when the origin next sends something. The chunk that arrived is
-                // not delivered; a client resuming with Last-Event-ID gets it again.
-                *body = Some(Bytes::from_static(sse::END_HINT));
-                stream.ending = true;
-                return Ok(None);
+            let asked = tracked.entry.end_requested();
+            if let Some(reason) = asked.filter(|_| !ctx.relayed) {
+                if stream.scanner.at_boundary() && !end_of_stream {
+                    // Between two events: tell the client when to come back, then end the
+                    // stream when the origin next sends something. The chunk that arrived
+                    // is not delivered; a client resuming with Last-Event-ID gets it again.
+                    *body = Some(Bytes::from_static(sse::END_HINT));
+                    stream.ending = true;
+                    stream.reason = Some(reason);
+                    return Ok(None);
+                }
             }
         }
         if let (Some(stream), Some(chunk)) = (ctx.stream.as_mut(), body.as_ref()) {
             // Follows what the origin sent, before any middleware rewrites it.
             let events = stream.scanner.feed(chunk);
-            if let Some(tracked) = &ctx.tracked {
-                let id = (events > 0).then(|| stream.scanner.last_id());
-                tracked.entry.record(chunk.len(), events, id);
-            }
-            if let Some(route) = &ctx.route {
-                route.metrics.sse_chunk(chunk.len(), events);
-                if events > 0 {
-                    let now = Instant::now();
-                    match stream.last_event_at {
-                        None => route.metrics.sse_first_event.observe(now - stream.started),
-                        Some(last) => route.metrics.sse_gap.observe(now - last),
-                    }
-                    stream.last_event_at = Some(now);
-                }
-            }
+            let len = chunk.len();
+            self.record_chunk(ctx, len, events);
         }
-        for filter in ctx.body_filters.iter_mut() {
-            filter.filter(body, end_of_stream)?;
-        }
+        self.apply_body_filters(ctx, body, end_of_stream)?;
         let pacer = ctx.stream.as_mut().and_then(|s| s.pacer.as_mut());
         match pacer {
             Some(pacer) if !end_of_stream && body.as_ref().is_some_and(|b| !b.is_empty()) => {
@@ -451,9 +461,9 @@ impl ProxyHttp for StreamGate {
         let status = session
             .response_written()
             .map_or(ctx.status.unwrap_or(0), |r| r.status.as_u16());
-        let reason = match &ctx.stream {
-            Some(stream) if stream.ending => "ended",
-            _ => close_reason(e),
+        let reason = match ctx.stream.as_ref().and_then(|s| s.reason) {
+            Some(reason) => reason,
+            None => close_reason(e),
         };
         if let Some(route) = &ctx.route {
             for instance in route.chain.iter() {
@@ -524,7 +534,7 @@ fn close_reason(e: Option<&Error>) -> &'static str {
         None => "origin_closed",
         Some(e) => match (e.esource(), e.etype()) {
             (ErrorSource::Downstream, _) => "client_closed",
-            (ErrorSource::Upstream, ErrorType::ReadTimedout) => "read_timeout",
+            (ErrorSource::Upstream, ErrorType::ReadTimedout) => "idle_timeout",
             (ErrorSource::Upstream, _) => "origin_error",
             _ => "error",
         },
@@ -588,6 +598,42 @@ fn error_response(e: &Error, service: Option<&str>) -> Option<(u16, String)> {
 }
 
 impl StreamGate {
+    /// Counts a chunk of an event stream from the origin: `len` bytes that completed
+    /// `events` events (already fed to the stream's scanner).
+    fn record_chunk(&self, ctx: &mut RequestCtx, len: usize, events: u64) {
+        let Some(stream) = ctx.stream.as_mut() else {
+            return;
+        };
+        if let Some(tracked) = &ctx.tracked {
+            let id = (events > 0).then(|| stream.scanner.last_id());
+            tracked.entry.record(len, events, id);
+        }
+        if let Some(route) = &ctx.route {
+            route.metrics.sse_chunk(len, events);
+            if events > 0 {
+                let now = Instant::now();
+                match stream.last_event_at {
+                    None => route.metrics.sse_first_event.observe(now - stream.started),
+                    Some(last) => route.metrics.sse_gap.observe(now - last),
+                }
+                stream.last_event_at = Some(now);
+            }
+        }
+    }
+
+    /// Runs the route's body filters (in chain order) over `body`.
+    fn apply_body_filters(
+        &self,
+        ctx: &mut RequestCtx,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+    ) -> Result<()> {
+        for filter in ctx.body_filters.iter_mut() {
+            filter.filter(body, end_of_stream)?;
+        }
+        Ok(())
+    }
+
     /// Answers a request directly with `reply`, after every response hook of the route's
     /// chain has seen it.
     async fn answer(

@@ -1,0 +1,444 @@
+//! Event streams relayed by streamgate's own loop.
+//!
+//! Pingora's proxy loop calls the proxy only when the origin sends something. An event
+//! stream also has to act while its origin is silent: send heartbeats, cut a stream whose
+//! origin stopped talking (`read_timeout`), end it at `max_lifetime`, when the admin API or
+//! the cleanup task asks, or when the process drains for a shutdown or an upgrade. So a
+//! request that asks for an event stream (`GET` with `Accept: text/event-stream`) is relayed
+//! here, from `request_filter`, through the same hooks Pingora would call:
+//!
+//! ```text
+//! connect       the service's address, Pingora's connector and peer options
+//! request       Pingora's hop-by-hop rules, then upstream_request_filter (rewrite, chain)
+//! header        read under header_timeout (504 when it runs out), then response_filter
+//!               (SSE header rules, stream record, chain); written at once
+//! body          not an event stream: forwarded chunk by chunk until it ends
+//!               event stream: one select! over
+//!                 origin chunk  -> observed, body filters, written and flushed
+//!                 client gone   -> upstream dropped at once            (client_closed)
+//!                 read_timeout  -> origin silent too long              (idle_timeout)
+//!                 heartbeat     -> `:` comment, only between events
+//!                 max_lifetime / drain / admin / cleanup
+//!                               -> end at the next event boundary with a `retry:` hint
+//! ```
+//!
+//! An origin that fails mid-stream leaves the client stream cut (an HTTP/1.1 client sees no
+//! last chunk), or with `on_upstream_error: event`, when it failed between two events, ends
+//! it cleanly after an `event: error` carrying a JSON reason. A half-sent event is never
+//! completed by the proxy: a client drops it, as the SSE specification says.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, TRANSFER_ENCODING};
+use http::{Method, Version};
+use pingora_core::protocols::http::client::HttpSession as OriginSession;
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{ProxyHttp, Session};
+use tokio::time::{sleep_until, Instant as Deadline};
+
+use super::{route, RequestCtx, StreamGate};
+use crate::error::http_error;
+use crate::sse::supervisor::{self, drain_deadline};
+use crate::sse::{self, OnUpstreamError};
+
+/// Headers that describe one connection and never cross a proxy.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+    "http2-settings",
+];
+
+/// A deliberate end: why (for the close log) and the `retry:` hint the client gets last.
+#[derive(Debug, Clone, Copy)]
+struct Ending {
+    reason: &'static str,
+    hint: &'static [u8],
+}
+
+impl Ending {
+    const LIFETIME: Ending = Ending {
+        reason: "max_lifetime",
+        hint: sse::END_HINT,
+    };
+    const DRAIN: Ending = Ending {
+        reason: "drain",
+        hint: sse::DRAIN_HINT,
+    };
+}
+
+/// Whether `request_filter` hands this request to the relay.
+pub(super) fn relays(session: &Session, ctx: &RequestCtx) -> bool {
+    ctx.sse_request && session.req_header().method == Method::GET
+}
+
+impl StreamGate {
+    /// Relays an event-stream request (see the module docs). `Ok` means the response was
+    /// sent whole; an error before the response header means Pingora's error path answers
+    /// 502/504 with the reason, and after it the client connection is closed (so the
+    /// client can tell a cut stream from a finished one).
+    pub(super) async fn relay(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        ctx.relayed = true;
+        if supervisor::draining() {
+            return turn_away(session, ctx).await;
+        }
+        let route = route(ctx)?.clone();
+        let service = &route.service;
+        let addr = service
+            .address()
+            .await
+            .map_err(|e| http_error(502, format!("service `{}`: {e}", service.name)))?;
+        ctx.upstream = Some(addr);
+        let peer = service.peer(addr, Some(&ctx.sse));
+        let (mut origin, _reused) = self
+            .connector
+            .get_http_session(&*peer)
+            .await
+            .map_err(|e| e.into_up())?;
+
+        let mut request = session.req_header().clone();
+        request.set_version(Version::HTTP_11);
+        strip_request_hop_by_hop(&mut request);
+        self.upstream_request_filter(session, &mut request, ctx)
+            .await?;
+        origin
+            .write_request_header(Box::new(request))
+            .await
+            .map_err(|e| e.into_up())?;
+        origin
+            .finish_request_body()
+            .await
+            .map_err(|e| e.into_up())?;
+
+        origin.set_read_timeout(None);
+        let header = origin.read_response_header();
+        let read = match ctx.sse.header_timeout {
+            Some(limit) => match tokio::time::timeout(limit, header).await {
+                Ok(read) => read,
+                Err(_) => {
+                    service.metrics.timeout();
+                    return Err(http_error(
+                        504,
+                        format!(
+                            "service `{}`: the origin sent no response header within {}",
+                            service.name,
+                            humantime::format_duration(limit)
+                        ),
+                    ));
+                }
+            },
+            None => header.await,
+        };
+        read.map_err(|e| e.into_up())?;
+        let mut header = origin
+            .response_header()
+            .cloned()
+            .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "no response header"))
+            .map_err(|e| e.into_up())?;
+        strip_response_hop_by_hop(&mut header);
+        self.response_filter(session, &mut header, ctx).await?;
+        frame_for_client(&mut header, session.req_header().version)?;
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+
+        if ctx.stream.is_none() {
+            origin.set_read_timeout(service.timeouts.read);
+            return self.forward_body(session, &mut origin, ctx).await;
+        }
+        self.stream_events(session, &mut origin, ctx).await
+    }
+
+    /// Forwards a response that is not an event stream, as it comes.
+    async fn forward_body(
+        &self,
+        session: &mut Session,
+        origin: &mut OriginSession,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        loop {
+            let mut body = origin.read_response_body().await.map_err(|e| e.into_up())?;
+            let end = body.is_none();
+            if let Some(delay) = self.response_body_filter(session, &mut body, end, ctx)? {
+                tokio::time::sleep(delay).await;
+            }
+            session.write_response_body(body, end).await?;
+            if end {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The event-stream loop (see the module docs).
+    async fn stream_events(
+        &self,
+        session: &mut Session,
+        origin: &mut OriginSession,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let settings = ctx.sse;
+        let started = Instant::now();
+        let lifetime_end = settings.max_lifetime.map(|d| started + d);
+        let mut drain = supervisor::drain_signal();
+        let mut drain_end = drain
+            .borrow_and_update()
+            .map(|t| drain_deadline(t, settings.drain_period));
+        let entry = ctx.tracked.as_ref().map(|t| t.entry.clone());
+        let mut watch_client = true;
+        // The last bytes from the origin (read timeout) and to the client (heartbeats).
+        let mut last_origin = started;
+        let mut last_sent = started;
+        let mut ending: Option<Ending> = None;
+        loop {
+            let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.scanner.at_boundary());
+            if let Some(end) = ending.filter(|_| at_boundary) {
+                return self.end_stream(session, ctx, end).await;
+            }
+            let timed_end = [
+                lifetime_end.map(|t| (t, Ending::LIFETIME)),
+                drain_end.map(|t| (t, Ending::DRAIN)),
+            ]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(t, _)| *t);
+            let silent_limit = settings.read_timeout.map(|t| last_origin + t);
+            let heartbeat_at = settings.heartbeat_interval.map(|i| last_sent + i);
+
+            tokio::select! {
+                read = origin.read_response_body() => match read {
+                    Ok(Some(chunk)) => {
+                        last_origin = Instant::now();
+                        last_sent = last_origin;
+                        self.relay_chunk(session, ctx, chunk, ending.is_some()).await?;
+                    }
+                    Ok(None) => {
+                        self.close(ctx, "origin_closed");
+                        return self.send_own(session, ctx, Bytes::new(), true).await;
+                    }
+                    Err(e) => return self.origin_failed(session, ctx, e.into_up()).await,
+                },
+                gone = session.as_mut().read_body_or_idle(true), if watch_client => match gone {
+                    Err(e) => {
+                        self.close(ctx, "client_closed");
+                        return Err(e.into_down());
+                    }
+                    // Bytes where none belong: stop listening, keep streaming.
+                    Ok(_) => watch_client = false,
+                },
+                reason = end_asked(entry.as_deref()), if entry.is_some() && ending.is_none() => {
+                    ending = Some(Ending { reason, hint: sse::END_HINT });
+                }
+                _ = sleep_until(deadline(timed_end.map(|(t, _)| t))),
+                    if timed_end.is_some() && ending.is_none() =>
+                {
+                    ending = timed_end.map(|(_, end)| end);
+                }
+                _ = sleep_until(deadline(silent_limit)), if silent_limit.is_some() => {
+                    let limit = settings.read_timeout.unwrap_or_default();
+                    let e = Error::explain(
+                        ErrorType::ReadTimedout,
+                        format!(
+                            "the origin sent nothing for {}",
+                            humantime::format_duration(limit)
+                        ),
+                    );
+                    if let Some(route) = &ctx.route {
+                        route.service.metrics.timeout();
+                    }
+                    return self.origin_failed(session, ctx, e.into_up()).await;
+                }
+                _ = sleep_until(deadline(heartbeat_at)), if heartbeat_at.is_some() && at_boundary => {
+                    self.send_own(session, ctx, Bytes::from_static(sse::HEARTBEAT), false).await?;
+                    last_sent = Instant::now();
+                }
+                changed = drain.changed(), if drain_end.is_none() => {
+                    drain_end = match changed {
+                        Ok(()) => drain
+                            .borrow_and_update()
+                            .map(|t| drain_deadline(t, settings.drain_period)),
+                        // The drain signal lives as long as the process.
+                        Err(_) => Some(started + Duration::from_secs(u32::MAX.into())),
+                    };
+                }
+            }
+        }
+    }
+
+    /// One chunk from the origin: observed, filtered, written. When the stream is ending,
+    /// only the part up to the current event's end is sent.
+    async fn relay_chunk(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        mut chunk: Bytes,
+        ending: bool,
+    ) -> Result<()> {
+        let Some(stream) = ctx.stream.as_mut() else {
+            return Ok(());
+        };
+        let events = if ending {
+            let before = stream.scanner.events();
+            let n = stream.scanner.feed_to_boundary(&chunk);
+            chunk.truncate(n);
+            stream.scanner.events() - before
+        } else {
+            stream.scanner.feed(&chunk)
+        };
+        self.record_chunk(ctx, chunk.len(), events);
+        let mut body = Some(chunk);
+        self.apply_body_filters(ctx, &mut body, false)?;
+        let delay = ctx
+            .stream
+            .as_mut()
+            .and_then(|s| s.pacer.as_mut())
+            .and_then(|p| p.delay(Instant::now()));
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        session.write_response_body(body, false).await
+    }
+
+    /// Writes bytes of the proxy's own (a heartbeat, a hint, an error event) through the
+    /// route's body filters, so a compressed stream stays decodable.
+    async fn send_own(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        bytes: Bytes,
+        end: bool,
+    ) -> Result<()> {
+        let mut body = (!bytes.is_empty()).then_some(bytes);
+        self.apply_body_filters(ctx, &mut body, end)?;
+        session.write_response_body(body, end).await
+    }
+
+    /// Ends the stream on purpose, between two events: the hint, then a clean end.
+    async fn end_stream(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        end: Ending,
+    ) -> Result<()> {
+        self.close(ctx, end.reason);
+        self.send_own(session, ctx, Bytes::from_static(end.hint), true)
+            .await
+    }
+
+    /// The origin failed or went silent mid-stream.
+    async fn origin_failed(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        e: Box<Error>,
+    ) -> Result<()> {
+        let reason = if e.etype() == &ErrorType::ReadTimedout {
+            "idle_timeout"
+        } else {
+            "origin_error"
+        };
+        self.close(ctx, reason);
+        let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.scanner.at_boundary());
+        if ctx.sse.on_upstream_error == OnUpstreamError::Event && at_boundary {
+            let event = sse::error_event(&e.to_string());
+            self.send_own(session, ctx, event, true).await?;
+            if let Some(tracked) = ctx.tracked.as_mut() {
+                tracked.detail = Some(e.to_string());
+            }
+            return Ok(());
+        }
+        Err(e)
+    }
+
+    /// Notes how the stream ended, for the close log and metrics.
+    fn close(&self, ctx: &mut RequestCtx, reason: &'static str) {
+        if let Some(stream) = ctx.stream.as_mut() {
+            stream.reason = Some(reason);
+        }
+    }
+}
+
+/// A new stream while the process drains: an empty event stream that tells the client to
+/// come back (to the process that took over the listeners) at once. `EventSource` would
+/// give up for good on an error status.
+async fn turn_away(session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    let mut header = ResponseHeader::build(200, Some(4))?;
+    header.insert_header(header::CONTENT_TYPE, "text/event-stream")?;
+    header.insert_header(header::CACHE_CONTROL, "no-store")?;
+    header.insert_header(header::CONTENT_LENGTH, sse::DRAIN_HINT.len())?;
+    ctx.status = Some(200);
+    session.set_keepalive(None);
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session
+        .write_response_body(Some(Bytes::from_static(sse::DRAIN_HINT)), true)
+        .await
+}
+
+/// When a timer at `at` fires; far in the future for `None` (its branch is disabled then).
+fn deadline(at: Option<Instant>) -> Deadline {
+    match at {
+        Some(at) => Deadline::from_std(at),
+        None => Deadline::now() + Duration::from_secs(86_400 * 365),
+    }
+}
+
+async fn end_asked(entry: Option<&crate::sse::tracker::StreamEntry>) -> &'static str {
+    match entry {
+        Some(entry) => entry.end_asked().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Removes what belongs to the client's connection, and what it nominates, as Pingora's
+/// own proxy path does.
+fn strip_request_hop_by_hop(request: &mut RequestHeader) {
+    let nominated: Vec<HeaderName> = request
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+        .filter(|name| {
+            !matches!(
+                name.as_str(),
+                "host" | "x-forwarded-for" | "x-forwarded-host" | "x-forwarded-proto"
+            )
+        })
+        .collect();
+    for name in nominated {
+        request.remove_header(&name);
+    }
+    for name in HOP_BY_HOP {
+        request.remove_header(*name);
+    }
+    request.remove_header(&TRANSFER_ENCODING);
+}
+
+fn strip_response_hop_by_hop(header: &mut ResponseHeader) {
+    for name in HOP_BY_HOP {
+        header.remove_header(*name);
+    }
+}
+
+/// A body without a length is sent chunked to an HTTP/1.1 client, so the connection can
+/// be reused after it (Pingora's proxy path does the same for close-delimited origins).
+fn frame_for_client(header: &mut ResponseHeader, client: Version) -> Result<()> {
+    let status = header.status.as_u16();
+    let bodyless = status == 204 || status == 304 || (100..200).contains(&status);
+    if client == Version::HTTP_11
+        && !bodyless
+        && !header.headers.contains_key(header::CONTENT_LENGTH)
+        && !header.headers.contains_key(TRANSFER_ENCODING)
+    {
+        header.insert_header(TRANSFER_ENCODING, "chunked")?;
+    }
+    Ok(())
+}
