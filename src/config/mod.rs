@@ -424,6 +424,10 @@ impl Config {
                 service.url.authority(),
                 service.url.prefix
             ));
+            out.push_str(&format!("  {:<20} sse: {}\n", "", service.sse));
+        }
+        if let Some(grace) = self.server.grace_period_seconds {
+            out.push_str(&format!("shutdown grace period: {grace}s\n"));
         }
         if !self.middlewares.is_empty() {
             out.push_str("middlewares:\n");

@@ -617,3 +617,49 @@ fn bad_listeners_are_refused_with_line_and_key() {
     );
     refused("http2:\n  ping_interval: 10s\n", 2, "http2.ping_interval");
 }
+
+#[test]
+fn stream_lifecycle_settings_inherit_and_zero_disables() {
+    let config = load(
+        "sse: { heartbeat_interval: 15s, max_lifetime: 1h, drain_period: 4s }\n\
+         services:\n  feed:\n    url: \"http://127.0.0.1:1\"\n    \
+         sse: { header_timeout: 0, inactive_threshold: 2m, on_upstream_error: event, heartbeat_interval: 0 }\n\
+         host_rules:\n  - { pattern: \"*\", target: feed }\n",
+    )
+    .expect("loads");
+    let sse = &config.services["feed"].sse;
+    assert_eq!(sse.header_timeout, None);
+    assert_eq!(
+        sse.heartbeat_interval, None,
+        "0 turns the global heartbeat off"
+    );
+    assert_eq!(sse.max_lifetime, Some(Duration::from_secs(3600)));
+    assert_eq!(sse.inactive_threshold, Some(Duration::from_secs(120)));
+    assert_eq!(sse.on_upstream_error, crate::sse::OnUpstreamError::Event);
+    assert_eq!(sse.drain_period, Duration::from_secs(4));
+    // Pingora's grace period follows the longest drain when it is not set.
+    assert_eq!(
+        config.server.grace_period_seconds,
+        Some(4 + DRAIN_MARGIN_SECS)
+    );
+    let defaults = load("").expect("loads");
+    assert_eq!(
+        defaults.server.grace_period_seconds,
+        Some(crate::sse::DEFAULT_DRAIN_PERIOD.as_secs() + DRAIN_MARGIN_SECS)
+    );
+}
+
+#[test]
+fn bad_stream_lifecycle_settings_are_refused_at_their_key() {
+    refused(
+        "sse:\n  on_upstream_error: retry\n",
+        2,
+        "sse.on_upstream_error",
+    );
+    refused(
+        "sse:\n  heartbeat_interval: soon\n",
+        2,
+        "sse.heartbeat_interval",
+    );
+    refused("sse:\n  max_lifetme: 1h\n", 2, "sse.max_lifetme");
+}

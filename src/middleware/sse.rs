@@ -6,9 +6,15 @@
 //! config:                      # the keys of the global `sse` block; unset keys inherit
 //!   enabled: true              # false: treat event streams on these routes as ordinary
 //!   flush_interval: 100ms
+//!   header_timeout: 10s
 //!   read_timeout: 0
 //!   write_timeout: 0
-//!   connection_tracking: true  # log each stream's open and close
+//!   heartbeat_interval: 15s    # comment lines while the origin is silent, between events
+//!   max_lifetime: 1h           # end after the current event, with a retry hint
+//!   inactive_threshold: 5m     # the cleanup task closes tracked streams silent this long
+//!   on_upstream_error: event   # a last `event: error` when the origin dies
+//!   drain_period: 10s          # spread of the ends on shutdown or upgrade
+//!   connection_tracking: true  # register each stream, log its open and close
 //!   max_connections: 1000      # streams open at once through this instance
 //!   max_connections_per_client: 5   # per client address
 //! ```

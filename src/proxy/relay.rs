@@ -74,9 +74,10 @@ impl Ending {
     };
 }
 
-/// Whether `request_filter` hands this request to the relay.
-pub(super) fn relays(session: &Session, ctx: &RequestCtx) -> bool {
-    ctx.sse_request && session.req_header().method == Method::GET
+/// Whether `request_filter` hands this request to the relay: a bodiless `GET` that asks for
+/// an event stream.
+pub(super) fn relays(session: &mut Session, ctx: &RequestCtx) -> bool {
+    ctx.sse_request && session.req_header().method == Method::GET && session.is_body_empty()
 }
 
 impl StreamGate {

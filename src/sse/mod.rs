@@ -116,6 +116,46 @@ impl SseSettings {
     }
 }
 
+/// One line for `streamgate -t`: what each stream of a service gets.
+impl std::fmt::Display for SseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.enabled {
+            return f.write_str("off (event streams proxied like any response)");
+        }
+        let time = |d: Option<Duration>| match d {
+            Some(d) => humantime::format_duration(d).to_string(),
+            None => "none".to_string(),
+        };
+        write!(
+            f,
+            "header_timeout {}, read_timeout {}, heartbeat {}, max_lifetime {}, \
+             inactive_threshold {}, drain {}, on_upstream_error {}, tracking {}",
+            time(self.header_timeout),
+            time(self.read_timeout),
+            time(self.heartbeat_interval),
+            time(self.max_lifetime),
+            time(self.inactive_threshold),
+            humantime::format_duration(self.drain_period),
+            match self.on_upstream_error {
+                OnUpstreamError::End => "end",
+                OnUpstreamError::Event => "event",
+            },
+            if self.connection_tracking {
+                "on"
+            } else {
+                "off"
+            },
+        )?;
+        if let Some(max) = self.max_connections {
+            write!(f, ", max_connections {max}")?;
+        }
+        if let Some(max) = self.max_connections_per_client {
+            write!(f, ", max_connections_per_client {max}")?;
+        }
+        Ok(())
+    }
+}
+
 impl Default for SseSettings {
     fn default() -> Self {
         SseSettings {

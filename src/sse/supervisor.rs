@@ -61,8 +61,28 @@ impl BackgroundService for Supervisor {
         let mut cleanup = tokio::time::interval(CLEANUP_EVERY);
         cleanup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watching = true;
+        // On SIGQUIT (the `-u` handover) Pingora sends the listening sockets to the new
+        // process and then waits five seconds before it announces the shutdown. The drain
+        // starts at once instead: clients that come back meanwhile reach the new process,
+        // or are told to retry if the old one still accepts them.
+        let mut quit = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::quit())
+            .map_err(|e| log::warn!("cannot watch SIGQUIT ({e}); draining at shutdown"))
+            .ok();
         loop {
+            let handover = async {
+                match quit.as_mut() {
+                    Some(quit) => quit.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                Some(()) = handover, if !draining() => {
+                    log::info!(
+                        "SIGQUIT: handing over; draining {} tracked SSE stream(s)",
+                        TRACKER.len()
+                    );
+                    start_drain();
+                }
                 changed = shutdown.changed(), if watching => {
                     watching = false;
                     if changed.is_ok() && *shutdown.borrow() {
