@@ -10,6 +10,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod diagnose;
+pub mod endpoints;
 pub mod error;
 pub mod http_util;
 pub mod listeners;
@@ -68,6 +69,10 @@ pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
     server.add_service(background_service(
         "sse supervisor",
         sse::supervisor::Supervisor,
+    ));
+    server.add_service(background_service(
+        "endpoint upkeep",
+        endpoints::Upkeep,
     ));
 
     if let Some(addr) = demo {

@@ -1,27 +1,31 @@
 //! Services: where a route's requests go and how they get there.
 //!
 //! A [`Service`] is built once per config from `services.<name>`: its URL (host, port,
-//! path prefix), the `Host` header policy, its timeouts and its effective SSE settings.
-//! Per request it resolves the address (IP literals at load time, names through the
-//! system resolver with a short cache, never panicking), builds the Pingora peer with the
-//! timeouts that fit the request, and rewrites the upstream request (path prefix, `Host`,
-//! `X-Forwarded-*`).
+//! path prefix), the `Host` header policy, its timeouts, its effective SSE settings and its
+//! endpoints ([`crate::endpoints`]: discovery, health, load balancing). Per request it
+//! chooses an endpoint (names are resolved by discovery, never by Pingora's peer, so nothing
+//! panics), builds the Pingora peer with the timeouts that fit the request, and rewrites the
+//! upstream request (path prefix, `Host`, `X-Forwarded-*`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 
+use pingora_load_balancing::health_check::HealthCheck;
+use pingora_proxy::Session;
+
+use crate::config::file::HashKeyFile;
+use crate::endpoints::{self, Algorithm, Endpoints, Lease, PassiveHealth, Unavailable};
 use crate::metrics::ServiceMetrics;
 use crate::sse::limits::{self, ClientSlots, Slots};
 use crate::sse::SseSettings;
 
-/// How long a resolved host name is reused before asking the resolver again.
+/// How often a service URL's host name is resolved again.
 const DNS_CACHE: Duration = Duration::from_secs(5);
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -79,6 +83,45 @@ impl TryFrom<String> for ServiceUrl {
     }
 }
 
+/// Endpoints for a service given by its `url`: the address itself for an IP literal, else
+/// the host name through the system resolver, re-resolved every few seconds.
+pub fn url_endpoints(
+    service: &str,
+    url: &ServiceUrl,
+    algorithm: Algorithm,
+    health_check: Option<Box<dyn HealthCheck + Send + Sync>>,
+    passive: Option<PassiveHealth>,
+) -> Endpoints {
+    let health_interval = None;
+    match url.ip {
+        Some(ip) => Endpoints::new(
+            service,
+            endpoints::static_discovery(&[(SocketAddr::new(ip, url.port), 1)]),
+            health_check,
+            algorithm,
+            passive,
+            endpoints::Timing {
+                refresh: None,
+                health_interval,
+            },
+        ),
+        None => Endpoints::new(
+            service,
+            Box::new(endpoints::SystemResolver {
+                host: url.host.trim_start_matches('[').trim_end_matches(']').to_string(),
+                port: url.port,
+            }),
+            health_check,
+            algorithm,
+            passive,
+            endpoints::Timing {
+                refresh: Some(DNS_CACHE),
+                health_interval,
+            },
+        ),
+    }
+}
+
 impl ServiceUrl {
     /// `host:port`, or `host` alone for port 80, as a `Host` header would carry it.
     pub fn authority(&self) -> String {
@@ -121,12 +164,6 @@ impl Default for Timeouts {
     }
 }
 
-#[derive(Debug)]
-struct Resolved {
-    addr: SocketAddr,
-    at: Instant,
-}
-
 /// A named upstream service.
 #[derive(Debug)]
 pub struct Service {
@@ -140,7 +177,12 @@ pub struct Service {
     /// The counters behind `sse.max_connections_per_client` of this service.
     pub sse_client_limit: Option<Arc<ClientSlots>>,
     pub metrics: Arc<ServiceMetrics>,
-    resolved: ArcSwapOption<Resolved>,
+    /// The live set of endpoints and how one is chosen.
+    pub endpoints: Arc<Endpoints>,
+    /// What `consistent_hash` hashes.
+    pub hash_key: HashKeyFile,
+    /// Further endpoints a request may try when connecting fails.
+    pub retries: u32,
 }
 
 impl Service {
@@ -150,6 +192,7 @@ impl Service {
         host_header: HostHeader,
         timeouts: Timeouts,
         sse: SseSettings,
+        endpoints: Arc<Endpoints>,
     ) -> Self {
         let sse_limit = sse
             .max_connections
@@ -167,44 +210,84 @@ impl Service {
             sse_limit,
             sse_client_limit,
             metrics,
-            resolved: ArcSwapOption::empty(),
+            endpoints,
+            hash_key: HashKeyFile::ClientIp,
+            retries: 0,
         }
     }
 
     #[cfg(test)]
     pub fn for_tests(name: &str) -> Self {
         let url = ServiceUrl::try_from("http://127.0.0.1:1".to_string()).expect("test url");
+        let endpoints = Arc::new(url_endpoints(name, &url, Algorithm::RoundRobin, None, None));
         Service::new(
             name.to_string(),
             url,
             HostHeader::Passthrough,
             Timeouts::default(),
             SseSettings::default(),
+            endpoints,
         )
     }
 
-    /// The address to connect to. Host names go through the system resolver, cached for a
-    /// few seconds; a failure is an error message, never a panic.
-    pub async fn address(&self) -> Result<SocketAddr, String> {
-        if let Some(ip) = self.url.ip {
-            return Ok(SocketAddr::new(ip, self.url.port));
+    /// The hash input of `consistent_hash` for this request.
+    pub fn hash_input(&self, session: &Session) -> Vec<u8> {
+        let req = session.req_header();
+        match &self.hash_key {
+            HashKeyFile::ClientIp => crate::http_util::client_ip(session)
+                .map(|ip| ip.to_string().into_bytes())
+                .unwrap_or_default(),
+            HashKeyFile::Header(name) => req
+                .headers
+                .get(name)
+                .map(|v| v.as_bytes().to_vec())
+                .unwrap_or_default(),
+            HashKeyFile::Cookie(name) => req
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+                .find_map(|pair| {
+                    let pair = pair.trim_ascii();
+                    let (k, v) = pair.split_at(pair.iter().position(|b| *b == b'=')?);
+                    (k == name.as_bytes()).then(|| v[1..].to_vec())
+                })
+                .unwrap_or_default(),
+            HashKeyFile::Path => req.uri.path().as_bytes().to_vec(),
         }
-        if let Some(cached) = self.resolved.load().as_deref() {
-            if cached.at.elapsed() < DNS_CACHE {
-                return Ok(cached.addr);
+    }
+
+    /// Chooses the endpoint for a request that has already failed on `tried`; the error is
+    /// the status and reason to answer with.
+    pub async fn choose(
+        &self,
+        session: &Session,
+        tried: &[SocketAddr],
+    ) -> Result<Lease, Box<pingora_error::Error>> {
+        let key = match self.endpoints.algorithm() {
+            Algorithm::ConsistentHash => self.hash_input(session),
+            _ => Vec::new(),
+        };
+        self.endpoints.choose(&key, tried).await.map_err(|why| {
+            let name = &self.name;
+            match why {
+                Unavailable::NoEndpoints(detail) => crate::error::http_error(
+                    503,
+                    format!("service `{name}`: no endpoint available ({detail})"),
+                ),
+                Unavailable::AllDown => crate::error::http_error(
+                    503,
+                    format!("service `{name}`: every endpoint is down"),
+                ),
+                Unavailable::Exhausted => crate::error::http_error(
+                    502,
+                    format!(
+                        "service `{name}`: connecting failed on every endpoint tried ({})",
+                        tried.len()
+                    ),
+                ),
             }
-        }
-        let host = self.url.host.as_str();
-        let addr = tokio::net::lookup_host((host, self.url.port))
-            .await
-            .map_err(|e| format!("cannot resolve `{host}`: {e}"))?
-            .next()
-            .ok_or_else(|| format!("`{host}` resolves to no address"))?;
-        self.resolved.store(Some(Arc::new(Resolved {
-            addr,
-            at: Instant::now(),
-        })));
-        Ok(addr)
+        })
     }
 
     /// The Pingora peer for one request. An SSE request (`sse` holds its effective

@@ -314,9 +314,27 @@ fn upstreams_view(config: &Config) -> Value {
         .services
         .values()
         .map(|s| {
+            let endpoints: Vec<Value> = s
+                .endpoints
+                .snapshot()
+                .iter()
+                .map(|e| {
+                    json!({
+                        "address": e.addr.to_string(),
+                        "weight": e.weight,
+                        "healthy": e.healthy,
+                        "ejected": e.ejected,
+                        "open": e.open,
+                        "requests": e.chosen,
+                    })
+                })
+                .collect();
             json!({
                 "service": s.name,
                 "url": format!("http://{}{}", s.url.authority(), s.url.prefix),
+                "load_balancing": s.endpoints.algorithm().as_str(),
+                "endpoints": endpoints,
+                "discovery_error": s.endpoints.discovery_error(),
                 "tracked_sse_streams": streams.iter().filter(|e| e.info.service == s.name).count(),
                 "sse_open_streams": s.sse_limit.as_ref().map(|l| l.open()),
                 "sse_max_connections": s.sse.max_connections,

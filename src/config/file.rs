@@ -158,6 +158,95 @@ pub struct ServiceFile {
     pub timeouts: Option<TimeoutsFile>,
     #[serde(default)]
     pub sse: Option<SseFile>,
+    /// How an endpoint is chosen; default `least_connections` when the service streams
+    /// SSE (its `sse` is enabled), else `round_robin`.
+    #[serde(default)]
+    pub load_balancing: Option<crate::endpoints::Algorithm>,
+    /// The input of `consistent_hash`: `client_ip` (default), `header:NAME`,
+    /// `cookie:NAME` or `path`.
+    #[serde(default)]
+    pub hash_key: Option<HashKeyFile>,
+    #[serde(default)]
+    pub health_check: Option<HealthCheckFile>,
+    #[serde(default)]
+    pub passive_health: Option<PassiveHealthFile>,
+    /// Further endpoints to try when connecting fails (never once a request was sent).
+    #[serde(default)]
+    pub retries: Option<u32>,
+}
+
+/// `hash_key:` what `consistent_hash` hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum HashKeyFile {
+    ClientIp,
+    Header(http::HeaderName),
+    Cookie(String),
+    Path,
+}
+
+impl TryFrom<String> for HashKeyFile {
+    type Error = String;
+
+    fn try_from(raw: String) -> Result<Self, String> {
+        match raw.split_once(':') {
+            None if raw == "client_ip" => Ok(HashKeyFile::ClientIp),
+            None if raw == "path" => Ok(HashKeyFile::Path),
+            Some(("header", name)) => http::HeaderName::from_bytes(name.trim().as_bytes())
+                .map(HashKeyFile::Header)
+                .map_err(|_| format!("`{name}` is not a header name")),
+            Some(("cookie", name)) if !name.trim().is_empty() => {
+                Ok(HashKeyFile::Cookie(name.trim().to_string()))
+            }
+            _ => Err(format!(
+                "unknown hash key `{raw}`: use client_ip, header:NAME, cookie:NAME or path"
+            )),
+        }
+    }
+}
+
+/// `health_check:` active checks of every endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckFile {
+    #[serde(rename = "type", default)]
+    pub kind: HealthCheckKind,
+    /// Path of the HTTP check (default `/`).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// `Host` of the HTTP check (default: the service URL's host).
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub interval: Option<Dur>,
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    /// Consecutive successes that bring a down endpoint back (default 2).
+    #[serde(default)]
+    pub healthy_threshold: Option<usize>,
+    /// Consecutive failures that take an endpoint out (default 3).
+    #[serde(default)]
+    pub unhealthy_threshold: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheckKind {
+    /// A `GET` of `path`; a 2xx or 3xx answer is healthy.
+    #[default]
+    Http,
+    /// A TCP connect.
+    Tcp,
+}
+
+/// `passive_health:` eject an endpoint after consecutive failures.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveHealthFile {
+    #[serde(default)]
+    pub failures: Option<u32>,
+    #[serde(default)]
+    pub cooldown: Option<Dur>,
 }
 
 /// `services.<name>.timeouts`: for ordinary requests. SSE reads use `sse.read_timeout`.

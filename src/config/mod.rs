@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
 use once_cell::sync::Lazy;
@@ -27,10 +27,14 @@ use crate::routing::{HostRoutes, Route, RouteTable};
 use crate::sse::limits::{self, ClientSlots, Slots};
 use crate::sse::SseSettings;
 use crate::tls::{self, ListenerTls, PairError};
-use crate::upstream::{HostHeader, Service, Timeouts};
+use crate::endpoints::{Algorithm, PassiveHealth};
+use crate::upstream::{url_endpoints, HostHeader, Service, ServiceUrl, Timeouts};
 use file::{
-    AccessLogFormat, HostRuleFile, IncludedFile, ListenFile, MainFile, ServiceFile, TimeoutsFile,
+    AccessLogFormat, Dur, HashKeyFile, HealthCheckFile, HealthCheckKind, HostRuleFile,
+    IncludedFile, ListenFile, MainFile, ServiceFile, TimeoutsFile,
 };
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
 use locate::KeyPath;
 
 /// The config `streamgate` serves when started without `-c`: a listener on
@@ -832,16 +836,133 @@ fn build_service(
             )
         })?),
     };
-    Ok(Service::new(
+    let sse = match &file.sse {
+        Some(sse) => global_sse.overlay(sse),
+        None => *global_sse,
+    };
+    let algorithm = file.load_balancing.unwrap_or(if sse.enabled {
+        Algorithm::LeastConnections
+    } else {
+        Algorithm::RoundRobin
+    });
+    if file.hash_key.is_some() && algorithm != Algorithm::ConsistentHash {
+        return Err(source.error(
+            path.key("hash_key"),
+            Kind::Invalid("hash_key applies only to `load_balancing: consistent_hash`".into()),
+        ));
+    }
+    let passive = match &file.passive_health {
+        None => None,
+        Some(p) => {
+            let failures = p.failures.unwrap_or(3);
+            if failures == 0 {
+                return Err(source.error(
+                    path.key("passive_health").key("failures"),
+                    Kind::Invalid("at least 1".into()),
+                ));
+            }
+            Some(PassiveHealth {
+                failures,
+                cooldown: p.cooldown.map_or(Duration::from_secs(10), |d| d.0),
+            })
+        }
+    };
+    let health = match &file.health_check {
+        None => None,
+        Some(check) => Some(health_check(source, &path.key("health_check"), check, &url)?),
+    };
+    let fingerprint = format!(
+        "{url:?} {algorithm:?} {:?} {:?}",
+        file.health_check, file.passive_health
+    );
+    let endpoints = crate::endpoints::shared(name, fingerprint, || {
+        let interval = health.as_ref().map(|(_, every)| *every);
+        let mut built = url_endpoints(name, &url, algorithm, health.map(|(c, _)| c), passive);
+        built.set_health_interval(interval);
+        Ok(built)
+    })
+    .map_err(|e| source.error(path.clone(), Kind::Invalid(e)))?;
+    let mut service = Service::new(
         name.to_string(),
         url,
         host_header,
         apply_timeouts(file.timeouts.as_ref()),
-        match &file.sse {
-            Some(sse) => global_sse.overlay(sse),
-            None => *global_sse,
-        },
-    ))
+        sse,
+        endpoints,
+    );
+    service.hash_key = file.hash_key.clone().unwrap_or(HashKeyFile::ClientIp);
+    service.retries = file.retries.unwrap_or(0);
+    Ok(service)
+}
+
+/// The active check of `health_check:`, and how often it runs.
+fn health_check(
+    source: &Source,
+    path: &KeyPath,
+    file: &HealthCheckFile,
+    url: &ServiceUrl,
+) -> Result<(Box<dyn HealthCheck + Send + Sync>, Duration), ConfigError> {
+    let threshold = |value: Option<usize>, default: usize, key: &str| match value {
+        Some(0) => Err(source.error(path.key(key), Kind::Invalid("at least 1".into()))),
+        v => Ok(v.unwrap_or(default)),
+    };
+    let healthy = threshold(file.healthy_threshold, 2, "healthy_threshold")?;
+    let unhealthy = threshold(file.unhealthy_threshold, 3, "unhealthy_threshold")?;
+    let timeout = file.timeout.map_or(Duration::from_secs(1), |d| d.0);
+    let interval = match file.interval {
+        Some(Dur(d)) if d.is_zero() => {
+            return Err(source.error(
+                path.key("interval"),
+                Kind::Invalid("an interval above 0".into()),
+            ))
+        }
+        Some(Dur(d)) => d,
+        None => Duration::from_secs(5),
+    };
+    let check: Box<dyn HealthCheck + Send + Sync> = match file.kind {
+        HealthCheckKind::Tcp => {
+            let mut check = TcpHealthCheck::new();
+            check.consecutive_success = healthy;
+            check.consecutive_failure = unhealthy;
+            check.peer_template.options.connection_timeout = Some(timeout);
+            check.peer_template.options.total_connection_timeout = Some(timeout);
+            check
+        }
+        HealthCheckKind::Http => {
+            let host = file.host.clone().unwrap_or_else(|| url.authority());
+            let target = file.path.as_deref().unwrap_or("/");
+            let bad = |e: String| source.error(path.key("path"), Kind::Invalid(e));
+            if !target.starts_with('/') {
+                return Err(bad(format!("`{target}` must start with /")));
+            }
+            let mut req = RequestHeader::build("GET", target.as_bytes(), None)
+                .map_err(|e| bad(e.to_string()))?;
+            req.insert_header(http::header::HOST, host.as_str())
+                .map_err(|e| source.error(path.key("host"), Kind::Invalid(e.to_string())))?;
+            req.insert_header(http::header::USER_AGENT, "streamgate-health-check")
+                .map_err(|e| bad(e.to_string()))?;
+            let mut check = HttpHealthCheck::new(&host, false);
+            check.req = req;
+            check.consecutive_success = healthy;
+            check.consecutive_failure = unhealthy;
+            check.peer_template.options.connection_timeout = Some(timeout);
+            check.peer_template.options.total_connection_timeout = Some(timeout);
+            check.peer_template.options.read_timeout = Some(timeout);
+            check.validator = Some(Box::new(|resp: &ResponseHeader| {
+                let status = resp.status.as_u16();
+                if (200..400).contains(&status) {
+                    Ok(())
+                } else {
+                    pingora_error::Error::e_explain(
+                        pingora_error::ErrorType::HTTPStatus(status),
+                        format!("health check answered {status}"),
+                    )
+                }
+            }));
+            Box::new(check)
+        }
+    };
+    Ok((check, interval))
 }
 
 fn add_host_rule(

@@ -52,7 +52,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::config::Config;
-use crate::error::http_error;
+use crate::endpoints::Lease;
 use crate::http_util::{client_ip, request_host, scheme};
 use crate::metrics::OpenStream;
 use crate::middleware::{BodyFilter, Outcome, Reply};
@@ -96,6 +96,10 @@ pub struct RequestCtx {
     pub stream: Option<SseStream>,
     /// The origin address, once chosen.
     pub upstream: Option<SocketAddr>,
+    /// The chosen endpoint, counted open while the request lives.
+    pub lease: Option<Lease>,
+    /// Endpoints this request failed to connect to (retries go elsewhere).
+    pub tried: Vec<SocketAddr>,
     /// When the request arrived.
     pub started: Option<Instant>,
     /// The response status, once known.
@@ -271,16 +275,16 @@ impl ProxyHttp for StreamGate {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let route = route(ctx)?.clone();
         let service = &route.service;
-        let addr = service
-            .address()
-            .await
-            .map_err(|e| http_error(502, format!("service `{}`: {e}", service.name)))?;
+        let lease = service.choose(session, &ctx.tried).await?;
+        let addr = lease.addr;
         ctx.upstream = Some(addr);
+        ctx.tried.push(addr);
+        ctx.lease = Some(lease);
         Ok(service.peer(addr, ctx.sse_request.then_some(&ctx.sse)))
     }
 
@@ -288,11 +292,22 @@ impl ProxyHttp for StreamGate {
         &self,
         _session: &mut Session,
         _peer: &HttpPeer,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // One endpoint per service: retrying the same address only multiplies the wait.
-        e.set_retry(false);
+        // Nothing was sent yet: another endpoint may take the request, up to `retries`.
+        if let Some(lease) = ctx.lease.take() {
+            lease.failed();
+        }
+        let retries = ctx.route.as_ref().map_or(0, |r| r.service.retries) as usize;
+        let again = ctx.tried.len() <= retries;
+        if again {
+            log::info!(
+                "retrying on another endpoint after {}: {e}",
+                ctx.upstream.map(|a| a.to_string()).unwrap_or_default()
+            );
+        }
+        e.set_retry(again);
         e
     }
 
@@ -322,6 +337,9 @@ impl ProxyHttp for StreamGate {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let route = route(ctx)?.clone();
+        if let Some(lease) = &ctx.lease {
+            lease.succeeded();
+        }
         let settings = ctx.sse;
         let is_sse = settings.enabled
             && upstream_response
@@ -688,6 +706,7 @@ async fn write(session: &mut Session, header: ResponseHeader, body: Bytes) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::http_error;
 
     #[test]
     fn dot_segments() {

@@ -92,17 +92,27 @@ impl StreamGate {
         }
         let route = route(ctx)?.clone();
         let service = &route.service;
-        let addr = service
-            .address()
-            .await
-            .map_err(|e| http_error(502, format!("service `{}`: {e}", service.name)))?;
-        ctx.upstream = Some(addr);
-        let peer = service.peer(addr, Some(&ctx.sse));
-        let (mut origin, _reused) = self
-            .connector
-            .get_http_session(&*peer)
-            .await
-            .map_err(|e| e.into_up())?;
+        // Connect, to another endpoint after a failure, up to `retries` more.
+        let mut origin = loop {
+            let lease = service.choose(session, &ctx.tried).await?;
+            let addr = lease.addr;
+            ctx.upstream = Some(addr);
+            ctx.tried.push(addr);
+            let peer = service.peer(addr, Some(&ctx.sse));
+            match self.connector.get_http_session(&*peer).await {
+                Ok((origin, _reused)) => {
+                    ctx.lease = Some(lease);
+                    break origin;
+                }
+                Err(e) => {
+                    lease.failed();
+                    if ctx.tried.len() > service.retries as usize {
+                        return Err(e.into_up());
+                    }
+                    log::info!("retrying on another endpoint after {addr}: {e}");
+                }
+            }
+        };
 
         let mut request = session.req_header().clone();
         request.set_version(Version::HTTP_11);
@@ -125,6 +135,9 @@ impl StreamGate {
                 Ok(read) => read,
                 Err(_) => {
                     service.metrics.timeout();
+                    if let Some(lease) = &ctx.lease {
+                        lease.failed();
+                    }
                     return Err(http_error(
                         504,
                         format!(
