@@ -402,7 +402,9 @@ impl Endpoints {
             Algorithm::RoundRobin => (0..n).map(|k| (turn + k) % n).find(|&i| usable(i)),
             Algorithm::WeightedRoundRobin => {
                 let w = &schedule.weighted;
-                (0..w.len()).map(|k| w[(turn + k) % w.len()]).find(|&i| usable(i))
+                (0..w.len())
+                    .map(|k| w[(turn + k) % w.len()])
+                    .find(|&i| usable(i))
             }
             Algorithm::Random => {
                 let total: usize = (0..n)
@@ -580,9 +582,7 @@ pub struct SystemResolver {
 
 #[async_trait]
 impl ServiceDiscovery for SystemResolver {
-    async fn discover(
-        &self,
-    ) -> pingora_error::Result<(BTreeSet<Backend>, HashMap<u64, bool>)> {
+    async fn discover(&self) -> pingora_error::Result<(BTreeSet<Backend>, HashMap<u64, bool>)> {
         let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
             .map_err(|e| {

@@ -70,10 +70,7 @@ pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
         "sse supervisor",
         sse::supervisor::Supervisor,
     ));
-    server.add_service(background_service(
-        "endpoint upkeep",
-        endpoints::Upkeep,
-    ));
+    server.add_service(background_service("endpoint upkeep", endpoints::Upkeep));
 
     if let Some(addr) = demo {
         server.add_service(demo::service(&addr.to_string()));

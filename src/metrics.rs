@@ -99,6 +99,7 @@ pub struct RouteMetrics {
     sse_opened: AtomicU64,
     sse_closed: [AtomicU64; CLOSE_REASONS.len()],
     sse_refused: AtomicU64,
+    sse_resumed: AtomicU64,
     sse_events: AtomicU64,
     sse_bytes: AtomicU64,
     pub sse_lifetime: Histogram,
@@ -117,6 +118,7 @@ impl RouteMetrics {
             sse_opened: AtomicU64::new(0),
             sse_closed: Default::default(),
             sse_refused: AtomicU64::new(0),
+            sse_resumed: AtomicU64::new(0),
             sse_events: AtomicU64::new(0),
             sse_bytes: AtomicU64::new(0),
             sse_lifetime: Histogram::new(LIFETIME_BOUNDS),
@@ -131,6 +133,11 @@ impl RouteMetrics {
             self.requests[class as usize].fetch_add(1, Ordering::Relaxed);
         }
         self.duration.observe(duration);
+    }
+
+    /// A stream whose origin failed continued from another origin connection.
+    pub fn sse_resumed(&self) {
+        self.sse_resumed.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn sse_refused(&self) {
@@ -346,6 +353,12 @@ pub fn render() -> String {
         "streamgate_sse_streams_refused_total",
         "SSE streams refused by a limit (max_connections, per client, rate limits).",
         &|m| m.sse_refused.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "streamgate_sse_streams_resumed_total",
+        "SSE streams continued on another origin connection after their origin failed (resume).",
+        &|m| m.sse_resumed.load(Ordering::Relaxed),
     );
     counter(
         &mut out,

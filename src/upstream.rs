@@ -108,7 +108,11 @@ pub fn url_endpoints(
         None => Endpoints::new(
             service,
             Box::new(endpoints::SystemResolver {
-                host: url.host.trim_start_matches('[').trim_end_matches(']').to_string(),
+                host: url
+                    .host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
                 port: url.port,
             }),
             health_check,

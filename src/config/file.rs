@@ -129,6 +129,12 @@ pub struct SseFile {
     pub on_upstream_error: Option<OnUpstreamError>,
     /// On shutdown or upgrade, open streams are ended at random moments over this period.
     pub drain_period: Option<Dur>,
+    /// The origin honours `Last-Event-ID`: when it fails mid-stream, continue the client's
+    /// stream from another origin connection.
+    pub resume: Option<bool>,
+    /// Most resumes of one stream within `resume_window`.
+    pub resume_attempts: Option<u32>,
+    pub resume_window: Option<Dur>,
     /// Register every stream (open, close, counters) and log its open and close.
     pub connection_tracking: Option<bool>,
     /// Most event streams open at once under this block.

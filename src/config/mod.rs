@@ -19,6 +19,7 @@ use once_cell::sync::Lazy;
 use pingora_core::server::configuration::ServerConf;
 use serde::de::DeserializeOwned;
 
+use crate::endpoints::{Algorithm, PassiveHealth};
 use crate::error::{ConfigError, ConfigErrorKind as Kind};
 use crate::listeners::{Http2Settings, Listener, ListenerKind, DEFAULT_TCP_KEEPALIVE};
 use crate::metrics;
@@ -27,15 +28,14 @@ use crate::routing::{HostRoutes, Route, RouteTable};
 use crate::sse::limits::{self, ClientSlots, Slots};
 use crate::sse::SseSettings;
 use crate::tls::{self, ListenerTls, PairError};
-use crate::endpoints::{Algorithm, PassiveHealth};
 use crate::upstream::{url_endpoints, HostHeader, Service, ServiceUrl, Timeouts};
 use file::{
     AccessLogFormat, Dur, HashKeyFile, HealthCheckFile, HealthCheckKind, HostRuleFile,
     IncludedFile, ListenFile, MainFile, ServiceFile, TimeoutsFile,
 };
+use locate::KeyPath;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
-use locate::KeyPath;
 
 /// The config `streamgate` serves when started without `-c`: a listener on
 /// 127.0.0.1:8080 in front of the built-in demo SSE origin.
@@ -869,7 +869,12 @@ fn build_service(
     };
     let health = match &file.health_check {
         None => None,
-        Some(check) => Some(health_check(source, &path.key("health_check"), check, &url)?),
+        Some(check) => Some(health_check(
+            source,
+            &path.key("health_check"),
+            check,
+            &url,
+        )?),
     };
     let fingerprint = format!(
         "{url:?} {algorithm:?} {:?} {:?}",

@@ -27,6 +27,7 @@
 //! it cleanly after an `event: error` carrying a JSON reason. A half-sent event is never
 //! completed by the proxy: a client drops it, as the SSE specification says.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -39,6 +40,7 @@ use pingora_proxy::{ProxyHttp, Session};
 use tokio::time::{sleep_until, Instant as Deadline};
 
 use super::{route, RequestCtx, StreamGate};
+use crate::endpoints::Lease;
 use crate::error::http_error;
 use crate::sse::supervisor::{self, drain_deadline};
 use crate::sse::{self, OnUpstreamError};
@@ -92,65 +94,13 @@ impl StreamGate {
         }
         let route = route(ctx)?.clone();
         let service = &route.service;
-        // Connect, to another endpoint after a failure, up to `retries` more.
-        let mut origin = loop {
-            let lease = service.choose(session, &ctx.tried).await?;
-            let addr = lease.addr;
-            ctx.upstream = Some(addr);
-            ctx.tried.push(addr);
-            let peer = service.peer(addr, Some(&ctx.sse));
-            match self.connector.get_http_session(&*peer).await {
-                Ok((origin, _reused)) => {
-                    ctx.lease = Some(lease);
-                    break origin;
-                }
-                Err(e) => {
-                    lease.failed();
-                    if ctx.tried.len() > service.retries as usize {
-                        return Err(e.into_up());
-                    }
-                    log::info!("retrying on another endpoint after {addr}: {e}");
-                }
-            }
-        };
-
-        let mut request = session.req_header().clone();
-        request.set_version(Version::HTTP_11);
-        strip_request_hop_by_hop(&mut request);
-        self.upstream_request_filter(session, &mut request, ctx)
+        let tried = std::mem::take(&mut ctx.tried);
+        let (mut origin, lease, tried) = self
+            .open_origin(session, ctx, tried, service.retries, None)
             .await?;
-        origin
-            .write_request_header(Box::new(request))
-            .await
-            .map_err(|e| e.into_up())?;
-        origin
-            .finish_request_body()
-            .await
-            .map_err(|e| e.into_up())?;
-
-        origin.set_read_timeout(None);
-        let header = origin.read_response_header();
-        let read = match ctx.sse.header_timeout {
-            Some(limit) => match tokio::time::timeout(limit, header).await {
-                Ok(read) => read,
-                Err(_) => {
-                    service.metrics.timeout();
-                    if let Some(lease) = &ctx.lease {
-                        lease.failed();
-                    }
-                    return Err(http_error(
-                        504,
-                        format!(
-                            "service `{}`: the origin sent no response header within {}",
-                            service.name,
-                            humantime::format_duration(limit)
-                        ),
-                    ));
-                }
-            },
-            None => header.await,
-        };
-        read.map_err(|e| e.into_up())?;
+        ctx.tried = tried;
+        ctx.upstream = Some(lease.addr);
+        ctx.lease = Some(lease);
         let mut header = origin
             .response_header()
             .cloned()
@@ -167,7 +117,130 @@ impl StreamGate {
             origin.set_read_timeout(service.timeouts.read);
             return self.forward_body(session, &mut origin, ctx).await;
         }
-        self.stream_events(session, &mut origin, ctx).await
+        self.stream_events(session, origin, ctx).await
+    }
+
+    /// Connects to an endpoint not in `tried` (then to others, up to `retries` more, after
+    /// connect failures), sends the client's request (with `last_event_id` when resuming)
+    /// and reads the response header under `header_timeout`. Returns the origin session,
+    /// its lease, and every endpoint tried.
+    async fn open_origin(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        mut tried: Vec<SocketAddr>,
+        retries: u32,
+        last_event_id: Option<&[u8]>,
+    ) -> Result<(OriginSession, Lease, Vec<SocketAddr>)> {
+        let route = route(ctx)?.clone();
+        let service = &route.service;
+        let first_try = tried.len();
+        let (mut origin, lease) = loop {
+            let lease = service.choose(session, &tried).await?;
+            let addr = lease.addr;
+            tried.push(addr);
+            let peer = service.peer(addr, Some(&ctx.sse));
+            match self.connector.get_http_session(&*peer).await {
+                Ok((origin, _reused)) => break (origin, lease),
+                Err(e) => {
+                    lease.failed();
+                    if tried.len() - first_try > retries as usize {
+                        return Err(e.into_up());
+                    }
+                    log::info!("retrying on another endpoint after {addr}: {e}");
+                }
+            }
+        };
+
+        let mut request = session.req_header().clone();
+        request.set_version(Version::HTTP_11);
+        strip_request_hop_by_hop(&mut request);
+        self.upstream_request_filter(session, &mut request, ctx)
+            .await?;
+        if let Some(id) = last_event_id {
+            request.insert_header("last-event-id", id)?;
+        }
+        origin
+            .write_request_header(Box::new(request))
+            .await
+            .map_err(|e| e.into_up())?;
+        origin
+            .finish_request_body()
+            .await
+            .map_err(|e| e.into_up())?;
+
+        origin.set_read_timeout(None);
+        let header = origin.read_response_header();
+        let read = match ctx.sse.header_timeout {
+            Some(limit) => match tokio::time::timeout(limit, header).await {
+                Ok(read) => read,
+                Err(_) => {
+                    service.metrics.timeout();
+                    lease.failed();
+                    return Err(http_error(
+                        504,
+                        format!(
+                            "service `{}`: the origin sent no response header within {}",
+                            service.name,
+                            humantime::format_duration(limit)
+                        ),
+                    ));
+                }
+            },
+            None => header.await,
+        };
+        if let Err(e) = read {
+            lease.failed();
+            return Err(e.into_up());
+        }
+        Ok((origin, lease, tried))
+    }
+
+    /// After the origin of a `resume` stream failed: opens the stream again from another
+    /// endpoint (the same one when it is the only one up), asking for the events after the
+    /// last one the client received. `None` when that is not possible.
+    async fn resume(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        failed: Option<SocketAddr>,
+    ) -> Option<OriginSession> {
+        let last_id = ctx
+            .stream
+            .as_ref()
+            .map(|s| s.scanner.last_id().to_vec())
+            .filter(|id| !id.is_empty());
+        let avoid: Vec<SocketAddr> = failed.into_iter().collect();
+        let mut opened = self
+            .open_origin(session, ctx, avoid, 0, last_id.as_deref())
+            .await;
+        if opened.is_err() && failed.is_some() {
+            opened = self
+                .open_origin(session, ctx, Vec::new(), 0, last_id.as_deref())
+                .await;
+        }
+        let (origin, lease, _) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                log::info!("resume failed: {e}");
+                return None;
+            }
+        };
+        let streams = origin.response_header().is_some_and(|h| {
+            h.status == 200
+                && h.headers
+                    .get(http::header::CONTENT_TYPE)
+                    .is_some_and(|v| sse::is_event_stream(v.as_bytes()))
+        });
+        if !streams {
+            lease.failed();
+            log::info!("resume failed: the origin did not answer with an event stream");
+            return None;
+        }
+        lease.succeeded();
+        ctx.upstream = Some(lease.addr);
+        ctx.lease = Some(lease);
+        Some(origin)
     }
 
     /// Forwards a response that is not an event stream, as it comes.
@@ -194,10 +267,17 @@ impl StreamGate {
     async fn stream_events(
         &self,
         session: &mut Session,
-        origin: &mut OriginSession,
+        mut origin: OriginSession,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let settings = ctx.sse;
+        // With `resume`, only whole events go to the client (the rest waits in `tail`), so a
+        // stream continued from another origin never shows half an event; ids recently sent
+        // are remembered so an origin that repeats them is not believed twice.
+        let mut tail = bytes::BytesMut::new();
+        let mut recent_ids: std::collections::VecDeque<Vec<u8>> = Default::default();
+        let mut resumes: std::collections::VecDeque<Instant> = Default::default();
+        let mut resumed = false;
         let started = Instant::now();
         let lifetime_end = settings.max_lifetime.map(|d| started + d);
         let mut drain = supervisor::drain_signal();
@@ -227,6 +307,22 @@ impl StreamGate {
 
             tokio::select! {
                 read = origin.read_response_body() => match read {
+                    Ok(Some(chunk)) if settings.resume => {
+                        last_origin = Instant::now();
+                        tail.extend_from_slice(&chunk);
+                        let whole = sse::last_event_end(&tail).unwrap_or(0);
+                        let events = tail.split_to(whole).freeze();
+                        let events = if resumed {
+                            drop_repeated(events, &recent_ids)
+                        } else {
+                            events
+                        };
+                        remember_ids(&events, &mut recent_ids);
+                        if !events.is_empty() {
+                            last_sent = last_origin;
+                            self.relay_chunk(session, ctx, events, ending.is_some()).await?;
+                        }
+                    }
                     Ok(Some(chunk)) => {
                         last_origin = Instant::now();
                         last_sent = last_origin;
@@ -236,7 +332,20 @@ impl StreamGate {
                         self.close(ctx, "origin_closed");
                         return self.send_own(session, ctx, Bytes::new(), true).await;
                     }
-                    Err(e) => return self.origin_failed(session, ctx, e.into_up()).await,
+                    Err(e) => {
+                        let e = e.into_up();
+                        if let Some(next) = self
+                            .try_resume(session, ctx, &mut resumes, &e)
+                            .await
+                        {
+                            origin = next;
+                            tail.clear();
+                            resumed = true;
+                            last_origin = Instant::now();
+                            continue;
+                        }
+                        return self.origin_failed(session, ctx, e).await;
+                    }
                 },
                 gone = session.as_mut().read_body_or_idle(true), if watch_client => match gone {
                     Err(e) => {
@@ -266,7 +375,15 @@ impl StreamGate {
                     if let Some(route) = &ctx.route {
                         route.service.metrics.timeout();
                     }
-                    return self.origin_failed(session, ctx, e.into_up()).await;
+                    let e = e.into_up();
+                    if let Some(next) = self.try_resume(session, ctx, &mut resumes, &e).await {
+                        origin = next;
+                        tail.clear();
+                        resumed = true;
+                        last_origin = Instant::now();
+                        continue;
+                    }
+                    return self.origin_failed(session, ctx, e).await;
                 }
                 _ = sleep_until(deadline(heartbeat_at)), if heartbeat_at.is_some() && at_boundary => {
                     self.send_own(session, ctx, Bytes::from_static(sse::HEARTBEAT), false).await?;
@@ -370,6 +487,54 @@ impl StreamGate {
         Err(e)
     }
 
+    /// Resumes the stream after `e` when its settings allow one more resume now.
+    async fn try_resume(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        resumes: &mut std::collections::VecDeque<Instant>,
+        e: &Error,
+    ) -> Option<OriginSession> {
+        let settings = ctx.sse;
+        if !settings.resume || supervisor::draining() {
+            return None;
+        }
+        let now = Instant::now();
+        while resumes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > settings.resume_window)
+        {
+            resumes.pop_front();
+        }
+        if resumes.len() >= settings.resume_attempts as usize {
+            log::info!(
+                "origin failed ({e}); not resuming: {} resumes within {}",
+                resumes.len(),
+                humantime::format_duration(settings.resume_window)
+            );
+            return None;
+        }
+        resumes.push_back(now);
+        let failed = ctx.lease.take().map(|lease| {
+            lease.failed();
+            lease.addr
+        });
+        let origin = self.resume(session, ctx, failed).await?;
+        if let Some(route) = &ctx.route {
+            route.metrics.sse_resumed();
+        }
+        log::info!(
+            "sse stream resumed on {} after the origin {} failed ({e}), from last event id {:?}",
+            ctx.upstream.map(|a| a.to_string()).unwrap_or_default(),
+            failed.map(|a| a.to_string()).unwrap_or_default(),
+            ctx.stream
+                .as_ref()
+                .map(|s| String::from_utf8_lossy(s.scanner.last_id()).into_owned())
+                .unwrap_or_default()
+        );
+        Some(origin)
+    }
+
     /// Notes how the stream ended, for the close log and metrics.
     fn close(&self, ctx: &mut RequestCtx, reason: &'static str) {
         if let Some(stream) = ctx.stream.as_mut() {
@@ -394,6 +559,46 @@ async fn turn_away(session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
     session
         .write_response_body(Some(Bytes::from_static(sse::DRAIN_HINT)), true)
         .await
+}
+
+/// How many recent event ids a resumed stream remembers to drop repeats.
+const RECENT_IDS: usize = 256;
+
+/// `events` (whole events) without those whose id was already sent.
+fn drop_repeated(events: Bytes, recent: &std::collections::VecDeque<Vec<u8>>) -> Bytes {
+    let mut kept = bytes::BytesMut::with_capacity(events.len());
+    let mut rest = &events[..];
+    let mut dropped = false;
+    while let Some(end) = sse::first_event_end(rest) {
+        let (event, after) = rest.split_at(end);
+        let repeat = sse::event_id(event)
+            .is_some_and(|id| !id.is_empty() && recent.iter().any(|seen| seen == id));
+        if repeat {
+            dropped = true;
+        } else {
+            kept.extend_from_slice(event);
+        }
+        rest = after;
+    }
+    if dropped {
+        kept.freeze()
+    } else {
+        events
+    }
+}
+
+/// Remembers the ids of `events` (whole events), keeping the last [`RECENT_IDS`].
+fn remember_ids(events: &[u8], recent: &mut std::collections::VecDeque<Vec<u8>>) {
+    let mut rest = events;
+    while let Some(end) = sse::first_event_end(rest) {
+        if let Some(id) = sse::event_id(&rest[..end]).filter(|id| !id.is_empty()) {
+            if recent.len() == RECENT_IDS {
+                recent.pop_front();
+            }
+            recent.push_back(id.to_vec());
+        }
+        rest = &rest[end..];
+    }
 }
 
 /// When a timer at `at` fires; far in the future for `None` (its branch is disabled then).

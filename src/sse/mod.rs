@@ -77,6 +77,12 @@ pub struct SseSettings {
     pub on_upstream_error: OnUpstreamError,
     /// On shutdown or upgrade, streams end at random moments spread over this period.
     pub drain_period: Duration,
+    /// Continue a stream whose origin failed from another origin connection, with
+    /// `Last-Event-ID`.
+    pub resume: bool,
+    /// Most resumes of one stream within `resume_window`.
+    pub resume_attempts: u32,
+    pub resume_window: Duration,
     /// Register each stream in the live registry and log its open and close.
     pub connection_tracking: bool,
     /// Most event streams open at once under this block; `None` for no limit.
@@ -107,6 +113,9 @@ impl SseSettings {
                 .map_or(self.heartbeat_interval, |d| d.limit()),
             on_upstream_error: file.on_upstream_error.unwrap_or(self.on_upstream_error),
             drain_period: file.drain_period.map_or(self.drain_period, |d| d.0),
+            resume: file.resume.unwrap_or(self.resume),
+            resume_attempts: file.resume_attempts.unwrap_or(self.resume_attempts),
+            resume_window: file.resume_window.map_or(self.resume_window, |d| d.0),
             connection_tracking: file.connection_tracking.unwrap_or(self.connection_tracking),
             max_connections: file.max_connections.or(self.max_connections),
             max_connections_per_client: file
@@ -146,6 +155,14 @@ impl std::fmt::Display for SseSettings {
                 "off"
             },
         )?;
+        if self.resume {
+            write!(
+                f,
+                ", resume (at most {} per {})",
+                self.resume_attempts,
+                humantime::format_duration(self.resume_window)
+            )?;
+        }
         if let Some(max) = self.max_connections {
             write!(f, ", max_connections {max}")?;
         }
@@ -169,6 +186,9 @@ impl Default for SseSettings {
             heartbeat_interval: None,
             on_upstream_error: OnUpstreamError::End,
             drain_period: DEFAULT_DRAIN_PERIOD,
+            resume: false,
+            resume_attempts: 3,
+            resume_window: Duration::from_secs(60),
             connection_tracking: false,
             max_connections: None,
             max_connections_per_client: None,
@@ -230,9 +250,60 @@ pub fn last_event_end(data: &[u8]) -> Option<usize> {
     end
 }
 
+/// The end of the first complete event in `data` (after its blank line), if any.
+pub fn first_event_end(data: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    let mut line_start = 0;
+    while i < data.len() {
+        let b = data[i];
+        if b == b'\n' || b == b'\r' {
+            let mut next = i + 1;
+            if b == b'\r' && data.get(next) == Some(&b'\n') {
+                next += 1;
+            } else if b == b'\r' && next == data.len() {
+                return None;
+            }
+            if i == line_start {
+                return Some(next);
+            }
+            line_start = next;
+            i = next;
+        } else {
+            i += 1;
+        }
+    }
+    None
+}
+
+/// The value of the last `id` field of one complete event, if it has one.
+pub fn event_id(event: &[u8]) -> Option<&[u8]> {
+    event
+        .split(|b| *b == b'\n' || *b == b'\r')
+        .filter_map(|line| {
+            let value = line.strip_prefix(b"id")?;
+            if value.is_empty() {
+                return Some(value);
+            }
+            let value = value.strip_prefix(b":")?;
+            Some(value.strip_prefix(b" ").unwrap_or(value))
+        })
+        .next_back()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_and_their_ids() {
+        assert_eq!(first_event_end(b"id: 1\ndata: a\n\nid: 2\n"), Some(15));
+        assert_eq!(first_event_end(b"data: a\r\n\r\n"), Some(11));
+        assert_eq!(first_event_end(b"data: a\n"), None);
+        assert_eq!(event_id(b"id: 7\ndata: x\n\n"), Some(&b"7"[..]));
+        assert_eq!(event_id(b"id:8\rdata: x\r\r"), Some(&b"8"[..]));
+        assert_eq!(event_id(b"data: x\n\n"), None);
+        assert_eq!(event_id(b"idx: 1\n\n"), None);
+    }
 
     #[test]
     fn detects_event_stream_content_types() {

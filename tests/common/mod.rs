@@ -153,6 +153,7 @@ pub struct Origin {
     /// Every request head, in arrival order.
     pub requests: mpsc::UnboundedReceiver<Head>,
     connections: Arc<AtomicUsize>,
+    accepting: tokio::task::JoinHandle<()>,
 }
 
 impl Origin {
@@ -168,7 +169,7 @@ impl Origin {
         let connections = Arc::new(AtomicUsize::new(0));
         let handler = Arc::new(handler);
         let count = connections.clone();
-        tokio::spawn(async move {
+        let accepting = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
                 let handler = handler.clone();
@@ -191,7 +192,13 @@ impl Origin {
             addr,
             requests,
             connections,
+            accepting,
         }
+    }
+
+    /// Stops listening: new connections are refused; open ones carry on.
+    pub fn stop(&self) {
+        self.accepting.abort();
     }
 
     /// An origin that answers every request with `200` and `body`, keeping connections.
