@@ -316,7 +316,7 @@ fn upstreams_view(config: &Config) -> Value {
         .map(|s| {
             json!({
                 "service": s.name,
-                "url": format!("http://{}{}", s.url.authority(), s.url.prefix),
+                "url": s.url.to_string(),
                 "tracked_sse_streams": streams.iter().filter(|e| e.info.service == s.name).count(),
                 "sse_open_streams": s.sse_limit.as_ref().map(|l| l.open()),
                 "sse_max_connections": s.sse.max_connections,
