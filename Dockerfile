@@ -26,6 +26,9 @@ RUN cargo build --release --locked --bin streamgate \
     && strip target/release/streamgate
 
 FROM debian:bookworm-slim
+# The system trust store: https services without a `ca_file` verify their origins with it.
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin streamgate
 COPY --from=build /src/target/release/streamgate /usr/local/bin/streamgate
 COPY conf/ /etc/streamgate/

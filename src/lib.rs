@@ -17,6 +17,7 @@ pub mod listeners;
 pub mod logging;
 pub mod metrics;
 pub mod middleware;
+pub mod origin_tls;
 pub mod proxy;
 pub mod reload;
 pub mod routing;

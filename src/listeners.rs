@@ -127,7 +127,7 @@ pub fn services(
         let name = if h2c { "streamgate h2c" } else { "streamgate" };
         let mut proxy = pingora_proxy::http_proxy_service_with_name(
             server_conf,
-            StreamGate::new(current.clone()),
+            StreamGate::new(current.clone(), server_conf),
             name,
         );
         if let Some(app) = proxy.app_logic_mut() {

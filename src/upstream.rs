@@ -6,7 +6,10 @@
 //! chooses an endpoint (names are resolved by discovery, never by Pingora's peer, so nothing
 //! panics), builds the Pingora peer with the timeouts that fit the request, and rewrites the
 //! upstream request (path prefix, `Host`, `X-Forwarded-*`).
+//! An `https` service also carries its [`OriginTls`] settings, which [`Service::peer`]
+//! applies to the peer.
 
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +18,7 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
+use serde::Deserialize;
 
 use pingora_load_balancing::health_check::HealthCheck;
 use pingora_proxy::Session;
@@ -22,6 +26,7 @@ use pingora_proxy::Session;
 use crate::config::file::HashKeyFile;
 use crate::endpoints::{self, Algorithm, Endpoints, Lease, PassiveHealth, Unavailable};
 use crate::metrics::ServiceMetrics;
+use crate::origin_tls::OriginTls;
 use crate::sse::limits::{self, ClientSlots, Slots};
 use crate::sse::SseSettings;
 
@@ -30,9 +35,38 @@ const DNS_CACHE: Duration = Duration::from_secs(5);
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// `services.<name>.url`, parsed: `http://host[:port][/prefix]`.
+/// How the proxy talks to a service's origins: `services.<name>.scheme`, or the URL's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    #[default]
+    Http,
+    /// TLS to the origin (see [`OriginTls`]).
+    Https,
+}
+
+impl Scheme {
+    pub fn default_port(self) -> u16 {
+        match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        }
+    }
+}
+
+impl fmt::Display for Scheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        })
+    }
+}
+
+/// `services.<name>.url`, parsed: `http[s]://host[:port][/prefix]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceUrl {
+    pub scheme: Scheme,
     pub host: String,
     pub port: u16,
     /// Path prefix without a trailing slash; empty when the URL has no path.
@@ -46,17 +80,16 @@ impl TryFrom<String> for ServiceUrl {
     fn try_from(raw: String) -> Result<Self, String> {
         let bad = |why: &str| format!("invalid service URL `{raw}`: {why}");
         let uri: http::Uri = raw.parse().map_err(|e| bad(&format!("{e}")))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(bad(
-                    "https upstreams are not supported yet; use http:// (TLS to origins comes \
-                     with service discovery)",
-                ))
+        let scheme = match uri.scheme_str() {
+            Some("http") => Scheme::Http,
+            Some("https") => Scheme::Https,
+            Some(other) => {
+                return Err(bad(&format!(
+                    "unsupported scheme `{other}`, use http:// or https://"
+                )))
             }
-            Some(other) => return Err(bad(&format!("unsupported scheme `{other}`, use http://"))),
             None => return Err(bad("missing scheme, write http://host:port")),
-        }
+        };
         let authority = uri.authority().ok_or_else(|| bad("missing host"))?;
         if authority.as_str().contains('@') {
             return Err(bad("user info is not allowed in a service URL"));
@@ -68,13 +101,14 @@ impl TryFrom<String> for ServiceUrl {
         if uri.query().is_some() {
             return Err(bad("a query string is not allowed in a service URL"));
         }
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority.port_u16().unwrap_or(scheme.default_port());
         let ip = host
             .trim_start_matches('[')
             .trim_end_matches(']')
             .parse::<IpAddr>()
             .ok();
         Ok(ServiceUrl {
+            scheme,
             host,
             port,
             prefix: uri.path().trim_end_matches('/').to_string(),
@@ -127,13 +161,26 @@ pub fn url_endpoints(
 }
 
 impl ServiceUrl {
-    /// `host:port`, or `host` alone for port 80, as a `Host` header would carry it.
+    /// `host:port`, or `host` alone for the scheme's default port, as a `Host` header
+    /// would carry it.
     pub fn authority(&self) -> String {
-        if self.port == 80 {
+        if self.port == self.scheme.default_port() {
             self.host.clone()
         } else {
             format!("{}:{}", self.host, self.port)
         }
+    }
+
+    /// The host as an IP address, when it is an IP literal.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.ip
+    }
+}
+
+/// `scheme://authority/prefix`, as `-t` and the admin API show it.
+impl fmt::Display for ServiceUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority(), self.prefix)
     }
 }
 
@@ -187,6 +234,8 @@ pub struct Service {
     pub hash_key: HashKeyFile,
     /// Further endpoints a request may try when connecting fails.
     pub retries: u32,
+    /// TLS to the origin: set exactly when the service is `https`.
+    pub tls: Option<OriginTls>,
 }
 
 impl Service {
@@ -217,7 +266,14 @@ impl Service {
             endpoints,
             hash_key: HashKeyFile::ClientIp,
             retries: 0,
+            tls: None,
         }
+    }
+
+    /// Sets the TLS settings of an `https` service.
+    pub fn with_tls(mut self, tls: Option<OriginTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     #[cfg(test)]
@@ -296,9 +352,17 @@ impl Service {
 
     /// The Pingora peer for one request. An SSE request (`sse` holds its effective
     /// settings) reads with the SSE read timeout (usually none), because Pingora fixes an
-    /// upstream connection's read timeout when the request is sent.
+    /// upstream connection's read timeout when the request is sent. An `https` service's
+    /// peer speaks TLS with the service's SNI, verification and CA (see [`OriginTls`]).
     pub fn peer(&self, addr: SocketAddr, sse: Option<&SseSettings>) -> Box<HttpPeer> {
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        let sni = self
+            .tls
+            .as_ref()
+            .map_or_else(String::new, |t| t.sni.clone());
+        let mut peer = HttpPeer::new(addr, self.tls.is_some(), sni);
+        if let Some(tls) = &self.tls {
+            tls.apply(&mut peer);
+        }
         let options = &mut peer.options;
         options.connection_timeout = self.timeouts.connect;
         options.read_timeout = match sse {

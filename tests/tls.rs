@@ -11,65 +11,14 @@ use std::process::Command;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use common::ca::{Ca, Issued};
 use common::{eventually, guard, listening, After, Origin, Proxy};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
-
-/// A test certificate authority.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-/// A certificate and key issued by the test CA, as PEM.
-struct Issued {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let key = KeyPair::generate().expect("CA key");
-        let mut params = CertificateParams::new(Vec::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "streamgate test CA");
-        let cert = params.self_signed(&key).expect("CA certificate");
-        Ca { cert, key }
-    }
-
-    fn issue(&self, names: &[&str]) -> Issued {
-        let key = KeyPair::generate().expect("key");
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let params = CertificateParams::new(names).expect("params");
-        let cert = params
-            .signed_by(&key, &self.cert, &self.key)
-            .expect("certificate");
-        Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().clone(),
-        }
-    }
-
-    fn pem(&self) -> String {
-        self.cert.pem()
-    }
-}
-
-impl Issued {
-    fn write(&self, dir: &Path, stem: &str) {
-        std::fs::write(dir.join(format!("{stem}.pem")), &self.cert_pem).expect("write cert");
-        std::fs::write(dir.join(format!("{stem}.key")), &self.key_pem).expect("write key");
-    }
-}
 
 /// A proxy started from a config file in a temporary directory, next to its certificates.
 struct Site {

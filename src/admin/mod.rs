@@ -331,7 +331,7 @@ fn upstreams_view(config: &Config) -> Value {
                 .collect();
             json!({
                 "service": s.name,
-                "url": format!("http://{}{}", s.url.authority(), s.url.prefix),
+                "url": s.url.to_string(),
                 "load_balancing": s.endpoints.algorithm().as_str(),
                 "endpoints": endpoints,
                 "discovery_error": s.endpoints.discovery_error(),

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 pub use crate::middleware::MiddlewareFile;
 use crate::routing::{HostPattern, PathPattern};
-use crate::upstream::ServiceUrl;
+use crate::upstream::{Scheme, ServiceUrl};
 
 /// Keys of the main file that belong to streamgate. The main file's other top-level keys
 /// must be Pingora server settings.
@@ -158,6 +158,12 @@ pub enum OnUpstreamError {
 #[serde(deny_unknown_fields)]
 pub struct ServiceFile {
     pub url: ServiceUrlFile,
+    /// `http` or `https`; with `url`, it must agree with the URL's scheme.
+    #[serde(default)]
+    pub scheme: Option<Scheme>,
+    /// TLS to the origin; only on an https service.
+    #[serde(default)]
+    pub tls: Option<OriginTlsFile>,
     #[serde(default)]
     pub host_header: Option<String>,
     #[serde(default)]
@@ -253,6 +259,19 @@ pub struct PassiveHealthFile {
     pub failures: Option<u32>,
     #[serde(default)]
     pub cooldown: Option<Dur>,
+}
+
+/// `services.<name>.tls`: how the proxy speaks TLS to an https service's origin.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginTlsFile {
+    /// Verify the certificate chain and name (default true).
+    pub verify: Option<bool>,
+    /// The server name sent and verified (default: the URL's host).
+    pub sni: Option<String>,
+    /// PEM bundle of trusted CAs, relative to the file that defines the service (default:
+    /// the system's store).
+    pub ca_file: Option<String>,
 }
 
 /// `services.<name>.timeouts`: for ordinary requests. SSE reads use `sse.read_timeout`.

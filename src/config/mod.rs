@@ -24,11 +24,12 @@ use crate::error::{ConfigError, ConfigErrorKind as Kind};
 use crate::listeners::{Http2Settings, Listener, ListenerKind, DEFAULT_TCP_KEEPALIVE};
 use crate::metrics;
 use crate::middleware::{join_levels, Chain, Instance, MiddlewareFile};
+use crate::origin_tls::{self, CaBundle, OriginTls};
 use crate::routing::{HostRoutes, Route, RouteTable};
 use crate::sse::limits::{self, ClientSlots, Slots};
 use crate::sse::SseSettings;
 use crate::tls::{self, ListenerTls, PairError};
-use crate::upstream::{url_endpoints, HostHeader, Service, ServiceUrl, Timeouts};
+use crate::upstream::{url_endpoints, HostHeader, Scheme, Service, ServiceUrl, Timeouts};
 use file::{
     AccessLogFormat, Dur, HashKeyFile, HealthCheckFile, HealthCheckKind, HostRuleFile,
     IncludedFile, ListenFile, MainFile, ServiceFile, TimeoutsFile,
@@ -215,7 +216,12 @@ impl Config {
                         },
                     ));
                 }
-                let built = build_service(&sources[src], &path, name, service, &global_sse)?;
+                // Paths in a service (`tls.ca_file`) are relative to the file defining it.
+                let dir = match src {
+                    0 => base,
+                    _ => sources[src].file.parent().unwrap_or(base),
+                };
+                let built = build_service(&sources[src], &path, name, service, &global_sse, dir)?;
                 defined_in.insert(name.clone(), src);
                 services.insert(name.clone(), Arc::new(built));
             }
@@ -348,11 +354,16 @@ impl Config {
                 Some(drain.as_secs_f64().ceil() as u64 + DRAIN_MARGIN_SECS);
         }
         let mut files: Vec<PathBuf> = sources.into_iter().map(|s| s.file).collect();
-        for cert in certs {
-            for path in [&cert.cert_path, &cert.key_path] {
-                if !files.contains(path) {
-                    files.push(path.clone());
-                }
+        let ca_files = services
+            .values()
+            .filter_map(|s| s.tls.as_ref()?.ca.as_ref().map(|ca| &ca.path));
+        for path in certs
+            .iter()
+            .flat_map(|cert| [&cert.cert_path, &cert.key_path])
+            .chain(ca_files)
+        {
+            if !files.contains(path) {
+                files.push(path.clone());
             }
         }
         Ok(Config {
@@ -422,12 +433,10 @@ impl Config {
         }
         out.push_str("services:\n");
         for service in self.services.values() {
-            out.push_str(&format!(
-                "  {:<20} http://{}{}\n",
-                service.name,
-                service.url.authority(),
-                service.url.prefix
-            ));
+            out.push_str(&format!("  {:<20} {}\n", service.name, service.url));
+            if let Some(tls) = &service.tls {
+                out.push_str(&format!("  {:<20} tls: {tls}\n", ""));
+            }
             out.push_str(&format!("  {:<20} sse: {}\n", "", service.sse));
         }
         if let Some(grace) = self.server.grace_period_seconds {
@@ -817,8 +826,10 @@ fn build_service(
     name: &str,
     file: &ServiceFile,
     global_sse: &SseSettings,
+    dir: &Path,
 ) -> Result<Service, ConfigError> {
     let url = file.url.0.clone();
+    let tls = build_origin_tls(source, path, &url, file, dir)?;
     let host_header = match file.host_header.as_deref() {
         None | Some("passthrough") => HostHeader::Passthrough,
         Some("upstream") => {
@@ -894,7 +905,8 @@ fn build_service(
         apply_timeouts(file.timeouts.as_ref()),
         sse,
         endpoints,
-    );
+    )
+    .with_tls(tls);
     service.hash_key = file.hash_key.clone().unwrap_or(HashKeyFile::ClientIp);
     service.retries = file.retries.unwrap_or(0);
     Ok(service)
@@ -968,6 +980,67 @@ fn health_check(
         }
     };
     Ok((check, interval))
+}
+
+/// The TLS settings of an https service (`None` for http), after checking that `scheme`
+/// agrees with the URL and that `tls` is only on https; the CA file is loaded here.
+fn build_origin_tls(
+    source: &Source,
+    path: &KeyPath,
+    url: &ServiceUrl,
+    file: &ServiceFile,
+    dir: &Path,
+) -> Result<Option<OriginTls>, ConfigError> {
+    let invalid = |key: KeyPath, why: String| source.error(key, Kind::Invalid(why));
+    if let Some(scheme) = file.scheme.filter(|s| *s != url.scheme) {
+        return Err(invalid(
+            path.key("scheme"),
+            format!(
+                "`scheme: {scheme}` disagrees with the URL `{url}`; drop `scheme` or make \
+                 them agree"
+            ),
+        ));
+    }
+    let tls_file = file.tls.as_ref();
+    if url.scheme == Scheme::Http {
+        return match tls_file {
+            Some(_) => Err(invalid(
+                path.key("tls"),
+                format!("`tls` is for https services; `{url}` is plain http"),
+            )),
+            None => Ok(None),
+        };
+    }
+    let tls_path = path.key("tls");
+    let defaults = file::OriginTlsFile::default();
+    let tls_file = tls_file.unwrap_or(&defaults);
+    let sni = match &tls_file.sni {
+        Some(sni) => {
+            origin_tls::check_sni(sni).map_err(|why| invalid(tls_path.key("sni"), why))?;
+            sni.clone()
+        }
+        // An IP literal is the server name itself (never an empty SNI: see origin_tls).
+        None => match url.ip() {
+            Some(ip) => ip.to_string(),
+            None => {
+                origin_tls::check_sni(&url.host)
+                    .map_err(|why| invalid(path.key("url"), format!("{why}: set `tls.sni`")))?;
+                url.host.clone()
+            }
+        },
+    };
+    let ca = match &tls_file.ca_file {
+        Some(ca_file) => Some(
+            CaBundle::load(&dir.join(ca_file))
+                .map_err(|why| invalid(tls_path.key("ca_file"), why))?,
+        ),
+        None => None,
+    };
+    Ok(Some(OriginTls {
+        verify: tls_file.verify.unwrap_or(true),
+        sni,
+        ca,
+    }))
 }
 
 fn add_host_rule(

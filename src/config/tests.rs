@@ -114,11 +114,6 @@ fn bad_values_are_refused_with_line_and_key() {
         3,
         "services.w.url",
     );
-    refused(
-        "services:\n  w:\n    url: \"https://x\"\n",
-        3,
-        "services.w.url",
-    );
     refused("sse:\n  read_timeout: 5\n", 2, "sse.read_timeout");
     refused("sse:\n  read_timeout: fast\n", 2, "sse.read_timeout");
     refused("listen: [\"localhost:80\"]\n", 1, "listen[0]");
@@ -662,4 +657,176 @@ fn bad_stream_lifecycle_settings_are_refused_at_their_key() {
         "sse.heartbeat_interval",
     );
     refused("sse:\n  max_lifetme: 1h\n", 2, "sse.max_lifetme");
+}
+
+#[test]
+fn https_services_load_with_their_tls_settings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::create_dir_all(dir.path().join("certs")).expect("mkdir");
+    fs::create_dir_all(dir.path().join("conf.d")).expect("mkdir");
+    write_cert(&dir.path().join("certs"), "ca", &["ca.test"]);
+    write_cert(&dir.path().join("conf.d"), "own", &["own.test"]);
+    let main = dir.path().join("main.yaml");
+    fs::write(
+        &main,
+        r#"
+include: ["conf.d/*.yaml"]
+services:
+  feed:
+    url: "https://feed.example:8443/api/"
+    scheme: https
+    host_header: upstream
+    tls: { sni: feed.internal, ca_file: certs/ca.pem }
+  plain:
+    url: "https://origin.example"
+    host_header: upstream
+  ip:
+    url: "https://[::1]:9443"
+    tls: { verify: false }
+  web:
+    url: "http://web.example"
+    scheme: http
+"#,
+    )
+    .expect("write");
+    fs::write(
+        dir.path().join("conf.d/more.yaml"),
+        "services:\n  more:\n    url: \"https://more.example\"\n    \
+         tls: { ca_file: own.pem }\n",
+    )
+    .expect("write");
+    let config = Config::load(&main).unwrap_or_else(|e| panic!("{e}"));
+
+    let feed = &config.services["feed"];
+    let tls = feed.tls.as_ref().expect("https service has tls");
+    assert_eq!(feed.url.port, 8443);
+    assert!(tls.verify);
+    assert_eq!(tls.sni, "feed.internal");
+    let ca = tls.ca.as_ref().expect("ca_file");
+    assert_eq!(ca.path, dir.path().join("certs/ca.pem"));
+    assert_eq!(ca.len(), 1);
+    assert!(
+        config.files.contains(&ca.path),
+        "a CA file is watched like the config files"
+    );
+    let peer = feed.peer("127.0.0.1:8443".parse().expect("addr"), None);
+    assert!(peer.is_tls());
+    assert_eq!(peer.sni, "feed.internal");
+    assert!(peer.options.verify_cert && peer.options.verify_hostname);
+    assert!(peer.options.ca.is_some());
+    assert_eq!(
+        peer.options.alpn,
+        pingora_core::protocols::ALPN::H1,
+        "the relay speaks HTTP/1.1 to origins"
+    );
+
+    let plain = &config.services["plain"];
+    let tls = plain.tls.as_ref().expect("tls defaults");
+    assert_eq!(plain.url.port, 443);
+    assert_eq!((tls.verify, tls.sni.as_str()), (true, "origin.example"));
+    assert!(tls.ca.is_none(), "the system store");
+    assert!(
+        matches!(&plain.host_header, HostHeader::Fixed(v) if v == "origin.example"),
+        "port 443 is left out of an https Host"
+    );
+
+    let ip = &config.services["ip"];
+    let tls = ip.tls.as_ref().expect("tls");
+    assert_eq!(
+        tls.sni, "::1",
+        "an IP host is the server name, never an empty SNI"
+    );
+    let peer = ip.peer("[::1]:9443".parse().expect("addr"), None);
+    assert!(!peer.options.verify_cert && !peer.options.verify_hostname);
+
+    let web = &config.services["web"];
+    assert!(web.tls.is_none());
+    assert!(!web
+        .peer("127.0.0.1:80".parse().expect("addr"), None)
+        .is_tls());
+
+    let more = config.services["more"].tls.as_ref().expect("tls");
+    assert_eq!(
+        more.ca.as_ref().map(|ca| ca.path.clone()),
+        Some(dir.path().join("conf.d/own.pem")),
+        "relative to the file that defines the service"
+    );
+
+    let described = config.describe();
+    for line in [
+        "https://feed.example:8443/api",
+        "tls: verify, sni feed.internal, CA ",
+        "https://origin.example\n",
+        "tls: verify, sni origin.example, system CA store",
+        "https://[::1]:9443",
+        "tls: NO certificate verification, no SNI (IP ::1)",
+        "http://web.example\n",
+    ] {
+        assert!(described.contains(line), "{line:?} in:\n{described}");
+    }
+}
+
+#[test]
+fn bad_https_settings_are_refused_with_line_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().display();
+    fs::write(dir.path().join("junk.pem"), "not a certificate\n").expect("write");
+    fs::write(
+        dir.path().join("bad.pem"),
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let service = |keys: &str| format!("services:\n  w:\n{keys}");
+
+    let e = refused(
+        &service("    url: \"https://x\"\n    scheme: http\n"),
+        4,
+        "services.w.scheme",
+    );
+    assert!(e.to_string().contains("disagrees with the URL"), "{e}");
+    refused(
+        &service("    url: \"http://x\"\n    scheme: https\n"),
+        4,
+        "services.w.scheme",
+    );
+    refused(
+        &service("    url: \"https://x\"\n    scheme: ftp\n"),
+        4,
+        "services.w.scheme",
+    );
+    let e = refused(
+        &service("    url: \"http://x\"\n    tls: { verify: true }\n"),
+        4,
+        "services.w.tls",
+    );
+    assert!(e.to_string().contains("https"), "{e}");
+    refused(
+        &service("    url: \"https://x\"\n    tls:\n      verfy: false\n"),
+        5,
+        "services.w.tls.verfy",
+    );
+    for sni in ["\"\"", "\"not a name\""] {
+        refused(
+            &service(&format!(
+                "    url: \"https://x\"\n    tls:\n      sni: {sni}\n"
+            )),
+            5,
+            "services.w.tls.sni",
+        );
+    }
+    for (file, why) in [
+        ("missing.pem", "cannot read"),
+        ("junk.pem", "holds no certificate"),
+        ("bad.pem", ""),
+    ] {
+        let e = refused(
+            &service(&format!(
+                "    url: \"https://x\"\n    tls:\n      verify: true\n      ca_file: {d}/{file}\n"
+            )),
+            6,
+            "services.w.tls.ca_file",
+        );
+        let text = e.to_string();
+        assert!(text.contains(file) && text.contains(why), "{text}");
+    }
 }

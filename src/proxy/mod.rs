@@ -45,7 +45,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{ACCEPT, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use pingora_core::connectors::http::Connector;
+use pingora_core::connectors::ConnectorOptions;
 use pingora_core::modules::http::HttpModules;
+use pingora_core::server::configuration::ServerConf;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -71,10 +73,12 @@ pub struct StreamGate {
 }
 
 impl StreamGate {
-    pub fn new(config: Arc<ArcSwap<Config>>) -> Self {
+    /// `server` is Pingora's server config: the relay's connector takes the same options
+    /// as Pingora's own (its `ca_file`, the default trust for https origins, included).
+    pub fn new(config: Arc<ArcSwap<Config>>, server: &ServerConf) -> Self {
         StreamGate {
             config,
-            connector: Connector::new(None),
+            connector: Connector::new(Some(ConnectorOptions::from_server_conf(server))),
         }
     }
 }
@@ -133,8 +137,8 @@ impl RequestCtx {
         let route = self.route.as_ref()?;
         let addr = self.upstream?;
         Some(format!(
-            "http://{addr}{}{path_and_query}",
-            route.service.url.prefix
+            "{}://{addr}{}{path_and_query}",
+            route.service.url.scheme, route.service.url.prefix
         ))
     }
 }
@@ -497,7 +501,10 @@ impl ProxyHttp for StreamGate {
                     ErrorType::ConnectRefused
                     | ErrorType::ConnectNoRoute
                     | ErrorType::ConnectError
-                    | ErrorType::ConnectProxyFailure => route.service.metrics.connect_error(),
+                    | ErrorType::ConnectProxyFailure
+                    | ErrorType::TLSHandshakeFailure
+                    | ErrorType::InvalidCert
+                    | ErrorType::HandshakeError => route.service.metrics.connect_error(),
                     _ => {}
                 }
             }
@@ -595,6 +602,14 @@ fn error_response(e: &Error, service: Option<&str>) -> Option<(u16, String)> {
             (504, "sending the request to the origin timed out")
         }
         ErrorType::ConnectRefused => (502, "the origin refused the connection"),
+        ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError
+            if e.esource() == &ErrorSource::Upstream =>
+        {
+            return Some((
+                502,
+                format!("{service}TLS to the origin failed: {}", tls_reason(e)),
+            ))
+        }
         ErrorType::ConnectNoRoute => (502, "no network route to the origin"),
         _ => match e.esource() {
             ErrorSource::Upstream => {
@@ -613,6 +628,21 @@ fn error_response(e: &Error, service: Option<&str>) -> Option<(u16, String)> {
         },
     };
     Some((what.0, format!("{service}{}", what.1)))
+}
+
+/// The reason for a failed TLS handshake, on one line: rustls' words after Pingora's
+/// wrapping (`TLS connect() failed: TLSHandshakeFailure context: .. cause: `), such as
+/// `invalid peer certificate: UnknownIssuer, SNI: feed.internal`.
+fn tls_reason(e: &Error) -> String {
+    let context = e.context.as_ref().map(|c| c.as_str().to_string());
+    let context = context.unwrap_or_else(|| e.etype().as_str().to_string());
+    let reason = match context.rfind(" cause: ") {
+        Some(at) => &context[at + " cause: ".len()..],
+        None => context
+            .strip_prefix("TLS connect() failed: ")
+            .unwrap_or(&context),
+    };
+    reason.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 impl StreamGate {
@@ -734,6 +764,21 @@ mod tests {
         assert_eq!(error_response(&timeout, None).map(|r| r.0), Some(504));
         let gone = Error::new(ErrorType::ConnectionClosed).into_down();
         assert_eq!(error_response(&gone, None), None);
+        let tls = Error::explain(
+            ErrorType::TLSHandshakeFailure,
+            "TLS connect() failed: TLSHandshakeFailure context: tls connect error cause: \
+             invalid peer certificate: UnknownIssuer, SNI: feed.internal",
+        )
+        .into_up();
+        assert_eq!(
+            error_response(&tls, Some("feed")),
+            Some((
+                502,
+                "service `feed`: TLS to the origin failed: invalid peer certificate: \
+                 UnknownIssuer, SNI: feed.internal"
+                    .into()
+            ))
+        );
         let status = http_error(502, "service `x`: cannot resolve `y`");
         assert_eq!(
             error_response(&status, None),

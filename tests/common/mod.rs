@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod ca;
 pub mod resume;
 
 use std::future::Future;
@@ -18,7 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora_core::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
 use streamgate::{build_server, Config};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -228,7 +229,9 @@ impl Origin {
     }
 }
 
-async fn read_head(reader: &mut BufReader<TcpStream>) -> Option<Head> {
+/// Reads one request head (request line and headers) off `reader`; `None` at the end of
+/// the connection.
+pub async fn read_head<R: AsyncBufRead + Unpin>(reader: &mut R) -> Option<Head> {
     let mut line = String::new();
     if reader.read_line(&mut line).await.ok()? == 0 {
         return None;

@@ -1,0 +1,420 @@
+//! HTTPS upstreams end to end: an origin served over TLS (tokio-rustls, with certificates
+//! from a test CA made here) behind the proxy. Event streams go through the relay
+//! (`Accept: text/event-stream`), plain requests through Pingora's proxy path; both verify
+//! the origin with the configured CA, send the configured SNI (none for an IP), offer only
+//! http/1.1, and answer 502 with a TLS reason when verification fails. `verify: false`
+//! accepts an untrusted certificate; `-t` shows the https URL and refuses a missing CA file.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use common::ca::{Ca, Issued};
+use common::{client, guard, read_head, sse_get, Events, Head, Proxy};
+use tokio::io::{AsyncBufRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Mutex};
+use tokio_rustls::rustls::server::Acceptor;
+use tokio_rustls::LazyConfigAcceptor;
+
+/// Events per stream the origin sends, each only after the test acknowledged the last.
+const EVENTS: usize = 3;
+
+/// What the origin saw of one TLS ClientHello.
+#[derive(Debug, Clone, PartialEq)]
+struct Hello {
+    sni: Option<String>,
+    alpn: Vec<String>,
+}
+
+/// An origin serving over TLS: `/events` is an event stream in lockstep with the test's
+/// acknowledgements, any other path answers `200 hello over tls`.
+struct TlsOrigin {
+    addr: SocketAddr,
+    hellos: mpsc::UnboundedReceiver<Hello>,
+    requests: mpsc::UnboundedReceiver<Head>,
+    acks: mpsc::UnboundedSender<()>,
+}
+
+impl TlsOrigin {
+    async fn start(bind: SocketAddr, cert: &Issued) -> TlsOrigin {
+        let (chain, key) = cert.rustls_pair();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("origin certificate");
+        // Offer h2 too: the proxy must still pick http/1.1.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let config = Arc::new(config);
+        let listener = TcpListener::bind(bind).await.expect("bind origin");
+        let addr = listener.local_addr().expect("origin addr");
+        let (hello_tx, hellos) = mpsc::unbounded_channel();
+        let (request_tx, requests) = mpsc::unbounded_channel();
+        let (acks, ack_rx) = mpsc::unbounded_channel::<()>();
+        let ack_rx = Arc::new(Mutex::new(ack_rx));
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let config = config.clone();
+                let hello_tx = hello_tx.clone();
+                let request_tx = request_tx.clone();
+                let ack_rx = ack_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(start) = LazyConfigAcceptor::new(Acceptor::default(), tcp).await else {
+                        return;
+                    };
+                    let hello = start.client_hello();
+                    let _ = hello_tx.send(Hello {
+                        sni: hello.server_name().map(str::to_string),
+                        alpn: hello
+                            .alpn()
+                            .map(|protocols| {
+                                protocols
+                                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    });
+                    // A proxy that rejects the certificate ends the handshake here.
+                    let Ok(tls) = start.into_stream(config).await else {
+                        return;
+                    };
+                    let mut conn = BufReader::new(tls);
+                    while let Some(head) = read_head(&mut conn).await {
+                        let events = head.target.starts_with("/events");
+                        let _ = request_tx.send(head);
+                        let served = if events {
+                            serve_events(&mut conn, &ack_rx).await
+                        } else {
+                            respond(&mut conn, "hello over tls").await
+                        };
+                        if served.is_err() || events {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        TlsOrigin {
+            addr,
+            hellos,
+            requests,
+            acks,
+        }
+    }
+
+    async fn next_hello(&mut self) -> Hello {
+        guard("a TLS handshake at the origin", self.hellos.recv())
+            .await
+            .expect("hello channel")
+    }
+
+    async fn next_request(&mut self) -> Head {
+        guard("a request at the origin", self.requests.recv())
+            .await
+            .expect("request channel")
+    }
+}
+
+async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
+async fn respond<S: AsyncBufRead + AsyncWrite + Unpin>(
+    conn: &mut S,
+    body: &str,
+) -> std::io::Result<()> {
+    let response = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    write_flush(conn, response.as_bytes()).await
+}
+
+async fn serve_events<S: AsyncBufRead + AsyncWrite + Unpin>(
+    conn: &mut S,
+    acks: &Mutex<mpsc::UnboundedReceiver<()>>,
+) -> std::io::Result<()> {
+    let mut acks = acks.lock().await;
+    write_flush(
+        conn,
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+    )
+    .await?;
+    for i in 0..EVENTS {
+        let event = format!("id: {i}\ndata: event {i}\n\n");
+        let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+        write_flush(conn, chunk.as_bytes()).await?;
+        if acks.recv().await.is_none() {
+            break;
+        }
+    }
+    write_flush(conn, b"0\r\n\r\n").await
+}
+
+/// The address `localhost` resolves to first: where the proxy will connect for a
+/// `https://localhost` service.
+async fn localhost() -> SocketAddr {
+    tokio::net::lookup_host(("localhost", 0))
+        .await
+        .expect("resolve localhost")
+        .next()
+        .expect("localhost has an address")
+}
+
+/// Writes the config (one service `feed` with `service` as its keys, routed for every
+/// host) into `dir` and returns its path.
+fn write_config(dir: &Path, port: u16, service: &str) -> PathBuf {
+    let text = format!(
+        "listen: [\"127.0.0.1:{port}\"]\nservices:\n  feed:\n{service}host_rules:\n  \
+         - pattern: \"*\"\n    target: feed\n"
+    );
+    let path = dir.join("streamgate.yaml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Starts a proxy in front of a service with `service`'s keys (indented four spaces).
+async fn start_proxy(dir: &Path, service: &str) -> Proxy {
+    Proxy::start_file(&write_config(dir, common::free_port(), service)).await
+}
+
+fn write_ca(dir: &Path, ca: &Ca) {
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write CA");
+}
+
+async fn get(proxy: &Proxy, path: &str) -> (u16, String) {
+    let response = client()
+        .get(proxy.url(path))
+        .send()
+        .await
+        .expect("the proxy answers");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+async fn get_events(proxy: &Proxy) -> (u16, String) {
+    let response = sse_get(proxy.url("/events")).await;
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+#[tokio::test]
+async fn event_streams_and_plain_requests_reach_an_https_origin_verified_with_its_ca() {
+    let ca = Ca::new();
+    let mut origin = TlsOrigin::start(localhost().await, &ca.issue(&["localhost"])).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ca(dir.path(), &ca);
+    let port = origin.addr.port();
+    let proxy = start_proxy(
+        dir.path(),
+        &format!("    url: \"https://localhost:{port}\"\n    tls: {{ ca_file: ca.pem }}\n"),
+    )
+    .await;
+
+    // An event stream, through the relay: each event arrives before the next is sent.
+    let response = sse_get(proxy.url("/events")).await;
+    assert_eq!(response.status(), 200);
+    let mut events = Events::new(response);
+    for i in 0..EVENTS {
+        let event = events.next().await.expect("an event");
+        assert_eq!(event, format!("id: {i}\ndata: event {i}"));
+        origin.acks.send(()).expect("ack");
+    }
+    assert_eq!(events.next().await, None, "the stream ends cleanly");
+    let hello = origin.next_hello().await;
+    assert_eq!(
+        hello.sni.as_deref(),
+        Some("localhost"),
+        "SNI is the URL host"
+    );
+    assert_eq!(hello.alpn, ["http/1.1"], "only http/1.1 is offered");
+    let head = origin.next_request().await;
+    assert_eq!(head.target, "/events");
+    assert_eq!(head.header("accept"), Some("text/event-stream"));
+
+    // A plain GET, through Pingora's proxy path.
+    assert_eq!(get(&proxy, "/plain").await, (200, "hello over tls".into()));
+    let hello = origin.next_hello().await;
+    assert_eq!(hello.sni.as_deref(), Some("localhost"));
+    assert_eq!(hello.alpn, ["http/1.1"]);
+    assert_eq!(origin.next_request().await.target, "/plain");
+}
+
+#[tokio::test]
+async fn the_configured_sni_reaches_the_origin_and_is_verified() {
+    let ca = Ca::new();
+    let bind = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut origin = TlsOrigin::start(bind, &ca.issue(&["feed.internal"])).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ca(dir.path(), &ca);
+    let proxy = start_proxy(
+        dir.path(),
+        &format!(
+            "    url: \"https://{}\"\n    tls:\n      sni: feed.internal\n      \
+             ca_file: ca.pem\n",
+            origin.addr
+        ),
+    )
+    .await;
+    assert_eq!(get(&proxy, "/x").await, (200, "hello over tls".into()));
+    let hello = origin.next_hello().await;
+    assert_eq!(hello.sni.as_deref(), Some("feed.internal"));
+    origin.next_request().await;
+}
+
+#[tokio::test]
+async fn an_ip_host_without_sni_sends_none_and_is_verified_against_the_ip() {
+    let ca = Ca::new();
+    let bind = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut origin = TlsOrigin::start(bind, &ca.issue(&["127.0.0.1"])).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ca(dir.path(), &ca);
+    let proxy = start_proxy(
+        dir.path(),
+        &format!(
+            "    url: \"https://{}\"\n    tls: {{ ca_file: ca.pem }}\n",
+            origin.addr
+        ),
+    )
+    .await;
+    assert_eq!(get(&proxy, "/x").await, (200, "hello over tls".into()));
+    assert_eq!(origin.next_hello().await.sni, None, "no SNI for an IP");
+
+    // The same IP, a certificate for a name only: refused, for both request paths.
+    let mut named = TlsOrigin::start(bind, &ca.issue(&["feed.internal"])).await;
+    let other = tempfile::tempdir().expect("tempdir");
+    write_ca(other.path(), &ca);
+    let proxy = start_proxy(
+        other.path(),
+        &format!(
+            "    url: \"https://{}\"\n    tls: {{ ca_file: ca.pem }}\n",
+            named.addr
+        ),
+    )
+    .await;
+    for (status, body) in [get(&proxy, "/x").await, get_events(&proxy).await] {
+        assert_eq!(status, 502, "{body}");
+        assert!(
+            body.starts_with("502 service `feed`: TLS to the origin failed: ")
+                && body.contains("not valid for name \"127.0.0.1\""),
+            "{body}"
+        );
+    }
+    assert!(named.requests.try_recv().is_err(), "no request got through");
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_a_502_naming_the_service_and_tls() {
+    let origin_ca = Ca::new();
+    let mut origin = TlsOrigin::start(localhost().await, &origin_ca.issue(&["localhost"])).await;
+    let port = origin.addr.port();
+    // Another CA in ca_file, and no ca_file at all (the system store): both refuse.
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ca(dir.path(), &Ca::new());
+    let wrong_ca = start_proxy(
+        dir.path(),
+        &format!("    url: \"https://localhost:{port}\"\n    tls: {{ ca_file: ca.pem }}\n"),
+    )
+    .await;
+    let other = tempfile::tempdir().expect("tempdir");
+    let system = start_proxy(
+        other.path(),
+        &format!("    url: \"https://localhost:{port}\"\n"),
+    )
+    .await;
+    // The system store does not know the test CA at all; a CA of the same name in
+    // ca_file fails on the signature instead.
+    for (proxy, why) in [(&wrong_ca, "BadSignature"), (&system, "UnknownIssuer")] {
+        for (status, body) in [get(proxy, "/x").await, get_events(proxy).await] {
+            assert_eq!(status, 502, "{body}");
+            assert!(
+                body.starts_with("502 service `feed`: TLS to the origin failed: ")
+                    && body.contains(&format!("invalid peer certificate: {why}"))
+                    && !body.trim_end().contains('\n'),
+                "one line naming the service and TLS: {body}"
+            );
+        }
+    }
+    assert!(
+        origin.requests.try_recv().is_err(),
+        "no request got through"
+    );
+}
+
+#[tokio::test]
+async fn verify_false_accepts_an_untrusted_certificate() {
+    let untrusted = Ca::new().issue(&["somewhere.else"]);
+    let mut origin = TlsOrigin::start(localhost().await, &untrusted).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = origin.addr.port();
+    let proxy = start_proxy(
+        dir.path(),
+        &format!("    url: \"https://localhost:{port}\"\n    tls: {{ verify: false }}\n"),
+    )
+    .await;
+    assert_eq!(get(&proxy, "/x").await, (200, "hello over tls".into()));
+    let mut events = Events::new(sse_get(proxy.url("/events")).await);
+    assert_eq!(events.next().await.as_deref(), Some("id: 0\ndata: event 0"));
+    assert_eq!(
+        origin.next_hello().await.sni.as_deref(),
+        Some("localhost"),
+        "SNI is still sent"
+    );
+}
+
+#[test]
+fn check_prints_https_services_and_refuses_a_missing_ca_file() {
+    let bin = env!("CARGO_BIN_EXE_streamgate");
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ca(dir.path(), &Ca::new());
+    let ok = write_config(
+        dir.path(),
+        18443,
+        "    url: \"https://feed.internal:8443/api\"\n    tls: { ca_file: ca.pem }\n",
+    );
+    let out = Command::new(bin)
+        .args(["-t", "-c"])
+        .arg(&ok)
+        .output()
+        .expect("run streamgate -t");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("https://feed.internal:8443/api"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("tls: verify, sni feed.internal, CA "),
+        "{stdout}"
+    );
+
+    let missing = write_config(
+        dir.path(),
+        18443,
+        "    url: \"https://feed.internal\"\n    tls:\n      ca_file: certs/missing.pem\n",
+    );
+    let out = Command::new(bin)
+        .args(["-t", "-c"])
+        .arg(&missing)
+        .output()
+        .expect("run streamgate -t");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("streamgate.yaml:6:")
+            && stderr.contains("`services.feed.tls.ca_file`")
+            && stderr.contains("certs/missing.pem"),
+        "{stderr}"
+    );
+}
