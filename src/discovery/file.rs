@@ -35,7 +35,7 @@ impl FileDiscovery {
     /// config file that names it). The file is not read here.
     pub fn new(file: &FileDiscoveryFile, base: &Path) -> Self {
         FileDiscovery {
-            path: base.join(&file.path.0),
+            path: base.join(&file.path),
         }
     }
 

@@ -404,7 +404,7 @@ impl fmt::Display for RecordKind {
 /// - `refresh`: how often the records are queried again (default `10s`); every query goes
 ///   to the server, nothing is cached between two refreshes.
 /// - `server`: the DNS server to ask, `IP` or `IP:PORT` (default: the system resolver,
-///   from `/etc/resolv.conf`, read when the config is loaded).
+///   from `/etc/resolv.conf`, read once when [`build`] runs, so a reload re-reads it).
 /// - `timeout`: how long one query attempt may take (default `5s`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "DnsFileRaw")]
@@ -561,7 +561,8 @@ fn parse_server(raw: &str) -> Result<SocketAddr, String> {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileDiscoveryFile {
-    pub path: NonEmptyPath,
+    #[serde(deserialize_with = "non_empty_path")]
+    pub path: String,
     #[serde(default, deserialize_with = "positive_dur")]
     pub refresh: Option<Dur>,
 }
@@ -569,6 +570,7 @@ pub struct FileDiscoveryFile {
 impl FileDiscoveryFile {
     /// `refresh`, or its default.
     pub fn refresh_interval(&self) -> Duration {
+        // `refresh: 0` is refused when parsed; a hand-built zero falls back too.
         match self.refresh {
             Some(Dur(d)) if !d.is_zero() => d,
             _ => FILE_REFRESH,
@@ -576,30 +578,15 @@ impl FileDiscoveryFile {
     }
 }
 
-/// A path that is not empty.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NonEmptyPath(pub String);
-
-impl fmt::Display for NonEmptyPath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for NonEmptyPath {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        parse_str(d, "a file path", |raw| {
-            if raw.trim().is_empty() {
-                Err(
-                    "`path` is empty: name the endpoints file (relative to this config \
-                     file)"
-                        .into(),
-                )
-            } else {
-                Ok(NonEmptyPath(raw.to_string()))
-            }
-        })
-    }
+/// `file.path`: not empty.
+fn non_empty_path<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    parse_str(d, "a file path", |raw| {
+        if raw.trim().is_empty() {
+            Err("`path` is empty: name the endpoints file (relative to this config file)".into())
+        } else {
+            Ok(raw.to_string())
+        }
+    })
 }
 
 /// Builds the discovery for `file`. `base` is the directory of the config file that holds
