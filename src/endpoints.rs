@@ -196,6 +196,8 @@ pub struct Endpoints {
     next_check: Mutex<Instant>,
     refreshing: tokio::sync::Mutex<()>,
     checking: AtomicBool,
+    /// A file source's change signal, taken by the background task.
+    watch: Mutex<Option<crate::discovery::FileWatch>>,
 }
 
 impl std::fmt::Debug for Endpoints {
@@ -242,7 +244,13 @@ impl Endpoints {
             next_check: Mutex::new(Instant::now()),
             refreshing: tokio::sync::Mutex::new(()),
             checking: AtomicBool::new(false),
+            watch: Mutex::new(None),
         }
+    }
+
+    /// Re-runs discovery whenever `watch` signals a change (as well as every `refresh`).
+    pub fn set_watch(&mut self, watch: Option<crate::discovery::FileWatch>) {
+        self.watch = Mutex::new(watch);
     }
 
     pub fn algorithm(&self) -> Algorithm {
@@ -543,6 +551,18 @@ impl BackgroundService for Upkeep {
                 _ = tick.tick() => {}
             }
             for endpoints in live() {
+                let watch = endpoints.watch.lock().ok().and_then(|mut w| w.take());
+                if let Some(mut watch) = watch {
+                    let weak = Arc::downgrade(&endpoints);
+                    tokio::spawn(async move {
+                        while watch.changed().await {
+                            let Some(endpoints) = weak.upgrade() else {
+                                return;
+                            };
+                            endpoints.refresh().await;
+                        }
+                    });
+                }
                 let (refresh, check) = endpoints.due();
                 if refresh && endpoints.refreshing.try_lock().is_ok() {
                     let e = endpoints.clone();

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod diagnose;
+pub mod discovery;
 pub mod endpoints;
 pub mod error;
 pub mod http_util;

@@ -157,7 +157,12 @@ pub enum OnUpstreamError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceFile {
-    pub url: ServiceUrlFile,
+    /// One origin (`http://host:port/prefix`); or `discovery` for many.
+    #[serde(default)]
+    pub url: Option<ServiceUrlFile>,
+    /// Where the endpoints come from: `static`, `dns` or `file`.
+    #[serde(default)]
+    pub discovery: Option<crate::discovery::DiscoveryFile>,
     /// `http` or `https`; with `url`, it must agree with the URL's scheme.
     #[serde(default)]
     pub scheme: Option<Scheme>,

@@ -19,7 +19,8 @@ use once_cell::sync::Lazy;
 use pingora_core::server::configuration::ServerConf;
 use serde::de::DeserializeOwned;
 
-use crate::endpoints::{Algorithm, PassiveHealth};
+use crate::discovery::DiscoveryFile;
+use crate::endpoints::{Algorithm, Endpoints, PassiveHealth, Timing};
 use crate::error::{ConfigError, ConfigErrorKind as Kind};
 use crate::listeners::{Http2Settings, Listener, ListenerKind, DEFAULT_TCP_KEEPALIVE};
 use crate::metrics;
@@ -828,7 +829,22 @@ fn build_service(
     global_sse: &SseSettings,
     dir: &Path,
 ) -> Result<Service, ConfigError> {
-    let url = file.url.0.clone();
+    let url = match (&file.url, &file.discovery) {
+        (Some(url), None) => url.0.clone(),
+        (None, Some(discovery)) => discovery_url(source, path, file, discovery)?,
+        (Some(_), Some(_)) => {
+            return Err(source.error(
+                path.key("discovery"),
+                Kind::Invalid("give either `url` or `discovery`, not both".into()),
+            ))
+        }
+        (None, None) => {
+            return Err(source.error(
+                path.clone(),
+                Kind::Invalid("a service needs `url` or `discovery`".into()),
+            ))
+        }
+    };
     let tls = build_origin_tls(source, path, &url, file, dir)?;
     let host_header = match file.host_header.as_deref() {
         None | Some("passthrough") => HostHeader::Passthrough,
@@ -888,16 +904,41 @@ fn build_service(
         )?),
     };
     let fingerprint = format!(
-        "{url:?} {algorithm:?} {:?} {:?}",
-        file.health_check, file.passive_health
+        "{url:?} {:?} {algorithm:?} {:?} {:?} {}",
+        file.discovery,
+        file.health_check,
+        file.passive_health,
+        dir.display()
     );
     let endpoints = crate::endpoints::shared(name, fingerprint, || {
         let interval = health.as_ref().map(|(_, every)| *every);
-        let mut built = url_endpoints(name, &url, algorithm, health.map(|(c, _)| c), passive);
+        let check = health.map(|(c, _)| c);
+        let mut built = match &file.discovery {
+            None => url_endpoints(name, &url, algorithm, check, passive),
+            Some(discovery) => {
+                let refresh = match discovery {
+                    DiscoveryFile::Static(_) => None,
+                    other => Some(crate::discovery::refresh_interval(other)),
+                };
+                let mut built = Endpoints::new(
+                    name,
+                    crate::discovery::build(discovery, dir)?,
+                    check,
+                    algorithm,
+                    passive,
+                    Timing {
+                        refresh,
+                        health_interval: None,
+                    },
+                );
+                built.set_watch(crate::discovery::watch(discovery, dir)?);
+                built
+            }
+        };
         built.set_health_interval(interval);
         Ok(built)
     })
-    .map_err(|e| source.error(path.clone(), Kind::Invalid(e)))?;
+    .map_err(|e| source.error(path.key("discovery"), Kind::Invalid(e)))?;
     let mut service = Service::new(
         name.to_string(),
         url,
@@ -910,6 +951,31 @@ fn build_service(
     service.hash_key = file.hash_key.clone().unwrap_or(HashKeyFile::ClientIp);
     service.retries = file.retries.unwrap_or(0);
     Ok(service)
+}
+
+/// What stands for the URL of a service given by `discovery`: its scheme (`scheme:`,
+/// default http), and as host the DNS name, or the first listed address, which is what
+/// `host_header: upstream`, the health check's `Host` and the default TLS server name use.
+fn discovery_url(
+    source: &Source,
+    path: &KeyPath,
+    file: &ServiceFile,
+    discovery: &DiscoveryFile,
+) -> Result<ServiceUrl, ConfigError> {
+    let scheme = file.scheme.unwrap_or(Scheme::Http);
+    let authority = match discovery {
+        DiscoveryFile::Dns(dns) => match dns.port {
+            Some(port) => format!("{}:{port}", dns.name),
+            None => dns.name.clone(),
+        },
+        DiscoveryFile::Static(list) => list
+            .0
+            .first()
+            .map_or_else(|| "localhost".to_string(), |e| e.address.to_string()),
+        DiscoveryFile::File(_) => "localhost".to_string(),
+    };
+    ServiceUrl::try_from(format!("{scheme}://{authority}"))
+        .map_err(|why| source.error(path.key("discovery"), Kind::Invalid(why)))
 }
 
 /// The active check of `health_check:`, and how often it runs.

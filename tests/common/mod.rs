@@ -164,7 +164,16 @@ impl Origin {
         F: Fn(Head, Conn) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = After> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        Origin::start_at("127.0.0.1:0", handler).await
+    }
+
+    /// [`Origin::start`] on a given address (another loopback address, a given port).
+    pub async fn start_at<F, Fut>(bind: &str, handler: F) -> Origin
+    where
+        F: Fn(Head, Conn) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = After> + Send + 'static,
+    {
+        let listener = TcpListener::bind(bind).await.expect("bind origin");
         let addr = listener.local_addr().expect("origin addr");
         let (tx, requests) = mpsc::unbounded_channel();
         let connections = Arc::new(AtomicUsize::new(0));
