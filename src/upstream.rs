@@ -234,6 +234,8 @@ pub struct Service {
     pub hash_key: HashKeyFile,
     /// Further endpoints a request may try when connecting fails.
     pub retries: u32,
+    /// Where the endpoints come from, for `-t` (`None`: the URL).
+    pub discovery: Option<String>,
     /// TLS to the origin: set exactly when the service is `https`.
     pub tls: Option<OriginTls>,
 }
@@ -266,6 +268,7 @@ impl Service {
             endpoints,
             hash_key: HashKeyFile::ClientIp,
             retries: 0,
+            discovery: None,
             tls: None,
         }
     }

@@ -435,6 +435,17 @@ impl Config {
         out.push_str("services:\n");
         for service in self.services.values() {
             out.push_str(&format!("  {:<20} {}\n", service.name, service.url));
+            out.push_str(&format!(
+                "  {:<20} endpoints: {}, {}{}\n",
+                "",
+                service.discovery.as_deref().unwrap_or("the URL"),
+                service.endpoints.algorithm().as_str(),
+                if service.retries > 0 {
+                    format!(", {} retries", service.retries)
+                } else {
+                    String::new()
+                }
+            ));
             if let Some(tls) = &service.tls {
                 out.push_str(&format!("  {:<20} tls: {tls}\n", ""));
             }
@@ -484,7 +495,15 @@ impl Source {
         let de = serde_yaml::Deserializer::from_str(&self.text);
         serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            parse_error(&self.file, &path, e.inner())
+            let mut error = parse_error(&self.file, &path, e.inner());
+            // A value refused by its own check (`try_from`) is reported by serde_yaml at the
+            // start of the enclosing mapping; the key path finds the value's own line.
+            if let Some(found) = key_path(&path).and_then(|p| locate::locate(&self.text, &p)) {
+                if error.line.is_some_and(|line| (found.0 as u32) > line) {
+                    error = error.at(Some(found));
+                }
+            }
+            error
         })
     }
 
@@ -536,6 +555,31 @@ fn check_top_level_keys(main: &Source) -> Result<(), ConfigError> {
 
 /// Turns a serde_yaml error into a config error with position and key path. `path` is the
 /// key path serde_path_to_error tracked (`.` for the root).
+/// A dotted key path as serde_path_to_error prints it (`services.feed.hash_key`,
+/// `listen[0]`), as a [`KeyPath`]; `None` for paths it cannot follow.
+fn key_path(printed: &str) -> Option<KeyPath> {
+    if printed == "." || printed.is_empty() {
+        return None;
+    }
+    let mut path = KeyPath::root();
+    for part in printed.split('.') {
+        let (key, indices) = match part.find('[') {
+            Some(at) => part.split_at(at),
+            None => (part, ""),
+        };
+        if key == "?" {
+            return None;
+        }
+        if !key.is_empty() {
+            path = path.key(key);
+        }
+        for index in indices.split(['[', ']']).filter(|i| !i.is_empty()) {
+            path = path.index(index.parse().ok()?);
+        }
+    }
+    Some(path)
+}
+
 fn parse_error(file: &Path, path: &str, e: &serde_yaml::Error) -> ConfigError {
     let position = e.location().map(|l| (l.line(), l.column()));
     let mut message = e.to_string();
@@ -901,6 +945,7 @@ fn build_service(
             &path.key("health_check"),
             check,
             &url,
+            tls.as_ref(),
         )?),
     };
     let fingerprint = format!(
@@ -950,6 +995,7 @@ fn build_service(
     .with_tls(tls);
     service.hash_key = file.hash_key.clone().unwrap_or(HashKeyFile::ClientIp);
     service.retries = file.retries.unwrap_or(0);
+    service.discovery = file.discovery.as_ref().map(|d| d.to_string());
     Ok(service)
 }
 
@@ -984,6 +1030,7 @@ fn health_check(
     path: &KeyPath,
     file: &HealthCheckFile,
     url: &ServiceUrl,
+    tls: Option<&OriginTls>,
 ) -> Result<(Box<dyn HealthCheck + Send + Sync>, Duration), ConfigError> {
     let threshold = |value: Option<usize>, default: usize, key: &str| match value {
         Some(0) => Err(source.error(path.key(key), Kind::Invalid("at least 1".into()))),
@@ -1024,7 +1071,11 @@ fn health_check(
                 .map_err(|e| source.error(path.key("host"), Kind::Invalid(e.to_string())))?;
             req.insert_header(http::header::USER_AGENT, "streamgate-health-check")
                 .map_err(|e| bad(e.to_string()))?;
-            let mut check = HttpHealthCheck::new(&host, false);
+            let mut check = HttpHealthCheck::new(&host, tls.is_some());
+            if let Some(tls) = tls {
+                check.peer_template.sni = tls.sni.clone();
+                tls.apply(&mut check.peer_template);
+            }
             check.req = req;
             check.consecutive_success = healthy;
             check.consecutive_failure = unhealthy;

@@ -830,3 +830,68 @@ fn bad_https_settings_are_refused_with_line_and_key() {
         assert!(text.contains(file) && text.contains(why), "{text}");
     }
 }
+
+#[test]
+fn services_with_many_endpoints_load() {
+    let config = load(
+        "services:\n  feed:\n    discovery:\n      static: [\"127.0.0.1:1\", { address: \"127.0.0.1:2\", weight: 3 }]\n    \
+         load_balancing: consistent_hash\n    hash_key: cookie:session\n    \
+         health_check: { type: tcp, interval: 2s, unhealthy_threshold: 2 }\n    \
+         passive_health: { failures: 2, cooldown: 5s }\n    retries: 1\n    \
+         sse: { resume: true, resume_attempts: 5, resume_window: 2m }\n\
+         host_rules:\n  - { pattern: \"*\", target: feed }\n",
+    )
+    .expect("loads");
+    let feed = &config.services["feed"];
+    assert_eq!(
+        feed.endpoints.algorithm(),
+        crate::endpoints::Algorithm::ConsistentHash
+    );
+    assert_eq!(feed.retries, 1);
+    assert!(feed.sse.resume);
+    assert_eq!(feed.sse.resume_attempts, 5);
+    let plain =
+        load("services:\n  web: { url: \"http://127.0.0.1:1\", sse: { enabled: false } }\n")
+            .expect("loads");
+    assert_eq!(
+        plain.services["web"].endpoints.algorithm(),
+        crate::endpoints::Algorithm::RoundRobin,
+        "least_connections is the default only for services that stream SSE"
+    );
+}
+
+#[test]
+fn bad_endpoint_settings_are_refused_at_their_key() {
+    let service = |body: &str| format!("services:\n  feed:\n{body}");
+    refused(
+        &service("    url: \"http://127.0.0.1:1\"\n    discovery: { static: [\"127.0.0.1:2\"] }\n"),
+        4,
+        "services.feed.discovery",
+    );
+    refused(&service("    retries: 1\n"), 2, "services.feed");
+    refused(
+        &service("    url: \"http://127.0.0.1:1\"\n    hash_key: path\n"),
+        4,
+        "services.feed.hash_key",
+    );
+    refused(
+        &service("    url: \"http://127.0.0.1:1\"\n    load_balancing: fastest\n"),
+        4,
+        "services.feed.load_balancing",
+    );
+    refused(
+        &service("    url: \"http://127.0.0.1:1\"\n    load_balancing: consistent_hash\n    hash_key: \"header:\"\n"),
+        5,
+        "services.feed.hash_key",
+    );
+    refused(
+        &service("    url: \"http://127.0.0.1:1\"\n    health_check: { interval: 0 }\n"),
+        4,
+        "services.feed.health_check.interval",
+    );
+    refused(
+        &service("    url: \"http://127.0.0.1:1\"\n    passive_health: { failures: 0 }\n"),
+        4,
+        "services.feed.passive_health.failures",
+    );
+}
