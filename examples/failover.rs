@@ -43,7 +43,9 @@ async fn origin() -> TestOrigin {
                 a = listener.accept() => a,
                 _ = wait_dead(&flag) => return,
             };
-            let Ok((mut stream, _)) = accepted else { return };
+            let Ok((mut stream, _)) = accepted else {
+                return;
+            };
             let flag = flag.clone();
             tokio::spawn(async move {
                 let mut head = Vec::new();
@@ -57,7 +59,9 @@ async fn origin() -> TestOrigin {
                 let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
                 if !head.starts_with("get /events") {
                     let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
                         .await;
                     return;
                 }
@@ -192,7 +196,10 @@ async fn resume_gap() {
         let text = String::from_utf8_lossy(&buf[..n]).into_owned();
         let events = text.matches("id: ").count();
         for line in text.lines() {
-            if let Some(id) = line.strip_prefix("id: ").and_then(|v| v.parse::<u64>().ok()) {
+            if let Some(id) = line
+                .strip_prefix("id: ")
+                .and_then(|v| v.parse::<u64>().ok())
+            {
                 ids.push(id);
             }
         }

@@ -266,8 +266,10 @@ impl Endpoints {
     /// by [`Endpoints::choose`] while no set was ever found).
     pub async fn refresh(&self) {
         let _one_at_a_time = self.refreshing.lock().await;
+        let before = self.backends.get_backend();
         match self.backends.update(|_| {}).await {
             Ok(()) => {
+                self.end_streams_of_removed(&before);
                 self.discovered.store(true, Ordering::Release);
                 if let Ok(mut e) = self.last_error.lock() {
                     if e.take().is_some() {
@@ -290,6 +292,36 @@ impl Endpoints {
         if let Some(every) = self.timing.refresh {
             if let Ok(mut next) = self.next_refresh.lock() {
                 *next = Instant::now() + every;
+            }
+        }
+    }
+
+    /// Tracked event streams to endpoints that discovery removed end at their next event
+    /// boundary with a `retry:` hint (reason `drain`), so their clients come back to the
+    /// endpoints that remain; untracked ones run until they end by themselves.
+    fn end_streams_of_removed(&self, before: &BTreeSet<Backend>) {
+        let after = self.backends.get_backend();
+        let removed: Vec<SocketAddr> = before
+            .iter()
+            .filter(|b| !after.iter().any(|a| a.addr == b.addr))
+            .filter_map(|b| b.addr.as_inet().copied())
+            .collect();
+        if removed.is_empty() {
+            return;
+        }
+        log::info!(
+            "service `{}`: endpoint(s) {} left discovery",
+            self.service,
+            removed
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for entry in crate::sse::tracker::TRACKER.snapshot() {
+            let on_removed = entry.info.upstream.is_some_and(|u| removed.contains(&u));
+            if on_removed && entry.info.service == self.service {
+                entry.request_end("drain");
             }
         }
     }

@@ -352,3 +352,38 @@ async fn a_resumed_stream_continues_on_another_endpoint_without_gap_or_repeat() 
         "resumed once, on the other endpoint"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tracked_streams_to_an_endpoint_that_leaves_discovery_end_with_a_hint() {
+    let streaming = |name: &'static str| {
+        Origin::start(move |_, mut conn| async move {
+            conn.sse_head().await.expect("head");
+            let _ = conn.chunk(&format!("data: {name}\n\n")).await;
+            conn.closed().await;
+            After::Close
+        })
+    };
+    let (a, b) = (streaming("a").await, streaming("b").await);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let list = dir.path().join("endpoints.yaml");
+    write_endpoints(&list, &[&a]);
+    let port = free_port();
+    let main = dir.path().join("streamgate.yaml");
+    std::fs::write(
+        &main,
+        format!(
+            "listen: [\"127.0.0.1:{port}\"]\nsse: {{ connection_tracking: true }}\n\
+             services:\n  feed:\n    discovery: {{ file: {{ path: endpoints.yaml }} }}\n\
+             host_rules:\n  - {{ pattern: \"*\", target: feed }}\n"
+        ),
+    )
+    .expect("write config");
+    let proxy = Proxy::start_file(&main).await;
+    let mut events = Events::new(sse_get(proxy.url("/events")).await);
+    assert_eq!(events.next().await.as_deref(), Some("data: a"));
+    write_endpoints(&list, &[&b]);
+    assert_eq!(events.next().await.as_deref(), Some("retry: 3000"));
+    assert_eq!(events.next().await, None, "ended cleanly, to come back");
+    let mut again = Events::new(sse_get(proxy.url("/events")).await);
+    assert_eq!(again.next().await.as_deref(), Some("data: b"));
+}
