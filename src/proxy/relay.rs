@@ -304,6 +304,8 @@ impl StreamGate {
             .min_by_key(|(t, _)| *t);
             let silent_limit = settings.read_timeout.map(|t| last_origin + t);
             let heartbeat_at = settings.heartbeat_interval.map(|i| last_sent + i);
+            // Set when the origin failed or went silent: resume, or end.
+            let mut failed: Option<Box<Error>> = None;
 
             tokio::select! {
                 read = origin.read_response_body() => match read {
@@ -332,20 +334,7 @@ impl StreamGate {
                         self.close(ctx, "origin_closed");
                         return self.send_own(session, ctx, Bytes::new(), true).await;
                     }
-                    Err(e) => {
-                        let e = e.into_up();
-                        if let Some(next) = self
-                            .try_resume(session, ctx, &mut resumes, &e)
-                            .await
-                        {
-                            origin = next;
-                            tail.clear();
-                            resumed = true;
-                            last_origin = Instant::now();
-                            continue;
-                        }
-                        return self.origin_failed(session, ctx, e).await;
-                    }
+                    Err(e) => failed = Some(e.into_up()),
                 },
                 gone = session.as_mut().read_body_or_idle(true), if watch_client => match gone {
                     Err(e) => {
@@ -375,15 +364,7 @@ impl StreamGate {
                     if let Some(route) = &ctx.route {
                         route.service.metrics.timeout();
                     }
-                    let e = e.into_up();
-                    if let Some(next) = self.try_resume(session, ctx, &mut resumes, &e).await {
-                        origin = next;
-                        tail.clear();
-                        resumed = true;
-                        last_origin = Instant::now();
-                        continue;
-                    }
-                    return self.origin_failed(session, ctx, e).await;
+                    failed = Some(e.into_up());
                 }
                 _ = sleep_until(deadline(heartbeat_at)), if heartbeat_at.is_some() && at_boundary => {
                     self.send_own(session, ctx, Bytes::from_static(sse::HEARTBEAT), false).await?;
@@ -398,6 +379,16 @@ impl StreamGate {
                         Err(_) => Some(started + Duration::from_secs(u32::MAX.into())),
                     };
                 }
+            }
+            if let Some(e) = failed {
+                if let Some(next) = self.try_resume(session, ctx, &mut resumes, &e).await {
+                    origin = next;
+                    tail.clear();
+                    resumed = true;
+                    last_origin = Instant::now();
+                    continue;
+                }
+                return self.origin_failed(session, ctx, e).await;
             }
         }
     }

@@ -225,54 +225,42 @@ pub fn fix_response_header(
 /// The end of the last complete event in `data` (after its blank line), if any. SSE lines
 /// end in LF, CR or CRLF; an event ends at an empty line.
 pub fn last_event_end(data: &[u8]) -> Option<usize> {
-    let mut end = None;
-    let mut i = 0;
-    let mut line_start = 0;
-    while i < data.len() {
-        let b = data[i];
-        if b == b'\n' || b == b'\r' {
-            let mut next = i + 1;
-            if b == b'\r' && data.get(next) == Some(&b'\n') {
-                next += 1;
-            } else if b == b'\r' && next == data.len() {
-                // A CR at the very end may be the first half of a CRLF: not final yet.
-                break;
-            }
-            if i == line_start {
-                end = Some(next);
-            }
-            line_start = next;
-            i = next;
-        } else {
-            i += 1;
-        }
-    }
-    end
+    event_ends(data).last()
 }
 
 /// The end of the first complete event in `data` (after its blank line), if any.
 pub fn first_event_end(data: &[u8]) -> Option<usize> {
+    event_ends(data).next()
+}
+
+/// The end of each complete event in `data`, in order. A CR at the very end may be the
+/// first half of a CRLF, so it ends nothing yet.
+fn event_ends(data: &[u8]) -> impl Iterator<Item = usize> + '_ {
     let mut i = 0;
     let mut line_start = 0;
-    while i < data.len() {
-        let b = data[i];
-        if b == b'\n' || b == b'\r' {
+    std::iter::from_fn(move || {
+        while i < data.len() {
+            let b = data[i];
+            if b != b'\n' && b != b'\r' {
+                i += 1;
+                continue;
+            }
             let mut next = i + 1;
             if b == b'\r' && data.get(next) == Some(&b'\n') {
                 next += 1;
             } else if b == b'\r' && next == data.len() {
+                i = data.len();
                 return None;
             }
-            if i == line_start {
-                return Some(next);
-            }
+            let empty = i == line_start;
             line_start = next;
             i = next;
-        } else {
-            i += 1;
+            if empty {
+                return Some(next);
+            }
         }
-    }
-    None
+        None
+    })
 }
 
 /// The value of the last `id` field of one complete event, if it has one.
