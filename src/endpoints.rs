@@ -93,6 +93,12 @@ pub struct EndpointState {
 
 static EPOCH: Lazy<Instant> = Lazy::new(Instant::now);
 
+/// Points a weight unit gets on pingora-ketama's ring (its `POINT_MULTIPLE`).
+const RING_POINTS_PER_WEIGHT: usize = 160;
+
+/// While discovery has never succeeded, requests retry it at most this often.
+const FIRST_DISCOVERY_RETRY: Duration = Duration::from_secs(1);
+
 fn now_ms() -> u64 {
     EPOCH.elapsed().as_millis() as u64
 }
@@ -198,6 +204,9 @@ pub struct Endpoints {
     checking: AtomicBool,
     /// A file source's change signal, taken by the background task.
     watch: Mutex<Option<crate::discovery::FileWatch>>,
+    /// Requests waiting for the first discovery queue here.
+    first: tokio::sync::Mutex<()>,
+    last_attempt: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Endpoints {
@@ -245,6 +254,8 @@ impl Endpoints {
             refreshing: tokio::sync::Mutex::new(()),
             checking: AtomicBool::new(false),
             watch: Mutex::new(None),
+            first: tokio::sync::Mutex::new(()),
+            last_attempt: Mutex::new(None),
         }
     }
 
@@ -319,11 +330,33 @@ impl Endpoints {
                 .join(", ")
         );
         for entry in crate::sse::tracker::TRACKER.snapshot() {
-            let on_removed = entry.info.upstream.is_some_and(|u| removed.contains(&u));
+            let on_removed = entry.upstream().is_some_and(|u| removed.contains(&u));
             if on_removed && entry.info.service == self.service {
                 entry.request_end("drain");
             }
         }
+    }
+
+    /// Discovery for a request that found no set yet: one lookup at a time, and while it
+    /// keeps failing at most one a second (the others answer with the last error).
+    async fn first_discovery(&self) {
+        let _one_at_a_time = self.first.lock().await;
+        if self.discovered.load(Ordering::Acquire) {
+            return;
+        }
+        let recent = self
+            .last_attempt
+            .lock()
+            .ok()
+            .and_then(|t| *t)
+            .is_some_and(|t| t.elapsed() < FIRST_DISCOVERY_RETRY);
+        if recent {
+            return;
+        }
+        if let Ok(mut t) = self.last_attempt.lock() {
+            *t = Some(Instant::now());
+        }
+        self.refresh().await;
     }
 
     /// One pass of active health checks.
@@ -419,7 +452,7 @@ impl Endpoints {
     /// the endpoints this request already failed on (retries go elsewhere).
     pub async fn choose(&self, key: &[u8], tried: &[SocketAddr]) -> Result<Lease, Unavailable> {
         if !self.discovered.load(Ordering::Acquire) {
-            self.refresh().await;
+            self.first_discovery().await;
         }
         let schedule = self.schedule();
         if schedule.list.is_empty() {
@@ -471,9 +504,13 @@ impl Endpoints {
                 .filter(|&i| usable(i))
                 .min_by_key(|&i| schedule.list[i].1.open()),
             Algorithm::ConsistentHash => schedule.ring.as_ref().and_then(|ring| {
-                ring.node_iter(key).find_map(|addr| {
-                    (0..n).find(|&i| schedule.list[i].1.addr == *addr && usable(i))
-                })
+                // The ring's iterator wraps around forever: one lap is enough.
+                let points: usize = schedule.list.iter().map(|(b, _)| b.weight.max(1)).sum();
+                ring.node_iter(key)
+                    .take(points.saturating_mul(RING_POINTS_PER_WEIGHT))
+                    .find_map(|addr| {
+                        (0..n).find(|&i| schedule.list[i].1.addr == *addr && usable(i))
+                    })
             }),
         };
         let Some(i) = chosen else {
@@ -725,6 +762,16 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(ch.choose(b"user-7", &[]).await.expect("lease").addr, first);
         }
+    }
+
+    #[tokio::test]
+    async fn consistent_hash_with_every_endpoint_tried_is_exhausted() {
+        let ch = endpoints(&[(1, 1)], Algorithm::ConsistentHash);
+        let only = ch.choose(b"k", &[]).await.expect("lease");
+        assert_eq!(
+            ch.choose(b"k", &[only.addr]).await.err(),
+            Some(Unavailable::Exhausted)
+        );
     }
 
     #[tokio::test]

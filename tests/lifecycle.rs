@@ -315,3 +315,62 @@ async fn limits_hold_exactly_under_a_storm_of_opens() {
         "never one stream over"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn early_hints_before_the_stream_are_skipped() {
+    let origin = Origin::start(|_, mut conn| async move {
+        let _ = conn
+            .write(b"HTTP/1.1 103 Early Hints\r\nlink: </app.css>; rel=preload\r\n\r\n")
+            .await;
+        conn.sse_head().await.expect("head");
+        let _ = conn.chunk("data: after the hints\n\n").await;
+        let _ = conn.end().await;
+        After::Close
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, "")).await;
+    let response = sse_get(proxy.url("/events")).await;
+    assert_eq!(response.status(), 200);
+    let mut events = Events::new(response);
+    assert_eq!(
+        events.next().await.as_deref(),
+        Some("data: after the hints")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_while_the_origin_is_silent_frees_its_slot() {
+    let mut origin = Origin::start(|_, mut conn| async move {
+        conn.closed().await;
+        After::Close
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, "header_timeout: 0, max_connections: 1")).await;
+    let mut waiting = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    use tokio::io::AsyncWriteExt;
+    waiting
+        .write_all(b"GET /events HTTP/1.1\r\nhost: t\r\naccept: text/event-stream\r\n\r\n")
+        .await
+        .expect("request");
+    origin.next_request().await;
+    // The slot is taken while the origin keeps the header back...
+    let probe = || async {
+        client()
+            .get(proxy.url("/events"))
+            .header("accept", "text/event-stream")
+            .timeout(Duration::from_millis(300))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    };
+    eventually("the first stream to hold the slot", || async {
+        probe().await.is_ok_and(|status| status == 503)
+    })
+    .await;
+    // ...and freed as soon as that client leaves, without waiting for the origin.
+    drop(waiting);
+    // A free slot means the request reaches the (silent) origin and times out here.
+    eventually("the slot to be freed", || async { probe().await.is_err() }).await;
+}

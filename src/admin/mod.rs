@@ -352,7 +352,7 @@ fn stream_view(e: &StreamEntry) -> Value {
         "path": e.info.path,
         "route": e.info.route,
         "service": e.info.service,
-        "upstream": e.info.upstream.map(|u| u.to_string()),
+        "upstream": e.upstream().map(|u| u.to_string()),
         "started": unix_seconds(e.started),
         "age_seconds": e.age().as_secs_f64(),
         "idle_seconds": e.idle().as_secs_f64(),

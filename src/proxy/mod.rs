@@ -530,7 +530,9 @@ impl ProxyHttp for StreamGate {
         if let Some(tracked) = ctx.tracked.as_mut() {
             // The guard logs the close when it drops, with this reason.
             tracked.reason = reason;
-            tracked.detail = e.map(|e| e.to_string());
+            if let Some(e) = e {
+                tracked.detail = Some(e.to_string());
+            }
             return;
         }
         let Some(stream) = ctx.stream.as_ref() else {

@@ -111,7 +111,8 @@ impl StreamGate {
         frame_for_client(&mut header, session.req_header().version)?;
         session
             .write_response_header(Box::new(header), false)
-            .await?;
+            .await
+            .map_err(|e| e.into_down())?;
 
         if ctx.stream.is_none() {
             origin.set_read_timeout(service.timeouts.read);
@@ -170,24 +171,50 @@ impl StreamGate {
             .map_err(|e| e.into_up())?;
 
         origin.set_read_timeout(None);
-        let header = origin.read_response_header();
-        let read = match ctx.sse.header_timeout {
-            Some(limit) => match tokio::time::timeout(limit, header).await {
-                Ok(read) => read,
-                Err(_) => {
-                    service.metrics.timeout();
-                    lease.failed();
-                    return Err(http_error(
-                        504,
-                        format!(
-                            "service `{}`: the origin sent no response header within {}",
-                            service.name,
-                            humantime::format_duration(limit)
-                        ),
-                    ));
+        // The final response header (1xx answers such as 103 Early Hints are skipped), under
+        // header_timeout, while watching the client: one that leaves stops the wait.
+        let header = async {
+            loop {
+                origin.read_response_header().await?;
+                let informational = origin.response_header().is_some_and(|h| {
+                    let status = h.status.as_u16();
+                    (100..200).contains(&status) && status != 101
+                });
+                if !informational {
+                    return Ok::<(), Box<Error>>(());
                 }
-            },
-            None => header.await,
+            }
+        };
+        let timed = async {
+            match ctx.sse.header_timeout {
+                Some(limit) => tokio::time::timeout(limit, header).await.map_err(|_| limit),
+                None => Ok(header.await),
+            }
+        };
+        let read = tokio::select! {
+            read = timed => read,
+            gone = session.as_mut().read_body_or_idle(true) => {
+                let e = match gone {
+                    Err(e) => e,
+                    Ok(_) => Error::explain(ErrorType::ConnectionClosed, "the client sent data"),
+                };
+                return Err(e.into_down());
+            }
+        };
+        let read = match read {
+            Ok(read) => read,
+            Err(limit) => {
+                service.metrics.timeout();
+                lease.failed();
+                return Err(http_error(
+                    504,
+                    format!(
+                        "service `{}`: the origin sent no response header within {}",
+                        service.name,
+                        humantime::format_duration(limit)
+                    ),
+                ));
+            }
         };
         if let Err(e) = read {
             lease.failed();
@@ -226,6 +253,12 @@ impl StreamGate {
                 return None;
             }
         };
+        if origin.response_header().is_some_and(|h| h.status == 204) {
+            // In SSE, 204 means: do not reconnect. The stream ends cleanly.
+            log::info!("resume: the origin answered 204, the stream is over");
+            self.close(ctx, "origin_closed");
+            return None;
+        }
         let streams = origin.response_header().is_some_and(|h| {
             h.status == 200
                 && h.headers
@@ -239,6 +272,9 @@ impl StreamGate {
         }
         lease.succeeded();
         ctx.upstream = Some(lease.addr);
+        if let Some(tracked) = &ctx.tracked {
+            tracked.entry.set_upstream(lease.addr);
+        }
         ctx.lease = Some(lease);
         Some(origin)
     }
@@ -256,7 +292,10 @@ impl StreamGate {
             if let Some(delay) = self.response_body_filter(session, &mut body, end, ctx)? {
                 tokio::time::sleep(delay).await;
             }
-            session.write_response_body(body, end).await?;
+            session
+                .write_response_body(body, end)
+                .await
+                .map_err(|e| e.into_down())?;
             if end {
                 return Ok(());
             }
@@ -279,7 +318,7 @@ impl StreamGate {
         let mut resumes: std::collections::VecDeque<Instant> = Default::default();
         let mut resumed = false;
         let started = Instant::now();
-        let lifetime_end = settings.max_lifetime.map(|d| started + d);
+        let lifetime_end = settings.max_lifetime.and_then(|d| started.checked_add(d));
         let mut drain = supervisor::drain_signal();
         let mut drain_end = drain
             .borrow_and_update()
@@ -302,8 +341,12 @@ impl StreamGate {
             .into_iter()
             .flatten()
             .min_by_key(|(t, _)| *t);
-            let silent_limit = settings.read_timeout.map(|t| last_origin + t);
-            let heartbeat_at = settings.heartbeat_interval.map(|i| last_sent + i);
+            let silent_limit = settings
+                .read_timeout
+                .and_then(|t| last_origin.checked_add(t));
+            let heartbeat_at = settings
+                .heartbeat_interval
+                .and_then(|i| last_sent.checked_add(i));
             // Set when the origin failed or went silent: resume, or end.
             let mut failed: Option<Box<Error>> = None;
 
@@ -312,6 +355,15 @@ impl StreamGate {
                     Ok(Some(chunk)) if settings.resume => {
                         last_origin = Instant::now();
                         tail.extend_from_slice(&chunk);
+                        if tail.len() > MAX_HELD_EVENT {
+                            // Not an event stream one can hold events of: no resume either.
+                            self.close(ctx, "origin_error");
+                            return Err(Error::explain(
+                                ErrorType::InvalidHTTPHeader,
+                                format!("an event longer than {MAX_HELD_EVENT} bytes"),
+                            )
+                            .into_up());
+                        }
                         let whole = sse::last_event_end(&tail).unwrap_or(0);
                         let events = tail.split_to(whole).freeze();
                         let events = if resumed {
@@ -337,11 +389,13 @@ impl StreamGate {
                     Err(e) => failed = Some(e.into_up()),
                 },
                 gone = session.as_mut().read_body_or_idle(true), if watch_client => match gone {
+                    // Bytes where none belong (Pingora calls them a connect error): stop
+                    // listening, keep streaming.
+                    Err(e) if e.etype() == &ErrorType::ConnectError => watch_client = false,
                     Err(e) => {
                         self.close(ctx, "client_closed");
                         return Err(e.into_down());
                     }
-                    // Bytes where none belong: stop listening, keep streaming.
                     Ok(_) => watch_client = false,
                 },
                 reason = end_asked(entry.as_deref()), if entry.is_some() && ending.is_none() => {
@@ -361,9 +415,6 @@ impl StreamGate {
                             humantime::format_duration(limit)
                         ),
                     );
-                    if let Some(route) = &ctx.route {
-                        route.service.metrics.timeout();
-                    }
                     failed = Some(e.into_up());
                 }
                 _ = sleep_until(deadline(heartbeat_at)), if heartbeat_at.is_some() && at_boundary => {
@@ -376,17 +427,25 @@ impl StreamGate {
                             .borrow_and_update()
                             .map(|t| drain_deadline(t, settings.drain_period)),
                         // The drain signal lives as long as the process.
-                        Err(_) => Some(started + Duration::from_secs(u32::MAX.into())),
+                        Err(_) => None,
                     };
                 }
             }
             if let Some(e) = failed {
+                let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.scanner.at_boundary());
+                if settings.resume && supervisor::draining() && at_boundary {
+                    // The client would come back to the next process anyway.
+                    return self.end_stream(session, ctx, Ending::DRAIN).await;
+                }
                 if let Some(next) = self.try_resume(session, ctx, &mut resumes, &e).await {
                     origin = next;
                     tail.clear();
                     resumed = true;
                     last_origin = Instant::now();
                     continue;
+                }
+                if ctx.stream.as_ref().and_then(|s| s.reason) == Some("origin_closed") {
+                    return self.send_own(session, ctx, Bytes::new(), true).await;
                 }
                 return self.origin_failed(session, ctx, e).await;
             }
@@ -424,7 +483,10 @@ impl StreamGate {
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
         }
-        session.write_response_body(body, false).await
+        session
+            .write_response_body(body, false)
+            .await
+            .map_err(|e| e.into_down())
     }
 
     /// Writes bytes of the proxy's own (a heartbeat, a hint, an error event) through the
@@ -438,7 +500,10 @@ impl StreamGate {
     ) -> Result<()> {
         let mut body = (!bytes.is_empty()).then_some(bytes);
         self.apply_body_filters(ctx, &mut body, end)?;
-        session.write_response_body(body, end).await
+        session
+            .write_response_body(body, end)
+            .await
+            .map_err(|e| e.into_down())
     }
 
     /// Ends the stream on purpose, between two events: the hint, then a clean end.
@@ -468,6 +533,12 @@ impl StreamGate {
         self.close(ctx, reason);
         let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.scanner.at_boundary());
         if ctx.sse.on_upstream_error == OnUpstreamError::Event && at_boundary {
+            // Ended cleanly, so `logging` sees no error to count.
+            if reason == "idle_timeout" {
+                if let Some(route) = &ctx.route {
+                    route.service.metrics.timeout();
+                }
+            }
             let event = sse::error_event(&e.to_string());
             self.send_own(session, ctx, event, true).await?;
             if let Some(tracked) = ctx.tracked.as_mut() {
@@ -546,11 +617,16 @@ async fn turn_away(session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
     session.set_keepalive(None);
     session
         .write_response_header(Box::new(header), false)
-        .await?;
+        .await
+        .map_err(|e| e.into_down())?;
     session
         .write_response_body(Some(Bytes::from_static(sse::DRAIN_HINT)), true)
         .await
+        .map_err(|e| e.into_down())
 }
+
+/// The longest event a `resume` stream holds back until it is complete.
+const MAX_HELD_EVENT: usize = 1 << 20;
 
 /// How many recent event ids a resumed stream remembers to drop repeats.
 const RECENT_IDS: usize = 256;

@@ -50,7 +50,10 @@ pub fn drain_signal() -> watch::Receiver<Option<Instant>> {
 /// moment within `period`.
 pub fn drain_deadline(started: Instant, period: Duration) -> Instant {
     let millis = period.as_millis().min(u128::from(u64::MAX)) as u64;
-    started + Duration::from_millis(fastrand::u64(0..=millis))
+    let far = started + Duration::from_secs(86_400 * 365);
+    started
+        .checked_add(Duration::from_millis(fastrand::u64(0..=millis)))
+        .map_or(far, |at| at.min(far))
 }
 
 pub struct Supervisor;

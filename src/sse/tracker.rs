@@ -37,6 +37,8 @@ pub struct StreamEntry {
     end: OnceLock<&'static str>,
     /// Wakes the stream's relay when an end is asked for.
     end_notify: Notify,
+    /// The origin now (it changes when a stream resumes on another endpoint).
+    upstream: Mutex<Option<SocketAddr>>,
 }
 
 impl StreamEntry {
@@ -51,6 +53,18 @@ impl StreamEntry {
     /// Why the stream was asked to end, if it was.
     pub fn end_requested(&self) -> Option<&'static str> {
         self.end.get().copied()
+    }
+
+    /// The origin the stream reads from now.
+    pub fn upstream(&self) -> Option<SocketAddr> {
+        self.upstream.lock().ok().and_then(|u| *u)
+    }
+
+    /// The stream moved to another origin (resume).
+    pub fn set_upstream(&self, addr: SocketAddr) {
+        if let Ok(mut u) = self.upstream.lock() {
+            *u = Some(addr);
+        }
     }
 
     /// Resolves once an end has been asked for.
@@ -151,6 +165,7 @@ impl Tracker {
     /// Registers a stream; it stays registered until the guard drops.
     pub fn open(&'static self, info: StreamInfo) -> TrackGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let upstream = info.upstream;
         let entry = Arc::new(StreamEntry {
             id,
             info,
@@ -162,6 +177,7 @@ impl Tracker {
             last_event_id: Mutex::new(String::new()),
             end: OnceLock::new(),
             end_notify: Notify::new(),
+            upstream: Mutex::new(upstream),
         });
         if let Ok(mut streams) = self.streams.lock() {
             streams.insert(id, entry.clone());
