@@ -36,6 +36,9 @@
 //!
 //! Only loopback addresses are used.
 
+#[path = "support/sse_origin.rs"]
+mod sse_origin;
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -121,46 +124,10 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-/// The origin: every connection is an SSE stream with one event per `interval`, the first
-/// one delayed by `offset` so that streams are spread over the interval.
+/// The origin: every connection is an SSE stream with one event per `interval`, each
+/// carrying its send time.
 async fn origin(interval: Duration, streams: usize) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let mut n: u64 = 0;
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let offset = interval.mul_f64((n % streams.max(1) as u64) as f64 / streams as f64);
-            n += 1;
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(k) => head.extend_from_slice(&buf[..k]),
-                    }
-                }
-                let header = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
-                              cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n";
-                if stream.write_all(header.as_bytes()).await.is_err() {
-                    return;
-                }
-                let mut next = tokio::time::Instant::now() + offset;
-                let mut id: u64 = 0;
-                loop {
-                    tokio::time::sleep_until(next).await;
-                    next += interval;
-                    id += 1;
-                    let event = format!("id: {id}\ndata: {}\n\n", micros_now());
-                    let chunk = format!("{:x}\r\n{event}\r\n", event.len());
-                    if stream.write_all(chunk.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
+    sse_origin::start(interval, streams, micros_now).await
 }
 
 /// Where a run is: streams opening and warming up, measuring, or done.

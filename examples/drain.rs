@@ -16,14 +16,13 @@
 //! Only loopback addresses are used. The open-file limit of this machine (20,000) allows
 //! about 9,000 streams: this process holds the client and the origin side of each.
 
-use std::net::SocketAddr;
+#[path = "support/sse_origin.rs"]
+mod sse_origin;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 struct Args {
     streams: usize,
@@ -58,54 +57,6 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     Ok(args)
-}
-
-/// An origin whose streams send `id: n` every `interval` (spread over the interval across
-/// streams), starting after the request's `Last-Event-ID`.
-async fn origin(interval: Duration, streams: usize) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let mut n: u64 = 0;
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let offset = interval.mul_f64((n % streams.max(1) as u64) as f64 / streams as f64);
-            n += 1;
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(k) => head.extend_from_slice(&buf[..k]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                let last: u64 = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("last-event-id:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                let header = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
-                              transfer-encoding: chunked\r\n\r\n";
-                if stream.write_all(header.as_bytes()).await.is_err() {
-                    return;
-                }
-                let mut next = tokio::time::Instant::now() + offset;
-                let mut id = last;
-                loop {
-                    id += 1;
-                    let event = format!("id: {id}\ndata: {id}\n\n");
-                    let chunk = format!("{:x}\r\n{event}\r\n", event.len());
-                    if stream.write_all(chunk.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep_until(next).await;
-                    next += interval;
-                }
-            });
-        }
-    });
-    addr
 }
 
 /// What one client saw.
@@ -205,7 +156,7 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let origin = origin(args.interval, args.streams).await;
+    let origin = sse_origin::start(args.interval, args.streams, || 0).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| e.to_string())?
