@@ -388,10 +388,7 @@ impl Endpoints {
         if Arc::ptr_eq(&current.members, &members) {
             return current;
         }
-        let mut states = match self.states.lock() {
-            Ok(states) => states,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut states = lock(&self.states);
         let mut list = Vec::with_capacity(members.len());
         for backend in members.iter() {
             let Some(addr) = backend.addr.as_inet().copied() else {
@@ -577,10 +574,7 @@ pub fn shared(
     fingerprint: String,
     build: impl FnOnce() -> Result<Endpoints, String>,
 ) -> Result<Arc<Endpoints>, String> {
-    let mut registry = match REGISTRY.lock() {
-        Ok(r) => r,
-        Err(poisoned) => poisoned.into_inner(),
-    };
+    let mut registry = lock(&REGISTRY);
     if let Some((print, weak)) = registry.get(name) {
         if *print == fingerprint {
             if let Some(live) = weak.upgrade() {
@@ -594,12 +588,14 @@ pub fn shared(
 }
 
 fn live() -> Vec<Arc<Endpoints>> {
-    let mut registry = match REGISTRY.lock() {
-        Ok(r) => r,
-        Err(poisoned) => poisoned.into_inner(),
-    };
+    let mut registry = lock(&REGISTRY);
     registry.retain(|_, (_, weak)| weak.strong_count() > 0);
     registry.values().filter_map(|(_, w)| w.upgrade()).collect()
+}
+
+/// Locks `m`; a panic elsewhere while it was held leaves plain data, still usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// How often the background task looks at what is due.

@@ -292,10 +292,7 @@ impl StreamGate {
             if let Some(delay) = self.response_body_filter(session, &mut body, end, ctx)? {
                 tokio::time::sleep(delay).await;
             }
-            session
-                .write_response_body(body, end)
-                .await
-                .map_err(|e| e.into_down())?;
+            write_body(session, body, end).await?;
             if end {
                 return Ok(());
             }
@@ -483,10 +480,7 @@ impl StreamGate {
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
         }
-        session
-            .write_response_body(body, false)
-            .await
-            .map_err(|e| e.into_down())
+        write_body(session, body, false).await
     }
 
     /// Writes bytes of the proxy's own (a heartbeat, a hint, an error event) through the
@@ -500,10 +494,7 @@ impl StreamGate {
     ) -> Result<()> {
         let mut body = (!bytes.is_empty()).then_some(bytes);
         self.apply_body_filters(ctx, &mut body, end)?;
-        session
-            .write_response_body(body, end)
-            .await
-            .map_err(|e| e.into_down())
+        write_body(session, body, end).await
     }
 
     /// Ends the stream on purpose, between two events: the hint, then a clean end.
@@ -619,10 +610,7 @@ async fn turn_away(session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
         .write_response_header(Box::new(header), false)
         .await
         .map_err(|e| e.into_down())?;
-    session
-        .write_response_body(Some(Bytes::from_static(sse::DRAIN_HINT)), true)
-        .await
-        .map_err(|e| e.into_down())
+    write_body(session, Some(Bytes::from_static(sse::DRAIN_HINT)), true).await
 }
 
 /// The longest event a `resume` stream holds back until it is complete.
@@ -666,6 +654,14 @@ fn remember_ids(events: &[u8], recent: &mut std::collections::VecDeque<Vec<u8>>)
         }
         rest = &rest[end..];
     }
+}
+
+/// Writes to the client; a failure is the client's (gone, or too slow for write_timeout).
+async fn write_body(session: &mut Session, body: Option<Bytes>, end: bool) -> Result<()> {
+    session
+        .write_response_body(body, end)
+        .await
+        .map_err(|e| e.into_down())
 }
 
 /// When a timer at `at` fires; far in the future for `None` (its branch is disabled then).
