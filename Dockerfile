@@ -7,10 +7,11 @@
 # Upgrading a running container: streamgate is PID 1 here, so a container is upgraded by
 # replacing it, not by `-u` inside it (the old PID 1 exiting would end the container).
 # Start the new container behind your load balancer (or let the orchestrator's rolling
-# update do it), then `docker stop --time 45 OLD`. SIGTERM (the STOPSIGNAL) makes the old process stop accepting
-# and lets open requests and streams finish for `grace_period_seconds` (30 s in
-# conf/streamgate.yaml), then `graceful_shutdown_timeout_seconds` (10 s): keep docker's stop
-# timeout above their sum. In-place `-u` upgrades (new binary, same sockets) are for hosts
+# update do it), then `docker stop --time 45 OLD`. SIGTERM (the STOPSIGNAL) makes the old
+# process stop accepting, end its event streams with `retry:` hints spread over
+# `sse.drain_period` (clients reconnect to the new container with Last-Event-ID), and let
+# open requests finish for `grace_period_seconds` (30 s in conf/streamgate.yaml), then
+# `graceful_shutdown_timeout_seconds` (10 s): keep docker's stop timeout above their sum. In-place `-u` upgrades (new binary, same sockets) are for hosts
 # and VMs, see README.md "Zero-downtime upgrade".
 
 FROM rust:1-slim-bookworm AS build
