@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::resume::Counting;
 use common::{client, eventually, free_port, guard, sse_get, After, Events, Origin, Proxy};
 
 /// A config with one service `feed` over `endpoints` (YAML list items) and `extra` keys.
@@ -274,28 +275,12 @@ async fn connect_failures_are_retried_on_another_endpoint() {
 /// An origin that honours `Last-Event-ID` (starting at that id again, so the proxy has a
 /// repeat to drop) and, when `dies_after` is set, dies in the middle of the event after it.
 async fn counting(dies_after: Option<u64>) -> Origin {
-    Origin::start(move |head, mut conn| async move {
-        let mut next: u64 = head
-            .header("last-event-id")
-            .and_then(|id| id.parse().ok())
-            .unwrap_or(1);
-        conn.sse_head().await.expect("head");
-        loop {
-            if dies_after.is_some_and(|last| next > last) {
-                let _ = conn.chunk(&format!("id: {next}\ndata: half")).await;
-                return After::Close;
-            }
-            if conn
-                .chunk(&format!("id: {next}\ndata: {next}\n\n"))
-                .await
-                .is_err()
-            {
-                return After::Close;
-            }
-            next += 1;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
+    Counting {
+        interval: Duration::from_millis(10),
+        repeat_last: true,
+        dies_after,
+    }
+    .start()
     .await
 }
 

@@ -492,19 +492,7 @@ struct Source {
 
 impl Source {
     fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
-        let de = serde_yaml::Deserializer::from_str(&self.text);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let mut error = parse_error(&self.file, &path, e.inner());
-            // A value refused by its own check (`try_from`) is reported by serde_yaml at the
-            // start of the enclosing mapping; the key path finds the value's own line.
-            if let Some(found) = key_path(&path).and_then(|p| locate::locate(&self.text, &p)) {
-                if error.line.is_some_and(|line| (found.0 as u32) > line) {
-                    error = error.at(Some(found));
-                }
-            }
-            error
-        })
+        parse_yaml(&self.file, &self.text)
     }
 
     fn error(&self, path: KeyPath, kind: Kind) -> ConfigError {
@@ -555,6 +543,24 @@ fn check_top_level_keys(main: &Source) -> Result<(), ConfigError> {
 
 /// Turns a serde_yaml error into a config error with position and key path. `path` is the
 /// key path serde_path_to_error tracked (`.` for the root).
+/// Parses YAML `text` from `file` into `T`; an error names the file, the line and the key
+/// path. Used for config files and for the files they refer to (endpoint lists).
+pub fn parse_yaml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let mut error = parse_error(file, &path, e.inner());
+        // A value refused by its own check (`try_from`) is reported by serde_yaml at the
+        // start of the enclosing mapping; the key path finds the value's own line.
+        if let Some(found) = key_path(&path).and_then(|p| locate::locate(text, &p)) {
+            if error.line.is_some_and(|line| (found.0 as u32) > line) {
+                error = error.at(Some(found));
+            }
+        }
+        error
+    })
+}
+
 /// A dotted key path as serde_path_to_error prints it (`services.feed.hash_key`,
 /// `listen[0]`), as a [`KeyPath`]; `None` for paths it cannot follow.
 fn key_path(printed: &str) -> Option<KeyPath> {

@@ -17,7 +17,6 @@ use pingora::lb::Backend;
 use tokio::sync::mpsc;
 
 use super::{discovery_error, Endpoints, FileDiscoveryFile};
-use crate::error::{ConfigError, ConfigErrorKind};
 
 /// After a change, how long the file must stay quiet before [`FileWatch::changed`]
 /// returns: writers that rewrite a file in place do it in several steps.
@@ -83,28 +82,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Endpoints, String> {
             path.display()
         ));
     }
-    let de = serde_yaml::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let key = match e.path().to_string() {
-            root if root == "." => String::new(),
-            key => key,
-        };
-        let inner = e.into_inner();
-        let position = inner.location().map(|l| (l.line(), l.column()));
-        let mut message = inner.to_string();
-        if let Some(at) = message.rfind(" at line ") {
-            message.truncate(at);
-        }
-        // serde_yaml prefixes its own path (`[1]: ...`); the error's key says it already.
-        if let Some((prefix, rest)) = message.split_once(": ") {
-            if !prefix.is_empty() && !prefix.contains(' ') {
-                message = rest.to_string();
-            }
-        }
-        ConfigError::new(path, key, ConfigErrorKind::Parse(message))
-            .at(position)
-            .to_string()
-    })
+    crate::config::parse_yaml(path, text).map_err(|e| e.to_string())
 }
 
 /// A change signal for one file: a file-system watch on its directory and the channel it

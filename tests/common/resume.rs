@@ -13,27 +13,57 @@ use super::{After, Origin};
 /// An origin whose streams send `id: n` / `data: n` every `interval`, starting after the
 /// request's `Last-Event-ID` (or at 1).
 pub async fn counting_origin(interval: Duration) -> Origin {
-    Origin::start(move |head, mut conn| async move {
-        let mut next: u64 = head
-            .header("last-event-id")
-            .and_then(|id| id.parse().ok())
-            .map_or(1, |last: u64| last + 1);
-        if conn.sse_head().await.is_err() {
-            return After::Close;
+    Counting::every(interval).start().await
+}
+
+/// A counting origin with its quirks.
+#[derive(Debug, Clone, Copy)]
+pub struct Counting {
+    pub interval: Duration,
+    /// Resume at `Last-Event-ID` itself rather than after it (a repeat for the proxy to drop).
+    pub repeat_last: bool,
+    /// Die in the middle of the event after this id (half of it sent, no last chunk).
+    pub dies_after: Option<u64>,
+}
+
+impl Counting {
+    pub fn every(interval: Duration) -> Counting {
+        Counting {
+            interval,
+            repeat_last: false,
+            dies_after: None,
         }
-        loop {
-            if conn
-                .chunk(&format!("id: {next}\ndata: {next}\n\n"))
-                .await
-                .is_err()
-            {
+    }
+
+    pub async fn start(self) -> Origin {
+        Origin::start(move |head, mut conn| async move {
+            let last: Option<u64> = head.header("last-event-id").and_then(|id| id.parse().ok());
+            let mut next = match last {
+                Some(last) if self.repeat_last => last,
+                Some(last) => last + 1,
+                None => 1,
+            };
+            if conn.sse_head().await.is_err() {
                 return After::Close;
             }
-            next += 1;
-            tokio::time::sleep(interval).await;
-        }
-    })
-    .await
+            loop {
+                if self.dies_after.is_some_and(|last| next > last) {
+                    let _ = conn.chunk(&format!("id: {next}\ndata: half")).await;
+                    return After::Close;
+                }
+                if conn
+                    .chunk(&format!("id: {next}\ndata: {next}\n\n"))
+                    .await
+                    .is_err()
+                {
+                    return After::Close;
+                }
+                next += 1;
+                tokio::time::sleep(self.interval).await;
+            }
+        })
+        .await
+    }
 }
 
 /// What one reconnecting client saw.
