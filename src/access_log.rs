@@ -4,15 +4,16 @@
 //! `sse_close` are `-` for ordinary requests); `json` is one object per line. Event streams
 //! add their event count and how they ended.
 
-use std::time::SystemTime;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
 
 use pingora_error::Error;
 use pingora_proxy::Session;
 use serde_json::json;
 
-use crate::config::file::AccessLogFormat;
 use crate::http_util;
-use crate::proxy::RequestCtx;
+use crate::sse::CloseReason;
+use crate::values::AccessLogFormat;
 
 pub const TARGET: &str = "streamgate::access";
 
@@ -40,10 +41,16 @@ impl std::fmt::Display for Seconds {
 /// What one line says about a request.
 pub struct Entry<'a> {
     pub session: &'a Session,
-    pub ctx: &'a RequestCtx,
+    pub route: Option<&'a str>,
+    pub service: Option<&'a str>,
+    /// The origin it was sent to.
+    pub upstream: Option<SocketAddr>,
+    /// From the request's arrival to now.
+    pub duration: Duration,
+    pub request_id: Option<&'a str>,
     pub status: u16,
     /// For event streams: events sent and the close reason.
-    pub sse: Option<(u64, &'a str)>,
+    pub sse: Option<(u64, CloseReason)>,
     pub error: Option<&'a Error>,
 }
 
@@ -67,20 +74,19 @@ pub fn write(format: AccessLogFormat, entry: &Entry<'_>) {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-")
     };
-    let ctx = entry.ctx;
-    let route = ctx.route.as_ref().map_or("-", |r| r.name.as_str());
-    let service = ctx.service_name().unwrap_or("-");
-    let upstream = Maybe(ctx.upstream);
-    let micros = ctx.started.map_or(0, |s| s.elapsed().as_micros());
+    let route = entry.route.unwrap_or("-");
+    let service = entry.service.unwrap_or("-");
+    let upstream = Maybe(entry.upstream);
+    let micros = entry.duration.as_micros();
     let duration = Seconds(micros);
     let bytes = entry.session.body_bytes_sent();
     let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
     let time = humantime::format_rfc3339_millis(SystemTime::now());
-    let request_id = ctx.request_id().unwrap_or("-");
+    let request_id = entry.request_id.unwrap_or("-");
     match format {
         AccessLogFormat::Combined => {
             let (events, close) = match entry.sse {
-                Some((events, reason)) => (Maybe(Some(events)), reason),
+                Some((events, reason)) => (Maybe(Some(events)), reason.as_str()),
                 None => (Maybe(None), "-"),
             };
             log::info!(
@@ -112,7 +118,7 @@ pub fn write(format: AccessLogFormat, entry: &Entry<'_>) {
             });
             if let Some((events, reason)) = entry.sse {
                 line["sse_events"] = json!(events);
-                line["sse_close"] = json!(reason);
+                line["sse_close"] = json!(reason.as_str());
             }
             if let Some(e) = entry.error {
                 line["error"] = json!(e.to_string());

@@ -1,5 +1,5 @@
-//! `streamgate connections` and `streamgate upstreams`: the origin design's fault diagnosis
-//! tool. They ask a running instance's admin API and print readable tables.
+//! `streamgate connections` and `streamgate upstreams`: fault diagnosis from the command
+//! line. They ask a running instance's admin API and print readable tables.
 //!
 //! ```text
 //! streamgate connections [-c FILE | --admin HOST:PORT] [--token T] [--route R]

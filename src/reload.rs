@@ -38,8 +38,6 @@ impl Reloader {
     }
 }
 
-/// Reloads the config in `current` from its files. On success the new config is live and
-/// returned; on failure nothing changes.
 /// The outcome of a successful reload.
 #[derive(Debug)]
 pub struct Reloaded {
@@ -51,6 +49,9 @@ pub struct Reloaded {
     pub unloaded: Vec<String>,
 }
 
+/// Reloads the config in `current` from its files. On success the new config is live and
+/// returned, and the metrics of routes and services it no longer has are gone; on failure
+/// nothing changes.
 pub fn reload(current: &ArcSwap<Config>) -> Result<Reloaded, ConfigError> {
     let old = current.load_full();
     let new = match old.reload() {
@@ -91,7 +92,10 @@ pub fn reload(current: &ArcSwap<Config>) -> Result<Reloaded, ConfigError> {
     let loaded: Vec<_> = after.difference(&before).cloned().collect();
     let unloaded: Vec<_> = before.difference(&after).cloned().collect();
     current.store(new.clone());
-    crate::metrics::config_loaded(&new.version, new.loaded_secs());
+    let metrics = &new.state.metrics;
+    metrics.config_loaded(&new.version, new.loaded_secs());
+    let (routes, services) = new.metric_labels();
+    metrics.retain(&routes, &services);
     log::info!(
         "config reloaded: version {} (was {}), loaded at {}s since epoch; \
          middlewares loaded: [{}], unloaded: [{}]",

@@ -197,11 +197,11 @@ async fn metrics_count_requests_and_streams_and_pass_promtool() {
     })
     .await;
     assert!(
-        text.contains("streamgate_requests_total{route=\"*\",service=\"feed\",class=\"2xx\"} 3"),
+        text.contains("streamgate_requests_total{class=\"2xx\",route=\"*\",service=\"feed\"} 3"),
         "{text}"
     );
     assert!(text.contains(
-        "streamgate_requests_total{route=\"*/private\",service=\"feed\",class=\"4xx\"} 1"
+        "streamgate_requests_total{class=\"4xx\",route=\"*/private\",service=\"feed\"} 1"
     ));
     assert!(text.contains("streamgate_sse_events_total{route=\"live\",service=\"feed\"} 1"));
     assert!(
@@ -230,7 +230,7 @@ async fn metrics_count_requests_and_streams_and_pass_promtool() {
         loop {
             let (_, text) = admin_get(admin, "/metrics").await;
             if text.contains(
-                "streamgate_sse_streams_closed_total{route=\"live\",service=\"feed\",reason=\"client_closed\"} 1",
+                "streamgate_sse_streams_closed_total{reason=\"client_closed\",route=\"live\",service=\"feed\"} 1",
             ) {
                 return;
             }

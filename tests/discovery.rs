@@ -15,7 +15,7 @@ use hickory_resolver::proto::rr::rdata::{A, AAAA, SRV};
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use pingora::lb::discovery::ServiceDiscovery;
 use pingora::lb::Backend;
-use streamgate::discovery::{self, DiscoveryFile};
+use streamgate::upstream::discovery::{self, DiscoveryFile};
 use tokio::net::UdpSocket;
 
 /// How the test DNS server treats queries.

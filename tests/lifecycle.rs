@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::resume::{contiguous, counting_origin, Resumer};
 use common::{client, eventually, guard, sse_get, After, Events, Origin, Proxy};
-use streamgate::sse::tracker::TRACKER;
 use tokio::sync::{mpsc, Mutex};
 
 fn config(origin: &Origin, service_sse: &str) -> String {
@@ -157,9 +156,12 @@ async fn the_cleanup_task_closes_inactive_tracked_streams() {
     assert_eq!(events.next().await.as_deref(), Some("id: 7\ndata: only"));
     assert_eq!(events.next().await.as_deref(), Some("retry: 3000"));
     assert_eq!(events.next().await, None);
-    eventually("the entry to go", || async { TRACKER.is_empty() }).await;
-    let closed = &TRACKER.recent()[0];
-    assert_eq!(closed.reason, "idle_timeout");
+    eventually("the entry to go", || async {
+        proxy.state.tracker.is_empty()
+    })
+    .await;
+    let closed = &proxy.state.tracker.recent()[0];
+    assert_eq!(closed.reason.as_str(), "idle_timeout");
     assert_eq!(closed.events, 1);
 }
 
@@ -209,7 +211,7 @@ async fn a_drain_ends_every_stream_between_events_with_a_hint() {
         clients.iter().all(|c| c.events() >= 3)
     })
     .await;
-    streamgate::sse::supervisor::start_drain();
+    proxy.state.drain.start();
     assert_eq!(ready(admin).await, 503, "a draining process is not ready");
     eventually("every stream to be drained", || async {
         clients
@@ -227,7 +229,13 @@ async fn a_drain_ends_every_stream_between_events_with_a_hint() {
         let seen = client.stop().await;
         contiguous(&seen.ids).unwrap_or_else(|e| panic!("{e}: {:?}", seen.ids));
     }
-    let reasons: Vec<_> = TRACKER.recent().iter().map(|c| c.reason).collect();
+    let reasons: Vec<_> = proxy
+        .state
+        .tracker
+        .recent()
+        .iter()
+        .map(|c| c.reason.as_str())
+        .collect();
     assert!(reasons.iter().all(|r| *r == "drain"), "{reasons:?}");
 }
 
@@ -252,11 +260,17 @@ async fn a_client_gone_closes_its_relayed_upstream_and_entry() {
     .await;
     let mut events = Events::new(sse_get(proxy.url("/events")).await);
     assert_eq!(events.next().await.as_deref(), Some("data: hi"));
-    assert_eq!(TRACKER.len(), 1);
+    assert_eq!(proxy.state.tracker.len(), 1);
     drop(events);
     guard("the upstream to close", closed_rx.recv()).await;
-    eventually("the entry to go", || async { TRACKER.is_empty() }).await;
-    assert_eq!(TRACKER.recent()[0].reason, "client_closed");
+    eventually("the entry to go", || async {
+        proxy.state.tracker.is_empty()
+    })
+    .await;
+    assert_eq!(
+        proxy.state.tracker.recent()[0].reason.as_str(),
+        "client_closed"
+    );
     // Not relayed: a stream without `Accept: text/event-stream` still streams.
     let plain = client().get(proxy.url("/events")).send().await.expect("r");
     assert_eq!(plain.headers()["content-type"], "text/event-stream");

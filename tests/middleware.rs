@@ -567,18 +567,18 @@ async fn sse_middleware_limits_open_streams_and_frees_slots_when_streams_end() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_origin_design_examples_run_as_written() {
+async fn a_typical_sse_config_runs_as_written() {
     let mut origin = Origin::start(|_, mut conn| async move {
         conn.sse_head().await.expect("head");
-        conn.chunk("data: from the seed\n\n").await.expect("event");
+        conn.chunk("data: from the example\n\n").await.expect("event");
         conn.end().await.expect("end");
         After::Close
     })
     .await;
-    let seed = include_str!("fixtures/seed_4_4.yaml")
+    let example = include_str!("fixtures/sse_example.yaml")
         .replace("http://backend-sse:8080", &origin.url())
         .replace("    port: 80\n", "");
-    let proxy = Proxy::start(&seed).await;
+    let proxy = Proxy::start(&example).await;
     let response = client()
         .get(proxy.url("/events/live"))
         .header("host", "sse.example.com")
@@ -589,7 +589,7 @@ async fn the_origin_design_examples_run_as_written() {
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-accel-buffering"], "no");
     let mut events = Events::new(response);
-    assert_eq!(events.next().await.as_deref(), Some("data: from the seed"));
+    assert_eq!(events.next().await.as_deref(), Some("data: from the example"));
     assert_eq!(origin.next_request().await.target, "/events/live");
 }
 

@@ -245,13 +245,16 @@ async fn sse_disabled_leaves_the_response_alone() {
     assert!(response.headers().get("x-accel-buffering").is_none());
 }
 
-/// Waits until the registry of open streams holds `n` entries.
-async fn tracked(n: usize) -> Vec<std::sync::Arc<streamgate::sse::tracker::StreamEntry>> {
-    use streamgate::sse::tracker::TRACKER;
+/// Waits until the proxy's registry of open streams holds `n` entries.
+async fn tracked(
+    proxy: &Proxy,
+    n: usize,
+) -> Vec<std::sync::Arc<streamgate::sse::tracker::StreamEntry>> {
+    let tracker = &proxy.state.tracker;
     guard("the stream registry to settle", async {
         loop {
-            if TRACKER.len() == n {
-                return TRACKER.snapshot();
+            if tracker.len() == n {
+                return tracker.snapshot();
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -272,7 +275,7 @@ async fn tracked_streams_are_registered_and_removed_however_they_end() {
     // Ends when the origin ends.
     let mut events = Events::new(open().await.expect("r"));
     assert!(events.next().await.is_some());
-    let entries = tracked(1).await;
+    let entries = tracked(&proxy, 1).await;
     assert_eq!(entries[0].info.path, "/events/live");
     assert_eq!(entries[0].info.service, "feed");
     ack.send(()).expect("ack");
@@ -283,14 +286,14 @@ async fn tracked_streams_are_registered_and_removed_however_they_end() {
     assert_eq!(entries[0].last_event_id(), "2");
     ack.send(()).expect("ack");
     assert_eq!(events.next().await, None);
-    tracked(0).await;
+    tracked(&proxy, 0).await;
 
     // Ends when the client goes.
     let mut events = Events::new(open().await.expect("r"));
     assert!(events.next().await.is_some());
-    tracked(1).await;
+    tracked(&proxy, 1).await;
     drop(events);
-    tracked(0).await;
+    tracked(&proxy, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -315,9 +318,9 @@ async fn many_streams_leave_nothing_behind() {
             );
             open.push(events);
         }
-        tracked(50).await;
+        tracked(&proxy, 50).await;
         drop(open);
-        tracked(0).await;
+        tracked(&proxy, 0).await;
     }
 }
 

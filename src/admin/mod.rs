@@ -37,7 +37,8 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use crate::config::Config;
-use crate::sse::tracker::{StreamEntry, TRACKER};
+use crate::sse::tracker::StreamEntry;
+use crate::sse::CloseReason;
 
 /// Keys whose values `/config` hides.
 const SECRET_KEYS: &[&str] = &["password", "token", "secret", "users", "keys"];
@@ -175,7 +176,7 @@ impl Admin {
             ("/healthz", true, _) => Answer::json(200, json!({ "status": "ok" })),
             // A draining process (shutting down or handing over to a new one) is not ready:
             // load balancers should stop sending it streams.
-            ("/readyz", true, _) if crate::sse::supervisor::draining() => Answer::json(
+            ("/readyz", true, _) if config.state.drain.draining() => Answer::json(
                 503,
                 json!({ "ready": false, "draining": true, "version": config.version }),
             ),
@@ -185,7 +186,7 @@ impl Admin {
             ("/config", true, _) => Answer::json(200, config_view(&config)),
             ("/routes", true, _) => Answer::json(200, routes_view(&config)),
             ("/upstreams", true, _) => Answer::json(200, upstreams_view(&config)),
-            ("/sse/connections", true, _) => match connections_view(query) {
+            ("/sse/connections", true, _) => match connections_view(&config, query) {
                 Ok(v) => Answer::json(200, v),
                 Err(e) => Answer::error(400, &e),
             },
@@ -210,7 +211,7 @@ impl Admin {
             (p, _, _) if req.method == Method::DELETE && p.starts_with("/sse/connections/") => {
                 let id = p.trim_start_matches("/sse/connections/").parse::<u64>();
                 match id {
-                    Ok(id) if TRACKER.request_end(id, "ended") => {
+                    Ok(id) if config.state.tracker.request_end(id, CloseReason::Ended) => {
                         Answer::json(202, json!({ "id": id, "ending": true }))
                     }
                     _ => Answer::error(404, "no such open stream"),
@@ -219,14 +220,14 @@ impl Admin {
             ("/metrics", true, _) => Answer {
                 status: 200,
                 content_type: "text/plain; version=0.0.4; charset=utf-8",
-                body: Bytes::from(crate::metrics::render()),
+                body: Bytes::from(config.state.metrics.render()),
             },
             (p, true, _) if p.starts_with("/sse/connections/") => {
                 let id = p.trim_start_matches("/sse/connections/").parse::<u64>();
-                match id
-                    .ok()
-                    .and_then(|id| TRACKER.snapshot().into_iter().find(|e| e.id == id))
-                {
+                match id.ok().and_then(|id| {
+                    let streams = config.state.tracker.snapshot();
+                    streams.into_iter().find(|e| e.id == id)
+                }) {
                     Some(entry) => Answer::json(200, stream_view(&entry)),
                     None => Answer::error(404, "no such open stream"),
                 }
@@ -309,7 +310,7 @@ fn routes_view(config: &Config) -> Value {
 }
 
 fn upstreams_view(config: &Config) -> Value {
-    let streams = TRACKER.snapshot();
+    let streams = config.state.tracker.snapshot();
     let services: Vec<Value> = config
         .services
         .values()
@@ -364,13 +365,14 @@ fn stream_view(e: &StreamEntry) -> Value {
 
 /// What the dashboard shows, in one JSON object.
 fn snapshot(config: &Config) -> Value {
-    let streams: Vec<Value> = TRACKER
+    let tracker = &config.state.tracker;
+    let streams: Vec<Value> = tracker
         .snapshot()
         .iter()
         .take(500)
         .map(|e| stream_view(e))
         .collect();
-    let recent: Vec<Value> = TRACKER
+    let recent: Vec<Value> = tracker
         .recent()
         .iter()
         .map(|c| {
@@ -380,7 +382,7 @@ fn snapshot(config: &Config) -> Value {
                 "client": c.client.map(|ip| ip.to_string()),
                 "duration_seconds": c.duration.as_secs_f64(),
                 "events": c.events,
-                "reason": c.reason,
+                "reason": c.reason.as_str(),
                 "at": unix_seconds(c.at),
             })
         })
@@ -388,13 +390,13 @@ fn snapshot(config: &Config) -> Value {
     json!({
         "version": config.version,
         "streams": streams,
-        "routes": crate::metrics::route_summaries(),
+        "routes": config.state.metrics.route_summaries(),
         "upstreams": upstreams_view(config),
         "recent": recent,
     })
 }
 
-fn connections_view(query: &str) -> Result<Value, String> {
+fn connections_view(config: &Config, query: &str) -> Result<Value, String> {
     let mut route = None;
     let mut service = None;
     let mut client = None;
@@ -416,7 +418,9 @@ fn connections_view(query: &str) -> Result<Value, String> {
             other => return Err(format!("unknown filter `{other}`")),
         }
     }
-    let matching: Vec<_> = TRACKER
+    let matching: Vec<_> = config
+        .state
+        .tracker
         .snapshot()
         .into_iter()
         .filter(|e| route.as_ref().is_none_or(|r| *r == e.info.route))

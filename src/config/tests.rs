@@ -5,7 +5,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::*;
-use crate::listeners::ListenerKind;
+use crate::error::ConfigErrorKind as Kind;
+use crate::listen::{ListenerKind, TlsVersion};
+use crate::upstream::{Algorithm, HostHeader};
 
 fn load(text: &str) -> Result<Config, ConfigError> {
     Config::from_text(Path::new("main.yaml"), text, Path::new("."))
@@ -244,8 +246,8 @@ fn includes_merge_in_lexical_order_and_report_their_own_files() {
 }
 
 #[test]
-fn the_origin_design_examples_load_as_written() {
-    let text = include_str!("../../tests/fixtures/seed_4_4.yaml");
+fn a_typical_sse_config_loads_as_written() {
+    let text = include_str!("../../tests/fixtures/sse_example.yaml");
     let config = load(text).unwrap_or_else(|e| panic!("{e}"));
     let service = &config.services["sse-service"];
     assert_eq!(service.sse.flush_interval, Some(Duration::from_millis(50)));
@@ -286,8 +288,8 @@ fn every_shipped_config_loads() {
 }
 
 #[test]
-fn the_core_issue_example_loads_as_written() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/issue_example.yaml");
+fn a_full_example_loads_as_written() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/full_example.yaml");
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.server.grace_period_seconds, Some(30));
     let feed = &config.services["sse-service"];
@@ -427,7 +429,7 @@ fn write_cert(dir: &Path, stem: &str, names: &[&str]) {
 }
 
 #[test]
-fn the_tls_issue_example_loads_as_written() {
+fn a_tls_example_loads_as_written() {
     let dir = tempfile::tempdir().expect("tempdir");
     fs::create_dir(dir.path().join("certs")).expect("mkdir");
     write_cert(&dir.path().join("certs"), "example", &["example.com"]);
@@ -453,7 +455,7 @@ listen:
     assert_eq!(config.listen.len(), 2);
     assert_eq!(config.listeners[1].kind, ListenerKind::Tls { http2: true });
     let tls = &config.tls[&config.listen[1]];
-    assert_eq!(tls.min_version, file::TlsVersion::V1_2);
+    assert_eq!(tls.min_version, TlsVersion::V1_2);
     let pick = |sni| {
         tls.select(Some(sni))
             .expect("a certificate")
@@ -508,7 +510,7 @@ fn listener_forms_load_into_their_kinds() {
     assert_eq!(config.tls.len(), 1);
     assert_eq!(
         config.tls[&config.listen[3]].min_version,
-        file::TlsVersion::V1_3,
+        TlsVersion::V1_3,
         "an unquoted 1.3 is a version too"
     );
     assert_eq!(config.http2.max_concurrent_streams, 10);
@@ -640,7 +642,7 @@ fn stream_lifecycle_settings_inherit_and_zero_disables() {
     let defaults = load("").expect("loads");
     assert_eq!(
         defaults.server.grace_period_seconds,
-        Some(crate::sse::DEFAULT_DRAIN_PERIOD.as_secs() + DRAIN_MARGIN_SECS)
+        Some(crate::sse::settings::DEFAULT_DRAIN_PERIOD.as_secs() + DRAIN_MARGIN_SECS)
     );
 }
 
@@ -843,10 +845,7 @@ fn services_with_many_endpoints_load() {
     )
     .expect("loads");
     let feed = &config.services["feed"];
-    assert_eq!(
-        feed.endpoints.algorithm(),
-        crate::endpoints::Algorithm::ConsistentHash
-    );
+    assert_eq!(feed.endpoints.algorithm(), Algorithm::ConsistentHash);
     assert_eq!(feed.retries, 1);
     assert!(feed.sse.resume);
     assert_eq!(feed.sse.resume_attempts, 5);
@@ -855,7 +854,7 @@ fn services_with_many_endpoints_load() {
             .expect("loads");
     assert_eq!(
         plain.services["web"].endpoints.algorithm(),
-        crate::endpoints::Algorithm::RoundRobin,
+        Algorithm::RoundRobin,
         "least_connections is the default only for services that stream SSE"
     );
 }

@@ -22,8 +22,7 @@ use pingora_proxy::Session;
 use serde::Deserialize;
 
 use super::credentials::{matches_any, read_lines};
-use super::{header_name, Middleware, Outcome, Reply};
-use crate::proxy::RequestCtx;
+use super::{header_name, Context, Middleware, Outcome, Reply};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,7 +75,7 @@ impl ApiKey {
 
 #[async_trait]
 impl Middleware for ApiKey {
-    async fn request(&self, session: &mut Session, _ctx: &mut RequestCtx) -> Result<Outcome> {
+    async fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
         let req = session.req_header();
         let presented = req
             .headers

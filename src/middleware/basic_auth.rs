@@ -22,8 +22,7 @@ use pingora_proxy::Session;
 use serde::Deserialize;
 
 use super::credentials::{matches_any, read_lines};
-use super::{Middleware, Outcome, Reply};
-use crate::proxy::RequestCtx;
+use super::{Context, Middleware, Outcome, Reply};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,7 +88,7 @@ impl BasicAuth {
 
 #[async_trait]
 impl Middleware for BasicAuth {
-    async fn request(&self, session: &mut Session, _ctx: &mut RequestCtx) -> Result<Outcome> {
+    async fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
         let ok = self
             .presented(session.get_header(AUTHORIZATION))
             .is_some_and(|c| matches_any(&self.credentials, &c));

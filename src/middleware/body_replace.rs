@@ -1,4 +1,4 @@
-//! `body_replace`: the origin design's response modification: literal or regex replacement
+//! `body_replace`: response modification: literal or regex replacement
 //! in response bodies of chosen content types, streamed.
 //!
 //! ```yaml
@@ -32,9 +32,8 @@ use regex::bytes::Regex;
 use serde::Deserialize;
 
 use super::size_limit::ByteSize;
-use super::{BodyFilter, Middleware};
+use super::{BodyFilter, Context, Middleware};
 use crate::http_util::{drop_content_length, media_essence};
-use crate::proxy::RequestCtx;
 use crate::sse;
 
 /// Longest event kept back waiting for its end; a longer one goes out unrewritten.
@@ -179,7 +178,7 @@ impl Middleware for BodyReplace {
         &self,
         _session: &mut Session,
         request: &mut RequestHeader,
-        _ctx: &mut RequestCtx,
+        _ctx: &mut Context,
     ) -> Result<()> {
         request.remove_header(&ACCEPT_ENCODING);
         Ok(())
@@ -189,7 +188,7 @@ impl Middleware for BodyReplace {
         &self,
         session: &mut Session,
         response: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        _ctx: &mut Context,
     ) -> Result<Option<Box<dyn BodyFilter>>> {
         let Some(content_type) = response.headers.get(CONTENT_TYPE) else {
             return Ok(None);

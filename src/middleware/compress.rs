@@ -35,9 +35,8 @@ use pingora_proxy::Session;
 use serde::Deserialize;
 
 use super::size_limit::ByteSize;
-use super::{BodyFilter, Middleware};
+use super::{BodyFilter, Context, Middleware};
 use crate::http_util::{drop_content_length, list_accepts, media_essence};
-use crate::proxy::RequestCtx;
 use crate::sse;
 
 #[derive(Debug, Deserialize)]
@@ -152,7 +151,7 @@ impl Middleware for Compress {
         &self,
         session: &mut Session,
         response: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        _ctx: &mut Context,
     ) -> Result<Option<Box<dyn BodyFilter>>> {
         let req = session.req_header();
         let status = response.status.as_u16();

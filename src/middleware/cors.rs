@@ -25,9 +25,8 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 use serde::Deserialize;
 
-use super::{header_name, header_value, BodyFilter, Middleware, Outcome, Reply};
-use crate::config::file::Dur;
-use crate::proxy::RequestCtx;
+use super::{header_name, header_value, BodyFilter, Context, Middleware, Outcome, Reply};
+use crate::values::Dur;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,7 +116,7 @@ impl Cors {
 
 #[async_trait]
 impl Middleware for Cors {
-    async fn request(&self, session: &mut Session, _ctx: &mut RequestCtx) -> Result<Outcome> {
+    async fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
         let req = session.req_header();
         if req.method != Method::OPTIONS {
             return Ok(Outcome::Continue);
@@ -161,7 +160,7 @@ impl Middleware for Cors {
         &self,
         session: &mut Session,
         response: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        _ctx: &mut Context,
     ) -> Result<Option<Box<dyn BodyFilter>>> {
         let Some(origin) = session.req_header().headers.get(header::ORIGIN) else {
             return Ok(None);

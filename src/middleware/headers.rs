@@ -24,8 +24,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use serde::Deserialize;
 
-use super::{header_name, header_value, BodyFilter, Middleware};
-use crate::proxy::RequestCtx;
+use super::{header_name, header_value, BodyFilter, Context, Middleware};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -99,7 +98,7 @@ impl Middleware for Headers {
         &self,
         _session: &mut Session,
         request: &mut RequestHeader,
-        _ctx: &mut RequestCtx,
+        _ctx: &mut Context,
     ) -> Result<()> {
         for name in &self.request.remove {
             request.remove_header(name);
@@ -117,7 +116,7 @@ impl Middleware for Headers {
         &self,
         _session: &mut Session,
         response: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        _ctx: &mut Context,
     ) -> Result<Option<Box<dyn BodyFilter>>> {
         for name in &self.response.remove {
             response.remove_header(name);

@@ -22,8 +22,7 @@ use pingora_error::Result;
 use pingora_proxy::Session;
 use serde::{Deserialize, Deserializer};
 
-use super::{Middleware, Outcome, Reply};
-use crate::proxy::RequestCtx;
+use super::{Context, Middleware, Outcome, Reply};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -113,7 +112,7 @@ pub fn session_client(session: &Session, trusted: &[IpNet]) -> Option<IpAddr> {
 
 #[async_trait]
 impl Middleware for IpFilter {
-    async fn request(&self, session: &mut Session, _ctx: &mut RequestCtx) -> Result<Outcome> {
+    async fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
         let Some(client) = session_client(session, &self.trusted) else {
             return Ok(Outcome::Continue);
         };

@@ -1,5 +1,6 @@
-//! The middleware chain: the trait every middleware type implements, the outcome of the
-//! request hook, the registry that turns `middleware_services` entries into instances, and
+//! The middleware chain: the trait every middleware type implements, the part of a
+//! request's state the chain reads and writes ([`Context`]), the outcome of the request
+//! hook, the table of types that turns `middleware_services` entries into instances, and
 //! the per-route chain.
 //!
 //! # Hooks
@@ -67,7 +68,27 @@ use pingora_proxy::Session;
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
-use crate::proxy::RequestCtx;
+use crate::sse::{limits, SseRequest};
+
+/// What the middlewares of a chain read and write of a request.
+#[derive(Debug, Default)]
+pub struct Context {
+    /// A typed value map the middlewares of a chain share (the request id, for example).
+    pub values: http::Extensions,
+    /// What the request knows about event streams: its settings (which an `sse` middleware
+    /// overlays), whether it asked for one, the limit slots it holds.
+    pub sse: SseRequest,
+    /// Request body bytes seen so far (for size limits).
+    pub request_body_bytes: u64,
+}
+
+impl Context {
+    /// The id the `request_id` middleware gave this request.
+    pub fn request_id(&self) -> Option<&str> {
+        let request_id::Id(id) = self.values.get()?;
+        id.to_str().ok()
+    }
+}
 
 /// A direct answer from a middleware.
 #[derive(Debug, Clone)]
@@ -122,7 +143,7 @@ pub trait BodyFilter: Send + Sync {
 /// A middleware type.
 #[async_trait]
 pub trait Middleware: Send + Sync {
-    async fn request(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Outcome> {
+    async fn request(&self, _session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
         Ok(Outcome::Continue)
     }
 
@@ -130,7 +151,7 @@ pub trait Middleware: Send + Sync {
         &self,
         _body: &Option<Bytes>,
         _end_of_stream: bool,
-        _ctx: &mut RequestCtx,
+        _ctx: &mut Context,
     ) -> Result<()> {
         Ok(())
     }
@@ -139,7 +160,7 @@ pub trait Middleware: Send + Sync {
         &self,
         _session: &mut Session,
         _request: &mut RequestHeader,
-        _ctx: &mut RequestCtx,
+        _ctx: &mut Context,
     ) -> Result<()> {
         Ok(())
     }
@@ -148,12 +169,12 @@ pub trait Middleware: Send + Sync {
         &self,
         _session: &mut Session,
         _response: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        _ctx: &mut Context,
     ) -> Result<Option<Box<dyn BodyFilter>>> {
         Ok(None)
     }
 
-    fn logging(&self, _session: &Session, _ctx: &RequestCtx) {}
+    fn logging(&self, _session: &Session, _ctx: &Context) {}
 }
 
 /// A configured middleware: one `middleware_services` entry, built.
@@ -181,133 +202,95 @@ impl fmt::Debug for Instance {
 /// A route's middleware chain, in run order.
 pub type Chain = Arc<[Arc<Instance>]>;
 
-/// The per-type config of a `middleware_services` entry.
-#[derive(Debug)]
-pub enum MiddlewareConfig {
-    Sse(sse::Config),
-    Headers(headers::Config),
-    Rewrite(rewrite::Config),
-    Redirect(redirect::Config),
-    IpFilter(ip_filter::Config),
-    BasicAuth(basic_auth::Config),
-    ApiKey(api_key::Config),
-    RateLimit(rate_limit::Config),
-    Cors(cors::Config),
-    RequestId(request_id::Config),
-    RequestSizeLimit(size_limit::Config),
-    BodyReplace(body_replace::Config),
-    Compress(compress::Config),
+/// What building a middleware may need besides its config.
+pub struct Build<'a> {
+    /// The `middleware_services` name of the instance.
+    pub name: &'a str,
+    /// The directory of the file that defined it, for config keys that name files.
+    pub base: &'a std::path::Path,
+    /// The server's limit counters (the `sse` type's `max_connections`).
+    pub limits: &'a limits::Registry,
 }
 
-/// Every type name, for error messages.
-pub const TYPES: &[&str] = &[
-    "sse",
-    "headers",
-    "rewrite",
-    "redirect",
-    "ip_filter",
-    "basic_auth",
-    "api_key",
-    "rate_limit",
-    "cors",
-    "request_id",
-    "request_size_limit",
-    "body_replace",
-    "compress",
-];
+/// The one list of middleware types: each row is the type name as written in the config,
+/// the variant holding its config, the module that implements it, and how an instance is
+/// built from its config (`c`) and the [`Build`] context (`b`). Everything else (the config
+/// enum, the list of names, parsing and building) is generated from it.
+macro_rules! middleware_types {
+    (|$c:ident, $b:ident| $($name:literal => $variant:ident($module:ident) = $build:expr;)*) => {
+        /// The per-type config of a `middleware_services` entry.
+        #[derive(Debug)]
+        pub enum MiddlewareConfig {
+            $($variant($module::Config),)*
+        }
+
+        /// Every type name, for error messages.
+        pub const TYPES: &[&str] = &[$($name),*];
+
+        impl MiddlewareConfig {
+            /// Deserialises `config` for `kind` straight from the YAML, so errors keep
+            /// their line.
+            fn from_map<'de, A: MapAccess<'de>>(kind: &str, map: &mut A) -> Result<Self, A::Error> {
+                Ok(match kind {
+                    $($name => Self::$variant(map.next_value()?),)*
+                    other => return Err(de::Error::custom(unknown_type(other))),
+                })
+            }
+
+            /// The same, from an already parsed value (when `config` came before `type`).
+            fn from_value(kind: &str, value: serde_yaml::Value) -> Result<Self, String> {
+                let value = match value {
+                    serde_yaml::Value::Null => serde_yaml::Value::Mapping(Default::default()),
+                    v => v,
+                };
+                Ok(match kind {
+                    $($name => Self::$variant(
+                        serde_yaml::from_value(value).map_err(|e| e.to_string())?,
+                    ),)*
+                    other => return Err(unknown_type(other)),
+                })
+            }
+
+            /// The type name as written in the config.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(Self::$variant(_) => $name,)*
+                }
+            }
+
+            /// Builds the middleware.
+            pub fn build(&self, $b: &Build<'_>) -> Result<Box<dyn Middleware>, String> {
+                Ok(match self {
+                    $(Self::$variant($c) => Box::new($build) as Box<dyn Middleware>,)*
+                })
+            }
+        }
+    };
+}
+
+middleware_types! {
+    |c, b|
+    "sse" => Sse(sse) = sse::SseMiddleware::new(c, b.name, b.limits);
+    "headers" => Headers(headers) = headers::Headers::new(c)?;
+    "rewrite" => Rewrite(rewrite) = rewrite::Rewrite::new(c)?;
+    "redirect" => Redirect(redirect) = redirect::Redirect::new(c)?;
+    "ip_filter" => IpFilter(ip_filter) = ip_filter::IpFilter::new(c);
+    "basic_auth" => BasicAuth(basic_auth) = basic_auth::BasicAuth::new(c, b.base)?;
+    "api_key" => ApiKey(api_key) = api_key::ApiKey::new(c, b.base)?;
+    "rate_limit" => RateLimit(rate_limit) = rate_limit::RateLimit::new(c)?;
+    "cors" => Cors(cors) = cors::Cors::new(c)?;
+    "request_id" => RequestId(request_id) = request_id::RequestId::new(c)?;
+    "request_size_limit" => RequestSizeLimit(size_limit) = size_limit::SizeLimit::new(c);
+    "body_replace" => BodyReplace(body_replace) = body_replace::BodyReplace::new(c)?;
+    "compress" => Compress(compress) = compress::Compress::new(c)?;
+}
 
 impl MiddlewareConfig {
-    /// Deserialises `config` for `kind` straight from the YAML, so errors keep their line.
-    fn from_map<'de, A: MapAccess<'de>>(kind: &str, map: &mut A) -> Result<Self, A::Error> {
-        Ok(match kind {
-            "sse" => Self::Sse(map.next_value()?),
-            "headers" => Self::Headers(map.next_value()?),
-            "rewrite" => Self::Rewrite(map.next_value()?),
-            "redirect" => Self::Redirect(map.next_value()?),
-            "ip_filter" => Self::IpFilter(map.next_value()?),
-            "basic_auth" => Self::BasicAuth(map.next_value()?),
-            "api_key" => Self::ApiKey(map.next_value()?),
-            "rate_limit" => Self::RateLimit(map.next_value()?),
-            "cors" => Self::Cors(map.next_value()?),
-            "request_id" => Self::RequestId(map.next_value()?),
-            "request_size_limit" => Self::RequestSizeLimit(map.next_value()?),
-            "body_replace" => Self::BodyReplace(map.next_value()?),
-            "compress" => Self::Compress(map.next_value()?),
-            other => return Err(de::Error::custom(unknown_type(other))),
-        })
-    }
-
-    /// The same, from an already parsed value (when `config` came before `type`).
-    fn from_value(kind: &str, value: serde_yaml::Value) -> Result<Self, String> {
-        let value = match value {
-            serde_yaml::Value::Null => serde_yaml::Value::Mapping(Default::default()),
-            v => v,
-        };
-        let e = |e: serde_yaml::Error| e.to_string();
-        Ok(match kind {
-            "sse" => Self::Sse(serde_yaml::from_value(value).map_err(e)?),
-            "headers" => Self::Headers(serde_yaml::from_value(value).map_err(e)?),
-            "rewrite" => Self::Rewrite(serde_yaml::from_value(value).map_err(e)?),
-            "redirect" => Self::Redirect(serde_yaml::from_value(value).map_err(e)?),
-            "ip_filter" => Self::IpFilter(serde_yaml::from_value(value).map_err(e)?),
-            "basic_auth" => Self::BasicAuth(serde_yaml::from_value(value).map_err(e)?),
-            "api_key" => Self::ApiKey(serde_yaml::from_value(value).map_err(e)?),
-            "rate_limit" => Self::RateLimit(serde_yaml::from_value(value).map_err(e)?),
-            "cors" => Self::Cors(serde_yaml::from_value(value).map_err(e)?),
-            "request_id" => Self::RequestId(serde_yaml::from_value(value).map_err(e)?),
-            "request_size_limit" => {
-                Self::RequestSizeLimit(serde_yaml::from_value(value).map_err(e)?)
-            }
-            "body_replace" => Self::BodyReplace(serde_yaml::from_value(value).map_err(e)?),
-            "compress" => Self::Compress(serde_yaml::from_value(value).map_err(e)?),
-            other => return Err(unknown_type(other)),
-        })
-    }
-
-    /// The type name as written in the config.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Sse(_) => "sse",
-            Self::Headers(_) => "headers",
-            Self::Rewrite(_) => "rewrite",
-            Self::Redirect(_) => "redirect",
-            Self::IpFilter(_) => "ip_filter",
-            Self::BasicAuth(_) => "basic_auth",
-            Self::ApiKey(_) => "api_key",
-            Self::RateLimit(_) => "rate_limit",
-            Self::Cors(_) => "cors",
-            Self::RequestId(_) => "request_id",
-            Self::RequestSizeLimit(_) => "request_size_limit",
-            Self::BodyReplace(_) => "body_replace",
-            Self::Compress(_) => "compress",
-        }
-    }
-
     /// Whether an unchanged instance should be carried over a reload rather than rebuilt:
     /// only types with state worth keeping (rate limiter buckets). Types that read files
     /// are always rebuilt, so a reload picks up new credentials.
     pub fn keeps_state(&self) -> bool {
         matches!(self, Self::RateLimit(_))
-    }
-
-    /// Builds the middleware. `base` is the directory of the file that defined it, for
-    /// config keys that name files.
-    pub fn build(&self, name: &str, base: &std::path::Path) -> Result<Box<dyn Middleware>, String> {
-        Ok(match self {
-            Self::Sse(c) => Box::new(sse::SseMiddleware::new(c, name)),
-            Self::Headers(c) => Box::new(headers::Headers::new(c)?),
-            Self::Rewrite(c) => Box::new(rewrite::Rewrite::new(c)?),
-            Self::Redirect(c) => Box::new(redirect::Redirect::new(c)?),
-            Self::IpFilter(c) => Box::new(ip_filter::IpFilter::new(c)),
-            Self::BasicAuth(c) => Box::new(basic_auth::BasicAuth::new(c, base)?),
-            Self::ApiKey(c) => Box::new(api_key::ApiKey::new(c, base)?),
-            Self::RateLimit(c) => Box::new(rate_limit::RateLimit::new(c)?),
-            Self::Cors(c) => Box::new(cors::Cors::new(c)?),
-            Self::RequestId(c) => Box::new(request_id::RequestId::new(c)?),
-            Self::RequestSizeLimit(c) => Box::new(size_limit::SizeLimit::new(c)),
-            Self::BodyReplace(c) => Box::new(body_replace::BodyReplace::new(c)?),
-            Self::Compress(c) => Box::new(compress::Compress::new(c)?),
-        })
     }
 }
 

@@ -28,8 +28,7 @@ use pingora_proxy::Session;
 use serde::Deserialize;
 
 use super::ip_filter::{session_client, Net};
-use super::{header_name, Middleware, Outcome, Reply};
-use crate::proxy::RequestCtx;
+use super::{header_name, Context, Middleware, Outcome, Reply};
 
 const SHARDS: usize = 16;
 /// Above this many buckets a shard drops its full ones.
@@ -124,7 +123,7 @@ impl RateLimit {
 
 #[async_trait]
 impl Middleware for RateLimit {
-    async fn request(&self, session: &mut Session, _ctx: &mut RequestCtx) -> Result<Outcome> {
+    async fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
         let by_header = self
             .header
             .as_ref()

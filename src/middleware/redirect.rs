@@ -19,8 +19,7 @@ use pingora_error::Result;
 use pingora_proxy::Session;
 use serde::Deserialize;
 
-use super::{Middleware, Outcome, Reply};
-use crate::proxy::RequestCtx;
+use super::{Context, Middleware, Outcome, Reply};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,7 +136,7 @@ fn parse_template(template: &str) -> Result<Vec<Part>, String> {
 
 #[async_trait]
 impl Middleware for Redirect {
-    async fn request(&self, session: &mut Session, _ctx: &mut RequestCtx) -> Result<Outcome> {
+    async fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
         let req = session.req_header();
         let authority = crate::http_util::request_host(req).unwrap_or("");
         let location = self.location("http", authority, req.uri.path(), req.uri.query());

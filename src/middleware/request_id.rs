@@ -18,8 +18,7 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 use serde::Deserialize;
 
-use super::{header_name, BodyFilter, Middleware, Outcome};
-use crate::proxy::RequestCtx;
+use super::{header_name, BodyFilter, Context, Middleware, Outcome};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,7 +66,7 @@ fn acceptable(v: &HeaderValue) -> bool {
 
 #[async_trait]
 impl Middleware for RequestId {
-    async fn request(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Outcome> {
+    async fn request(&self, session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
         let id = match session.get_header(&self.header) {
             Some(v) if acceptable(v) => v.clone(),
             _ => {
@@ -90,7 +89,7 @@ impl Middleware for RequestId {
         &self,
         _session: &mut Session,
         response: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
+        ctx: &mut Context,
     ) -> Result<Option<Box<dyn BodyFilter>>> {
         if let Some(Id(id)) = ctx.values.get::<Id>() {
             response.insert_header(self.wire_name.clone(), id.clone())?;

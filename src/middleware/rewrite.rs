@@ -21,10 +21,9 @@ use pingora_proxy::Session;
 use regex::Regex;
 use serde::Deserialize;
 
-use super::{Middleware, Outcome};
+use super::{Context, Middleware, Outcome};
 use crate::error::http_error;
-use crate::proxy::RequestCtx;
-use crate::routing::pattern::prefix_matches;
+use crate::pattern::prefix_matches;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -133,7 +132,7 @@ impl Rewrite {
 
 #[async_trait]
 impl Middleware for Rewrite {
-    async fn request(&self, session: &mut Session, _ctx: &mut RequestCtx) -> Result<Outcome> {
+    async fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
         let uri = &session.req_header().uri;
         let Some(path) = self.apply(uri.path()) else {
             return Ok(Outcome::Continue);

@@ -16,9 +16,8 @@ use pingora_error::Result;
 use pingora_proxy::Session;
 use serde::{Deserialize, Deserializer};
 
-use super::{Middleware, Outcome, Reply};
+use super::{Context, Middleware, Outcome, Reply};
 use crate::error::http_error;
-use crate::proxy::RequestCtx;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,7 +83,7 @@ impl SizeLimit {
 
 #[async_trait]
 impl Middleware for SizeLimit {
-    async fn request(&self, session: &mut Session, _ctx: &mut RequestCtx) -> Result<Outcome> {
+    async fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
         let declared = session
             .get_header(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -99,7 +98,7 @@ impl Middleware for SizeLimit {
         &self,
         body: &Option<Bytes>,
         _end_of_stream: bool,
-        ctx: &mut RequestCtx,
+        ctx: &mut Context,
     ) -> Result<()> {
         ctx.request_body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
         if ctx.request_body_bytes > self.max {

@@ -1,4 +1,4 @@
-//! `sse`: the origin design's SSE middleware. Marks event-stream requests and applies its
+//! `sse`: SSE settings per route. Marks event-stream requests and applies its
 //! own SSE settings to the routes it is on.
 //!
 //! ```yaml
@@ -19,9 +19,9 @@
 //!   max_connections_per_client: 5   # per client address
 //! ```
 //!
-//! Phase: `request`. For a request that asks for an event stream (`Accept:
-//! text/event-stream`) it overlays its settings on the service's, marks the request
-//! (`ctx.sse_request`, and `IsSse` in the value map), and takes a slot under its own
+//! Phase: `request`. It overlays its settings on the service's; for a request that asks
+//! for an event stream (`Accept: text/event-stream`) it marks the request as one
+//! (`ctx.sse.announced`, and `IsSse` in the value map) and takes a slot under its own
 //! `max_connections` and its client's under `max_connections_per_client`; when none is free
 //! it answers `503` (`429` for the per-client limit) with `Retry-After` before the origin is
 //! contacted.
@@ -31,11 +31,9 @@ use http::header::{HeaderValue, ACCEPT, RETRY_AFTER};
 use pingora_error::Result;
 use pingora_proxy::Session;
 
-use super::{Middleware, Outcome, Reply};
-use crate::config::file::SseFile;
+use super::{Context, Middleware, Outcome, Reply};
 use crate::http_util::client_ip;
-use crate::proxy::RequestCtx;
-use crate::sse::{self, limits};
+use crate::sse::{self, limits, SseFile};
 
 pub type Config = SseFile;
 
@@ -53,34 +51,36 @@ pub struct SseMiddleware {
 }
 
 impl SseMiddleware {
-    pub fn new(config: &Config, name: &str) -> Self {
+    /// An instance named `name`, whose limits count in `limits`.
+    pub fn new(config: &Config, name: &str, limits: &limits::Registry) -> Self {
         SseMiddleware {
             config: config.clone(),
             slots: config
                 .max_connections
-                .map(|max| limits::slots(&format!("middleware:{name}"), max)),
+                .map(|max| limits.slots(&format!("middleware:{name}"), max)),
             client_slots: config
                 .max_connections_per_client
-                .map(|max| limits::client_slots(&format!("middleware:{name}"), max)),
+                .map(|max| limits.client_slots(&format!("middleware:{name}"), max)),
         }
     }
 }
 
 #[async_trait]
 impl Middleware for SseMiddleware {
-    async fn request(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Outcome> {
-        ctx.sse = ctx.sse.overlay(&self.config);
-        ctx.sse_request = ctx.sse.enabled
+    async fn request(&self, session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
+        let sse = &mut ctx.sse;
+        sse.settings = sse.settings.overlay(&self.config);
+        sse.announced = sse.settings.enabled
             && session
                 .get_header(ACCEPT)
                 .is_some_and(|v| sse::accepts_event_stream(v.as_bytes()));
-        ctx.values.insert(IsSse(ctx.sse_request));
-        if !ctx.sse_request {
+        ctx.values.insert(IsSse(sse.announced));
+        if !sse.announced {
             return Ok(Outcome::Continue);
         }
         if let Some(slots) = &self.slots {
             match slots.try_acquire() {
-                Some(guard) => ctx.slots.push(guard),
+                Some(guard) => sse.slots.push(guard),
                 None => {
                     return Ok(Outcome::Respond(limit_reply(slots.max(), "this route")));
                 }
@@ -88,7 +88,7 @@ impl Middleware for SseMiddleware {
         }
         if let (Some(slots), Some(client)) = (&self.client_slots, client_ip(session)) {
             match slots.try_acquire(client) {
-                Some(guard) => ctx.client_slots.push(guard),
+                Some(guard) => sse.client_slots.push(guard),
                 None => return Ok(Outcome::Respond(client_limit_reply(slots.max()))),
             }
         }

@@ -13,17 +13,14 @@
 //!
 //! A lookup allocates nothing: the host is lower-cased into a stack buffer.
 
-pub mod pattern;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use regex::Regex;
 
-pub use pattern::{HostPattern, PathPattern};
-
 use crate::metrics::RouteMetrics;
 use crate::middleware::Chain;
+use crate::pattern::{self, HostPattern, PathPattern};
 use crate::upstream::Service;
 
 /// A matched route: what the rest of the request needs to know about where it goes.
@@ -152,6 +149,33 @@ pub enum NoRoute {
     Path,
 }
 
+impl NoRoute {
+    /// The reason a 404 gives for a request to `host` and `path`.
+    pub fn reason(self, host: Option<&str>, path: &str) -> String {
+        let host = host.unwrap_or("");
+        match self {
+            NoRoute::Host => format!("no route for host `{host}`"),
+            NoRoute::Path => format!("no route for path `{path}` on host `{host}`"),
+        }
+    }
+}
+
+/// Whether a path has `.` or `..` segments, plain or percent-encoded. Such paths could
+/// match one route here and mean another path at the origin.
+pub fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let s = segment.as_bytes();
+        let dot = |b: &[u8]| b == b"." || b.eq_ignore_ascii_case(b"%2e");
+        match s.len() {
+            1 | 3 => dot(s),
+            2 => s == b"..",
+            4 => (dot(&s[..1]) && dot(&s[1..])) || (dot(&s[..3]) && dot(&s[3..])),
+            6 => dot(&s[..3]) && dot(&s[3..]),
+            _ => false,
+        }
+    })
+}
+
 /// The compiled host and path rules of one config.
 #[derive(Debug, Default)]
 pub struct RouteTable {
@@ -258,6 +282,19 @@ fn normalize_host<'a>(raw: &str, buf: &'a mut [u8; 256]) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_segments() {
+        assert!(has_dot_segment("/a/../b"));
+        assert!(has_dot_segment("/a/./b"));
+        assert!(has_dot_segment("/a/%2E%2e/b"));
+        assert!(has_dot_segment("/a/.%2e"));
+        assert!(has_dot_segment("/.."));
+        assert!(!has_dot_segment("/a/..b/c"));
+        assert!(!has_dot_segment("/a/b.c/"));
+        assert!(!has_dot_segment("/"));
+    }
+
     use crate::upstream::Service;
 
     fn route(name: &str) -> Arc<Route> {
@@ -265,7 +302,7 @@ mod tests {
             name: name.to_string(),
             service: Arc::new(Service::for_tests(name)),
             chain: Vec::new().into(),
-            metrics: crate::metrics::route(name, name),
+            metrics: crate::metrics::Metrics::new().route(name, name),
         })
     }
 

@@ -6,15 +6,13 @@
 //! went over the limit, so no interleaving of concurrent opens ever admits one stream too
 //! many. The slot is released when its [`SlotGuard`] drops, whichever way the request ends.
 //!
-//! Counters are kept per name for the life of the process, so a config reload keeps
+//! Counters are kept per name in the server's [`Registry`], so a config reload keeps
 //! counting the streams that are already open; the limit itself follows the new config.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-
-use once_cell::sync::Lazy;
 
 #[derive(Debug)]
 pub struct Slots {
@@ -52,10 +50,6 @@ impl Drop for SlotGuard {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
-
-static REGISTRY: Lazy<Mutex<HashMap<String, Arc<Slots>>>> = Lazy::new(Default::default);
-static CLIENT_REGISTRY: Lazy<Mutex<HashMap<String, Arc<ClientSlots>>>> =
-    Lazy::new(Default::default);
 
 /// Streams open per client address under one `max_connections_per_client`.
 #[derive(Debug)]
@@ -104,37 +98,47 @@ impl Drop for ClientSlotGuard {
     }
 }
 
-/// The per-client counter for `name`, with its limit set to `max`.
-pub fn client_slots(name: &str, max: usize) -> Arc<ClientSlots> {
-    let mut registry = CLIENT_REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-    let slots = registry
-        .entry(name.to_string())
-        .or_insert_with(|| {
-            Arc::new(ClientSlots {
-                open: Mutex::new(HashMap::new()),
-                max: AtomicUsize::new(max),
-            })
-        })
-        .clone();
-    slots.max.store(max, Ordering::Relaxed);
-    slots
+/// The limit counters of one server instance, by name (`global`, `service:feed`,
+/// `middleware:limit`).
+#[derive(Debug, Default)]
+pub struct Registry {
+    slots: Mutex<HashMap<String, Arc<Slots>>>,
+    client_slots: Mutex<HashMap<String, Arc<ClientSlots>>>,
 }
 
-/// The counter for `name` (for example `global`, `service:feed`), with its limit set to
-/// `max`. Called when a config is built, never per request.
-pub fn slots(name: &str, max: usize) -> Arc<Slots> {
-    let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-    let slots = registry
-        .entry(name.to_string())
-        .or_insert_with(|| {
-            Arc::new(Slots {
-                open: AtomicUsize::new(0),
-                max: AtomicUsize::new(max),
+impl Registry {
+    /// The counter for `name`, with its limit set to `max`. Called when a config is built,
+    /// never per request.
+    pub fn slots(&self, name: &str, max: usize) -> Arc<Slots> {
+        let mut registry = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slots = registry
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(Slots {
+                    open: AtomicUsize::new(0),
+                    max: AtomicUsize::new(max),
+                })
             })
-        })
-        .clone();
-    slots.max.store(max, Ordering::Relaxed);
-    slots
+            .clone();
+        slots.max.store(max, Ordering::Relaxed);
+        slots
+    }
+
+    /// The per-client counters for `name`, with their limit set to `max`.
+    pub fn client_slots(&self, name: &str, max: usize) -> Arc<ClientSlots> {
+        let mut registry = self.client_slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slots = registry
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(ClientSlots {
+                    open: Mutex::new(HashMap::new()),
+                    max: AtomicUsize::new(max),
+                })
+            })
+            .clone();
+        slots.max.store(max, Ordering::Relaxed);
+        slots
+    }
 }
 
 #[cfg(test)]
@@ -143,7 +147,7 @@ mod tests {
 
     #[test]
     fn never_one_over_under_concurrent_opens() {
-        let s = slots("test:concurrent", 50);
+        let s = Registry::default().slots("test:concurrent", 50);
         let held: Vec<SlotGuard> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..8)
                 .map(|_| {
@@ -165,7 +169,7 @@ mod tests {
 
     #[test]
     fn per_client_limits_count_each_address() {
-        let s = client_slots("test:clients", 2);
+        let s = Registry::default().client_slots("test:clients", 2);
         let a: IpAddr = "192.0.2.1".parse().expect("ip");
         let b: IpAddr = "192.0.2.2".parse().expect("ip");
         let g1 = s.try_acquire(a).expect("first");
@@ -178,9 +182,10 @@ mod tests {
 
     #[test]
     fn reload_keeps_the_count_and_takes_the_new_limit() {
-        let a = slots("test:reload", 1);
+        let registry = Registry::default();
+        let a = registry.slots("test:reload", 1);
         let guard = a.try_acquire().expect("slot");
-        let b = slots("test:reload", 2);
+        let b = registry.slots("test:reload", 2);
         assert_eq!(b.open(), 1);
         assert!(b.try_acquire().is_some());
         drop(guard);

@@ -1,20 +1,26 @@
-//! Server-Sent Events: detection, the response-header rules every SSE response gets, and
-//! write pacing for `flush_interval`.
+//! Server-Sent Events: what an event stream is and the rules it gets, with the pieces
+//! every stream path shares and that need nothing of the proxy around them:
 //!
-//! What "correct by default" means here:
-//! - a response is SSE when its `Content-Type` is `text/event-stream` (parameters allowed);
-//! - its headers go out at once and it never carries `Content-Length` (so Pingora streams
-//!   it chunked and flushes every chunk), is never compressed by the proxy, and gets
-//!   `Cache-Control: no-cache` and `X-Accel-Buffering: no` unless the origin set them;
-//! - with `flush_interval: 0` every upstream chunk is written and flushed as it arrives.
+//! - detection (`Content-Type: text/event-stream`, `Accept` asking for one) and the
+//!   response-header rules (no `Content-Length`, `Cache-Control: no-cache`,
+//!   `X-Accel-Buffering: no`); event boundaries and ids ([`first_event_end`], [`event_id`]);
+//! - [`settings`]: the `sse:` block and the effective settings of a stream;
+//! - [`scanner`]: the incremental event scanner; [`pacer`]: `flush_interval` pacing;
+//! - [`limits`]: open-stream counters; [`tracker`]: the registry of open streams;
+//!   [`drain`]: the drain signal; [`supervisor`]: the background task that starts the drain
+//!   at shutdown and closes inactive streams; [`close`]: why a stream ended.
+//!
+//! The per-chunk pipeline and the loop that carries a stream live in `relay`, which sits
+//! above the upstream and middleware code these pieces are used by.
 
+pub mod close;
+pub mod drain;
 pub mod limits;
 mod pacer;
 pub mod scanner;
+pub mod settings;
 pub mod supervisor;
 pub mod tracker;
-
-use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -22,11 +28,27 @@ use http::header::{HeaderName, HeaderValue, CACHE_CONTROL};
 use http::Version;
 use pingora_http::ResponseHeader;
 
+pub use close::CloseReason;
 pub use pacer::FlushPacer;
+pub use settings::{OnUpstreamError, SseFile, SseSettings};
 
-pub use crate::config::file::OnUpstreamError;
-use crate::config::file::SseFile;
 use crate::http_util::{drop_content_length, list_accepts, media_essence};
+use limits::{ClientSlotGuard, SlotGuard};
+
+/// What a request knows about event streams before its response arrives: the settings it
+/// runs with, whether it asked for a stream, and the limit slots it holds.
+#[derive(Debug, Default)]
+pub struct SseRequest {
+    /// The effective settings: the service's, overlaid by any `sse` middleware.
+    pub settings: SseSettings,
+    /// The client asked for an event stream (`Accept: text/event-stream`) and SSE is
+    /// enabled: stream limits apply before the origin is contacted.
+    pub announced: bool,
+    /// Slots of `max_connections` limits, held while the request lives.
+    pub slots: Vec<SlotGuard>,
+    /// Slots of `max_connections_per_client` limits.
+    pub client_slots: Vec<ClientSlotGuard>,
+}
 
 static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
@@ -40,160 +62,11 @@ pub const DRAIN_HINT: &[u8] = b"retry: 250\n\n";
 /// The heartbeat: an SSE comment line and the blank line after it.
 pub const HEARTBEAT: &[u8] = b":\n\n";
 
-/// Default `header_timeout`.
-pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Default `drain_period`.
-pub const DEFAULT_DRAIN_PERIOD: Duration = Duration::from_secs(10);
-
 /// The last event a client gets when the origin fails mid-stream with
 /// `on_upstream_error: event`: `event: error` and a one-line JSON reason.
 pub fn error_event(reason: &str) -> Bytes {
     let json = serde_json::json!({ "error": "upstream", "reason": reason });
     Bytes::from(format!("event: error\ndata: {json}\n\n"))
-}
-
-/// Effective SSE settings of a service: its `sse:` block over the global one.
-/// `None` durations mean no limit (written `0` in the config).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SseSettings {
-    /// When false, event streams are proxied like any other response.
-    pub enabled: bool,
-    /// Coalesce writes for at most this long; `None` flushes every chunk at once.
-    pub flush_interval: Option<Duration>,
-    /// Longest the origin may take to send a stream's response headers.
-    pub header_timeout: Option<Duration>,
-    /// Longest silence from the origin between events.
-    pub read_timeout: Option<Duration>,
-    /// Longest a write to the client may block.
-    pub write_timeout: Option<Duration>,
-    /// Streams older than this are ended at an event boundary with a `retry:` hint.
-    pub max_lifetime: Option<Duration>,
-    /// Tracked streams whose origin is silent this long are closed by the cleanup task.
-    pub inactive_threshold: Option<Duration>,
-    /// Origin silence after which the client gets a comment line; `None`: never.
-    pub heartbeat_interval: Option<Duration>,
-    /// What the client sees when the origin fails mid-stream.
-    pub on_upstream_error: OnUpstreamError,
-    /// On shutdown or upgrade, streams end at random moments spread over this period.
-    pub drain_period: Duration,
-    /// Continue a stream whose origin failed from another origin connection, with
-    /// `Last-Event-ID`.
-    pub resume: bool,
-    /// Most resumes of one stream within `resume_window`.
-    pub resume_attempts: u32,
-    pub resume_window: Duration,
-    /// Register each stream in the live registry and log its open and close.
-    pub connection_tracking: bool,
-    /// Most event streams open at once under this block; `None` for no limit.
-    pub max_connections: Option<usize>,
-    /// Most event streams one client address may have open at once under this block.
-    pub max_connections_per_client: Option<usize>,
-}
-
-impl SseSettings {
-    /// These settings with the keys set in `file` replaced.
-    pub fn overlay(&self, file: &SseFile) -> SseSettings {
-        SseSettings {
-            enabled: file.enabled.unwrap_or(self.enabled),
-            flush_interval: file
-                .flush_interval
-                .map_or(self.flush_interval, |d| d.limit()),
-            header_timeout: file
-                .header_timeout
-                .map_or(self.header_timeout, |d| d.limit()),
-            read_timeout: file.read_timeout.map_or(self.read_timeout, |d| d.limit()),
-            write_timeout: file.write_timeout.map_or(self.write_timeout, |d| d.limit()),
-            max_lifetime: file.max_lifetime.map_or(self.max_lifetime, |d| d.limit()),
-            inactive_threshold: file
-                .inactive_threshold
-                .map_or(self.inactive_threshold, |d| d.limit()),
-            heartbeat_interval: file
-                .heartbeat_interval
-                .map_or(self.heartbeat_interval, |d| d.limit()),
-            on_upstream_error: file.on_upstream_error.unwrap_or(self.on_upstream_error),
-            drain_period: file.drain_period.map_or(self.drain_period, |d| d.0),
-            resume: file.resume.unwrap_or(self.resume),
-            resume_attempts: file.resume_attempts.unwrap_or(self.resume_attempts),
-            resume_window: file.resume_window.map_or(self.resume_window, |d| d.0),
-            connection_tracking: file.connection_tracking.unwrap_or(self.connection_tracking),
-            max_connections: file.max_connections.or(self.max_connections),
-            max_connections_per_client: file
-                .max_connections_per_client
-                .or(self.max_connections_per_client),
-        }
-    }
-}
-
-/// One line for `streamgate -t`: what each stream of a service gets.
-impl std::fmt::Display for SseSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if !self.enabled {
-            return f.write_str("off (event streams proxied like any response)");
-        }
-        let time = |d: Option<Duration>| match d {
-            Some(d) => humantime::format_duration(d).to_string(),
-            None => "none".to_string(),
-        };
-        write!(
-            f,
-            "header_timeout {}, read_timeout {}, heartbeat {}, max_lifetime {}, \
-             inactive_threshold {}, drain {}, on_upstream_error {}, tracking {}",
-            time(self.header_timeout),
-            time(self.read_timeout),
-            time(self.heartbeat_interval),
-            time(self.max_lifetime),
-            time(self.inactive_threshold),
-            humantime::format_duration(self.drain_period),
-            match self.on_upstream_error {
-                OnUpstreamError::End => "end",
-                OnUpstreamError::Event => "event",
-            },
-            if self.connection_tracking {
-                "on"
-            } else {
-                "off"
-            },
-        )?;
-        if self.resume {
-            write!(
-                f,
-                ", resume (at most {} per {})",
-                self.resume_attempts,
-                humantime::format_duration(self.resume_window)
-            )?;
-        }
-        if let Some(max) = self.max_connections {
-            write!(f, ", max_connections {max}")?;
-        }
-        if let Some(max) = self.max_connections_per_client {
-            write!(f, ", max_connections_per_client {max}")?;
-        }
-        Ok(())
-    }
-}
-
-impl Default for SseSettings {
-    fn default() -> Self {
-        SseSettings {
-            enabled: true,
-            flush_interval: None,
-            header_timeout: Some(DEFAULT_HEADER_TIMEOUT),
-            read_timeout: None,
-            write_timeout: None,
-            max_lifetime: None,
-            inactive_threshold: None,
-            heartbeat_interval: None,
-            on_upstream_error: OnUpstreamError::End,
-            drain_period: DEFAULT_DRAIN_PERIOD,
-            resume: false,
-            resume_attempts: 3,
-            resume_window: Duration::from_secs(60),
-            connection_tracking: false,
-            max_connections: None,
-            max_connections_per_client: None,
-        }
-    }
 }
 
 /// Whether a `Content-Type` value is `text/event-stream`, with or without parameters.

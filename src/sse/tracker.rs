@@ -2,10 +2,10 @@
 //!
 //! Each tracked stream has an entry: id, client, host, path, route, service, upstream
 //! address, start time, last activity, events, bytes and last event id. The entry belongs to
-//! a [`TrackGuard`] held by the request; when the guard drops, whichever way the request
-//! ends (client gone, origin gone, timeout, error, or the runtime dropping it at shutdown,
-//! where Pingora's `logging` hook never runs), the entry is removed and the close is logged
-//! with its reason.
+//! a [`TrackGuard`] held by the stream; the stream closes it with its [`CloseReason`], and
+//! a guard dropped without a close (the runtime dropping the stream at shutdown, where
+//! Pingora's `logging` hook never runs) closes with `error`. Either way the entry is removed
+//! and the close is logged.
 //!
 //! Counters are atomics updated per chunk; the map is locked only when a stream opens or
 //! closes, and the last event id only when it changes.
@@ -16,8 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use once_cell::sync::Lazy;
 use tokio::sync::Notify;
+
+use super::CloseReason;
 
 /// One open stream.
 #[derive(Debug)]
@@ -34,7 +35,7 @@ pub struct StreamEntry {
     last_event_id: Mutex<String>,
     /// Why this stream was asked to end (the admin API, the cleanup task); the first ask
     /// wins.
-    end: OnceLock<&'static str>,
+    end: OnceLock<CloseReason>,
     /// Wakes the stream's relay when an end is asked for.
     end_notify: Notify,
     /// The origin now (it changes when a stream resumes on another endpoint).
@@ -44,14 +45,14 @@ pub struct StreamEntry {
 impl StreamEntry {
     /// Asks the proxy to end this stream at its next event boundary (with a `retry:` hint),
     /// giving the reason its close will be logged with.
-    pub fn request_end(&self, reason: &'static str) {
+    pub fn request_end(&self, reason: CloseReason) {
         if self.end.set(reason).is_ok() {
             self.end_notify.notify_one();
         }
     }
 
     /// Why the stream was asked to end, if it was.
-    pub fn end_requested(&self) -> Option<&'static str> {
+    pub fn end_requested(&self) -> Option<CloseReason> {
         self.end.get().copied()
     }
 
@@ -68,7 +69,7 @@ impl StreamEntry {
     }
 
     /// Resolves once an end has been asked for.
-    pub async fn end_asked(&self) -> &'static str {
+    pub async fn end_asked(&self) -> CloseReason {
         loop {
             if let Some(reason) = self.end_requested() {
                 return reason;
@@ -144,7 +145,7 @@ pub struct Closed {
     pub client: Option<IpAddr>,
     pub duration: Duration,
     pub events: u64,
-    pub reason: &'static str,
+    pub reason: CloseReason,
     pub at: SystemTime,
 }
 
@@ -158,12 +159,9 @@ pub struct Tracker {
     recent: Mutex<VecDeque<Closed>>,
 }
 
-/// The process's registry: it outlives config reloads.
-pub static TRACKER: Lazy<Tracker> = Lazy::new(Tracker::default);
-
 impl Tracker {
-    /// Registers a stream; it stays registered until the guard drops.
-    pub fn open(&'static self, info: StreamInfo) -> TrackGuard {
+    /// Registers a stream; it stays registered until its guard is closed or dropped.
+    pub fn open(self: &Arc<Self>, info: StreamInfo) -> TrackGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let upstream = info.upstream;
         let entry = Arc::new(StreamEntry {
@@ -189,10 +187,9 @@ impl Tracker {
             entry.info.path
         );
         TrackGuard {
-            tracker: self,
+            tracker: self.clone(),
             entry,
-            reason: "error",
-            detail: None,
+            closed: false,
         }
     }
 
@@ -216,7 +213,7 @@ impl Tracker {
     }
 
     /// Asks stream `id` to end; false when no such stream is open.
-    pub fn request_end(&self, id: u64, reason: &'static str) -> bool {
+    pub fn request_end(&self, id: u64, reason: CloseReason) -> bool {
         let entry = self.streams.lock().ok().and_then(|s| s.get(&id).cloned());
         entry.map(|e| e.request_end(reason)).is_some()
     }
@@ -230,7 +227,7 @@ impl Tracker {
                 continue;
             };
             if entry.end_requested().is_none() && entry.idle() >= threshold {
-                entry.request_end("idle_timeout");
+                entry.request_end(CloseReason::IdleTimeout);
                 asked += 1;
             }
         }
@@ -246,24 +243,36 @@ impl Tracker {
     }
 }
 
-/// A tracked stream; removing its entry and logging the close when dropped.
+/// A tracked stream: its entry stays in the registry until the guard is closed or dropped.
 #[derive(Debug)]
 pub struct TrackGuard {
-    tracker: &'static Tracker,
+    tracker: Arc<Tracker>,
     pub entry: Arc<StreamEntry>,
-    /// Why the stream ended: one of [`crate::metrics::CLOSE_REASONS`]. Set by the proxy
-    /// when it knows; `error` otherwise.
-    pub reason: &'static str,
-    pub detail: Option<String>,
+    closed: bool,
+}
+
+impl TrackGuard {
+    /// Removes the entry and logs the close with `reason` (and what went wrong, if known).
+    pub fn close(mut self, reason: CloseReason, detail: Option<&str>) {
+        self.tracker.remove(&self.entry, reason, detail);
+        self.closed = true;
+    }
 }
 
 impl Drop for TrackGuard {
     fn drop(&mut self) {
-        if let Ok(mut streams) = self.tracker.streams.lock() {
-            streams.remove(&self.entry.id);
+        if !self.closed {
+            self.tracker.remove(&self.entry, CloseReason::Error, None);
         }
-        let e = &self.entry;
-        if let Ok(mut recent) = self.tracker.recent.lock() {
+    }
+}
+
+impl Tracker {
+    fn remove(&self, e: &StreamEntry, reason: CloseReason, detail: Option<&str>) {
+        if let Ok(mut streams) = self.streams.lock() {
+            streams.remove(&e.id);
+        }
+        if let Ok(mut recent) = self.recent.lock() {
             if recent.len() == RECENT {
                 recent.pop_front();
             }
@@ -273,13 +282,13 @@ impl Drop for TrackGuard {
                 client: e.info.client,
                 duration: e.age(),
                 events: e.events(),
-                reason: self.reason,
+                reason,
                 at: SystemTime::now(),
             });
         }
         log::info!(
             "sse stream {} closed: route={} client={} duration={:.3}s events={} bytes={} \
-             last_event_id={:?} reason={}{}",
+             last_event_id={:?} reason={reason}{}",
             e.id,
             e.info.route,
             e.info.client.map(|c| c.to_string()).unwrap_or_default(),
@@ -287,9 +296,7 @@ impl Drop for TrackGuard {
             e.events(),
             e.bytes(),
             e.last_event_id(),
-            self.reason,
-            self.detail
-                .as_ref()
+            detail
                 .map(|d| format!(" detail=\"{d}\""))
                 .unwrap_or_default()
         );
@@ -300,25 +307,26 @@ impl Drop for TrackGuard {
 mod tests {
     use super::*;
 
-    static LOCAL: Lazy<Tracker> = Lazy::new(Tracker::default);
-
     #[test]
     fn entries_live_as_long_as_their_guards() {
-        let a = LOCAL.open(StreamInfo {
+        let local = Arc::new(Tracker::default());
+        let a = local.open(StreamInfo {
             route: "r".into(),
             ..StreamInfo::default()
         });
-        let b = LOCAL.open(StreamInfo::default());
-        assert_eq!(LOCAL.len(), 2);
+        let b = local.open(StreamInfo::default());
+        assert_eq!(local.len(), 2);
         a.entry.record(10, 2, Some(b"41"));
         a.entry.record(5, 1, Some(b"42"));
-        let snap = LOCAL.snapshot();
+        let snap = local.snapshot();
         assert_eq!(snap[0].events(), 3);
         assert_eq!(snap[0].bytes(), 15);
         assert_eq!(snap[0].last_event_id(), "42");
-        drop(a);
-        assert_eq!(LOCAL.len(), 1);
+        a.close(CloseReason::OriginClosed, None);
+        assert_eq!(local.len(), 1);
+        assert_eq!(local.recent()[0].reason, CloseReason::OriginClosed);
         drop(b);
-        assert!(LOCAL.is_empty());
+        assert!(local.is_empty());
+        assert_eq!(local.recent()[0].reason, CloseReason::Error);
     }
 }

@@ -1,8 +1,8 @@
 //! Test harness: a scriptable HTTP/1.1 origin on a real socket, the proxy started from
 //! `build_server` on a real socket, and helpers to read SSE events as a client sees them.
 //!
-//! Each test binary runs under nextest one test per process, so every test gets its own
-//! Pingora server; it is never shut down, the process exit ends it.
+//! Every test gets its own Pingora server with its own state (so tests may share a process,
+//! as under plain `cargo test`); it is never shut down, the process exit ends it.
 
 #![allow(dead_code)]
 
@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora_core::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
-use streamgate::{build_server, Config};
+use streamgate::{build_server, Config, State};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -303,6 +303,8 @@ pub async fn listening(addr: SocketAddr) {
 /// A running proxy.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// Its registries: open streams, metrics, the drain signal.
+    pub state: Arc<State>,
 }
 
 impl Proxy {
@@ -327,6 +329,7 @@ impl Proxy {
 
     async fn run(config: Config) -> Proxy {
         let addr = config.listen[0];
+        let state = config.state.clone();
         std::thread::spawn(move || {
             build_server(config, None).run(RunArgs {
                 shutdown_signal: Box::new(Never),
@@ -338,7 +341,7 @@ impl Proxy {
             }
         })
         .await;
-        Proxy { addr }
+        Proxy { addr, state }
     }
 
     pub fn url(&self, path: &str) -> String {

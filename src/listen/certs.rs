@@ -1,15 +1,16 @@
-//! TLS termination: certificates loaded and checked when the config loads, and the
-//! certificate resolver every TLS handshake goes through.
+//! TLS termination: certificates loaded and checked when the config loads, and how one is
+//! chosen for a handshake.
 //!
-//! Each TLS listener's certificates ([`ListenerTls`]) are part of the [`Config`], so they
-//! are read and validated with it: at start, by `streamgate -t`, and on every reload. A
-//! file that does not parse or a key that does not match its certificate fails the whole
+//! Each TLS listener's certificates ([`ListenerTls`]) are part of the config, so they are
+//! read and validated with it: at start, by `streamgate -t`, and on every reload. A file
+//! that does not parse or a key that does not match its certificate fails the whole
 //! config, so a reload with a broken pair keeps the old certificates.
 //!
 //! Pingora fixes a listener's TLS settings when it starts; what it lets change later is the
-//! certificate resolver's answer. [`CertResolver`] reads the live config at each handshake
-//! and picks the certificate for the client's SNI name from whatever was loaded last, so a
-//! renewed certificate is served from the next handshake on, without a restart.
+//! certificate resolver's answer. The resolver (`server::listeners`) reads the live config
+//! at each handshake and picks the certificate for the client's SNI name
+//! ([`ListenerTls::select`]) from whatever was loaded last, so a renewed certificate is
+//! served from the next handshake on, without a restart.
 //!
 //! `min_version: "1.3"`: Pingora's rustls acceptor always enables TLS 1.2 and 1.3, so the
 //! floor is enforced in two steps. The resolver refuses a ClientHello that offers no TLS
@@ -17,22 +18,19 @@
 //! [`below_min_version`] refuses requests on a connection that still negotiated 1.2.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
 use pingora_proxy::Session;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::ClientHello;
 use rustls::sign::CertifiedKey;
 use x509_parser::extensions::GeneralName;
 
-use crate::config::file::TlsVersion;
-use crate::config::Config;
-use crate::routing::HostPattern;
+use super::TlsVersion;
+use crate::pattern::HostPattern;
 
 /// A certificate chain and its key, loaded and checked.
 #[derive(Debug)]
@@ -233,62 +231,22 @@ fn negotiated(version: &str) -> Option<TlsVersion> {
     }
 }
 
-/// The TLS listener a connection accepted on `local` came through: its exact address, or
-/// the one bound to the unspecified address on that port.
-fn listener_tls(config: &Config, local: SocketAddr) -> Option<&ListenerTls> {
-    config.tls.get(&local).map(Arc::as_ref).or_else(|| {
-        config
-            .tls
-            .iter()
-            .find(|(addr, _)| addr.port() == local.port() && addr.ip().is_unspecified())
-            .map(|(_, tls)| tls.as_ref())
-    })
-}
-
 /// The second half of `min_version`: `Some(min)` when the request came over a TLS
-/// connection older than its listener's `min_version`. The resolver refuses every client
-/// that cannot do TLS 1.3 at all; a client that offers TLS 1.3 cipher suites yet settles
-/// on TLS 1.2 (rustls restricted to 1.2 does) passes the handshake and is refused here.
-pub fn below_min_version(session: &Session, config: &Config) -> Option<TlsVersion> {
+/// connection older than its listener's (`tls`) `min_version`. The resolver refuses every
+/// client that cannot do TLS 1.3 at all; a client that offers TLS 1.3 cipher suites yet
+/// settles on TLS 1.2 (rustls restricted to 1.2 does) passes the handshake and is refused
+/// here.
+pub fn below_min_version(session: &Session, tls: &ListenerTls) -> Option<TlsVersion> {
     let ssl = session.digest()?.ssl_digest.as_ref()?;
-    let local = *session.server_addr()?.as_inet()?;
-    let min = listener_tls(config, local)?.min_version;
+    let min = tls.min_version;
     (negotiated(&ssl.version)? < min).then_some(min)
 }
 
-/// The certificate resolver of the TLS listener on `addr`. It looks the listener up in
-/// the live config at each handshake; `initial` serves when a reload dropped the listener
-/// from the config (the socket stays until a restart or an upgrade).
-#[derive(Debug)]
-pub struct CertResolver {
-    config: Arc<ArcSwap<Config>>,
-    addr: SocketAddr,
-    initial: Arc<ListenerTls>,
-}
-
-impl CertResolver {
-    pub fn new(config: Arc<ArcSwap<Config>>, addr: SocketAddr, initial: Arc<ListenerTls>) -> Self {
-        CertResolver {
-            config,
-            addr,
-            initial,
-        }
-    }
-}
-
-impl ResolvesServerCert for CertResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let config = self.config.load();
-        let tls = config.tls.get(&self.addr).unwrap_or(&self.initial);
-        if tls.min_version == TlsVersion::V1_3 && !offers_tls13(&hello) {
-            // No certificate: rustls ends the handshake with a handshake_failure alert.
-            log::debug!(
-                "TLS handshake on {} refused: the client cannot do TLS 1.3 (min_version)",
-                self.addr
-            );
-            return None;
-        }
-        tls.select(hello.server_name()).map(|c| c.key.clone())
+impl ListenerTls {
+    /// Whether a handshake is refused before any certificate is chosen: the listener wants
+    /// TLS 1.3 and the client cannot do it.
+    pub fn refuses(&self, hello: &ClientHello<'_>) -> bool {
+        self.min_version == TlsVersion::V1_3 && !offers_tls13(hello)
     }
 }
 

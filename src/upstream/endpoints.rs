@@ -13,9 +13,7 @@
 //! candidates = current members that are healthy (active), not ejected (passive), and not
 //!              already tried by this request
 //! none left  -> 503 naming the service, at once (no connect timeout is waited for)
-//! algorithm  -> round_robin | weighted_round_robin | random (weighted) |
-//!               least_connections (ties rotate) | consistent_hash (Ketama, falls through
-//!               to the next node on the ring)
+//! algorithm  -> see [`super::balancing`]
 //! ```
 //!
 //! The choice is a [`Lease`]: the endpoint counts as open until the lease drops.
@@ -23,48 +21,19 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
-use once_cell::sync::Lazy;
-use pingora_core::server::ShutdownWatch;
-use pingora_core::services::background::BackgroundService;
-use pingora_ketama::{Bucket, Continuum};
 use pingora_load_balancing::discovery::ServiceDiscovery;
 use pingora_load_balancing::health_check::HealthCheck;
 use pingora_load_balancing::{Backend, Backends};
 
-/// How an endpoint is chosen: `services.<name>.load_balancing`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Algorithm {
-    RoundRobin,
-    WeightedRoundRobin,
-    Random,
-    LeastConnections,
-    ConsistentHash,
-}
-
-impl Algorithm {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Algorithm::RoundRobin => "round_robin",
-            Algorithm::WeightedRoundRobin => "weighted_round_robin",
-            Algorithm::Random => "random",
-            Algorithm::LeastConnections => "least_connections",
-            Algorithm::ConsistentHash => "consistent_hash",
-        }
-    }
-}
-
-/// Passive health: `failures` consecutive failures eject an endpoint for `cooldown`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PassiveHealth {
-    pub failures: u32,
-    pub cooldown: Duration,
-}
+use super::balancing::{Algorithm, Plan};
+use super::discovery::FileWatch;
+use super::health::PassiveHealth;
+use crate::sse::tracker::Tracker;
+use crate::sse::CloseReason;
 
 /// Why no endpoint could be chosen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,23 +54,15 @@ pub struct EndpointState {
     open: AtomicUsize,
     /// Consecutive failures (passive health).
     failures: AtomicU32,
-    /// Milliseconds after [`EPOCH`] when its ejection ends; 0: not ejected.
+    /// Milliseconds after `since` when its ejection ends; 0: not ejected.
     ejected_until: AtomicU64,
     /// Requests sent to it in total.
     chosen: AtomicU64,
+    since: Instant,
 }
-
-static EPOCH: Lazy<Instant> = Lazy::new(Instant::now);
-
-/// Points a weight unit gets on pingora-ketama's ring (its `POINT_MULTIPLE`).
-const RING_POINTS_PER_WEIGHT: usize = 160;
 
 /// While discovery has never succeeded, requests retry it at most this often.
 const FIRST_DISCOVERY_RETRY: Duration = Duration::from_secs(1);
-
-fn now_ms() -> u64 {
-    EPOCH.elapsed().as_millis() as u64
-}
 
 impl EndpointState {
     fn new(addr: SocketAddr) -> Self {
@@ -111,7 +72,12 @@ impl EndpointState {
             failures: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             chosen: AtomicU64::new(0),
+            since: Instant::now(),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.since.elapsed().as_millis() as u64
     }
 
     pub fn open(&self) -> usize {
@@ -123,7 +89,7 @@ impl EndpointState {
     }
 
     pub fn ejected(&self) -> bool {
-        self.ejected_until.load(Ordering::Relaxed) > now_ms()
+        self.ejected_until.load(Ordering::Relaxed) > self.now_ms()
     }
 }
 
@@ -142,7 +108,7 @@ impl Lease {
         let Some(passive) = self.passive else { return };
         let failures = self.state.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures >= passive.failures {
-            let until = now_ms() + passive.cooldown.as_millis() as u64;
+            let until = self.state.now_ms() + passive.cooldown.as_millis() as u64;
             self.state.ejected_until.store(until, Ordering::Relaxed);
             self.state.failures.store(0, Ordering::Relaxed);
             log::warn!(
@@ -165,15 +131,13 @@ impl Drop for Lease {
     }
 }
 
-/// What is derived from one membership: the members in order, the weighted schedule and
-/// the hash ring.
+/// What is derived from one membership: the members in order with their state, and the
+/// balancing plan.
 struct Schedule {
     /// The membership this was built from (compared by pointer).
     members: Arc<BTreeSet<Backend>>,
     list: Vec<(Backend, Arc<EndpointState>)>,
-    /// Indices into `list`, each repeated by its weight (interleaved).
-    weighted: Vec<usize>,
-    ring: Option<Continuum>,
+    plan: Plan,
 }
 
 /// How discovery and checks are scheduled.
@@ -203,10 +167,12 @@ pub struct Endpoints {
     refreshing: tokio::sync::Mutex<()>,
     checking: AtomicBool,
     /// A file source's change signal, taken by the background task.
-    watch: Mutex<Option<crate::discovery::FileWatch>>,
+    watch: Mutex<Option<FileWatch>>,
     /// Requests waiting for the first discovery queue here.
     first: tokio::sync::Mutex<()>,
     last_attempt: Mutex<Option<Instant>>,
+    /// Where tracked streams are ended when their endpoint leaves discovery.
+    tracker: Option<Arc<Tracker>>,
 }
 
 impl std::fmt::Debug for Endpoints {
@@ -235,8 +201,7 @@ impl Endpoints {
         let empty = Schedule {
             members: backends.get_backend(),
             list: Vec::new(),
-            weighted: Vec::new(),
-            ring: None,
+            plan: Plan::new(algorithm, Vec::new()),
         };
         Endpoints {
             service: service.to_string(),
@@ -256,12 +221,18 @@ impl Endpoints {
             watch: Mutex::new(None),
             first: tokio::sync::Mutex::new(()),
             last_attempt: Mutex::new(None),
+            tracker: None,
         }
     }
 
     /// Re-runs discovery whenever `watch` signals a change (as well as every `refresh`).
-    pub fn set_watch(&mut self, watch: Option<crate::discovery::FileWatch>) {
+    pub fn set_watch(&mut self, watch: Option<FileWatch>) {
         self.watch = Mutex::new(watch);
+    }
+
+    /// Ends tracked streams in `tracker` when their endpoint leaves discovery.
+    pub fn set_tracker(&mut self, tracker: Arc<Tracker>) {
+        self.tracker = Some(tracker);
     }
 
     pub fn algorithm(&self) -> Algorithm {
@@ -329,10 +300,13 @@ impl Endpoints {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        for entry in crate::sse::tracker::TRACKER.snapshot() {
+        let Some(tracker) = &self.tracker else {
+            return;
+        };
+        for entry in tracker.snapshot() {
             let on_removed = entry.upstream().is_some_and(|u| removed.contains(&u));
             if on_removed && entry.info.service == self.service {
-                entry.request_end("drain");
+                entry.request_end(CloseReason::Drain);
             }
         }
     }
@@ -364,6 +338,35 @@ impl Endpoints {
         self.backends.run_health_check(true).await;
     }
 
+    /// Starts what is due now (the background task calls this every tick): discovery,
+    /// active health checks, and the first time, the file source's change watch.
+    pub(super) fn upkeep(self: &Arc<Self>) {
+        let watch = self.watch.lock().ok().and_then(|mut w| w.take());
+        if let Some(mut watch) = watch {
+            let weak = Arc::downgrade(self);
+            tokio::spawn(async move {
+                while watch.changed().await {
+                    let Some(endpoints) = weak.upgrade() else {
+                        return;
+                    };
+                    endpoints.refresh().await;
+                }
+            });
+        }
+        let (refresh, check) = self.due();
+        if refresh && self.refreshing.try_lock().is_ok() {
+            let e = self.clone();
+            tokio::spawn(async move { e.refresh().await });
+        }
+        if check && !self.checking.swap(true, Ordering::AcqRel) {
+            let e = self.clone();
+            tokio::spawn(async move {
+                e.check_health().await;
+                e.checking.store(false, Ordering::Release);
+            });
+        }
+    }
+
     /// What the background task should run now: discovery, health checks.
     fn due(&self) -> (bool, bool) {
         let now = Instant::now();
@@ -388,7 +391,7 @@ impl Endpoints {
         if Arc::ptr_eq(&current.members, &members) {
             return current;
         }
-        let mut states = lock(&self.states);
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         let mut list = Vec::with_capacity(members.len());
         for backend in members.iter() {
             let Some(addr) = backend.addr.as_inet().copied() else {
@@ -405,19 +408,14 @@ impl Endpoints {
             Arc::strong_count(state) > 1 || list.iter().any(|(_, s)| s.addr == *addr)
         });
         drop(states);
-        let weighted = interleave(&list.iter().map(|(b, _)| b.weight).collect::<Vec<_>>());
-        let ring = (self.algorithm == Algorithm::ConsistentHash).then(|| {
-            let buckets: Vec<Bucket> = list
-                .iter()
-                .map(|(b, s)| Bucket::new(s.addr, b.weight.clamp(1, u32::MAX as usize) as u32))
-                .collect();
-            Continuum::new(&buckets)
-        });
+        let plan = Plan::new(
+            self.algorithm,
+            list.iter().map(|(b, s)| (s.addr, b.weight)).collect(),
+        );
         let built = Arc::new(Schedule {
             members,
             list,
-            weighted,
-            ring,
+            plan,
         });
         self.schedule.store(built.clone());
         built
@@ -466,50 +464,9 @@ impl Endpoints {
         if !(0..schedule.list.len()).any(up) {
             return Err(Unavailable::AllDown);
         }
-        let n = schedule.list.len();
         let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
-        let chosen = match self.algorithm {
-            Algorithm::RoundRobin => (0..n).map(|k| (turn + k) % n).find(|&i| usable(i)),
-            Algorithm::WeightedRoundRobin => {
-                let w = &schedule.weighted;
-                (0..w.len())
-                    .map(|k| w[(turn + k) % w.len()])
-                    .find(|&i| usable(i))
-            }
-            Algorithm::Random => {
-                let total: usize = (0..n)
-                    .filter(|&i| usable(i))
-                    .map(|i| schedule.list[i].0.weight.max(1))
-                    .sum();
-                if total == 0 {
-                    None
-                } else {
-                    let mut pick = fastrand::usize(0..total);
-                    (0..n).filter(|&i| usable(i)).find(|&i| {
-                        let w = schedule.list[i].0.weight.max(1);
-                        if pick < w {
-                            true
-                        } else {
-                            pick -= w;
-                            false
-                        }
-                    })
-                }
-            }
-            Algorithm::LeastConnections => (0..n)
-                .map(|k| (turn + k) % n)
-                .filter(|&i| usable(i))
-                .min_by_key(|&i| schedule.list[i].1.open()),
-            Algorithm::ConsistentHash => schedule.ring.as_ref().and_then(|ring| {
-                // The ring's iterator wraps around forever: one lap is enough.
-                let points: usize = schedule.list.iter().map(|(b, _)| b.weight.max(1)).sum();
-                ring.node_iter(key)
-                    .take(points.saturating_mul(RING_POINTS_PER_WEIGHT))
-                    .find_map(|addr| {
-                        (0..n).find(|&i| schedule.list[i].1.addr == *addr && usable(i))
-                    })
-            }),
-        };
+        let open = |i: usize| schedule.list[i].1.open();
+        let chosen = schedule.plan.pick(self.algorithm, turn, key, open, usable);
         let Some(i) = chosen else {
             return Err(Unavailable::Exhausted);
         };
@@ -537,162 +494,6 @@ pub struct EndpointView {
     pub chosen: u64,
 }
 
-/// Indices `0..weights.len()` each repeated `weight` times, spread out (smooth weighted
-/// round robin, as nginx does it), so a heavy endpoint does not take its turns in a row.
-fn interleave(weights: &[usize]) -> Vec<usize> {
-    let weights: Vec<i64> = weights.iter().map(|w| (*w).clamp(1, 1000) as i64).collect();
-    let total: i64 = weights.iter().sum();
-    let mut current = vec![0i64; weights.len()];
-    let mut out = Vec::with_capacity(total as usize);
-    for _ in 0..total {
-        let mut best = 0;
-        for i in 0..weights.len() {
-            current[i] += weights[i];
-            if current[i] > current[best] {
-                best = i;
-            }
-        }
-        current[best] -= total;
-        out.push(best);
-    }
-    out
-}
-
-/// Every service's endpoints, so a reload that leaves a service's endpoint settings alone
-/// keeps its set, its health and its open counts, and so the background task can reach
-/// them.
-static REGISTRY: Lazy<Mutex<HashMap<String, Registered>>> =
-    Lazy::new(|| Mutex::new(HashMap::new()));
-
-/// A service's endpoints in the registry, with the fingerprint of their settings.
-type Registered = (String, Weak<Endpoints>);
-
-/// The endpoints of service `name` whose endpoint settings print as `fingerprint`: the
-/// live ones when a previous config had the same, else new ones from `build`.
-pub fn shared(
-    name: &str,
-    fingerprint: String,
-    build: impl FnOnce() -> Result<Endpoints, String>,
-) -> Result<Arc<Endpoints>, String> {
-    let mut registry = lock(&REGISTRY);
-    if let Some((print, weak)) = registry.get(name) {
-        if *print == fingerprint {
-            if let Some(live) = weak.upgrade() {
-                return Ok(live);
-            }
-        }
-    }
-    let endpoints = Arc::new(build()?);
-    registry.insert(name.to_string(), (fingerprint, Arc::downgrade(&endpoints)));
-    Ok(endpoints)
-}
-
-fn live() -> Vec<Arc<Endpoints>> {
-    let mut registry = lock(&REGISTRY);
-    registry.retain(|_, (_, weak)| weak.strong_count() > 0);
-    registry.values().filter_map(|(_, w)| w.upgrade()).collect()
-}
-
-/// Locks `m`; a panic elsewhere while it was held leaves plain data, still usable.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// How often the background task looks at what is due.
-const TICK: Duration = Duration::from_millis(100);
-
-/// The background task: re-runs discovery and active health checks when they are due, for
-/// every service of the current config (and of older ones still serving requests).
-pub struct Upkeep;
-
-#[async_trait]
-impl BackgroundService for Upkeep {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tick.tick() => {}
-            }
-            for endpoints in live() {
-                let watch = endpoints.watch.lock().ok().and_then(|mut w| w.take());
-                if let Some(mut watch) = watch {
-                    let weak = Arc::downgrade(&endpoints);
-                    tokio::spawn(async move {
-                        while watch.changed().await {
-                            let Some(endpoints) = weak.upgrade() else {
-                                return;
-                            };
-                            endpoints.refresh().await;
-                        }
-                    });
-                }
-                let (refresh, check) = endpoints.due();
-                if refresh && endpoints.refreshing.try_lock().is_ok() {
-                    let e = endpoints.clone();
-                    tokio::spawn(async move { e.refresh().await });
-                }
-                if check && !endpoints.checking.swap(true, Ordering::AcqRel) {
-                    let e = endpoints.clone();
-                    tokio::spawn(async move {
-                        e.check_health().await;
-                        e.checking.store(false, Ordering::Release);
-                    });
-                }
-            }
-        }
-    }
-}
-
-/// Static discovery from a list of `(address, weight)`.
-pub fn static_discovery(list: &[(SocketAddr, usize)]) -> Box<dyn ServiceDiscovery + Send + Sync> {
-    let backends: BTreeSet<Backend> = list
-        .iter()
-        .map(|(addr, weight)| Backend {
-            addr: pingora_core::protocols::l4::socket::SocketAddr::Inet(*addr),
-            weight: *weight,
-            ext: http::Extensions::new(),
-        })
-        .collect();
-    pingora_load_balancing::discovery::Static::new(backends)
-}
-
-/// Discovery of a service URL's host name through the system resolver (`url:` with a
-/// name), refreshed every few seconds.
-pub struct SystemResolver {
-    pub host: String,
-    pub port: u16,
-}
-
-#[async_trait]
-impl ServiceDiscovery for SystemResolver {
-    async fn discover(&self) -> pingora_error::Result<(BTreeSet<Backend>, HashMap<u64, bool>)> {
-        let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
-            .await
-            .map_err(|e| {
-                pingora_error::Error::explain(
-                    pingora_error::ErrorType::ConnectNoRoute,
-                    format!("cannot resolve `{}`: {e}", self.host),
-                )
-            })?;
-        let backends: BTreeSet<Backend> = addrs
-            .map(|addr| Backend {
-                addr: pingora_core::protocols::l4::socket::SocketAddr::Inet(addr),
-                weight: 1,
-                ext: http::Extensions::new(),
-            })
-            .collect();
-        if backends.is_empty() {
-            return Err(pingora_error::Error::explain(
-                pingora_error::ErrorType::ConnectNoRoute,
-                format!("`{}` resolves to no address", self.host),
-            ));
-        }
-        Ok((backends, HashMap::new()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -705,7 +506,7 @@ mod tests {
         let list: Vec<_> = list.iter().map(|(p, w)| (addr(*p), *w)).collect();
         Endpoints::new(
             "t",
-            static_discovery(&list),
+            super::super::discovery::static_discovery(&list),
             None,
             algorithm,
             Some(PassiveHealth {
@@ -717,14 +518,6 @@ mod tests {
                 health_interval: None,
             },
         )
-    }
-
-    #[test]
-    fn interleave_spreads_weights() {
-        assert_eq!(interleave(&[1, 1]), vec![0, 1]);
-        assert_eq!(interleave(&[3, 1]), vec![0, 0, 1, 0]);
-        let five = interleave(&[5, 1, 1]);
-        assert_eq!(five, vec![0, 0, 1, 0, 2, 0, 0], "nginx's order");
     }
 
     #[tokio::test]

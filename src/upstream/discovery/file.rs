@@ -16,7 +16,7 @@ use pingora::lb::discovery::ServiceDiscovery;
 use pingora::lb::Backend;
 use tokio::sync::mpsc;
 
-use super::{discovery_error, Endpoints, FileDiscoveryFile};
+use super::{discovery_error, EndpointList, EndpointsFile};
 
 /// After a change, how long the file must stay quiet before [`FileWatch::changed`]
 /// returns: writers that rewrite a file in place do it in several steps.
@@ -24,7 +24,7 @@ const SETTLE: Duration = Duration::from_millis(50);
 /// The longest [`FileWatch::changed`] waits for the file to settle.
 const MAX_SETTLE: Duration = Duration::from_millis(500);
 
-/// Endpoints from a YAML file (see [`FileDiscoveryFile`] for the format).
+/// Endpoints from a YAML file (see [`EndpointsFile`] for the format).
 pub struct FileDiscovery {
     path: PathBuf,
 }
@@ -32,7 +32,7 @@ pub struct FileDiscovery {
 impl FileDiscovery {
     /// The discovery for `file`, whose path is relative to `base` (the directory of the
     /// config file that names it). The file is not read here.
-    pub fn new(file: &FileDiscoveryFile, base: &Path) -> Self {
+    pub fn new(file: &EndpointsFile, base: &Path) -> Self {
         FileDiscovery {
             path: base.join(&file.path),
         }
@@ -45,7 +45,7 @@ impl FileDiscovery {
 
     /// Reads and parses the file now. `Err` is `file:line:column: key: reason` for a parse
     /// error, `file: reason` otherwise.
-    pub async fn read(&self) -> Result<Endpoints, String> {
+    pub async fn read(&self) -> Result<EndpointList, String> {
         let text = tokio::fs::read_to_string(&self.path).await.map_err(|e| {
             format!(
                 "{}: cannot read the endpoints file: {e}",
@@ -75,14 +75,14 @@ impl ServiceDiscovery for FileDiscovery {
 }
 
 /// Parses the text of an endpoints file: a YAML list of endpoints.
-pub fn parse(path: &Path, text: &str) -> Result<Endpoints, String> {
+pub fn parse(path: &Path, text: &str) -> Result<EndpointList, String> {
     if text.trim().is_empty() {
         return Err(format!(
             "{}: the endpoints file is empty: list at least one endpoint",
             path.display()
         ));
     }
-    crate::config::parse_yaml(path, text).map_err(|e| e.to_string())
+    crate::yaml::parse_yaml(path, text).map_err(|e| e.to_string())
 }
 
 /// A change signal for one file: a file-system watch on its directory and the channel it

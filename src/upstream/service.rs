@@ -2,12 +2,15 @@
 //!
 //! A [`Service`] is built once per config from `services.<name>`: its URL (host, port,
 //! path prefix), the `Host` header policy, its timeouts, its effective SSE settings and its
-//! endpoints ([`crate::endpoints`]: discovery, health, load balancing). Per request it
+//! endpoints ([`super::endpoints`]: discovery, health, load balancing). Per request it
 //! chooses an endpoint (names are resolved by discovery, never by Pingora's peer, so nothing
 //! panics), builds the Pingora peer with the timeouts that fit the request, and rewrites the
 //! upstream request (path prefix, `Host`, `X-Forwarded-*`).
 //! An `https` service also carries its [`OriginTls`] settings, which [`Service::peer`]
 //! applies to the peer.
+//!
+//! [`Attempts`] is the one home of retries: the endpoints a request has tried and whether a
+//! failed connect may go on to another one.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -23,10 +26,12 @@ use serde::Deserialize;
 use pingora_load_balancing::health_check::HealthCheck;
 use pingora_proxy::Session;
 
-use crate::config::file::HashKeyFile;
-use crate::endpoints::{self, Algorithm, Endpoints, Lease, PassiveHealth, Unavailable};
-use crate::metrics::ServiceMetrics;
-use crate::origin_tls::OriginTls;
+use super::balancing::{Algorithm, HashKey};
+use super::discovery::{static_discovery, SystemResolver};
+use super::endpoints::{Endpoints, Lease, Timing, Unavailable};
+use super::health::PassiveHealth;
+use super::origin_tls::OriginTls;
+use crate::metrics::{Metrics, ServiceMetrics};
 use crate::sse::limits::{self, ClientSlots, Slots};
 use crate::sse::SseSettings;
 
@@ -130,18 +135,18 @@ pub fn url_endpoints(
     match url.ip {
         Some(ip) => Endpoints::new(
             service,
-            endpoints::static_discovery(&[(SocketAddr::new(ip, url.port), 1)]),
+            static_discovery(&[(SocketAddr::new(ip, url.port), 1)]),
             health_check,
             algorithm,
             passive,
-            endpoints::Timing {
+            Timing {
                 refresh: None,
                 health_interval,
             },
         ),
         None => Endpoints::new(
             service,
-            Box::new(endpoints::SystemResolver {
+            Box::new(SystemResolver {
                 host: url
                     .host
                     .trim_start_matches('[')
@@ -152,7 +157,7 @@ pub fn url_endpoints(
             health_check,
             algorithm,
             passive,
-            endpoints::Timing {
+            Timing {
                 refresh: Some(DNS_CACHE),
                 health_interval,
             },
@@ -231,7 +236,7 @@ pub struct Service {
     /// The live set of endpoints and how one is chosen.
     pub endpoints: Arc<Endpoints>,
     /// What `consistent_hash` hashes.
-    pub hash_key: HashKeyFile,
+    pub hash_key: HashKey,
     /// Further endpoints a request may try when connecting fails.
     pub retries: u32,
     /// Where the endpoints come from, for `-t` (`None`: the URL).
@@ -241,32 +246,35 @@ pub struct Service {
 }
 
 impl Service {
+    /// A service whose limit counters and metrics belong to `limits` and `metrics` (the
+    /// server instance's).
+    /// `host_header` starts as passthrough and `timeouts` as the defaults.
     pub fn new(
         name: String,
         url: ServiceUrl,
-        host_header: HostHeader,
-        timeouts: Timeouts,
         sse: SseSettings,
         endpoints: Arc<Endpoints>,
+        limits: &limits::Registry,
+        metrics: &Metrics,
     ) -> Self {
         let sse_limit = sse
             .max_connections
-            .map(|max| limits::slots(&format!("service:{name}"), max));
-        let metrics = crate::metrics::service(&name);
+            .map(|max| limits.slots(&format!("service:{name}"), max));
+        let metrics = metrics.service(&name);
         let sse_client_limit = sse
             .max_connections_per_client
-            .map(|max| limits::client_slots(&format!("service:{name}"), max));
+            .map(|max| limits.client_slots(&format!("service:{name}"), max));
         Service {
             name,
             url,
-            host_header,
-            timeouts,
+            host_header: HostHeader::Passthrough,
+            timeouts: Timeouts::default(),
             sse,
             sse_limit,
             sse_client_limit,
             metrics,
             endpoints,
-            hash_key: HashKeyFile::ClientIp,
+            hash_key: HashKey::ClientIp,
             retries: 0,
             discovery: None,
             tls: None,
@@ -286,10 +294,10 @@ impl Service {
         Service::new(
             name.to_string(),
             url,
-            HostHeader::Passthrough,
-            Timeouts::default(),
             SseSettings::default(),
             endpoints,
+            &limits::Registry::default(),
+            &Metrics::new(),
         )
     }
 
@@ -297,15 +305,15 @@ impl Service {
     pub fn hash_input(&self, session: &Session) -> Vec<u8> {
         let req = session.req_header();
         match &self.hash_key {
-            HashKeyFile::ClientIp => crate::http_util::client_ip(session)
+            HashKey::ClientIp => crate::http_util::client_ip(session)
                 .map(|ip| ip.to_string().into_bytes())
                 .unwrap_or_default(),
-            HashKeyFile::Header(name) => req
+            HashKey::Header(name) => req
                 .headers
                 .get(name)
                 .map(|v| v.as_bytes().to_vec())
                 .unwrap_or_default(),
-            HashKeyFile::Cookie(name) => req
+            HashKey::Cookie(name) => req
                 .headers
                 .get_all(http::header::COOKIE)
                 .iter()
@@ -316,7 +324,7 @@ impl Service {
                     (k == name.as_bytes()).then(|| v[1..].to_vec())
                 })
                 .unwrap_or_default(),
-            HashKeyFile::Path => req.uri.path().as_bytes().to_vec(),
+            HashKey::Path => req.uri.path().as_bytes().to_vec(),
         }
     }
 
@@ -432,5 +440,59 @@ impl Service {
             req.insert_header(Bytes::from_static(b"X-Forwarded-Host"), host)?;
         }
         Ok(())
+    }
+}
+
+/// The endpoints one request has tried, and whether another one may be tried after a
+/// failed connect: at most `retries` more, and never once the request was sent (a request
+/// that reached an origin may have had effects there).
+#[derive(Debug, Default)]
+pub struct Attempts {
+    tried: Vec<SocketAddr>,
+    retries_left: u32,
+}
+
+impl Attempts {
+    pub fn new(retries: u32) -> Self {
+        Attempts {
+            tried: Vec::new(),
+            retries_left: retries,
+        }
+    }
+
+    /// Attempts that stay away from `addr` (a stream resuming after its origin failed).
+    pub fn avoiding(addr: SocketAddr) -> Self {
+        Attempts {
+            tried: vec![addr],
+            retries_left: 0,
+        }
+    }
+
+    /// Chooses an endpoint of `service` this request has not tried yet.
+    pub async fn next(
+        &mut self,
+        service: &Service,
+        session: &Session,
+    ) -> Result<Lease, Box<pingora_error::Error>> {
+        let lease = service.choose(session, &self.tried).await?;
+        self.tried.push(lease.addr);
+        Ok(lease)
+    }
+
+    /// The endpoint chosen last.
+    pub fn last(&self) -> Option<SocketAddr> {
+        self.tried.last().copied()
+    }
+
+    /// Connecting to `lease` failed with `e`: the failure counts toward the endpoint's
+    /// passive health, and the answer says whether another endpoint may be tried.
+    pub fn connect_failed(&mut self, lease: &Lease, e: &pingora_error::Error) -> bool {
+        lease.failed();
+        if self.retries_left == 0 {
+            return false;
+        }
+        self.retries_left -= 1;
+        log::info!("retrying on another endpoint after {}: {e}", lease.addr);
+        true
     }
 }

@@ -289,9 +289,9 @@ mod tests {
             name: "api.internal".into(),
             port: Some(80),
             record: RecordKind::A,
-            refresh: crate::config::file::Dur(super::super::DNS_REFRESH),
+            refresh: crate::values::Dur(super::super::DNS_REFRESH),
             server: Some(SocketAddr::from(([127, 0, 0, 1], 53))),
-            timeout: crate::config::file::Dur(super::super::DNS_TIMEOUT),
+            timeout: crate::values::Dur(super::super::DNS_TIMEOUT),
         };
         assert!(DnsDiscovery::new(&file).is_ok());
     }

@@ -29,6 +29,7 @@
 
 pub mod dns;
 pub mod file;
+pub mod system;
 
 use std::collections::{BTreeSet, HashSet};
 use std::fmt;
@@ -41,10 +42,11 @@ use pingora::lb::Backend;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-use crate::config::file::Dur;
+use crate::values::Dur;
 
 pub use dns::DnsDiscovery;
 pub use file::{FileDiscovery, FileWatch};
+pub use system::{static_discovery, SystemResolver};
 
 /// The largest weight an endpoint may have. Pingora's weighted selection keeps one slot
 /// per weight unit and its consistent hashing 160 ring points per unit, so weights are
@@ -69,11 +71,11 @@ pub const STATIC_REFRESH: Duration = Duration::from_secs(60);
 #[serde(try_from = "DiscoveryRaw")]
 pub enum DiscoveryFile {
     /// `static: [endpoint, ...]`: a fixed, non-empty list without duplicates.
-    Static(Endpoints),
+    Static(EndpointList),
     /// `dns: {...}`: A, AAAA or SRV records.
     Dns(DnsFile),
     /// `file: {...}`: a YAML file listing the endpoints.
-    File(FileDiscoveryFile),
+    File(EndpointsFile),
 }
 
 /// `discovery:` as written.
@@ -81,11 +83,11 @@ pub enum DiscoveryFile {
 #[serde(deny_unknown_fields)]
 struct DiscoveryRaw {
     #[serde(default, rename = "static")]
-    static_: Option<Endpoints>,
+    static_: Option<EndpointList>,
     #[serde(default)]
     dns: Option<DnsFile>,
     #[serde(default)]
-    file: Option<FileDiscoveryFile>,
+    file: Option<EndpointsFile>,
 }
 
 impl TryFrom<DiscoveryRaw> for DiscoveryFile {
@@ -336,16 +338,16 @@ impl<'de> Deserialize<'de> for EndpointFile {
 /// A list of endpoints: `static:` and the contents of a discovery file. Never empty, no
 /// address twice.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoints(pub Vec<EndpointFile>);
+pub struct EndpointList(pub Vec<EndpointFile>);
 
-impl Endpoints {
+impl EndpointList {
     /// The set Pingora's load balancer takes.
     pub fn backends(&self) -> BTreeSet<Backend> {
         self.0.iter().map(EndpointFile::backend).collect()
     }
 }
 
-impl<'de> Deserialize<'de> for Endpoints {
+impl<'de> Deserialize<'de> for EndpointList {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let list = Vec::<EndpointFile>::deserialize(d)?;
         if list.is_empty() {
@@ -362,7 +364,7 @@ impl<'de> Deserialize<'de> for Endpoints {
                 )));
             }
         }
-        Ok(Endpoints(list))
+        Ok(EndpointList(list))
     }
 }
 
@@ -560,14 +562,14 @@ fn parse_server(raw: &str) -> Result<SocketAddr, String> {
 ///   normally picked up sooner, through a file-system watch ([`FileWatch`]).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileDiscoveryFile {
+pub struct EndpointsFile {
     #[serde(deserialize_with = "non_empty_path")]
     pub path: String,
     #[serde(default, deserialize_with = "positive_dur")]
     pub refresh: Option<Dur>,
 }
 
-impl FileDiscoveryFile {
+impl EndpointsFile {
     /// `refresh`, or its default.
     pub fn refresh_interval(&self) -> Duration {
         // `refresh: 0` is refused when parsed; a hand-built zero falls back too.

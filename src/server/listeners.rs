@@ -1,5 +1,5 @@
-//! Listeners: what each `listen` entry is (plain, TLS, h2c, redirect to https), the
-//! HTTP/2 settings, and the Pingora services they are served by.
+//! The Pingora services that serve the listeners (see `listen` for what each one is), the
+//! certificate resolver of TLS listeners, and the redirect-to-https app.
 //!
 //! Pingora sets HTTP/2 options (`h2c`, the idle timeout, the h2 settings) per service,
 //! not per listener, so listeners are grouped: one proxy service for TLS listeners and
@@ -26,18 +26,14 @@ use pingora_core::protocols::TcpKeepalive;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::services::listening::Service;
 use pingora_core::services::ServiceWithDependents;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 
 use crate::config::Config;
+use crate::listen::{Listener, ListenerKind, ListenerTls};
 use crate::proxy::StreamGate;
-use crate::tls::CertResolver;
+use crate::state::State;
 
-/// Default `http2.max_concurrent_streams`: room for a page's event streams and its other
-/// requests on one connection (Pingora's own default is 100).
-pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
-/// Default `http2.idle_timeout`: a connection with no open stream for this long closes.
-pub const DEFAULT_H2_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
-/// Default `tcp_keepalive`: idle time before the first probe on an accepted connection.
-pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// Keepalive probes sent before a silent peer is given up.
 const KEEPALIVE_PROBES: usize = 6;
 
@@ -51,64 +47,12 @@ const CLIENT_BUFFERS: L4BufferSettings = L4BufferSettings {
     write: None,
 };
 
-/// One `listen` entry, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listener {
-    pub addr: SocketAddr,
-    pub kind: ListenerKind,
-    /// Idle time before TCP keepalive probes start; `None`: off.
-    pub tcp_keepalive: Option<Duration>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListenerKind {
-    /// Plain HTTP/1.1, and HTTP/2 with prior knowledge when `h2c`.
-    Plain { h2c: bool },
-    /// Plain HTTP answered with a 308 to `https://host[:https_port]/path`.
-    Redirect { https_port: u16 },
-    /// TLS; its certificates are in [`Config::tls`] under the same address. `http2`:
-    /// ALPN offers h2 before http/1.1.
-    Tls { http2: bool },
-}
-
-impl std::fmt::Display for Listener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ", self.addr)?;
-        match self.kind {
-            ListenerKind::Plain { h2c: false } => f.write_str("http/1.1"),
-            ListenerKind::Plain { h2c: true } => f.write_str("http/1.1 + h2c"),
-            ListenerKind::Redirect { https_port } => {
-                write!(f, "redirect to https (port {https_port})")
-            }
-            ListenerKind::Tls { http2: true } => f.write_str("tls, alpn h2 + http/1.1"),
-            ListenerKind::Tls { http2: false } => f.write_str("tls, alpn http/1.1"),
-        }
-    }
-}
-
-/// `http2:`, for every HTTP/2 connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Http2Settings {
-    pub max_concurrent_streams: u32,
-    /// Close a connection that has had no open stream for this long. A connection with any
-    /// stream open (an event stream, however quiet) is never closed by it.
-    pub idle_timeout: Option<Duration>,
-}
-
-impl Default for Http2Settings {
-    fn default() -> Self {
-        Http2Settings {
-            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
-            idle_timeout: Some(DEFAULT_H2_IDLE_TIMEOUT),
-        }
-    }
-}
-
 /// The services serving `config`'s listeners, sharing `current`.
 pub fn services(
     server_conf: &Arc<ServerConf>,
     config: &Config,
     current: &Arc<ArcSwap<Config>>,
+    state: &Arc<State>,
 ) -> Vec<Box<dyn ServiceWithDependents>> {
     let mut services: Vec<Box<dyn ServiceWithDependents>> = Vec::new();
     for h2c in [false, true] {
@@ -127,7 +71,7 @@ pub fn services(
         let name = if h2c { "streamgate h2c" } else { "streamgate" };
         let mut proxy = pingora_proxy::http_proxy_service_with_name(
             server_conf,
-            StreamGate::new(current.clone(), server_conf),
+            StreamGate::new(current.clone(), state.clone(), server_conf),
             name,
         );
         if let Some(app) = proxy.app_logic_mut() {
@@ -196,6 +140,42 @@ fn socket_options(listener: &Listener) -> Option<TcpSocketOptions> {
         user_timeout: Duration::ZERO,
     });
     Some(options)
+}
+
+/// The certificate resolver of the TLS listener on `addr`. It looks the listener up in
+/// the live config at each handshake; `initial` serves when a reload dropped the listener
+/// from the config (the socket stays until a restart or an upgrade).
+#[derive(Debug)]
+pub struct CertResolver {
+    config: Arc<ArcSwap<Config>>,
+    addr: SocketAddr,
+    initial: Arc<ListenerTls>,
+}
+
+impl CertResolver {
+    pub fn new(config: Arc<ArcSwap<Config>>, addr: SocketAddr, initial: Arc<ListenerTls>) -> Self {
+        CertResolver {
+            config,
+            addr,
+            initial,
+        }
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let config = self.config.load();
+        let tls = config.tls.get(&self.addr).unwrap_or(&self.initial);
+        if tls.refuses(&hello) {
+            // No certificate: rustls ends the handshake with a handshake_failure alert.
+            log::debug!(
+                "TLS handshake on {} refused: the client cannot do TLS 1.3 (min_version)",
+                self.addr
+            );
+            return None;
+        }
+        tls.select(hello.server_name()).map(|c| c.key.clone())
+    }
 }
 
 /// Answers every request on a `redirect_http` listener with a 308 to its https form:

@@ -5,7 +5,8 @@
 //! origin stopped talking (`read_timeout`), end it at `max_lifetime`, when the admin API or
 //! the cleanup task asks, or when the process drains for a shutdown or an upgrade. So a
 //! request that asks for an event stream (`GET` with `Accept: text/event-stream`) is relayed
-//! here, from `request_filter`, through the same hooks Pingora would call:
+//! here, from `request_filter`, through the same header handling and per-chunk pipeline
+//! Pingora's loop gets ([`super::headers`], [`super::stream`]):
 //!
 //! ```text
 //! connect       the service's address, Pingora's connector and peer options
@@ -31,83 +32,77 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, TRANSFER_ENCODING};
+use http::header;
 use http::{Method, Version};
+use pingora_core::connectors::http::Connector;
 use pingora_core::protocols::http::client::HttpSession as OriginSession;
 use pingora_error::{Error, ErrorType, Result};
-use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::{ProxyHttp, Session};
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
 use tokio::time::{sleep_until, Instant as Deadline};
 
-use super::{route, RequestCtx, StreamGate};
-use crate::endpoints::Lease;
+use super::context::RequestCtx;
+use super::headers::{self, frame_for_client, strip_request_hop_by_hop, strip_response_hop_by_hop};
+use super::resume::{drop_repeated, remember_ids, RecentIds, MAX_HELD_EVENT};
+use super::stream::filter_own;
 use crate::error::http_error;
-use crate::sse::supervisor::{self, drain_deadline};
-use crate::sse::{self, OnUpstreamError};
-
-/// Headers that describe one connection and never cross a proxy.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
-    "http2-settings",
-];
+use crate::sse::drain::drain_deadline;
+use crate::sse::{self, CloseReason, OnUpstreamError};
+use crate::state::State;
+use crate::upstream::{Attempts, Lease};
 
 /// A deliberate end: why (for the close log) and the `retry:` hint the client gets last.
 #[derive(Debug, Clone, Copy)]
 struct Ending {
-    reason: &'static str,
+    reason: CloseReason,
     hint: &'static [u8],
 }
 
 impl Ending {
     const LIFETIME: Ending = Ending {
-        reason: "max_lifetime",
+        reason: CloseReason::MaxLifetime,
         hint: sse::END_HINT,
     };
     const DRAIN: Ending = Ending {
-        reason: "drain",
+        reason: CloseReason::Drain,
         hint: sse::DRAIN_HINT,
     };
 }
 
-/// Whether `request_filter` hands this request to the relay: a bodiless `GET` that asks for
-/// an event stream.
-pub(super) fn relays(session: &mut Session, ctx: &RequestCtx) -> bool {
-    ctx.sse_request && session.req_header().method == Method::GET && session.is_body_empty()
+/// The relay of one server instance: its state and the connector to origins.
+pub struct Relay<'a> {
+    pub state: &'a State,
+    pub connector: &'a Connector,
 }
 
-impl StreamGate {
+/// Whether `request_filter` hands this request to the relay: a bodiless `GET` that asks for
+/// an event stream.
+pub fn relays(session: &mut Session, ctx: &RequestCtx) -> bool {
+    ctx.chain.sse.announced && session.req_header().method == Method::GET && session.is_body_empty()
+}
+
+impl Relay<'_> {
     /// Relays an event-stream request (see the module docs). `Ok` means the response was
     /// sent whole; an error before the response header means Pingora's error path answers
     /// 502/504 with the reason, and after it the client connection is closed (so the
     /// client can tell a cut stream from a finished one).
-    pub(super) async fn relay(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-        ctx.relayed = true;
-        if supervisor::draining() {
+    pub async fn run(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        if self.state.drain.draining() {
             return turn_away(session, ctx).await;
         }
-        let route = route(ctx)?.clone();
+        let route = ctx.route()?.clone();
         let service = &route.service;
-        let tried = std::mem::take(&mut ctx.tried);
-        let (mut origin, lease, tried) = self
-            .open_origin(session, ctx, tried, service.retries, None)
-            .await?;
-        ctx.tried = tried;
-        ctx.upstream = Some(lease.addr);
-        ctx.lease = Some(lease);
+        let attempts = Attempts::new(service.retries);
+        let (mut origin, lease, attempts) = self.open_origin(session, ctx, attempts, None).await?;
+        ctx.upstream.attempts = attempts;
+        ctx.upstream.lease = Some(lease);
         let mut header = origin
             .response_header()
             .cloned()
             .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "no response header"))
             .map_err(|e| e.into_up())?;
         strip_response_hop_by_hop(&mut header);
-        self.response_filter(session, &mut header, ctx).await?;
+        headers::response(session, &mut header, ctx, &self.state.tracker).await?;
         frame_for_client(&mut header, session.req_header().version)?;
         session
             .write_response_header(Box::new(header), false)
@@ -121,34 +116,28 @@ impl StreamGate {
         self.stream_events(session, origin, ctx).await
     }
 
-    /// Connects to an endpoint not in `tried` (then to others, up to `retries` more, after
-    /// connect failures), sends the client's request (with `last_event_id` when resuming)
-    /// and reads the response header under `header_timeout`. Returns the origin session,
-    /// its lease, and every endpoint tried.
+    /// Connects to an endpoint `attempts` has not tried (then to others, as its retries
+    /// allow, after connect failures), sends the client's request (with `last_event_id`
+    /// when resuming) and reads the response header under `header_timeout`. Returns the
+    /// origin session, its lease, and the attempts.
     async fn open_origin(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        mut tried: Vec<SocketAddr>,
-        retries: u32,
+        mut attempts: Attempts,
         last_event_id: Option<&[u8]>,
-    ) -> Result<(OriginSession, Lease, Vec<SocketAddr>)> {
-        let route = route(ctx)?.clone();
+    ) -> Result<(OriginSession, Lease, Attempts)> {
+        let route = ctx.route()?.clone();
         let service = &route.service;
-        let first_try = tried.len();
         let (mut origin, lease) = loop {
-            let lease = service.choose(session, &tried).await?;
-            let addr = lease.addr;
-            tried.push(addr);
-            let peer = service.peer(addr, Some(&ctx.sse));
+            let lease = attempts.next(service, session).await?;
+            let peer = service.peer(lease.addr, Some(&ctx.chain.sse.settings));
             match self.connector.get_http_session(&*peer).await {
                 Ok((origin, _reused)) => break (origin, lease),
                 Err(e) => {
-                    lease.failed();
-                    if tried.len() - first_try > retries as usize {
+                    if !attempts.connect_failed(&lease, &e) {
                         return Err(e.into_up());
                     }
-                    log::info!("retrying on another endpoint after {addr}: {e}");
                 }
             }
         };
@@ -156,8 +145,7 @@ impl StreamGate {
         let mut request = session.req_header().clone();
         request.set_version(Version::HTTP_11);
         strip_request_hop_by_hop(&mut request);
-        self.upstream_request_filter(session, &mut request, ctx)
-            .await?;
+        headers::upstream_request(session, &mut request, ctx).await?;
         if let Some(id) = last_event_id {
             request.insert_header("last-event-id", id)?;
         }
@@ -186,7 +174,7 @@ impl StreamGate {
             }
         };
         let timed = async {
-            match ctx.sse.header_timeout {
+            match ctx.chain.sse.settings.header_timeout {
                 Some(limit) => tokio::time::timeout(limit, header).await.map_err(|_| limit),
                 None => Ok(header.await),
             }
@@ -220,7 +208,7 @@ impl StreamGate {
             lease.failed();
             return Err(e.into_up());
         }
-        Ok((origin, lease, tried))
+        Ok((origin, lease, attempts))
     }
 
     /// After the origin of a `resume` stream failed: opens the stream again from another
@@ -235,18 +223,18 @@ impl StreamGate {
         let last_id = ctx
             .stream
             .as_ref()
-            .map(|s| s.scanner.last_id().to_vec())
+            .map(|s| s.last_id().to_vec())
             .filter(|id| !id.is_empty());
-        let avoid: Vec<SocketAddr> = failed.into_iter().collect();
+        let avoid = failed.map_or_else(|| Attempts::new(0), Attempts::avoiding);
         let mut opened = self
-            .open_origin(session, ctx, avoid, 0, last_id.as_deref())
+            .open_origin(session, ctx, avoid, last_id.as_deref())
             .await;
         if opened.is_err() && failed.is_some() {
             opened = self
-                .open_origin(session, ctx, Vec::new(), 0, last_id.as_deref())
+                .open_origin(session, ctx, Attempts::new(0), last_id.as_deref())
                 .await;
         }
-        let (origin, lease, _) = match opened {
+        let (origin, lease, attempts) = match opened {
             Ok(opened) => opened,
             Err(e) => {
                 log::info!("resume failed: {e}");
@@ -256,7 +244,7 @@ impl StreamGate {
         if origin.response_header().is_some_and(|h| h.status == 204) {
             // In SSE, 204 means: do not reconnect. The stream ends cleanly.
             log::info!("resume: the origin answered 204, the stream is over");
-            self.close(ctx, "origin_closed");
+            close(ctx, CloseReason::OriginClosed);
             return None;
         }
         let streams = origin.response_header().is_some_and(|h| {
@@ -271,11 +259,11 @@ impl StreamGate {
             return None;
         }
         lease.succeeded();
-        ctx.upstream = Some(lease.addr);
-        if let Some(tracked) = &ctx.tracked {
-            tracked.entry.set_upstream(lease.addr);
+        if let Some(entry) = ctx.stream.as_ref().and_then(|s| s.entry()) {
+            entry.set_upstream(lease.addr);
         }
-        ctx.lease = Some(lease);
+        ctx.upstream.attempts = attempts;
+        ctx.upstream.lease = Some(lease);
         Some(origin)
     }
 
@@ -289,9 +277,7 @@ impl StreamGate {
         loop {
             let mut body = origin.read_response_body().await.map_err(|e| e.into_up())?;
             let end = body.is_none();
-            if let Some(delay) = self.response_body_filter(session, &mut body, end, ctx)? {
-                tokio::time::sleep(delay).await;
-            }
+            super::stream::apply_filters(&mut ctx.body_filters, &mut body, end)?;
             write_body(session, body, end).await?;
             if end {
                 return Ok(());
@@ -306,30 +292,30 @@ impl StreamGate {
         mut origin: OriginSession,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let settings = ctx.sse;
+        let settings = ctx.chain.sse.settings;
         // With `resume`, only whole events go to the client (the rest waits in `tail`), so a
         // stream continued from another origin never shows half an event; ids recently sent
         // are remembered so an origin that repeats them is not believed twice.
         let mut tail = bytes::BytesMut::new();
-        let mut recent_ids: std::collections::VecDeque<Vec<u8>> = Default::default();
+        let mut recent_ids = RecentIds::default();
         let mut resumes: std::collections::VecDeque<Instant> = Default::default();
         let mut resumed = false;
         let started = Instant::now();
         let lifetime_end = settings.max_lifetime.and_then(|d| started.checked_add(d));
-        let mut drain = supervisor::drain_signal();
+        let mut drain = self.state.drain.signal();
         let mut drain_end = drain
             .borrow_and_update()
             .map(|t| drain_deadline(t, settings.drain_period));
-        let entry = ctx.tracked.as_ref().map(|t| t.entry.clone());
+        let entry = ctx.stream.as_ref().and_then(|s| s.entry()).cloned();
         let mut watch_client = true;
         // The last bytes from the origin (read timeout) and to the client (heartbeats).
         let mut last_origin = started;
         let mut last_sent = started;
         let mut ending: Option<Ending> = None;
         loop {
-            let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.scanner.at_boundary());
+            let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.at_boundary());
             if let Some(end) = ending.filter(|_| at_boundary) {
-                return self.end_stream(session, ctx, end).await;
+                return end_stream(session, ctx, end).await;
             }
             let timed_end = [
                 lifetime_end.map(|t| (t, Ending::LIFETIME)),
@@ -354,7 +340,7 @@ impl StreamGate {
                         tail.extend_from_slice(&chunk);
                         if tail.len() > MAX_HELD_EVENT {
                             // Not an event stream one can hold events of: no resume either.
-                            self.close(ctx, "origin_error");
+                            close(ctx, CloseReason::OriginError);
                             return Err(Error::explain(
                                 ErrorType::InvalidHTTPHeader,
                                 format!("an event longer than {MAX_HELD_EVENT} bytes"),
@@ -371,17 +357,17 @@ impl StreamGate {
                         remember_ids(&events, &mut recent_ids);
                         if !events.is_empty() {
                             last_sent = last_origin;
-                            self.relay_chunk(session, ctx, events, ending.is_some()).await?;
+                            relay_chunk(session, ctx, events, ending.is_some()).await?;
                         }
                     }
                     Ok(Some(chunk)) => {
                         last_origin = Instant::now();
                         last_sent = last_origin;
-                        self.relay_chunk(session, ctx, chunk, ending.is_some()).await?;
+                        relay_chunk(session, ctx, chunk, ending.is_some()).await?;
                     }
                     Ok(None) => {
-                        self.close(ctx, "origin_closed");
-                        return self.send_own(session, ctx, Bytes::new(), true).await;
+                        close(ctx, CloseReason::OriginClosed);
+                        return send_own(session, ctx, Bytes::new(), true).await;
                     }
                     Err(e) => failed = Some(e.into_up()),
                 },
@@ -390,7 +376,7 @@ impl StreamGate {
                     // listening, keep streaming.
                     Err(e) if e.etype() == &ErrorType::ConnectError => watch_client = false,
                     Err(e) => {
-                        self.close(ctx, "client_closed");
+                        close(ctx, CloseReason::ClientClosed);
                         return Err(e.into_down());
                     }
                     Ok(_) => watch_client = false,
@@ -415,7 +401,7 @@ impl StreamGate {
                     failed = Some(e.into_up());
                 }
                 _ = sleep_until(deadline(heartbeat_at)), if heartbeat_at.is_some() && at_boundary => {
-                    self.send_own(session, ctx, Bytes::from_static(sse::HEARTBEAT), false).await?;
+                    send_own(session, ctx, Bytes::from_static(sse::HEARTBEAT), false).await?;
                     last_sent = Instant::now();
                 }
                 changed = drain.changed(), if drain_end.is_none() => {
@@ -429,10 +415,10 @@ impl StreamGate {
                 }
             }
             if let Some(e) = failed {
-                let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.scanner.at_boundary());
-                if settings.resume && supervisor::draining() && at_boundary {
+                let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.at_boundary());
+                if settings.resume && self.state.drain.draining() && at_boundary {
                     // The client would come back to the next process anyway.
-                    return self.end_stream(session, ctx, Ending::DRAIN).await;
+                    return end_stream(session, ctx, Ending::DRAIN).await;
                 }
                 if let Some(next) = self.try_resume(session, ctx, &mut resumes, &e).await {
                     origin = next;
@@ -441,103 +427,13 @@ impl StreamGate {
                     last_origin = Instant::now();
                     continue;
                 }
-                if ctx.stream.as_ref().and_then(|s| s.reason) == Some("origin_closed") {
-                    return self.send_own(session, ctx, Bytes::new(), true).await;
+                let finished = ctx.stream.as_ref().and_then(|s| s.reason());
+                if finished == Some(CloseReason::OriginClosed) {
+                    return send_own(session, ctx, Bytes::new(), true).await;
                 }
-                return self.origin_failed(session, ctx, e).await;
+                return origin_failed(session, ctx, e).await;
             }
         }
-    }
-
-    /// One chunk from the origin: observed, filtered, written. When the stream is ending,
-    /// only the part up to the current event's end is sent.
-    async fn relay_chunk(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        mut chunk: Bytes,
-        ending: bool,
-    ) -> Result<()> {
-        let Some(stream) = ctx.stream.as_mut() else {
-            return Ok(());
-        };
-        let events = if ending {
-            let before = stream.scanner.events();
-            let n = stream.scanner.feed_to_boundary(&chunk);
-            chunk.truncate(n);
-            stream.scanner.events() - before
-        } else {
-            stream.scanner.feed(&chunk)
-        };
-        self.record_chunk(ctx, chunk.len(), events);
-        let mut body = Some(chunk);
-        self.apply_body_filters(ctx, &mut body, false)?;
-        let delay = ctx
-            .stream
-            .as_mut()
-            .and_then(|s| s.pacer.as_mut())
-            .and_then(|p| p.delay(Instant::now()));
-        if let Some(delay) = delay {
-            tokio::time::sleep(delay).await;
-        }
-        write_body(session, body, false).await
-    }
-
-    /// Writes bytes of the proxy's own (a heartbeat, a hint, an error event) through the
-    /// route's body filters, so a compressed stream stays decodable.
-    async fn send_own(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        bytes: Bytes,
-        end: bool,
-    ) -> Result<()> {
-        let mut body = (!bytes.is_empty()).then_some(bytes);
-        self.apply_body_filters(ctx, &mut body, end)?;
-        write_body(session, body, end).await
-    }
-
-    /// Ends the stream on purpose, between two events: the hint, then a clean end.
-    async fn end_stream(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        end: Ending,
-    ) -> Result<()> {
-        self.close(ctx, end.reason);
-        self.send_own(session, ctx, Bytes::from_static(end.hint), true)
-            .await
-    }
-
-    /// The origin failed or went silent mid-stream.
-    async fn origin_failed(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        e: Box<Error>,
-    ) -> Result<()> {
-        let reason = if e.etype() == &ErrorType::ReadTimedout {
-            "idle_timeout"
-        } else {
-            "origin_error"
-        };
-        self.close(ctx, reason);
-        let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.scanner.at_boundary());
-        if ctx.sse.on_upstream_error == OnUpstreamError::Event && at_boundary {
-            // Ended cleanly, so `logging` sees no error to count.
-            if reason == "idle_timeout" {
-                if let Some(route) = &ctx.route {
-                    route.service.metrics.timeout();
-                }
-            }
-            let event = sse::error_event(&e.to_string());
-            self.send_own(session, ctx, event, true).await?;
-            if let Some(tracked) = ctx.tracked.as_mut() {
-                tracked.detail = Some(e.to_string());
-            }
-            return Ok(());
-        }
-        Err(e)
     }
 
     /// Resumes the stream after `e` when its settings allow one more resume now.
@@ -548,8 +444,8 @@ impl StreamGate {
         resumes: &mut std::collections::VecDeque<Instant>,
         e: &Error,
     ) -> Option<OriginSession> {
-        let settings = ctx.sse;
-        if !settings.resume || supervisor::draining() {
+        let settings = ctx.chain.sse.settings;
+        if !settings.resume || self.state.drain.draining() {
             return None;
         }
         let now = Instant::now();
@@ -568,7 +464,7 @@ impl StreamGate {
             return None;
         }
         resumes.push_back(now);
-        let failed = ctx.lease.take().map(|lease| {
+        let failed = ctx.upstream.lease.take().map(|lease| {
             lease.failed();
             lease.addr
         });
@@ -578,21 +474,85 @@ impl StreamGate {
         }
         log::info!(
             "sse stream resumed on {} after the origin {} failed ({e}), from last event id {:?}",
-            ctx.upstream.map(|a| a.to_string()).unwrap_or_default(),
+            ctx.upstream
+                .addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
             failed.map(|a| a.to_string()).unwrap_or_default(),
             ctx.stream
                 .as_ref()
-                .map(|s| String::from_utf8_lossy(s.scanner.last_id()).into_owned())
+                .map(|s| String::from_utf8_lossy(s.last_id()).into_owned())
                 .unwrap_or_default()
         );
         Some(origin)
     }
+}
 
-    /// Notes how the stream ended, for the close log and metrics.
-    fn close(&self, ctx: &mut RequestCtx, reason: &'static str) {
-        if let Some(stream) = ctx.stream.as_mut() {
-            stream.reason = Some(reason);
+/// One chunk from the origin: through the stream's pipeline, then written. When the stream
+/// is ending, only the part up to the current event's end is sent.
+async fn relay_chunk(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    chunk: Bytes,
+    ending: bool,
+) -> Result<()> {
+    let Some(stream) = ctx.stream.as_mut() else {
+        return Ok(());
+    };
+    let mut body = Some(chunk);
+    if let Some(delay) = stream.chunk(&mut body, &mut ctx.body_filters, ending, false)? {
+        tokio::time::sleep(delay).await;
+    }
+    write_body(session, body, false).await
+}
+
+/// Writes bytes of the proxy's own (a heartbeat, a hint, an error event) through the
+/// route's body filters, so a compressed stream stays decodable.
+async fn send_own(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    bytes: Bytes,
+    end: bool,
+) -> Result<()> {
+    let body = filter_own(&mut ctx.body_filters, bytes, end)?;
+    write_body(session, body, end).await
+}
+
+/// Ends the stream on purpose, between two events: the hint, then a clean end.
+async fn end_stream(session: &mut Session, ctx: &mut RequestCtx, end: Ending) -> Result<()> {
+    close(ctx, end.reason);
+    send_own(session, ctx, Bytes::from_static(end.hint), true).await
+}
+
+/// The origin failed or went silent mid-stream.
+async fn origin_failed(session: &mut Session, ctx: &mut RequestCtx, e: Box<Error>) -> Result<()> {
+    let reason = if e.etype() == &ErrorType::ReadTimedout {
+        CloseReason::IdleTimeout
+    } else {
+        CloseReason::OriginError
+    };
+    let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.at_boundary());
+    if ctx.chain.sse.settings.on_upstream_error == OnUpstreamError::Event && at_boundary {
+        // Ended cleanly, so `logging` sees no error to count.
+        if reason == CloseReason::IdleTimeout {
+            if let Some(route) = &ctx.route {
+                route.service.metrics.timeout();
+            }
         }
+        if let Some(stream) = ctx.stream.as_mut() {
+            stream.close_with(reason, e.to_string());
+        }
+        let event = sse::error_event(&e.to_string());
+        return send_own(session, ctx, event, true).await;
+    }
+    close(ctx, reason);
+    Err(e)
+}
+
+/// Notes how the stream ended, for the close log and metrics.
+fn close(ctx: &mut RequestCtx, reason: CloseReason) {
+    if let Some(stream) = ctx.stream.as_mut() {
+        stream.close(reason);
     }
 }
 
@@ -613,49 +573,6 @@ async fn turn_away(session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
     write_body(session, Some(Bytes::from_static(sse::DRAIN_HINT)), true).await
 }
 
-/// The longest event a `resume` stream holds back until it is complete.
-const MAX_HELD_EVENT: usize = 1 << 20;
-
-/// How many recent event ids a resumed stream remembers to drop repeats.
-const RECENT_IDS: usize = 256;
-
-/// `events` (whole events) without those whose id was already sent.
-fn drop_repeated(events: Bytes, recent: &std::collections::VecDeque<Vec<u8>>) -> Bytes {
-    let mut kept = bytes::BytesMut::with_capacity(events.len());
-    let mut rest = &events[..];
-    let mut dropped = false;
-    while let Some(end) = sse::first_event_end(rest) {
-        let (event, after) = rest.split_at(end);
-        let repeat = sse::event_id(event)
-            .is_some_and(|id| !id.is_empty() && recent.iter().any(|seen| seen == id));
-        if repeat {
-            dropped = true;
-        } else {
-            kept.extend_from_slice(event);
-        }
-        rest = after;
-    }
-    if dropped {
-        kept.freeze()
-    } else {
-        events
-    }
-}
-
-/// Remembers the ids of `events` (whole events), keeping the last [`RECENT_IDS`].
-fn remember_ids(events: &[u8], recent: &mut std::collections::VecDeque<Vec<u8>>) {
-    let mut rest = events;
-    while let Some(end) = sse::first_event_end(rest) {
-        if let Some(id) = sse::event_id(&rest[..end]).filter(|id| !id.is_empty()) {
-            if recent.len() == RECENT_IDS {
-                recent.pop_front();
-            }
-            recent.push_back(id.to_vec());
-        }
-        rest = &rest[end..];
-    }
-}
-
 /// Writes to the client; a failure is the client's (gone, or too slow for write_timeout).
 async fn write_body(session: &mut Session, body: Option<Bytes>, end: bool) -> Result<()> {
     session
@@ -672,55 +589,9 @@ fn deadline(at: Option<Instant>) -> Deadline {
     }
 }
 
-async fn end_asked(entry: Option<&crate::sse::tracker::StreamEntry>) -> &'static str {
+async fn end_asked(entry: Option<&crate::sse::tracker::StreamEntry>) -> CloseReason {
     match entry {
         Some(entry) => entry.end_asked().await,
         None => std::future::pending().await,
     }
-}
-
-/// Removes what belongs to the client's connection, and what it nominates, as Pingora's
-/// own proxy path does.
-fn strip_request_hop_by_hop(request: &mut RequestHeader) {
-    let nominated: Vec<HeaderName> = request
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
-        .filter(|name| {
-            !matches!(
-                name.as_str(),
-                "host" | "x-forwarded-for" | "x-forwarded-host" | "x-forwarded-proto"
-            )
-        })
-        .collect();
-    for name in nominated {
-        request.remove_header(&name);
-    }
-    for name in HOP_BY_HOP {
-        request.remove_header(*name);
-    }
-    request.remove_header(&TRANSFER_ENCODING);
-}
-
-fn strip_response_hop_by_hop(header: &mut ResponseHeader) {
-    for name in HOP_BY_HOP {
-        header.remove_header(*name);
-    }
-}
-
-/// A body without a length is sent chunked to an HTTP/1.1 client, so the connection can
-/// be reused after it (Pingora's proxy path does the same for close-delimited origins).
-fn frame_for_client(header: &mut ResponseHeader, client: Version) -> Result<()> {
-    let status = header.status.as_u16();
-    let bodyless = status == 204 || status == 304 || (100..200).contains(&status);
-    if client == Version::HTTP_11
-        && !bodyless
-        && !header.headers.contains_key(header::CONTENT_LENGTH)
-        && !header.headers.contains_key(TRANSFER_ENCODING)
-    {
-        header.insert_header(TRANSFER_ENCODING, "chunked")?;
-    }
-    Ok(())
 }

@@ -1,0 +1,295 @@
+//! Loading: the main file and the files it includes, the top-level key check (streamgate's
+//! keys beside Pingora's), Pingora's server settings, and the assembly of the parts that
+//! [`super::build`] makes into a [`Config`].
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use once_cell::sync::Lazy;
+use pingora_core::server::configuration::ServerConf;
+
+use super::build::{self, Parts};
+use super::file::{self, IncludedFile, MainFile};
+use super::{AccessLog, AdminConfig, Config, Instances, DRAIN_MARGIN_SECS};
+use crate::error::{ConfigError, ConfigErrorKind as Kind};
+use crate::listen::LoadedCert;
+use crate::sse::SseSettings;
+use crate::state::State;
+use crate::yaml::{KeyPath, Source};
+
+/// Loads `path` and what it includes for the server `state` belongs to. `previous` are the
+/// middleware instances of the config being replaced (kept when unchanged and stateful).
+pub fn from_file(
+    path: &Path,
+    state: &Arc<State>,
+    previous: &Instances,
+) -> Result<Config, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ConfigError::new(path, "", Kind::Io(e)))?;
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    from_text(path, &text, base, state, previous)
+}
+
+/// Like [`from_file`], with the main file's text already read; includes resolve against
+/// `base`.
+pub fn from_text(
+    file: &Path,
+    text: &str,
+    base: &Path,
+    state: &Arc<State>,
+    previous: &Instances,
+) -> Result<Config, ConfigError> {
+    let main = Source {
+        file: file.to_path_buf(),
+        text: text.to_string(),
+    };
+    check_top_level_keys(&main)?;
+    let server: ServerConf = main.parse()?;
+    let mut server = server.validate().map_err(|e| {
+        main.error(
+            KeyPath::root(),
+            Kind::Invalid(format!("Pingora server setting: {e}")),
+        )
+    })?;
+    let parsed: MainFile = main.parse()?;
+    let mut sources = vec![main];
+    let mut included = Vec::new();
+    for (i, pattern) in parsed.include.iter().enumerate() {
+        for path in expand_include(&sources[0], i, pattern, base)? {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError::new(&path, "", Kind::Io(e)))?;
+            let source = Source { file: path, text };
+            let file: IncludedFile = source.parse()?;
+            included.push(file);
+            sources.push(source);
+        }
+    }
+    // Every file's parts, in the order of `sources`.
+    let parts: Vec<Parts> = std::iter::once(Parts {
+        services: &parsed.services,
+        host_rules: &parsed.host_rules,
+        middleware_services: &parsed.middleware_services,
+    })
+    .chain(included.iter().map(|f| Parts {
+        services: &f.services,
+        host_rules: &f.host_rules,
+        middleware_services: &f.middleware_services,
+    }))
+    .collect();
+
+    let global_sse = match &parsed.sse {
+        Some(sse) => SseSettings::default().overlay(sse),
+        None => SseSettings::default(),
+    };
+    let services = build::services(&sources, &parts, &global_sse, base, state)?;
+    let middlewares = build::middlewares(&sources, &parts, base, state, previous)?;
+    let routes = build::routes(
+        &sources,
+        &parts,
+        &parsed.middlewares,
+        &services,
+        &middlewares,
+        state,
+    )?;
+    let listeners = build::listeners(&sources[0], parsed.listen.as_deref(), base)?;
+    let http2 = build::http2(&sources[0], parsed.http2.as_ref())?;
+    let admin = admin(&sources[0], parsed.admin.as_ref())?;
+    let access_log = AccessLog {
+        enabled: parsed
+            .access_log
+            .as_ref()
+            .and_then(|a| a.enabled)
+            .unwrap_or(true),
+        format: parsed
+            .access_log
+            .as_ref()
+            .and_then(|a| a.format)
+            .unwrap_or_default(),
+    };
+    if server.grace_period_seconds.is_none() {
+        // Pingora waits the whole grace period before it exits: make it as long as the
+        // longest drain, plus a little for the last streams' event boundaries, rather
+        // than Pingora's five minutes.
+        let drain = services
+            .values()
+            .map(|s| s.sse.drain_period)
+            .chain([global_sse.drain_period])
+            .max()
+            .unwrap_or_default();
+        server.grace_period_seconds = Some(drain.as_secs_f64().ceil() as u64 + DRAIN_MARGIN_SECS);
+    }
+    let certs: Vec<&LoadedCert> = listeners.tls.values().flat_map(|t| &t.certs).collect();
+    let version = version_of(&sources, &certs);
+    let texts = sources
+        .iter()
+        .map(|s| (s.file.clone(), s.text.clone()))
+        .collect();
+    let include_roots = parsed
+        .include
+        .iter()
+        .map(|pattern| {
+            base.join(pattern)
+                .components()
+                .take_while(|c| !glob_has_wildcard(&c.as_os_str().to_string_lossy()))
+                .collect::<PathBuf>()
+        })
+        .collect();
+    // Every file a change to which should reload the config: config files, certificates,
+    // CA bundles.
+    let mut files: Vec<PathBuf> = sources.into_iter().map(|s| s.file).collect();
+    let ca_files = services
+        .values()
+        .filter_map(|s| s.tls.as_ref()?.ca.as_ref().map(|ca| &ca.path));
+    for path in certs
+        .iter()
+        .flat_map(|cert| [&cert.cert_path, &cert.key_path])
+        .chain(ca_files)
+    {
+        if !files.contains(path) {
+            files.push(path.clone());
+        }
+    }
+    Ok(Config {
+        state: state.clone(),
+        source: file.to_path_buf(),
+        include_roots,
+        files,
+        version,
+        loaded_at: SystemTime::now(),
+        threads: server.threads,
+        server,
+        listen: listeners.listeners.iter().map(|l| l.addr).collect(),
+        listeners: listeners.listeners,
+        tls: listeners.tls,
+        http2,
+        demo: parsed.demo.map(|d| d.listen.0),
+        sse_limit: global_sse
+            .max_connections
+            .map(|max| state.limits.slots("global", max)),
+        sse_client_limit: global_sse
+            .max_connections_per_client
+            .map(|max| state.limits.client_slots("global", max)),
+        services,
+        middlewares,
+        routes,
+        admin,
+        access_log,
+        texts,
+    })
+}
+
+/// `admin:`; an address other machines can reach needs a token.
+fn admin(
+    main: &Source,
+    file: Option<&file::AdminFile>,
+) -> Result<Option<AdminConfig>, ConfigError> {
+    let Some(admin) = file else {
+        return Ok(None);
+    };
+    let listen = admin.listen.0;
+    if !listen.ip().is_loopback() && admin.token.as_deref().is_none_or(str::is_empty) {
+        return Err(main.error(
+            KeyPath::root().key("admin").key("listen"),
+            Kind::Invalid(format!(
+                "{listen} is reachable from other machines: set admin.token"
+            )),
+        ));
+    }
+    Ok(Some(AdminConfig {
+        listen,
+        token: admin.token.clone(),
+    }))
+}
+
+/// Pingora's `ServerConf` keys, read off its serialised default so they track the version.
+static PINGORA_KEYS: Lazy<HashSet<String>> = Lazy::new(|| {
+    let value = serde_yaml::to_value(ServerConf::default()).unwrap_or_default();
+    value
+        .as_mapping()
+        .map(|m| {
+            m.keys()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+});
+
+/// The main file's top level mixes our keys and Pingora's; anything else is a typo.
+fn check_top_level_keys(main: &Source) -> Result<(), ConfigError> {
+    let value: serde_yaml::Value = main.parse()?;
+    let mapping = match value {
+        serde_yaml::Value::Mapping(m) => m,
+        serde_yaml::Value::Null => serde_yaml::Mapping::new(),
+        _ => {
+            return Err(main.error(
+                KeyPath::root(),
+                Kind::Invalid("the config must be a mapping of keys to values".into()),
+            ))
+        }
+    };
+    for key in mapping.keys() {
+        let Some(key) = key.as_str() else {
+            return Err(main.error(
+                KeyPath::root(),
+                Kind::Invalid("top-level keys must be strings".into()),
+            ));
+        };
+        if !file::OWN_KEYS.contains(&key) && !PINGORA_KEYS.contains(key) {
+            return Err(main.error(KeyPath::root().key(key), Kind::UnknownKey));
+        }
+    }
+    Ok(())
+}
+
+fn expand_include(
+    main: &Source,
+    index: usize,
+    pattern: &str,
+    base: &Path,
+) -> Result<Vec<PathBuf>, ConfigError> {
+    let err = |reason: String| {
+        main.error(
+            KeyPath::root().key("include").index(index),
+            Kind::Include {
+                pattern: pattern.to_string(),
+                reason,
+            },
+        )
+    };
+    let full = base.join(pattern);
+    let full = full
+        .to_str()
+        .ok_or_else(|| err("the path is not valid UTF-8".into()))?;
+    let mut paths: Vec<PathBuf> = glob::glob(full)
+        .map_err(|e| err(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    paths.retain(|p| p.is_file());
+    paths.sort();
+    if paths.is_empty() && !glob_has_wildcard(pattern) {
+        return Err(err("no such file".into()));
+    }
+    Ok(paths)
+}
+
+fn glob_has_wildcard(pattern: &str) -> bool {
+    pattern.contains(['*', '?', '['])
+}
+
+/// A short hash of every file's text and every certificate.
+fn version_of(sources: &[Source], certs: &[&LoadedCert]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for source in sources {
+        source.file.hash(&mut hasher);
+        source.text.hash(&mut hasher);
+    }
+    for cert in certs {
+        for der in &cert.key.cert {
+            der.as_ref().hash(&mut hasher);
+        }
+    }
+    format!("{:016x}", hasher.finish())
+}

@@ -1,0 +1,512 @@
+//! Prometheus metrics of one server instance, served on the admin listener's `/metrics`.
+//!
+//! Families are `prometheus` vectors labelled by route and service name (never by raw
+//! path). A config resolves the handles of its routes and services once, when it is built
+//! ([`Metrics::route`], [`Metrics::service`]), so recording a request is a few atomic
+//! additions on handles it already holds. Handles of a route that a reload keeps are the
+//! same series, so counting goes on; after a reload [`Metrics::retain`] removes the series
+//! of routes and services the new config no longer has. Open-stream gauges drop with the
+//! stream, even when Pingora's `logging` hook never runs (see `relay::stream`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus::core::Collector;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use serde_json::{json, Value};
+
+use crate::sse::CloseReason;
+
+const DURATION_BOUNDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const LIFETIME_BOUNDS: &[f64] = &[1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0];
+const GAP_BOUNDS: &[f64] = &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 300.0];
+
+/// Response status classes counted by `streamgate_requests_total`.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+const ROUTE: &[&str] = &["route", "service"];
+
+/// Every family of one server instance.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    sse_open: IntGaugeVec,
+    sse_opened: IntCounterVec,
+    sse_closed: IntCounterVec,
+    sse_refused: IntCounterVec,
+    sse_resumed: IntCounterVec,
+    sse_events: IntCounterVec,
+    sse_bytes: IntCounterVec,
+    sse_lifetime: HistogramVec,
+    sse_first_event: HistogramVec,
+    sse_gap: HistogramVec,
+    connect_errors: IntCounterVec,
+    timeouts: IntCounterVec,
+    config_info: IntGaugeVec,
+    config_loaded: IntGauge,
+    /// The handles given out, by label set: the dashboard's totals, and what to prune.
+    handed: Mutex<Handed>,
+}
+
+#[derive(Default)]
+struct Handed {
+    routes: BTreeMap<(String, String), Arc<RouteMetrics>>,
+    services: BTreeMap<String, Arc<ServiceMetrics>>,
+    version: Option<String>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let vec = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| unreachable!("metric {name}: {e}"));
+    register(registry, &vec);
+    vec
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    bounds: &[f64],
+    labels: &[&str],
+) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(bounds.to_vec());
+    let vec =
+        HistogramVec::new(opts, labels).unwrap_or_else(|e| unreachable!("metric {name}: {e}"));
+    register(registry, &vec);
+    vec
+}
+
+fn register<C: Collector + Clone + 'static>(registry: &Registry, collector: &C) {
+    if let Err(e) = registry.register(Box::new(collector.clone())) {
+        log::error!("metrics: cannot register a family: {e}");
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let vec = IntGaugeVec::new(Opts::new(name, help), labels)
+                .unwrap_or_else(|e| unreachable!("metric {name}: {e}"));
+            register(&r, &vec);
+            vec
+        };
+        let sse_open = gauge_vec(
+            "streamgate_sse_streams_open",
+            "SSE streams open now.",
+            ROUTE,
+        );
+        let config_info = gauge_vec(
+            "streamgate_config_info",
+            "The config version being served.",
+            &["version"],
+        );
+        let config_loaded = IntGauge::new(
+            "streamgate_config_loaded_timestamp_seconds",
+            "When the config was loaded.",
+        )
+        .unwrap_or_else(|e| unreachable!("metric: {e}"));
+        register(&r, &config_loaded);
+        Metrics {
+            requests: counter(
+                &r,
+                "streamgate_requests_total",
+                "Requests answered, by route, service and status class.",
+                &["route", "service", "class"],
+            ),
+            duration: histogram(
+                &r,
+                "streamgate_request_duration_seconds",
+                "Time from request to the end of the response.",
+                DURATION_BOUNDS,
+                ROUTE,
+            ),
+            sse_open,
+            sse_opened: counter(
+                &r,
+                "streamgate_sse_streams_opened_total",
+                "SSE streams started.",
+                ROUTE,
+            ),
+            sse_closed: counter(
+                &r,
+                "streamgate_sse_streams_closed_total",
+                "SSE streams ended, by reason.",
+                &["route", "service", "reason"],
+            ),
+            sse_refused: counter(
+                &r,
+                "streamgate_sse_streams_refused_total",
+                "SSE streams refused by a limit (max_connections, per client, rate limits).",
+                ROUTE,
+            ),
+            sse_resumed: counter(
+                &r,
+                "streamgate_sse_streams_resumed_total",
+                "SSE streams continued on another origin connection after their origin failed (resume).",
+                ROUTE,
+            ),
+            sse_events: counter(
+                &r,
+                "streamgate_sse_events_total",
+                "SSE events sent to clients.",
+                ROUTE,
+            ),
+            sse_bytes: counter(
+                &r,
+                "streamgate_sse_bytes_total",
+                "SSE body bytes from origins.",
+                ROUTE,
+            ),
+            sse_lifetime: histogram(
+                &r,
+                "streamgate_sse_stream_duration_seconds",
+                "How long SSE streams lasted.",
+                LIFETIME_BOUNDS,
+                ROUTE,
+            ),
+            sse_first_event: histogram(
+                &r,
+                "streamgate_sse_first_event_seconds",
+                "Time from the stream's response header to its first event.",
+                GAP_BOUNDS,
+                ROUTE,
+            ),
+            sse_gap: histogram(
+                &r,
+                "streamgate_sse_event_gap_seconds",
+                "Time between consecutive events of a stream.",
+                GAP_BOUNDS,
+                ROUTE,
+            ),
+            connect_errors: counter(
+                &r,
+                "streamgate_upstream_connect_errors_total",
+                "Failed connections to origins.",
+                &["service"],
+            ),
+            timeouts: counter(
+                &r,
+                "streamgate_upstream_timeouts_total",
+                "Origin connect, read or write timeouts.",
+                &["service"],
+            ),
+            config_info,
+            config_loaded,
+            registry: r,
+            handed: Mutex::new(Handed::default()),
+        }
+    }
+
+    fn handed(&self) -> std::sync::MutexGuard<'_, Handed> {
+        self.handed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The handles of a route (and the service it sends to); called when a config is
+    /// built, never per request.
+    pub fn route(&self, route: &str, service: &str) -> Arc<RouteMetrics> {
+        let mut handed = self.handed();
+        let key = (route.to_string(), service.to_string());
+        if let Some(m) = handed.routes.get(&key) {
+            return m.clone();
+        }
+        let l = [route, service];
+        let m = Arc::new(RouteMetrics {
+            route: route.to_string(),
+            service: service.to_string(),
+            requests: CLASSES
+                .map(|class| self.requests.with_label_values(&[route, service, class])),
+            duration: self.duration.with_label_values(&l),
+            sse_open: self.sse_open.with_label_values(&l),
+            sse_opened: self.sse_opened.with_label_values(&l),
+            sse_closed: CloseReason::ALL.map(|r| {
+                self.sse_closed
+                    .with_label_values(&[route, service, r.as_str()])
+            }),
+            sse_refused: self.sse_refused.with_label_values(&l),
+            sse_resumed: self.sse_resumed.with_label_values(&l),
+            sse_events: self.sse_events.with_label_values(&l),
+            sse_bytes: self.sse_bytes.with_label_values(&l),
+            sse_lifetime: self.sse_lifetime.with_label_values(&l),
+            sse_first_event: self.sse_first_event.with_label_values(&l),
+            sse_gap: self.sse_gap.with_label_values(&l),
+        });
+        handed.routes.insert(key, m.clone());
+        m
+    }
+
+    /// The handles of a service; called when a config is built.
+    pub fn service(&self, name: &str) -> Arc<ServiceMetrics> {
+        let mut handed = self.handed();
+        if let Some(m) = handed.services.get(name) {
+            return m.clone();
+        }
+        let m = Arc::new(ServiceMetrics {
+            connect_errors: self.connect_errors.with_label_values(&[name]),
+            timeouts: self.timeouts.with_label_values(&[name]),
+        });
+        handed.services.insert(name.to_string(), m.clone());
+        m
+    }
+
+    /// Records the config version being served and when it was loaded.
+    pub fn config_loaded(&self, version: &str, unix_seconds: u64) {
+        let mut handed = self.handed();
+        if let Some(old) = handed.version.replace(version.to_string()) {
+            let _ = self.config_info.remove_label_values(&[&old]);
+        }
+        self.config_info.with_label_values(&[version]).set(1);
+        self.config_loaded
+            .set(i64::try_from(unix_seconds).unwrap_or(i64::MAX));
+    }
+
+    /// Keeps the series of these routes and services and removes every other one: called
+    /// once a reloaded config serves, so a renamed or removed route stops being exported.
+    /// Requests still finishing on a removed route record into handles nobody exports.
+    pub fn retain(&self, routes: &BTreeSet<(String, String)>, services: &BTreeSet<String>) {
+        let mut handed = self.handed();
+        let gone: Vec<(String, String)> = handed
+            .routes
+            .keys()
+            .filter(|k| !routes.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            handed.routes.remove(&key);
+            let l = [key.0.as_str(), key.1.as_str()];
+            for class in CLASSES {
+                let _ = self.requests.remove_label_values(&[l[0], l[1], class]);
+            }
+            for reason in CloseReason::ALL {
+                let _ = self
+                    .sse_closed
+                    .remove_label_values(&[l[0], l[1], reason.as_str()]);
+            }
+            let _ = self.duration.remove_label_values(&l);
+            let _ = self.sse_open.remove_label_values(&l);
+            for vec in [
+                &self.sse_opened,
+                &self.sse_refused,
+                &self.sse_resumed,
+                &self.sse_events,
+                &self.sse_bytes,
+            ] {
+                let _ = vec.remove_label_values(&l);
+            }
+            for vec in [&self.sse_lifetime, &self.sse_first_event, &self.sse_gap] {
+                let _ = vec.remove_label_values(&l);
+            }
+        }
+        let gone: Vec<String> = handed
+            .services
+            .keys()
+            .filter(|k| !services.contains(*k))
+            .cloned()
+            .collect();
+        for name in gone {
+            handed.services.remove(&name);
+            let _ = self.connect_errors.remove_label_values(&[&name]);
+            let _ = self.timeouts.remove_label_values(&[&name]);
+        }
+    }
+
+    /// Per-route totals for the dashboard: route, service, open streams, streams opened,
+    /// events, bytes, requests.
+    pub fn route_summaries(&self) -> Vec<Value> {
+        self.handed()
+            .routes
+            .values()
+            .map(|m| {
+                json!({
+                    "route": m.route,
+                    "service": m.service,
+                    "open": m.sse_open.get(),
+                    "opened": m.sse_opened.get(),
+                    "events": m.sse_events.get(),
+                    "bytes": m.sse_bytes.get(),
+                    "requests": m.requests.iter().map(IntCounter::get).sum::<u64>(),
+                })
+            })
+            .collect()
+    }
+
+    /// Every family in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# metrics could not be encoded: {e}\n"))
+    }
+}
+
+/// The handles of one route (and the service it sends to).
+#[derive(Debug)]
+pub struct RouteMetrics {
+    route: String,
+    service: String,
+    requests: [IntCounter; 5],
+    duration: Histogram,
+    sse_open: IntGauge,
+    sse_opened: IntCounter,
+    sse_closed: [IntCounter; CloseReason::ALL.len()],
+    sse_refused: IntCounter,
+    sse_resumed: IntCounter,
+    sse_events: IntCounter,
+    sse_bytes: IntCounter,
+    sse_lifetime: Histogram,
+    sse_first_event: Histogram,
+    sse_gap: Histogram,
+}
+
+impl RouteMetrics {
+    /// One finished request.
+    pub fn request(&self, status: u16, duration: Duration) {
+        if let Some(class) = (status / 100).checked_sub(1).filter(|c| *c < 5) {
+            self.requests[class as usize].inc();
+        }
+        self.duration.observe(duration.as_secs_f64());
+    }
+
+    /// A stream whose origin failed continued from another origin connection.
+    pub fn sse_resumed(&self) {
+        self.sse_resumed.inc();
+    }
+
+    /// A stream refused by a limit.
+    pub fn sse_refused(&self) {
+        self.sse_refused.inc();
+    }
+
+    /// `bytes` from the origin that completed `events` events.
+    pub fn sse_chunk(&self, bytes: usize, events: u64) {
+        self.sse_bytes.inc_by(bytes as u64);
+        self.sse_events.inc_by(events);
+    }
+
+    /// The first event of a stream, this long after its response header.
+    pub fn sse_first_event(&self, after: Duration) {
+        self.sse_first_event.observe(after.as_secs_f64());
+    }
+
+    /// An event this long after the previous one.
+    pub fn sse_gap(&self, gap: Duration) {
+        self.sse_gap.observe(gap.as_secs_f64());
+    }
+
+    /// A stream started.
+    pub fn sse_opened(&self) {
+        self.sse_opened.inc();
+        self.sse_open.inc();
+    }
+
+    /// A stream that lasted `lifetime` ended for `reason`.
+    pub fn sse_closed(&self, reason: CloseReason, lifetime: Duration) {
+        self.sse_open.dec();
+        self.sse_lifetime.observe(lifetime.as_secs_f64());
+        self.sse_closed[reason as usize].inc();
+    }
+
+    pub fn sse_open_now(&self) -> i64 {
+        self.sse_open.get()
+    }
+}
+
+/// The handles of one service's upstream connections.
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    connect_errors: IntCounter,
+    timeouts: IntCounter,
+}
+
+impl ServiceMetrics {
+    pub fn connect_error(&self) {
+        self.connect_errors.inc();
+    }
+
+    pub fn timeout(&self) {
+        self.timeouts.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_renders() {
+        let metrics = Metrics::new();
+        let m = metrics.route("metrics-test \"quoted\"", "svc");
+        m.request(200, Duration::from_millis(3));
+        m.request(503, Duration::from_millis(30));
+        m.sse_opened();
+        m.sse_chunk(100, 2);
+        assert_eq!(m.sse_open_now(), 1);
+        m.sse_closed(CloseReason::ClientClosed, Duration::from_secs(1));
+        assert_eq!(m.sse_open_now(), 0);
+        let text = metrics.render();
+        let l = "route=\"metrics-test \\\"quoted\\\"\",service=\"svc\"";
+        assert!(
+            text.contains(&format!("streamgate_requests_total{{class=\"2xx\",{l}}} 1")),
+            "{text}"
+        );
+        assert!(text.contains(&format!("streamgate_requests_total{{class=\"5xx\",{l}}} 1")));
+        assert!(text.contains(&format!(
+            "streamgate_sse_streams_closed_total{{reason=\"client_closed\",{l}}} 1"
+        )));
+        assert!(text.contains(&format!("streamgate_sse_events_total{{{l}}} 2")));
+        assert!(text.contains(&format!(
+            "streamgate_request_duration_seconds_bucket{{{l},le=\"0.005\"}} 1"
+        )));
+    }
+
+    #[test]
+    fn retain_removes_the_series_of_routes_a_reload_dropped() {
+        let metrics = Metrics::new();
+        metrics.route("old", "svc").request(200, Duration::ZERO);
+        metrics.route("kept", "svc").request(200, Duration::ZERO);
+        metrics.service("svc").timeout();
+        metrics.service("gone").timeout();
+        let routes = BTreeSet::from([("kept".to_string(), "svc".to_string())]);
+        metrics.retain(&routes, &BTreeSet::from(["svc".to_string()]));
+        let text = metrics.render();
+        assert!(!text.contains("route=\"old\""), "{text}");
+        assert!(text.contains("route=\"kept\""), "{text}");
+        assert!(!text.contains("service=\"gone\""), "{text}");
+        // The kept route counts on in the same series.
+        metrics.route("kept", "svc").request(200, Duration::ZERO);
+        assert!(metrics
+            .render()
+            .contains("streamgate_requests_total{class=\"2xx\",route=\"kept\",service=\"svc\"} 2"));
+    }
+
+    #[test]
+    fn the_config_version_is_one_series() {
+        let metrics = Metrics::new();
+        metrics.config_loaded("a", 1);
+        metrics.config_loaded("b", 2);
+        let text = metrics.render();
+        assert!(!text.contains("version=\"a\""), "{text}");
+        assert!(
+            text.contains("streamgate_config_info{version=\"b\"} 1"),
+            "{text}"
+        );
+    }
+}

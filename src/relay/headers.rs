@@ -1,0 +1,151 @@
+//! What happens to the request header on its way to the origin and to the response header
+//! on its way back, whichever loop carries the request: the service's rewriting and the
+//! chain's `upstream_request` hooks; the SSE header rules, the start of a stream, and the
+//! chain's `response` hooks (which may install body filters).
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderName, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::Version;
+use pingora_error::Result;
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+
+use super::context::RequestCtx;
+use super::stream::Stream;
+use crate::http_util::{client_ip, request_host, scheme};
+use crate::sse;
+use crate::sse::tracker::{StreamInfo, Tracker};
+
+/// Headers that describe one connection and never cross a proxy.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+    "http2-settings",
+];
+
+/// The request the origin sees: path prefix, `Host` policy, `X-Forwarded-*`, then the
+/// chain's `upstream_request` hooks.
+pub async fn upstream_request(
+    session: &mut Session,
+    request: &mut RequestHeader,
+    ctx: &mut RequestCtx,
+) -> Result<()> {
+    let route = ctx.route()?.clone();
+    route
+        .service
+        .rewrite_request(request, client_ip(session), scheme(session))?;
+    for instance in route.chain.iter() {
+        instance
+            .middleware
+            .upstream_request(session, request, &mut ctx.chain)?;
+    }
+    Ok(())
+}
+
+/// The response header from the origin, before it goes to the client: an event stream gets
+/// the SSE rules and starts its [`Stream`]; then the chain's `response` hooks run and the
+/// body filters they return are installed.
+pub async fn response(
+    session: &mut Session,
+    response: &mut ResponseHeader,
+    ctx: &mut RequestCtx,
+    tracker: &Arc<Tracker>,
+) -> Result<()> {
+    let route = ctx.route()?.clone();
+    if let Some(lease) = &ctx.upstream.lease {
+        lease.succeeded();
+    }
+    let settings = ctx.chain.sse.settings;
+    let is_sse = settings.enabled
+        && response
+            .headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| sse::is_event_stream(v.as_bytes()));
+    if is_sse {
+        sse::fix_response_header(response, session.req_header().version)?;
+        if settings.write_timeout.is_some() {
+            session.set_write_timeout(settings.write_timeout);
+        }
+        let upstream = ctx.upstream.addr();
+        ctx.stream = Some(Stream::open(
+            &settings,
+            route.metrics.clone(),
+            tracker,
+            || {
+                let req = session.req_header();
+                StreamInfo {
+                    client: client_ip(session),
+                    host: request_host(req).unwrap_or_default().to_string(),
+                    path: req.uri.path().to_string(),
+                    route: route.name.clone(),
+                    service: route.service.name.clone(),
+                    upstream,
+                    inactive_threshold: settings.inactive_threshold,
+                }
+            },
+        ));
+    }
+    ctx.status = Some(response.status.as_u16());
+    for instance in route.chain.iter() {
+        if let Some(filter) = instance
+            .middleware
+            .response(session, response, &mut ctx.chain)?
+        {
+            ctx.body_filters.push(filter);
+        }
+    }
+    Ok(())
+}
+
+/// Removes what belongs to the client's connection, and what it nominates, as Pingora's
+/// own proxy path does.
+pub fn strip_request_hop_by_hop(request: &mut RequestHeader) {
+    let nominated: Vec<HeaderName> = request
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+        .filter(|name| {
+            !matches!(
+                name.as_str(),
+                "host" | "x-forwarded-for" | "x-forwarded-host" | "x-forwarded-proto"
+            )
+        })
+        .collect();
+    for name in nominated {
+        request.remove_header(&name);
+    }
+    for name in HOP_BY_HOP {
+        request.remove_header(*name);
+    }
+    request.remove_header(&TRANSFER_ENCODING);
+}
+
+pub fn strip_response_hop_by_hop(header: &mut ResponseHeader) {
+    for name in HOP_BY_HOP {
+        header.remove_header(*name);
+    }
+}
+
+/// A body without a length is sent chunked to an HTTP/1.1 client, so the connection can
+/// be reused after it (Pingora's proxy path does the same for close-delimited origins).
+pub fn frame_for_client(header: &mut ResponseHeader, client: Version) -> Result<()> {
+    let status = header.status.as_u16();
+    let bodyless = status == 204 || status == 304 || (100..200).contains(&status);
+    if client == Version::HTTP_11
+        && !bodyless
+        && !header.headers.contains_key(header::CONTENT_LENGTH)
+        && !header.headers.contains_key(TRANSFER_ENCODING)
+    {
+        header.insert_header(TRANSFER_ENCODING, "chunked")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,30 @@
+//! The relay: how a request is carried to its origin and its answer back, whichever loop
+//! carries it.
+//!
+//! - [`context`]: the per-request context every hook and the loop share;
+//! - [`limits`]: the stream limits a request takes before its origin is contacted;
+//! - [`headers`]: the request header on its way out (rewriting, the chain's hooks) and the
+//!   response header on its way back (the SSE rules, the start of a stream, the chain's
+//!   hooks and body filters);
+//! - [`stream`]: an event stream in flight and its per-chunk pipeline (scan, record,
+//!   filter, pace), the one path every chunk takes;
+//! - [`exchange`]: streamgate's own loop for event streams, which acts while the origin is
+//!   silent (heartbeats, timeouts, lifetime, drain, admin ends, resume);
+//! - [`resume`]: what a resumed stream remembers;
+//! - [`record`]: what a finished request leaves: metrics, logging hooks, the access log,
+//!   how its stream ended.
+//!
+//! It sits above `upstream`, `middleware` and `sse` and below `proxy`, whose `ProxyHttp`
+//! hooks call into it.
+
+pub mod context;
+pub mod exchange;
+pub mod headers;
+pub mod limits;
+pub mod record;
+pub mod resume;
+pub mod stream;
+
+pub use context::{RequestCtx, UpstreamCtx};
+pub use exchange::Relay;
+pub use stream::Stream;

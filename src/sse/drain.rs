@@ -1,0 +1,58 @@
+//! The drain signal of one server instance: set once, when the process begins to shut down
+//! (`SIGTERM`, or `SIGQUIT` after handing the listeners to a new process with `-u`).
+//!
+//! Each stream's loop watches it: when the drain starts, every stream picks a random moment
+//! within its `drain_period` ([`drain_deadline`]) and ends at the first event boundary after
+//! it, with a `retry:` hint, so clients come back (to the new process) spread over the
+//! period instead of all at once.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+/// When the drain started, once it has.
+#[derive(Debug)]
+pub struct Drain {
+    started: watch::Sender<Option<Instant>>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            started: watch::channel(None).0,
+        }
+    }
+}
+
+impl Drain {
+    /// Starts draining open streams (idempotent).
+    pub fn start(&self) {
+        self.started.send_if_modified(|started| {
+            let first = started.is_none();
+            if first {
+                *started = Some(Instant::now());
+            }
+            first
+        });
+    }
+
+    /// Whether the process is draining: no new streams are taken.
+    pub fn draining(&self) -> bool {
+        self.started.borrow().is_some()
+    }
+
+    /// A receiver that changes once, when the drain starts.
+    pub fn signal(&self) -> watch::Receiver<Option<Instant>> {
+        self.started.subscribe()
+    }
+}
+
+/// When a stream should end during a drain that started at `started`: a uniformly random
+/// moment within `period`.
+pub fn drain_deadline(started: Instant, period: Duration) -> Instant {
+    let millis = period.as_millis().min(u128::from(u64::MAX)) as u64;
+    let far = started + Duration::from_secs(86_400 * 365);
+    started
+        .checked_add(Duration::from_millis(fastrand::u64(0..=millis)))
+        .map_or(far, |at| at.min(far))
+}

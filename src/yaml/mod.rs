@@ -1,0 +1,112 @@
+//! YAML with errors that point at their place: every error names the file, the line and
+//! column, and the key path.
+//!
+//! serde_yaml reports positions for what it finds itself (syntax, types, unknown keys,
+//! values whose own check fails); [`locate`] turns a key path back into a position for
+//! errors found later, such as a reference to a service that does not exist. The config
+//! loader and the endpoint files of `file` discovery both read YAML through here.
+
+pub mod locate;
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+use crate::error::{ConfigError, ConfigErrorKind as Kind};
+pub use locate::{locate, KeyPath};
+
+/// One file's text, kept to locate errors found after parsing.
+pub struct Source {
+    pub file: PathBuf,
+    pub text: String,
+}
+
+impl Source {
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        parse_yaml(&self.file, &self.text)
+    }
+
+    /// An error about the node at `path`, placed at its line and column.
+    pub fn error(&self, path: KeyPath, kind: Kind) -> ConfigError {
+        let position = locate(&self.text, &path);
+        ConfigError::new(&self.file, path.to_string(), kind).at(position)
+    }
+}
+
+/// Parses YAML `text` from `file` into `T`; an error names the file, the line and the key
+/// path.
+pub fn parse_yaml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let mut error = parse_error(file, &path, e.inner());
+        // A value refused by its own check (`try_from`) is reported by serde_yaml at the
+        // start of the enclosing mapping; the key path finds the value's own line.
+        if let Some(found) = key_path(&path).and_then(|p| locate(text, &p)) {
+            if error.line.is_some_and(|line| (found.0 as u32) > line) {
+                error = error.at(Some(found));
+            }
+        }
+        error
+    })
+}
+
+/// A dotted key path as serde_path_to_error prints it (`services.feed.hash_key`,
+/// `listen[0]`), as a [`KeyPath`]; `None` for paths it cannot follow.
+fn key_path(printed: &str) -> Option<KeyPath> {
+    if printed == "." || printed.is_empty() {
+        return None;
+    }
+    let mut path = KeyPath::root();
+    for part in printed.split('.') {
+        let (key, indices) = match part.find('[') {
+            Some(at) => part.split_at(at),
+            None => (part, ""),
+        };
+        if key == "?" {
+            return None;
+        }
+        if !key.is_empty() {
+            path = path.key(key);
+        }
+        for index in indices.split(['[', ']']).filter(|i| !i.is_empty()) {
+            path = path.index(index.parse().ok()?);
+        }
+    }
+    Some(path)
+}
+
+/// A serde_yaml error as a config error with position and key path. `path` is the key
+/// path serde_path_to_error tracked (`.` for the root).
+fn parse_error(file: &Path, path: &str, e: &serde_yaml::Error) -> ConfigError {
+    let position = e.location().map(|l| (l.line(), l.column()));
+    let mut message = e.to_string();
+    if let Some(at) = message.rfind(" at line ") {
+        message.truncate(at);
+    }
+    // serde_yaml prefixes its own (shorter) path; the tracked one replaces it.
+    if let Some((prefix, rest)) = message.split_once(": ") {
+        if !prefix.is_empty() && !prefix.contains(' ') {
+            message = rest.to_string();
+        }
+    }
+    let mut key = if path == "." {
+        String::new()
+    } else {
+        path.to_string()
+    };
+    if let Some(field) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        if !key.ends_with(field) {
+            key = if key.is_empty() {
+                field.to_string()
+            } else {
+                format!("{key}.{field}")
+            };
+        }
+        message = format!("unknown key; {message}");
+    }
+    ConfigError::new(file, key, Kind::Parse(message)).at(position)
+}
