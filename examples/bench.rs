@@ -233,7 +233,12 @@ async fn client(
                 return Err(String::from_utf8_lossy(&pending[..pending.len().min(200)]).into());
             }
             connected = true;
-            ready.wait().await;
+            // A stream that failed to open never reaches the barrier: stop still ends the
+            // wait, so the phase finishes and counts the failure.
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = ready.wait() => {}
+            }
         }
         record_events(&mut pending, now, &phase, &mut hist);
     }
@@ -274,7 +279,10 @@ async fn h2_client(
     if response.status() != 200 {
         return Err(format!("status {}", response.status()));
     }
-    ready.wait().await;
+    tokio::select! {
+        _ = stop.changed() => return Ok(hist),
+        _ = ready.wait() => {}
+    }
     let mut body = response.into_body();
     let mut pending: Vec<u8> = Vec::with_capacity(8192);
     loop {
