@@ -7,8 +7,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
+use pingora_core::protocols::http::ServerSession;
 use pingora_error::Error;
-use pingora_proxy::Session;
 use serde_json::json;
 
 use crate::http_util;
@@ -40,7 +40,7 @@ impl std::fmt::Display for Seconds {
 
 /// What one line says about a request.
 pub struct Entry<'a> {
-    pub session: &'a Session,
+    pub session: &'a ServerSession,
     pub route: Option<&'a str>,
     pub service: Option<&'a str>,
     /// The origin it was sent to.

@@ -3,10 +3,12 @@
 
 use std::net::IpAddr;
 
-use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{HeaderMap, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::Version;
+use ipnet::IpNet;
+use pingora_core::protocols::http::ServerSession;
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::Session;
+use serde::{Deserialize, Deserializer};
 
 /// The media type of a `Content-Type` value, without parameters or surrounding space.
 pub fn media_essence(content_type: &[u8]) -> &[u8] {
@@ -48,13 +50,75 @@ pub fn drop_content_length(
     Ok(())
 }
 
-/// The TCP peer's address.
-pub fn client_ip(session: &Session) -> Option<IpAddr> {
-    Some(session.client_addr()?.as_inet()?.ip())
+/// The TCP peer's address (an IPv4-mapped IPv6 address as the IPv4 address it is).
+pub fn client_ip(session: &ServerSession) -> Option<IpAddr> {
+    Some(session.client_addr()?.as_inet()?.ip().to_canonical())
+}
+
+/// A network (`10.0.0.0/8`) or a single address, as written in a list of them
+/// (`trusted_proxies`, `allow`, `deny`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Net(pub IpNet);
+
+impl<'de> Deserialize<'de> for Net {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        let raw = raw.trim();
+        raw.parse::<IpNet>()
+            .or_else(|_| raw.parse::<IpAddr>().map(IpNet::from))
+            .map(Net)
+            .map_err(|_| serde::de::Error::custom(format!("`{raw}` is not an address or CIDR")))
+    }
+}
+
+/// Whether `ip` is in one of `nets`.
+pub fn in_nets(nets: &[IpNet], ip: &IpAddr) -> bool {
+    nets.iter().any(|n| n.contains(ip))
+}
+
+/// The client's address: the TCP peer, or, when the peer is one of the `trusted` proxies,
+/// the rightmost address of `X-Forwarded-For` (every line of it, in order) that is not a
+/// trusted proxy. An address a trusted proxy could not have written (garbage) stops the
+/// walk at the last address believed. Addresses are canonical: an IPv4-mapped IPv6
+/// address is the IPv4 address.
+pub fn forwarded_client(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let peer = peer.to_canonical();
+    if !in_nets(trusted, &peer) {
+        return peer;
+    }
+    let hops = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .rev()
+        .flat_map(|line| line.as_bytes().rsplit(|b| *b == b','));
+    let mut client = peer;
+    for hop in hops {
+        let parsed = std::str::from_utf8(hop.trim_ascii())
+            .ok()
+            .and_then(|h| h.parse::<IpAddr>().ok());
+        let Some(ip) = parsed.map(|ip| ip.to_canonical()) else {
+            break;
+        };
+        client = ip;
+        if !in_nets(trusted, &ip) {
+            break;
+        }
+    }
+    client
+}
+
+/// The client address of a request, seen through `trusted` proxies.
+pub fn session_client(session: &ServerSession, trusted: &[IpNet]) -> Option<IpAddr> {
+    let peer = client_ip(session)?;
+    Some(forwarded_client(
+        peer,
+        &session.req_header().headers,
+        trusted,
+    ))
 }
 
 /// `https` when the request came over TLS, else `http`: what `X-Forwarded-Proto` says.
-pub fn scheme(session: &Session) -> &'static str {
+pub fn scheme(session: &ServerSession) -> &'static str {
     let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
     if tls {
         "https"
@@ -74,6 +138,62 @@ pub fn request_host(req: &RequestHeader) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn xff(lines: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for line in lines {
+            headers.append("x-forwarded-for", line.parse().expect("value"));
+        }
+        headers
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec![
+            "127.0.0.1/32".parse().expect("net"),
+            "10.0.0.0/8".parse().expect("net"),
+        ];
+        // Untrusted peer: its header is ignored.
+        assert_eq!(
+            forwarded_client(ip("203.0.113.5"), &xff(&["10.9.9.9"]), &trusted),
+            ip("203.0.113.5")
+        );
+        // Trusted chain: the first untrusted hop from the right.
+        assert_eq!(
+            forwarded_client(
+                ip("127.0.0.1"),
+                &xff(&["1.2.3.4, 198.51.100.7, 10.0.0.2"]),
+                &trusted
+            ),
+            ip("198.51.100.7")
+        );
+        // Every line counts, the last one nearest: a forged first line does not win.
+        assert_eq!(
+            forwarded_client(
+                ip("127.0.0.1"),
+                &xff(&["6.6.6.6", "198.51.100.7"]),
+                &trusted
+            ),
+            ip("198.51.100.7")
+        );
+        assert_eq!(
+            forwarded_client(ip("127.0.0.1"), &xff(&[]), &trusted),
+            ip("127.0.0.1")
+        );
+        // IPv4-mapped IPv6 is IPv4, as a peer and in the header.
+        assert_eq!(
+            forwarded_client(
+                ip("::ffff:127.0.0.1"),
+                &xff(&["::ffff:198.51.100.7"]),
+                &trusted
+            ),
+            ip("198.51.100.7")
+        );
+    }
 
     #[test]
     fn lists_and_essences() {

@@ -5,6 +5,7 @@
 //! services. Nothing here is process-wide, so two servers can live in one process (the test
 //! suite runs many).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::metrics::Metrics;
@@ -26,6 +27,35 @@ pub struct State {
     pub endpoints: Arc<Registry>,
     /// Set when the process starts to shut down or hand over.
     pub drain: Arc<Drain>,
+    /// Requests being served now (an event stream counts until it ends): a shutting-down
+    /// process exits as soon as this is zero.
+    pub in_flight: Arc<InFlight>,
+}
+
+/// A count of requests being served.
+#[derive(Debug, Default)]
+pub struct InFlight(AtomicUsize);
+
+impl InFlight {
+    /// Counts one request until the returned guard drops.
+    pub fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// One request in flight.
+#[derive(Debug)]
+pub struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl State {
@@ -37,6 +67,7 @@ impl State {
             tracker,
             limits: limits::Registry::default(),
             drain: Arc::new(Drain::default()),
+            in_flight: Arc::new(InFlight::default()),
         })
     }
 }

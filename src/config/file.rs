@@ -37,6 +37,7 @@ pub const OWN_KEYS: &[&str] = &[
     "middlewares",
     "admin",
     "access_log",
+    "trusted_proxies",
 ];
 
 /// The main config file (streamgate's part; Pingora's keys are read by Pingora's
@@ -65,6 +66,9 @@ pub struct MainFile {
     pub admin: Option<AdminFile>,
     #[serde(default)]
     pub access_log: Option<AccessLogFile>,
+    /// Proxies in front of streamgate whose `X-Forwarded-For` names the client.
+    #[serde(default)]
+    pub trusted_proxies: Vec<crate::http_util::Net>,
 }
 
 /// `admin:`: the admin listener (health, config, routes, streams, reload, metrics).

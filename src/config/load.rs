@@ -15,6 +15,7 @@ use super::file::{self, IncludedFile, MainFile};
 use super::{AccessLog, AdminConfig, Config, Instances, DRAIN_MARGIN_SECS};
 use crate::error::{ConfigError, ConfigErrorKind as Kind};
 use crate::listen::LoadedCert;
+use crate::middleware::MiddlewareConfig;
 use crate::sse::SseSettings;
 use crate::state::State;
 use crate::yaml::{KeyPath, Source};
@@ -109,13 +110,15 @@ pub fn from_text(
             .unwrap_or_default(),
     };
     if server.grace_period_seconds.is_none() {
-        // Pingora waits the whole grace period before it exits: make it as long as the
-        // longest drain, plus a little for the last streams' event boundaries, rather
-        // than Pingora's five minutes.
+        // The grace period is how long a shutting-down process may keep serving what it
+        // has: as long as the longest drain or finish period, plus a little for the last
+        // streams' event boundaries. The process exits as soon as nothing is left (see
+        // `sse::supervisor`), so a long period costs nothing when streams end early.
         let drain = services
             .values()
-            .map(|s| s.sse.drain_period)
-            .chain([global_sse.drain_period])
+            .flat_map(|s| [s.sse.drain_period, s.sse.finish_period])
+            .chain(sse_middleware_periods(&parts))
+            .chain([global_sse.drain_period, global_sse.finish_period])
             .max()
             .unwrap_or_default();
         server.grace_period_seconds = Some(drain.as_secs_f64().ceil() as u64 + DRAIN_MARGIN_SECS);
@@ -176,8 +179,24 @@ pub fn from_text(
         routes,
         admin,
         access_log,
+        trusted_proxies: parsed.trusted_proxies.iter().map(|n| n.0).collect(),
         texts,
     })
+}
+
+/// The drain and finish periods `sse` middlewares set.
+fn sse_middleware_periods(parts: &[Parts]) -> Vec<std::time::Duration> {
+    parts
+        .iter()
+        .flat_map(|p| p.middleware_services)
+        .filter_map(|entry| match &entry.config {
+            MiddlewareConfig::Sse(sse) => Some([sse.drain_period, sse.finish_period]),
+            _ => None,
+        })
+        .flatten()
+        .flatten()
+        .map(|d| d.0)
+        .collect()
 }
 
 /// `admin:`; an address other machines can reach needs a token.

@@ -81,6 +81,9 @@ pub struct Config {
     /// The admin listener, when `admin:` is set.
     pub admin: Option<AdminConfig>,
     pub access_log: AccessLog,
+    /// Proxies whose `X-Forwarded-For` names the client: the client address limits, rate
+    /// limits, filters and logs use is the one they forwarded for.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Each file's text as loaded, for the admin API's `/config` (secrets redacted there).
     pub texts: Vec<(PathBuf, String)>,
 }

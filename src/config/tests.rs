@@ -618,7 +618,7 @@ fn bad_listeners_are_refused_with_line_and_key() {
 #[test]
 fn stream_lifecycle_settings_inherit_and_zero_disables() {
     let config = load(
-        "sse: { heartbeat_interval: 15s, max_lifetime: 1h, drain_period: 4s }\n\
+        "sse: { heartbeat_interval: 15s, max_lifetime: 1h, drain_period: 4s, finish_period: 3s }\n\
          services:\n  feed:\n    url: \"http://127.0.0.1:1\"\n    \
          sse: { header_timeout: 0, inactive_threshold: 2m, on_upstream_error: event, heartbeat_interval: 0 }\n\
          host_rules:\n  - { pattern: \"*\", target: feed }\n",
@@ -634,15 +634,28 @@ fn stream_lifecycle_settings_inherit_and_zero_disables() {
     assert_eq!(sse.inactive_threshold, Some(Duration::from_secs(120)));
     assert_eq!(sse.on_upstream_error, crate::sse::OnUpstreamError::Event);
     assert_eq!(sse.drain_period, Duration::from_secs(4));
-    // Pingora's grace period follows the longest drain when it is not set.
+    assert_eq!(sse.finish_period, Duration::from_secs(3));
+    // Pingora's grace period follows the longest drain or finish period when it is not set.
     assert_eq!(
         config.server.grace_period_seconds,
         Some(4 + DRAIN_MARGIN_SECS)
     );
+    let longer = load(
+        "sse: { drain_period: 4s, finish_period: 1s }\n\
+         services:\n  feed:\n    url: \"http://127.0.0.1:1\"\n    sse: { finish_period: 9s }\n\
+         middleware_services:\n  - { name: s, type: sse, config: { finish_period: 20s } }\n\
+         host_rules:\n  - { pattern: \"*\", target: feed }\n",
+    )
+    .expect("loads");
+    assert_eq!(
+        longer.server.grace_period_seconds,
+        Some(20 + DRAIN_MARGIN_SECS),
+        "an sse middleware's period counts too"
+    );
     let defaults = load("").expect("loads");
     assert_eq!(
         defaults.server.grace_period_seconds,
-        Some(crate::sse::settings::DEFAULT_DRAIN_PERIOD.as_secs() + DRAIN_MARGIN_SECS)
+        Some(crate::sse::settings::DEFAULT_FINISH_PERIOD.as_secs() + DRAIN_MARGIN_SECS)
     );
 }
 

@@ -19,6 +19,7 @@ use prometheus::{
 };
 use serde_json::{json, Value};
 
+use crate::sse::drain::Outcome;
 use crate::sse::CloseReason;
 
 const DURATION_BOUNDS: &[f64] = &[
@@ -42,6 +43,7 @@ pub struct Metrics {
     sse_closed: IntCounterVec,
     sse_refused: IntCounterVec,
     sse_resumed: IntCounterVec,
+    sse_drained: IntCounterVec,
     sse_events: IntCounterVec,
     sse_bytes: IntCounterVec,
     sse_lifetime: HistogramVec,
@@ -165,6 +167,14 @@ impl Metrics {
                 "SSE streams continued on another origin connection after their origin failed (resume).",
                 ROUTE,
             ),
+            sse_drained: counter(
+                &r,
+                "streamgate_sse_streams_drained_total",
+                "SSE streams that were open when a shutdown or upgrade began, by how they ended: \
+                 reconnect (a GET stream told to come back), finished (ended by itself within \
+                 finish_period), cut (stopped when finish_period ran out).",
+                &["route", "service", "outcome"],
+            ),
             sse_events: counter(
                 &r,
                 "streamgate_sse_events_total",
@@ -244,6 +254,10 @@ impl Metrics {
             }),
             sse_refused: self.sse_refused.with_label_values(&l),
             sse_resumed: self.sse_resumed.with_label_values(&l),
+            sse_drained: Outcome::ALL.map(|o| {
+                self.sse_drained
+                    .with_label_values(&[route, service, o.as_str()])
+            }),
             sse_events: self.sse_events.with_label_values(&l),
             sse_bytes: self.sse_bytes.with_label_values(&l),
             sse_lifetime: self.sse_lifetime.with_label_values(&l),
@@ -300,6 +314,11 @@ impl Metrics {
                 let _ = self
                     .sse_closed
                     .remove_label_values(&[l[0], l[1], reason.as_str()]);
+            }
+            for outcome in Outcome::ALL {
+                let _ = self
+                    .sse_drained
+                    .remove_label_values(&[l[0], l[1], outcome.as_str()]);
             }
             let _ = self.duration.remove_label_values(&l);
             let _ = self.sse_open.remove_label_values(&l);
@@ -369,6 +388,7 @@ pub struct RouteMetrics {
     sse_closed: [IntCounter; CloseReason::ALL.len()],
     sse_refused: IntCounter,
     sse_resumed: IntCounter,
+    sse_drained: [IntCounter; 3],
     sse_events: IntCounter,
     sse_bytes: IntCounter,
     sse_lifetime: Histogram,
@@ -388,6 +408,11 @@ impl RouteMetrics {
     /// A stream whose origin failed continued from another origin connection.
     pub fn sse_resumed(&self) {
         self.sse_resumed.inc();
+    }
+
+    /// A stream open when the drain began ended so.
+    pub fn sse_drained(&self, outcome: Outcome) {
+        self.sse_drained[outcome as usize].inc();
     }
 
     /// A stream refused by a limit.

@@ -5,12 +5,14 @@
 //! config:
 //!   allow: ["10.0.0.0/8", "192.168.1.7"]   # when set, only these may pass
 //!   deny: ["10.0.9.0/24"]                  # checked first: deny wins
-//!   trusted_proxies: ["127.0.0.1/32"]      # only from these is X-Forwarded-For believed
+//!   trusted_proxies: ["127.0.0.1/32"]      # default: the top-level trusted_proxies
 //! ```
 //!
-//! The client address is the TCP peer. When the peer is a trusted proxy, `X-Forwarded-For` is
-//! read from the right, skipping trusted proxies, and the first other address is the client:
-//! a client cannot spoof its way in by sending the header itself.
+//! The client address is the TCP peer. When the peer is a trusted proxy, `X-Forwarded-For`
+//! (every line of it) is read from the right, skipping trusted proxies, and the first other
+//! address is the client: a client cannot spoof its way in by sending the header itself.
+//! Without `trusted_proxies` of its own, the filter uses the request's client address as
+//! the top-level `trusted_proxies` defines it (the one limits and logs use).
 //!
 //! Phase: `request`; refuses with `403`.
 
@@ -20,9 +22,11 @@ use async_trait::async_trait;
 use ipnet::IpNet;
 use pingora_error::Result;
 use pingora_proxy::Session;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use super::{Context, Middleware, Outcome, Reply};
+pub use crate::http_util::Net;
+use crate::http_util::{in_nets, session_client};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,88 +36,43 @@ pub struct Config {
     #[serde(default)]
     pub deny: Vec<Net>,
     #[serde(default)]
-    pub trusted_proxies: Vec<Net>,
-}
-
-/// A network (`10.0.0.0/8`) or a single address.
-#[derive(Debug, Clone, Copy)]
-pub struct Net(pub IpNet);
-
-impl<'de> Deserialize<'de> for Net {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = String::deserialize(d)?;
-        let raw = raw.trim();
-        raw.parse::<IpNet>()
-            .or_else(|_| raw.parse::<IpAddr>().map(IpNet::from))
-            .map(Net)
-            .map_err(|_| serde::de::Error::custom(format!("`{raw}` is not an address or CIDR")))
-    }
+    pub trusted_proxies: Option<Vec<Net>>,
 }
 
 pub struct IpFilter {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
-    trusted: Vec<IpNet>,
+    /// Its own trusted proxies; `None`: the request's client address as the top-level
+    /// `trusted_proxies` defines it.
+    trusted: Option<Vec<IpNet>>,
 }
 
 impl IpFilter {
     pub fn new(config: &Config) -> Self {
-        let nets = |v: &[Net]| v.iter().map(|n| n.0).collect();
+        let nets = |v: &[Net]| v.iter().map(|n| n.0).collect::<Vec<_>>();
         IpFilter {
             allow: nets(&config.allow),
             deny: nets(&config.deny),
-            trusted: nets(&config.trusted_proxies),
+            trusted: config.trusted_proxies.as_deref().map(nets),
         }
-    }
-
-    /// The client's address, seen through trusted proxies.
-    pub fn client(&self, peer: IpAddr, forwarded: Option<&str>) -> IpAddr {
-        client_ip(peer, forwarded, &self.trusted)
     }
 
     pub fn permits(&self, ip: &IpAddr) -> bool {
-        if self.deny.iter().any(|n| n.contains(ip)) {
+        if in_nets(&self.deny, ip) {
             return false;
         }
-        self.allow.is_empty() || self.allow.iter().any(|n| n.contains(ip))
+        self.allow.is_empty() || in_nets(&self.allow, ip)
     }
-}
-
-/// The client's address: the TCP peer, or, when the peer is one of `trusted` proxies, the
-/// first address in `X-Forwarded-For` from the right that is not a trusted proxy.
-pub fn client_ip(peer: IpAddr, forwarded: Option<&str>, trusted: &[IpNet]) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
-    if !is_trusted(&peer) {
-        return peer;
-    }
-    let mut client = peer;
-    for hop in forwarded.into_iter().flat_map(|list| list.rsplit(',')) {
-        match hop.trim().parse::<IpAddr>() {
-            Ok(ip) => {
-                client = ip;
-                if !is_trusted(&ip) {
-                    break;
-                }
-            }
-            Err(_) => break,
-        }
-    }
-    client
-}
-
-/// The client address of a session, seen through `trusted` proxies.
-pub fn session_client(session: &Session, trusted: &[IpNet]) -> Option<IpAddr> {
-    let peer = crate::http_util::client_ip(session)?;
-    let forwarded = session
-        .get_header("x-forwarded-for")
-        .and_then(|v| v.to_str().ok());
-    Some(client_ip(peer, forwarded, trusted))
 }
 
 #[async_trait]
 impl Middleware for IpFilter {
-    async fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
-        let Some(client) = session_client(session, &self.trusted) else {
+    async fn request(&self, session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
+        let client = match &self.trusted {
+            Some(trusted) => session_client(session, trusted),
+            None => ctx.client,
+        };
+        let Some(client) = client else {
             return Ok(Outcome::Continue);
         };
         if self.permits(&client) {
@@ -149,22 +108,6 @@ mod tests {
         let open = filter(&[], &["::1"], &[]);
         assert!(open.permits(&ip("192.168.1.1")));
         assert!(!open.permits(&ip("::1")));
-    }
-
-    #[test]
-    fn forwarded_for_is_believed_only_from_trusted_proxies() {
-        let f = filter(&[], &[], &["127.0.0.1", "10.0.0.0/8"]);
-        // Untrusted peer: its header is ignored.
-        assert_eq!(
-            f.client(ip("203.0.113.5"), Some("10.9.9.9")),
-            ip("203.0.113.5")
-        );
-        // Trusted chain: the first untrusted hop from the right.
-        assert_eq!(
-            f.client(ip("127.0.0.1"), Some("1.2.3.4, 198.51.100.7, 10.0.0.2")),
-            ip("198.51.100.7")
-        );
-        assert_eq!(f.client(ip("127.0.0.1"), None), ip("127.0.0.1"));
     }
 
     #[test]

@@ -62,6 +62,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
+use pingora_core::protocols::http::ServerSession;
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
@@ -73,6 +74,9 @@ use crate::sse::{limits, SseRequest};
 /// What the middlewares of a chain read and write of a request.
 #[derive(Debug, Default)]
 pub struct Context {
+    /// The client's address: the peer, or behind `trusted_proxies`, the address they
+    /// forwarded for (IPv4-mapped addresses as IPv4).
+    pub client: Option<std::net::IpAddr>,
     /// A typed value map the middlewares of a chain share (the request id, for example).
     pub values: http::Extensions,
     /// What the request knows about event streams: its settings (which an `sse` middleware
@@ -174,7 +178,7 @@ pub trait Middleware: Send + Sync {
         Ok(None)
     }
 
-    fn logging(&self, _session: &Session, _ctx: &Context) {}
+    fn logging(&self, _session: &ServerSession, _ctx: &Context) {}
 }
 
 /// A configured middleware: one `middleware_services` entry, built.

@@ -27,8 +27,8 @@ use pingora_error::Result;
 use pingora_proxy::Session;
 use serde::Deserialize;
 
-use super::ip_filter::{session_client, Net};
 use super::{header_name, Context, Middleware, Outcome, Reply};
+use crate::http_util::{session_client, Net};
 
 const SHARDS: usize = 16;
 /// Above this many buckets a shard drops its full ones.

@@ -19,12 +19,13 @@
 //!   max_connections_per_client: 5   # per client address
 //! ```
 //!
-//! Phase: `request`. It overlays its settings on the service's; for a request that asks
-//! for an event stream (`Accept: text/event-stream`) it marks the request as one
-//! (`ctx.sse.announced`, and `IsSse` in the value map) and takes a slot under its own
-//! `max_connections` and its client's under `max_connections_per_client`; when none is free
-//! it answers `503` (`429` for the per-client limit) with `Retry-After` before the origin is
-//! contacted.
+//! Phase: `request`. It overlays its settings on the service's, marks whether the request
+//! asks for an event stream (`ctx.sse.announced`, and `IsSse` in the value map), and adds
+//! its own `max_connections` and `max_connections_per_client` to the limits the request's
+//! stream counts against. They are taken with the global and the service's ones: before the
+//! origin is contacted when the request asked for a stream, else when the answer turns out
+//! to be one; a full limit answers `503` (`429` for the per-client limit) with
+//! `Retry-After`.
 
 use async_trait::async_trait;
 use http::header::{HeaderValue, ACCEPT, RETRY_AFTER};
@@ -32,8 +33,8 @@ use pingora_error::Result;
 use pingora_proxy::Session;
 
 use super::{Context, Middleware, Outcome, Reply};
-use crate::http_util::client_ip;
-use crate::sse::{self, limits, SseFile};
+use crate::sse::limits::{self, Limit, Refusal};
+use crate::sse::{self, SseFile};
 
 pub type Config = SseFile;
 
@@ -75,24 +76,25 @@ impl Middleware for SseMiddleware {
                 .get_header(ACCEPT)
                 .is_some_and(|v| sse::accepts_event_stream(v.as_bytes()));
         ctx.values.insert(IsSse(sse.announced));
-        if !sse.announced {
-            return Ok(Outcome::Continue);
-        }
         if let Some(slots) = &self.slots {
-            match slots.try_acquire() {
-                Some(guard) => sse.slots.push(guard),
-                None => {
-                    return Ok(Outcome::Respond(limit_reply(slots.max(), "this route")));
-                }
-            }
+            sse.limits.applying.push(Limit::Streams {
+                slots: slots.clone(),
+                scope: "this route",
+            });
         }
-        if let (Some(slots), Some(client)) = (&self.client_slots, client_ip(session)) {
-            match slots.try_acquire(client) {
-                Some(guard) => sse.client_slots.push(guard),
-                None => return Ok(Outcome::Respond(client_limit_reply(slots.max()))),
-            }
+        if let Some(slots) = &self.client_slots {
+            sse.limits.applying.push(Limit::PerClient(slots.clone()));
         }
         Ok(Outcome::Continue)
+    }
+}
+
+/// The answer to a stream a limit refused: `503` (`429` for a per-client limit) with
+/// `Retry-After`.
+pub fn refusal_reply(refusal: Refusal) -> Reply {
+    match refusal {
+        Refusal::Full { max, scope } => limit_reply(max, scope),
+        Refusal::Client { max } => client_limit_reply(max),
     }
 }
 

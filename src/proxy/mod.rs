@@ -1,83 +1,72 @@
 //! The one `impl ProxyHttp`: each hook dispatches to routing, the middleware chain and the
-//! relay; [`answer`] writes the answers the proxy gives itself.
+//! relay; [`answer`] turns errors into the status and reason the client gets.
 //!
 //! A request's path through the hooks:
 //!
 //! ```text
-//! request_filter          TLS older than the listener's min_version (403);
-//!                         reject bad paths (400); route lookup (404 on a miss); run the
-//!                         chain's request hooks (a direct answer skips the rest, response
-//!                         hooks still run); take SSE limit slots (503/429 when full);
-//!                         an event-stream GET goes to the relay's own loop from here
-//! request_body_filter     the chain's request_body hooks (size limits)
-//! upstream_peer           choose an endpoint (503 when none is up); build the peer with
-//!                         the timeouts that fit the request
-//! fail_to_connect         retry on another endpoint while `retries` allow
-//! upstream_request_filter path prefix, Host policy, X-Forwarded-*, then the chain's
-//!                         upstream_request hooks                     (relay::headers)
-//! response_filter         SSE response? fix its headers, start the stream; then the
-//!                         chain's response hooks, which may install body filters
-//! response_body_filter    an end asked for by the admin API, at an event boundary; then
-//!                         the per-chunk pipeline                     (relay::stream)
-//! fail_to_proxy           502/504 (or the status a hook chose) with a one-line reason
-//! logging                 metrics, the chain's logging hooks, the access log, the close
-//!                         of a stream                                (relay::record)
+//! request_filter   TLS older than the listener's min_version (403); reject bad paths
+//!                  (400); route lookup (404 on a miss); the client address (through
+//!                  trusted proxies); the chain's request hooks (a direct answer skips the
+//!                  rest, response hooks still run); an announced event stream takes its
+//!                  limit slots (503/429 when full); then the relay carries the request to
+//!                  its origin and the answer back (relay::exchange), whatever the request
+//! fail_to_proxy    an error before the response began: 502/504 (or the status in the
+//!                  error) with a one-line reason
+//! logging          metrics, the chain's logging hooks, the access log, the close of a
+//!                  stream (relay::record)
 //! ```
 //!
-//! A `GET` that asks for an event stream does not go through Pingora's proxy loop past
-//! `request_filter`: the relay ([`crate::relay::Relay`]) connects to the origin and streams
-//! the response itself, through the same header handling and per-chunk pipeline, because
-//! only a loop of its own can act while the origin is silent (heartbeats, timeouts,
-//! `max_lifetime`, draining). An event stream that arrives for any other request streams
-//! through Pingora's loop, unbuffered and observed, and the admin API can end it at its
-//! next event boundary, but the timer-driven features do not apply to it.
+//! Every proxied request is carried by streamgate's own loop rather than Pingora's proxy
+//! loop, so an event stream gets its whole lifecycle (heartbeats, timeouts, limits,
+//! lifetime, drain) whatever request it answers: Pingora's loop calls the proxy only when
+//! the origin sends something, and an event stream has to act while its origin is silent.
+//! Pingora still accepts and parses requests, runs TLS and HTTP/2, pools and connects to
+//! origins, and serves keep-alive connections.
 
 pub mod answer;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use bytes::Bytes;
 use http::header::ACCEPT;
-use pingora_core::connectors::http::Connector;
-use pingora_core::connectors::ConnectorOptions;
+use pingora_core::connectors::{ConnectorOptions, TransportConnector};
 use pingora_core::modules::http::HttpModules;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
-use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::config::Config;
-use crate::http_util::request_host;
+use crate::http_util::{request_host, session_client};
 use crate::listen::certs::below_min_version;
 use crate::middleware::{Outcome, Reply};
-use crate::relay::{self, exchange, Relay, RequestCtx};
+use crate::relay::reply::{answer, write_reply};
+use crate::relay::{self, Relay, RequestCtx};
 use crate::routing::has_dot_segment;
 use crate::sse;
 use crate::state::State;
 use crate::upstream::Attempts;
-use answer::{answer, error_response, write_reply};
+use answer::error_response;
 
 /// The proxy. Holds the current config; a request keeps the route (and so the service and
 /// middleware chain) it matched for its whole life, whatever a reload does meanwhile.
 pub struct StreamGate {
     config: Arc<ArcSwap<Config>>,
     state: Arc<State>,
-    /// Connects relayed event streams to their origins.
-    connector: Connector,
+    /// Connects to origins (TCP or TLS) and pools their connections.
+    connector: TransportConnector,
 }
 
 impl StreamGate {
-    /// `server` is Pingora's server config: the relay's connector takes the same options
-    /// as Pingora's own (its `ca_file`, the default trust for https origins, included).
+    /// `server` is Pingora's server config: the connector takes the same options as
+    /// Pingora's own (its `ca_file`, the default trust for https origins, and the pool size
+    /// included).
     pub fn new(config: Arc<ArcSwap<Config>>, state: Arc<State>, server: &ServerConf) -> Self {
         StreamGate {
             config,
             state,
-            connector: Connector::new(Some(ConnectorOptions::from_server_conf(server))),
+            connector: TransportConnector::new(Some(ConnectorOptions::from_server_conf(server))),
         }
     }
 }
@@ -87,7 +76,10 @@ impl ProxyHttp for StreamGate {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::default()
+        RequestCtx {
+            in_flight: Some(self.state.in_flight.enter()),
+            ..RequestCtx::default()
+        }
     }
 
     /// No downstream modules: Pingora's compression module holds event streams until their
@@ -95,7 +87,7 @@ impl ProxyHttp for StreamGate {
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let config = self.config.load();
+        let config = self.config.load_full();
         let listener = session.server_addr().and_then(|a| a.as_inet()).copied();
         let tls = listener.and_then(|local| config.listener_tls(local));
         if let Some(min) = tls.and_then(|tls| below_min_version(session, tls)) {
@@ -119,6 +111,7 @@ impl ProxyHttp for StreamGate {
                 return Ok(true);
             }
         };
+        ctx.chain.client = session_client(session, &config.trusted_proxies);
         let sse = &mut ctx.chain.sse;
         sse.settings = route.service.sse;
         sse.announced = sse.settings.enabled
@@ -127,129 +120,40 @@ impl ProxyHttp for StreamGate {
                 .is_some_and(|v| sse::accepts_event_stream(v.as_bytes()));
         ctx.route = Some(route.clone());
         ctx.upstream.attempts = Attempts::new(route.service.retries);
+        relay::limits::collect(&config, &route, ctx);
 
         for instance in route.chain.iter() {
-            if let Outcome::Respond(reply) =
-                instance.middleware.request(session, &mut ctx.chain).await?
-            {
+            let outcome = instance.middleware.request(session, &mut ctx.chain).await?;
+            if let Outcome::Respond(reply) = outcome {
                 answer(session, ctx, &route, reply).await?;
                 return Ok(true);
             }
         }
         if ctx.chain.sse.announced {
-            if let Some(reply) = relay::limits::admit(&config, &route, session, ctx) {
+            if let Some(reply) = relay::limits::take(ctx, ctx.chain.client) {
                 answer(session, ctx, &route, reply).await?;
                 return Ok(true);
             }
         }
-        if exchange::relays(session, ctx) {
-            let relay = Relay {
-                state: &self.state,
-                connector: &self.connector,
-            };
-            relay.run(session, ctx).await?;
-            return Ok(true);
-        }
-        Ok(false)
-    }
-
-    async fn request_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        // A request answered before routing has no chain to run.
-        let Some(route) = ctx.route.clone() else {
-            return Ok(());
+        let relay = Relay {
+            state: &self.state,
+            connector: &self.connector,
         };
-        for instance in route.chain.iter() {
-            instance
-                .middleware
-                .request_body(body, end_of_stream, &mut ctx.chain)?;
-        }
-        Ok(())
+        relay.run(session, ctx).await?;
+        Ok(true)
     }
 
+    /// Never called: `request_filter` hands every request to the relay. Answers 500 rather
+    /// than panic if Pingora ever asks.
     async fn upstream_peer(
         &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let route = ctx.route()?.clone();
-        let lease = ctx.upstream.attempts.next(&route.service, session).await?;
-        let sse = &ctx.chain.sse;
-        let peer = route
-            .service
-            .peer(lease.addr, sse.announced.then_some(&sse.settings));
-        ctx.upstream.lease = Some(lease);
-        Ok(peer)
-    }
-
-    fn fail_to_connect(
-        &self,
-        _session: &mut Session,
-        _peer: &HttpPeer,
-        ctx: &mut RequestCtx,
-        mut e: Box<Error>,
-    ) -> Box<Error> {
-        // Nothing was sent yet: another endpoint may take the request, up to `retries`.
-        if let Some(lease) = ctx.upstream.lease.take() {
-            let again = ctx.upstream.attempts.connect_failed(&lease, &e);
-            e.set_retry(again);
-        }
-        e
-    }
-
-    async fn upstream_request_filter(
-        &self,
-        session: &mut Session,
-        upstream_request: &mut RequestHeader,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        relay::headers::upstream_request(session, upstream_request, ctx).await
-    }
-
-    async fn response_filter(
-        &self,
-        session: &mut Session,
-        upstream_response: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        relay::headers::response(session, upstream_response, ctx, &self.state.tracker).await
-    }
-
-    fn response_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> Result<Option<Duration>> {
-        let Some(stream) = ctx.stream.as_mut() else {
-            relay::stream::apply_filters(&mut ctx.body_filters, body, end_of_stream)?;
-            return Ok(None);
-        };
-        if stream.hinted {
-            return Err(Error::explain(
-                ErrorType::InternalError,
-                "stream ended through the admin API",
-            ));
-        }
-        let asked = stream.entry().and_then(|e| e.end_requested());
-        if let Some(reason) = asked {
-            if stream.at_boundary() && !end_of_stream {
-                // Between two events: tell the client when to come back, then end the
-                // stream when the origin next sends something. The chunk that arrived is
-                // not delivered; a client resuming with Last-Event-ID gets it again.
-                *body = Some(Bytes::from_static(sse::END_HINT));
-                stream.hinted = true;
-                stream.close(reason);
-                return Ok(None);
-            }
-        }
-        stream.chunk(body, &mut ctx.body_filters, false, end_of_stream)
+        Err(Error::explain(
+            ErrorType::InternalError,
+            "every request is carried by the relay",
+        ))
     }
 
     /// Pingora's error log line for a request: its own summary, plus the request id.

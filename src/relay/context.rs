@@ -8,6 +8,7 @@ use std::time::Instant;
 use super::stream::Stream;
 use crate::middleware::{self, BodyFilter};
 use crate::routing::Route;
+use crate::state::InFlightGuard;
 use crate::upstream::{Attempts, Lease};
 
 /// One request's state, created when its header has been read.
@@ -27,6 +28,8 @@ pub struct RequestCtx {
     pub status: Option<u16>,
     /// Set when the response is an event stream.
     pub stream: Option<Stream>,
+    /// Counts the request as being served while it lives.
+    pub in_flight: Option<InFlightGuard>,
 }
 
 /// Where a request goes: the endpoints it tried and the one it uses now.
@@ -58,6 +61,7 @@ impl Default for RequestCtx {
             body_filters: Vec::new(),
             status: None,
             stream: None,
+            in_flight: None,
         }
     }
 }

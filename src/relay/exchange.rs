@@ -1,187 +1,291 @@
-//! Event streams relayed by streamgate's own loop.
-//!
-//! Pingora's proxy loop calls the proxy only when the origin sends something. An event
-//! stream also has to act while its origin is silent: send heartbeats, cut a stream whose
-//! origin stopped talking (`read_timeout`), end it at `max_lifetime`, when the admin API or
-//! the cleanup task asks, or when the process drains for a shutdown or an upgrade. So a
-//! request that asks for an event stream (`GET` with `Accept: text/event-stream`) is relayed
-//! here, from `request_filter`, through the same header handling and per-chunk pipeline
-//! Pingora's loop gets ([`super::headers`], [`super::stream`]):
+//! An exchange: one request carried to its origin and the answer back, by streamgate's own
+//! loop, for every proxied request (any method, with or without a body, HTTP/1.1 or
+//! HTTP/2 from the client).
 //!
 //! ```text
-//! connect       the service's address, Pingora's connector and peer options
-//! request       Pingora's hop-by-hop rules, then upstream_request_filter (rewrite, chain)
-//! header        read under header_timeout (504 when it runs out), then response_filter
-//!               (SSE header rules, stream record, chain); written at once
-//! body          not an event stream: forwarded chunk by chunk until it ends
-//!               event stream: one select! over
-//!                 origin chunk  -> observed, body filters, written and flushed
-//!                 client gone   -> upstream dropped at once            (client_closed)
-//!                 read_timeout  -> origin silent too long              (idle_timeout)
-//!                 heartbeat     -> `:` comment, only between events
-//!                 max_lifetime / drain / admin / cleanup
-//!                               -> end at the next event boundary with a `retry:` hint
+//! request_filter ...   routing, the chain's request hooks, announced-stream limits
+//! connect              an endpoint by the service's balancing, through Pingora's connector
+//!                      (TCP or TLS, pooled); a failed connect moves on while `retries`
+//!                      allow (Attempts)
+//! request              the client's head after the hop-by-hop rules, the service's
+//!                      rewriting and the chain's upstream_request hooks; the body streamed
+//!                      as it arrives, through the chain's request_body hooks (size limits);
+//!                      `Expect: 100-continue` is answered here, once the request was admitted
+//! response head        within header_timeout (and, for a request that did not announce an
+//!                      event stream, timeouts.read), watching the client meanwhile; a
+//!                      reused connection the origin had closed is replaced by a fresh one
+//!                      for an idempotent bodiless request (not held against the endpoint)
+//! event stream?        Content-Type text/event-stream, whatever the request was: limits
+//!                      taken now if the request had not announced it (503/429 when full,
+//!                      the origin connection closed), then the stream's own loop
+//!                      (super::events) with the whole lifecycle
+//! otherwise            the body forwarded as it comes, through the chain's body filters,
+//!                      each read under timeouts.read; `101 Switching Protocols` relays
+//!                      bytes both ways; the connection goes back to the pool when the
+//!                      exchange ended cleanly
 //! ```
-//!
-//! An origin that fails mid-stream leaves the client stream cut (an HTTP/1.1 client sees no
-//! last chunk), or with `on_upstream_error: event`, when it failed between two events, ends
-//! it cleanly after an `event: error` carrying a JSON reason. A half-sent event is never
-//! completed by the proxy: a client drops it, as the SSE specification says.
 
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::header;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, TRANSFER_ENCODING};
 use http::{Method, Version};
-use pingora_core::connectors::http::Connector;
-use pingora_core::protocols::http::client::HttpSession as OriginSession;
+use pingora_core::connectors::TransportConnector;
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::Stream as L4Stream;
+use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType, Result};
-use pingora_http::ResponseHeader;
+use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
-use tokio::time::{sleep_until, Instant as Deadline};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::context::RequestCtx;
+use super::events;
 use super::headers::{self, frame_for_client, strip_request_hop_by_hop, strip_response_hop_by_hop};
-use super::resume::{drop_repeated, remember_ids, RecentIds, MAX_HELD_EVENT};
-use super::stream::filter_own;
+use super::origin::{Framing, OriginConn};
+use super::stream::apply_filters;
 use crate::error::http_error;
-use crate::sse::drain::drain_deadline;
-use crate::sse::{self, CloseReason, OnUpstreamError};
+use crate::sse;
 use crate::state::State;
-use crate::upstream::{Attempts, Lease};
 
-/// A deliberate end: why (for the close log) and the `retry:` hint the client gets last.
-#[derive(Debug, Clone, Copy)]
-struct Ending {
-    reason: CloseReason,
-    hint: &'static [u8],
-}
-
-impl Ending {
-    const LIFETIME: Ending = Ending {
-        reason: CloseReason::MaxLifetime,
-        hint: sse::END_HINT,
-    };
-    const DRAIN: Ending = Ending {
-        reason: CloseReason::Drain,
-        hint: sse::DRAIN_HINT,
-    };
-}
+/// How long an origin that stopped reading a request body is given to show its answer.
+const EARLY_ANSWER: Duration = Duration::from_millis(200);
 
 /// The relay of one server instance: its state and the connector to origins.
 pub struct Relay<'a> {
     pub state: &'a State,
-    pub connector: &'a Connector,
+    pub connector: &'a TransportConnector,
 }
 
-/// Whether `request_filter` hands this request to the relay: a bodiless `GET` that asks for
-/// an event stream.
-pub fn relays(session: &mut Session, ctx: &RequestCtx) -> bool {
-    ctx.chain.sse.announced && session.req_header().method == Method::GET && session.is_body_empty()
+/// An origin connection with its response head, and the peer it was made for (its pool
+/// key and idle timeout).
+pub struct Opened {
+    pub conn: OriginConn,
+    pub head: ResponseHeader,
+    pub peer: Box<HttpPeer>,
 }
 
 impl Relay<'_> {
-    /// Relays an event-stream request (see the module docs). `Ok` means the response was
-    /// sent whole; an error before the response header means Pingora's error path answers
-    /// 502/504 with the reason, and after it the client connection is closed (so the
-    /// client can tell a cut stream from a finished one).
+    /// Carries the request to its origin and the answer back (see the module docs). `Ok`
+    /// means the response was sent whole; an error before the response header means the
+    /// proxy answers 502/504 (or the status in the error) with the reason, and after it the
+    /// client connection is closed, so a cut response reads as cut.
     pub async fn run(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-        if self.state.drain.draining() {
-            return turn_away(session, ctx).await;
+        let method = session.req_header().method.clone();
+        if ctx.chain.sse.announced && method == Method::GET && self.state.drain.draining() {
+            return events::turn_away(session.as_mut(), ctx).await;
         }
+        let (request, body) = self.upstream_request(session, ctx).await?;
+        let mut opened = self.open(session.as_mut(), ctx, &request, body).await?;
         let route = ctx.route()?.clone();
-        let service = &route.service;
-        let attempts = Attempts::new(service.retries);
-        let (mut origin, lease, attempts) = self.open_origin(session, ctx, attempts, None).await?;
-        ctx.upstream.attempts = attempts;
-        ctx.upstream.lease = Some(lease);
-        let mut header = origin
-            .response_header()
-            .cloned()
-            .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "no response header"))
-            .map_err(|e| e.into_up())?;
-        strip_response_hop_by_hop(&mut header);
-        headers::response(session, &mut header, ctx, &self.state.tracker).await?;
-        frame_for_client(&mut header, session.req_header().version)?;
-        session
-            .write_response_header(Box::new(header), false)
+        let settings = ctx.chain.sse.settings;
+        let is_stream = settings.enabled
+            && opened
+                .head
+                .headers
+                .get(CONTENT_TYPE)
+                .is_some_and(|v| sse::is_event_stream(v.as_bytes()));
+        if is_stream && !ctx.chain.sse.announced {
+            // A stream the request did not announce counts against the limits now; over one,
+            // the client is refused and the origin connection closed.
+            if let Some(reply) = super::limits::take(ctx, ctx.chain.client) {
+                drop(opened);
+                route.metrics.sse_refused();
+                return super::reply::answer(session, ctx, &route, reply).await;
+            }
+        }
+        let upgraded = opened.head.status == 101;
+        strip_response_hop_by_hop(&mut opened.head, upgraded);
+        headers::response(session, &mut opened.head, ctx, &self.state.tracker).await?;
+        if !upgraded {
+            frame_for_client(&mut opened.head, session.req_header().version)?;
+        }
+        let head = std::mem::replace(&mut opened.head, ResponseHeader::build(200, Some(0))?);
+        let bodiless = opened.conn.body_done();
+        let downstream = session.as_mut();
+        downstream
+            .write_response_header(Box::new(head))
             .await
             .map_err(|e| e.into_down())?;
-
-        if ctx.stream.is_none() {
-            origin.set_read_timeout(service.timeouts.read);
-            return self.forward_body(session, &mut origin, ctx).await;
+        if upgraded {
+            return self.splice(downstream, ctx, opened).await;
         }
-        self.stream_events(session, origin, ctx).await
+        if ctx.stream.is_some() {
+            return events::relay(self, downstream, ctx, opened, &request).await;
+        }
+        if bodiless {
+            write_body(downstream, None, true).await?;
+            self.release(opened, ctx);
+            return Ok(());
+        }
+        self.forward_body(downstream, ctx, opened).await
     }
 
-    /// Connects to an endpoint `attempts` has not tried (then to others, as its retries
-    /// allow, after connect failures), sends the client's request (with `last_event_id`
-    /// when resuming) and reads the response header under `header_timeout`. Returns the
-    /// origin session, its lease, and the attempts.
-    async fn open_origin(
+    /// The request the origin gets, and how its body is framed.
+    async fn upstream_request(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        mut attempts: Attempts,
-        last_event_id: Option<&[u8]>,
-    ) -> Result<(OriginSession, Lease, Attempts)> {
-        let route = ctx.route()?.clone();
-        let service = &route.service;
-        let (mut origin, lease) = loop {
-            let lease = attempts.next(service, session).await?;
-            let peer = service.peer(lease.addr, Some(&ctx.chain.sse.settings));
-            match self.connector.get_http_session(&*peer).await {
-                Ok((origin, _reused)) => break (origin, lease),
-                Err(e) => {
-                    if !attempts.connect_failed(&lease, &e) {
-                        return Err(e.into_up());
-                    }
-                }
-            }
-        };
-
+    ) -> Result<(RequestHeader, Framing)> {
         let mut request = session.req_header().clone();
         request.set_version(Version::HTTP_11);
-        strip_request_hop_by_hop(&mut request);
-        headers::upstream_request(session, &mut request, ctx).await?;
-        if let Some(id) = last_event_id {
-            request.insert_header("last-event-id", id)?;
-        }
-        origin
-            .write_request_header(Box::new(request))
-            .await
-            .map_err(|e| e.into_up())?;
-        origin
-            .finish_request_body()
-            .await
-            .map_err(|e| e.into_up())?;
-
-        origin.set_read_timeout(None);
-        // The final response header (1xx answers such as 103 Early Hints are skipped), under
-        // header_timeout, while watching the client: one that leaves stops the wait.
-        let header = async {
-            loop {
-                origin.read_response_header().await?;
-                let informational = origin.response_header().is_some_and(|h| {
-                    let status = h.status.as_u16();
-                    (100..200).contains(&status) && status != 101
-                });
-                if !informational {
-                    return Ok::<(), Box<Error>>(());
+        let upgrade = session.is_upgrade_req();
+        strip_request_hop_by_hop(&mut request, upgrade);
+        request.remove_header(&EXPECT);
+        let body = if session.is_body_empty() {
+            request.remove_header(&CONTENT_LENGTH);
+            Framing::None
+        } else {
+            match declared_length(session.req_header()) {
+                Some(len) => {
+                    request.insert_header(CONTENT_LENGTH, len)?;
+                    if len == 0 {
+                        Framing::None
+                    } else {
+                        Framing::Length(len)
+                    }
+                }
+                None => {
+                    request.remove_header(&CONTENT_LENGTH);
+                    request.insert_header(TRANSFER_ENCODING, "chunked")?;
+                    Framing::Chunked(super::origin::ChunkState::Size)
                 }
             }
         };
-        let timed = async {
-            match ctx.chain.sse.settings.header_timeout {
-                Some(limit) => tokio::time::timeout(limit, header).await.map_err(|_| limit),
-                None => Ok(header.await),
+        headers::upstream_request(session, &mut request, ctx).await?;
+        Ok((request, body))
+    }
+
+    /// Connects to an endpoint (moving on to others after connect failures, as `retries`
+    /// allow), sends the request and its body, and reads the response head. A reused
+    /// connection that the origin had closed meanwhile is replaced by a fresh one to the
+    /// same endpoint when the request can be sent again (idempotent, no body): that is the
+    /// pool's fault, not the endpoint's.
+    pub async fn open(
+        &self,
+        session: &mut ServerSession,
+        ctx: &mut RequestCtx,
+        request: &RequestHeader,
+        body: Framing,
+    ) -> Result<Opened> {
+        let route = ctx.route()?.clone();
+        let service = &route.service;
+        let announced = ctx.chain.sse.announced;
+        let settings = ctx.chain.sse.settings;
+        loop {
+            let lease = ctx.upstream.attempts.next(service, session).await?;
+            let peer = service.peer(lease.addr, announced.then_some(&settings));
+            let (stream, reused) = match self.connector.get_stream(&*peer).await {
+                Ok(connected) => connected,
+                Err(e) => {
+                    if ctx.upstream.attempts.connect_failed(&lease, &e) {
+                        continue;
+                    }
+                    return Err(e.into_up());
+                }
+            };
+            ctx.upstream.lease = Some(lease);
+            let mut conn = OriginConn::new(stream, reused);
+            let mut sent = self
+                .send_and_read_head(session, ctx, &mut conn, request, body)
+                .await;
+            let replayable = body == Framing::None && is_idempotent(&request.method);
+            if sent.as_ref().is_err_and(|e| stale(e)) && conn.reused && !conn.answered && replayable
+            {
+                log::debug!(
+                    "a pooled connection to {} was closed by the origin; sending again on a new one",
+                    peer.address()
+                );
+                let stream = self
+                    .connector
+                    .new_stream(&*peer)
+                    .await
+                    .map_err(|e| e.into_up())?;
+                conn = OriginConn::new(stream, false);
+                sent = self
+                    .send_and_read_head(session, ctx, &mut conn, request, body)
+                    .await;
+            }
+            return match sent {
+                Ok(head) => Ok(Opened { conn, head, peer }),
+                Err(e) => {
+                    if e.esource() == &pingora_error::ErrorSource::Upstream {
+                        if let Some(lease) = &ctx.upstream.lease {
+                            lease.failed();
+                        }
+                    }
+                    Err(e)
+                }
+            };
+        }
+    }
+
+    /// Writes the request head and body on `conn` and reads the response head in time,
+    /// watching the client while it waits.
+    async fn send_and_read_head(
+        &self,
+        session: &mut ServerSession,
+        ctx: &mut RequestCtx,
+        conn: &mut OriginConn,
+        request: &RequestHeader,
+        body: Framing,
+    ) -> Result<ResponseHeader> {
+        let route = ctx.route()?.clone();
+        let service = &route.service;
+        let write_timeout = service.timeouts.write;
+        within(
+            write_timeout,
+            conn.send_head(request, body),
+            "sending the request",
+        )
+        .await?;
+        if body != Framing::None {
+            if session
+                .req_header()
+                .headers
+                .get(EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+            {
+                session
+                    .write_continue_response()
+                    .await
+                    .map_err(|e| e.into_down())?;
+            }
+            if let Err(e) = self.send_body(session, ctx, conn, write_timeout).await {
+                // An origin may answer (and stop reading) before the body is whole: then
+                // its answer is what the client gets.
+                if e.esource() != &pingora_error::ErrorSource::Upstream {
+                    return Err(e);
+                }
+                let early = tokio::time::timeout(EARLY_ANSWER, conn.read_head(&request.method));
+                return match early.await {
+                    Ok(Ok(head)) => Ok(head),
+                    _ => Err(e),
+                };
+            }
+        }
+        let settings = ctx.chain.sse.settings;
+        let limit = if settings.enabled {
+            match (ctx.chain.sse.announced, settings.header_timeout) {
+                (true, t) => t,
+                (false, Some(t)) => Some(service.timeouts.read.map_or(t, |r| r.min(t))),
+                (false, None) => service.timeouts.read,
+            }
+        } else {
+            service.timeouts.read
+        };
+        let method = request.method.clone();
+        let head = async {
+            match limit {
+                Some(limit) => tokio::time::timeout(limit, conn.read_head(&method))
+                    .await
+                    .map_err(|_| limit),
+                None => Ok(conn.read_head(&method).await),
             }
         };
         let read = tokio::select! {
-            read = timed => read,
-            gone = session.as_mut().read_body_or_idle(true) => {
+            read = head => read,
+            gone = session.read_body_or_idle(true) => {
                 let e = match gone {
                     Err(e) => e,
                     Ok(_) => Error::explain(ErrorType::ConnectionClosed, "the client sent data"),
@@ -189,409 +293,221 @@ impl Relay<'_> {
                 return Err(e.into_down());
             }
         };
-        let read = match read {
-            Ok(read) => read,
+        match read {
+            Ok(head) => head,
             Err(limit) => {
                 service.metrics.timeout();
-                lease.failed();
-                return Err(http_error(
+                if let Some(lease) = &ctx.upstream.lease {
+                    lease.failed();
+                }
+                Err(http_error(
                     504,
                     format!(
                         "service `{}`: the origin sent no response header within {}",
                         service.name,
                         humantime::format_duration(limit)
                     ),
-                ));
+                ))
             }
-        };
-        if let Err(e) = read {
-            lease.failed();
-            return Err(e.into_up());
         }
-        Ok((origin, lease, attempts))
     }
 
-    /// After the origin of a `resume` stream failed: opens the stream again from another
-    /// endpoint (the same one when it is the only one up), asking for the events after the
-    /// last one the client received. `None` when that is not possible.
-    async fn resume(
+    /// Streams the client's request body to the origin as it arrives, through the chain's
+    /// `request_body` hooks.
+    async fn send_body(
         &self,
-        session: &mut Session,
+        session: &mut ServerSession,
         ctx: &mut RequestCtx,
-        failed: Option<SocketAddr>,
-    ) -> Option<OriginSession> {
-        let last_id = ctx
-            .stream
-            .as_ref()
-            .map(|s| s.last_id().to_vec())
-            .filter(|id| !id.is_empty());
-        let avoid = failed.map_or_else(|| Attempts::new(0), Attempts::avoiding);
-        let mut opened = self
-            .open_origin(session, ctx, avoid, last_id.as_deref())
-            .await;
-        if opened.is_err() && failed.is_some() {
-            opened = self
-                .open_origin(session, ctx, Attempts::new(0), last_id.as_deref())
-                .await;
-        }
-        let (origin, lease, attempts) = match opened {
-            Ok(opened) => opened,
-            Err(e) => {
-                log::info!("resume failed: {e}");
-                return None;
+        conn: &mut OriginConn,
+        write_timeout: Option<Duration>,
+    ) -> Result<()> {
+        let route = ctx.route()?.clone();
+        loop {
+            let chunk = session
+                .read_request_body()
+                .await
+                .map_err(|e| e.into_down())?;
+            let end = chunk.is_none();
+            for instance in route.chain.iter() {
+                instance
+                    .middleware
+                    .request_body(&chunk, end, &mut ctx.chain)?;
             }
-        };
-        if origin.response_header().is_some_and(|h| h.status == 204) {
-            // In SSE, 204 means: do not reconnect. The stream ends cleanly.
-            log::info!("resume: the origin answered 204, the stream is over");
-            close(ctx, CloseReason::OriginClosed);
-            return None;
+            match chunk {
+                Some(data) => {
+                    within(
+                        write_timeout,
+                        conn.send_body(&data),
+                        "sending the request body",
+                    )
+                    .await?
+                }
+                None => {
+                    return within(
+                        write_timeout,
+                        conn.finish_body(),
+                        "sending the request body",
+                    )
+                    .await
+                }
+            }
         }
-        let streams = origin.response_header().is_some_and(|h| {
-            h.status == 200
-                && h.headers
-                    .get(http::header::CONTENT_TYPE)
-                    .is_some_and(|v| sse::is_event_stream(v.as_bytes()))
-        });
-        if !streams {
-            lease.failed();
-            log::info!("resume failed: the origin did not answer with an event stream");
-            return None;
-        }
-        lease.succeeded();
-        if let Some(entry) = ctx.stream.as_ref().and_then(|s| s.entry()) {
-            entry.set_upstream(lease.addr);
-        }
-        ctx.upstream.attempts = attempts;
-        ctx.upstream.lease = Some(lease);
-        Some(origin)
     }
 
     /// Forwards a response that is not an event stream, as it comes.
     async fn forward_body(
         &self,
-        session: &mut Session,
-        origin: &mut OriginSession,
+        session: &mut ServerSession,
         ctx: &mut RequestCtx,
+        mut opened: Opened,
     ) -> Result<()> {
+        let read_timeout = ctx.route()?.service.timeouts.read;
         loop {
-            let mut body = origin.read_response_body().await.map_err(|e| e.into_up())?;
+            let mut body = within(
+                read_timeout,
+                opened.conn.read_body(),
+                "reading the response body",
+            )
+            .await?;
             let end = body.is_none();
-            super::stream::apply_filters(&mut ctx.body_filters, &mut body, end)?;
+            apply_filters(&mut ctx.body_filters, &mut body, end)?;
             write_body(session, body, end).await?;
             if end {
+                self.release(opened, ctx);
                 return Ok(());
             }
         }
     }
 
-    /// The event-stream loop (see the module docs).
-    async fn stream_events(
+    /// `101 Switching Protocols`: bytes both ways as they are, until either side closes or
+    /// both are silent for `timeouts.read`.
+    async fn splice(
         &self,
-        session: &mut Session,
-        mut origin: OriginSession,
+        session: &mut ServerSession,
         ctx: &mut RequestCtx,
+        opened: Opened,
     ) -> Result<()> {
-        let settings = ctx.chain.sse.settings;
-        // With `resume`, only whole events go to the client (the rest waits in `tail`), so a
-        // stream continued from another origin never shows half an event; ids recently sent
-        // are remembered so an origin that repeats them is not believed twice.
-        let mut tail = bytes::BytesMut::new();
-        let mut recent_ids = RecentIds::default();
-        let mut resumes: std::collections::VecDeque<Instant> = Default::default();
-        let mut resumed = false;
-        let started = Instant::now();
-        let lifetime_end = settings.max_lifetime.and_then(|d| started.checked_add(d));
-        let mut drain = self.state.drain.signal();
-        let mut drain_end = drain
-            .borrow_and_update()
-            .map(|t| drain_deadline(t, settings.drain_period));
-        let entry = ctx.stream.as_ref().and_then(|s| s.entry()).cloned();
-        let mut watch_client = true;
-        // The last bytes from the origin (read timeout) and to the client (heartbeats).
-        let mut last_origin = started;
-        let mut last_sent = started;
-        let mut ending: Option<Ending> = None;
+        let idle = ctx.route()?.service.timeouts.read;
+        let (mut origin, early) = opened.conn.into_raw();
+        if !early.is_empty() {
+            write_body(session, Some(early.freeze()), false).await?;
+        }
+        let mut buf = vec![0u8; 16 * 1024];
         loop {
-            let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.at_boundary());
-            if let Some(end) = ending.filter(|_| at_boundary) {
-                return end_stream(session, ctx, end).await;
-            }
-            let timed_end = [
-                lifetime_end.map(|t| (t, Ending::LIFETIME)),
-                drain_end.map(|t| (t, Ending::DRAIN)),
-            ]
-            .into_iter()
-            .flatten()
-            .min_by_key(|(t, _)| *t);
-            let silent_limit = settings
-                .read_timeout
-                .and_then(|t| last_origin.checked_add(t));
-            let heartbeat_at = settings
-                .heartbeat_interval
-                .and_then(|i| last_sent.checked_add(i));
-            // Set when the origin failed or went silent: resume, or end.
-            let mut failed: Option<Box<Error>> = None;
-
-            tokio::select! {
-                read = origin.read_response_body() => match read {
-                    Ok(Some(chunk)) if settings.resume => {
-                        last_origin = Instant::now();
-                        tail.extend_from_slice(&chunk);
-                        if tail.len() > MAX_HELD_EVENT {
-                            // Not an event stream one can hold events of: no resume either.
-                            close(ctx, CloseReason::OriginError);
-                            return Err(Error::explain(
-                                ErrorType::InvalidHTTPHeader,
-                                format!("an event longer than {MAX_HELD_EVENT} bytes"),
-                            )
-                            .into_up());
-                        }
-                        let whole = sse::last_event_end(&tail).unwrap_or(0);
-                        let events = tail.split_to(whole).freeze();
-                        let events = if resumed {
-                            drop_repeated(events, &recent_ids)
-                        } else {
-                            events
-                        };
-                        remember_ids(&events, &mut recent_ids);
-                        if !events.is_empty() {
-                            last_sent = last_origin;
-                            relay_chunk(session, ctx, events, ending.is_some()).await?;
+            let step = async {
+                tokio::select! {
+                    from_client = session.read_request_body() => {
+                        match from_client.map_err(|e| e.into_down())? {
+                            Some(data) => {
+                                origin.write_all(&data).await.map_err(|e| {
+                                    Error::because(ErrorType::WriteError, "writing to the origin", e).into_up()
+                                })?;
+                                origin.flush().await.map_err(|e| {
+                                    Error::because(ErrorType::WriteError, "writing to the origin", e).into_up()
+                                })?;
+                                Ok::<bool, Box<Error>>(true)
+                            }
+                            None => Ok(false),
                         }
                     }
-                    Ok(Some(chunk)) => {
-                        last_origin = Instant::now();
-                        last_sent = last_origin;
-                        relay_chunk(session, ctx, chunk, ending.is_some()).await?;
+                    from_origin = origin.read(&mut buf) => {
+                        let n = from_origin.map_err(|e| {
+                            Error::because(ErrorType::ReadError, "reading from the origin", e).into_up()
+                        })?;
+                        if n == 0 {
+                            return Ok(false);
+                        }
+                        write_body(session, Some(Bytes::copy_from_slice(&buf[..n])), false).await?;
+                        Ok(true)
                     }
-                    Ok(None) => {
-                        close(ctx, CloseReason::OriginClosed);
-                        return send_own(session, ctx, Bytes::new(), true).await;
-                    }
-                    Err(e) => failed = Some(e.into_up()),
-                },
-                gone = session.as_mut().read_body_or_idle(true), if watch_client => match gone {
-                    // Bytes where none belong (Pingora calls them a connect error): stop
-                    // listening, keep streaming.
-                    Err(e) if e.etype() == &ErrorType::ConnectError => watch_client = false,
-                    Err(e) => {
-                        close(ctx, CloseReason::ClientClosed);
-                        return Err(e.into_down());
-                    }
-                    Ok(_) => watch_client = false,
-                },
-                reason = end_asked(entry.as_deref()), if entry.is_some() && ending.is_none() => {
-                    ending = Some(Ending { reason, hint: sse::END_HINT });
                 }
-                _ = sleep_until(deadline(timed_end.map(|(t, _)| t))),
-                    if timed_end.is_some() && ending.is_none() =>
-                {
-                    ending = timed_end.map(|(_, end)| end);
-                }
-                _ = sleep_until(deadline(silent_limit)), if silent_limit.is_some() => {
-                    let limit = settings.read_timeout.unwrap_or_default();
-                    let e = Error::explain(
-                        ErrorType::ReadTimedout,
-                        format!(
-                            "the origin sent nothing for {}",
-                            humantime::format_duration(limit)
-                        ),
-                    );
-                    failed = Some(e.into_up());
-                }
-                _ = sleep_until(deadline(heartbeat_at)), if heartbeat_at.is_some() && at_boundary => {
-                    send_own(session, ctx, Bytes::from_static(sse::HEARTBEAT), false).await?;
-                    last_sent = Instant::now();
-                }
-                changed = drain.changed(), if drain_end.is_none() => {
-                    drain_end = match changed {
-                        Ok(()) => drain
-                            .borrow_and_update()
-                            .map(|t| drain_deadline(t, settings.drain_period)),
-                        // The drain signal lives as long as the process.
-                        Err(_) => None,
-                    };
-                }
-            }
-            if let Some(e) = failed {
-                let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.at_boundary());
-                if settings.resume && self.state.drain.draining() && at_boundary {
-                    // The client would come back to the next process anyway.
-                    return end_stream(session, ctx, Ending::DRAIN).await;
-                }
-                if let Some(next) = self.try_resume(session, ctx, &mut resumes, &e).await {
-                    origin = next;
-                    tail.clear();
-                    resumed = true;
-                    last_origin = Instant::now();
-                    continue;
-                }
-                let finished = ctx.stream.as_ref().and_then(|s| s.reason());
-                if finished == Some(CloseReason::OriginClosed) {
-                    return send_own(session, ctx, Bytes::new(), true).await;
-                }
-                return origin_failed(session, ctx, e).await;
+            };
+            let open = within(idle, step, "an upgraded connection was idle").await?;
+            if !open {
+                let _ = session.write_response_body(Bytes::new(), true).await;
+                shutdown(&mut origin).await;
+                return Ok(());
             }
         }
     }
 
-    /// Resumes the stream after `e` when its settings allow one more resume now.
-    async fn try_resume(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        resumes: &mut std::collections::VecDeque<Instant>,
-        e: &Error,
-    ) -> Option<OriginSession> {
-        let settings = ctx.chain.sse.settings;
-        if !settings.resume || self.state.drain.draining() {
-            return None;
+    /// Gives the connection back to the pool when the exchange ended cleanly.
+    pub fn release(&self, opened: Opened, ctx: &RequestCtx) {
+        let idle = ctx.route.as_ref().and_then(|r| r.service.timeouts.idle);
+        let key = opened.peer.reuse_hash();
+        if let Some(stream) = opened.conn.into_reusable() {
+            self.connector.release_stream(stream, key, idle);
         }
-        let now = Instant::now();
-        while resumes
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > settings.resume_window)
-        {
-            resumes.pop_front();
-        }
-        if resumes.len() >= settings.resume_attempts as usize {
-            log::info!(
-                "origin failed ({e}); not resuming: {} resumes within {}",
-                resumes.len(),
-                humantime::format_duration(settings.resume_window)
-            );
-            return None;
-        }
-        resumes.push_back(now);
-        let failed = ctx.upstream.lease.take().map(|lease| {
-            lease.failed();
-            lease.addr
-        });
-        let origin = self.resume(session, ctx, failed).await?;
-        if let Some(route) = &ctx.route {
-            route.metrics.sse_resumed();
-        }
-        log::info!(
-            "sse stream resumed on {} after the origin {} failed ({e}), from last event id {:?}",
-            ctx.upstream
-                .addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
-            failed.map(|a| a.to_string()).unwrap_or_default(),
-            ctx.stream
-                .as_ref()
-                .map(|s| String::from_utf8_lossy(s.last_id()).into_owned())
-                .unwrap_or_default()
-        );
-        Some(origin)
     }
 }
 
-/// One chunk from the origin: through the stream's pipeline, then written. When the stream
-/// is ending, only the part up to the current event's end is sent.
-async fn relay_chunk(
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    chunk: Bytes,
-    ending: bool,
-) -> Result<()> {
-    let Some(stream) = ctx.stream.as_mut() else {
-        return Ok(());
-    };
-    let mut body = Some(chunk);
-    if let Some(delay) = stream.chunk(&mut body, &mut ctx.body_filters, ending, false)? {
-        tokio::time::sleep(delay).await;
+/// Runs `fut` under `limit` (none: no limit); running out is a timeout of `what`.
+pub async fn within<T>(
+    limit: Option<Duration>,
+    fut: impl std::future::Future<Output = Result<T>>,
+    what: &str,
+) -> Result<T> {
+    match limit {
+        None => fut.await,
+        Some(limit) => match tokio::time::timeout(limit, fut).await {
+            Ok(done) => done,
+            Err(_) => Err(Error::explain(
+                ErrorType::ReadTimedout,
+                format!("{what}: nothing for {}", humantime::format_duration(limit)),
+            )
+            .into_up()),
+        },
     }
-    write_body(session, body, false).await
-}
-
-/// Writes bytes of the proxy's own (a heartbeat, a hint, an error event) through the
-/// route's body filters, so a compressed stream stays decodable.
-async fn send_own(
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    bytes: Bytes,
-    end: bool,
-) -> Result<()> {
-    let body = filter_own(&mut ctx.body_filters, bytes, end)?;
-    write_body(session, body, end).await
-}
-
-/// Ends the stream on purpose, between two events: the hint, then a clean end.
-async fn end_stream(session: &mut Session, ctx: &mut RequestCtx, end: Ending) -> Result<()> {
-    close(ctx, end.reason);
-    send_own(session, ctx, Bytes::from_static(end.hint), true).await
-}
-
-/// The origin failed or went silent mid-stream.
-async fn origin_failed(session: &mut Session, ctx: &mut RequestCtx, e: Box<Error>) -> Result<()> {
-    let reason = if e.etype() == &ErrorType::ReadTimedout {
-        CloseReason::IdleTimeout
-    } else {
-        CloseReason::OriginError
-    };
-    let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.at_boundary());
-    if ctx.chain.sse.settings.on_upstream_error == OnUpstreamError::Event && at_boundary {
-        // Ended cleanly, so `logging` sees no error to count.
-        if reason == CloseReason::IdleTimeout {
-            if let Some(route) = &ctx.route {
-                route.service.metrics.timeout();
-            }
-        }
-        if let Some(stream) = ctx.stream.as_mut() {
-            stream.close_with(reason, e.to_string());
-        }
-        let event = sse::error_event(&e.to_string());
-        return send_own(session, ctx, event, true).await;
-    }
-    close(ctx, reason);
-    Err(e)
-}
-
-/// Notes how the stream ended, for the close log and metrics.
-fn close(ctx: &mut RequestCtx, reason: CloseReason) {
-    if let Some(stream) = ctx.stream.as_mut() {
-        stream.close(reason);
-    }
-}
-
-/// A new stream while the process drains: an empty event stream that tells the client to
-/// come back (to the process that took over the listeners) at once. `EventSource` would
-/// give up for good on an error status.
-async fn turn_away(session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-    let mut header = ResponseHeader::build(200, Some(4))?;
-    header.insert_header(header::CONTENT_TYPE, "text/event-stream")?;
-    header.insert_header(header::CACHE_CONTROL, "no-store")?;
-    header.insert_header(header::CONTENT_LENGTH, sse::DRAIN_HINT.len())?;
-    ctx.status = Some(200);
-    session.set_keepalive(None);
-    session
-        .write_response_header(Box::new(header), false)
-        .await
-        .map_err(|e| e.into_down())?;
-    write_body(session, Some(Bytes::from_static(sse::DRAIN_HINT)), true).await
 }
 
 /// Writes to the client; a failure is the client's (gone, or too slow for write_timeout).
-async fn write_body(session: &mut Session, body: Option<Bytes>, end: bool) -> Result<()> {
+pub async fn write_body(session: &mut ServerSession, body: Option<Bytes>, end: bool) -> Result<()> {
+    if body.is_none() && !end {
+        return Ok(());
+    }
     session
-        .write_response_body(body, end)
+        .write_response_body(body.unwrap_or_default(), end)
         .await
         .map_err(|e| e.into_down())
 }
 
-/// When a timer at `at` fires; far in the future for `None` (its branch is disabled then).
-fn deadline(at: Option<Instant>) -> Deadline {
-    match at {
-        Some(at) => Deadline::from_std(at),
-        None => Deadline::now() + Duration::from_secs(86_400 * 365),
-    }
+async fn shutdown(stream: &mut L4Stream) {
+    let _ = stream.shutdown().await;
 }
 
-async fn end_asked(entry: Option<&crate::sse::tracker::StreamEntry>) -> CloseReason {
-    match entry {
-        Some(entry) => entry.end_asked().await,
-        None => std::future::pending().await,
+/// The request body length the client declared, when it declared one it can be held to.
+fn declared_length(req: &RequestHeader) -> Option<u64> {
+    if req.headers.contains_key(TRANSFER_ENCODING) {
+        return None;
     }
+    let mut found = None;
+    for value in req.headers.get_all(CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|b| *b == b',') {
+            let len = std::str::from_utf8(part.trim_ascii())
+                .ok()?
+                .parse::<u64>()
+                .ok()?;
+            if found.is_some_and(|f| f != len) {
+                return None;
+            }
+            found = Some(len);
+        }
+    }
+    found
+}
+
+/// Methods a request may be sent again with, having had no effect the first time.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Whether an error is what a pooled connection that the origin closed looks like.
+fn stale(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+    ) && e.esource() != &pingora_error::ErrorSource::Downstream
 }

@@ -104,9 +104,9 @@ pub async fn response(
     Ok(())
 }
 
-/// Removes what belongs to the client's connection, and what it nominates, as Pingora's
-/// own proxy path does.
-pub fn strip_request_hop_by_hop(request: &mut RequestHeader) {
+/// Removes what belongs to the client's connection, and what it nominates. An upgrade
+/// request (WebSocket) keeps `Upgrade` and says `Connection: upgrade`.
+pub fn strip_request_hop_by_hop(request: &mut RequestHeader, upgrade: bool) {
     let nominated: Vec<HeaderName> = request
         .headers
         .get_all(header::CONNECTION)
@@ -123,14 +123,27 @@ pub fn strip_request_hop_by_hop(request: &mut RequestHeader) {
     for name in nominated {
         request.remove_header(&name);
     }
+    let protocol = upgrade
+        .then(|| request.headers.get(header::UPGRADE).cloned())
+        .flatten();
     for name in HOP_BY_HOP {
         request.remove_header(*name);
     }
     request.remove_header(&TRANSFER_ENCODING);
+    if let Some(protocol) = protocol {
+        // Cannot fail: both are valid header values.
+        let _ = request.insert_header(header::UPGRADE, protocol);
+        let _ = request.insert_header(header::CONNECTION, "upgrade");
+    }
 }
 
-pub fn strip_response_hop_by_hop(header: &mut ResponseHeader) {
+/// Removes what belongs to the origin's connection. A `101` answer to an upgrade keeps
+/// `Upgrade` and `Connection`, which the client needs.
+pub fn strip_response_hop_by_hop(header: &mut ResponseHeader, upgraded: bool) {
     for name in HOP_BY_HOP {
+        if upgraded && (*name == "upgrade" || *name == "connection") {
+            continue;
+        }
         header.remove_header(*name);
     }
 }

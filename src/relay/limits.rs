@@ -1,46 +1,47 @@
-//! Stream limits taken before the origin is contacted: a request that announces an event
-//! stream takes a slot under the global and the service's `max_connections` and
-//! `max_connections_per_client` (an `sse` middleware took its own already), and is refused
-//! when one is full.
+//! Stream limits: a request collects the limits its event stream would count against (the
+//! global `sse` block's, its service's, then any `sse` middleware's), and takes a slot under
+//! each either before its origin is contacted (it announced an event stream) or when its
+//! answer turns out to be one. Never one stream over a limit is served.
 
-use pingora_proxy::Session;
+use std::net::IpAddr;
 
 use super::context::RequestCtx;
 use crate::config::Config;
-use crate::http_util::client_ip;
-use crate::middleware::sse::{client_limit_reply, limit_reply};
+use crate::middleware::sse::refusal_reply;
 use crate::middleware::Reply;
 use crate::routing::Route;
+use crate::sse::limits::Limit;
 
-/// Takes the slots an announced stream needs; the answer to send when a limit is full.
-pub fn admit(
-    config: &Config,
-    route: &Route,
-    session: &Session,
-    ctx: &mut RequestCtx,
-) -> Option<Reply> {
-    let sse = &mut ctx.chain.sse;
-    let limits = [
-        (config.sse_limit.as_ref(), "this proxy"),
-        (route.service.sse_limit.as_ref(), "this service"),
+/// Adds the global and the service's limits to the request's (before the chain runs, so
+/// the refusal names the most general full limit).
+pub fn collect(config: &Config, route: &Route, ctx: &mut RequestCtx) {
+    let applying = &mut ctx.chain.sse.limits.applying;
+    let blocks = [
+        (
+            config.sse_limit.as_ref(),
+            config.sse_client_limit.as_ref(),
+            "this proxy",
+        ),
+        (
+            route.service.sse_limit.as_ref(),
+            route.service.sse_client_limit.as_ref(),
+            "this service",
+        ),
     ];
-    for (slots, scope) in limits {
-        let Some(slots) = slots else { continue };
-        match slots.try_acquire() {
-            Some(guard) => sse.slots.push(guard),
-            None => return Some(limit_reply(slots.max(), scope)),
+    for (slots, client_slots, scope) in blocks {
+        if let Some(slots) = slots {
+            applying.push(Limit::Streams {
+                slots: slots.clone(),
+                scope,
+            });
+        }
+        if let Some(slots) = client_slots {
+            applying.push(Limit::PerClient(slots.clone()));
         }
     }
-    let client_limits = [
-        config.sse_client_limit.as_ref(),
-        route.service.sse_client_limit.as_ref(),
-    ];
-    let client = client_ip(session)?;
-    for slots in client_limits.into_iter().flatten() {
-        match slots.try_acquire(client) {
-            Some(guard) => sse.client_slots.push(guard),
-            None => return Some(client_limit_reply(slots.max())),
-        }
-    }
-    None
+}
+
+/// Takes the request's slots for a stream of `client`; the answer when a limit is full.
+pub fn take(ctx: &mut RequestCtx, client: Option<IpAddr>) -> Option<Reply> {
+    ctx.chain.sse.limits.take(client).err().map(refusal_reply)
 }

@@ -8,8 +8,11 @@
 //!   hooks and body filters);
 //! - [`stream`]: an event stream in flight and its per-chunk pipeline (scan, record,
 //!   filter, pace), the one path every chunk takes;
-//! - [`exchange`]: streamgate's own loop for event streams, which acts while the origin is
-//!   silent (heartbeats, timeouts, lifetime, drain, admin ends, resume);
+//! - [`exchange`]: streamgate's own loop, which carries every proxied request to its origin
+//!   and the answer back; [`origin`]: the HTTP/1.1 framing toward the origin;
+//! - [`events`]: the loop of an event stream, which acts while the origin is silent
+//!   (heartbeats, timeouts, lifetime, drain, admin ends, resume);
+//! - [`reply`]: answers the proxy gives itself (a middleware's, a limit's refusal);
 //! - [`resume`]: what a resumed stream remembers;
 //! - [`record`]: what a finished request leaves: metrics, logging hooks, the access log,
 //!   how its stream ended.
@@ -18,10 +21,13 @@
 //! hooks call into it.
 
 pub mod context;
+pub mod events;
 pub mod exchange;
 pub mod headers;
 pub mod limits;
+pub mod origin;
 pub mod record;
+pub mod reply;
 pub mod resume;
 pub mod stream;
 

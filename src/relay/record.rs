@@ -1,8 +1,8 @@
 //! Recording a finished request: the chain's logging hooks, the route's and service's
 //! metrics, the access log line, and how its event stream (if it was one) ended.
 
+use pingora_core::protocols::http::ServerSession;
 use pingora_error::{Error, ErrorSource, ErrorType};
-use pingora_proxy::Session;
 
 use super::context::RequestCtx;
 use crate::access_log::{self, Entry};
@@ -11,7 +11,7 @@ use crate::http_util::client_ip;
 use crate::sse::CloseReason;
 
 /// Records the request `ctx` that ended with `e` (`None`: it finished).
-pub fn finished(session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx, log: AccessLog) {
+pub fn finished(session: &ServerSession, e: Option<&Error>, ctx: &mut RequestCtx, log: AccessLog) {
     let status = session
         .response_written()
         .map_or(ctx.status.unwrap_or(0), |r| r.status.as_u16());

@@ -46,9 +46,6 @@ pub struct Stream {
     reason: Option<CloseReason>,
     /// What went wrong, for the close log line.
     detail: Option<String>,
-    /// An end was asked for and the `retry:` hint went out (streams carried by Pingora's
-    /// loop, which can only act when the origin sends something).
-    pub hinted: bool,
 }
 
 impl Stream {
@@ -70,7 +67,6 @@ impl Stream {
             tracked: settings.connection_tracking.then(|| tracker.open(info())),
             reason: None,
             detail: None,
-            hinted: false,
         }
     }
 

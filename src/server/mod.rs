@@ -1,7 +1,9 @@
 //! The server: [`build_server`] turns a validated config into a Pingora [`Server`] running
 //! the proxy on every listener, the admin listener, the demo origin, and the background
-//! services (config reloader, stream supervisor, endpoint upkeep).
+//! services (config reloader, stream supervisor, endpoint upkeep, the exit once a shutdown
+//! has nothing left to serve).
 
+pub mod exit;
 pub mod listeners;
 
 use std::sync::Arc;
@@ -64,6 +66,12 @@ pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
         "endpoint upkeep",
         Upkeep {
             registry: state.endpoints.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "exit when drained",
+        exit::Exit {
+            state: state.clone(),
         },
     ));
 

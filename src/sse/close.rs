@@ -24,13 +24,16 @@ pub enum CloseReason {
     Drain,
     /// The admin API ended it.
     Ended,
+    /// An answer its client cannot ask for again (a `POST` stream, say) was still streaming
+    /// when a shutdown's `finish_period` ran out, and was stopped at an event boundary.
+    Cut,
     /// Anything else (a write to the client timed out, an internal error).
     Error,
 }
 
 impl CloseReason {
     /// Every reason, in the order of their discriminants.
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::ClientClosed,
         CloseReason::OriginClosed,
         CloseReason::OriginError,
@@ -38,6 +41,7 @@ impl CloseReason {
         CloseReason::MaxLifetime,
         CloseReason::Drain,
         CloseReason::Ended,
+        CloseReason::Cut,
         CloseReason::Error,
     ];
 
@@ -50,6 +54,7 @@ impl CloseReason {
             CloseReason::MaxLifetime => "max_lifetime",
             CloseReason::Drain => "drain",
             CloseReason::Ended => "ended",
+            CloseReason::Cut => "cut",
             CloseReason::Error => "error",
         }
     }

@@ -6,20 +6,47 @@
 //! it, with a `retry:` hint, so clients come back (to the new process) spread over the
 //! period instead of all at once.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-/// When the drain started, once it has.
+/// How a stream open during a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A `GET` stream, ended at an event boundary with a `retry:` hint: its client comes
+    /// back (to the new process) with `Last-Event-ID`.
+    Reconnect,
+    /// A stream of another method that ended by itself within `finish_period`.
+    Finished,
+    /// A stream of another method still running when `finish_period` ran out.
+    Cut,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 3] = [Outcome::Reconnect, Outcome::Finished, Outcome::Cut];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Reconnect => "reconnect",
+            Outcome::Finished => "finished",
+            Outcome::Cut => "cut",
+        }
+    }
+}
+
+/// When the drain started, once it has, and how the streams it met ended.
 #[derive(Debug)]
 pub struct Drain {
     started: watch::Sender<Option<Instant>>,
+    outcomes: [AtomicU64; 3],
 }
 
 impl Default for Drain {
     fn default() -> Self {
         Drain {
             started: watch::channel(None).0,
+            outcomes: Default::default(),
         }
     }
 }
@@ -44,6 +71,23 @@ impl Drain {
     /// A receiver that changes once, when the drain starts.
     pub fn signal(&self) -> watch::Receiver<Option<Instant>> {
         self.started.subscribe()
+    }
+
+    /// Counts a stream that ended during the drain.
+    pub fn ended(&self, outcome: Outcome) {
+        self.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many streams ended each way during the drain, as one line for the log.
+    pub fn summary(&self) -> String {
+        Outcome::ALL
+            .iter()
+            .map(|o| {
+                let n = self.outcomes[*o as usize].load(Ordering::Relaxed);
+                format!("{} {n}", o.as_str())
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 

@@ -98,6 +98,79 @@ impl Drop for ClientSlotGuard {
     }
 }
 
+/// A limit an event stream counts against.
+#[derive(Debug, Clone)]
+pub enum Limit {
+    /// `max_connections` of a block: `scope` names it in the refusal ("this proxy",
+    /// "this service", "this route").
+    Streams {
+        slots: Arc<Slots>,
+        scope: &'static str,
+    },
+    /// `max_connections_per_client` of a block.
+    PerClient(Arc<ClientSlots>),
+}
+
+/// Why a stream was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A `max_connections` limit is full.
+    Full { max: usize, scope: &'static str },
+    /// The client has `max` streams open under a `max_connections_per_client` limit.
+    Client { max: usize },
+}
+
+/// The limits one request's event stream counts against, and the slots it holds.
+#[derive(Debug, Default)]
+pub struct Limits {
+    /// Every limit that applies, most general first.
+    pub applying: Vec<Limit>,
+    held: Vec<SlotGuard>,
+    held_by_client: Vec<ClientSlotGuard>,
+}
+
+impl Limits {
+    /// Takes a slot under every applying limit for a stream of `client`; on a full one, the
+    /// refusal (and nothing is held). Taking them again is a no-op.
+    pub fn take(&mut self, client: Option<IpAddr>) -> Result<(), Refusal> {
+        if !self.held.is_empty() || !self.held_by_client.is_empty() {
+            return Ok(());
+        }
+        let mut held = Vec::new();
+        let mut held_by_client = Vec::new();
+        for limit in &self.applying {
+            match limit {
+                Limit::Streams { slots, scope } => match slots.try_acquire() {
+                    Some(guard) => held.push(guard),
+                    None => {
+                        return Err(Refusal::Full {
+                            max: slots.max(),
+                            scope,
+                        })
+                    }
+                },
+                Limit::PerClient(slots) => {
+                    let Some(client) = client else { continue };
+                    match slots.try_acquire(client) {
+                        Some(guard) => held_by_client.push(guard),
+                        None => return Err(Refusal::Client { max: slots.max() }),
+                    }
+                }
+            }
+        }
+        // Every slot is taken, or (on a refusal above) the ones taken are released as
+        // `held` drops.
+        self.held = held;
+        self.held_by_client = held_by_client;
+        Ok(())
+    }
+
+    /// Whether the request holds slots (its stream is being counted).
+    pub fn holding(&self) -> bool {
+        !self.held.is_empty() || !self.held_by_client.is_empty()
+    }
+}
+
 /// The limit counters of one server instance, by name (`global`, `service:feed`,
 /// `middleware:limit`).
 #[derive(Debug, Default)]

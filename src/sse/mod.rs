@@ -33,21 +33,19 @@ pub use pacer::FlushPacer;
 pub use settings::{OnUpstreamError, SseFile, SseSettings};
 
 use crate::http_util::{drop_content_length, list_accepts, media_essence};
-use limits::{ClientSlotGuard, SlotGuard};
 
 /// What a request knows about event streams before its response arrives: the settings it
-/// runs with, whether it asked for a stream, and the limit slots it holds.
+/// runs with, whether it asked for a stream, and the limits a stream of it counts against.
 #[derive(Debug, Default)]
 pub struct SseRequest {
     /// The effective settings: the service's, overlaid by any `sse` middleware.
     pub settings: SseSettings,
     /// The client asked for an event stream (`Accept: text/event-stream`) and SSE is
-    /// enabled: stream limits apply before the origin is contacted.
+    /// enabled: stream limits are taken before the origin is contacted. Any other request
+    /// whose answer is an event stream takes them when the answer arrives.
     pub announced: bool,
-    /// Slots of `max_connections` limits, held while the request lives.
-    pub slots: Vec<SlotGuard>,
-    /// Slots of `max_connections_per_client` limits.
-    pub client_slots: Vec<ClientSlotGuard>,
+    /// The limits that apply, and the slots held while the request lives.
+    pub limits: limits::Limits,
 }
 
 static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
@@ -62,10 +60,11 @@ pub const DRAIN_HINT: &[u8] = b"retry: 250\n\n";
 /// The heartbeat: an SSE comment line and the blank line after it.
 pub const HEARTBEAT: &[u8] = b":\n\n";
 
-/// The last event a client gets when the origin fails mid-stream with
-/// `on_upstream_error: event`: `event: error` and a one-line JSON reason.
-pub fn error_event(reason: &str) -> Bytes {
-    let json = serde_json::json!({ "error": "upstream", "reason": reason });
+/// The last event a client gets, with `on_upstream_error: event`, when its stream ends
+/// abnormally: `event: error` and one line of JSON, `{"error": kind, "reason": ...}`, where
+/// `kind` is `upstream` (the origin failed) or `shutdown` (the proxy stopped the stream).
+pub fn error_event(kind: &str, reason: &str) -> Bytes {
+    let json = serde_json::json!({ "error": kind, "reason": reason });
     Bytes::from(format!("event: error\ndata: {json}\n\n"))
 }
 

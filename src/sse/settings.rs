@@ -14,6 +14,9 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `drain_period`.
 pub const DEFAULT_DRAIN_PERIOD: Duration = Duration::from_secs(10);
 
+/// Default `finish_period`.
+pub const DEFAULT_FINISH_PERIOD: Duration = Duration::from_secs(300);
+
 /// `sse:`, globally, per service, and as the `sse` middleware's config. Unset keys inherit.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,8 +37,12 @@ pub struct SseFile {
     pub heartbeat_interval: Option<Dur>,
     /// What the client gets when the origin fails mid-stream.
     pub on_upstream_error: Option<OnUpstreamError>,
-    /// On shutdown or upgrade, open streams are ended at random moments over this period.
+    /// On shutdown or upgrade, `GET` streams (which clients reopen with `Last-Event-ID`)
+    /// are ended at random moments over this period.
     pub drain_period: Option<Dur>,
+    /// On shutdown or upgrade, streams of other methods (answers their clients cannot ask
+    /// for again) keep streaming until they end by themselves, for at most this long.
+    pub finish_period: Option<Dur>,
     /// The origin honours `Last-Event-ID`: when it fails mid-stream, continue the client's
     /// stream from another origin connection.
     pub resume: Option<bool>,
@@ -83,8 +90,10 @@ pub struct SseSettings {
     pub heartbeat_interval: Option<Duration>,
     /// What the client sees when the origin fails mid-stream.
     pub on_upstream_error: OnUpstreamError,
-    /// On shutdown or upgrade, streams end at random moments spread over this period.
+    /// On shutdown or upgrade, `GET` streams end at random moments spread over this period.
     pub drain_period: Duration,
+    /// On shutdown or upgrade, streams of other methods may finish within this.
+    pub finish_period: Duration,
     /// Continue a stream whose origin failed from another origin connection, with
     /// `Last-Event-ID`.
     pub resume: bool,
@@ -121,6 +130,7 @@ impl SseSettings {
                 .map_or(self.heartbeat_interval, |d| d.limit()),
             on_upstream_error: file.on_upstream_error.unwrap_or(self.on_upstream_error),
             drain_period: file.drain_period.map_or(self.drain_period, |d| d.0),
+            finish_period: file.finish_period.map_or(self.finish_period, |d| d.0),
             resume: file.resume.unwrap_or(self.resume),
             resume_attempts: file.resume_attempts.unwrap_or(self.resume_attempts),
             resume_window: file.resume_window.map_or(self.resume_window, |d| d.0),
@@ -146,13 +156,14 @@ impl std::fmt::Display for SseSettings {
         write!(
             f,
             "header_timeout {}, read_timeout {}, heartbeat {}, max_lifetime {}, \
-             inactive_threshold {}, drain {}, on_upstream_error {}, tracking {}",
+             inactive_threshold {}, drain {}, finish {}, on_upstream_error {}, tracking {}",
             time(self.header_timeout),
             time(self.read_timeout),
             time(self.heartbeat_interval),
             time(self.max_lifetime),
             time(self.inactive_threshold),
             humantime::format_duration(self.drain_period),
+            humantime::format_duration(self.finish_period),
             match self.on_upstream_error {
                 OnUpstreamError::End => "end",
                 OnUpstreamError::Event => "event",
@@ -194,6 +205,7 @@ impl Default for SseSettings {
             heartbeat_interval: None,
             on_upstream_error: OnUpstreamError::End,
             drain_period: DEFAULT_DRAIN_PERIOD,
+            finish_period: DEFAULT_FINISH_PERIOD,
             resume: false,
             resume_attempts: 3,
             resume_window: Duration::from_secs(60),

@@ -23,8 +23,8 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 use serde::Deserialize;
 
+use pingora_core::protocols::http::ServerSession as Session;
 use pingora_load_balancing::health_check::HealthCheck;
-use pingora_proxy::Session;
 
 use super::balancing::{Algorithm, HashKey};
 use super::discovery::{static_discovery, SystemResolver};

@@ -328,6 +328,10 @@ impl Proxy {
     }
 
     async fn run(config: Config) -> Proxy {
+        // `RUST_LOG=debug cargo nextest run NAME --no-capture` shows the proxy's log.
+        if std::env::var_os("RUST_LOG").is_some() {
+            streamgate::logging::init();
+        }
         let addr = config.listen[0];
         let state = config.state.clone();
         std::thread::spawn(move || {

@@ -1,0 +1,478 @@
+//! The loop that carries an event stream, whatever request it answers.
+//!
+//! An event stream has to act while its origin is silent: send heartbeats, cut a stream
+//! whose origin stopped talking (`read_timeout`), end it at `max_lifetime`, when the admin
+//! API or the cleanup task asks, or when the process drains for a shutdown or an upgrade.
+//! So once an answer is known to be an event stream, this loop carries it:
+//!
+//! ```text
+//! one select! over
+//!   origin chunk  -> the stream's pipeline (scan, record, filter, pace), then written
+//!   client gone   -> the origin connection dropped at once            (client_closed)
+//!   read_timeout  -> the origin silent too long: resume, or end       (idle_timeout)
+//!   heartbeat     -> `:` comment, only between events
+//!   max_lifetime / admin / cleanup
+//!                 -> end at the next event boundary with a `retry:` hint
+//!   drain         -> a GET stream (its client reopens it with Last-Event-ID): end at a
+//!                    random moment within drain_period, at an event boundary, with a
+//!                    `retry:` hint                                     (drain)
+//!                    any other stream (an answer its client cannot ask for again): keep
+//!                    streaming until it ends by itself, for at most finish_period, then
+//!                    stop at an event boundary                         (cut)
+//! ```
+//!
+//! An origin that fails mid-stream leaves the client stream cut (an HTTP/1.1 client sees no
+//! last chunk), or with `on_upstream_error: event`, when it failed between two events, ends
+//! it cleanly after an `event: error` carrying a JSON reason. A half-sent event is never
+//! completed by the proxy: a client drops it, as the SSE specification says. With `resume`
+//! (GET streams), a failed or silent origin is replaced by another endpoint asked for the
+//! events after the last one the client received.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header;
+use http::Method;
+use pingora_core::protocols::http::ServerSession;
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use tokio::time::{sleep_until, Instant as Deadline};
+
+use super::context::RequestCtx;
+use super::exchange::{write_body, Opened, Relay};
+use super::origin::Framing;
+use super::resume::{drop_repeated, remember_ids, RecentIds, MAX_HELD_EVENT};
+use super::stream::filter_own;
+use crate::sse::drain::{drain_deadline, Outcome};
+use crate::sse::{self, CloseReason, OnUpstreamError};
+use crate::upstream::Attempts;
+
+/// A deliberate end: why (for the close log) and what the client gets last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// `retry: 3000`: the stream reached max_lifetime, or the admin API or the cleanup
+    /// task asked (with this reason).
+    Hint(CloseReason),
+    /// `retry: 250`: a GET stream drained for a shutdown or an upgrade.
+    Drain,
+    /// finish_period ran out: the error event (with `on_upstream_error: event`) and a
+    /// clean end, or else a cut.
+    Cut,
+}
+
+/// Carries the event stream `opened` answered with; its header has been written.
+pub async fn relay(
+    relay: &Relay<'_>,
+    session: &mut ServerSession,
+    ctx: &mut RequestCtx,
+    mut opened: Opened,
+    request: &RequestHeader,
+) -> Result<()> {
+    let settings = ctx.chain.sse.settings;
+    // A GET stream is asked for again by its client (EventSource, MCP's GET stream) with
+    // Last-Event-ID; any other is an answer that would be lost.
+    let reconnects = request.method == Method::GET;
+    // With `resume`, only whole events go to the client (the rest waits in `tail`), so a
+    // stream continued from another origin never shows half an event; ids recently sent
+    // are remembered so an origin that repeats them is not believed twice.
+    let resumable = settings.resume && reconnects;
+    let mut tail = BytesMut::new();
+    let mut recent_ids = RecentIds::default();
+    let mut resumes: std::collections::VecDeque<Instant> = Default::default();
+    let mut resumed = false;
+    let started = Instant::now();
+    let lifetime_end = settings.max_lifetime.and_then(|d| started.checked_add(d));
+    let mut drain = relay.state.drain.signal();
+    let drain_at = |t: Instant| {
+        if reconnects {
+            drain_deadline(t, settings.drain_period)
+        } else {
+            t.checked_add(settings.finish_period)
+                .unwrap_or_else(|| t + Duration::from_secs(86_400 * 365))
+        }
+    };
+    let mut drain_end = drain.borrow_and_update().map(drain_at);
+    let entry = ctx.stream.as_ref().and_then(|s| s.entry()).cloned();
+    let mut watch_client = true;
+    // The last bytes from the origin (read timeout) and to the client (heartbeats).
+    let mut last_origin = started;
+    let mut last_sent = started;
+    let mut ending: Option<Ending> = None;
+    loop {
+        let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.at_boundary());
+        if let Some(end) = ending.filter(|_| at_boundary) {
+            return end_stream(session, ctx, end, relay).await;
+        }
+        let timed_end = [
+            lifetime_end.map(|t| (t, Ending::Hint(CloseReason::MaxLifetime))),
+            drain_end.map(|t| {
+                (
+                    t,
+                    if reconnects {
+                        Ending::Drain
+                    } else {
+                        Ending::Cut
+                    },
+                )
+            }),
+        ]
+        .into_iter()
+        .flatten()
+        .min_by_key(|(t, _)| *t);
+        let silent_limit = settings
+            .read_timeout
+            .and_then(|t| last_origin.checked_add(t));
+        let heartbeat_at = settings
+            .heartbeat_interval
+            .and_then(|i| last_sent.checked_add(i));
+        // Set when the origin failed or went silent: resume, or end.
+        let mut failed: Option<Box<Error>> = None;
+
+        tokio::select! {
+            read = opened.conn.read_body() => match read {
+                Ok(Some(chunk)) if resumable => {
+                    last_origin = Instant::now();
+                    tail.extend_from_slice(&chunk);
+                    if tail.len() > MAX_HELD_EVENT {
+                        // Not an event stream one can hold events of: no resume either.
+                        close(ctx, CloseReason::OriginError);
+                        return Err(Error::explain(
+                            ErrorType::InvalidHTTPHeader,
+                            format!("an event longer than {MAX_HELD_EVENT} bytes"),
+                        )
+                        .into_up());
+                    }
+                    let whole = sse::last_event_end(&tail).unwrap_or(0);
+                    let events = tail.split_to(whole).freeze();
+                    let events = if resumed {
+                        drop_repeated(events, &recent_ids)
+                    } else {
+                        events
+                    };
+                    remember_ids(&events, &mut recent_ids);
+                    if !events.is_empty() {
+                        last_sent = last_origin;
+                        relay_chunk(session, ctx, events, ending.is_some()).await?;
+                    }
+                }
+                Ok(Some(chunk)) => {
+                    last_origin = Instant::now();
+                    last_sent = last_origin;
+                    relay_chunk(session, ctx, chunk, ending.is_some()).await?;
+                }
+                Ok(None) => {
+                    close(ctx, CloseReason::OriginClosed);
+                    if drain_end.is_some() && !reconnects {
+                        drained(relay, ctx, Outcome::Finished);
+                    }
+                    send_own(session, ctx, Bytes::new(), true).await?;
+                    relay.release(opened, ctx);
+                    return Ok(());
+                }
+                Err(e) => failed = Some(e),
+            },
+            gone = session.read_body_or_idle(true), if watch_client => match gone {
+                // Bytes where none belong (Pingora calls them a connect error): stop
+                // listening, keep streaming.
+                Err(e) if e.etype() == &ErrorType::ConnectError => watch_client = false,
+                Err(e) => {
+                    close(ctx, CloseReason::ClientClosed);
+                    return Err(e.into_down());
+                }
+                Ok(_) => watch_client = false,
+            },
+            reason = end_asked(entry.as_deref()), if entry.is_some() && ending.is_none() => {
+                ending = Some(Ending::Hint(reason));
+            }
+            _ = sleep_until(deadline(timed_end.map(|(t, _)| t))),
+                if timed_end.is_some() && ending.is_none() =>
+            {
+                ending = timed_end.map(|(_, end)| end);
+            }
+            _ = sleep_until(deadline(silent_limit)), if silent_limit.is_some() => {
+                let limit = settings.read_timeout.unwrap_or_default();
+                let e = Error::explain(
+                    ErrorType::ReadTimedout,
+                    format!(
+                        "the origin sent nothing for {}",
+                        humantime::format_duration(limit)
+                    ),
+                );
+                failed = Some(e.into_up());
+            }
+            _ = sleep_until(deadline(heartbeat_at)), if heartbeat_at.is_some() && at_boundary => {
+                send_own(session, ctx, Bytes::from_static(sse::HEARTBEAT), false).await?;
+                last_sent = Instant::now();
+            }
+            changed = drain.changed(), if drain_end.is_none() => {
+                drain_end = match changed {
+                    Ok(()) => drain.borrow_and_update().map(drain_at),
+                    // The drain signal lives as long as the process.
+                    Err(_) => None,
+                };
+            }
+        }
+        if let Some(e) = failed {
+            let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.at_boundary());
+            if resumable && relay.state.drain.draining() && at_boundary {
+                // The client would come back to the next process anyway.
+                return end_stream(session, ctx, Ending::Drain, relay).await;
+            }
+            if resumable {
+                if let Some(next) = try_resume(relay, session, ctx, &mut resumes, &e, request).await
+                {
+                    opened = next;
+                    tail.clear();
+                    resumed = true;
+                    last_origin = Instant::now();
+                    continue;
+                }
+            }
+            let finished = ctx.stream.as_ref().and_then(|s| s.reason());
+            if finished == Some(CloseReason::OriginClosed) {
+                return send_own(session, ctx, Bytes::new(), true).await;
+            }
+            return origin_failed(session, ctx, e).await;
+        }
+    }
+}
+
+/// Resumes the stream after `e` when its settings allow one more resume now: opens it again
+/// from another endpoint (the same one when it is the only one up), asking for the events
+/// after the last one the client received.
+async fn try_resume(
+    relay: &Relay<'_>,
+    session: &mut ServerSession,
+    ctx: &mut RequestCtx,
+    resumes: &mut std::collections::VecDeque<Instant>,
+    e: &Error,
+    request: &RequestHeader,
+) -> Option<Opened> {
+    let settings = ctx.chain.sse.settings;
+    if relay.state.drain.draining() {
+        return None;
+    }
+    let now = Instant::now();
+    while resumes
+        .front()
+        .is_some_and(|t| now.duration_since(*t) > settings.resume_window)
+    {
+        resumes.pop_front();
+    }
+    if resumes.len() >= settings.resume_attempts as usize {
+        log::info!(
+            "origin failed ({e}); not resuming: {} resumes within {}",
+            resumes.len(),
+            humantime::format_duration(settings.resume_window)
+        );
+        return None;
+    }
+    resumes.push_back(now);
+    let failed = ctx.upstream.lease.take().map(|lease| {
+        lease.failed();
+        lease.addr
+    });
+    let mut again = request.clone();
+    let last_id = ctx
+        .stream
+        .as_ref()
+        .map(|s| s.last_id().to_vec())
+        .filter(|id| !id.is_empty());
+    if let Some(id) = &last_id {
+        again.insert_header("last-event-id", id.as_slice()).ok()?;
+    }
+    ctx.upstream.attempts = failed.map_or_else(|| Attempts::new(0), Attempts::avoiding);
+    let mut opened = relay.open(session, ctx, &again, Framing::None).await;
+    if opened.is_err() && failed.is_some() {
+        ctx.upstream.attempts = Attempts::new(0);
+        opened = relay.open(session, ctx, &again, Framing::None).await;
+    }
+    let opened = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            log::info!("resume failed: {e}");
+            return None;
+        }
+    };
+    if opened.head.status == 204 {
+        // In SSE, 204 means: do not reconnect. The stream ends cleanly.
+        log::info!("resume: the origin answered 204, the stream is over");
+        close(ctx, CloseReason::OriginClosed);
+        return None;
+    }
+    if !streams(&opened.head) {
+        if let Some(lease) = &ctx.upstream.lease {
+            lease.failed();
+        }
+        log::info!("resume failed: the origin did not answer with an event stream");
+        return None;
+    }
+    if let Some(lease) = &ctx.upstream.lease {
+        lease.succeeded();
+        if let Some(entry) = ctx.stream.as_ref().and_then(|s| s.entry()) {
+            entry.set_upstream(lease.addr);
+        }
+    }
+    if let Some(route) = &ctx.route {
+        route.metrics.sse_resumed();
+    }
+    log::info!(
+        "sse stream resumed on {} after the origin {} failed ({e}), from last event id {:?}",
+        ctx.upstream
+            .addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        failed.map(|a| a.to_string()).unwrap_or_default(),
+        String::from_utf8_lossy(last_id.as_deref().unwrap_or_default()),
+    );
+    Some(opened)
+}
+
+/// Whether a response head starts an event stream.
+fn streams(head: &ResponseHeader) -> bool {
+    head.status == 200
+        && head
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| sse::is_event_stream(v.as_bytes()))
+}
+
+/// One chunk from the origin: through the stream's pipeline, then written. When the stream
+/// is ending, only the part up to the current event's end is sent.
+async fn relay_chunk(
+    session: &mut ServerSession,
+    ctx: &mut RequestCtx,
+    chunk: Bytes,
+    ending: bool,
+) -> Result<()> {
+    let Some(stream) = ctx.stream.as_mut() else {
+        return Ok(());
+    };
+    let mut body = Some(chunk);
+    if let Some(delay) = stream.chunk(&mut body, &mut ctx.body_filters, ending, false)? {
+        tokio::time::sleep(delay).await;
+    }
+    write_body(session, body, false).await
+}
+
+/// Writes bytes of the proxy's own (a heartbeat, a hint, an error event) through the
+/// route's body filters, so a compressed stream stays decodable.
+async fn send_own(
+    session: &mut ServerSession,
+    ctx: &mut RequestCtx,
+    bytes: Bytes,
+    end: bool,
+) -> Result<()> {
+    let body = filter_own(&mut ctx.body_filters, bytes, end)?;
+    write_body(session, body, end).await
+}
+
+/// Ends the stream on purpose, between two events.
+async fn end_stream(
+    session: &mut ServerSession,
+    ctx: &mut RequestCtx,
+    end: Ending,
+    relay: &Relay<'_>,
+) -> Result<()> {
+    match end {
+        Ending::Hint(reason) => {
+            close(ctx, reason);
+            send_own(session, ctx, Bytes::from_static(sse::END_HINT), true).await
+        }
+        Ending::Drain => {
+            close(ctx, CloseReason::Drain);
+            drained(relay, ctx, Outcome::Reconnect);
+            send_own(session, ctx, Bytes::from_static(sse::DRAIN_HINT), true).await
+        }
+        Ending::Cut => {
+            drained(relay, ctx, Outcome::Cut);
+            let period = humantime::format_duration(ctx.chain.sse.settings.finish_period);
+            let why = format!("the proxy shut down; the answer was cut after {period}");
+            if let Some(stream) = ctx.stream.as_mut() {
+                stream.close_with(CloseReason::Cut, why.clone());
+            }
+            if ctx.chain.sse.settings.on_upstream_error == OnUpstreamError::Event {
+                let event = sse::error_event("shutdown", &why);
+                return send_own(session, ctx, event, true).await;
+            }
+            // Cut, not ended: an HTTP/1.1 client sees no last chunk, so it can tell.
+            Err(Error::explain(ErrorType::InternalError, why))
+        }
+    }
+}
+
+/// Counts how a stream open during a drain ended.
+fn drained(relay: &Relay<'_>, ctx: &RequestCtx, outcome: Outcome) {
+    relay.state.drain.ended(outcome);
+    if let Some(route) = &ctx.route {
+        route.metrics.sse_drained(outcome);
+    }
+}
+
+/// The origin failed or went silent mid-stream.
+async fn origin_failed(
+    session: &mut ServerSession,
+    ctx: &mut RequestCtx,
+    e: Box<Error>,
+) -> Result<()> {
+    let reason = if e.etype() == &ErrorType::ReadTimedout {
+        CloseReason::IdleTimeout
+    } else {
+        CloseReason::OriginError
+    };
+    let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.at_boundary());
+    if ctx.chain.sse.settings.on_upstream_error == OnUpstreamError::Event && at_boundary {
+        // Ended cleanly, so `logging` sees no error to count.
+        if reason == CloseReason::IdleTimeout {
+            if let Some(route) = &ctx.route {
+                route.service.metrics.timeout();
+            }
+        }
+        if let Some(stream) = ctx.stream.as_mut() {
+            stream.close_with(reason, e.to_string());
+        }
+        let event = sse::error_event("upstream", &e.to_string());
+        return send_own(session, ctx, event, true).await;
+    }
+    close(ctx, reason);
+    Err(e)
+}
+
+/// Notes how the stream ended, for the close log and metrics.
+fn close(ctx: &mut RequestCtx, reason: CloseReason) {
+    if let Some(stream) = ctx.stream.as_mut() {
+        stream.close(reason);
+    }
+}
+
+/// A new stream while the process drains: an empty event stream that tells the client to
+/// come back (to the process that took over the listeners) at once. `EventSource` would
+/// give up for good on an error status.
+pub async fn turn_away(session: &mut ServerSession, ctx: &mut RequestCtx) -> Result<()> {
+    let mut header = ResponseHeader::build(200, Some(4))?;
+    header.insert_header(header::CONTENT_TYPE, "text/event-stream")?;
+    header.insert_header(header::CACHE_CONTROL, "no-store")?;
+    header.insert_header(header::CONTENT_LENGTH, sse::DRAIN_HINT.len())?;
+    ctx.status = Some(200);
+    session.set_keepalive(None);
+    session
+        .write_response_header(Box::new(header))
+        .await
+        .map_err(|e| e.into_down())?;
+    write_body(session, Some(Bytes::from_static(sse::DRAIN_HINT)), true).await
+}
+
+/// When a timer at `at` fires; far in the future for `None` (its branch is disabled then).
+fn deadline(at: Option<Instant>) -> Deadline {
+    match at {
+        Some(at) => Deadline::from_std(at),
+        None => Deadline::now() + Duration::from_secs(86_400 * 365),
+    }
+}
+
+async fn end_asked(entry: Option<&crate::sse::tracker::StreamEntry>) -> CloseReason {
+    match entry {
+        Some(entry) => entry.end_asked().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,691 @@
+//! The origin side of an exchange: one HTTP/1.1 request and its response over a connection
+//! from Pingora's connector (TCP or TLS, pooled), framed here.
+//!
+//! Why our own framing rather than Pingora's HTTP client session: the relay decides what to
+//! do with every byte the origin sends (an event stream is scanned, paced and ended at event
+//! boundaries; a burst of events is written to the client in one write), and it keeps the
+//! memory of a long-lived stream small (a read buffer that grows while data keeps coming and
+//! shrinks back when the stream is quiet, instead of a 64 KiB body buffer per connection).
+//!
+//! ```text
+//! request   head written as Pingora serialises it; body as the client sent it: with its
+//!           Content-Length, or re-chunked (chunked clients, HTTP/2 clients without a length)
+//! response  head parsed with httparse (strict: no obs-fold, at most 128 headers, 64 KiB);
+//!           1xx answers other than 101 skipped; body framed by RFC 9112 6.3: none (HEAD,
+//!           204, 304), chunked (trailers read and dropped), Content-Length (one value),
+//!           or until the origin closes
+//! reuse     the connection goes back to the pool only when both bodies ended exactly
+//!           where their framing said, nothing extra was read, and keep-alive holds
+//! ```
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{Method, Version};
+use pingora_core::protocols::http::v1::client::http_req_header_to_wire;
+use pingora_core::protocols::Stream;
+use pingora_error::{Error, ErrorType, OrErr, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Most bytes a response head may take.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header lines a response head may have.
+const MAX_HEADERS: usize = 128;
+/// The read buffer a quiet connection keeps.
+const MIN_READ: usize = 2 * 1024;
+/// The largest read: what a burst grows the buffer to.
+const MAX_READ: usize = 64 * 1024;
+/// Longest chunk-size line (with extensions) accepted from an origin.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+/// Most trailer bytes accepted (and dropped) after a chunked body.
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// How a body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    None,
+    /// This many bytes left.
+    Length(u64),
+    /// Chunked, at this point of a chunk.
+    Chunked(ChunkState),
+    /// Until the origin closes the connection.
+    UntilClose,
+    /// The body ended where its framing said.
+    Done,
+}
+
+/// Where a chunked decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkState {
+    /// Before a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this many bytes left.
+    Data(u64),
+    /// After a chunk's data, before its CRLF.
+    DataEnd,
+    /// After the last chunk, in the trailers (bytes of trailers seen so far).
+    Trailers(usize),
+}
+
+/// What the origin sent that cannot be framed.
+fn framing_error(what: impl Into<String>) -> Box<Error> {
+    Error::explain(ErrorType::InvalidHTTPHeader, what.into()).into_up()
+}
+
+/// A connection to an origin, carrying one exchange at a time.
+pub struct OriginConn {
+    stream: Stream,
+    /// Bytes read and not yet consumed.
+    buf: BytesMut,
+    /// How much the next read asks for: grows while reads fill it, shrinks when they don't.
+    read_size: usize,
+    /// The connection came from the pool.
+    pub reused: bool,
+    /// How the request body is framed on the way out.
+    request: Framing,
+    /// How the response body is framed.
+    response: Framing,
+    /// The response allows the connection to be reused.
+    keepalive: bool,
+    /// Any byte of the response arrived.
+    pub answered: bool,
+}
+
+impl OriginConn {
+    pub fn new(stream: Stream, reused: bool) -> Self {
+        OriginConn {
+            stream,
+            buf: BytesMut::new(),
+            read_size: MIN_READ,
+            reused,
+            request: Framing::None,
+            response: Framing::None,
+            keepalive: false,
+            answered: false,
+        }
+    }
+
+    /// Writes the request head. `body` is how the body that follows is framed: the head must
+    /// already say so (`Content-Length` or `Transfer-Encoding: chunked`).
+    pub async fn send_head(&mut self, req: &RequestHeader, body: Framing) -> Result<()> {
+        let wire = http_req_header_to_wire(req).ok_or_else(|| {
+            Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                "the request target cannot be sent over HTTP/1.1",
+            )
+        })?;
+        self.request = body;
+        self.stream
+            .write_all(&wire)
+            .await
+            .or_err(
+                ErrorType::WriteError,
+                "writing the request head to the origin",
+            )
+            .map_err(|e| e.into_up())?;
+        if body == Framing::None {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes a piece of the request body, framed.
+    pub async fn send_body(&mut self, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match self.request {
+            Framing::Length(left) => {
+                let len = data.len() as u64;
+                if len > left {
+                    return Err(Error::explain(
+                        ErrorType::InvalidHTTPHeader,
+                        "the request body is longer than its Content-Length",
+                    )
+                    .into_down());
+                }
+                self.request = Framing::Length(left - len);
+                self.write(data).await?;
+            }
+            Framing::Chunked(_) => {
+                let mut head = [0u8; 18];
+                let n = chunk_size_line(&mut head, data.len());
+                self.write(&head[..n]).await?;
+                self.write(data).await?;
+                self.write(b"\r\n").await?;
+            }
+            _ => {
+                return Err(Error::explain(
+                    ErrorType::InternalError,
+                    "a request body where the head announced none",
+                ))
+            }
+        }
+        self.flush().await
+    }
+
+    /// Ends the request body: the last chunk of a chunked one; a body with a length must
+    /// have been sent whole.
+    pub async fn finish_body(&mut self) -> Result<()> {
+        match self.request {
+            Framing::Chunked(_) => {
+                self.write(b"0\r\n\r\n").await?;
+                self.flush().await?;
+            }
+            Framing::Length(0) | Framing::None | Framing::Done => {}
+            Framing::Length(left) => {
+                return Err(Error::explain(
+                    ErrorType::ConnectionClosed,
+                    format!("the client's request body ended {left} bytes early"),
+                )
+                .into_down())
+            }
+            Framing::UntilClose => {}
+        }
+        self.request = Framing::Done;
+        Ok(())
+    }
+
+    /// Whether the response has no body left to read.
+    pub fn body_done(&self) -> bool {
+        matches!(self.response, Framing::None | Framing::Done)
+    }
+
+    /// Whether the request body has been sent whole.
+    pub fn request_sent(&self) -> bool {
+        matches!(self.request, Framing::None | Framing::Done)
+    }
+
+    async fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.stream
+            .write_all(data)
+            .await
+            .or_err(ErrorType::WriteError, "writing the request to the origin")
+            .map_err(|e| e.into_up())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        self.stream
+            .flush()
+            .await
+            .or_err(ErrorType::WriteError, "writing the request to the origin")
+            .map_err(|e| e.into_up())
+    }
+
+    /// Reads more from the origin into the buffer; 0 at the end of the connection.
+    async fn fill(&mut self) -> Result<usize> {
+        self.buf.reserve(self.read_size);
+        let room = self.buf.capacity() - self.buf.len();
+        let n = self
+            .stream
+            .read_buf(&mut self.buf)
+            .await
+            .or_err(ErrorType::ReadError, "reading from the origin")
+            .map_err(|e| e.into_up())?;
+        if n > 0 {
+            self.answered = true;
+        }
+        // A read that filled what it asked for means more is waiting: ask for more next
+        // time. A short one means the origin is writing little: go back down.
+        if n >= room && self.read_size < MAX_READ {
+            self.read_size = (self.read_size * 2).min(MAX_READ);
+        } else if n < self.read_size / 4 && self.read_size > MIN_READ {
+            self.read_size = (self.read_size / 2).max(MIN_READ);
+        }
+        Ok(n)
+    }
+
+    /// Reads the final response head (informational answers other than `101` are skipped)
+    /// and sets the body framing for `method`. Cancel-safe: what was read stays buffered.
+    pub async fn read_head(&mut self, method: &Method) -> Result<ResponseHeader> {
+        loop {
+            if let Some((len, head)) = parse_head(&self.buf)? {
+                self.buf.advance(len);
+                let status = head.status.as_u16();
+                if (100..200).contains(&status) && status != 101 {
+                    continue;
+                }
+                self.response = response_framing(&head, method)?;
+                self.keepalive = keeps_alive(&head);
+                return Ok(head);
+            }
+            if self.buf.len() > MAX_HEAD {
+                return Err(framing_error(format!(
+                    "the response head is larger than {MAX_HEAD} bytes"
+                )));
+            }
+            if self.fill().await? == 0 {
+                return Err(Error::explain(
+                    ErrorType::ConnectionClosed,
+                    "the origin closed the connection before answering",
+                )
+                .into_up());
+            }
+        }
+    }
+
+    /// The next piece of the response body: everything that can be decoded from what is
+    /// buffered, reading from the origin only when nothing can. `None` at the end of the
+    /// body. Cancel-safe.
+    pub async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            if self.response == Framing::Done || self.response == Framing::None {
+                self.response = Framing::Done;
+                return Ok(None);
+            }
+            if let Some(data) = self.decode()? {
+                return Ok(Some(data));
+            }
+            if self.response == Framing::Done {
+                return Ok(None);
+            }
+            if self.fill().await? == 0 {
+                return match self.response {
+                    Framing::UntilClose => {
+                        self.response = Framing::Done;
+                        self.keepalive = false;
+                        Ok(None)
+                    }
+                    _ => Err(Error::explain(
+                        ErrorType::ConnectionClosed,
+                        "the origin closed the connection before the end of the body",
+                    )
+                    .into_up()),
+                };
+            }
+        }
+    }
+
+    /// Decodes what is buffered: `Some` payload when there is any.
+    fn decode(&mut self) -> Result<Option<Bytes>> {
+        match self.response {
+            Framing::Length(left) => {
+                let take = left.min(self.buf.len() as u64) as usize;
+                if take == 0 {
+                    return Ok(None);
+                }
+                let data = self.buf.split_to(take).freeze();
+                let left = left - take as u64;
+                self.response = if left == 0 {
+                    Framing::Done
+                } else {
+                    Framing::Length(left)
+                };
+                Ok(Some(data))
+            }
+            Framing::UntilClose => {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some(self.buf.split().freeze()))
+            }
+            Framing::Chunked(state) => {
+                let (state, read, written) = decode_chunked(&mut self.buf, state)?;
+                self.response = state.map_or(Framing::Done, Framing::Chunked);
+                let data = self.buf.split_to(written).freeze();
+                self.buf.advance(read - written);
+                Ok((!data.is_empty()).then_some(data))
+            }
+            Framing::None | Framing::Done => Ok(None),
+        }
+    }
+
+    /// The connection, to go back to the pool: only when the exchange ended cleanly.
+    pub fn into_reusable(self) -> Option<Stream> {
+        let clean = self.keepalive
+            && self.response == Framing::Done
+            && self.request_sent()
+            && self.buf.is_empty();
+        clean.then_some(self.stream)
+    }
+
+    /// The connection and what was read past the response head, for an upgraded (`101`)
+    /// exchange whose bytes are relayed as they are.
+    pub fn into_raw(self) -> (Stream, BytesMut) {
+        (self.stream, self.buf)
+    }
+}
+
+/// Writes the chunk-size line for a chunk of `len` bytes into `out`; returns its length.
+fn chunk_size_line(out: &mut [u8; 18], len: usize) -> usize {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+    for (i, slot) in out[..digits].iter_mut().enumerate() {
+        let shift = 4 * (digits - 1 - i);
+        *slot = HEX[(len >> shift) & 0xf];
+    }
+    out[digits..digits + 2].copy_from_slice(b"\r\n");
+    digits + 2
+}
+
+/// Parses a response head at the start of `buf`: its length and the header, or `None`
+/// when more bytes are needed.
+fn parse_head(buf: &[u8]) -> Result<Option<(usize, ResponseHeader)>> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(framing_error(format!("invalid response head: {e}"))),
+    };
+    let code = resp.code.unwrap_or(0);
+    let mut head = ResponseHeader::build_no_case(code, Some(resp.headers.len()))
+        .map_err(|e| framing_error(format!("invalid response status {code}: {e}")))?;
+    head.set_version(match resp.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    });
+    if let Some(reason) = resp.reason.filter(|r| !r.is_empty()) {
+        let _ = head.set_reason_phrase(Some(reason));
+    }
+    for h in resp.headers.iter() {
+        let name = http::HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| framing_error(format!("invalid header name `{}`", h.name)))?;
+        let value = http::HeaderValue::from_bytes(h.value)
+            .map_err(|_| framing_error(format!("invalid value of header `{}`", h.name)))?;
+        head.append_header(name, value)?;
+    }
+    Ok(Some((len, head)))
+}
+
+/// How the response body of `head` (to a `method` request) is framed (RFC 9112 6.3).
+fn response_framing(head: &ResponseHeader, method: &Method) -> Result<Framing> {
+    let status = head.status.as_u16();
+    if *method == Method::HEAD || status == 204 || status == 304 || status == 101 {
+        return Ok(Framing::None);
+    }
+    let encodings: Vec<&[u8]> = head
+        .headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|e| e.trim_ascii())
+        .filter(|e| !e.is_empty())
+        .collect();
+    if let Some(last) = encodings.last() {
+        // Chunked last: chunked. Any other transfer coding: the body runs to the close.
+        return Ok(if last.eq_ignore_ascii_case(b"chunked") {
+            Framing::Chunked(ChunkState::Size)
+        } else {
+            Framing::UntilClose
+        });
+    }
+    match content_length(head)? {
+        Some(len) => Ok(if len == 0 {
+            Framing::Done
+        } else {
+            Framing::Length(len)
+        }),
+        None => Ok(Framing::UntilClose),
+    }
+}
+
+/// The `Content-Length` of `head`: one value (repeated equal values count as one).
+fn content_length(head: &ResponseHeader) -> Result<Option<u64>> {
+    let mut found: Option<u64> = None;
+    for value in head.headers.get_all(CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|b| *b == b',') {
+            let part = part.trim_ascii();
+            let len = std::str::from_utf8(part)
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| framing_error("the origin sent an invalid Content-Length"))?;
+            if found.is_some_and(|f| f != len) {
+                return Err(framing_error("the origin sent conflicting Content-Lengths"));
+            }
+            found = Some(len);
+        }
+    }
+    Ok(found)
+}
+
+/// Whether the response lets the connection carry another request.
+fn keeps_alive(head: &ResponseHeader) -> bool {
+    let tokens = || {
+        head.headers
+            .get_all(CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(|t| t.trim_ascii())
+    };
+    if tokens().any(|t| t.eq_ignore_ascii_case(b"close")) {
+        return false;
+    }
+    head.version == Version::HTTP_11 || tokens().any(|t| t.eq_ignore_ascii_case(b"keep-alive"))
+}
+
+/// Decodes a chunked body in `buf` from `state`, moving the payload to the front of `buf`.
+/// Returns the next state (`None`: the body ended), how many bytes of `buf` were read, and
+/// how many payload bytes now stand at its front.
+pub fn decode_chunked(
+    buf: &mut BytesMut,
+    mut state: ChunkState,
+) -> Result<(Option<ChunkState>, usize, usize)> {
+    let mut read = 0;
+    let mut written = 0;
+    loop {
+        let rest = &buf[read..];
+        match state {
+            ChunkState::Size => {
+                let Some(lf) = rest.iter().position(|b| *b == b'\n') else {
+                    if rest.len() > MAX_CHUNK_LINE {
+                        return Err(framing_error("a chunk-size line is too long"));
+                    }
+                    return Ok((Some(state), read, written));
+                };
+                if lf > MAX_CHUNK_LINE {
+                    return Err(framing_error("a chunk-size line is too long"));
+                }
+                let line = rest[..lf]
+                    .strip_suffix(b"\r")
+                    .ok_or_else(|| framing_error("a chunk-size line without CRLF"))?;
+                let size = parse_chunk_size(line)?;
+                read += lf + 1;
+                state = if size == 0 {
+                    ChunkState::Trailers(0)
+                } else {
+                    ChunkState::Data(size)
+                };
+            }
+            ChunkState::Data(left) => {
+                if rest.is_empty() {
+                    return Ok((Some(state), read, written));
+                }
+                let take = left.min(rest.len() as u64) as usize;
+                buf.copy_within(read..read + take, written);
+                read += take;
+                written += take;
+                let left = left - take as u64;
+                state = if left == 0 {
+                    ChunkState::DataEnd
+                } else {
+                    ChunkState::Data(left)
+                };
+            }
+            ChunkState::DataEnd => {
+                if rest.len() < 2 {
+                    if rest.first().is_some_and(|b| *b != b'\r') {
+                        return Err(framing_error("chunk data not followed by CRLF"));
+                    }
+                    return Ok((Some(state), read, written));
+                }
+                if &rest[..2] != b"\r\n" {
+                    return Err(framing_error("chunk data not followed by CRLF"));
+                }
+                read += 2;
+                state = ChunkState::Size;
+            }
+            ChunkState::Trailers(seen) => {
+                let Some(lf) = rest.iter().position(|b| *b == b'\n') else {
+                    if seen + rest.len() > MAX_TRAILERS {
+                        return Err(framing_error("the trailers are too long"));
+                    }
+                    return Ok((Some(state), read, written));
+                };
+                let line = &rest[..lf];
+                read += lf + 1;
+                if line == b"\r" || line.is_empty() {
+                    return Ok((None, read, written));
+                }
+                let seen = seen + lf + 1;
+                if seen > MAX_TRAILERS {
+                    return Err(framing_error("the trailers are too long"));
+                }
+                state = ChunkState::Trailers(seen);
+            }
+        }
+    }
+}
+
+/// A chunk-size line without its CRLF: hex digits, then optional extensions.
+fn parse_chunk_size(line: &[u8]) -> Result<u64> {
+    let digits = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    let (hex, ext) = line.split_at(digits);
+    if hex.is_empty() || hex.len() > 15 {
+        return Err(framing_error("an invalid chunk size"));
+    }
+    let ext = ext.trim_ascii_start();
+    if !ext.is_empty() && ext[0] != b';' {
+        return Err(framing_error("an invalid chunk size"));
+    }
+    if ext.iter().any(|b| b.is_ascii_control() && *b != b'\t') {
+        return Err(framing_error("a control character in a chunk extension"));
+    }
+    let mut size = 0u64;
+    for d in hex {
+        let v = (*d as char).to_digit(16).unwrap_or(0) as u64;
+        size = size * 16 + v;
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(wire: &[u8], split: usize) -> Result<Vec<u8>> {
+        let mut buf = BytesMut::new();
+        let mut state = Some(ChunkState::Size);
+        let mut out = Vec::new();
+        for piece in [&wire[..split], &wire[split..]] {
+            buf.extend_from_slice(piece);
+            let Some(s) = state else { break };
+            let (next, read, written) = decode_chunked(&mut buf, s)?;
+            out.extend_from_slice(&buf[..written]);
+            buf.advance(read);
+            state = next;
+        }
+        assert!(state.is_none(), "the body ended");
+        Ok(out)
+    }
+
+    #[test]
+    fn chunk_size_lines_are_hex() {
+        let mut out = [0u8; 18];
+        for (len, line) in [
+            (0, "0\r\n"),
+            (5, "5\r\n"),
+            (255, "ff\r\n"),
+            (4096, "1000\r\n"),
+        ] {
+            let n = chunk_size_line(&mut out, len);
+            assert_eq!(&out[..n], line.as_bytes());
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_at_every_split() {
+        let wire = b"5\r\nhello\r\n1;ext=1\r\n \r\n6\r\nworld!\r\n0\r\nx-trailer: 1\r\n\r\n";
+        for split in 0..=wire.len() {
+            assert_eq!(
+                decode_all(wire, split).expect("decodes"),
+                b"hello world!",
+                "split at {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn broken_chunked_framing_is_refused() {
+        for wire in [
+            &b"5\r\nhelloX\r\n0\r\n\r\n"[..],
+            b"zz\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"ffffffffffffffff\r\n",
+            b"5 x\r\nhello\r\n",
+        ] {
+            assert!(decode_all(wire, wire.len()).is_err(), "{:?}", wire);
+        }
+    }
+
+    #[test]
+    fn response_framing_follows_the_rules() {
+        let head = |lines: &[(&str, &str)], status: u16| {
+            let mut h = ResponseHeader::build_no_case(status, None).expect("head");
+            for (k, v) in lines {
+                h.append_header(k.to_string(), *v).expect("header");
+            }
+            h
+        };
+        let get = Method::GET;
+        assert_eq!(
+            response_framing(&head(&[("content-length", "5")], 200), &get).ok(),
+            Some(Framing::Length(5))
+        );
+        assert_eq!(
+            response_framing(&head(&[("content-length", "5, 5")], 200), &get).ok(),
+            Some(Framing::Length(5))
+        );
+        assert!(response_framing(&head(&[("content-length", "5, 6")], 200), &get).is_err());
+        assert!(response_framing(&head(&[("content-length", "-1")], 200), &get).is_err());
+        assert_eq!(
+            response_framing(
+                &head(
+                    &[
+                        ("transfer-encoding", "gzip, chunked"),
+                        ("content-length", "9")
+                    ],
+                    200
+                ),
+                &get
+            )
+            .ok(),
+            Some(Framing::Chunked(ChunkState::Size))
+        );
+        assert_eq!(
+            response_framing(&head(&[("transfer-encoding", "gzip")], 200), &get).ok(),
+            Some(Framing::UntilClose)
+        );
+        assert_eq!(
+            response_framing(&head(&[], 200), &get).ok(),
+            Some(Framing::UntilClose)
+        );
+        assert_eq!(
+            response_framing(&head(&[("content-length", "5")], 200), &Method::HEAD).ok(),
+            Some(Framing::None)
+        );
+        assert_eq!(
+            response_framing(&head(&[], 304), &get).ok(),
+            Some(Framing::None)
+        );
+    }
+
+    #[test]
+    fn heads_parse_strictly() {
+        let (len, head) = parse_head(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nbody")
+            .expect("parses")
+            .expect("complete");
+        assert_eq!(len, 45);
+        assert_eq!(head.status, 200);
+        assert_eq!(head.headers["content-type"], "text/plain");
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nX: a\r\n folded\r\n\r\n").is_err());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent")
+            .expect("ok")
+            .is_none());
+    }
+}

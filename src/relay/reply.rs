@@ -1,0 +1,64 @@
+//! Answers the proxy gives itself: a middleware's direct answer or a refusal by a limit
+//! (after every response hook of the route's chain has seen it, so CORS and header
+//! middlewares decorate a 401 or 503 too), and answers before a route is known.
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH};
+use pingora_error::Result;
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+
+use super::context::RequestCtx;
+use crate::middleware::Reply;
+use crate::routing::Route;
+
+/// Answers a request directly with `reply`, after every response hook of the route's
+/// chain has seen it.
+pub async fn answer(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    route: &Route,
+    reply: Reply,
+) -> Result<()> {
+    let mut header = reply_header(&reply)?;
+    ctx.status = Some(reply.status);
+    if ctx.chain.sse.announced && matches!(reply.status, 429 | 503) {
+        route.metrics.sse_refused();
+    }
+    for instance in route.chain.iter() {
+        // A direct answer's body is complete: body filters are not needed.
+        let _ = instance
+            .middleware
+            .response(session, &mut header, &mut ctx.chain)?;
+    }
+    write(session, header, reply.body).await
+}
+
+fn reply_header(reply: &Reply) -> Result<ResponseHeader> {
+    let mut header = ResponseHeader::build(reply.status, Some(reply.headers.len() + 2))?;
+    for (name, value) in &reply.headers {
+        header.append_header(name.clone(), value.clone())?;
+    }
+    header.insert_header(CONTENT_LENGTH, reply.body.len())?;
+    if !header.headers.contains_key(CACHE_CONTROL) {
+        header.insert_header(CACHE_CONTROL, "no-store")?;
+    }
+    Ok(header)
+}
+
+/// Writes `reply` as it is (no chain: for answers before a route is known).
+pub async fn write_reply(session: &mut Session, reply: Reply) -> Result<()> {
+    let header = reply_header(&reply)?;
+    write(session, header, reply.body).await
+}
+
+async fn write(session: &mut Session, header: ResponseHeader, body: Bytes) -> Result<()> {
+    let empty = body.is_empty();
+    session
+        .write_response_header(Box::new(header), empty)
+        .await?;
+    if !empty {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
