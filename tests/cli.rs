@@ -515,3 +515,106 @@ async fn connections_and_upstreams_subcommands_print_tables() {
     assert!(!unreachable.status.success());
     assert!(String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach the admin API"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_lets_post_answers_finish_and_drains_get_streams() {
+    // GET streams come from a counting origin (they reconnect with Last-Event-ID); POST
+    // answers from one that sends 40 events, one every 50 ms, then ends.
+    let counting = counting_origin(Duration::from_millis(20)).await;
+    let answers = common::Origin::start(|head, mut conn| async move {
+        let _ = conn.read_body(&head).await;
+        if conn.sse_head().await.is_err() {
+            return common::After::Close;
+        }
+        for id in 1..=40 {
+            if conn
+                .chunk(&format!("id: {id}\ndata: token {id}\n\n"))
+                .await
+                .is_err()
+            {
+                return common::After::Close;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = conn.end().await;
+        common::After::Close
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = dir.path().join("streamgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "pid_file: {dir}/sg.pid\nupgrade_sock: {dir}/upgrade.sock\n\
+             graceful_shutdown_timeout_seconds: 1\n\
+             listen: [\"127.0.0.1:{port}\"]\n\
+             sse: {{ drain_period: 1s, finish_period: 30s }}\n\
+             services:\n  feed: {{ url: \"{}\" }}\n  llm: {{ url: \"{}\" }}\n\
+             host_rules:\n  - pattern: \"*\"\n    target: feed\n    route_rules:\n      \
+             - {{ pattern: \"/v1/*\", target: llm }}\n",
+            counting.url(),
+            answers.url(),
+            dir = dir.path().display()
+        ),
+    )
+    .expect("write config");
+    let mut old = Running(start_binary(&config, false));
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_listening(&format!("http://{addr}/")).await;
+    let gets: Vec<Resumer> = (0..10).map(|_| Resumer::start(addr, "/events")).collect();
+    let posts: Vec<_> = (0..20)
+        .map(|_| {
+            tokio::spawn(async move {
+                let response = client()
+                    .post(format!("http://{addr}/v1/chat/completions"))
+                    .header("accept", "application/json")
+                    .body("{\"stream\":true}")
+                    .send()
+                    .await
+                    .expect("answer");
+                let mut events = Events::new(response);
+                let mut ids = Vec::new();
+                loop {
+                    match events.next_raw().await {
+                        Some(Ok(event)) => ids.push(event),
+                        Some(Err(e)) => panic!("the answer was cut after {ids:?}: {e}"),
+                        None => return ids,
+                    }
+                }
+            })
+        })
+        .collect();
+    eventually("every client to stream", || async {
+        gets.iter().all(|c| c.events() >= 3)
+    })
+    .await;
+
+    // Mid-answer: the new process first, then SIGQUIT to the old one.
+    let _new = Running(start_binary(&config, true));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(old.0.id(), "-QUIT");
+    let status = exited(&mut old.0).await;
+    assert!(status.success(), "old process exit: {status}");
+
+    // Every answer ran to its last event on the old process, cleanly ended.
+    for post in posts {
+        let ids = guard("an answer", post).await.expect("task");
+        let expected: Vec<String> = (1..=40)
+            .map(|i| format!("id: {i}\ndata: token {i}"))
+            .collect();
+        assert_eq!(ids, expected);
+    }
+    // GET streams were told to come back, and did, to the new process.
+    let at_exit: Vec<u64> = gets.iter().map(|c| c.events()).collect();
+    eventually(
+        "every GET client to stream from the new process",
+        || async { gets.iter().zip(&at_exit).all(|(c, n)| c.events() >= n + 5) },
+    )
+    .await;
+    for client in gets {
+        let seen = client.stop().await;
+        assert!(seen.hints >= 1 && seen.connections >= 2, "{seen:?}");
+        contiguous(&seen.ids).unwrap_or_else(|e| panic!("{e}: {:?}", seen.ids));
+    }
+}

@@ -107,6 +107,9 @@ pub async fn response(
 /// Removes what belongs to the client's connection, and what it nominates. An upgrade
 /// request (WebSocket) keeps `Upgrade` and says `Connection: upgrade`.
 pub fn strip_request_hop_by_hop(request: &mut RequestHeader, upgrade: bool) {
+    let protocol = upgrade
+        .then(|| request.headers.get(header::UPGRADE).cloned())
+        .flatten();
     let nominated: Vec<HeaderName> = request
         .headers
         .get_all(header::CONNECTION)
@@ -123,9 +126,6 @@ pub fn strip_request_hop_by_hop(request: &mut RequestHeader, upgrade: bool) {
     for name in nominated {
         request.remove_header(&name);
     }
-    let protocol = upgrade
-        .then(|| request.headers.get(header::UPGRADE).cloned())
-        .flatten();
     for name in HOP_BY_HOP {
         request.remove_header(*name);
     }

@@ -130,6 +130,48 @@ impl Conn {
         self.write(b"0\r\n\r\n").await
     }
 
+    /// Reads the request body `head` announced (by Content-Length or chunked), whole.
+    pub async fn read_body(&mut self, head: &Head) -> std::io::Result<Vec<u8>> {
+        let mut body = Vec::new();
+        if head
+            .header("transfer-encoding")
+            .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
+        {
+            while let Some(chunk) = self.read_chunk().await? {
+                body.extend_from_slice(&chunk);
+            }
+            return Ok(body);
+        }
+        let len: usize = head
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        body.resize(len, 0);
+        self.reader.read_exact(&mut body).await?;
+        Ok(body)
+    }
+
+    /// Reads one chunk of a chunked request body; `None` after the last chunk (and its
+    /// empty trailer line).
+    pub async fn read_chunk(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+            .map_err(|_| std::io::Error::other(format!("bad chunk size {line:?}")))?;
+        let mut data = vec![0u8; size + 2];
+        if size == 0 {
+            // The empty line after the last chunk (no trailers from the proxy).
+            line.clear();
+            self.reader.read_line(&mut line).await?;
+            return Ok(None);
+        }
+        self.reader.read_exact(&mut data).await?;
+        data.truncate(size);
+        Ok(Some(data))
+    }
+
     /// Waits until the peer (the proxy) closes the connection.
     pub async fn closed(&mut self) {
         let mut buf = [0u8; 1024];
