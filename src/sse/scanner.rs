@@ -9,7 +9,9 @@
 //! `id` containing NUL is ignored).
 //!
 //! It never alters or delays a chunk, and allocates nothing per chunk: the id is kept in a
-//! buffer reused across events (ids longer than [`MAX_ID`] bytes are cut there).
+//! buffer reused across events (ids longer than [`MAX_ID`] bytes are cut there). Inside a
+//! line it has nothing to follow (data, comments), it jumps to the line's end with
+//! `memchr`, so most of a stream's bytes are not looked at one by one.
 
 /// Longest event id kept, in bytes.
 pub const MAX_ID: usize = 256;
@@ -97,7 +99,10 @@ impl EventScanner {
                 self.line = Line::Other;
             }
         }
-        for &b in rest {
+        let mut i = 0;
+        while i < rest.len() {
+            let b = rest[i];
+            i += 1;
             if self.after_cr {
                 self.after_cr = false;
                 if b == b'\n' {
@@ -110,7 +115,14 @@ impl EventScanner {
                     self.after_cr = true;
                 }
                 b'\n' => self.end_line(),
-                _ => self.byte(b),
+                _ => {
+                    self.byte(b);
+                    // The rest of a data line, a comment or another field is nothing to
+                    // follow byte by byte: skip to its end (most of a stream's bytes).
+                    if self.line == Line::Other {
+                        i = memchr::memchr2(b'\r', b'\n', &rest[i..]).map_or(rest.len(), |k| i + k);
+                    }
+                }
             }
         }
         self.events - before
