@@ -10,13 +10,15 @@
 //!                         hooks still run); take SSE limit slots (503/429 when full);
 //!                         an event-stream GET goes to the relay's own loop from here
 //! request_body_filter     the chain's request_body hooks (size limits)
-//! upstream_peer           choose an endpoint (503 when none is up); build the peer with
-//!                         the timeouts that fit the request
-//! fail_to_connect         retry on another endpoint while `retries` allow
+//! upstream_peer           choose an endpoint (a pinned session's own; 503 when none is
+//!                         up); build the peer with the timeouts that fit the request
+//! fail_to_connect         retry on another endpoint while `retries` allow (a pinned
+//!                         request only when its endpoint refused)
 //! upstream_request_filter path prefix, Host policy, X-Forwarded-*, then the chain's
 //!                         upstream_request hooks                     (relay::headers)
-//! response_filter         SSE response? fix its headers, start the stream; then the
-//!                         chain's response hooks, which may install body filters
+//! response_filter         learn affinity pins; SSE response? fix its headers, start the
+//!                         stream; then the chain's response hooks, which may install
+//!                         body filters
 //! response_body_filter    an end asked for by the admin API, at an event boundary; then
 //!                         the per-chunk pipeline                     (relay::stream)
 //! fail_to_proxy           502/504 (or the status a hook chose) with a one-line reason
