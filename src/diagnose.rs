@@ -223,6 +223,7 @@ fn connections_table(body: &Value) -> String {
     out
 }
 
+/// The services, then each endpoint of each service.
 fn upstreams_table(body: &Value) -> String {
     let items = body.as_array().cloned().unwrap_or_default();
     let rows = items
@@ -234,10 +235,54 @@ fn upstreams_table(body: &Value) -> String {
                 text(&s["tracked_sse_streams"]),
                 text(&s["sse_open_streams"]),
                 text(&s["sse_max_connections"]),
+                text(&s["affinity"]["source"]),
+                text(&s["affinity"]["pins"]),
             ]
         })
         .collect();
-    table(&["SERVICE", "URL", "TRACKED", "OPEN", "LIMIT"], rows)
+    let mut out = table(
+        &[
+            "SERVICE", "URL", "TRACKED", "OPEN", "LIMIT", "AFFINITY", "PINS",
+        ],
+        rows,
+    );
+    let endpoints = items
+        .iter()
+        .flat_map(|s| {
+            let service = text(&s["service"]);
+            let pinned = !s["affinity"].is_null();
+            s["endpoints"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |e| {
+                    let up = e["healthy"].as_bool() == Some(true);
+                    let state = match (up, e["ejected"].as_bool() == Some(true)) {
+                        (_, true) => "ejected",
+                        (true, false) => "up",
+                        (false, false) => "down",
+                    };
+                    vec![
+                        service.clone(),
+                        text(&e["address"]),
+                        state.to_string(),
+                        text(&e["weight"]),
+                        text(&e["open"]),
+                        text(&e["requests"]),
+                        if pinned { text(&e["pins"]) } else { "-".into() },
+                    ]
+                })
+        })
+        .collect();
+    out.push('\n');
+    out.push_str(&table(
+        &[
+            "SERVICE", "ENDPOINT", "STATE", "WEIGHT", "OPEN", "REQUESTS", "PINS",
+        ],
+        endpoints,
+    ));
+    out
 }
 
 #[cfg(test)]
@@ -254,6 +299,44 @@ mod tests {
             ],
         );
         assert_eq!(out, "A          LONGER\nwide cell  x\ny          z\n");
+    }
+
+    #[test]
+    fn upstreams_show_pins_per_endpoint() {
+        let body = serde_json::json!([{
+            "service": "mcp",
+            "url": "http://10.0.0.1:8080",
+            "affinity": { "source": "header mcp-session-id", "pins": 3 },
+            "endpoints": [
+                { "address": "10.0.0.1:8080", "weight": 1, "healthy": true, "ejected": false,
+                  "open": 2, "requests": 9, "pins": 2 },
+                { "address": "10.0.0.2:8080", "weight": 1, "healthy": true, "ejected": true,
+                  "open": 0, "requests": 4, "pins": 1 },
+            ],
+        }, {
+            "service": "web", "url": "http://10.0.0.9", "affinity": null,
+            "endpoints": [{ "address": "10.0.0.9:80", "weight": 1, "healthy": false,
+                            "ejected": false, "open": 0, "requests": 0, "pins": 0 }],
+        }]);
+        let out = upstreams_table(&body);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[1].ends_with("header mcp-session-id  3"), "{out}");
+        let web: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(web[0], "web");
+        assert_eq!(web[5..], ["-", "-"], "no affinity: {out}");
+        let endpoint = |addr: &str| {
+            lines
+                .iter()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .find(|cells| cells.get(1) == Some(&addr))
+                .expect("endpoint row")
+        };
+        assert_eq!(endpoint("10.0.0.1:8080")[2..], ["up", "1", "2", "9", "2"]);
+        assert_eq!(
+            endpoint("10.0.0.2:8080")[2..],
+            ["ejected", "1", "0", "4", "1"]
+        );
+        assert_eq!(endpoint("10.0.0.9:80")[2..], ["down", "1", "0", "0", "-"]);
     }
 
     #[test]

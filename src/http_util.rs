@@ -135,6 +135,20 @@ pub fn request_host(req: &RequestHeader) -> Option<&str> {
         .or_else(|| req.headers.get(HOST)?.to_str().ok())
 }
 
+/// The value of cookie `name` in the request's `Cookie` headers (HTTP/2 clients may send
+/// one header per cookie), as sent.
+pub fn request_cookie<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]> {
+    req.headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .find_map(|pair| {
+            let pair = pair.trim_ascii();
+            let (k, v) = pair.split_at(pair.iter().position(|b| *b == b'=')?);
+            (k.trim_ascii() == name.as_bytes()).then(|| v[1..].trim_ascii())
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

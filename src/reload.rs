@@ -94,8 +94,11 @@ pub fn reload(current: &ArcSwap<Config>) -> Result<Reloaded, ConfigError> {
     current.store(new.clone());
     let metrics = &new.state.metrics;
     metrics.config_loaded(&new.version, new.loaded_secs());
-    let (routes, services) = new.metric_labels();
-    metrics.retain(&routes, &services);
+    let (routes, services, affinity) = new.metric_labels();
+    metrics.retain(&routes, &services, &affinity);
+    for warning in new.warnings() {
+        log::warn!("{warning}");
+    }
     log::info!(
         "config reloaded: version {} (was {}), loaded at {}s since epoch; \
          middlewares loaded: [{}], unloaded: [{}]",

@@ -163,15 +163,9 @@ async fn metrics_count_requests_and_streams_and_pass_promtool() {
     let admin = free_port();
     let proxy = Proxy::start(&config(&origin, admin, "")).await;
     for _ in 0..3 {
-        assert_eq!(
-            client()
-                .get(proxy.url("/x"))
-                .send()
-                .await
-                .expect("r")
-                .status(),
-            200
-        );
+        let r = client().get(proxy.url("/x")).send().await.expect("r");
+        let status = r.status();
+        assert_eq!(status, 200, "{}", r.text().await.unwrap_or_default());
     }
     assert_eq!(
         client()

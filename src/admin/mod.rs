@@ -9,7 +9,7 @@
 //! | `GET /readyz` | a config is loaded and being served |
 //! | `GET /config` | every config file as loaded, secrets redacted, with version and load time |
 //! | `GET /routes` | the route table in precedence order, with each route's chain |
-//! | `GET /upstreams` | services, their URL, SSE limits and open streams |
+//! | `GET /upstreams` | services, their URL, affinity, SSE limits and open streams; each endpoint's health, open requests and pinned sessions |
 //! | `GET /sse/connections` | open tracked streams; filters `route`, `service`, `client`, `min_age`; `limit`, `offset` |
 //! | `GET /sse/connections/{id}` | one stream |
 //! | `POST /reload` | the same reload as `SIGHUP`: the new version, or the validation error (422) |
@@ -327,13 +327,23 @@ fn upstreams_view(config: &Config) -> Value {
                         "ejected": e.ejected,
                         "open": e.open,
                         "requests": e.chosen,
+                        "pins": e.pins,
                     })
                 })
                 .collect();
+            let affinity = s.affinity.as_ref().map(|a| {
+                json!({
+                    "source": a.source.to_string(),
+                    "ttl_seconds": a.ttl.map(|t| t.as_secs_f64()),
+                    "max_entries": a.max_entries,
+                    "pins": s.endpoints.pins().len(),
+                })
+            });
             json!({
                 "service": s.name,
                 "url": s.url.to_string(),
                 "load_balancing": s.endpoints.algorithm().as_str(),
+                "affinity": affinity,
                 "endpoints": endpoints,
                 "discovery_error": s.endpoints.discovery_error(),
                 "tracked_sse_streams": streams.iter().filter(|e| e.info.service == s.name).count(),

@@ -1,6 +1,6 @@
 //! What `streamgate -t` prints: the listeners (each certificate's names and expiry), the
-//! services (endpoint source, balancing, retries, TLS, SSE settings), the grace period,
-//! the middleware instances and the route table in precedence order.
+//! services (endpoint source, balancing, retries, TLS, affinity, SSE settings), warnings,
+//! the grace period, the middleware instances and the route table in precedence order.
 
 use super::Config;
 
@@ -51,7 +51,14 @@ impl Config {
             if let Some(tls) = &service.tls {
                 out.push_str(&format!("  {:<20} tls: {tls}\n", ""));
             }
+            if let Some(affinity) = &service.affinity {
+                out.push_str(&format!("  {:<20} affinity: {affinity}\n", ""));
+            }
             out.push_str(&format!("  {:<20} sse: {}\n", "", service.sse));
+        }
+        for warning in self.warnings() {
+            out.push_str(warning);
+            out.push('\n');
         }
         if let Some(grace) = self.server.grace_period_seconds {
             out.push_str(&format!("shutdown grace period: {grace}s\n"));

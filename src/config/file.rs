@@ -4,8 +4,8 @@
 //! here, so their errors carry serde_yaml's line and column. Cross-references (service
 //! names) are resolved in [`super::build`], which locates its errors by key path. Blocks
 //! that belong to one part of the proxy are that part's own types, used here as they are:
-//! `sse` ([`SseFile`]), `discovery`, `health_check` and `passive_health` (in `upstream`),
-//! `middleware_services` entries (in `middleware`).
+//! `sse` ([`SseFile`]), `discovery`, `health_check`, `passive_health` and `affinity` (in
+//! `upstream`), `middleware_services` entries (in `middleware`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,7 +20,7 @@ use crate::pattern::{HostPattern, PathPattern};
 pub use crate::sse::SseFile;
 use crate::upstream::discovery::DiscoveryFile;
 use crate::upstream::health::{HealthCheckFile, PassiveHealthFile};
-use crate::upstream::{Algorithm, HashKey, Scheme, ServiceUrl};
+use crate::upstream::{AffinityFile, Algorithm, HashKey, Scheme, ServiceUrl};
 use crate::values::{AccessLogFormat, Dur};
 
 /// Keys of the main file that belong to streamgate. The main file's other top-level keys
@@ -146,6 +146,10 @@ pub struct ServiceFile {
     /// Further endpoints to try when connecting fails (never once a request was sent).
     #[serde(default)]
     pub retries: Option<u32>,
+    /// Session affinity learned from responses: `header: NAME` or `cookie: NAME`, `ttl`,
+    /// `max_entries`.
+    #[serde(default)]
+    pub affinity: Option<AffinityFile>,
 }
 
 /// `services.<name>.tls`: how the proxy speaks TLS to an https service's origin.

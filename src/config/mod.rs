@@ -103,6 +103,13 @@ pub struct AccessLog {
 /// Middleware instances by name.
 pub type Instances = BTreeMap<String, Arc<Instance>>;
 
+/// [`Config::metric_labels`]: (route, service) pairs, services, services with affinity.
+pub type MetricLabels = (
+    BTreeSet<(String, String)>,
+    BTreeSet<String>,
+    BTreeSet<String>,
+);
+
 impl Config {
     /// Loads and validates `path` and everything it includes, for a new server.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -150,8 +157,9 @@ impl Config {
             .as_secs()
     }
 
-    /// The label sets this config's metrics use: (route, service) pairs, and services.
-    pub fn metric_labels(&self) -> (BTreeSet<(String, String)>, BTreeSet<String>) {
+    /// The label sets this config's metrics use: (route, service) pairs, services, and
+    /// services with affinity.
+    pub fn metric_labels(&self) -> MetricLabels {
         let routes = self
             .routes
             .describe()
@@ -159,7 +167,21 @@ impl Config {
             .flat_map(|(_, routes)| routes)
             .map(|(_, route)| (route.name.clone(), route.service.name.clone()))
             .collect();
-        (routes, self.services.keys().cloned().collect())
+        let affinity = self
+            .services
+            .values()
+            .filter(|s| s.affinity.is_some())
+            .map(|s| s.name.clone())
+            .collect();
+        (routes, self.services.keys().cloned().collect(), affinity)
+    }
+
+    /// What the config's author should know although the config is valid (each names its
+    /// file, line and key): logged when the config starts serving, printed by `-t`.
+    pub fn warnings(&self) -> impl Iterator<Item = &str> {
+        self.services
+            .values()
+            .flat_map(|s| s.warnings.iter().map(String::as_str))
     }
 
     /// The TLS listener a connection accepted on `local` came through: its exact address,

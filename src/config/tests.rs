@@ -907,3 +907,69 @@ fn bad_endpoint_settings_are_refused_at_their_key() {
         "services.feed.passive_health.failures",
     );
 }
+
+#[test]
+fn affinity_loads_and_a_single_endpoint_is_warned_about() {
+    let config = load(
+        "services:\n  mcp:\n    discovery: { static: [\"127.0.0.1:1\", \"127.0.0.1:2\"] }\n    \
+         load_balancing: round_robin\n    \
+         affinity: { header: Mcp-Session-Id, ttl: 10m, max_entries: 500 }\n  \
+         one:\n    url: \"http://127.0.0.1:3\"\n    affinity: { cookie: sid }\n",
+    )
+    .expect("loads");
+    let mcp = config.services["mcp"].affinity.as_ref().expect("affinity");
+    assert_eq!(mcp.source.to_string(), "header mcp-session-id");
+    assert_eq!(mcp.ttl, Some(Duration::from_secs(600)));
+    assert_eq!(mcp.max_entries, 500);
+    let warnings: Vec<&str> = config.warnings().collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("warning: main.yaml:8:5: `services.one.affinity`: ")
+            && warnings[0].contains("one endpoint"),
+        "{warnings:?}"
+    );
+    let described = config.describe();
+    assert!(
+        described
+            .contains("affinity: header mcp-session-id, ttl 10m, at most 500 pins (up to 0.1 MiB)"),
+        "{described}"
+    );
+    assert!(described.contains(warnings[0]), "{described}");
+}
+
+#[test]
+fn bad_affinity_settings_are_refused_at_their_key() {
+    let service = |affinity: &str| {
+        format!(
+            "services:\n  feed:\n    discovery: {{ static: [\"127.0.0.1:1\", \"127.0.0.1:2\"] }}\n    \
+             affinity:\n{affinity}"
+        )
+    };
+    refused(
+        &service("      header: Mcp-Session-Id\n      tll: 30m\n"),
+        6,
+        "services.feed.affinity.tll",
+    );
+    refused(
+        &service("      header: \"bad name\"\n"),
+        5,
+        "services.feed.affinity.header",
+    );
+    refused(
+        &service("      header: Mcp-Session-Id\n      max_entries: 0\n"),
+        6,
+        "services.feed.affinity.max_entries",
+    );
+    refused(
+        &service("      header: Mcp-Session-Id\n      ttl: 30\n"),
+        6,
+        "services.feed.affinity.ttl",
+    );
+    let e = refused(
+        &service("      header: a\n      cookie: b\n"),
+        4,
+        "services.feed.affinity",
+    );
+    assert!(e.to_string().contains("not both"), "{e}");
+    refused(&service("      ttl: 1m\n"), 4, "services.feed.affinity");
+}

@@ -7,6 +7,9 @@
 //! same series, so counting goes on; after a reload [`Metrics::retain`] removes the series
 //! of routes and services the new config no longer has. Open-stream gauges drop with the
 //! stream, even when Pingora's `logging` hook never runs (see `relay::stream`).
+//! Services with `affinity` get their own handles ([`Metrics::affinity`]): pins created,
+//! requests that found their pin (hits) or not (misses), pins dropped by reason, and the
+//! pins held now.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -51,6 +54,11 @@ pub struct Metrics {
     sse_gap: HistogramVec,
     connect_errors: IntCounterVec,
     timeouts: IntCounterVec,
+    pins_created: IntCounterVec,
+    pin_hits: IntCounterVec,
+    pin_misses: IntCounterVec,
+    pins_dropped: IntCounterVec,
+    pins: IntGaugeVec,
     config_info: IntGaugeVec,
     config_loaded: IntGauge,
     /// The handles given out, by label set: the dashboard's totals, and what to prune.
@@ -61,7 +69,44 @@ pub struct Metrics {
 struct Handed {
     routes: BTreeMap<(String, String), Arc<RouteMetrics>>,
     services: BTreeMap<String, Arc<ServiceMetrics>>,
+    affinity: BTreeMap<String, Arc<AffinityMetrics>>,
     version: Option<String>,
+}
+
+/// Why a pin of session affinity was dropped: the `reason` label of
+/// `streamgate_affinity_pins_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinDrop {
+    /// A `DELETE` carrying the session was answered 2xx, or the origin cleared the cookie.
+    Deleted,
+    /// Not used for the affinity's `ttl`.
+    Expired,
+    /// The least recently used pin, to stay within `max_entries`.
+    Evicted,
+    /// Its endpoint was down, ejected, or refused this request's connection.
+    EndpointDown,
+    /// Its endpoint left discovery.
+    EndpointLeft,
+}
+
+impl PinDrop {
+    pub const ALL: [PinDrop; 5] = [
+        PinDrop::Deleted,
+        PinDrop::Expired,
+        PinDrop::Evicted,
+        PinDrop::EndpointDown,
+        PinDrop::EndpointLeft,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinDrop::Deleted => "deleted",
+            PinDrop::Expired => "expired",
+            PinDrop::Evicted => "evicted",
+            PinDrop::EndpointDown => "endpoint_down",
+            PinDrop::EndpointLeft => "endpoint_left",
+        }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -220,6 +265,35 @@ impl Metrics {
                 "Origin connect, read or write timeouts.",
                 &["service"],
             ),
+            pins_created: counter(
+                &r,
+                "streamgate_affinity_pins_created_total",
+                "Session values pinned to the endpoint that issued them (affinity).",
+                &["service"],
+            ),
+            pin_hits: counter(
+                &r,
+                "streamgate_affinity_hits_total",
+                "Requests carrying a session value that went to its pinned endpoint.",
+                &["service"],
+            ),
+            pin_misses: counter(
+                &r,
+                "streamgate_affinity_misses_total",
+                "Requests carrying a session value that were balanced as usual (no pin, or its endpoint unusable).",
+                &["service"],
+            ),
+            pins_dropped: counter(
+                &r,
+                "streamgate_affinity_pins_dropped_total",
+                "Pins dropped, by reason.",
+                &["service", "reason"],
+            ),
+            pins: gauge_vec(
+                "streamgate_affinity_pins",
+                "Pins held now.",
+                &["service"],
+            ),
             config_info,
             config_loaded,
             registry: r,
@@ -282,6 +356,26 @@ impl Metrics {
         m
     }
 
+    /// The affinity handles of a service; called when a config with `affinity` on that
+    /// service is built.
+    pub fn affinity(&self, service: &str) -> Arc<AffinityMetrics> {
+        let mut handed = self.handed();
+        if let Some(m) = handed.affinity.get(service) {
+            return m.clone();
+        }
+        let l = [service];
+        let m = Arc::new(AffinityMetrics {
+            created: self.pins_created.with_label_values(&l),
+            hits: self.pin_hits.with_label_values(&l),
+            misses: self.pin_misses.with_label_values(&l),
+            dropped: PinDrop::ALL
+                .map(|r| self.pins_dropped.with_label_values(&[service, r.as_str()])),
+            pins: self.pins.with_label_values(&l),
+        });
+        handed.affinity.insert(service.to_string(), m.clone());
+        m
+    }
+
     /// Records the config version being served and when it was loaded.
     pub fn config_loaded(&self, version: &str, unix_seconds: u64) {
         let mut handed = self.handed();
@@ -293,10 +387,16 @@ impl Metrics {
             .set(i64::try_from(unix_seconds).unwrap_or(i64::MAX));
     }
 
-    /// Keeps the series of these routes and services and removes every other one: called
-    /// once a reloaded config serves, so a renamed or removed route stops being exported.
-    /// Requests still finishing on a removed route record into handles nobody exports.
-    pub fn retain(&self, routes: &BTreeSet<(String, String)>, services: &BTreeSet<String>) {
+    /// Keeps the series of these routes, services and services with affinity, and removes
+    /// every other one: called once a reloaded config serves, so a renamed or removed route
+    /// stops being exported. Requests still finishing on a removed route record into
+    /// handles nobody exports.
+    pub fn retain(
+        &self,
+        routes: &BTreeSet<(String, String)>,
+        services: &BTreeSet<String>,
+        affinity: &BTreeSet<String>,
+    ) {
         let mut handed = self.handed();
         let gone: Vec<(String, String)> = handed
             .routes
@@ -345,6 +445,24 @@ impl Metrics {
             handed.services.remove(&name);
             let _ = self.connect_errors.remove_label_values(&[&name]);
             let _ = self.timeouts.remove_label_values(&[&name]);
+        }
+        let gone: Vec<String> = handed
+            .affinity
+            .keys()
+            .filter(|k| !affinity.contains(*k))
+            .cloned()
+            .collect();
+        for name in gone {
+            handed.affinity.remove(&name);
+            for vec in [&self.pins_created, &self.pin_hits, &self.pin_misses] {
+                let _ = vec.remove_label_values(&[&name]);
+            }
+            for reason in PinDrop::ALL {
+                let _ = self
+                    .pins_dropped
+                    .remove_label_values(&[&name, reason.as_str()]);
+            }
+            let _ = self.pins.remove_label_values(&[&name]);
         }
     }
 
@@ -471,6 +589,43 @@ impl ServiceMetrics {
     }
 }
 
+/// The handles of one service's session affinity.
+#[derive(Debug)]
+pub struct AffinityMetrics {
+    created: IntCounter,
+    hits: IntCounter,
+    misses: IntCounter,
+    dropped: [IntCounter; PinDrop::ALL.len()],
+    pins: IntGauge,
+}
+
+impl AffinityMetrics {
+    /// A session value was pinned.
+    pub fn created(&self) {
+        self.created.inc();
+    }
+
+    /// A request went to its pinned endpoint.
+    pub fn hit(&self) {
+        self.hits.inc();
+    }
+
+    /// A request carrying a session value was balanced as usual.
+    pub fn miss(&self) {
+        self.misses.inc();
+    }
+
+    /// `count` pins were dropped for `reason`.
+    pub fn dropped(&self, reason: PinDrop, count: usize) {
+        self.dropped[reason as usize].inc_by(count as u64);
+    }
+
+    /// The pins held now.
+    pub fn set_pins(&self, pins: usize) {
+        self.pins.set(i64::try_from(pins).unwrap_or(i64::MAX));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,8 +664,11 @@ mod tests {
         metrics.route("kept", "svc").request(200, Duration::ZERO);
         metrics.service("svc").timeout();
         metrics.service("gone").timeout();
+        metrics.affinity("svc").hit();
+        metrics.affinity("gone").hit();
         let routes = BTreeSet::from([("kept".to_string(), "svc".to_string())]);
-        metrics.retain(&routes, &BTreeSet::from(["svc".to_string()]));
+        let kept = BTreeSet::from(["svc".to_string()]);
+        metrics.retain(&routes, &kept, &kept);
         let text = metrics.render();
         assert!(!text.contains("route=\"old\""), "{text}");
         assert!(text.contains("route=\"kept\""), "{text}");

@@ -9,7 +9,9 @@
 //!                  trusted proxies); the chain's request hooks (a direct answer skips the
 //!                  rest, response hooks still run); an announced event stream takes its
 //!                  limit slots (503/429 when full); then the relay carries the request to
-//!                  its origin and the answer back (relay::exchange), whatever the request
+//!                  its origin and the answer back (relay::exchange), whatever the request:
+//!                  a pinned session goes to its own endpoint, responses teach new pins
+//!                  (upstream::affinity)
 //! fail_to_proxy    an error before the response began: 502/504 (or the status in the
 //!                  error) with a one-line reason
 //! logging          metrics, the chain's logging hooks, the access log, the close of a

@@ -1,7 +1,8 @@
 //! What happens to the request header on its way to the origin and to the response header
 //! on its way back, whichever loop carries the request: the service's rewriting and the
-//! chain's `upstream_request` hooks; the SSE header rules, the start of a stream, and the
-//! chain's `response` hooks (which may install body filters).
+//! chain's `upstream_request` hooks; what the service learns from the answer (session
+//! affinity), the SSE header rules, the start of a stream, and the chain's `response` hooks
+//! (which may install body filters).
 
 use std::sync::Arc;
 
@@ -61,6 +62,8 @@ pub async fn response(
     let route = ctx.route()?.clone();
     if let Some(lease) = &ctx.upstream.lease {
         lease.succeeded();
+        let request = session.req_header();
+        route.service.learn_affinity(request, response, lease.addr);
     }
     let settings = ctx.chain.sse.settings;
     let is_sse = settings.enabled

@@ -41,6 +41,9 @@ pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
     state
         .metrics
         .config_loaded(&config.version, config.loaded_secs());
+    for warning in config.warnings() {
+        log::warn!("{warning}");
+    }
     let current = Arc::new(ArcSwap::from_pointee(config));
     server.add_services(listeners::services(
         &server.configuration,

@@ -16,7 +16,14 @@
 //! algorithm  -> see [`super::balancing`]
 //! ```
 //!
+//! A request whose session is pinned ([`super::affinity`]) gets its pinned endpoint
+//! instead, as long as that endpoint is a member, healthy and not ejected.
+//!
 //! The choice is a [`Lease`]: the endpoint counts as open until the lease drops.
+//!
+//! The set also holds the service's affinity pins ([`Pins`]): they live as long as the set
+//! (across reloads that keep it), are handed to the next set when a reload changes the
+//! endpoint settings, and lose the endpoints discovery removes.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -29,6 +36,7 @@ use pingora_load_balancing::discovery::ServiceDiscovery;
 use pingora_load_balancing::health_check::HealthCheck;
 use pingora_load_balancing::{Backend, Backends};
 
+use super::affinity::Pins;
 use super::balancing::{Algorithm, Plan};
 use super::discovery::FileWatch;
 use super::health::PassiveHealth;
@@ -99,9 +107,15 @@ pub struct Lease {
     pub addr: SocketAddr,
     state: Arc<EndpointState>,
     passive: Option<PassiveHealth>,
+    pinned: bool,
 }
 
 impl Lease {
+    /// Chosen because the request's session is pinned to this endpoint.
+    pub fn pinned(&self) -> bool {
+        self.pinned
+    }
+
     /// The origin failed this request (connect failure, timeout, broken response): counts
     /// toward passive ejection.
     pub fn failed(&self) {
@@ -173,6 +187,8 @@ pub struct Endpoints {
     last_attempt: Mutex<Option<Instant>>,
     /// Where tracked streams are ended when their endpoint leaves discovery.
     tracker: Option<Arc<Tracker>>,
+    /// Session affinity: which endpoint each pinned session goes to.
+    pins: Arc<Pins>,
 }
 
 impl std::fmt::Debug for Endpoints {
@@ -222,7 +238,20 @@ impl Endpoints {
             first: tokio::sync::Mutex::new(()),
             last_attempt: Mutex::new(None),
             tracker: None,
+            pins: Arc::new(Pins::new()),
         }
+    }
+
+    /// The affinity pins of the service.
+    pub fn pins(&self) -> &Arc<Pins> {
+        &self.pins
+    }
+
+    /// Takes over the pins of the set this one replaces (a reload changed the endpoint
+    /// settings): pins whose endpoints remain keep working; the others are dropped when
+    /// next used.
+    pub fn adopt_pins(&mut self, pins: Arc<Pins>) {
+        self.pins = pins;
     }
 
     /// Re-runs discovery whenever `watch` signals a change (as well as every `refresh`).
@@ -291,6 +320,7 @@ impl Endpoints {
         if removed.is_empty() {
             return;
         }
+        self.pins.forget_endpoints(&removed);
         log::info!(
             "service `{}`: endpoint(s) {} left discovery",
             self.service,
@@ -341,6 +371,7 @@ impl Endpoints {
     /// Starts what is due now (the background task calls this every tick): discovery,
     /// active health checks, and the first time, the file source's change watch.
     pub(super) fn upkeep(self: &Arc<Self>) {
+        self.pins.sweep();
         let watch = self.watch.lock().ok().and_then(|mut w| w.take());
         if let Some(mut watch) = watch {
             let weak = Arc::downgrade(self);
@@ -434,8 +465,14 @@ impl Endpoints {
                 ejected: state.ejected(),
                 open: state.open(),
                 chosen: state.chosen(),
+                pins: self.pins.count(state.addr),
             })
             .collect()
+    }
+
+    /// Whether `addr` is one of the current endpoints (up or not).
+    pub fn is_member(&self, addr: SocketAddr) -> bool {
+        self.schedule().list.iter().any(|(_, s)| s.addr == addr)
     }
 
     /// The last discovery error, while it keeps failing.
@@ -446,6 +483,18 @@ impl Endpoints {
     /// Chooses an endpoint for a request. `key` is the consistent-hash input; `tried` are
     /// the endpoints this request already failed on (retries go elsewhere).
     pub async fn choose(&self, key: &[u8], tried: &[SocketAddr]) -> Result<Lease, Unavailable> {
+        self.choose_pinned(key, tried, None).await
+    }
+
+    /// [`Endpoints::choose`] for a request whose session is pinned to `pinned`: that
+    /// endpoint when it is a member, healthy and not ejected (whether or not it is in
+    /// `tried`: the caller decides whether the pin still holds), else as usual.
+    pub async fn choose_pinned(
+        &self,
+        key: &[u8],
+        tried: &[SocketAddr],
+        pinned: Option<SocketAddr>,
+    ) -> Result<Lease, Unavailable> {
         if !self.discovered.load(Ordering::Acquire) {
             self.first_discovery().await;
         }
@@ -461,14 +510,20 @@ impl Endpoints {
             self.backends.ready(backend) && !state.ejected()
         };
         let usable = |i: usize| up(i) && !tried.contains(&schedule.list[i].1.addr);
-        if !(0..schedule.list.len()).any(up) {
-            return Err(Unavailable::AllDown);
-        }
-        let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
-        let open = |i: usize| schedule.list[i].1.open();
-        let chosen = schedule.plan.pick(self.algorithm, turn, key, open, usable);
-        let Some(i) = chosen else {
-            return Err(Unavailable::Exhausted);
+        let pinned = pinned
+            .and_then(|addr| (0..schedule.list.len()).find(|&i| schedule.list[i].1.addr == addr))
+            .filter(|&i| up(i));
+        let i = match pinned {
+            Some(i) => i,
+            None => {
+                if !(0..schedule.list.len()).any(up) {
+                    return Err(Unavailable::AllDown);
+                }
+                let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
+                let open = |i: usize| schedule.list[i].1.open();
+                let chosen = schedule.plan.pick(self.algorithm, turn, key, open, usable);
+                chosen.ok_or(Unavailable::Exhausted)?
+            }
         };
         let state = schedule.list[i].1.clone();
         state.open.fetch_add(1, Ordering::Relaxed);
@@ -477,6 +532,7 @@ impl Endpoints {
             addr: state.addr,
             state,
             passive: self.passive,
+            pinned: pinned.is_some(),
         })
     }
 }
@@ -492,6 +548,8 @@ pub struct EndpointView {
     pub ejected: bool,
     pub open: usize,
     pub chosen: u64,
+    /// Sessions pinned to it (affinity).
+    pub pins: usize,
 }
 
 #[cfg(test)]
@@ -560,6 +618,42 @@ mod tests {
         assert_eq!(
             ch.choose(b"k", &[only.addr]).await.err(),
             Some(Unavailable::Exhausted)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pinned_endpoint_wins_while_it_is_up() {
+        let e = endpoints(&[(1, 1), (2, 1), (3, 1)], Algorithm::RoundRobin);
+        for _ in 0..5 {
+            let lease = e
+                .choose_pinned(b"", &[], Some(addr(2)))
+                .await
+                .expect("lease");
+            assert!(lease.pinned() && lease.addr == addr(2));
+        }
+        // `tried` is the caller's business for the pin (a resumed stream may go back).
+        let lease = e.choose_pinned(b"", &[addr(2)], Some(addr(2))).await;
+        assert!(lease.expect("lease").pinned());
+        let lease = e
+            .choose_pinned(b"", &[], Some(addr(9)))
+            .await
+            .expect("lease");
+        assert!(!lease.pinned(), "not a member: balanced as usual");
+        assert!(!e.is_member(addr(9)) && e.is_member(addr(2)));
+        lease.failed();
+        let pinned = e
+            .choose_pinned(b"", &[], Some(addr(2)))
+            .await
+            .expect("lease");
+        pinned.failed();
+        pinned.failed();
+        let lease = e
+            .choose_pinned(b"", &[], Some(addr(2)))
+            .await
+            .expect("lease");
+        assert!(
+            !lease.pinned() && lease.addr != addr(2),
+            "ejected: elsewhere"
         );
     }
 

@@ -3,7 +3,8 @@
 //!
 //! A reload that leaves a service's endpoint settings alone keeps its live set, its health
 //! and its open counts: [`Registry::shared`] hands the new config the endpoints the old one
-//! had. [`Upkeep`] re-runs discovery and active health checks when they are due, for every
+//! had. A reload that changes them gets a new set, which takes over the old set's affinity
+//! pins. [`Upkeep`] re-runs discovery and active health checks when they are due, for every
 //! service of the current config and of older ones still serving requests.
 
 use std::collections::HashMap;
@@ -14,14 +15,21 @@ use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 
+use super::affinity::Pins;
 use super::endpoints::Endpoints;
 use crate::sse::tracker::Tracker;
 
 /// How often the background task looks at what is due.
 const TICK: Duration = Duration::from_millis(100);
 
-/// A service's endpoints in the registry, with the fingerprint of their settings.
-type Registered = (String, Weak<Endpoints>);
+/// A service's endpoints in the registry, with the fingerprint of their settings, and its
+/// affinity pins (which outlive a set that a refused reload built and dropped).
+#[derive(Debug)]
+struct Registered {
+    fingerprint: String,
+    endpoints: Weak<Endpoints>,
+    pins: Weak<Pins>,
+}
 
 /// The endpoints of every service, by name.
 #[derive(Debug, Default)]
@@ -53,25 +61,36 @@ impl Registry {
         build: impl FnOnce() -> Result<Endpoints, String>,
     ) -> Result<Arc<Endpoints>, String> {
         let mut services = self.lock();
-        if let Some((print, weak)) = services.get(name) {
-            if *print == fingerprint {
-                if let Some(live) = weak.upgrade() {
-                    return Ok(live);
-                }
+        let previous = services.get(name);
+        if let Some(known) = previous.filter(|r| r.fingerprint == fingerprint) {
+            if let Some(live) = known.endpoints.upgrade() {
+                return Ok(live);
             }
         }
+        let pins = previous.and_then(|r| r.pins.upgrade());
         let mut built = build()?;
         built.set_tracker(self.tracker.clone());
+        if let Some(pins) = pins {
+            built.adopt_pins(pins);
+        }
         let endpoints = Arc::new(built);
-        services.insert(name.to_string(), (fingerprint, Arc::downgrade(&endpoints)));
+        let registered = Registered {
+            fingerprint,
+            endpoints: Arc::downgrade(&endpoints),
+            pins: Arc::downgrade(endpoints.pins()),
+        };
+        services.insert(name.to_string(), registered);
         Ok(endpoints)
     }
 
     /// The endpoints some config still uses.
     fn live(&self) -> Vec<Arc<Endpoints>> {
         let mut services = self.lock();
-        services.retain(|_, (_, weak)| weak.strong_count() > 0);
-        services.values().filter_map(|(_, w)| w.upgrade()).collect()
+        services.retain(|_, r| r.endpoints.strong_count() > 0 || r.pins.strong_count() > 0);
+        services
+            .values()
+            .filter_map(|r| r.endpoints.upgrade())
+            .collect()
     }
 }
 

@@ -11,6 +11,10 @@
 //!
 //! [`Attempts`] is the one home of retries: the endpoints a request has tried and whether a
 //! failed connect may go on to another one.
+//!
+//! A service with `affinity` ([`Affinity`]) sends a request that carries a pinned session
+//! value to its pinned endpoint, and learns pins from the responses
+//! ([`Service::learn_affinity`]).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -20,12 +24,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST};
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_http::RequestHeader;
+use pingora_error::ErrorType;
+use pingora_http::{RequestHeader, ResponseHeader};
 use serde::Deserialize;
 
 use pingora_core::protocols::http::ServerSession as Session;
 use pingora_load_balancing::health_check::HealthCheck;
 
+use super::affinity::Affinity;
 use super::balancing::{Algorithm, HashKey};
 use super::discovery::{static_discovery, SystemResolver};
 use super::endpoints::{Endpoints, Lease, Timing, Unavailable};
@@ -243,6 +249,12 @@ pub struct Service {
     pub discovery: Option<String>,
     /// TLS to the origin: set exactly when the service is `https`.
     pub tls: Option<OriginTls>,
+    /// Session affinity (`affinity:`): requests carrying a pinned session value go to the
+    /// endpoint that issued it.
+    pub affinity: Option<Affinity>,
+    /// What the config's author should know about this service although it is valid
+    /// (file, line, key and why), for `-t` and the log.
+    pub warnings: Vec<String>,
 }
 
 impl Service {
@@ -278,6 +290,8 @@ impl Service {
             retries: 0,
             discovery: None,
             tls: None,
+            affinity: None,
+            warnings: Vec::new(),
         }
     }
 
@@ -313,33 +327,40 @@ impl Service {
                 .get(name)
                 .map(|v| v.as_bytes().to_vec())
                 .unwrap_or_default(),
-            HashKey::Cookie(name) => req
-                .headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
-                .find_map(|pair| {
-                    let pair = pair.trim_ascii();
-                    let (k, v) = pair.split_at(pair.iter().position(|b| *b == b'=')?);
-                    (k == name.as_bytes()).then(|| v[1..].to_vec())
-                })
+            HashKey::Cookie(name) => crate::http_util::request_cookie(req, name)
+                .map(<[u8]>::to_vec)
                 .unwrap_or_default(),
             HashKey::Path => req.uri.path().as_bytes().to_vec(),
         }
     }
 
-    /// Chooses the endpoint for a request that has already failed on `tried`; the error is
-    /// the status and reason to answer with.
+    /// Chooses the endpoint for a request that has already failed on `tried` (of which
+    /// `refused` refused the connection); the error is the status and reason to answer
+    /// with. A request carrying a pinned session value goes to its pinned endpoint while
+    /// that is up and has not refused it.
     pub async fn choose(
         &self,
         session: &Session,
         tried: &[SocketAddr],
+        refused: &[SocketAddr],
     ) -> Result<Lease, Box<pingora_error::Error>> {
         let key = match self.endpoints.algorithm() {
             Algorithm::ConsistentHash => self.hash_input(session),
             _ => Vec::new(),
         };
-        self.endpoints.choose(&key, tried).await.map_err(|why| {
+        let pinned = self
+            .affinity
+            .as_ref()
+            .and_then(|a| Some((a, a.session(session.req_header())?)));
+        let chosen = match pinned {
+            Some((affinity, value)) => {
+                affinity
+                    .choose(&self.endpoints, value, &key, tried, refused)
+                    .await
+            }
+            None => self.endpoints.choose(&key, tried).await,
+        };
+        chosen.map_err(|why| {
             let name = &self.name;
             match why {
                 Unavailable::NoEndpoints(detail) => crate::error::http_error(
@@ -359,6 +380,14 @@ impl Service {
                 ),
             }
         })
+    }
+
+    /// Learns session affinity from the response header `resp` to `req`, which endpoint
+    /// `from` sent (every response header, whichever loop carries the request).
+    pub fn learn_affinity(&self, req: &RequestHeader, resp: &ResponseHeader, from: SocketAddr) {
+        if let Some(affinity) = &self.affinity {
+            affinity.learn(self.endpoints.pins(), req, resp, from);
+        }
     }
 
     /// The Pingora peer for one request. An SSE request (`sse` holds its effective
@@ -445,10 +474,14 @@ impl Service {
 
 /// The endpoints one request has tried, and whether another one may be tried after a
 /// failed connect: at most `retries` more, and never once the request was sent (a request
-/// that reached an origin may have had effects there).
+/// that reached an origin may have had effects there). A request sent to its pinned
+/// endpoint (affinity) moves only when that endpoint refused the connection: a timeout or
+/// a failed handshake may be passing, and another endpoint does not know the session.
 #[derive(Debug, Default)]
 pub struct Attempts {
     tried: Vec<SocketAddr>,
+    /// The endpoints of `tried` that refused the connection.
+    refused: Vec<SocketAddr>,
     retries_left: u32,
 }
 
@@ -456,25 +489,29 @@ impl Attempts {
     pub fn new(retries: u32) -> Self {
         Attempts {
             tried: Vec::new(),
+            refused: Vec::new(),
             retries_left: retries,
         }
     }
 
-    /// Attempts that stay away from `addr` (a stream resuming after its origin failed).
+    /// Attempts that stay away from `addr` (a stream resuming after its origin failed),
+    /// unless the request's session is pinned there.
     pub fn avoiding(addr: SocketAddr) -> Self {
         Attempts {
             tried: vec![addr],
+            refused: Vec::new(),
             retries_left: 0,
         }
     }
 
-    /// Chooses an endpoint of `service` this request has not tried yet.
+    /// Chooses an endpoint of `service` this request has not tried yet (or its pinned
+    /// one).
     pub async fn next(
         &mut self,
         service: &Service,
         session: &Session,
     ) -> Result<Lease, Box<pingora_error::Error>> {
-        let lease = service.choose(session, &self.tried).await?;
+        let lease = service.choose(session, &self.tried, &self.refused).await?;
         self.tried.push(lease.addr);
         Ok(lease)
     }
@@ -488,11 +525,64 @@ impl Attempts {
     /// passive health, and the answer says whether another endpoint may be tried.
     pub fn connect_failed(&mut self, lease: &Lease, e: &pingora_error::Error) -> bool {
         lease.failed();
+        let refused = e.etype() == &ErrorType::ConnectRefused;
+        if refused {
+            self.refused.push(lease.addr);
+        }
         if self.retries_left == 0 {
+            return false;
+        }
+        if lease.pinned() && !refused {
+            log::info!(
+                "not retrying elsewhere: the session is pinned to {}, which failed with {e}",
+                lease.addr
+            );
             return false;
         }
         self.retries_left -= 1;
         log::info!("retrying on another endpoint after {}: {e}", lease.addr);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::discovery::static_discovery;
+    use crate::upstream::endpoints::Timing;
+
+    #[tokio::test]
+    async fn a_pinned_request_moves_only_when_its_endpoint_refused() {
+        let a = SocketAddr::from(([127, 0, 0, 1], 1));
+        let b = SocketAddr::from(([127, 0, 0, 1], 2));
+        let endpoints = Endpoints::new(
+            "t",
+            static_discovery(&[(a, 1), (b, 1)]),
+            None,
+            Algorithm::RoundRobin,
+            None,
+            Timing {
+                refresh: None,
+                health_interval: None,
+            },
+        );
+        let error = |etype| pingora_error::Error::new(etype);
+        let pinned = endpoints
+            .choose_pinned(b"", &[], Some(a))
+            .await
+            .expect("lease");
+        let mut attempts = Attempts::new(3);
+        for etype in [
+            ErrorType::ConnectTimedout,
+            ErrorType::TLSHandshakeFailure,
+            ErrorType::ConnectNoRoute,
+        ] {
+            let e = error(etype);
+            assert!(!attempts.connect_failed(&pinned, &e), "{e}");
+        }
+        assert!(attempts.connect_failed(&pinned, &error(ErrorType::ConnectRefused)));
+        assert_eq!(attempts.refused, vec![a]);
+        let balanced = endpoints.choose(b"", &[]).await.expect("lease");
+        assert!(attempts.connect_failed(&balanced, &error(ErrorType::ConnectTimedout)));
     }
 }

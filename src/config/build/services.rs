@@ -1,5 +1,5 @@
 //! `services`: each service's URL or discovery, TLS to its origins, `Host` policy,
-//! timeouts, SSE settings, load balancing, health checks and retries.
+//! timeouts, SSE settings, load balancing, health checks, retries and session affinity.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -193,6 +193,19 @@ fn service(
     service.hash_key = file.hash_key.clone().unwrap_or(HashKey::ClientIp);
     service.retries = file.retries.unwrap_or(0);
     service.discovery = file.discovery.as_ref().map(|d| d.to_string());
+    if let Some(affinity) = &file.affinity {
+        service.affinity = Some(affinity.build(state.metrics.affinity(name)));
+        let one_endpoint = match &file.discovery {
+            None => service.url.ip().is_some(),
+            Some(DiscoveryFile::Static(list)) => list.0.len() == 1,
+            Some(_) => false,
+        };
+        if one_endpoint {
+            let why = "affinity on a service with one endpoint: every request goes there anyway";
+            let warning = source.error(path.key("affinity"), Kind::Invalid(why.into()));
+            service.warnings.push(format!("warning: {warning}"));
+        }
+    }
     Ok(service)
 }
 
