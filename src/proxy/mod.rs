@@ -36,7 +36,7 @@ use pingora_core::connectors::{ConnectorOptions, TransportConnector};
 use pingora_core::modules::http::HttpModules;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_error::{Error, ErrorType, Result};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::config::Config;
@@ -56,8 +56,8 @@ use answer::error_response;
 pub struct StreamGate {
     config: Arc<ArcSwap<Config>>,
     state: Arc<State>,
-    /// Connects to origins (TCP or TLS) and pools their connections.
-    connector: TransportConnector,
+    /// Carries requests to their origins (and holds the connector and its pool).
+    relay: Arc<Relay>,
 }
 
 impl StreamGate {
@@ -65,10 +65,14 @@ impl StreamGate {
     /// Pingora's own (its `ca_file`, the default trust for https origins, and the pool size
     /// included).
     pub fn new(config: Arc<ArcSwap<Config>>, state: Arc<State>, server: &ServerConf) -> Self {
+        let connector = TransportConnector::new(Some(ConnectorOptions::from_server_conf(server)));
         StreamGate {
+            relay: Arc::new(Relay {
+                state: state.clone(),
+                connector,
+            }),
             config,
             state,
-            connector: TransportConnector::new(Some(ConnectorOptions::from_server_conf(server))),
         }
     }
 }
@@ -137,11 +141,7 @@ impl ProxyHttp for StreamGate {
                 return Ok(true);
             }
         }
-        let relay = Relay {
-            state: &self.state,
-            connector: &self.connector,
-        };
-        relay.run(session, ctx).await?;
+        self.relay.run(session, ctx, config.access_log).await?;
         Ok(true)
     }
 
@@ -168,18 +168,11 @@ impl ProxyHttp for StreamGate {
     }
 
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
-        // A started event stream always ends with an "error" (client gone, origin gone,
-        // timeout); `logging` reports those at info level with the reason. A client that
-        // hangs up before its answer is ordinary too.
-        let client_gone = error.esource() == &ErrorSource::Downstream
-            && matches!(
-                error.etype(),
-                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
-            );
-        if client_gone && ctx.stream.is_none() {
-            log::debug!("client closed the connection: {error}");
+        let quiet = relay::record::quiet(ctx, error);
+        if quiet {
+            log::debug!("request ended: {error}");
         }
-        client_gone || (ctx.stream.is_some() && error.esource() != &ErrorSource::Internal)
+        quiet
     }
 
     async fn fail_to_proxy(

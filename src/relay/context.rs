@@ -30,6 +30,9 @@ pub struct RequestCtx {
     pub stream: Option<Stream>,
     /// Counts the request as being served while it lives.
     pub in_flight: Option<InFlightGuard>,
+    /// The request went on in a task of its own, with everything above: what Pingora
+    /// holds is an empty shell, with nothing to record.
+    pub detached: bool,
 }
 
 /// Where a request goes: the endpoints it tried and the one it uses now.
@@ -62,6 +65,7 @@ impl Default for RequestCtx {
             status: None,
             stream: None,
             in_flight: None,
+            detached: false,
         }
     }
 }

@@ -32,7 +32,6 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header;
-use http::Method;
 use pingora_core::protocols::http::ServerSession;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -61,21 +60,23 @@ enum Ending {
 }
 
 /// Carries the event stream `opened` answered with; its header has been written.
+/// `reconnects`: the client asks for the stream again (a `GET`: EventSource, MCP's GET
+/// stream, with Last-Event-ID), so a drain tells it to; any other stream is an answer that
+/// would be lost, and finishes instead. `resume`: the request to send again when the
+/// origin fails (with `sse.resume`).
 pub async fn relay(
-    relay: &Relay<'_>,
+    relay: &Relay,
     session: &mut ServerSession,
     ctx: &mut RequestCtx,
     mut opened: Opened,
-    request: &RequestHeader,
+    resume: Option<&RequestHeader>,
+    reconnects: bool,
 ) -> Result<()> {
     let settings = ctx.chain.sse.settings;
-    // A GET stream is asked for again by its client (EventSource, MCP's GET stream) with
-    // Last-Event-ID; any other is an answer that would be lost.
-    let reconnects = request.method == Method::GET;
     // With `resume`, only whole events go to the client (the rest waits in `tail`), so a
     // stream continued from another origin never shows half an event; ids recently sent
     // are remembered so an origin that repeats them is not believed twice.
-    let resumable = settings.resume && reconnects;
+    let resumable = resume.is_some();
     let mut tail = BytesMut::new();
     let mut recent_ids = RecentIds::default();
     let mut resumes: std::collections::VecDeque<Instant> = Default::default();
@@ -218,7 +219,7 @@ pub async fn relay(
                 // The client would come back to the next process anyway.
                 return end_stream(session, ctx, Ending::Drain, relay).await;
             }
-            if resumable {
+            if let Some(request) = resume {
                 if let Some(next) = try_resume(relay, session, ctx, &mut resumes, &e, request).await
                 {
                     opened = next;
@@ -241,7 +242,7 @@ pub async fn relay(
 /// from another endpoint (the same one when it is the only one up), asking for the events
 /// after the last one the client received.
 async fn try_resume(
-    relay: &Relay<'_>,
+    relay: &Relay,
     session: &mut ServerSession,
     ctx: &mut RequestCtx,
     resumes: &mut std::collections::VecDeque<Instant>,
@@ -372,7 +373,7 @@ async fn end_stream(
     session: &mut ServerSession,
     ctx: &mut RequestCtx,
     end: Ending,
-    relay: &Relay<'_>,
+    relay: &Relay,
 ) -> Result<()> {
     match end {
         Ending::Hint(reason) => {
@@ -396,13 +397,13 @@ async fn end_stream(
                 return send_own(session, ctx, event, true).await;
             }
             // Cut, not ended: an HTTP/1.1 client sees no last chunk, so it can tell.
-            Err(Error::explain(ErrorType::InternalError, why))
+            Err(Error::explain(super::record::CUT, why))
         }
     }
 }
 
 /// Counts how a stream open during a drain ended.
-fn drained(relay: &Relay<'_>, ctx: &RequestCtx, outcome: Outcome) {
+fn drained(relay: &Relay, ctx: &RequestCtx, outcome: Outcome) {
     relay.state.drain.ended(outcome);
     if let Some(route) = &ctx.route {
         route.metrics.sse_drained(outcome);

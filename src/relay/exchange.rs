@@ -25,6 +25,7 @@
 //!                      exchange ended cleanly
 //! ```
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -44,6 +45,7 @@ use super::events;
 use super::headers::{self, frame_for_client, strip_request_hop_by_hop, strip_response_hop_by_hop};
 use super::origin::{Framing, OriginConn};
 use super::stream::apply_filters;
+use crate::config::AccessLog;
 use crate::error::http_error;
 use crate::sse;
 use crate::state::State;
@@ -52,9 +54,9 @@ use crate::state::State;
 const EARLY_ANSWER: Duration = Duration::from_millis(200);
 
 /// The relay of one server instance: its state and the connector to origins.
-pub struct Relay<'a> {
-    pub state: &'a State,
-    pub connector: &'a TransportConnector,
+pub struct Relay {
+    pub state: Arc<State>,
+    pub connector: TransportConnector,
 }
 
 /// An origin connection with its response head, and the peer it was made for (its pool
@@ -65,12 +67,17 @@ pub struct Opened {
     pub peer: Box<HttpPeer>,
 }
 
-impl Relay<'_> {
+impl Relay {
     /// Carries the request to its origin and the answer back (see the module docs). `Ok`
     /// means the response was sent whole; an error before the response header means the
     /// proxy answers 502/504 (or the status in the error) with the reason, and after it the
     /// client connection is closed, so a cut response reads as cut.
-    pub async fn run(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    pub async fn run(
+        self: &Arc<Self>,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        access_log: AccessLog,
+    ) -> Result<()> {
         let method = session.req_header().method.clone();
         if ctx.chain.sse.announced && method == Method::GET && self.state.drain.draining() {
             return events::turn_away(session.as_mut(), ctx).await;
@@ -111,7 +118,13 @@ impl Relay<'_> {
             return self.splice(downstream, ctx, opened).await;
         }
         if ctx.stream.is_some() {
-            return events::relay(self, downstream, ctx, opened, &request).await;
+            let reconnects = request.method == Method::GET;
+            let resume = (settings.resume && reconnects).then_some(request);
+            if reconnects && !downstream.is_http2() {
+                self.detach(session, ctx, opened, resume, reconnects, access_log);
+                return Ok(());
+            }
+            return events::relay(self, downstream, ctx, opened, resume.as_ref(), reconnects).await;
         }
         if bodiless {
             write_body(downstream, None, true).await?;
@@ -119,6 +132,53 @@ impl Relay<'_> {
             return Ok(());
         }
         self.forward_body(downstream, ctx, opened).await
+    }
+
+    /// Carries the event stream `opened` in a task of its own, with the client's session
+    /// taken out of Pingora's request: what a long-lived stream holds is then only its own
+    /// state (the sessions, the context, a small read buffer), not Pingora's
+    /// per-connection and per-request futures, which end here. Done for `GET` streams over
+    /// HTTP/1.1, whose connection closes after them (clients reopen streams on a new one).
+    /// An answer to a `POST` stays in Pingora's request, so its keep-alive connection is
+    /// reused after it; so does every stream over HTTP/2, whose connection Pingora closes
+    /// as idle once none of its requests is in progress.
+    fn detach(
+        self: &Arc<Self>,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        opened: Opened,
+        resume: Option<RequestHeader>,
+        reconnects: bool,
+        access_log: AccessLog,
+    ) {
+        let mut placeholder = ServerSession::new_http1(Box::new(std::io::Cursor::new(Vec::new())));
+        // What Pingora finishes after this request: nothing to keep alive.
+        placeholder.set_keepalive(None);
+        let mut downstream =
+            std::mem::replace(&mut session.downstream_session, Box::new(placeholder));
+        let mut owned = std::mem::take(ctx);
+        ctx.detached = true;
+        let relay = self.clone();
+        tokio::spawn(async move {
+            let ended = events::relay(
+                &relay,
+                &mut downstream,
+                &mut owned,
+                opened,
+                resume.as_ref(),
+                reconnects,
+            )
+            .await;
+            let error = ended.err();
+            if let Some(e) = &error {
+                super::record::log_error(&downstream, &owned, e);
+            }
+            super::record::finished(&downstream, error.as_deref(), &mut owned, access_log);
+            if error.is_none() {
+                downstream.set_keepalive(None);
+                let _ = downstream.finish().await;
+            }
+        });
     }
 
     /// The request the origin gets, and how its body is framed.

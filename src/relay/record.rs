@@ -10,8 +10,38 @@ use crate::config::AccessLog;
 use crate::http_util::client_ip;
 use crate::sse::CloseReason;
 
+/// Whether an error a request ended with is ordinary, not worth an error log line: a
+/// client that went away; anything that ended a started event stream (client gone, origin
+/// gone, a timeout, a deliberate cut), which the close line reports at info level.
+pub fn quiet(ctx: &RequestCtx, error: &Error) -> bool {
+    let client_gone = error.esource() == &ErrorSource::Downstream
+        && matches!(
+            error.etype(),
+            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+        );
+    let stream_end = ctx.stream.is_some()
+        && (error.esource() != &ErrorSource::Internal || error.etype() == &CUT);
+    client_gone || stream_end
+}
+
+/// The error type of a stream cut on purpose (`finish_period` ran out).
+pub const CUT: ErrorType = ErrorType::Custom("cut");
+
+/// Logs how a request that went on in a task of its own failed, as Pingora logs the
+/// others: ordinary ends at debug level, anything else as an error.
+pub fn log_error(session: &ServerSession, ctx: &RequestCtx, e: &Error) {
+    if quiet(ctx, e) {
+        log::debug!("stream ended: {e}");
+    } else {
+        log::error!("Fail to proxy: {e}, {}", session.request_summary());
+    }
+}
+
 /// Records the request `ctx` that ended with `e` (`None`: it finished).
 pub fn finished(session: &ServerSession, e: Option<&Error>, ctx: &mut RequestCtx, log: AccessLog) {
+    if ctx.detached {
+        return;
+    }
     let status = session
         .response_written()
         .map_or(ctx.status.unwrap_or(0), |r| r.status.as_u16());
