@@ -4,11 +4,11 @@
 //! `sse_close` are `-` for ordinary requests); `json` is one object per line. Event streams
 //! add their event count and how they ended.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
-use pingora_core::protocols::http::ServerSession;
 use pingora_error::Error;
+use pingora_http::RequestHeader;
 use serde_json::json;
 
 use crate::http_util;
@@ -40,7 +40,11 @@ impl std::fmt::Display for Seconds {
 
 /// What one line says about a request.
 pub struct Entry<'a> {
-    pub session: &'a ServerSession,
+    pub request: &'a RequestHeader,
+    /// The client's address (through trusted proxies).
+    pub client: Option<IpAddr>,
+    /// Body bytes sent to the client.
+    pub bytes: usize,
     pub route: Option<&'a str>,
     pub service: Option<&'a str>,
     /// The origin it was sent to.
@@ -59,14 +63,8 @@ pub fn write(format: AccessLogFormat, entry: &Entry<'_>) {
     if !log::log_enabled!(target: TARGET, log::Level::Info) {
         return;
     }
-    let req = entry.session.req_header();
-    let client = Maybe(
-        entry
-            .session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip()),
-    );
+    let req = entry.request;
+    let client = Maybe(entry.client);
     let host = http_util::request_host(req).unwrap_or("-");
     let header = |name: http::header::HeaderName| {
         req.headers
@@ -79,7 +77,7 @@ pub fn write(format: AccessLogFormat, entry: &Entry<'_>) {
     let upstream = Maybe(entry.upstream);
     let micros = entry.duration.as_micros();
     let duration = Seconds(micros);
-    let bytes = entry.session.body_bytes_sent();
+    let bytes = entry.bytes;
     let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
     let time = humantime::format_rfc3339_millis(SystemTime::now());
     let request_id = entry.request_id.unwrap_or("-");

@@ -62,7 +62,6 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
-use pingora_core::protocols::http::ServerSession;
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
@@ -178,7 +177,7 @@ pub trait Middleware: Send + Sync {
         Ok(None)
     }
 
-    fn logging(&self, _session: &ServerSession, _ctx: &Context) {}
+    fn logging(&self, _request: &RequestHeader, _ctx: &Context) {}
 }
 
 /// A configured middleware: one `middleware_services` entry, built.

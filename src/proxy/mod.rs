@@ -199,6 +199,6 @@ impl ProxyHttp for StreamGate {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let access_log = self.config.load().access_log;
-        relay::record::finished(session, e, ctx, access_log);
+        relay::record::finished_session(session, e, ctx, access_log);
     }
 }

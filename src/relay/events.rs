@@ -37,6 +37,7 @@ use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use tokio::time::{sleep_until, Instant as Deadline};
 
+use super::client::Client;
 use super::context::RequestCtx;
 use super::exchange::{write_body, Opened, Relay};
 use super::origin::Framing;
@@ -66,7 +67,7 @@ enum Ending {
 /// origin fails (with `sse.resume`).
 pub async fn relay(
     relay: &Relay,
-    session: &mut ServerSession,
+    client: &mut Client<'_>,
     ctx: &mut RequestCtx,
     mut opened: Opened,
     resume: Option<&RequestHeader>,
@@ -102,7 +103,7 @@ pub async fn relay(
     loop {
         let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.at_boundary());
         if let Some(end) = ending.filter(|_| at_boundary) {
-            return end_stream(session, ctx, end, relay).await;
+            return end_stream(client, ctx, end, relay).await;
         }
         let timed_end = [
             lifetime_end.map(|t| (t, Ending::Hint(CloseReason::MaxLifetime))),
@@ -153,26 +154,26 @@ pub async fn relay(
                     remember_ids(&events, &mut recent_ids);
                     if !events.is_empty() {
                         last_sent = last_origin;
-                        relay_chunk(session, ctx, events, ending.is_some()).await?;
+                        relay_chunk(client, ctx, events, ending.is_some()).await?;
                     }
                 }
                 Ok(Some(chunk)) => {
                     last_origin = Instant::now();
                     last_sent = last_origin;
-                    relay_chunk(session, ctx, chunk, ending.is_some()).await?;
+                    relay_chunk(client, ctx, chunk, ending.is_some()).await?;
                 }
                 Ok(None) => {
                     close(ctx, CloseReason::OriginClosed);
                     if drain_end.is_some() && !reconnects {
                         drained(relay, ctx, Outcome::Finished);
                     }
-                    send_own(session, ctx, Bytes::new(), true).await?;
+                    send_own(client, ctx, Bytes::new(), true).await?;
                     relay.release(opened, ctx);
                     return Ok(());
                 }
                 Err(e) => failed = Some(e),
             },
-            gone = session.read_body_or_idle(true), if watch_client => match gone {
+            gone = client.gone(), if watch_client => match gone {
                 // Bytes where none belong (Pingora calls them a connect error): stop
                 // listening, keep streaming.
                 Err(e) if e.etype() == &ErrorType::ConnectError => watch_client = false,
@@ -202,7 +203,7 @@ pub async fn relay(
                 failed = Some(e.into_up());
             }
             _ = sleep_until(deadline(heartbeat_at)), if heartbeat_at.is_some() && at_boundary => {
-                send_own(session, ctx, Bytes::from_static(sse::HEARTBEAT), false).await?;
+                send_own(client, ctx, Bytes::from_static(sse::HEARTBEAT), false).await?;
                 last_sent = Instant::now();
             }
             changed = drain.changed(), if drain_end.is_none() => {
@@ -217,11 +218,12 @@ pub async fn relay(
             let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.at_boundary());
             if resumable && relay.state.drain.draining() && at_boundary {
                 // The client would come back to the next process anyway.
-                return end_stream(session, ctx, Ending::Drain, relay).await;
+                return end_stream(client, ctx, Ending::Drain, relay).await;
             }
             if let Some(request) = resume {
-                if let Some(next) = try_resume(relay, session, ctx, &mut resumes, &e, request).await
-                {
+                let resumed_origin =
+                    Box::pin(try_resume(relay, client, ctx, &mut resumes, &e, request)).await;
+                if let Some(next) = resumed_origin {
                     opened = next;
                     tail.clear();
                     resumed = true;
@@ -231,9 +233,9 @@ pub async fn relay(
             }
             let finished = ctx.stream.as_ref().and_then(|s| s.reason());
             if finished == Some(CloseReason::OriginClosed) {
-                return send_own(session, ctx, Bytes::new(), true).await;
+                return send_own(client, ctx, Bytes::new(), true).await;
             }
-            return origin_failed(session, ctx, e).await;
+            return origin_failed(client, ctx, e).await;
         }
     }
 }
@@ -243,7 +245,7 @@ pub async fn relay(
 /// after the last one the client received.
 async fn try_resume(
     relay: &Relay,
-    session: &mut ServerSession,
+    client: &mut Client<'_>,
     ctx: &mut RequestCtx,
     resumes: &mut std::collections::VecDeque<Instant>,
     e: &Error,
@@ -283,10 +285,10 @@ async fn try_resume(
         again.insert_header("last-event-id", id.as_slice()).ok()?;
     }
     ctx.upstream.attempts = failed.map_or_else(|| Attempts::new(0), Attempts::avoiding);
-    let mut opened = relay.open(session, ctx, &again, Framing::None).await;
+    let mut opened = relay.open(client, ctx, &again, Framing::None).await;
     if opened.is_err() && failed.is_some() {
         ctx.upstream.attempts = Attempts::new(0);
-        opened = relay.open(session, ctx, &again, Framing::None).await;
+        opened = relay.open(client, ctx, &again, Framing::None).await;
     }
     let opened = match opened {
         Ok(opened) => opened,
@@ -341,7 +343,7 @@ fn streams(head: &ResponseHeader) -> bool {
 /// One chunk from the origin: through the stream's pipeline, then written. When the stream
 /// is ending, only the part up to the current event's end is sent.
 async fn relay_chunk(
-    session: &mut ServerSession,
+    client: &mut Client<'_>,
     ctx: &mut RequestCtx,
     chunk: Bytes,
     ending: bool,
@@ -353,24 +355,24 @@ async fn relay_chunk(
     if let Some(delay) = stream.chunk(&mut body, &mut ctx.body_filters, ending, false)? {
         tokio::time::sleep(delay).await;
     }
-    write_body(session, body, false).await
+    client.write(body, false).await
 }
 
 /// Writes bytes of the proxy's own (a heartbeat, a hint, an error event) through the
 /// route's body filters, so a compressed stream stays decodable.
 async fn send_own(
-    session: &mut ServerSession,
+    client: &mut Client<'_>,
     ctx: &mut RequestCtx,
     bytes: Bytes,
     end: bool,
 ) -> Result<()> {
     let body = filter_own(&mut ctx.body_filters, bytes, end)?;
-    write_body(session, body, end).await
+    client.write(body, end).await
 }
 
 /// Ends the stream on purpose, between two events.
 async fn end_stream(
-    session: &mut ServerSession,
+    client: &mut Client<'_>,
     ctx: &mut RequestCtx,
     end: Ending,
     relay: &Relay,
@@ -378,12 +380,12 @@ async fn end_stream(
     match end {
         Ending::Hint(reason) => {
             close(ctx, reason);
-            send_own(session, ctx, Bytes::from_static(sse::END_HINT), true).await
+            send_own(client, ctx, Bytes::from_static(sse::END_HINT), true).await
         }
         Ending::Drain => {
             close(ctx, CloseReason::Drain);
             drained(relay, ctx, Outcome::Reconnect);
-            send_own(session, ctx, Bytes::from_static(sse::DRAIN_HINT), true).await
+            send_own(client, ctx, Bytes::from_static(sse::DRAIN_HINT), true).await
         }
         Ending::Cut => {
             drained(relay, ctx, Outcome::Cut);
@@ -394,7 +396,7 @@ async fn end_stream(
             }
             if ctx.chain.sse.settings.on_upstream_error == OnUpstreamError::Event {
                 let event = sse::error_event("shutdown", &why);
-                return send_own(session, ctx, event, true).await;
+                return send_own(client, ctx, event, true).await;
             }
             // Cut, not ended: an HTTP/1.1 client sees no last chunk, so it can tell.
             Err(Error::explain(super::record::CUT, why))
@@ -411,11 +413,7 @@ fn drained(relay: &Relay, ctx: &RequestCtx, outcome: Outcome) {
 }
 
 /// The origin failed or went silent mid-stream.
-async fn origin_failed(
-    session: &mut ServerSession,
-    ctx: &mut RequestCtx,
-    e: Box<Error>,
-) -> Result<()> {
+async fn origin_failed(client: &mut Client<'_>, ctx: &mut RequestCtx, e: Box<Error>) -> Result<()> {
     let reason = if e.etype() == &ErrorType::ReadTimedout {
         CloseReason::IdleTimeout
     } else {
@@ -433,7 +431,7 @@ async fn origin_failed(
             stream.close_with(reason, e.to_string());
         }
         let event = sse::error_event("upstream", &e.to_string());
-        return send_own(session, ctx, event, true).await;
+        return send_own(client, ctx, event, true).await;
     }
     close(ctx, reason);
     Err(e)

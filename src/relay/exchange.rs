@@ -40,6 +40,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::client::{Client, Raw};
 use super::context::RequestCtx;
 use super::events;
 use super::headers::{self, frame_for_client, strip_request_hop_by_hop, strip_response_hop_by_hop};
@@ -83,7 +84,9 @@ impl Relay {
             return events::turn_away(session.as_mut(), ctx).await;
         }
         let (request, body) = self.upstream_request(session, ctx).await?;
-        let mut opened = self.open(session.as_mut(), ctx, &request, body).await?;
+        let mut opened = self
+            .open(&mut Client::Session(session.as_mut()), ctx, &request, body)
+            .await?;
         let route = ctx.route()?.clone();
         let settings = ctx.chain.sse.settings;
         let is_stream = settings.enabled
@@ -121,10 +124,12 @@ impl Relay {
             let reconnects = request.method == Method::GET;
             let resume = (settings.resume && reconnects).then_some(request);
             if reconnects && !downstream.is_http2() {
-                self.detach(session, ctx, opened, resume, reconnects, access_log);
+                self.detach(session, ctx, opened, resume, access_log);
                 return Ok(());
             }
-            return events::relay(self, downstream, ctx, opened, resume.as_ref(), reconnects).await;
+            let mut client = Client::Session(downstream);
+            return events::relay(self, &mut client, ctx, opened, resume.as_ref(), reconnects)
+                .await;
         }
         if bodiless {
             write_body(downstream, None, true).await?;
@@ -148,35 +153,41 @@ impl Relay {
         ctx: &mut RequestCtx,
         opened: Opened,
         resume: Option<RequestHeader>,
-        reconnects: bool,
         access_log: AccessLog,
     ) {
+        let facts = super::client::log_facts(session.req_header());
         let mut placeholder = ServerSession::new_http1(Box::new(std::io::Cursor::new(Vec::new())));
         // What Pingora finishes after this request: nothing to keep alive.
         placeholder.set_keepalive(None);
-        let mut downstream =
-            std::mem::replace(&mut session.downstream_session, Box::new(placeholder));
+        let downstream = std::mem::replace(&mut session.downstream_session, Box::new(placeholder));
+        let mut raw = match Raw::take(downstream, ctx.chain.sse.settings.write_timeout) {
+            Ok(raw) => raw,
+            // Not HTTP/1.1: cannot happen (checked by the caller); put it back.
+            Err(other) => {
+                session.downstream_session = other;
+                return;
+            }
+        };
         let mut owned = std::mem::take(ctx);
         ctx.detached = true;
         let relay = self.clone();
         tokio::spawn(async move {
             let ended = events::relay(
                 &relay,
-                &mut downstream,
+                &mut Client::Raw(&mut raw),
                 &mut owned,
                 opened,
                 resume.as_ref(),
-                reconnects,
+                true,
             )
             .await;
             let error = ended.err();
             if let Some(e) = &error {
-                super::record::log_error(&downstream, &owned, e);
+                super::record::log_error(&facts, &owned, e);
             }
-            super::record::finished(&downstream, error.as_deref(), &mut owned, access_log);
+            super::record::finished(&facts, raw.sent, error.as_deref(), &mut owned, access_log);
             if error.is_none() {
-                downstream.set_keepalive(None);
-                let _ = downstream.finish().await;
+                raw.close().await;
             }
         });
     }
@@ -223,7 +234,7 @@ impl Relay {
     /// pool's fault, not the endpoint's.
     pub async fn open(
         &self,
-        session: &mut ServerSession,
+        client: &mut Client<'_>,
         ctx: &mut RequestCtx,
         request: &RequestHeader,
         body: Framing,
@@ -233,7 +244,11 @@ impl Relay {
         let announced = ctx.chain.sse.announced;
         let settings = ctx.chain.sse.settings;
         loop {
-            let lease = ctx.upstream.attempts.next(service, session).await?;
+            let lease = ctx
+                .upstream
+                .attempts
+                .next(service, request, ctx.chain.client)
+                .await?;
             let peer = service.peer(lease.addr, announced.then_some(&settings));
             let (stream, reused) = match self.connector.get_stream(&*peer).await {
                 Ok(connected) => connected,
@@ -247,7 +262,7 @@ impl Relay {
             ctx.upstream.lease = Some(lease);
             let mut conn = OriginConn::new(stream, reused);
             let mut sent = self
-                .send_and_read_head(session, ctx, &mut conn, request, body)
+                .send_and_read_head(client, ctx, &mut conn, request, body)
                 .await;
             let replayable = body == Framing::None && is_idempotent(&request.method);
             if sent.as_ref().is_err_and(|e| stale(e)) && conn.reused && !conn.answered && replayable
@@ -263,7 +278,7 @@ impl Relay {
                     .map_err(|e| e.into_up())?;
                 conn = OriginConn::new(stream, false);
                 sent = self
-                    .send_and_read_head(session, ctx, &mut conn, request, body)
+                    .send_and_read_head(client, ctx, &mut conn, request, body)
                     .await;
             }
             return match sent {
@@ -284,7 +299,7 @@ impl Relay {
     /// watching the client while it waits.
     async fn send_and_read_head(
         &self,
-        session: &mut ServerSession,
+        client: &mut Client<'_>,
         ctx: &mut RequestCtx,
         conn: &mut OriginConn,
         request: &RequestHeader,
@@ -300,6 +315,12 @@ impl Relay {
         )
         .await?;
         if body != Framing::None {
+            let Client::Session(session) = client else {
+                return Err(Error::explain(
+                    ErrorType::InternalError,
+                    "a request body without the client's session",
+                ));
+            };
             if session
                 .req_header()
                 .headers
@@ -345,10 +366,10 @@ impl Relay {
         };
         let read = tokio::select! {
             read = head => read,
-            gone = session.read_body_or_idle(true) => {
+            gone = client.gone() => {
                 let e = match gone {
                     Err(e) => e,
-                    Ok(_) => Error::explain(ErrorType::ConnectionClosed, "the client sent data"),
+                    Ok(()) => Error::explain(ErrorType::ConnectionClosed, "the client sent data"),
                 };
                 return Err(e.into_down());
             }

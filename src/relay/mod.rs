@@ -2,6 +2,8 @@
 //! carries it.
 //!
 //! - [`context`]: the per-request context every hook and the loop share;
+//! - [`client`]: where a stream's bytes go: the client's Pingora session, or its HTTP/1.1
+//!   connection itself for a stream carried in a task of its own;
 //! - [`limits`]: the stream limits a request takes before its origin is contacted;
 //! - [`headers`]: the request header on its way out (rewriting, the chain's hooks) and the
 //!   response header on its way back (the SSE rules, the start of a stream, the chain's
@@ -20,6 +22,7 @@
 //! It sits above `upstream`, `middleware` and `sse` and below `proxy`, whose `ProxyHttp`
 //! hooks call into it.
 
+pub mod client;
 pub mod context;
 pub mod events;
 pub mod exchange;

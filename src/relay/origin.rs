@@ -348,7 +348,7 @@ impl OriginConn {
 }
 
 /// Writes the chunk-size line for a chunk of `len` bytes into `out`; returns its length.
-fn chunk_size_line(out: &mut [u8; 18], len: usize) -> usize {
+pub(crate) fn chunk_size_line(out: &mut [u8; 18], len: usize) -> usize {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
     for (i, slot) in out[..digits].iter_mut().enumerate() {

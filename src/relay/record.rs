@@ -3,11 +3,11 @@
 
 use pingora_core::protocols::http::ServerSession;
 use pingora_error::{Error, ErrorSource, ErrorType};
+use pingora_http::RequestHeader;
 
 use super::context::RequestCtx;
 use crate::access_log::{self, Entry};
 use crate::config::AccessLog;
-use crate::http_util::client_ip;
 use crate::sse::CloseReason;
 
 /// Whether an error a request ended with is ordinary, not worth an error log line: a
@@ -29,22 +29,45 @@ pub const CUT: ErrorType = ErrorType::Custom("cut");
 
 /// Logs how a request that went on in a task of its own failed, as Pingora logs the
 /// others: ordinary ends at debug level, anything else as an error.
-pub fn log_error(session: &ServerSession, ctx: &RequestCtx, e: &Error) {
+pub fn log_error(request: &RequestHeader, ctx: &RequestCtx, e: &Error) {
     if quiet(ctx, e) {
         log::debug!("stream ended: {e}");
     } else {
-        log::error!("Fail to proxy: {e}, {}", session.request_summary());
+        log::error!(
+            "Fail to proxy: {e}, {} {}, request id: {}",
+            request.method,
+            request.uri,
+            ctx.request_id().unwrap_or("-")
+        );
     }
 }
 
-/// Records the request `ctx` that ended with `e` (`None`: it finished).
-pub fn finished(session: &ServerSession, e: Option<&Error>, ctx: &mut RequestCtx, log: AccessLog) {
+/// Records what a Pingora session says about a request that ended with `e`.
+pub fn finished_session(
+    session: &ServerSession,
+    e: Option<&Error>,
+    ctx: &mut RequestCtx,
+    log: AccessLog,
+) {
     if ctx.detached {
         return;
     }
-    let status = session
-        .response_written()
-        .map_or(ctx.status.unwrap_or(0), |r| r.status.as_u16());
+    if let Some(written) = session.response_written() {
+        ctx.status = Some(written.status.as_u16());
+    }
+    finished(session.req_header(), session.body_bytes_sent(), e, ctx, log);
+}
+
+/// Records the request `request` (`ctx`), of which `sent` body bytes went to the client,
+/// that ended with `e` (`None`: it finished).
+pub fn finished(
+    request: &RequestHeader,
+    sent: usize,
+    e: Option<&Error>,
+    ctx: &mut RequestCtx,
+    log: AccessLog,
+) {
+    let status = ctx.status.unwrap_or(0);
     if let Some(stream) = ctx.stream.as_mut() {
         stream.close(CloseReason::of(e));
         if let Some(e) = e {
@@ -53,7 +76,7 @@ pub fn finished(session: &ServerSession, e: Option<&Error>, ctx: &mut RequestCtx
     }
     if let Some(route) = &ctx.route {
         for instance in route.chain.iter() {
-            instance.middleware.logging(session, &ctx.chain);
+            instance.middleware.logging(request, &ctx.chain);
         }
         route.metrics.request(status, ctx.started.elapsed());
         if let Some(e) = e.filter(|e| e.esource() == &ErrorSource::Upstream) {
@@ -83,7 +106,9 @@ pub fn finished(session: &ServerSession, e: Option<&Error>, ctx: &mut RequestCtx
         access_log::write(
             log.format,
             &Entry {
-                session,
+                request,
+                client: ctx.chain.client,
+                bytes: sent,
                 route: ctx.route.as_ref().map(|r| r.name.as_str()),
                 service: ctx.service_name(),
                 upstream: ctx.upstream.addr(),
@@ -101,12 +126,13 @@ pub fn finished(session: &ServerSession, e: Option<&Error>, ctx: &mut RequestCtx
             "sse stream ended: route={} client={} request_id={} duration={:.3}s \
              events={events} bytes={} last_event_id={:?} reason={reason}{}",
             ctx.route.as_ref().map_or("", |r| r.name.as_str()),
-            client_ip(session)
+            ctx.chain
+                .client
                 .map(|ip| ip.to_string())
                 .unwrap_or_default(),
             ctx.request_id().unwrap_or("-"),
             s.age().as_secs_f64(),
-            session.body_bytes_sent(),
+            sent,
             String::from_utf8_lossy(s.last_id()),
             e.map(|e| format!(" detail=\"{e}\"")).unwrap_or_default(),
         );

@@ -28,7 +28,6 @@ use pingora_error::ErrorType;
 use pingora_http::{RequestHeader, ResponseHeader};
 use serde::Deserialize;
 
-use pingora_core::protocols::http::ServerSession as Session;
 use pingora_load_balancing::health_check::HealthCheck;
 
 use super::affinity::Affinity;
@@ -315,11 +314,10 @@ impl Service {
         )
     }
 
-    /// The hash input of `consistent_hash` for this request.
-    pub fn hash_input(&self, session: &Session) -> Vec<u8> {
-        let req = session.req_header();
+    /// The hash input of `consistent_hash` for request `req` from `client`.
+    pub fn hash_input(&self, req: &RequestHeader, client: Option<IpAddr>) -> Vec<u8> {
         match &self.hash_key {
-            HashKey::ClientIp => crate::http_util::client_ip(session)
+            HashKey::ClientIp => client
                 .map(|ip| ip.to_string().into_bytes())
                 .unwrap_or_default(),
             HashKey::Header(name) => req
@@ -340,18 +338,19 @@ impl Service {
     /// that is up and has not refused it.
     pub async fn choose(
         &self,
-        session: &Session,
+        req: &RequestHeader,
+        client: Option<IpAddr>,
         tried: &[SocketAddr],
         refused: &[SocketAddr],
     ) -> Result<Lease, Box<pingora_error::Error>> {
         let key = match self.endpoints.algorithm() {
-            Algorithm::ConsistentHash => self.hash_input(session),
+            Algorithm::ConsistentHash => self.hash_input(req, client),
             _ => Vec::new(),
         };
         let pinned = self
             .affinity
             .as_ref()
-            .and_then(|a| Some((a, a.session(session.req_header())?)));
+            .and_then(|a| Some((a, a.session(req)?)));
         let chosen = match pinned {
             Some((affinity, value)) => {
                 affinity
@@ -504,14 +503,17 @@ impl Attempts {
         }
     }
 
-    /// Chooses an endpoint of `service` this request has not tried yet (or its pinned
-    /// one).
+    /// Chooses an endpoint of `service` the request `req` from `client` has not tried yet
+    /// (or its pinned one).
     pub async fn next(
         &mut self,
         service: &Service,
-        session: &Session,
+        req: &RequestHeader,
+        client: Option<IpAddr>,
     ) -> Result<Lease, Box<pingora_error::Error>> {
-        let lease = service.choose(session, &self.tried, &self.refused).await?;
+        let lease = service
+            .choose(req, client, &self.tried, &self.refused)
+            .await?;
         self.tried.push(lease.addr);
         Ok(lease)
     }
