@@ -97,7 +97,10 @@ fn imports_go_down_the_layers() {
         for (dep, file) in deps {
             let theirs = layer_of(dep).unwrap_or(usize::MAX);
             if theirs > own {
-                upward.push(format!("{} imports `{dep}` (a higher layer)", file.display()));
+                upward.push(format!(
+                    "{} imports `{dep}` (a higher layer)",
+                    file.display()
+                ));
             }
         }
     }

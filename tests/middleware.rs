@@ -570,7 +570,9 @@ async fn sse_middleware_limits_open_streams_and_frees_slots_when_streams_end() {
 async fn a_typical_sse_config_runs_as_written() {
     let mut origin = Origin::start(|_, mut conn| async move {
         conn.sse_head().await.expect("head");
-        conn.chunk("data: from the example\n\n").await.expect("event");
+        conn.chunk("data: from the example\n\n")
+            .await
+            .expect("event");
         conn.end().await.expect("end");
         After::Close
     })
@@ -589,7 +591,10 @@ async fn a_typical_sse_config_runs_as_written() {
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-accel-buffering"], "no");
     let mut events = Events::new(response);
-    assert_eq!(events.next().await.as_deref(), Some("data: from the example"));
+    assert_eq!(
+        events.next().await.as_deref(),
+        Some("data: from the example")
+    );
     assert_eq!(origin.next_request().await.target, "/events/live");
 }
 
