@@ -31,6 +31,18 @@ impl Config {
                 ));
             }
         }
+        if let Some(admin) = &self.admin {
+            out.push_str(&format!(
+                "admin: {}, {}{}\n",
+                admin.listen,
+                admin.token_source,
+                if admin.open_probes && admin.token.is_some() {
+                    ", /healthz and /readyz open"
+                } else {
+                    ""
+                }
+            ));
+        }
         if let Some(demo) = self.demo {
             out.push_str(&format!("demo origin: {demo}\n"));
         }
