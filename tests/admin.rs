@@ -461,3 +461,79 @@ async fn config_view_hides_credentials_set_as_header_values() {
         "{view}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_keys_leave_the_query_and_the_combined_log_escapes_and_redacts() {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    log::set_boxed_logger(Box::new(Capture(lines.clone()))).expect("logger");
+    log::set_max_level(log::LevelFilter::Info);
+    let mut origin = Origin::plain("ok").await;
+    let proxy = Proxy::start(&format!(
+        "access_log: {{ format: combined }}\n\
+         services:\n  web: {{ url: \"{}\" }}\n\
+         middleware_services:\n  \
+         - {{ name: key, type: api_key, config: {{ keys: [sekrit], query: api_key }} }}\n  \
+         - {{ name: kept, type: api_key, config: {{ keys: [sekrit2], query: k, strip_query: false }} }}\n\
+         host_rules:\n  - pattern: \"*\"\n    target: web\n    route_rules:\n      \
+         - {{ pattern: /stripped, target: web, middlewares: [key] }}\n      \
+         - {{ pattern: /kept, target: web, middlewares: [kept] }}\n",
+        origin.url()
+    ))
+    .await;
+    // The test origin reads heads as UTF-8: non-ASCII bytes here are UTF-8 too.
+    let agent =
+        http::HeaderValue::from_bytes("evil\" 200 0 \"-\" \"x\tzé".as_bytes()).expect("value");
+    let r = client()
+        .get(proxy.url("/stripped?a=1&api_key=sekrit&b=2"))
+        .header("user-agent", agent)
+        .header("referer", "http://a/\"q\"")
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(r.status(), 200);
+    assert_eq!(origin.next_request().await.target, "/stripped?a=1&b=2");
+    let r = client()
+        .get(proxy.url("/kept?k=sekrit2&access_token=t0k"))
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        origin.next_request().await.target,
+        "/kept?k=sekrit2&access_token=t0k",
+        "strip_query: false keeps it for the origin"
+    );
+    let lines = guard("two access log lines", async {
+        loop {
+            let snapshot = lines.lock().expect("lines").clone();
+            if snapshot.len() >= 2 {
+                return snapshot;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let all = lines.join("\n");
+    assert!(!all.contains("sekrit") && !all.contains("t0k"), "{all}");
+    assert!(
+        lines[0].contains("\"GET /stripped?a=1&api_key=REDACTED&b=2 HTTP/1.1\""),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[0].contains(
+            "\"http://a/\\x22q\\x22\" \"evil\\x22 200 0 \\x22-\\x22 \\x22x\\x09z\\xC3\\xA9\" host="
+        ),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains("/kept?k=REDACTED&access_token=REDACTED "),
+        "{}",
+        lines[1]
+    );
+    // Every quote left in a line is one of the format's own six.
+    for line in &lines {
+        assert_eq!(line.matches('"').count(), 6, "{line}");
+    }
+}

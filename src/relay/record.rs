@@ -50,6 +50,10 @@ pub fn finished(session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx, 
         )
     });
     if log.enabled {
+        let chain = ctx.route.iter().flat_map(|r| r.chain.iter());
+        let secret_params: Vec<&str> = chain
+            .filter_map(|i| i.middleware.secret_query_param())
+            .collect();
         access_log::write(
             log.format,
             &Entry {
@@ -62,6 +66,7 @@ pub fn finished(session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx, 
                 status,
                 sse: stream.map(|(events, reason, _)| (events, reason)),
                 error: e,
+                secret_params: &secret_params,
             },
         );
     }
