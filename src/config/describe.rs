@@ -66,7 +66,13 @@ impl Config {
             out.push_str(&format!("  {:<20} sse: {}\n", "", service.sse));
         }
         if let Some(grace) = self.server.grace_period_seconds {
-            out.push_str(&format!("shutdown grace period: {grace}s\n"));
+            // Pingora's own default for the second part, when the file does not set it.
+            let stop = self.server.graceful_shutdown_timeout_seconds.unwrap_or(5);
+            out.push_str(&format!(
+                "shutdown grace period: {grace}s, then up to {stop}s to stop: exits within \
+                 {}s of SIGTERM (the container runtime's stop timeout must be longer)\n",
+                grace + stop
+            ));
         }
         if !self.middlewares.is_empty() {
             out.push_str("middlewares:\n");
