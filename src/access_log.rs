@@ -74,11 +74,17 @@ pub const REDACTED: &str = "REDACTED";
 /// credential: by the words above, or because it is one of `also` (the query parameters
 /// of the route's `api_key` middlewares).
 pub fn secret_param(name: &str, also: &[&str]) -> bool {
+    // Borrowed unless the name has escapes: no allocation per parameter.
     let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
-    let lower = decoded.to_ascii_lowercase();
-    SECRET_NAMES.contains(&lower.as_str())
-        || SECRET_WORDS.iter().any(|w| lower.contains(w))
-        || also.iter().any(|a| a.eq_ignore_ascii_case(&lower))
+    let name = decoded.as_bytes();
+    let is = |other: &str| name.eq_ignore_ascii_case(other.as_bytes());
+    let holds = |word: &str| {
+        name.windows(word.len())
+            .any(|w| w.eq_ignore_ascii_case(word.as_bytes()))
+    };
+    SECRET_NAMES.iter().any(|n| is(n))
+        || SECRET_WORDS.iter().any(|w| holds(w))
+        || also.iter().any(|a| is(a))
 }
 
 /// `path_and_query` with the values of credential parameters replaced by [`REDACTED`];
