@@ -1,18 +1,26 @@
-//! `streamgate connections` and `streamgate upstreams`: fault diagnosis from the command
-//! line. They ask a running instance's admin API and print readable tables.
+//! `streamgate connections`, `streamgate upstreams` and `streamgate health`: fault
+//! diagnosis and health checks from the command line. They ask a running instance's admin
+//! API; the first two print readable tables, `health` exits 0 when the instance answers
+//! `/healthz` (or `/readyz` with `--ready`) with 200 and 1 otherwise (a container
+//! `HEALTHCHECK` needs no curl in the image).
 //!
 //! ```text
 //! streamgate connections [-c FILE | --admin HOST:PORT] [--token T] [--route R]
 //!                        [--service S] [--client IP] [--min-age 30s]
 //! streamgate upstreams   [-c FILE | --admin HOST:PORT] [--token T]
+//! streamgate health      [-c FILE | --admin HOST:PORT] [--token T] [--ready]
 //! ```
 //!
 //! The admin address comes from `--admin`, else from the config file's `admin.listen`
-//! (`-c`), else 127.0.0.1:9901; the token from `--token`, the config, or
-//! `STREAMGATE_ADMIN_TOKEN`.
+//! (`-c`), else 127.0.0.1:9901 (an unspecified address such as 0.0.0.0 is asked on
+//! loopback); the token from `--token`, the config, or `STREAMGATE_ADMIN_TOKEN`.
+//!
+//! [`invocation`] reads the whole command line: a subcommand may come after `-c FILE`
+//! (a container's `ENTRYPOINT` names the config, `docker run IMAGE health` adds the rest),
+//! and when `-c` is given more than once the last one counts.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -21,8 +29,53 @@ use serde_json::Value;
 
 use crate::config::Config;
 
-/// The subcommands, as the first argument.
-pub const COMMANDS: &[&str] = &["connections", "upstreams"];
+/// The subcommands.
+pub const COMMANDS: &[&str] = &["connections", "upstreams", "health"];
+
+/// What a command line asks for, with `-c` given once at most.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Invocation {
+    /// A subcommand: its arguments, the subcommand first.
+    Diagnose(Vec<String>),
+    /// Serving (or `-t`): the arguments for Pingora's parser, the program name first.
+    Serve(Vec<String>),
+}
+
+/// Reads `args` (without the program name): the last `-c FILE` / `--conf FILE` /
+/// `--conf=FILE` wins, and a subcommand is recognised after them.
+pub fn invocation(args: Vec<String>) -> Invocation {
+    let mut conf: Option<String> = None;
+    let mut rest = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "-c" | "--conf" => match it.next() {
+                Some(value) => conf = Some(value),
+                // Left for the parser to complain about.
+                None => rest.push(arg),
+            },
+            _ => match arg.strip_prefix("--conf=") {
+                Some(value) => conf = Some(value.to_string()),
+                None => rest.push(arg),
+            },
+        }
+    }
+    let conf = conf.map(|c| vec!["-c".to_string(), c]).unwrap_or_default();
+    match rest.first() {
+        Some(command) if COMMANDS.contains(&command.as_str()) => {
+            let mut out = vec![rest.remove(0)];
+            out.extend(conf);
+            out.extend(rest);
+            Invocation::Diagnose(out)
+        }
+        _ => {
+            let mut out = vec!["streamgate".to_string()];
+            out.extend(conf);
+            out.extend(rest);
+            Invocation::Serve(out)
+        }
+    }
+}
 
 const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
 
@@ -51,6 +104,7 @@ fn run_inner(args: &[String]) -> Result<String, String> {
     let mut config: Option<String> = None;
     let mut token = std::env::var("STREAMGATE_ADMIN_TOKEN").ok();
     let mut query: Vec<String> = Vec::new();
+    let mut ready = false;
     let mut it = rest.iter();
     while let Some(flag) = it.next() {
         let mut value = || {
@@ -66,6 +120,7 @@ fn run_inner(args: &[String]) -> Result<String, String> {
             "--service" if command == "connections" => query.push(format!("service={}", value()?)),
             "--client" if command == "connections" => query.push(format!("client={}", value()?)),
             "--min-age" if command == "connections" => query.push(format!("min_age={}", value()?)),
+            "--ready" if command == "health" => ready = true,
             other => return Err(format!("{command}: unknown flag {other}")),
         }
     }
@@ -77,6 +132,18 @@ fn run_inner(args: &[String]) -> Result<String, String> {
             Ok(connections_table(&body))
         }
         "upstreams" => Ok(upstreams_table(&get(&target, "/upstreams")?)),
+        "health" => {
+            let path = if ready { "/readyz" } else { "/healthz" };
+            let body = get(&target, path)?;
+            let version = body["version"]
+                .as_str()
+                .map(|v| format!(", config {v}"))
+                .unwrap_or_default();
+            Ok(format!(
+                "streamgate at {}: {path} ok{version}\n",
+                target.addr
+            ))
+        }
         other => Err(format!("unknown subcommand {other}")),
     }
 }
@@ -99,11 +166,18 @@ fn target(
         (None, Some(c)) => c.listen.to_string(),
         (None, None) => DEFAULT_ADMIN.to_string(),
     };
-    let addr = addr
+    let mut addr = addr
         .to_socket_addrs()
         .map_err(|e| format!("admin address {addr}: {e}"))?
         .next()
         .ok_or_else(|| format!("admin address {addr} resolves to nothing"))?;
+    // A listener on every address is asked on loopback.
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        });
+    }
     Ok(Target {
         addr,
         token: token.or(from_config.and_then(|c| c.token)),
@@ -299,6 +373,59 @@ mod tests {
             ],
         );
         assert_eq!(out, "A          LONGER\nwide cell  x\ny          z\n");
+    }
+
+    fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn command_lines_as_a_container_builds_them() {
+        let entry = ["-c", "/etc/streamgate/streamgate.yaml"];
+        let with = |extra: &[&str]| invocation(strings(&[&entry[..], extra].concat()));
+        assert_eq!(
+            with(&[]),
+            Invocation::Serve(strings(&[
+                "streamgate",
+                "-c",
+                "/etc/streamgate/streamgate.yaml"
+            ]))
+        );
+        assert_eq!(
+            with(&["-t"]),
+            Invocation::Serve(strings(&[
+                "streamgate",
+                "-c",
+                "/etc/streamgate/streamgate.yaml",
+                "-t"
+            ]))
+        );
+        assert_eq!(
+            with(&["-c", "/mine.yaml", "-t"]),
+            Invocation::Serve(strings(&["streamgate", "-c", "/mine.yaml", "-t"])),
+            "the last -c wins"
+        );
+        assert_eq!(
+            with(&["--conf=/mine.yaml"]),
+            Invocation::Serve(strings(&["streamgate", "-c", "/mine.yaml"]))
+        );
+        assert_eq!(
+            with(&["health", "--ready"]),
+            Invocation::Diagnose(strings(&[
+                "health",
+                "-c",
+                "/etc/streamgate/streamgate.yaml",
+                "--ready"
+            ]))
+        );
+        assert_eq!(
+            invocation(strings(&["upstreams", "--admin", "127.0.0.1:1"])),
+            Invocation::Diagnose(strings(&["upstreams", "--admin", "127.0.0.1:1"]))
+        );
+        assert_eq!(
+            invocation(strings(&["-t", "-c"])),
+            Invocation::Serve(strings(&["streamgate", "-t", "-c"]))
+        );
     }
 
     #[test]

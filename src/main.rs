@@ -1,24 +1,23 @@
 //! `streamgate [-c FILE] [-t] [-d] [-u]`: Pingora's standard flags. Without `-c` it serves
 //! the embedded default config (a demo SSE origin behind 127.0.0.1:8080).
 //!
-//! `streamgate connections|upstreams [..]` ask a running instance's admin API instead.
+//! `streamgate connections|upstreams|health [..]` ask a running instance's admin API
+//! instead. A subcommand may follow `-c FILE`, and the last `-c` counts (a container's
+//! entrypoint names the default config; `docker run IMAGE -t` checks it).
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use pingora_core::server::configuration::Opt;
+use streamgate::diagnose::{self, Invocation};
 use streamgate::{build_server, Config};
 
 fn main() -> ExitCode {
     streamgate::logging::init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args
-        .first()
-        .is_some_and(|a| streamgate::diagnose::COMMANDS.contains(&a.as_str()))
-    {
-        return streamgate::diagnose::run(&args);
-    }
-    let opt = Opt::parse_args();
+    let opt = match diagnose::invocation(std::env::args().skip(1).collect()) {
+        Invocation::Diagnose(args) => return diagnose::run(&args),
+        Invocation::Serve(args) => Opt::parse_from_args(args),
+    };
     let loaded = match &opt.conf {
         Some(path) => Config::load(Path::new(path)),
         None => Config::embedded(),

@@ -302,3 +302,232 @@ async fn access_log_writes_one_json_line_per_request() {
     assert_eq!(sse["sse_events"], 1);
     assert_eq!(sse["sse_close"], "client_closed");
 }
+
+/// One raw HTTP/1.1 request to the admin listener (any `Host`, any headers); the status.
+async fn raw_status(port: u16, request: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    guard("the admin answer", s.read_to_end(&mut out))
+        .await
+        .expect("read");
+    let text = String::from_utf8_lossy(&out);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_answers_only_its_own_host_and_refuses_cross_site_changes() {
+    let origin = sse_origin().await;
+    let admin = free_port();
+    let _proxy = Proxy::start(&config(&origin, admin, "")).await;
+    let get =
+        |host: &str| format!("GET /config HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    // DNS rebinding: a page whose own name now resolves to 127.0.0.1 sends its name.
+    assert_eq!(raw_status(admin, &get("evil.example:9901")).await, 403);
+    assert_eq!(raw_status(admin, &get("127.0.0.1.evil.example")).await, 403);
+    for host in [
+        format!("127.0.0.1:{admin}"),
+        format!("localhost:{admin}"),
+        "localhost:19901".to_string(),
+    ] {
+        assert_eq!(raw_status(admin, &get(&host)).await, 200, "{host}");
+    }
+
+    let post = |extra: &str| {
+        format!(
+            "POST /reload HTTP/1.1\r\nhost: 127.0.0.1:{admin}\r\n{extra}content-length: 0\r\n\
+             connection: close\r\n\r\n"
+        )
+    };
+    // A form on a foreign page, posted by the operator's browser.
+    assert_eq!(
+        raw_status(admin, &post("origin: http://evil.example\r\n")).await,
+        403
+    );
+    assert_eq!(raw_status(admin, &post("origin: null\r\n")).await, 403);
+    assert_eq!(
+        raw_status(admin, &post("sec-fetch-site: cross-site\r\n")).await,
+        403
+    );
+    let delete = format!(
+        "DELETE /sse/connections/1 HTTP/1.1\r\nhost: 127.0.0.1:{admin}\r\n\
+         origin: http://localhost:3000\r\nconnection: close\r\n\r\n"
+    );
+    assert_eq!(raw_status(admin, &delete).await, 403);
+    // The dashboard's own requests, and tools that send no Origin, get through (the
+    // reload itself is refused: the test config is not a file).
+    let own = format!("origin: http://127.0.0.1:{admin}\r\nsec-fetch-site: same-origin\r\n");
+    assert_eq!(raw_status(admin, &post(&own)).await, 422);
+    assert_eq!(raw_status(admin, &post("")).await, 422);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_token_in_the_query_is_percent_decoded_and_probes_may_stay_open() {
+    let origin = sse_origin().await;
+    let admin = free_port();
+    // A base64 token, as the dashboard sends it: encodeURIComponent.
+    let _proxy = Proxy::start(&config(
+        &origin,
+        admin,
+        ", token: \"q+8/Zz==\", open_probes: true",
+    ))
+    .await;
+    assert_eq!(
+        admin_get(admin, "/config?token=q%2B8%2FZz%3D%3D").await.0,
+        200
+    );
+    assert_eq!(
+        admin_get(admin, "/config?token=q%2b8%2fZz%3d%3d").await.0,
+        200
+    );
+    assert_eq!(admin_get(admin, "/config?token=q+8/Zz==").await.0, 200);
+    assert_eq!(admin_get(admin, "/config?token=q%2B8%2FZz").await.0, 401);
+    assert_eq!(admin_get(admin, "/config").await.0, 401);
+    // Orchestrator probes need no token with `open_probes`; nothing else opens.
+    assert_eq!(admin_get(admin, "/healthz").await.0, 200);
+    assert_eq!(admin_get(admin, "/readyz").await.0, 200);
+    assert_eq!(admin_get(admin, "/routes").await.0, 401);
+    assert_eq!(admin_get(admin, "/metrics").await.0, 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_token_comes_from_an_environment_variable_or_a_file() {
+    let origin = sse_origin().await;
+    std::env::set_var("STREAMGATE_TEST_ADMIN_TOKEN", "from-env\n");
+    let admin = free_port();
+    let _proxy = Proxy::start(&config(
+        &origin,
+        admin,
+        ", token_env: STREAMGATE_TEST_ADMIN_TOKEN",
+    ))
+    .await;
+    assert_eq!(admin_get(admin, "/healthz").await.0, 401);
+    assert_eq!(admin_get(admin, "/healthz?token=from-env").await.0, 200);
+
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("token"), "from-file\n").expect("write");
+    let admin = free_port();
+    let file = dir.path().join("streamgate.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "listen: [\"127.0.0.1:{}\"]\n{}",
+            free_port(),
+            config(&origin, admin, ", token_file: token")
+        ),
+    )
+    .expect("write");
+    let _proxy = Proxy::start_file(&file).await;
+    common::listening(format!("127.0.0.1:{admin}").parse().expect("addr")).await;
+    assert_eq!(admin_get(admin, "/healthz").await.0, 401);
+    assert_eq!(admin_get(admin, "/healthz?token=from-file").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn config_view_hides_credentials_set_as_header_values() {
+    let origin = sse_origin().await;
+    let admin = free_port();
+    let _proxy = Proxy::start(&format!(
+        "admin: {{ listen: \"127.0.0.1:{admin}\" }}\n\
+         services:\n  feed: {{ url: \"{}\" }}\n\
+         middleware_services:\n  \
+         - {{ name: key, type: api_key, config: {{ keys: [sekrit] }} }}\n  \
+         - name: upstream-auth\n    type: headers\n    config:\n      request:\n        \
+         set: {{ authorization: \"Bearer upstream-s3cret\", x-service-token: tok-s3cret, x-env: prod }}\n        \
+         add: {{ cookie: \"sid=cookie-s3cret\" }}\n\
+         host_rules:\n  - {{ pattern: \"*\", target: feed, middlewares: [upstream-auth, key] }}\n",
+        origin.url()
+    ))
+    .await;
+    let (status, view) = admin_get(admin, "/config").await;
+    assert_eq!(status, 200);
+    for secret in ["upstream-s3cret", "tok-s3cret", "cookie-s3cret", "sekrit"] {
+        assert!(!view.contains(secret), "{secret} shown: {view}");
+    }
+    assert!(
+        view.contains("prod") && view.contains("<redacted>"),
+        "{view}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_keys_leave_the_query_and_the_combined_log_escapes_and_redacts() {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    log::set_boxed_logger(Box::new(Capture(lines.clone()))).expect("logger");
+    log::set_max_level(log::LevelFilter::Info);
+    let mut origin = Origin::plain("ok").await;
+    let proxy = Proxy::start(&format!(
+        "access_log: {{ format: combined }}\n\
+         services:\n  web: {{ url: \"{}\" }}\n\
+         middleware_services:\n  \
+         - {{ name: key, type: api_key, config: {{ keys: [sekrit], query: api_key }} }}\n  \
+         - {{ name: kept, type: api_key, config: {{ keys: [sekrit2], query: k, strip_query: false }} }}\n\
+         host_rules:\n  - pattern: \"*\"\n    target: web\n    route_rules:\n      \
+         - {{ pattern: /stripped, target: web, middlewares: [key] }}\n      \
+         - {{ pattern: /kept, target: web, middlewares: [kept] }}\n",
+        origin.url()
+    ))
+    .await;
+    // The test origin reads heads as UTF-8: non-ASCII bytes here are UTF-8 too.
+    let agent =
+        http::HeaderValue::from_bytes("evil\" 200 0 \"-\" \"x\tzé".as_bytes()).expect("value");
+    let r = client()
+        .get(proxy.url("/stripped?a=1&api_key=sekrit&b=2"))
+        .header("user-agent", agent)
+        .header("referer", "http://a/\"q\"")
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(r.status(), 200);
+    assert_eq!(origin.next_request().await.target, "/stripped?a=1&b=2");
+    let r = client()
+        .get(proxy.url("/kept?k=sekrit2&access_token=t0k"))
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        origin.next_request().await.target,
+        "/kept?k=sekrit2&access_token=t0k",
+        "strip_query: false keeps it for the origin"
+    );
+    let lines = guard("two access log lines", async {
+        loop {
+            let snapshot = lines.lock().expect("lines").clone();
+            if snapshot.len() >= 2 {
+                return snapshot;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let all = lines.join("\n");
+    assert!(!all.contains("sekrit") && !all.contains("t0k"), "{all}");
+    assert!(
+        lines[0].contains("\"GET /stripped?a=1&api_key=REDACTED&b=2 HTTP/1.1\""),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[0].contains(
+            "\"http://a/\\x22q\\x22\" \"evil\\x22 200 0 \\x22-\\x22 \\x22x\\x09z\\xC3\\xA9\" host="
+        ),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains("/kept?k=REDACTED&access_token=REDACTED "),
+        "{}",
+        lines[1]
+    );
+    // Every quote left in a line is one of the format's own six.
+    for line in &lines {
+        assert_eq!(line.matches('"').count(), 6, "{line}");
+    }
+}

@@ -618,3 +618,168 @@ async fn an_upgrade_lets_post_answers_finish_and_drains_get_streams() {
         contiguous(&seen.ids).unwrap_or_else(|e| panic!("{e}: {:?}", seen.ids));
     }
 }
+
+/// The Dockerfile's exec-form instruction `name` (`ENTRYPOINT`, `HEALTHCHECK ... CMD`) as
+/// arguments, with the image's paths replaced: the binary by the one built here, the
+/// image's config by `config`.
+fn dockerfile_command(name: &str, config: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile"))
+        .expect("Dockerfile");
+    // Continuation lines joined, comments left out.
+    let joined = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("\\\n", " ");
+    let line = joined
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("no {name} in the Dockerfile"));
+    let array = &line[line.find('[').expect("exec form")..];
+    let args: Vec<String> = serde_json::from_str(array).expect("a JSON array");
+    args.into_iter()
+        .map(|a| match a.as_str() {
+            "/usr/local/bin/streamgate" => BIN.to_string(),
+            "/etc/streamgate/streamgate.yaml" => config.display().to_string(),
+            _ => a,
+        })
+        .collect()
+}
+
+fn run(args: &[String], extra: &[&str]) -> Output {
+    Command::new(&args[0])
+        .args(&args[1..])
+        .args(extra)
+        .output()
+        .expect("run")
+}
+
+#[test]
+fn the_image_serves_the_production_config_and_checks_it_with_dash_t() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile");
+    assert!(
+        dockerfile.contains("COPY conf/production.yaml /etc/streamgate/streamgate.yaml"),
+        "the image's config is conf/production.yaml"
+    );
+    let production = root.join("conf/production.yaml");
+    let entrypoint = dockerfile_command("ENTRYPOINT", &production);
+    // `docker run IMAGE -t`
+    let out = run(&entrypoint, &["-t"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("configuration ok: {}", production.display())),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("demo origin"), "no demo origin: {stdout}");
+    assert!(stdout.contains("exits within 9s of SIGTERM"), "{stdout}");
+    // `docker run IMAGE -c OTHER -t`: the last -c counts.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(&broken, "listen: [\"127.0.0.1:1\"]\nservics: {}\n").expect("write");
+    let out = run(&entrypoint, &["-c", &broken.display().to_string(), "-t"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("broken.yaml:2:1: `servics`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The stop timings fit Docker's default stop timeout (10 s before SIGKILL).
+    let config = streamgate::Config::load(&production).expect("loads");
+    let grace = config.server.grace_period_seconds.expect("grace period");
+    let stop = config
+        .server
+        .graceful_shutdown_timeout_seconds
+        .expect("shutdown timeout");
+    assert!(grace + stop < 10, "{grace} + {stop}");
+    let drain = config.services["app"].sse.drain_period.as_secs();
+    assert!(
+        drain + streamgate::config::DRAIN_MARGIN_SECS <= grace,
+        "drain {drain}"
+    );
+    assert!(config.demo.is_none());
+    assert!(config.admin.is_some_and(|a| a.listen.ip().is_loopback()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_health_subcommand_asks_the_admin_listener_as_the_healthcheck_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, demo, admin) = (free_port(), free_port(), free_port());
+    let config = dir.path().join("streamgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "pid_file: {dir}/sg.pid\nupgrade_sock: {dir}/upgrade.sock\n\
+             grace_period_seconds: 0\ngraceful_shutdown_timeout_seconds: 1\n\
+             listen: [\"127.0.0.1:{port}\"]\ndemo: {{ listen: \"127.0.0.1:{demo}\" }}\n\
+             admin: {{ listen: \"127.0.0.1:{admin}\", token_env: STREAMGATE_TEST_TOKEN }}\n\
+             services:\n  demo: {{ url: \"http://127.0.0.1:{demo}\" }}\n\
+             host_rules:\n  - {{ pattern: \"*\", target: demo }}\n",
+            dir = dir.path().display()
+        ),
+    )
+    .expect("write config");
+    let healthcheck = dockerfile_command("HEALTHCHECK", &config);
+    assert_eq!(healthcheck[1], "health", "{healthcheck:?}");
+    let check = |extra: &[&str], token: Option<&str>| {
+        let mut cmd = Command::new(&healthcheck[0]);
+        cmd.args(&healthcheck[1..]).args(extra);
+        match token {
+            Some(t) => cmd.env("STREAMGATE_TEST_TOKEN", t),
+            None => cmd.env_remove("STREAMGATE_TEST_TOKEN"),
+        };
+        cmd.output().expect("run health")
+    };
+    // Nothing listens yet.
+    let down = check(&[], Some("s3cret"));
+    assert_eq!(down.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&down.stderr).contains("cannot reach the admin API"));
+
+    let mut proxy = Running(
+        Command::new(BIN)
+            .arg("-c")
+            .arg(&config)
+            .env("STREAMGATE_TEST_TOKEN", "s3cret")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    wait_listening(&format!("http://127.0.0.1:{port}/")).await;
+    common::listening(format!("127.0.0.1:{admin}").parse().expect("addr")).await;
+    let up = check(&[], Some("s3cret"));
+    assert_eq!(
+        up.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    assert!(String::from_utf8_lossy(&up.stdout).contains("/healthz ok"));
+    let ready = check(&["--ready"], Some("s3cret"));
+    assert_eq!(ready.status.code(), Some(0));
+    // The token is read through the config, from the same variable.
+    let wrong = check(&[], Some("other"));
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("401"));
+    // In the image's argument order: `docker run IMAGE health` after the entrypoint's -c.
+    let entrypoint = dockerfile_command("ENTRYPOINT", &config);
+    let out = Command::new(&entrypoint[0])
+        .args(&entrypoint[1..])
+        .arg("health")
+        .env("STREAMGATE_TEST_TOKEN", "s3cret")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0));
+
+    // Gone: unhealthy.
+    signal(proxy.0.id(), "-TERM");
+    exited(&mut proxy.0).await;
+    assert_eq!(check(&[], Some("s3cret")).status.code(), Some(1));
+}

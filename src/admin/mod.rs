@@ -19,8 +19,21 @@
 //! | `GET /events` | the dashboard's feed: an SSE stream of snapshots, one a second |
 //!
 //! Browsers cannot put a bearer token on a page load or an `EventSource`, so the token is
-//! also accepted as a `token` query parameter.
+//! also accepted as a `token` query parameter (percent-decoded: the dashboard encodes it).
+//!
+//! A web page the operator visits must not drive the API, token or not:
+//! - **`Host`** must name this listener: its own IP, the IP the connection came in on, a
+//!   loopback IP, `localhost`, or a name in `admin.allowed_hosts` (any port, because
+//!   container port mappings change it). A page that rebinds its own DNS name to
+//!   127.0.0.1 still sends its own name, and gets `403`.
+//! - **Requests that change state** (anything but GET and HEAD) are refused with `403` when
+//!   they come from another site: `Sec-Fetch-Site: cross-site`, or an `Origin` that is not
+//!   `http(s)://` + the request's own `Host`. The dashboard's own requests pass; a form a
+//!   foreign page posts to `/reload` does not.
+//! - With `admin.open_probes`, `/healthz` and `/readyz` answer without the token, for
+//!   orchestrator probes; everything else still needs it.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -36,12 +49,30 @@ use pingora_http::ResponseHeader;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
-use crate::config::Config;
+use crate::config::{AdminConfig, Config};
 use crate::sse::tracker::StreamEntry;
 use crate::sse::CloseReason;
 
 /// Keys whose values `/config` hides.
 const SECRET_KEYS: &[&str] = &["password", "token", "secret", "users", "keys"];
+
+/// Words that make a key secret wherever they appear in it: config keys, and the header
+/// names of a `headers` middleware (`authorization`, `cookie`, `x-api-key`, ...).
+const SECRET_WORDS: &[&str] = &[
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "authorization",
+    "cookie",
+    "api-key",
+    "api_key",
+    "apikey",
+    "private-key",
+    "private_key",
+    "credential",
+    "x-auth",
+];
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
@@ -50,20 +81,15 @@ const FEED_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Admin {
     config: Arc<ArcSwap<Config>>,
-    token: Option<String>,
+    settings: AdminConfig,
 }
 
 /// The admin listening service for `config`'s `admin` block.
 pub fn service(config: Arc<ArcSwap<Config>>) -> Option<Service<Admin>> {
-    let admin = config.load().admin.clone()?;
-    let mut service = Service::new(
-        "admin".to_string(),
-        Admin {
-            config,
-            token: admin.token,
-        },
-    );
-    service.add_tcp(&admin.listen.to_string());
+    let settings = config.load().admin.clone()?;
+    let listen = settings.listen.to_string();
+    let mut service = Service::new("admin".to_string(), Admin { config, settings });
+    service.add_tcp(&listen);
     Some(service)
 }
 
@@ -98,7 +124,10 @@ impl HttpServerApp for Admin {
             return None;
         }
         let req = session.req_header();
-        if req.uri.path() == "/events" && req.method == Method::GET && self.authorized(&session) {
+        if req.uri.path() == "/events"
+            && req.method == Method::GET
+            && self.refusal(&session).is_none()
+        {
             if let Err(e) = self.feed(&mut session, shutdown.clone()).await {
                 log::debug!("admin: dashboard feed ended: {e}");
             }
@@ -121,21 +150,54 @@ impl HttpServerApp for Admin {
 }
 
 impl Admin {
+    /// Why this request gets no answer but a refusal: a foreign `Host`, a cross-site
+    /// request that would change state, a missing or wrong token.
+    fn refusal(&self, session: &ServerSession) -> Option<Answer> {
+        let req = session.req_header();
+        let host = req.headers.get(http::header::HOST).map(|h| h.as_bytes());
+        let local = session
+            .server_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        if !host_allowed(host, local, &self.settings) {
+            return Some(Answer::error(
+                403,
+                "the Host header does not name this admin listener (add the name to \
+                 admin.allowed_hosts)",
+            ));
+        }
+        let safe = req.method == Method::GET || req.method == Method::HEAD;
+        if !safe && cross_site(req) {
+            return Some(Answer::error(
+                403,
+                "requests from another site may not change anything here",
+            ));
+        }
+        let probe = matches!(req.uri.path(), "/healthz" | "/readyz");
+        let open = probe && self.settings.open_probes;
+        if !open && !self.authorized(session) {
+            return Some(Answer::error(401, "a valid bearer token is required"));
+        }
+        None
+    }
+
     fn authorized(&self, session: &ServerSession) -> bool {
-        let Some(token) = &self.token else {
+        let Some(token) = &self.settings.token else {
             return true;
         };
         let from_header = session
             .get_header("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let from_query = session
-            .req_header()
-            .uri
-            .query()
-            .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("token=")));
-        let presented = from_header.or(from_query).unwrap_or("");
-        presented.as_bytes().ct_eq(token.as_bytes()).into()
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .map(<[u8]>::to_vec);
+        let from_query = || {
+            let query = session.req_header().uri.query()?;
+            let value = query
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("token="))?;
+            Some(percent_encoding::percent_decode_str(value).collect::<Vec<u8>>())
+        };
+        let presented = from_header.or_else(from_query).unwrap_or_default();
+        presented.ct_eq(token.as_bytes()).into()
     }
 
     /// The dashboard's feed: a snapshot event every second until the client leaves or the
@@ -164,8 +226,8 @@ impl Admin {
     }
 
     fn answer(&self, session: &ServerSession) -> Answer {
-        if !self.authorized(session) {
-            return Answer::error(401, "a valid bearer token is required");
+        if let Some(refusal) = self.refusal(session) {
+            return refusal;
         }
         let req = session.req_header();
         let path = req.uri.path();
@@ -244,6 +306,55 @@ impl Admin {
     }
 }
 
+/// Whether `Host` names this admin listener: an IP it listens on or was reached at, a
+/// loopback IP, `localhost`, or an allowed name; the port is not compared. No `Host` at
+/// all (HTTP/1.0 tools) passes: browsers always send one.
+fn host_allowed(host: Option<&[u8]>, local: Option<IpAddr>, settings: &AdminConfig) -> bool {
+    let Some(host) = host else {
+        return true;
+    };
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((inner, port)) if port.is_empty() || port.starts_with(':') => inner,
+            _ => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            Some(_) => return false,
+            None => host,
+        },
+    };
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return ip.is_loopback()
+            || (ip == settings.listen.ip() && !ip.is_unspecified())
+            || Some(ip) == local;
+    }
+    name == "localhost" || settings.allowed_hosts.contains(&name)
+}
+
+/// Whether a request comes from a page of another site: the browser says so in
+/// `Sec-Fetch-Site`, or its `Origin` is not this `Host` (`null` included).
+fn cross_site(req: &pingora_http::RequestHeader) -> bool {
+    let header = |name| req.headers.get(name).map(|v| v.as_bytes());
+    if header("sec-fetch-site").is_some_and(|v| v.eq_ignore_ascii_case(b"cross-site")) {
+        return true;
+    }
+    let Some(origin) = header("origin") else {
+        return false;
+    };
+    let authority = origin
+        .strip_prefix(b"http://")
+        .or_else(|| origin.strip_prefix(b"https://"));
+    match (authority, header("host")) {
+        (Some(authority), Some(host)) => !authority.eq_ignore_ascii_case(host),
+        _ => true,
+    }
+}
+
 fn unix_seconds(t: std::time::SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
@@ -274,12 +385,7 @@ fn redact(value: Value) -> Value {
         Value::Object(map) => Value::Object(
             map.into_iter()
                 .map(|(k, v)| {
-                    let lower = k.to_ascii_lowercase();
-                    let secret = SECRET_KEYS.contains(&lower.as_str())
-                        || ["_password", "_token", "_secret"]
-                            .iter()
-                            .any(|s| lower.ends_with(s));
-                    let v = if secret {
+                    let v = if secret_key(&k) && !(v.is_null() || v.is_boolean()) {
                         Value::String("<redacted>".into())
                     } else {
                         redact(v)
@@ -291,6 +397,17 @@ fn redact(value: Value) -> Value {
         Value::Array(items) => Value::Array(items.into_iter().map(redact).collect()),
         other => other,
     }
+}
+
+/// Whether a key's value is a secret: a credential key of the config (`token`, `users`,
+/// `keys`, `password`, ...) or a header name that carries one. Keys naming where a secret
+/// is kept (`token_env`, `keys_file`) are not secrets themselves.
+fn secret_key(key: &str) -> bool {
+    let lower = key.to_ascii_lowercase();
+    if lower.ends_with("_env") || lower.ends_with("_file") {
+        return false;
+    }
+    SECRET_KEYS.contains(&lower.as_str()) || SECRET_WORDS.iter().any(|w| lower.contains(w))
 }
 
 fn routes_view(config: &Config) -> Value {
@@ -467,5 +584,108 @@ mod tests {
         assert!(!out.contains("k1"), "{out}");
         assert!(!out.contains("\"p\""), "{out}");
         assert!(out.contains("x-key"), "{out}");
+    }
+
+    #[test]
+    fn header_values_with_credential_names_are_redacted() {
+        let yaml: serde_yaml::Value = serde_yaml::from_str(
+            "admin: { token_env: ADMIN_TOKEN }\nmiddleware_services:\n  - name: h\n    type: headers\n    config:\n      request:\n        set: { Authorization: 'Bearer abc', x-upstream-token: tok1, X-Env: prod }\n        add: { Cookie: 'sid=s3', x-api-key: k9, x-client-secret: sec, x-db-password: pw }\n        remove: [cookie]\n",
+        )
+        .expect("yaml");
+        let out = redact(yaml_to_json(yaml)).to_string();
+        for secret in ["Bearer abc", "tok1", "sid=s3", "k9", "\"sec\"", "\"pw\""] {
+            assert!(!out.contains(secret), "{secret} in {out}");
+        }
+        assert!(out.contains("prod"), "{out}");
+        assert!(
+            out.contains("ADMIN_TOKEN"),
+            "where the token is kept is shown: {out}"
+        );
+        assert!(out.contains("[\"cookie\"]"), "{out}");
+    }
+
+    fn settings(listen: &str, allowed: &[&str]) -> AdminConfig {
+        AdminConfig {
+            listen: listen.parse().expect("addr"),
+            token: None,
+            token_source: crate::config::TokenSource::None,
+            open_probes: false,
+            allowed_hosts: allowed.iter().map(|h| h.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn only_hosts_that_name_the_listener_pass() {
+        let loopback = settings("127.0.0.1:9901", &[]);
+        let local = Some("127.0.0.1".parse().expect("ip"));
+        let ok = |h: &str, s: &AdminConfig, local| host_allowed(Some(h.as_bytes()), local, s);
+        for host in [
+            "127.0.0.1:9901",
+            "127.0.0.1",
+            "localhost:9901",
+            "LOCALHOST.:19901",
+            "[::1]:9901",
+            "127.0.0.2:80",
+        ] {
+            assert!(ok(host, &loopback, local), "{host}");
+        }
+        for host in [
+            "evil.example:9901",
+            "localhost.evil.example:9901",
+            "127.0.0.1.nip.io:9901",
+            "10.0.0.5:9901",
+            "[::1",
+            "localhost:x",
+            "",
+        ] {
+            assert!(!ok(host, &loopback, local), "{host}");
+        }
+        assert!(
+            host_allowed(None, local, &loopback),
+            "no Host: not a browser"
+        );
+        let open = settings("0.0.0.0:9901", &["admin.internal"]);
+        let pod = Some("10.1.2.3".parse().expect("ip"));
+        assert!(
+            ok("10.1.2.3:9901", &open, pod),
+            "the address it was reached at"
+        );
+        assert!(ok("admin.internal:9901", &open, pod));
+        assert!(!ok("10.9.9.9:9901", &open, pod));
+        assert!(!ok("0.0.0.0:9901", &open, pod));
+    }
+
+    #[test]
+    fn cross_site_requests_are_recognised() {
+        let req = |headers: &[(&str, &str)]| {
+            let mut r = pingora_http::RequestHeader::build("POST", b"/reload", None).expect("r");
+            for (k, v) in headers {
+                r.insert_header(k.to_string(), v.to_string())
+                    .expect("header");
+            }
+            r
+        };
+        assert!(!cross_site(&req(&[("host", "127.0.0.1:9901")])), "curl");
+        assert!(!cross_site(&req(&[
+            ("host", "127.0.0.1:9901"),
+            ("origin", "http://127.0.0.1:9901"),
+            ("sec-fetch-site", "same-origin"),
+        ])));
+        assert!(cross_site(&req(&[
+            ("host", "127.0.0.1:9901"),
+            ("origin", "http://evil.example"),
+        ])));
+        assert!(cross_site(&req(&[
+            ("host", "127.0.0.1:9901"),
+            ("origin", "null")
+        ])));
+        assert!(cross_site(&req(&[
+            ("host", "127.0.0.1:9901"),
+            ("origin", "http://localhost:3000"),
+        ])));
+        assert!(cross_site(&req(&[
+            ("host", "127.0.0.1:9901"),
+            ("sec-fetch-site", "cross-site"),
+        ])));
     }
 }

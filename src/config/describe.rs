@@ -31,6 +31,18 @@ impl Config {
                 ));
             }
         }
+        if let Some(admin) = &self.admin {
+            out.push_str(&format!(
+                "admin: {}, {}{}\n",
+                admin.listen,
+                admin.token_source,
+                if admin.open_probes && admin.token.is_some() {
+                    ", /healthz and /readyz open"
+                } else {
+                    ""
+                }
+            ));
+        }
         if let Some(demo) = self.demo {
             out.push_str(&format!("demo origin: {demo}\n"));
         }
@@ -61,7 +73,13 @@ impl Config {
             out.push('\n');
         }
         if let Some(grace) = self.server.grace_period_seconds {
-            out.push_str(&format!("shutdown grace period: {grace}s\n"));
+            // Pingora's own default for the second part, when the file does not set it.
+            let stop = self.server.graceful_shutdown_timeout_seconds.unwrap_or(5);
+            out.push_str(&format!(
+                "shutdown grace period: {grace}s, then up to {stop}s to stop: exits within \
+                 {}s of SIGTERM (the container runtime's stop timeout must be longer)\n",
+                grace + stop
+            ));
         }
         if !self.middlewares.is_empty() {
             out.push_str("middlewares:\n");

@@ -76,9 +76,25 @@ pub struct MainFile {
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
     pub listen: ListenAddr,
-    /// Required when `listen` is not a loopback address.
+    /// The bearer token, inline. Required (in one of its three forms) when `listen` is not
+    /// a loopback address.
     #[serde(default)]
     pub token: Option<String>,
+    /// The token from this environment variable.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// The token from this file (surrounding whitespace trimmed), relative to the config
+    /// file.
+    #[serde(default)]
+    pub token_file: Option<String>,
+    /// With a token: `/healthz` and `/readyz` still answer without it (orchestrator
+    /// probes). Default false.
+    #[serde(default)]
+    pub open_probes: Option<bool>,
+    /// Host names besides the listener's own address and `localhost` that requests may
+    /// name in `Host` (the admin API refuses others: DNS rebinding).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `access_log:`: one line per request on the `streamgate::access` log target.

@@ -12,7 +12,7 @@ use pingora_core::server::configuration::ServerConf;
 
 use super::build::{self, Parts};
 use super::file::{self, IncludedFile, MainFile};
-use super::{AccessLog, AdminConfig, Config, Instances, DRAIN_MARGIN_SECS};
+use super::{AccessLog, AdminConfig, Config, Instances, TokenSource, DRAIN_MARGIN_SECS};
 use crate::error::{ConfigError, ConfigErrorKind as Kind};
 use crate::listen::LoadedCert;
 use crate::middleware::MiddlewareConfig;
@@ -96,7 +96,7 @@ pub fn from_text(
     )?;
     let listeners = build::listeners(&sources[0], parsed.listen.as_deref(), base)?;
     let http2 = build::http2(&sources[0], parsed.http2.as_ref())?;
-    let admin = admin(&sources[0], parsed.admin.as_ref())?;
+    let admin = admin(&sources[0], parsed.admin.as_ref(), base)?;
     let access_log = AccessLog {
         enabled: parsed
             .access_log
@@ -199,26 +199,94 @@ fn sse_middleware_periods(parts: &[Parts]) -> Vec<std::time::Duration> {
         .collect()
 }
 
-/// `admin:`; an address other machines can reach needs a token.
+/// `admin:`; an address other machines can reach needs a token. The token is inline, or
+/// read from an environment variable or a file, each checked here.
 fn admin(
     main: &Source,
     file: Option<&file::AdminFile>,
+    base: &Path,
 ) -> Result<Option<AdminConfig>, ConfigError> {
     let Some(admin) = file else {
         return Ok(None);
     };
+    let at = |key: &str| KeyPath::root().key("admin").key(key);
+    let invalid = |key: &str, reason: String| main.error(at(key), Kind::Invalid(reason));
+    let given = [
+        admin.token.is_some(),
+        admin.token_env.is_some(),
+        admin.token_file.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() > 1 {
+        let key = if admin.token_file.is_some() {
+            "token_file"
+        } else {
+            "token_env"
+        };
+        return Err(invalid(
+            key,
+            "set one of token, token_env, token_file".into(),
+        ));
+    }
+    let (token, token_source) = if let Some(token) = &admin.token {
+        if token.is_empty() {
+            return Err(invalid("token", "the token is empty".into()));
+        }
+        (Some(token.clone()), TokenSource::Inline)
+    } else if let Some(name) = &admin.token_env {
+        let token = std::env::var(name)
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                invalid(
+                    "token_env",
+                    format!("the environment variable {name} is not set or empty"),
+                )
+            })?;
+        (Some(token), TokenSource::Env(name.clone()))
+    } else if let Some(path) = &admin.token_file {
+        let full = base.join(path);
+        let token = std::fs::read_to_string(&full)
+            .map_err(|e| invalid("token_file", format!("cannot read {}: {e}", full.display())))?
+            .trim()
+            .to_string();
+        if token.is_empty() {
+            return Err(invalid(
+                "token_file",
+                format!("{} holds no token", full.display()),
+            ));
+        }
+        (Some(token), TokenSource::File(full))
+    } else {
+        (None, TokenSource::None)
+    };
     let listen = admin.listen.0;
-    if !listen.ip().is_loopback() && admin.token.as_deref().is_none_or(str::is_empty) {
+    if !listen.ip().is_loopback() && token.is_none() {
         return Err(main.error(
-            KeyPath::root().key("admin").key("listen"),
+            at("listen"),
             Kind::Invalid(format!(
-                "{listen} is reachable from other machines: set admin.token"
+                "{listen} is reachable from other machines: set admin.token, token_env or \
+                 token_file"
             )),
         ));
     }
+    let mut allowed_hosts = Vec::new();
+    for (i, host) in admin.allowed_hosts.iter().enumerate() {
+        let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
+        if host.is_empty() || host.contains(['/', ' ', '@']) {
+            return Err(main.error(
+                at("allowed_hosts").index(i),
+                Kind::Invalid("a host name (without scheme or path) is expected".into()),
+            ));
+        }
+        allowed_hosts.push(host);
+    }
     Ok(Some(AdminConfig {
         listen,
-        token: admin.token.clone(),
+        token,
+        token_source,
+        open_probes: admin.open_probes.unwrap_or(false),
+        allowed_hosts,
     }))
 }
 

@@ -91,7 +91,34 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// The bearer token every endpoint needs (`token`, `token_env` or `token_file`).
     pub token: Option<String>,
+    /// Where the token came from, for `-t`.
+    pub token_source: TokenSource,
+    /// `/healthz` and `/readyz` answer without the token.
+    pub open_probes: bool,
+    /// Extra host names `Host` may carry, lower-case, without a trailing dot.
+    pub allowed_hosts: Vec<String>,
+}
+
+/// Where the admin token came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    None,
+    Inline,
+    Env(String),
+    File(PathBuf),
+}
+
+impl std::fmt::Display for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenSource::None => f.write_str("no token"),
+            TokenSource::Inline => f.write_str("token inline"),
+            TokenSource::Env(name) => write!(f, "token from ${name}"),
+            TokenSource::File(path) => write!(f, "token from {}", path.display()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -404,6 +404,50 @@ fn an_admin_listener_off_loopback_needs_a_token() {
 }
 
 #[test]
+fn the_admin_token_comes_from_one_place_each_checked() {
+    refused(
+        "admin:\n  listen: \"0.0.0.0:9901\"\n  token: a\n  token_env: B\n",
+        4,
+        "admin.token_env",
+    );
+    let e = refused(
+        "admin:\n  listen: \"0.0.0.0:9901\"\n  token_env: STREAMGATE_UNSET_TEST_VARIABLE\n",
+        3,
+        "admin.token_env",
+    );
+    assert!(e.to_string().contains("is not set"), "{e}");
+    refused(
+        "admin:\n  listen: \"0.0.0.0:9901\"\n  token_file: /nonexistent/token\n",
+        3,
+        "admin.token_file",
+    );
+    refused(
+        "admin:\n  listen: \"127.0.0.1:9901\"\n  token: \"\"\n",
+        3,
+        "admin.token",
+    );
+    refused(
+        "admin:\n  listen: \"127.0.0.1:9901\"\n  allowed_hosts: [ok.example, \"http://x/\"]\n",
+        3,
+        "admin.allowed_hosts[1]",
+    );
+    std::env::set_var("STREAMGATE_CONFIG_TEST_TOKEN", "t0");
+    let config = load(
+        "admin:\n  listen: \"0.0.0.0:9901\"\n  token_env: STREAMGATE_CONFIG_TEST_TOKEN\n  \
+         open_probes: true\n  allowed_hosts: [Admin.Example.]\n",
+    )
+    .expect("loads");
+    let admin = config.admin.expect("admin");
+    assert_eq!(admin.token.as_deref(), Some("t0"));
+    assert!(admin.open_probes);
+    assert_eq!(admin.allowed_hosts, ["admin.example"]);
+    assert_eq!(
+        admin.token_source,
+        TokenSource::Env("STREAMGATE_CONFIG_TEST_TOKEN".into())
+    );
+}
+
+#[test]
 fn any_pingora_setting_is_passed_through_but_typos_beside_them_are_not() {
     let config = load(
         "work_stealing: false\nupstream_keepalive_pool_size: 7\nmax_retries: 2\n\

@@ -5,19 +5,24 @@
 //! config:
 //!   header: x-api-key                 # where the key is looked for (default x-api-key)
 //!   query: api_key                    # optional: also accept ?api_key=...
+//!   strip_query: true                 # remove ?api_key=... before the origin (default true)
 //!   keys: ["k1", "k2"]
 //!   keys_file: keys.txt               # and/or one key per line, relative to the config file
 //! ```
 //!
-//! Phase: `request`. A missing or wrong key is answered `401` and never reaches the origin.
-//! The file is read when the config loads and on every reload; blank lines and lines
-//! starting with `#` are skipped.
+//! Phases: `request` and `upstream_request`. A missing or wrong key is answered `401` and
+//! never reaches the origin. A key sent in the query is taken out of the request the origin
+//! gets (every `query` parameter, also percent-encoded spellings of its name), unless
+//! `strip_query: false`; the access log redacts it either way. The file is read when the
+//! config loads and on every reload; blank lines and lines starting with `#` are skipped.
 
 use std::path::Path;
 
 use async_trait::async_trait;
 use http::header::HeaderName;
-use pingora_error::Result;
+use http::uri::{PathAndQuery, Uri};
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::RequestHeader;
 use pingora_proxy::Session;
 use serde::Deserialize;
 
@@ -31,10 +36,17 @@ pub struct Config {
     pub header: String,
     #[serde(default)]
     pub query: Option<String>,
+    /// Remove the `query` parameter from what the origin gets (default true).
+    #[serde(default = "default_strip")]
+    pub strip_query: bool,
     #[serde(default)]
     pub keys: Vec<String>,
     #[serde(default)]
     pub keys_file: Option<String>,
+}
+
+fn default_strip() -> bool {
+    true
 }
 
 fn default_key_header() -> String {
@@ -44,6 +56,7 @@ fn default_key_header() -> String {
 pub struct ApiKey {
     header: HeaderName,
     query: Option<String>,
+    strip_query: bool,
     keys: Vec<Vec<u8>>,
 }
 
@@ -59,6 +72,7 @@ impl ApiKey {
         Ok(ApiKey {
             header: header_name(&config.header)?,
             query: config.query.clone(),
+            strip_query: config.strip_query,
             keys,
         })
     }
@@ -71,6 +85,20 @@ impl ApiKey {
             .find(|(k, _)| *k == name)
             .map(|(_, v)| v)
     }
+}
+
+/// `query` without the parameters named `name` (compared percent-decoded); `None` when
+/// there is none.
+fn without_param(query: &str, name: &str) -> Option<String> {
+    let named = |pair: &str| {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        key == name || percent_encoding::percent_decode_str(key).eq(name.bytes())
+    };
+    if !query.split('&').any(named) {
+        return None;
+    }
+    let kept: Vec<&str> = query.split('&').filter(|p| !named(p)).collect();
+    Some(kept.join("&"))
 }
 
 #[async_trait]
@@ -89,6 +117,39 @@ impl Middleware for ApiKey {
             401,
             "a valid API key is required",
         )))
+    }
+
+    fn upstream_request(
+        &self,
+        _session: &mut Session,
+        request: &mut RequestHeader,
+        _ctx: &mut Context,
+    ) -> Result<()> {
+        let Some(name) = self.query.as_deref().filter(|_| self.strip_query) else {
+            return Ok(());
+        };
+        let Some(kept) = request.uri.query().and_then(|q| without_param(q, name)) else {
+            return Ok(());
+        };
+        let path = request.uri.path();
+        let target = if kept.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}?{kept}")
+        };
+        let mut parts = request.uri.clone().into_parts();
+        parts.path_and_query = Some(
+            PathAndQuery::try_from(target)
+                .map_err(|e| Error::because(ErrorType::InternalError, "api_key: strip", e))?,
+        );
+        let uri = Uri::from_parts(parts)
+            .map_err(|e| Error::because(ErrorType::InternalError, "api_key: strip", e))?;
+        request.set_uri(uri);
+        Ok(())
+    }
+
+    fn secret_query_param(&self) -> Option<&str> {
+        self.query.as_deref()
     }
 }
 
@@ -111,5 +172,16 @@ mod tests {
         assert!(ApiKey::new(&missing, dir.path()).is_err());
         let empty: Config = serde_yaml::from_str("header: x-key").expect("c");
         assert!(ApiKey::new(&empty, dir.path()).is_err());
+    }
+
+    #[test]
+    fn the_query_key_is_taken_out() {
+        assert_eq!(without_param("a=1&b=2", "api_key"), None);
+        assert_eq!(without_param("api_key=k", "api_key").as_deref(), Some(""));
+        assert_eq!(
+            without_param("a=1&api_key=k&b=2&api%5Fkey=k2&api_key", "api_key").as_deref(),
+            Some("a=1&b=2")
+        );
+        assert_eq!(without_param("xapi_key=1", "api_key"), None);
     }
 }

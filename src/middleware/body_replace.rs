@@ -14,10 +14,12 @@
 //! ```
 //!
 //! It never buffers a whole body. Ordinary bodies are rewritten as they stream, holding back
-//! at most `max_match - 1` bytes so that a match split across chunks is still found. Event
-//! streams are rewritten event by event: every complete event in a chunk goes out at once,
-//! rewritten; only an event's unfinished tail waits for its end. The rules run as one
-//! combined regex, leftmost match first.
+//! at most `max_match - 1` bytes so that a match split across chunks is still found (those
+//! bytes are searched again with the next chunk, nothing more). Event streams are rewritten
+//! event by event: every complete event in a chunk goes out at once, rewritten; only an
+//! event's unfinished tail waits for its end (at most 1 MiB, then it goes out unrewritten),
+//! and each byte is searched for an event end once, however small the chunks. The rules
+//! run as one combined regex, leftmost match first.
 //!
 //! Phases: `upstream_request` (asks the origin for an uncompressed body, since compressed
 //! bytes cannot be rewritten) and `response` (drops `Content-Length`, which no longer holds,
@@ -203,11 +205,10 @@ impl Middleware for BodyReplace {
         }
         let events = sse::is_event_stream(content_type.as_bytes());
         drop_content_length(response, session.req_header().version)?;
-        Ok(Some(Box::new(ReplaceFilter {
-            rules: self.rules.clone(),
+        Ok(Some(Box::new(ReplaceFilter::new(
+            self.rules.clone(),
             events,
-            carry: BytesMut::new(),
-        })))
+        ))))
     }
 }
 
@@ -216,35 +217,97 @@ struct ReplaceFilter {
     rules: std::sync::Arc<Rules>,
     events: bool,
     carry: BytesMut,
+    /// Event streams: how far the carry has been searched for event ends.
+    ends: EventEnds,
+}
+
+/// Finds event ends (blank lines) in a growing buffer, looking at each byte once: an
+/// event that arrives in many small chunks costs time linear in its length, not in its
+/// length times the number of chunks. Follows the rules of [`sse::last_event_end`].
+#[derive(Debug, Default)]
+struct EventEnds {
+    /// The next byte to look at.
+    pos: usize,
+    /// Where the current line starts.
+    line_start: usize,
+    /// The end of the last complete event found.
+    last: Option<usize>,
+}
+
+impl EventEnds {
+    /// The end of the last complete event in `data`, of which the bytes before `self.pos`
+    /// were already searched.
+    fn search(&mut self, data: &[u8]) -> Option<usize> {
+        while self.pos < data.len() {
+            let b = data[self.pos];
+            if b != b'\n' && b != b'\r' {
+                self.pos += 1;
+                continue;
+            }
+            let mut next = self.pos + 1;
+            if b == b'\r' && data.get(next) == Some(&b'\n') {
+                next += 1;
+            } else if b == b'\r' && next == data.len() {
+                // Maybe the first half of a CRLF: decided by the next byte.
+                break;
+            }
+            if self.pos == self.line_start {
+                self.last = Some(next);
+            }
+            self.line_start = next;
+            self.pos = next;
+        }
+        self.last
+    }
+
+    /// The first `n` bytes of the buffer are gone.
+    fn consumed(&mut self, n: usize) {
+        self.pos = self.pos.saturating_sub(n);
+        self.line_start = self.line_start.saturating_sub(n);
+        self.last = None;
+    }
 }
 
 impl ReplaceFilter {
-    /// Complete bytes of `data` to rewrite now, and where the held-back tail starts.
-    fn split_point(&self, data: &[u8]) -> usize {
-        if self.events {
-            match sse::last_event_end(data) {
-                Some(end) => end,
-                None if data.len() > MAX_EVENT => data.len(),
-                None => 0,
-            }
-        } else {
-            data.len()
-                .saturating_sub(self.rules.max_match.saturating_sub(1))
+    fn new(rules: std::sync::Arc<Rules>, events: bool) -> Self {
+        ReplaceFilter {
+            rules,
+            events,
+            carry: BytesMut::new(),
+            ends: EventEnds::default(),
         }
+    }
+
+    /// Ordinary bodies: where the held-back tail of `data` starts (a match may still grow
+    /// from there).
+    fn split_point(&self, data: &[u8]) -> usize {
+        data.len()
+            .saturating_sub(self.rules.max_match.saturating_sub(1))
     }
 
     fn process(&mut self, chunk: Option<&Bytes>, end_of_stream: bool) -> Option<Bytes> {
         if let Some(chunk) = chunk {
             self.carry.extend_from_slice(chunk);
         }
+        if self.events && !end_of_stream {
+            // Only the bytes that arrived are searched; the carry is neither searched nor
+            // copied again.
+            let split = match self.ends.search(&self.carry) {
+                Some(end) => end,
+                None if self.carry.len() > MAX_EVENT => self.carry.len(),
+                None => return None,
+            };
+            let whole = self.carry.split_to(split);
+            self.ends.consumed(split);
+            let mut out = BytesMut::with_capacity(whole.len() + 64);
+            self.rules.replace(&whole, &mut out);
+            return (!out.is_empty()).then(|| out.freeze());
+        }
         let data = std::mem::take(&mut self.carry);
+        self.ends = EventEnds::default();
         let mut out = BytesMut::with_capacity(data.len() + 64);
         if end_of_stream {
             self.rules.replace(&data, &mut out);
-        } else if self.events {
-            let split = self.split_point(&data);
-            self.rules.replace(&data[..split], &mut out);
-            self.carry.extend_from_slice(&data[split..]);
         } else {
             // Matches that start before `limit` are whole; later ones may still grow.
             let limit = self.split_point(&data);
@@ -279,11 +342,7 @@ mod tests {
 
     fn filter(yaml: &str, events: bool) -> ReplaceFilter {
         let mw = BodyReplace::new(&serde_yaml::from_str(yaml).expect("config")).expect("mw");
-        ReplaceFilter {
-            rules: mw.rules.clone(),
-            events,
-            carry: BytesMut::new(),
-        }
+        ReplaceFilter::new(mw.rules.clone(), events)
     }
 
     fn run(f: &mut ReplaceFilter, chunks: &[&[u8]]) -> Vec<u8> {
@@ -345,6 +404,47 @@ mod tests {
         assert_eq!(out.as_deref(), Some(&b"data: ****** 2\r\n\r\n"[..]));
         let out = f.process(None, true);
         assert_eq!(out.as_deref(), Some(&b"data: x"[..]));
+    }
+
+    #[test]
+    fn event_ends_are_found_incrementally_as_in_one_pass() {
+        let stream: &[u8] =
+            b"data: a\n\n\ndata: b\r\n\r\ndata: c\r\rid: 1\ndata: d\r\n\rdata: e\n\r\n:x\n\n";
+        for size in 1..=stream.len() {
+            let mut ends = EventEnds::default();
+            let mut buf = Vec::new();
+            for chunk in stream.chunks(size) {
+                buf.extend_from_slice(chunk);
+                assert_eq!(
+                    ends.search(&buf),
+                    sse::last_event_end(&buf),
+                    "size {size}, {buf:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_long_event_in_small_chunks_is_searched_once() {
+        // 1 MiB in 16-byte chunks: each chunk must cost its own length, not the carry's.
+        let yaml = "replacements: [{ literal: secret, with: '******' }]";
+        let mut f = filter(yaml, true);
+        let line = Bytes::from_static(b"data: secret secret secret x\n");
+        let mut out = Vec::new();
+        for _ in 0..(MAX_EVENT / line.len() - 1) {
+            for piece in line.chunks(16) {
+                let chunk = Bytes::copy_from_slice(piece);
+                assert!(f.process(Some(&chunk), false).is_none(), "held until whole");
+            }
+        }
+        assert_eq!(f.ends.pos, f.carry.len(), "searched to the end, once");
+        out.extend_from_slice(
+            &f.process(Some(&Bytes::from_static(b"\n")), false)
+                .expect("the event"),
+        );
+        assert!(out.starts_with(b"data: ****** ****** ****** x\n"));
+        assert!(f.carry.is_empty());
+        assert_eq!(f.ends.pos, 0);
     }
 
     #[test]

@@ -178,6 +178,11 @@ pub trait Middleware: Send + Sync {
     }
 
     fn logging(&self, _request: &RequestHeader, _ctx: &Context) {}
+    /// A query parameter that carries a credential for this middleware (`api_key`'s
+    /// `query`): the access log redacts its value whatever its name.
+    fn secret_query_param(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// A configured middleware: one `middleware_services` entry, built.

@@ -7,12 +7,20 @@
 //!   burst: 20             # how many may come at once (default: rate, at least 1)
 //!   key: client_ip        # or header:X-Api-Key (falls back to the client address)
 //!   trusted_proxies: []   # as in ip_filter: whose X-Forwarded-For names the client
+//!   max_keys: 65536       # most keys with a bucket at once (default 65536)
 //! ```
 //!
 //! A token bucket per key. It runs in the `request` phase, once per request, so for SSE it
-//! limits how often streams are opened, never the events of an open stream. Buckets live in
-//! sharded maps; full (idle) buckets are dropped when a shard grows large, so memory stays
-//! bounded by the number of recently active keys.
+//! limits how often streams are opened, never the events of an open stream.
+//!
+//! Memory is bounded whatever clients send: header values are kept as a keyed 64-bit hash
+//! (a long or fresh value costs 8 bytes, not its length), and the buckets, in sharded
+//! maps, never number more than `max_keys`. A shard that reaches its share first drops its
+//! full buckets (a key that comes back gets a full one anyway: nothing is lost); if that
+//! is not enough, it drops the buckets used longest ago, down to three quarters of its
+//! share, so the sweep runs once per many new keys. A client that picks a fresh key per
+//! request therefore cycles through a bounded table; the price is that, while the table
+//! is full, a key idle long enough to be dropped starts again with a full burst.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
@@ -31,8 +39,9 @@ use super::{header_name, Context, Middleware, Outcome, Reply};
 use crate::http_util::{session_client, Net};
 
 const SHARDS: usize = 16;
-/// Above this many buckets a shard drops its full ones.
-const SHARD_SWEEP: usize = 4096;
+
+/// `max_keys` when the config does not say.
+const DEFAULT_MAX_KEYS: usize = 65_536;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +53,9 @@ pub struct Config {
     pub key: String,
     #[serde(default)]
     pub trusted_proxies: Vec<Net>,
+    /// The most keys with a bucket at once.
+    #[serde(default)]
+    pub max_keys: Option<usize>,
 }
 
 fn default_key() -> String {
@@ -53,7 +65,8 @@ fn default_key() -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Key {
     Ip(IpAddr),
-    Value(Vec<u8>),
+    /// A header value's keyed hash.
+    Value(u64),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -68,6 +81,8 @@ pub struct RateLimit {
     header: Option<HeaderName>,
     trusted: Vec<IpNet>,
     shards: Vec<Mutex<HashMap<Key, Bucket>>>,
+    /// Buckets one shard may hold.
+    shard_cap: usize,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -86,24 +101,61 @@ impl RateLimit {
         let burst = config
             .burst
             .map_or(config.rate.ceil().max(1.0), |b| f64::from(b.max(1)));
+        let max_keys = config.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
+        if max_keys < SHARDS {
+            return Err(format!("max_keys must be at least {SHARDS}"));
+        }
         Ok(RateLimit {
             rate: config.rate,
             burst,
             header,
             trusted: config.trusted_proxies.iter().map(|n| n.0).collect(),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shard_cap: max_keys / SHARDS,
             hasher: Default::default(),
         })
+    }
+
+    /// Buckets held now, over all shards.
+    #[cfg(test)]
+    fn keys(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map_or(0, |m| m.len()))
+            .sum()
+    }
+
+    /// Makes room in a full shard: full buckets go first, then the longest unused, down to
+    /// three quarters of the cap.
+    fn sweep(&self, buckets: &mut HashMap<Key, Bucket>, now: Instant) {
+        let (rate, burst) = (self.rate, self.burst);
+        buckets.retain(|_, b| {
+            b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * rate < burst
+        });
+        let keep = self.shard_cap - self.shard_cap / 4;
+        if buckets.len() <= keep {
+            return;
+        }
+        let mut ages: Vec<Instant> = buckets.values().map(|b| b.last).collect();
+        let cut = buckets.len() - keep;
+        let (_, oldest_kept, _) = ages.select_nth_unstable(cut);
+        let oldest_kept = *oldest_kept;
+        buckets.retain(|_, b| b.last >= oldest_kept);
+        // Ties at the cut may keep a few more; never more than the cap.
+        if buckets.len() >= self.shard_cap {
+            let extra: Vec<Key> = buckets.keys().take(buckets.len() - keep).cloned().collect();
+            for key in extra {
+                buckets.remove(&key);
+            }
+        }
     }
 
     /// Takes a token for `key` at `now`; on refusal, the seconds until one is available.
     fn take(&self, key: Key, now: Instant) -> Result<(), u64> {
         let shard = &self.shards[self.hasher.hash_one(&key) as usize % SHARDS];
         let mut buckets = shard.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() > SHARD_SWEEP {
-            let (rate, burst) = (self.rate, self.burst);
-            buckets
-                .retain(|_, b| b.tokens + now.duration_since(b.last).as_secs_f64() * rate < burst);
+        if buckets.len() >= self.shard_cap && !buckets.contains_key(&key) {
+            self.sweep(&mut buckets, now);
         }
         let bucket = buckets.entry(key).or_insert(Bucket {
             tokens: self.burst,
@@ -128,7 +180,7 @@ impl Middleware for RateLimit {
             .header
             .as_ref()
             .and_then(|h| session.get_header(h))
-            .map(|v| Key::Value(v.as_bytes().to_vec()));
+            .map(|v| Key::Value(self.hasher.hash_one(v.as_bytes())));
         let key = match by_header {
             Some(k) => k,
             None => match session_client(session, &self.trusted) {
@@ -158,6 +210,7 @@ mod tests {
             burst: Some(burst),
             key: default_key(),
             trusted_proxies: Vec::new(),
+            max_keys: None,
         })
         .expect("limiter")
     }
@@ -185,9 +238,45 @@ mod tests {
     fn slow_rates_ask_for_longer_waits() {
         let l = limiter(0.1, 1);
         let t0 = Instant::now();
-        let k = || Key::Value(b"user".to_vec());
+        let k = || Key::Value(7);
         assert_eq!(l.take(k(), t0), Ok(()));
         assert_eq!(l.take(k(), t0), Err(10));
+    }
+
+    #[test]
+    fn a_fresh_key_per_request_keeps_the_table_bounded() {
+        let l = RateLimit::new(&Config {
+            rate: 0.001,
+            burst: Some(5),
+            key: default_key(),
+            trusted_proxies: Vec::new(),
+            max_keys: Some(1024),
+        })
+        .expect("limiter");
+        let t0 = Instant::now();
+        // A slow rate: no bucket refills, so none is ever full and droppable for free.
+        for i in 0..20_000u64 {
+            let now = t0 + Duration::from_micros(i);
+            assert_eq!(l.take(Key::Value(i), now), Ok(()));
+            assert!(l.keys() <= 1024, "{} keys after {i}", l.keys());
+        }
+        // A key in steady use survives the churn: it is never the longest unused.
+        let l = limiter(0.001, 2);
+        let t0 = Instant::now();
+        let steady = || Key::Value(u64::MAX);
+        assert_eq!(l.take(steady(), t0), Ok(()));
+        for i in 0..200_000u64 {
+            let now = t0 + Duration::from_micros(i + 1);
+            let _ = l.take(Key::Value(i), now);
+            if i % 1000 == 0 {
+                let _ = l.take(steady(), now);
+            }
+        }
+        assert!(l.keys() <= DEFAULT_MAX_KEYS);
+        assert!(
+            l.take(steady(), t0 + Duration::from_secs(1)).is_err(),
+            "its bucket was kept, empty"
+        );
     }
 
     #[test]
@@ -199,5 +288,6 @@ mod tests {
         assert!(bad("rate: -1"));
         assert!(bad("rate: 1\nkey: cookie"));
         assert!(!bad("rate: 1\nkey: header:X-Api-Key"));
+        assert!(bad("rate: 1\nmax_keys: 3"));
     }
 }

@@ -103,6 +103,10 @@ pub fn finished(
         )
     });
     if log.enabled {
+        let chain = ctx.route.iter().flat_map(|r| r.chain.iter());
+        let secret_params: Vec<&str> = chain
+            .filter_map(|i| i.middleware.secret_query_param())
+            .collect();
         access_log::write(
             log.format,
             &Entry {
@@ -117,6 +121,7 @@ pub fn finished(
                 status,
                 sse: stream.map(|(events, reason, _)| (events, reason)),
                 error: e,
+                secret_params: &secret_params,
             },
         );
     }

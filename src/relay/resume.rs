@@ -1,22 +1,103 @@
 //! What a `resume` stream remembers to continue on another origin without a gap or a
 //! repeat: it forwards only whole events (a dead origin's half event never reaches the
 //! client), and it drops events whose id it already sent (an origin asked to continue
-//! after `Last-Event-ID` may send that event again).
+//! after `Last-Event-ID` may send that event again). What it remembers is bounded whatever
+//! the origin sends: at most 256 ids and 8 KiB of them, ids over 64 bytes kept as a keyed
+//! 64-bit hash.
 
+use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
+use std::hash::BuildHasher;
 
 use bytes::Bytes;
 
 use crate::sse;
-
-/// The ids of the events a stream sent last, oldest first.
-pub type RecentIds = VecDeque<Vec<u8>>;
 
 /// The longest event a `resume` stream holds back until it is complete.
 pub const MAX_HELD_EVENT: usize = 1 << 20;
 
 /// How many recent event ids a resumed stream remembers to drop repeats.
 const RECENT_IDS: usize = 256;
+
+/// The most bytes of ids a stream remembers, whatever their count: a peer that sends long
+/// ids gets fewer of them remembered, never more memory.
+pub const RECENT_ID_BYTES: usize = 8 * 1024;
+
+/// Ids up to this long are remembered as they are; a longer one by a keyed 64-bit hash
+/// (8 bytes), so one huge id cannot take the whole budget.
+const LONG_ID: usize = 64;
+
+/// One remembered id.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    Id(Vec<u8>),
+    Long(u64),
+}
+
+impl Seen {
+    fn bytes(&self) -> usize {
+        match self {
+            Seen::Id(id) => id.len(),
+            Seen::Long(_) => 8,
+        }
+    }
+}
+
+/// The ids of the events a stream sent last, oldest first: at most [`RECENT_IDS`] of them
+/// and [`RECENT_ID_BYTES`] of id bytes.
+#[derive(Debug, Default)]
+pub struct RecentIds {
+    seen: VecDeque<Seen>,
+    bytes: usize,
+    hasher: RandomState,
+}
+
+impl RecentIds {
+    fn key(&self, id: &[u8]) -> Seen {
+        if id.len() <= LONG_ID {
+            Seen::Id(id.to_vec())
+        } else {
+            Seen::Long(self.hasher.hash_one(id))
+        }
+    }
+
+    fn contains(&self, id: &[u8]) -> bool {
+        if id.len() <= LONG_ID {
+            self.seen
+                .iter()
+                .any(|s| matches!(s, Seen::Id(seen) if seen == id))
+        } else {
+            let hash = self.hasher.hash_one(id);
+            self.seen.iter().any(|s| *s == Seen::Long(hash))
+        }
+    }
+
+    fn push(&mut self, id: &[u8]) {
+        let seen = self.key(id);
+        self.bytes += seen.bytes();
+        self.seen.push_back(seen);
+        while self.seen.len() > RECENT_IDS || self.bytes > RECENT_ID_BYTES {
+            match self.seen.pop_front() {
+                Some(old) => self.bytes -= old.bytes(),
+                None => break,
+            }
+        }
+    }
+
+    /// How many ids are remembered.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    /// The bytes of ids (or their hashes) remembered.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
 
 /// `events` (whole events) without those whose id was already sent.
 pub fn drop_repeated(events: Bytes, recent: &RecentIds) -> Bytes {
@@ -25,8 +106,7 @@ pub fn drop_repeated(events: Bytes, recent: &RecentIds) -> Bytes {
     let mut dropped = false;
     while let Some(end) = sse::first_event_end(rest) {
         let (event, after) = rest.split_at(end);
-        let repeat = sse::event_id(event)
-            .is_some_and(|id| !id.is_empty() && recent.iter().any(|seen| seen == id));
+        let repeat = sse::event_id(event).is_some_and(|id| !id.is_empty() && recent.contains(id));
         if repeat {
             dropped = true;
         } else {
@@ -41,16 +121,68 @@ pub fn drop_repeated(events: Bytes, recent: &RecentIds) -> Bytes {
     }
 }
 
-/// Remembers the ids of `events` (whole events), keeping the last [`RECENT_IDS`].
+/// Remembers the ids of `events` (whole events), within the count and byte bounds.
 pub fn remember_ids(events: &[u8], recent: &mut RecentIds) {
     let mut rest = events;
     while let Some(end) = sse::first_event_end(rest) {
         if let Some(id) = sse::event_id(&rest[..end]).filter(|id| !id.is_empty()) {
-            if recent.len() == RECENT_IDS {
-                recent.pop_front();
-            }
-            recent.push_back(id.to_vec());
+            recent.push(id);
         }
         rest = &rest[end..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &[u8]) -> Vec<u8> {
+        let mut e = b"id: ".to_vec();
+        e.extend_from_slice(id);
+        e.extend_from_slice(b"\ndata: x\n\n");
+        e
+    }
+
+    #[test]
+    fn repeats_are_dropped() {
+        let mut recent = RecentIds::default();
+        remember_ids(b"id: 1\ndata: a\n\nid: 2\ndata: b\n\n", &mut recent);
+        let out = drop_repeated(
+            Bytes::from_static(b"id: 2\ndata: b\n\nid: 3\ndata: c\n\n"),
+            &recent,
+        );
+        assert_eq!(&out[..], b"id: 3\ndata: c\n\n");
+        let long = vec![b'x'; 10_000];
+        remember_ids(&event(&long), &mut recent);
+        let out = drop_repeated(Bytes::from(event(&long)), &recent);
+        assert!(out.is_empty(), "a long id is remembered by its hash");
+        let mut other = long.clone();
+        other[9_999] = b'y';
+        let out = drop_repeated(Bytes::from(event(&other)), &recent);
+        assert!(!out.is_empty());
+    }
+
+    #[test]
+    fn memory_is_bounded_in_count_and_bytes() {
+        let mut recent = RecentIds::default();
+        for i in 0..10_000 {
+            remember_ids(&event(format!("{i}").as_bytes()), &mut recent);
+        }
+        assert_eq!(recent.len(), RECENT_IDS);
+        let mut recent = RecentIds::default();
+        for i in 0..2_000u32 {
+            // Ids as long as may be kept verbatim, then far longer ones.
+            let id = if i % 2 == 0 {
+                vec![b'a' + (i % 26) as u8; LONG_ID]
+            } else {
+                vec![b'b'; 5_000 + i as usize]
+            };
+            remember_ids(&event(&id), &mut recent);
+            assert!(recent.bytes() <= RECENT_ID_BYTES, "{}", recent.bytes());
+        }
+        assert!(recent.len() < RECENT_IDS, "long ids: fewer of them");
+        // The newest are the ones kept.
+        let last = vec![b'b'; 5_000 + 1_999];
+        assert!(recent.contains(&last));
     }
 }

@@ -26,10 +26,20 @@ impl Source {
         parse_yaml(&self.file, &self.text)
     }
 
-    /// An error about the node at `path`, placed at its line and column.
+    /// An error about the node at `path`, placed at its line and column; when the path
+    /// is not in the text (a default that applies), at its nearest enclosing node that is,
+    /// and at least at the first line.
     pub fn error(&self, path: KeyPath, kind: Kind) -> ConfigError {
-        let position = locate(&self.text, &path);
-        ConfigError::new(&self.file, path.to_string(), kind).at(position)
+        let mut at = path.clone();
+        let position = loop {
+            if let Some(position) = locate(&self.text, &at) {
+                break position;
+            }
+            if at.0.pop().is_none() {
+                break (1, 1);
+            }
+        };
+        ConfigError::new(&self.file, path.to_string(), kind).at(Some(position))
     }
 }
 
@@ -39,7 +49,7 @@ pub fn parse_yaml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, Con
     let de = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let mut error = parse_error(file, &path, e.inner());
+        let mut error = parse_error(file, &path, e.inner(), text);
         // A value refused by its own check (`try_from`) is reported by serde_yaml at the
         // start of the enclosing mapping; the key path finds the value's own line.
         if let Some(found) = key_path(&path).and_then(|p| locate(text, &p)) {
@@ -76,10 +86,36 @@ fn key_path(printed: &str) -> Option<KeyPath> {
     Some(path)
 }
 
+/// The line of the marker that starts a second YAML document (`---` after content, or a
+/// line after `...`), if any.
+fn second_document(text: &str) -> Option<usize> {
+    let mut content = false;
+    let mut ended = false;
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim_end();
+        let is_start = trimmed == "---" || trimmed.starts_with("--- ");
+        if (is_start && content) || (ended && !trimmed.is_empty() && !trimmed.starts_with('#')) {
+            return Some(i + 1);
+        }
+        if trimmed == "..." {
+            ended = true;
+        } else if !is_start && !trimmed.is_empty() && !trimmed.starts_with('#') {
+            content = true;
+        }
+    }
+    None
+}
+
 /// A serde_yaml error as a config error with position and key path. `path` is the key
 /// path serde_path_to_error tracked (`.` for the root).
-fn parse_error(file: &Path, path: &str, e: &serde_yaml::Error) -> ConfigError {
-    let position = e.location().map(|l| (l.line(), l.column()));
+fn parse_error(file: &Path, path: &str, e: &serde_yaml::Error, text: &str) -> ConfigError {
+    // serde_yaml places nearly every error; the few it does not (a second document, an
+    // empty stream) are about the file as a whole: the second document's marker, or the
+    // first line.
+    let position = e
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .or_else(|| Some((second_document(text).unwrap_or(1), 1)));
     let mut message = e.to_string();
     if let Some(at) = message.rfind(" at line ") {
         message.truncate(at);
@@ -109,4 +145,20 @@ fn parse_error(file: &Path, path: &str, e: &serde_yaml::Error) -> ConfigError {
         message = format!("unknown key; {message}");
     }
     ConfigError::new(file, key, Kind::Parse(message)).at(position)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_without_a_position_get_one() {
+        let e = parse_yaml::<serde_yaml::Value>(Path::new("f.yaml"), "a: 1\n# c\n---\nb: 2\n")
+            .expect_err("two documents");
+        assert_eq!((e.line, e.column), (Some(3), Some(1)), "{e}");
+        let e = parse_yaml::<serde_yaml::Value>(Path::new("f.yaml"), "a: 1\n...\nb: 2\n")
+            .expect_err("two documents");
+        assert_eq!(e.line, Some(3), "{e}");
+        assert_eq!(second_document("--- \na: 1\n"), None);
+    }
 }
