@@ -6,6 +6,7 @@
 //! response head): [`Raw`] frames the body (chunked) on the connection directly and watches
 //! it for the client going away, and the few request facts the logs need are copied out.
 
+use std::io::IoSlice;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +16,9 @@ use pingora_core::protocols::Stream;
 use pingora_error::{Error, ErrorType, OrErr, Result};
 use pingora_http::RequestHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A write timeout that never runs out (tokio caps far deadlines).
+const NO_LIMIT: Duration = Duration::from_secs(86_400 * 365 * 30);
 
 /// Where a stream's bytes go.
 pub enum Client<'a> {
@@ -71,12 +75,11 @@ impl Raw {
     }
 
     async fn write(&mut self, body: Option<Bytes>, end: bool) -> Result<()> {
-        let limit = self.write_timeout;
         let written = async {
             if let Some(data) = body.filter(|d| !d.is_empty()) {
                 let mut head = [0u8; 18];
                 let n = super::origin::chunk_size_line(&mut head, data.len());
-                write_all(&mut self.stream, &[&head[..n], &data, b"\r\n"]).await?;
+                write_all(&mut self.stream, [&head[..n], &data, b"\r\n"]).await?;
                 self.sent += data.len();
             }
             if end {
@@ -84,14 +87,13 @@ impl Raw {
             }
             self.stream.flush().await
         };
-        match limit {
-            None => written.await,
-            Some(limit) => tokio::time::timeout(limit, written)
-                .await
-                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
-        }
-        .or_err(ErrorType::WriteError, "writing to the client")
-        .map_err(|e| e.into_down())
+        // One future either way (the timer is only set if the write has to wait).
+        let limit = self.write_timeout.unwrap_or(NO_LIMIT);
+        tokio::time::timeout(limit, written)
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+            .or_err(ErrorType::WriteError, "writing to the client")
+            .map_err(|e| e.into_down())
     }
 
     async fn gone(&mut self) -> Result<()> {
@@ -112,25 +114,17 @@ impl Raw {
     }
 }
 
-/// Writes every byte of `parts`, in as few writes as the connection takes.
-async fn write_all(stream: &mut Stream, parts: &[&[u8]]) -> std::io::Result<()> {
-    let mut part = 0;
-    let mut offset = 0;
-    while part < parts.len() {
-        let slices: Vec<std::io::IoSlice<'_>> = std::iter::once(&parts[part][offset..])
-            .chain(parts[part + 1..].iter().copied())
-            .map(std::io::IoSlice::new)
-            .collect();
-        let mut n = stream.write_vectored(&slices).await?;
+/// Writes every byte of `parts` (a chunk's size line, data and end), in as few writes as
+/// the connection takes.
+async fn write_all(stream: &mut Stream, parts: [&[u8]; 3]) -> std::io::Result<()> {
+    let mut slices = parts.map(IoSlice::new);
+    let mut left = &mut slices[..];
+    while !left.is_empty() {
+        let n = stream.write_vectored(left).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        while part < parts.len() && n >= parts[part].len() - offset {
-            n -= parts[part].len() - offset;
-            part += 1;
-            offset = 0;
-        }
-        offset += n;
+        IoSlice::advance_slices(&mut left, n);
     }
     Ok(())
 }

@@ -39,12 +39,12 @@ use tokio::time::{sleep_until, Instant as Deadline};
 
 use super::client::Client;
 use super::context::RequestCtx;
-use super::exchange::{write_body, Opened, Relay};
+use super::exchange::{write_body, Link, Opened, Relay};
 use super::origin::Framing;
 use super::resume::{drop_repeated, remember_ids, RecentIds, MAX_HELD_EVENT};
 use super::stream::filter_own;
 use crate::sse::drain::{drain_deadline, Outcome};
-use crate::sse::{self, CloseReason, OnUpstreamError};
+use crate::sse::{self, CloseReason, OnUpstreamError, SseSettings};
 use crate::upstream::Attempts;
 
 /// A deliberate end: why (for the close log) and what the client gets last.
@@ -60,7 +60,7 @@ enum Ending {
     Cut,
 }
 
-/// Carries the event stream `opened` answered with; its header has been written.
+/// Carries the event stream coming on `link`; its header has been written.
 /// `reconnects`: the client asks for the stream again (a `GET`: EventSource, MCP's GET
 /// stream, with Last-Event-ID), so a drain tells it to; any other stream is an answer that
 /// would be lost, and finishes instead. `resume`: the request to send again when the
@@ -69,11 +69,18 @@ pub async fn relay(
     relay: &Relay,
     client: &mut Client<'_>,
     ctx: &mut RequestCtx,
-    mut opened: Opened,
+    mut link: Box<Link>,
     resume: Option<&RequestHeader>,
     reconnects: bool,
 ) -> Result<()> {
-    let settings = ctx.chain.sse.settings;
+    let SseSettings {
+        read_timeout,
+        heartbeat_interval,
+        max_lifetime,
+        drain_period,
+        finish_period,
+        ..
+    } = ctx.chain.sse.settings;
     // With `resume`, only whole events go to the client (the rest waits in `tail`), so a
     // stream continued from another origin never shows half an event; ids recently sent
     // are remembered so an origin that repeats them is not believed twice.
@@ -83,13 +90,13 @@ pub async fn relay(
     let mut resumes: std::collections::VecDeque<Instant> = Default::default();
     let mut resumed = false;
     let started = Instant::now();
-    let lifetime_end = settings.max_lifetime.and_then(|d| started.checked_add(d));
+    let lifetime_end = max_lifetime.and_then(|d| started.checked_add(d));
     let mut drain = relay.state.drain.signal();
     let drain_at = |t: Instant| {
         if reconnects {
-            drain_deadline(t, settings.drain_period)
+            drain_deadline(t, drain_period)
         } else {
-            t.checked_add(settings.finish_period)
+            t.checked_add(finish_period)
                 .unwrap_or_else(|| t + Duration::from_secs(86_400 * 365))
         }
     };
@@ -100,10 +107,16 @@ pub async fn relay(
     let mut last_origin = started;
     let mut last_sent = started;
     let mut ending: Option<Ending> = None;
+    // One timer for every deadline (read timeout, heartbeat, lifetime, drain), armed for
+    // the earliest. An event moves the read-timeout and heartbeat deadlines later without
+    // touching the timer: when it fires before anything is due, it is armed again.
+    let timer = sleep_until(Deadline::now());
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
     loop {
         let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.at_boundary());
         if let Some(end) = ending.filter(|_| at_boundary) {
-            return end_stream(client, ctx, end, relay).await;
+            return Box::pin(end_stream(client, ctx, end, relay)).await;
         }
         let timed_end = [
             lifetime_end.map(|t| (t, Ending::Hint(CloseReason::MaxLifetime))),
@@ -120,18 +133,25 @@ pub async fn relay(
         ]
         .into_iter()
         .flatten()
-        .min_by_key(|(t, _)| *t);
-        let silent_limit = settings
-            .read_timeout
-            .and_then(|t| last_origin.checked_add(t));
-        let heartbeat_at = settings
-            .heartbeat_interval
-            .and_then(|i| last_sent.checked_add(i));
+        .min_by_key(|(t, _)| *t)
+        .filter(|_| ending.is_none());
+        let silent_limit = read_timeout.and_then(|t| last_origin.checked_add(t));
+        let heartbeat_at = heartbeat_interval
+            .and_then(|i| last_sent.checked_add(i))
+            .filter(|_| at_boundary);
+        let next = [timed_end.map(|(t, _)| t), silent_limit, heartbeat_at]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(next) = next.filter(|next| armed.is_none_or(|armed| *next < armed)) {
+            timer.as_mut().reset(Deadline::from_std(next));
+            armed = Some(next);
+        }
         // Set when the origin failed or went silent: resume, or end.
         let mut failed: Option<Box<Error>> = None;
 
         tokio::select! {
-            read = opened.conn.read_body() => match read {
+            read = link.conn.read_body() => match read {
                 Ok(Some(chunk)) if resumable => {
                     last_origin = Instant::now();
                     tail.extend_from_slice(&chunk);
@@ -167,8 +187,8 @@ pub async fn relay(
                     if drain_end.is_some() && !reconnects {
                         drained(relay, ctx, Outcome::Finished);
                     }
-                    send_own(client, ctx, Bytes::new(), true).await?;
-                    relay.release(opened, ctx);
+                    Box::pin(send_own(client, ctx, Bytes::new(), true)).await?;
+                    relay.release(*link, ctx);
                     return Ok(());
                 }
                 Err(e) => failed = Some(e),
@@ -186,25 +206,26 @@ pub async fn relay(
             reason = end_asked(entry.as_deref()), if entry.is_some() && ending.is_none() => {
                 ending = Some(Ending::Hint(reason));
             }
-            _ = sleep_until(deadline(timed_end.map(|(t, _)| t))),
-                if timed_end.is_some() && ending.is_none() =>
-            {
-                ending = timed_end.map(|(_, end)| end);
-            }
-            _ = sleep_until(deadline(silent_limit)), if silent_limit.is_some() => {
-                let limit = settings.read_timeout.unwrap_or_default();
-                let e = Error::explain(
-                    ErrorType::ReadTimedout,
-                    format!(
-                        "the origin sent nothing for {}",
-                        humantime::format_duration(limit)
-                    ),
-                );
-                failed = Some(e.into_up());
-            }
-            _ = sleep_until(deadline(heartbeat_at)), if heartbeat_at.is_some() && at_boundary => {
-                send_own(client, ctx, Bytes::from_static(sse::HEARTBEAT), false).await?;
-                last_sent = Instant::now();
+            () = &mut timer, if armed.is_some() => {
+                armed = None;
+                let now = Instant::now();
+                if let Some((_, end)) = timed_end.filter(|(t, _)| *t <= now) {
+                    ending = Some(end);
+                }
+                if silent_limit.is_some_and(|t| t <= now) {
+                    let limit = read_timeout.unwrap_or_default();
+                    let e = Error::explain(
+                        ErrorType::ReadTimedout,
+                        format!(
+                            "the origin sent nothing for {}",
+                            humantime::format_duration(limit)
+                        ),
+                    );
+                    failed = Some(e.into_up());
+                } else if heartbeat_at.is_some_and(|t| t <= now) {
+                    send_own(client, ctx, Bytes::from_static(sse::HEARTBEAT), false).await?;
+                    last_sent = Instant::now();
+                }
             }
             changed = drain.changed(), if drain_end.is_none() => {
                 drain_end = match changed {
@@ -218,13 +239,13 @@ pub async fn relay(
             let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.at_boundary());
             if resumable && relay.state.drain.draining() && at_boundary {
                 // The client would come back to the next process anyway.
-                return end_stream(client, ctx, Ending::Drain, relay).await;
+                return Box::pin(end_stream(client, ctx, Ending::Drain, relay)).await;
             }
             if let Some(request) = resume {
                 let resumed_origin =
                     Box::pin(try_resume(relay, client, ctx, &mut resumes, &e, request)).await;
                 if let Some(next) = resumed_origin {
-                    opened = next;
+                    *link = next.link;
                     tail.clear();
                     resumed = true;
                     last_origin = Instant::now();
@@ -233,9 +254,9 @@ pub async fn relay(
             }
             let finished = ctx.stream.as_ref().and_then(|s| s.reason());
             if finished == Some(CloseReason::OriginClosed) {
-                return send_own(client, ctx, Bytes::new(), true).await;
+                return Box::pin(send_own(client, ctx, Bytes::new(), true)).await;
             }
-            return origin_failed(client, ctx, e).await;
+            return Box::pin(origin_failed(client, ctx, e)).await;
         }
     }
 }
@@ -459,14 +480,6 @@ pub async fn turn_away(session: &mut ServerSession, ctx: &mut RequestCtx) -> Res
         .await
         .map_err(|e| e.into_down())?;
     write_body(session, Some(Bytes::from_static(sse::DRAIN_HINT)), true).await
-}
-
-/// When a timer at `at` fires; far in the future for `None` (its branch is disabled then).
-fn deadline(at: Option<Instant>) -> Deadline {
-    match at {
-        Some(at) => Deadline::from_std(at),
-        None => Deadline::now() + Duration::from_secs(86_400 * 365),
-    }
 }
 
 async fn end_asked(entry: Option<&crate::sse::tracker::StreamEntry>) -> CloseReason {

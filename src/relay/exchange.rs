@@ -34,7 +34,7 @@ use http::{Method, Version};
 use pingora_core::connectors::TransportConnector;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream as L4Stream;
-use pingora_core::upstreams::peer::{HttpPeer, Peer};
+use pingora_core::upstreams::peer::Peer;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
@@ -60,12 +60,17 @@ pub struct Relay {
     pub connector: TransportConnector,
 }
 
-/// An origin connection with its response head, and the peer it was made for (its pool
-/// key and idle timeout).
-pub struct Opened {
+/// An origin connection in use, and the pool key of the peer it was made for: what giving
+/// it back needs (the peer itself is not kept for the life of a stream).
+pub struct Link {
     pub conn: OriginConn,
+    pub pool_key: u64,
+}
+
+/// An origin connection with its response head.
+pub struct Opened {
+    pub link: Link,
     pub head: ResponseHeader,
-    pub peer: Box<HttpPeer>,
 }
 
 impl Relay {
@@ -110,36 +115,37 @@ impl Relay {
         if !upgraded {
             frame_for_client(&mut opened.head, session.req_header().version)?;
         }
-        let head = std::mem::replace(&mut opened.head, ResponseHeader::build(200, Some(0))?);
-        let bodiless = opened.conn.body_done();
+        let Opened { link, head } = opened;
+        let bodiless = link.conn.body_done();
         let downstream = session.as_mut();
         downstream
             .write_response_header(Box::new(head))
             .await
             .map_err(|e| e.into_down())?;
         if upgraded {
-            return self.splice(downstream, ctx, opened).await;
+            return self.splice(downstream, ctx, link).await;
         }
         if ctx.stream.is_some() {
             let reconnects = request.method == Method::GET;
-            let resume = (settings.resume && reconnects).then_some(request);
+            let resume = (settings.resume && reconnects).then(|| Box::new(request));
+            let link = Box::new(link);
             if reconnects && !downstream.is_http2() {
-                self.detach(session, ctx, opened, resume, access_log);
+                self.detach(session, ctx, link, resume, access_log);
                 return Ok(());
             }
             let mut client = Client::Session(downstream);
-            return events::relay(self, &mut client, ctx, opened, resume.as_ref(), reconnects)
-                .await;
+            let resume = resume.as_deref();
+            return events::relay(self, &mut client, ctx, link, resume, reconnects).await;
         }
         if bodiless {
             write_body(downstream, None, true).await?;
-            self.release(opened, ctx);
+            self.release(link, ctx);
             return Ok(());
         }
-        self.forward_body(downstream, ctx, opened).await
+        self.forward_body(downstream, ctx, link).await
     }
 
-    /// Carries the event stream `opened` in a task of its own, with the client's session
+    /// Carries the event stream on `link` in a task of its own, with the client's session
     /// taken out of Pingora's request: what a long-lived stream holds is then only its own
     /// state (the sessions, the context, a small read buffer), not Pingora's
     /// per-connection and per-request futures, which end here. Done for `GET` streams over
@@ -151,8 +157,8 @@ impl Relay {
         self: &Arc<Self>,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        opened: Opened,
-        resume: Option<RequestHeader>,
+        link: Box<Link>,
+        resume: Option<Box<RequestHeader>>,
         access_log: AccessLog,
     ) {
         let facts = super::client::log_facts(session.req_header());
@@ -176,8 +182,8 @@ impl Relay {
                 &relay,
                 &mut Client::Raw(&mut raw),
                 &mut owned,
-                opened,
-                resume.as_ref(),
+                link,
+                resume.as_deref(),
                 true,
             )
             .await;
@@ -282,7 +288,13 @@ impl Relay {
                     .await;
             }
             return match sent {
-                Ok(head) => Ok(Opened { conn, head, peer }),
+                Ok(head) => Ok(Opened {
+                    link: Link {
+                        conn,
+                        pool_key: peer.reuse_hash(),
+                    },
+                    head,
+                }),
                 Err(e) => {
                     if e.esource() == &pingora_error::ErrorSource::Upstream {
                         if let Some(lease) = &ctx.upstream.lease {
@@ -440,13 +452,13 @@ impl Relay {
         &self,
         session: &mut ServerSession,
         ctx: &mut RequestCtx,
-        mut opened: Opened,
+        mut link: Link,
     ) -> Result<()> {
         let read_timeout = ctx.route()?.service.timeouts.read;
         loop {
             let mut body = within(
                 read_timeout,
-                opened.conn.read_body(),
+                link.conn.read_body(),
                 "reading the response body",
             )
             .await?;
@@ -454,7 +466,7 @@ impl Relay {
             apply_filters(&mut ctx.body_filters, &mut body, end)?;
             write_body(session, body, end).await?;
             if end {
-                self.release(opened, ctx);
+                self.release(link, ctx);
                 return Ok(());
             }
         }
@@ -466,10 +478,10 @@ impl Relay {
         &self,
         session: &mut ServerSession,
         ctx: &mut RequestCtx,
-        opened: Opened,
+        link: Link,
     ) -> Result<()> {
         let idle = ctx.route()?.service.timeouts.read;
-        let (mut origin, early) = opened.conn.into_raw();
+        let (mut origin, early) = link.conn.into_raw();
         if !early.is_empty() {
             write_body(session, Some(early.freeze()), false).await?;
         }
@@ -513,11 +525,10 @@ impl Relay {
     }
 
     /// Gives the connection back to the pool when the exchange ended cleanly.
-    pub fn release(&self, opened: Opened, ctx: &RequestCtx) {
+    pub fn release(&self, link: Link, ctx: &RequestCtx) {
         let idle = ctx.route.as_ref().and_then(|r| r.service.timeouts.idle);
-        let key = opened.peer.reuse_hash();
-        if let Some(stream) = opened.conn.into_reusable() {
-            self.connector.release_stream(stream, key, idle);
+        if let Some(stream) = link.conn.into_reusable() {
+            self.connector.release_stream(stream, link.pool_key, idle);
         }
     }
 }

@@ -4,8 +4,8 @@
 //! Why our own framing rather than Pingora's HTTP client session: the relay decides what to
 //! do with every byte the origin sends (an event stream is scanned, paced and ended at event
 //! boundaries; a burst of events is written to the client in one write), and it keeps the
-//! memory of a long-lived stream small (a read buffer that grows while data keeps coming and
-//! shrinks back when the stream is quiet, instead of a 64 KiB body buffer per connection).
+//! memory of a long-lived stream small (reads go through a buffer on the stack, so a quiet
+//! stream holds no read buffer at all, where Pingora keeps a 64 KiB body buffer per connection).
 //!
 //! ```text
 //! request   head written as Pingora serialises it; body as the client sent it: with its
@@ -18,6 +18,10 @@
 //!           where their framing said, nothing extra was read, and keep-alive holds
 //! ```
 
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{Method, Version};
@@ -25,16 +29,14 @@ use pingora_core::protocols::http::v1::client::http_req_header_to_wire;
 use pingora_core::protocols::Stream;
 use pingora_error::{Error, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 
 /// Most bytes a response head may take.
 const MAX_HEAD: usize = 64 * 1024;
 /// Most header lines a response head may have.
 const MAX_HEADERS: usize = 128;
-/// The read buffer a quiet connection keeps.
-const MIN_READ: usize = 2 * 1024;
-/// The largest read: what a burst grows the buffer to.
-const MAX_READ: usize = 64 * 1024;
+/// The most one read from the origin takes.
+const READ: usize = 64 * 1024;
 /// Longest chunk-size line (with extensions) accepted from an origin.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// Most trailer bytes accepted (and dropped) after a chunked body.
@@ -76,10 +78,8 @@ fn framing_error(what: impl Into<String>) -> Box<Error> {
 /// A connection to an origin, carrying one exchange at a time.
 pub struct OriginConn {
     stream: Stream,
-    /// Bytes read and not yet consumed.
+    /// Bytes read and not yet consumed; no allocation once they all are.
     buf: BytesMut,
-    /// How much the next read asks for: grows while reads fill it, shrinks when they don't.
-    read_size: usize,
     /// The connection came from the pool.
     pub reused: bool,
     /// How the request body is framed on the way out.
@@ -97,7 +97,6 @@ impl OriginConn {
         OriginConn {
             stream,
             buf: BytesMut::new(),
-            read_size: MIN_READ,
             reused,
             request: Framing::None,
             response: Framing::None,
@@ -215,25 +214,25 @@ impl OriginConn {
 
     /// Reads more from the origin into the buffer; 0 at the end of the connection.
     async fn fill(&mut self) -> Result<usize> {
-        self.buf.reserve(self.read_size);
-        let room = self.buf.capacity() - self.buf.len();
-        let n = self
-            .stream
-            .read_buf(&mut self.buf)
+        let n = std::future::poll_fn(|cx| self.poll_fill(cx))
             .await
             .or_err(ErrorType::ReadError, "reading from the origin")
             .map_err(|e| e.into_up())?;
         if n > 0 {
             self.answered = true;
         }
-        // A read that filled what it asked for means more is waiting: ask for more next
-        // time. A short one means the origin is writing little: go back down.
-        if n >= room && self.read_size < MAX_READ {
-            self.read_size = (self.read_size * 2).min(MAX_READ);
-        } else if n < self.read_size / 4 && self.read_size > MIN_READ {
-            self.read_size = (self.read_size / 2).max(MIN_READ);
-        }
         Ok(n)
+    }
+
+    /// One read, into a buffer on the stack, whose bytes are then appended to `buf`: a
+    /// connection waiting for its origin (a quiet event stream) holds no read buffer, and
+    /// one read takes up to [`READ`] bytes when a burst is waiting.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let mut scratch = [MaybeUninit::<u8>::uninit(); READ];
+        let mut read = ReadBuf::uninit(&mut scratch);
+        ready!(Pin::new(&mut self.stream).poll_read(cx, &mut read))?;
+        self.buf.extend_from_slice(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
     }
 
     /// Reads the final response head (informational answers other than `101` are skipped)
@@ -275,6 +274,10 @@ impl OriginConn {
                 return Ok(None);
             }
             if let Some(data) = self.decode()? {
+                if self.buf.is_empty() {
+                    // Let go of the allocation `data` came from, so it is freed with `data`.
+                    self.buf = BytesMut::new();
+                }
                 return Ok(Some(data));
             }
             if self.response == Framing::Done {
