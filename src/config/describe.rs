@@ -72,6 +72,15 @@ impl Config {
             out.push_str(warning);
             out.push('\n');
         }
+        out.push_str(&format!(
+            "worker threads: {} per listener service, work stealing {}\n",
+            self.server.threads,
+            if self.server.work_stealing {
+                "on"
+            } else {
+                "off"
+            }
+        ));
         if let Some(grace) = self.server.grace_period_seconds {
             // Pingora's own default for the second part, when the file does not set it.
             let stop = self.server.graceful_shutdown_timeout_seconds.unwrap_or(5);

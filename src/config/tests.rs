@@ -459,6 +459,14 @@ fn any_pingora_setting_is_passed_through_but_typos_beside_them_are_not() {
     refused("work_steeling: false\n", 1, "work_steeling");
 }
 
+#[test]
+fn work_stealing_is_off_unless_the_file_turns_it_on() {
+    let default = load("services: {}\n").expect("loads");
+    assert!(!default.server.work_stealing);
+    let on = load("work_stealing: true\nservices: {}\n").expect("loads");
+    assert!(on.server.work_stealing);
+}
+
 /// A self-signed certificate for `names` and its key, written to `dir` as
 /// `{stem}.pem` and `{stem}.key`.
 fn write_cert(dir: &Path, stem: &str, names: &[&str]) {
