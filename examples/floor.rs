@@ -5,7 +5,11 @@
 //! ```text
 //! cargo build --release --example floor
 //! target/release/examples/floor --listen 127.0.0.1:18087 --upstream 127.0.0.1:18080 [--threads 2]
+//!     [--work-stealing false]
 //! ```
+//!
+//! Pingora's defaults otherwise (work stealing on), so `--work-stealing false` measures
+//! the setting streamgate makes its default.
 //!
 //! It is what `bench/peers.sh` runs as `floor`, beside streamgate, nginx and HAProxy.
 
@@ -37,6 +41,7 @@ fn main() {
     let mut listen = "127.0.0.1:18087".to_string();
     let mut upstream: SocketAddr = ([127, 0, 0, 1], 18080).into();
     let mut threads = 2;
+    let mut work_stealing = true;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = args.next().unwrap_or_default();
@@ -50,6 +55,7 @@ fn main() {
                 }
             },
             "--threads" => threads = value.parse().unwrap_or(threads),
+            "--work-stealing" => work_stealing = value != "false",
             other => {
                 eprintln!("unknown argument {other}; see the module docs");
                 std::process::exit(2);
@@ -58,6 +64,7 @@ fn main() {
     }
     let conf = ServerConf {
         threads,
+        work_stealing,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(0),
         ..ServerConf::default()
