@@ -113,6 +113,13 @@ impl Relay {
         let head = std::mem::replace(&mut opened.head, ResponseHeader::build(200, Some(0))?);
         let bodiless = opened.conn.body_done();
         let downstream = session.as_mut();
+        let reconnects = request.method == Method::GET;
+        let detaches = ctx.stream.is_some() && reconnects && !downstream.is_http2();
+        if detaches {
+            // The connection ends with the stream: the head says so, so that a client
+            // never sends another request on it.
+            downstream.set_keepalive(None);
+        }
         downstream
             .write_response_header(Box::new(head))
             .await
@@ -121,9 +128,8 @@ impl Relay {
             return self.splice(downstream, ctx, opened).await;
         }
         if ctx.stream.is_some() {
-            let reconnects = request.method == Method::GET;
             let resume = (settings.resume && reconnects).then_some(request);
-            if reconnects && !downstream.is_http2() {
+            if detaches {
                 self.detach(session, ctx, opened, resume, access_log);
                 return Ok(());
             }
@@ -183,7 +189,7 @@ impl Relay {
             .await;
             let error = ended.err();
             if let Some(e) = &error {
-                super::record::log_error(&facts, &owned, e);
+                super::record::log_error(&relay.state.client_errors, &facts, &owned, e);
             }
             super::record::finished(&facts, raw.sent, error.as_deref(), &mut owned, access_log);
             if error.is_none() {
