@@ -36,6 +36,15 @@ async fn echo() -> Origin {
     .await
 }
 
+/// What a proxy in front of `origin` answers to `request` (a `200`, read until the proxy
+/// closes the connection).
+async fn answered(origin: &Origin, request: &[u8]) -> String {
+    let proxy = Proxy::start(&config(&origin.url())).await;
+    let (status, wire) = exchange(proxy.addr, request).await;
+    assert_eq!(status, 200, "{wire}");
+    wire
+}
+
 /// The answers in `wire`, each with a `Content-Length` body: (head, body).
 fn answers(mut wire: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -110,13 +119,11 @@ async fn an_event_stream_that_ends_its_connection_says_so() {
         After::Close
     })
     .await;
-    let proxy = Proxy::start(&config(&origin.url())).await;
-    let (status, wire) = exchange(
-        proxy.addr,
+    let wire = answered(
+        &origin,
         b"GET /events HTTP/1.1\r\nHost: h\r\nAccept: text/event-stream\r\n\r\n",
     )
     .await;
-    assert_eq!(status, 200);
     let head = &wire[..wire.find("\r\n\r\n").expect("a head")];
     assert_eq!(connection_header(head).as_deref(), Some("close"), "{wire}");
     assert!(wire.contains("data: 1"), "{wire}");
@@ -161,13 +168,11 @@ async fn headers_named_in_connection_do_not_cross_the_proxy() {
         After::KeepAlive(conn)
     })
     .await;
-    let proxy = Proxy::start(&config(&origin.url())).await;
-    let (status, wire) = exchange(
-        proxy.addr,
+    let wire = answered(
+        &origin,
         b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close, X-Secret\r\nX-Secret: s\r\nX-Kept: k\r\n\r\n",
     )
     .await;
-    assert_eq!(status, 200);
     let request = origin.next_request().await;
     assert_eq!(request.header("x-secret"), None);
     assert_eq!(request.header("x-kept"), Some("k"));

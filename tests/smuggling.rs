@@ -265,6 +265,19 @@ fn rows() -> Vec<Row> {
             }),
         ),
         h1(
+            "http10_without_host",
+            // Longer than the HTTP/2 preface: an h2c listener waits for 24 bytes to tell.
+            b"GET /old HTTP/1.0\r\nUser-Agent: p\r\n\r\n",
+            One(|r| {
+                expect_eq("target", &r.target, "/old")?;
+                let host = r.header("host").unwrap_or("-");
+                match host.strip_prefix("127.0.0.1:") {
+                    Some(_) => Ok(()),
+                    None => Err(format!("host `{host}`, wanted the service URL's")),
+                }
+            }),
+        ),
+        h1(
             "no_host",
             b"GET /p HTTP/1.1\r\nConnection: close\r\n\r\n",
             Status(400),
@@ -278,6 +291,11 @@ fn rows() -> Vec<Row> {
             "extra_spaces_in_request_line",
             b"GET  /p HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
             Status(400),
+        ),
+        h1(
+            "extra_space_before_version",
+            b"GET /p  HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
+            One(|r| expect_eq("target", &r.target, "/p%20")),
         ),
         h1(
             "connection_named_header",

@@ -110,6 +110,8 @@ pub fn canonicalize(req: &mut RequestHeader) -> Result<(), Refusal> {
         Some(query) => format!("{path}?{query}"),
         None => path.into_owned(),
     };
+    // Normalizing only drops slashes, decodes unreserved characters and upper-cases hex
+    // digits, so what parsed as a URI before still does; refused all the same if not.
     let path_and_query =
         PathAndQuery::try_from(target).map_err(|_| Refusal::Path(PathRefusal::NotAbsolute))?;
     let mut parts = req.uri.clone().into_parts();
