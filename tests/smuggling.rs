@@ -104,7 +104,30 @@ fn rows() -> Vec<Row> {
         format!("POST /p HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n{headers}\r\n{body}")
             .into_bytes()
     };
-    vec![
+    // (name, header lines, body) of a POST that asks for the connection to close.
+    #[rustfmt::skip]
+    let posts = [
+        ("te_chunked_identity", "Transfer-Encoding: chunked, identity\r\n", chunked_hello, Refused),
+        ("te_leading_space", "Transfer-Encoding:  chunked\r\n", chunked_hello, One(body_hello)),
+        ("te_xchunked", "Transfer-Encoding: xchunked\r\n", chunked_hello, Refused),
+        ("te_duplicate_lines", "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", chunked_hello, One(body_hello)),
+        ("te_identity_then_chunked_lines", "Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n", chunked_hello, One(body_hello)),
+        ("cl_duplicate_equal_lines", "Content-Length: 5\r\nContent-Length: 5\r\n", "hello", One(length_5)),
+        ("cl_equal_list", "Content-Length: 5, 5\r\n", "hello", One(length_5)),
+        ("cl_leading_zeros", "Content-Length: 005\r\n", "hello", One(length_5)),
+        ("cl_conflicting_lines", "Content-Length: 5\r\nContent-Length: 6\r\n", "hello!", Refused),
+        ("cl_conflicting_list", "Content-Length: 5, 6\r\n", "hello!", Refused),
+        ("cl_negative", "Content-Length: -5\r\n", "hello", Refused),
+        ("cl_plus_sign", "Content-Length: +5\r\n", "hello", Refused),
+        ("cl_too_large", "Content-Length: 99999999999999999999999\r\n", "hello", Refused),
+        ("huge_chunk_size", "Transfer-Encoding: chunked\r\n", "ffffffffffffffffff\r\nhello\r\n0\r\n\r\n", Cut),
+        ("chunk_size_with_garbage", "Transfer-Encoding: chunked\r\n", "5x\r\nhello\r\n0\r\n\r\n", Cut),
+    ];
+    let mut rows: Vec<Row> = posts
+        .into_iter()
+        .map(|(name, headers, body, expect)| h1(name, &post(headers, body), expect))
+        .collect();
+    rows.extend([
         h1(
             "cl_and_te",
             format!(
@@ -126,83 +149,12 @@ fn rows() -> Vec<Row> {
             One(body_hello),
         ),
         h1(
-            "te_chunked_identity",
-            &post("Transfer-Encoding: chunked, identity\r\n", chunked_hello),
-            Refused,
-        ),
-        h1(
-            "te_leading_space",
-            &post("Transfer-Encoding:  chunked\r\n", chunked_hello),
-            One(body_hello),
-        ),
-        h1(
-            "te_xchunked",
-            &post("Transfer-Encoding: xchunked\r\n", chunked_hello),
-            Refused,
-        ),
-        h1(
-            "te_duplicate_lines",
-            &post(
-                "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
-                chunked_hello,
-            ),
-            One(body_hello),
-        ),
-        h1(
-            "te_identity_then_chunked_lines",
-            &post(
-                "Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n",
-                chunked_hello,
-            ),
-            One(body_hello),
-        ),
-        h1(
             "te_in_http10",
             format!(
                 "POST /p HTTP/1.0\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n\
                  {chunked_hello}"
             )
             .as_bytes(),
-            Refused,
-        ),
-        h1(
-            "cl_duplicate_equal_lines",
-            &post("Content-Length: 5\r\nContent-Length: 5\r\n", "hello"),
-            One(length_5),
-        ),
-        h1(
-            "cl_equal_list",
-            &post("Content-Length: 5, 5\r\n", "hello"),
-            One(length_5),
-        ),
-        h1(
-            "cl_leading_zeros",
-            &post("Content-Length: 005\r\n", "hello"),
-            One(length_5),
-        ),
-        h1(
-            "cl_conflicting_lines",
-            &post("Content-Length: 5\r\nContent-Length: 6\r\n", "hello!"),
-            Refused,
-        ),
-        h1(
-            "cl_conflicting_list",
-            &post("Content-Length: 5, 6\r\n", "hello!"),
-            Refused,
-        ),
-        h1(
-            "cl_negative",
-            &post("Content-Length: -5\r\n", "hello"),
-            Refused,
-        ),
-        h1(
-            "cl_plus_sign",
-            &post("Content-Length: +5\r\n", "hello"),
-            Refused,
-        ),
-        h1(
-            "cl_too_large",
-            &post("Content-Length: 99999999999999999999999\r\n", "hello"),
             Refused,
         ),
         h1(
@@ -229,19 +181,6 @@ fn rows() -> Vec<Row> {
             "space_before_colon",
             b"GET /p HTTP/1.1\r\nHost: a.example\r\nContent-Length : 5\r\nConnection: close\r\n\r\nhello",
             Refused,
-        ),
-        h1(
-            "huge_chunk_size",
-            &post(
-                "Transfer-Encoding: chunked\r\n",
-                "ffffffffffffffffff\r\nhello\r\n0\r\n\r\n",
-            ),
-            Cut,
-        ),
-        h1(
-            "chunk_size_with_garbage",
-            &post("Transfer-Encoding: chunked\r\n", "5x\r\nhello\r\n0\r\n\r\n"),
-            Cut,
         ),
         h1(
             "absolute_form",
@@ -334,7 +273,8 @@ fn rows() -> Vec<Row> {
         h2("h2_crlf_in_path", &[(":path", "/h2\r\nx-injected: 1")], Refused),
         h2("h2_host_differs_from_authority", &[("host", "b.example")], Status(400)),
         h2("h2_dot_segment", &[(":path", "/a/../h2")], Status(400)),
-    ]
+    ]);
+    rows
 }
 
 #[tokio::test(flavor = "multi_thread")]
