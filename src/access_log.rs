@@ -116,6 +116,19 @@ pub fn redact_query<'a>(path_and_query: &'a str, also: &[&str]) -> Cow<'a, str> 
     Cow::Owned(out)
 }
 
+/// A request on one line for error logs, as Pingora's own summary says it (`GET
+/// /path?query, Host: host`), with the values of credential query parameters redacted as in
+/// the access log.
+pub fn summary(req: &RequestHeader, secret_params: &[&str]) -> String {
+    let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    format!(
+        "{} {}, Host: {}",
+        req.method,
+        redact_query(target, secret_params),
+        http_util::request_host(req).unwrap_or_default()
+    )
+}
+
 /// Bytes from the request written into a combined line: `"`, `\`, control characters,
 /// bytes outside printable ASCII and (unless `spaces`) spaces become `\xHH`, so a value
 /// can neither end its field nor start a new line.
@@ -276,6 +289,16 @@ mod tests {
         );
         assert_eq!(r("/x?api%5Fkey=s&id=1"), "/x?api%5Fkey=REDACTED&id=1");
         assert_eq!(r("/x?token=&a="), "/x?token=&a=");
+    }
+
+    #[test]
+    fn error_summaries_hide_credentials_too() {
+        let mut req = RequestHeader::build("GET", b"/x?token=t1&a=1&k=t2", None).expect("req");
+        req.insert_header("host", "a.example").expect("host");
+        assert_eq!(
+            summary(&req, &["k"]),
+            "GET /x?token=REDACTED&a=1&k=REDACTED, Host: a.example"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The process's logger: env_logger for everything, except that access log lines (target
-//! `streamgate::access`) take a short path.
+//! `streamgate::access`) take a short path; and [`Throttle`], which bounds the lines a peer
+//! can cause.
 //!
 //! `RUST_LOG` filters both as usual. env_logger formats every record through its styling
 //! layer (which scans each line for colour escapes even when it writes none), about 10,000
@@ -10,6 +11,8 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
 
 use log::{Log, Metadata, Record};
 
@@ -55,5 +58,70 @@ pub fn init() {
     let max = inner.filter();
     if log::set_boxed_logger(Box::new(Logger { inner })).is_ok() {
         log::set_max_level(max);
+    }
+}
+
+/// Lets at most `per_second` lines through in each second and counts the rest, so that a
+/// peer who can cause a line cannot flood the log, and the next line let through can say
+/// how many were left out. Lock-free; two threads at a second's turn may let a line or two
+/// more through.
+#[derive(Debug)]
+pub struct Throttle {
+    per_second: u32,
+    start: Instant,
+    /// The second (since `start`) being counted.
+    second: AtomicU64,
+    /// Lines asked for in that second.
+    asked: AtomicU32,
+    /// Lines left out since the last one let through.
+    left_out: AtomicU64,
+}
+
+impl Throttle {
+    pub fn new(per_second: u32) -> Self {
+        Throttle {
+            per_second,
+            start: Instant::now(),
+            second: AtomicU64::new(0),
+            asked: AtomicU32::new(0),
+            left_out: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when a line may be written now, `n` lines having been left out before it;
+    /// `None` when this one is left out.
+    pub fn admit(&self) -> Option<u64> {
+        let now = self.start.elapsed().as_secs();
+        let second = self.second.load(Ordering::Acquire);
+        if now != second
+            && self
+                .second
+                .compare_exchange(second, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.asked.store(0, Ordering::Release);
+        }
+        if self.asked.fetch_add(1, Ordering::AcqRel) < self.per_second {
+            Some(self.left_out.swap(0, Ordering::AcqRel))
+        } else {
+            self.left_out.fetch_add(1, Ordering::AcqRel);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttle_lets_through_its_rate_and_counts_the_rest() {
+        let throttle = Throttle::new(3);
+        let admitted: Vec<Option<u64>> = (0..5).map(|_| throttle.admit()).collect();
+        assert_eq!(admitted, [Some(0), Some(0), Some(0), None, None]);
+        // A new second: the next line says how many were left out.
+        throttle.second.store(u64::MAX, Ordering::Release);
+        assert_eq!(throttle.admit(), Some(2));
+        assert_eq!(throttle.admit(), Some(0));
     }
 }

@@ -8,11 +8,15 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::logging::Throttle;
 use crate::metrics::Metrics;
 use crate::sse::drain::Drain;
 use crate::sse::limits;
 use crate::sse::tracker::Tracker;
 use crate::upstream::registry::Registry;
+
+/// Most log lines a second about clients' mistakes.
+const CLIENT_ERROR_LINES: u32 = 10;
 
 /// The registries of one server instance.
 #[derive(Debug)]
@@ -30,6 +34,8 @@ pub struct State {
     /// Requests being served now (an event stream counts until it ends): a shutting-down
     /// process exits as soon as this is zero.
     pub in_flight: Arc<InFlight>,
+    /// Bounds the log lines about clients' mistakes (malformed bodies and the like).
+    pub client_errors: Throttle,
 }
 
 /// A count of requests being served.
@@ -68,6 +74,7 @@ impl State {
             limits: limits::Registry::default(),
             drain: Arc::new(Drain::default()),
             in_flight: Arc::new(InFlight::default()),
+            client_errors: Throttle::new(CLIENT_ERROR_LINES),
         })
     }
 }

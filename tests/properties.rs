@@ -1,6 +1,7 @@
 //! Property tests (proptest) of what reads untrusted or hand-written bytes: the config
-//! loader and the SSE event scanner. (Path normalization and routing have theirs beside
-//! the code, in `src/routing/path.rs`.)
+//! loader, the SSE event scanner, and path normalization with the route table (a path and
+//! its other spellings route alike and reach the origin as one path). The chunked decoder
+//! has its own beside the code, in `src/relay/origin.rs`.
 //!
 //! CI runs proptest's default number of cases; a longer run sets `PROPTEST_CASES`:
 //!
@@ -8,9 +9,14 @@
 //! PROPTEST_CASES=100000 cargo nextest run --locked prop_
 //! ```
 
+use std::borrow::Cow;
 use std::path::Path;
+use std::sync::OnceLock;
 
+use pingora_http::RequestHeader;
 use proptest::prelude::*;
+use streamgate::relay::inbound::canonicalize;
+use streamgate::routing::{normalize_path, PathRefusal};
 use streamgate::sse::scanner::{EventScanner, MAX_ID};
 use streamgate::Config;
 
@@ -413,4 +419,209 @@ proptest! {
             );
         }
     }
+}
+
+// --- Path normalization and routing --------------------------------------------------
+
+/// Characters a normalized segment may hold: unreserved ones, a few sub-delims, and
+/// escapes of reserved or non-ASCII bytes.
+fn segment() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        4 => proptest::char::ranges(vec!['a'..='z', 'A'..='Z', '0'..='9'].into())
+            .prop_map(|c| c.to_string()),
+        2 => prop::sample::select(vec!["-", ".", "_", "~", "!", "$", "&", "'", "(", ")",
+            "*", "+", ",", "=", ":", "@"]).prop_map(str::to_string),
+        1 => prop::sample::select(vec!["%20", "%3F", "%23", "%25", "%C3%A9", "%3A", "%3B"])
+            .prop_map(str::to_string),
+    ];
+    proptest::collection::vec(piece, 1..8)
+        .prop_map(|pieces| pieces.concat())
+        .prop_filter("not a dot segment", |s| s != "." && s != "..")
+}
+
+/// A normalized path: segments joined by single slashes, maybe a trailing slash.
+fn normalized() -> impl Strategy<Value = String> {
+    (proptest::collection::vec(segment(), 0..6), any::<bool>()).prop_map(|(segments, trailing)| {
+        let mut path = String::from("/");
+        path.push_str(&segments.join("/"));
+        if trailing && !segments.is_empty() {
+            path.push('/');
+        }
+        path
+    })
+}
+
+/// Another spelling of `path`: unreserved characters percent-encoded at random (in
+/// either case), escapes in lower case, slashes repeated.
+fn respell(path: &str, choices: &[u8]) -> String {
+    let mut out = String::new();
+    let mut choice = choices.iter().cycle();
+    let mut next = || choice.next().copied().unwrap_or(0);
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        let roll = next();
+        if c == b'%' {
+            let escape = &path[i..i + 3];
+            out.push_str(&if roll % 2 == 0 {
+                escape.to_ascii_lowercase()
+            } else {
+                escape.to_string()
+            });
+            i += 3;
+            continue;
+        }
+        match c {
+            b'/' => {
+                for _ in 0..=(roll % 3) {
+                    out.push('/');
+                }
+            }
+            c if is_unreserved(c) && roll % 3 == 0 => {
+                let escaped = format!("%{c:02X}");
+                out.push_str(&if roll % 2 == 0 {
+                    escaped.to_ascii_lowercase()
+                } else {
+                    escaped
+                });
+            }
+            c => out.push(char::from(c)),
+        }
+        i += 1;
+    }
+    out
+}
+
+/// `/admin/*` and friends beside a catch-all: the shape of the bypass, as a config.
+fn routes() -> &'static Config {
+    static CONFIG: OnceLock<Config> = OnceLock::new();
+    CONFIG.get_or_init(|| {
+        let text = "services:\n  s: { url: \"http://127.0.0.1:9\" }\n\
+            host_rules:\n  - pattern: \"*\"\n    target: s\n    route_rules:\n\
+            \x20     - { pattern: \"/admin/*\", target: s, name: admin }\n\
+            \x20     - { pattern: \"/admin/users\", target: s, name: admin-users }\n\
+            \x20     - { pattern: \"/api/v1/*\", target: s, name: api }\n\
+            \x20     - { pattern: \"~^/u/[0-9]+$\", target: s, name: user }\n";
+        Config::from_text(Path::new("routes.yaml"), text, Path::new(".")).expect("config")
+    })
+}
+
+/// What the proxy makes of a request for `target`: the route it takes (or why none) and
+/// the target the origin gets.
+fn through_the_proxy(target: &str) -> Result<(String, String), String> {
+    let mut req =
+        RequestHeader::build("GET", target.as_bytes(), None).map_err(|e| e.to_string())?;
+    req.insert_header("host", "example.com")
+        .map_err(|e| e.to_string())?;
+    canonicalize(&mut req).map_err(|e| e.to_string())?;
+    let route = match routes()
+        .routes
+        .lookup(Some("example.com"), Some(80), req.uri.path())
+    {
+        Ok(route) => route.name.clone(),
+        Err(miss) => format!("{miss:?}"),
+    };
+    Ok((route, String::from_utf8_lossy(req.raw_path()).into_owned()))
+}
+
+/// Paths made of the words the table routes on, so lookups hit every route.
+fn routed_path() -> impl Strategy<Value = String> {
+    let word = prop::sample::select(vec![
+        "admin", "users", "api", "v1", "u", "42", "7", "x.y", "~a", "-",
+    ]);
+    (proptest::collection::vec(word, 1..5), any::<bool>()).prop_map(|(words, trailing)| {
+        let mut path = format!("/{}", words.join("/"));
+        if trailing {
+            path.push('/');
+        }
+        path
+    })
+}
+
+proptest! {
+    #[test]
+    fn prop_path_normalization_never_panics(raw in any::<String>()) {
+        let _ = normalize_path(&raw);
+    }
+
+    #[test]
+    fn prop_path_normalization_never_panics_on_escapes(
+        raw in "/[%/.;a-fA-F0-9\\\\\\x00;]{0,24}",
+    ) {
+        let _ = normalize_path(&raw);
+    }
+
+    #[test]
+    fn prop_a_normalized_path_is_a_fixed_point(raw in "/[a-zA-Z0-9%/._~;:-]{0,40}") {
+        if let Ok(once) = normalize_path(&raw) {
+            let twice = normalize_path(&once);
+            prop_assert_eq!(twice.as_deref(), Ok(once.as_ref()));
+            prop_assert!(matches!(twice, Ok(Cow::Borrowed(_))));
+        }
+    }
+
+    #[test]
+    fn prop_every_spelling_normalizes_to_the_same_path(
+        path in normalized(),
+        choices in proptest::collection::vec(any::<u8>(), 1..64),
+    ) {
+        let same = normalize_path(&path);
+        prop_assert_eq!(same.as_deref(), Ok(path.as_str()));
+        let spelling = respell(&path, &choices);
+        let respelled = normalize_path(&spelling);
+        prop_assert_eq!(respelled.as_deref(), Ok(path.as_str()), "{}", spelling);
+    }
+
+    #[test]
+    fn prop_ambiguous_forms_are_refused(
+        path in normalized(),
+        at in any::<prop::sample::Index>(),
+        form in prop::sample::select(vec![
+            ("%2F", PathRefusal::EncodedSlash),
+            ("%2f", PathRefusal::EncodedSlash),
+            ("%5C", PathRefusal::Backslash),
+            ("%5c", PathRefusal::Backslash),
+            ("\\", PathRefusal::Backslash),
+            ("%00", PathRefusal::ControlCharacter),
+            ("\0", PathRefusal::ControlCharacter),
+            ("/..;/", PathRefusal::DotSegment),
+            ("/../", PathRefusal::DotSegment),
+            ("/%2e%2E/", PathRefusal::DotSegment),
+            ("/./", PathRefusal::DotSegment),
+            ("/.%2e;x/", PathRefusal::DotSegment),
+        ]),
+    ) {
+        // Inserted at a character boundary after the leading slash.
+        let boundaries: Vec<usize> = (1..=path.len()).filter(|i| path.is_char_boundary(*i)).collect();
+        let cut = boundaries[at.index(boundaries.len())];
+        // Not inside an escape, where the inserted text would be read differently.
+        let cut = match path[..cut].rfind('%') {
+            Some(p) if cut - p < 3 => p,
+            _ => cut,
+        }.max(1);
+        let raw = format!("{}{}{}", &path[..cut], form.0, &path[cut..]);
+        prop_assert_eq!(normalize_path(&raw), Err(form.1), "{}", raw);
+    }
+
+    #[test]
+    fn prop_spellings_route_and_go_on_alike(
+        path in routed_path(),
+        choices in proptest::collection::vec(any::<u8>(), 1..64),
+        query in proptest::option::of("[a-z0-9=&%/.]{0,12}"),
+    ) {
+        let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+        let spelling = respell(&path, &choices);
+        let (route, forwarded) = through_the_proxy(&format!("{spelling}{query}"))
+            .map_err(|e| TestCaseError::fail(format!("{spelling}: {e}")))?;
+        let (same_route, same) = through_the_proxy(&path)
+            .map_err(|e| TestCaseError::fail(format!("{path}: {e}")))?;
+        prop_assert_eq!(&route, &same_route, "{} routes like {}", spelling, path);
+        prop_assert_eq!(forwarded, format!("{same}{query}"), "{}", spelling);
+    }
+}
+
+/// RFC 3986 unreserved characters: percent-encoding them does not change a path.
+fn is_unreserved(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~')
 }

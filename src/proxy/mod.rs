@@ -4,14 +4,15 @@
 //! A request's path through the hooks:
 //!
 //! ```text
-//! request_filter   TLS older than the listener's min_version (403); reject bad paths
-//!                  (400); route lookup (404 on a miss); the client address (through
-//!                  trusted proxies); the chain's request hooks (a direct answer skips the
-//!                  rest, response hooks still run); an announced event stream takes its
-//!                  limit slots (503/429 when full); then the relay carries the request to
-//!                  its origin and the answer back (relay::exchange), whatever the request:
-//!                  a pinned session goes to its own endpoint, responses teach new pins
-//!                  (upstream::affinity)
+//! request_filter   TLS older than the listener's min_version (403); the head checked and
+//!                  brought to one form (relay::inbound: one spelling of the path,
+//!                  origin-form, Host; 400/431); route lookup on that path (404 on a
+//!                  miss); the client address (through trusted proxies); the chain's
+//!                  request hooks (a direct answer skips the rest, response hooks still
+//!                  run); an announced event stream takes its limit slots (503/429 when
+//!                  full); then the relay carries the request to its origin and the
+//!                  answer back (relay::exchange), whatever the request: a pinned session
+//!                  goes to its own endpoint, responses teach new pins (upstream::affinity)
 //! fail_to_proxy    an error before the response began: 502/504 (or the status in the
 //!                  error) with a one-line reason
 //! logging          metrics, the chain's logging hooks, the access log, the close of a
@@ -45,7 +46,6 @@ use crate::listen::certs::below_min_version;
 use crate::middleware::{Outcome, Reply};
 use crate::relay::reply::{answer, write_reply};
 use crate::relay::{self, Relay, RequestCtx};
-use crate::routing::has_dot_segment;
 use crate::sse;
 use crate::state::State;
 use crate::upstream::Attempts;
@@ -101,12 +101,14 @@ impl ProxyHttp for StreamGate {
             write_reply(session, reply).await?;
             return Ok(true);
         }
-        let req = session.req_header();
-        if has_dot_segment(req.uri.path()) {
-            let reply = Reply::text(400, "the path contains `.` or `..` segments");
+        // Requests that arrive together on one HTTP/1.1 connection are answered in turn.
+        session.as_mut().set_pipelining_enabled(true);
+        if let Err(refusal) = relay::inbound::canonicalize(session.req_header_mut()) {
+            let reply = Reply::text(refusal.status(), refusal.reason());
             write_reply(session, reply).await?;
             return Ok(true);
         }
+        let req = session.req_header();
         let host = request_host(req);
         let port = listener.map(|a| a.port());
         let route = match config.routes.lookup(host, port, req.uri.path()) {
@@ -158,21 +160,18 @@ impl ProxyHttp for StreamGate {
         ))
     }
 
-    /// Pingora's error log line for a request: its own summary, plus the request id.
+    /// Pingora's error log line for a request: method, target (credentials in the query
+    /// redacted, as in the access log), host, request id.
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
-        let summary = session.as_ref().request_summary();
-        match ctx.request_id() {
-            Some(id) => format!("{summary}, request id: {id}"),
-            None => summary,
-        }
+        relay::record::summary(session.req_header(), ctx)
     }
 
-    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
-        let quiet = relay::record::quiet(ctx, error);
-        if quiet {
-            log::debug!("request ended: {error}");
-        }
-        quiet
+    /// Ordinary ends and clients' mistakes are logged here, at debug and (throttled) info
+    /// level; Pingora's error line is for the proxy's own failures.
+    fn suppress_error_log(&self, session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
+        relay::record::log_unless_failure(&self.state.client_errors, ctx, error, || {
+            self.request_summary(session, ctx)
+        })
     }
 
     async fn fail_to_proxy(

@@ -87,6 +87,15 @@ impl RequestCtx {
         self.route.as_ref().map(|r| r.service.name.as_str())
     }
 
+    /// The query parameters the route's middlewares hold credentials in (`api_key`), which
+    /// logs redact beside the usual credential names.
+    pub fn secret_params(&self) -> Vec<&str> {
+        let chain = self.route.iter().flat_map(|r| r.chain.iter());
+        chain
+            .filter_map(|i| i.middleware.secret_query_param())
+            .collect()
+    }
+
     /// The id the `request_id` middleware gave this request.
     pub fn request_id(&self) -> Option<&str> {
         self.chain.request_id()

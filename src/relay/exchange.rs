@@ -118,6 +118,13 @@ impl Relay {
         let Opened { link, head } = opened;
         let bodiless = link.conn.body_done();
         let downstream = session.as_mut();
+        let reconnects = request.method == Method::GET;
+        let detaches = ctx.stream.is_some() && reconnects && !downstream.is_http2();
+        if detaches {
+            // The connection ends with the stream: the head says so, so that a client
+            // never sends another request on it.
+            downstream.set_keepalive(None);
+        }
         downstream
             .write_response_header(Box::new(head))
             .await
@@ -126,10 +133,9 @@ impl Relay {
             return self.splice(downstream, ctx, link).await;
         }
         if ctx.stream.is_some() {
-            let reconnects = request.method == Method::GET;
             let resume = (settings.resume && reconnects).then(|| Box::new(request));
             let link = Box::new(link);
-            if reconnects && !downstream.is_http2() {
+            if detaches {
                 self.detach(session, ctx, link, resume, access_log);
                 return Ok(());
             }
@@ -189,7 +195,7 @@ impl Relay {
             .await;
             let error = ended.err();
             if let Some(e) = &error {
-                super::record::log_error(&facts, &owned, e);
+                super::record::log_error(&relay.state.client_errors, &facts, &owned, e);
             }
             super::record::finished(&facts, raw.sent, error.as_deref(), &mut owned, access_log);
             if error.is_none() {

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use http::header::{self, HeaderName, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::header::{self, HeaderMap, HeaderName, CONTENT_TYPE, TRANSFER_ENCODING};
 use http::Version;
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -107,26 +107,21 @@ pub async fn response(
     Ok(())
 }
 
-/// Removes what belongs to the client's connection, and what it nominates. An upgrade
-/// request (WebSocket) keeps `Upgrade` and says `Connection: upgrade`.
+/// Removes what belongs to the client's connection, and the headers its `Connection`
+/// names (RFC 9110 7.6.1), except those the proxy sets itself. An upgrade request
+/// (WebSocket) keeps `Upgrade` and says `Connection: upgrade`. (Over HTTP/2 a request
+/// cannot carry `Connection` at all: the h2 layer refuses it.)
 pub fn strip_request_hop_by_hop(request: &mut RequestHeader, upgrade: bool) {
     let protocol = upgrade
         .then(|| request.headers.get(header::UPGRADE).cloned())
         .flatten();
-    let nominated: Vec<HeaderName> = request
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
-        .filter(|name| {
-            !matches!(
-                name.as_str(),
-                "host" | "x-forwarded-for" | "x-forwarded-host" | "x-forwarded-proto"
-            )
-        })
-        .collect();
-    for name in nominated {
+    let keep = [
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+    ];
+    for name in nominated(&request.headers, &keep) {
         request.remove_header(&name);
     }
     for name in HOP_BY_HOP {
@@ -140,15 +135,37 @@ pub fn strip_request_hop_by_hop(request: &mut RequestHeader, upgrade: bool) {
     }
 }
 
-/// Removes what belongs to the origin's connection. A `101` answer to an upgrade keeps
-/// `Upgrade` and `Connection`, which the client needs.
+/// Removes what belongs to the origin's connection, and the headers its `Connection` names,
+/// as for requests, except those the relay framed and classified the answer by. A `101`
+/// answer to an upgrade keeps `Upgrade` and `Connection`, which the client needs.
 pub fn strip_response_hop_by_hop(header: &mut ResponseHeader, upgraded: bool) {
+    let keep = [
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    let keep = if upgraded { &keep[..] } else { &keep[..3] };
+    for name in nominated(&header.headers, keep) {
+        header.remove_header(&name);
+    }
     for name in HOP_BY_HOP {
         if upgraded && (*name == "upgrade" || *name == "connection") {
             continue;
         }
         header.remove_header(*name);
     }
+}
+
+/// The headers `headers`' `Connection` lines name, except `keep`.
+fn nominated(headers: &HeaderMap, keep: &[&str]) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+        .filter(|name| !keep.contains(&name.as_str()))
+        .collect()
 }
 
 /// A body without a length is sent chunked to an HTTP/1.1 client, so the connection can

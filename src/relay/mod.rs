@@ -2,6 +2,8 @@
 //! carries it.
 //!
 //! - [`context`]: the per-request context every hook and the loop share;
+//! - [`inbound`]: the client's request head checked and brought to one form (one spelling
+//!   of its path, origin-form, `Host`) before it is routed;
 //! - [`client`]: where a stream's bytes go: the client's Pingora session, or its HTTP/1.1
 //!   connection itself for a stream carried in a task of its own;
 //! - [`limits`]: the stream limits a request takes before its origin is contacted;
@@ -27,6 +29,7 @@ pub mod context;
 pub mod events;
 pub mod exchange;
 pub mod headers;
+pub mod inbound;
 pub mod limits;
 pub mod origin;
 pub mod record;

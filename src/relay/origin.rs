@@ -571,19 +571,29 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64> {
 mod tests {
     use super::*;
 
-    fn decode_all(wire: &[u8], split: usize) -> Result<Vec<u8>> {
+    /// Feeds `wire` to the decoder in pieces cut at `cuts`, as an origin's bytes arrive:
+    /// the payload, whether the body ended, and how many bytes came after its end.
+    fn feed(wire: &[u8], cuts: &[usize]) -> Result<(Vec<u8>, bool, usize)> {
         let mut buf = BytesMut::new();
         let mut state = Some(ChunkState::Size);
         let mut out = Vec::new();
-        for piece in [&wire[..split], &wire[split..]] {
-            buf.extend_from_slice(piece);
+        let mut from = 0;
+        for at in cuts.iter().copied().chain([wire.len()]) {
             let Some(s) = state else { break };
+            let at = at.clamp(from, wire.len());
+            buf.extend_from_slice(&wire[from..at]);
+            from = at;
             let (next, read, written) = decode_chunked(&mut buf, s)?;
             out.extend_from_slice(&buf[..written]);
             buf.advance(read);
             state = next;
         }
-        assert!(state.is_none(), "the body ended");
+        Ok((out, state.is_none(), buf.len() + wire.len() - from))
+    }
+
+    fn decode_all(wire: &[u8], split: usize) -> Result<Vec<u8>> {
+        let (out, ended, after) = feed(wire, &[split])?;
+        assert!(ended && after == 0, "the body ended where the wire did");
         Ok(out)
     }
 
@@ -690,5 +700,139 @@ mod tests {
         assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent")
             .expect("ok")
             .is_none());
+    }
+
+    // --- Properties -------------------------------------------------------------------
+
+    use proptest::prelude::*;
+
+    /// How a body is chunked: chunk sizes (cycled), a chunk extension for some chunks,
+    /// hex digits in upper case, leading zeros, trailers.
+    #[derive(Debug, Clone)]
+    struct Chunking {
+        sizes: Vec<usize>,
+        extensions: Vec<Option<&'static str>>,
+        upper: bool,
+        zeros: usize,
+        trailers: Vec<String>,
+    }
+
+    fn chunking() -> impl Strategy<Value = Chunking> {
+        let extension = proptest::option::of(prop::sample::select(vec![
+            ";a=b",
+            ";x",
+            ";q=\"v w\"",
+            " ;a=1",
+            "\t;t",
+            ";a=1;b=2",
+        ]));
+        (
+            proptest::collection::vec(1..700usize, 1..12),
+            proptest::collection::vec(extension, 1..6),
+            any::<bool>(),
+            0..3usize,
+            proptest::collection::vec("x-[a-z]{1,8}: [ -~]{0,20}", 0..3),
+        )
+            .prop_map(|(sizes, extensions, upper, zeros, trailers)| Chunking {
+                sizes,
+                extensions,
+                upper,
+                zeros,
+                trailers,
+            })
+    }
+
+    /// `body` chunked as `how` says.
+    fn encode(body: &[u8], how: &Chunking) -> Vec<u8> {
+        let mut wire = Vec::new();
+        let line = |wire: &mut Vec<u8>, size: usize, i: usize| {
+            let hex = format!("{}{size:x}", "0".repeat(how.zeros));
+            let hex = if how.upper {
+                hex.to_ascii_uppercase()
+            } else {
+                hex
+            };
+            wire.extend_from_slice(hex.as_bytes());
+            if let Some(ext) = how.extensions[i % how.extensions.len()] {
+                wire.extend_from_slice(ext.as_bytes());
+            }
+            wire.extend_from_slice(b"\r\n");
+        };
+        let mut rest = body;
+        let mut i = 0;
+        while !rest.is_empty() {
+            let size = how.sizes[i % how.sizes.len()].min(rest.len());
+            line(&mut wire, size, i);
+            wire.extend_from_slice(&rest[..size]);
+            wire.extend_from_slice(b"\r\n");
+            rest = &rest[size..];
+            i += 1;
+        }
+        line(&mut wire, 0, i);
+        for trailer in &how.trailers {
+            wire.extend_from_slice(trailer.as_bytes());
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b"\r\n");
+        wire
+    }
+
+    /// Up to 8 places to cut a wire of any length.
+    fn cuts() -> impl Strategy<Value = Vec<prop::sample::Index>> {
+        proptest::collection::vec(any::<prop::sample::Index>(), 0..8)
+    }
+
+    fn positions(cuts: &[prop::sample::Index], len: usize) -> Vec<usize> {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(len + 1)).collect();
+        at.sort_unstable();
+        at
+    }
+
+    proptest! {
+        #[test]
+        fn prop_chunked_bodies_decode_whole_however_they_arrive(
+            body in proptest::collection::vec(any::<u8>(), 0..3000),
+            how in chunking(),
+            after in proptest::collection::vec(any::<u8>(), 0..40),
+            cuts in cuts(),
+        ) {
+            let mut wire = encode(&body, &how);
+            wire.extend_from_slice(&after);
+            let (out, ended, left) = feed(&wire, &positions(&cuts, wire.len()))
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(out, body);
+            prop_assert!(ended);
+            prop_assert_eq!(left, after.len(), "the decoder stops at the body's end");
+        }
+
+        #[test]
+        fn prop_chunked_garbage_never_panics_nor_yields_more_than_it_got(
+            wire in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..600),
+                "[0-9a-fA-F;= \t\r\nxX\"]{0,300}".prop_map(String::into_bytes),
+            ],
+            cuts in cuts(),
+        ) {
+            if let Ok((out, _, _)) = feed(&wire, &positions(&cuts, wire.len())) {
+                prop_assert!(out.len() <= wire.len());
+            }
+        }
+
+        #[test]
+        fn prop_damaged_chunked_bodies_never_panic_nor_yield_more_than_they_got(
+            body in proptest::collection::vec(any::<u8>(), 0..600),
+            how in chunking(),
+            damage in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            cuts in cuts(),
+        ) {
+            let mut wire = encode(&body, &how);
+            for (at, byte) in &damage {
+                let at = at.index(wire.len());
+                wire[at] = *byte;
+            }
+            if let Ok((out, _, _)) = feed(&wire, &positions(&cuts, wire.len())) {
+                prop_assert!(out.len() <= wire.len());
+            }
+        }
     }
 }

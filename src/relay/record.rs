@@ -8,37 +8,87 @@ use pingora_http::RequestHeader;
 use super::context::RequestCtx;
 use crate::access_log::{self, Entry};
 use crate::config::AccessLog;
+use crate::logging::Throttle;
 use crate::sse::CloseReason;
 
-/// Whether an error a request ended with is ordinary, not worth an error log line: a
-/// client that went away; anything that ended a started event stream (client gone, origin
-/// gone, a timeout, a deliberate cut), which the close line reports at info level.
-pub fn quiet(ctx: &RequestCtx, error: &Error) -> bool {
-    let client_gone = error.esource() == &ErrorSource::Downstream
+/// How an error a request ended with is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// Ordinary, at debug level: a client that went away; anything that ended a started
+    /// event stream (client gone, origin gone, a timeout, a deliberate cut), which the close
+    /// line reports at info level.
+    Ordinary,
+    /// The client's mistake, at info level and at most a few lines a second: a malformed
+    /// request body (chunked framing, trailers), a body that ended early, a client too slow
+    /// to send it, an answer 4xx. Never a server error, and a client must not be able to
+    /// flood the log with them.
+    Client,
+    /// Anything else: an error line.
+    Failure,
+}
+
+/// How `error`, which the request of `ctx` ended with, is logged.
+pub fn severity(ctx: &RequestCtx, error: &Error) -> Severity {
+    let downstream = error.esource() == &ErrorSource::Downstream;
+    let client_gone = downstream
         && matches!(
             error.etype(),
             ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
         );
     let stream_end = ctx.stream.is_some()
         && (error.esource() != &ErrorSource::Internal || error.etype() == &CUT);
-    client_gone || stream_end
+    if client_gone || stream_end {
+        Severity::Ordinary
+    } else if downstream || matches!(error.etype(), ErrorType::HTTPStatus(400..=499)) {
+        Severity::Client
+    } else {
+        Severity::Failure
+    }
 }
 
 /// The error type of a stream cut on purpose (`finish_period` ran out).
 pub const CUT: ErrorType = ErrorType::Custom("cut");
 
+/// Logs `e` when it is not a failure of the proxy's (see [`Severity`]) and says whether it
+/// did: a failure is left to the caller's error line. `summary` says which request it was.
+pub fn log_unless_failure(
+    throttle: &Throttle,
+    ctx: &RequestCtx,
+    e: &Error,
+    summary: impl FnOnce() -> String,
+) -> bool {
+    match severity(ctx, e) {
+        Severity::Ordinary => log::debug!("request ended: {e}"),
+        Severity::Client => {
+            if let Some(left_out) = throttle.admit() {
+                let earlier = match left_out {
+                    0 => String::new(),
+                    n => format!(" ({n} similar lines left out before this one)"),
+                };
+                log::info!("client error: {e}, {}{earlier}", summary());
+            }
+        }
+        Severity::Failure => return false,
+    }
+    true
+}
+
 /// Logs how a request that went on in a task of its own failed, as Pingora logs the
-/// others: ordinary ends at debug level, anything else as an error.
-pub fn log_error(request: &RequestHeader, ctx: &RequestCtx, e: &Error) {
-    if quiet(ctx, e) {
-        log::debug!("stream ended: {e}");
-    } else {
-        log::error!(
-            "Fail to proxy: {e}, {} {}, request id: {}",
-            request.method,
-            request.uri,
-            ctx.request_id().unwrap_or("-")
-        );
+/// others.
+pub fn log_error(throttle: &Throttle, request: &RequestHeader, ctx: &RequestCtx, e: &Error) {
+    let summary = || summary(request, ctx);
+    if !log_unless_failure(throttle, ctx, e, summary) {
+        log::error!("Fail to proxy: {e}, {}", summary());
+    }
+}
+
+/// A request on one line for error logs: method, target (credentials in the query
+/// redacted, as in the access log), host, request id.
+pub fn summary(request: &RequestHeader, ctx: &RequestCtx) -> String {
+    let line = access_log::summary(request, &ctx.secret_params());
+    match ctx.request_id() {
+        Some(id) => format!("{line}, request id: {id}"),
+        None => line,
     }
 }
 
@@ -103,10 +153,7 @@ pub fn finished(
         )
     });
     if log.enabled {
-        let chain = ctx.route.iter().flat_map(|r| r.chain.iter());
-        let secret_params: Vec<&str> = chain
-            .filter_map(|i| i.middleware.secret_query_param())
-            .collect();
+        let secret_params = ctx.secret_params();
         access_log::write(
             log.format,
             &Entry {
@@ -141,5 +188,33 @@ pub fn finished(
             String::from_utf8_lossy(s.last_id()),
             e.map(|e| format!(" detail=\"{e}\"")).unwrap_or_default(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::http_error;
+
+    #[test]
+    fn clients_mistakes_are_not_failures() {
+        let ctx = RequestCtx::default();
+        let of = |e: Box<Error>| severity(&ctx, &e);
+        let chunk = ErrorType::Custom("InvalidChunk");
+        assert_eq!(of(Error::new(chunk).into_down()), Severity::Client);
+        assert_eq!(
+            of(Error::new(ErrorType::InvalidHTTPHeader).into_down()),
+            Severity::Client
+        );
+        assert_eq!(of(http_error(413, "too large")), Severity::Client);
+        assert_eq!(
+            of(Error::new(ErrorType::ConnectionClosed).into_down()),
+            Severity::Ordinary
+        );
+        assert_eq!(
+            of(Error::new(ErrorType::ReadError).into_up()),
+            Severity::Failure
+        );
+        assert_eq!(of(http_error(502, "no origin")), Severity::Failure);
     }
 }

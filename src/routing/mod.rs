@@ -26,7 +26,7 @@ use crate::metrics::RouteMetrics;
 use crate::middleware::Chain;
 use crate::pattern::{self, HostPattern, PathPattern};
 use crate::upstream::Service;
-pub use path::{has_dot_segment, normalize_path, PathRefusal};
+pub use path::{normalize_path, PathRefusal};
 
 /// A matched route: what the rest of the request needs to know about where it goes.
 #[derive(Debug)]

@@ -440,13 +440,15 @@ impl Service {
             req.set_uri(uri);
         }
         match &self.host_header {
-            HostHeader::Passthrough => {
-                if let Some(host) = &original_host {
+            HostHeader::Passthrough => match &original_host {
+                Some(host) => {
                     if req.headers.get(HOST).is_none() {
                         req.insert_header(HOST, host.as_str())?;
                     }
                 }
-            }
+                // An HTTP/1.0 client may name no host; HTTP/1.1 to the origin needs one.
+                None => req.insert_header(HOST, self.url.authority())?,
+            },
             HostHeader::Fixed(value) => req.insert_header(HOST, value.clone())?,
         }
         if let Some(ip) = client {

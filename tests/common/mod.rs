@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod ca;
+pub mod raw;
 pub mod resume;
 
 use std::future::Future;
@@ -85,11 +86,16 @@ pub struct Head {
 
 impl Head {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        header(&self.headers, name)
     }
+}
+
+/// The first value of header `name` among `headers`.
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
 }
 
 /// A connection to the origin, handed to the test's handler after the request head.
@@ -353,8 +359,19 @@ impl Proxy {
     /// Starts the proxy on a fresh port. `body` is the config without `listen`: services,
     /// host rules and so on.
     pub async fn start(body: &str) -> Proxy {
+        Proxy::start_listening(|port| format!("[\"127.0.0.1:{port}\"]"), body).await
+    }
+
+    /// [`Proxy::start`] on a listener that speaks HTTP/2 without TLS (h2c, prior knowledge)
+    /// beside HTTP/1.1.
+    pub async fn start_h2c(body: &str) -> Proxy {
+        let listen = |port| format!("[{{ address: \"127.0.0.1:{port}\", h2c: true }}]");
+        Proxy::start_listening(listen, body).await
+    }
+
+    async fn start_listening(listen: impl Fn(u16) -> String, body: &str) -> Proxy {
         let port = free_port();
-        let text = format!("listen: [\"127.0.0.1:{port}\"]\n{body}");
+        let text = format!("listen: {}\n{body}", listen(port));
         let config = Config::from_text(Path::new("test.yaml"), &text, Path::new("."))
             .unwrap_or_else(|e| {
                 panic!("test config does not load: {e}\n{text}");
