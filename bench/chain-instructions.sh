@@ -3,13 +3,15 @@
 # shared machine): with an empty middleware chain and the access log off, with five typical
 # middlewares (request_id, headers, ip_filter, rate_limit, cors), and with the access log
 # written (metrics are always recorded).
-#   cargo build --release && bench/chain-instructions.sh [REQUESTS]
+# The floor (examples/floor.rs, Pingora with no features) is counted the same way.
+#   cargo build --release --bin streamgate --example floor && bench/chain-instructions.sh [REQUESTS]
 # Needs valgrind and python3 (apt-get install -y valgrind). Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-2000}
 bin=target/release/streamgate
-[ -x "$bin" ] || { echo "run cargo build --release first" >&2; exit 1; }
+floor=target/release/examples/floor
+[ -x "$bin" ] && [ -x "$floor" ] || { echo "run cargo build --release --bin streamgate --example floor first" >&2; exit 1; }
 command -v valgrind >/dev/null || { echo "needs valgrind" >&2; exit 1; }
 dir=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$dir"' EXIT
@@ -53,7 +55,9 @@ measure() { # name config-extra [RUST_LOG]
     local p; p=$(port)
     printf 'threads: 1\npid_file: %s/pid\nupgrade_sock: %s/sock\ngrace_period_seconds: 0\ngraceful_shutdown_timeout_seconds: 0\nlisten: ["127.0.0.1:%s"]\nservices:\n  origin: { url: "http://127.0.0.1:%s" }\nhost_rules:\n  - { pattern: "*", target: origin }\n%s\n' \
       "$dir" "$dir" "$p" "$origin_port" "$2" > "$dir/$1.yaml"
-    RUST_LOG=${3:-off} valgrind --tool=callgrind --callgrind-out-file="$dir/$1-$count.out" "$bin" -c "$dir/$1.yaml" >/dev/null 2>&1 &
+    local cmd=("$bin" -c "$dir/$1.yaml")
+    [ "$1" = floor ] && cmd=("$floor" --listen "127.0.0.1:$p" --upstream "127.0.0.1:$origin_port" --threads 1)
+    RUST_LOG=${3:-off} valgrind --tool=callgrind --callgrind-out-file="$dir/$1-$count.out" "${cmd[@]}" >/dev/null 2>&1 &
     local vg=$!
     for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$p))" 2>/dev/null && break; sleep 0.2; done
     python3 "$dir/client.py" "$p" 200
@@ -64,9 +68,11 @@ measure() { # name config-extra [RUST_LOG]
   echo $(( (total[1] - total[0]) / n ))
 }
 quiet='access_log: { enabled: false }'
+floor_count=$(measure floor "")
 empty=$(measure empty "$quiet")
 full=$(measure chain "$quiet
 $chain")
 logged=$(measure logged 'access_log: { enabled: true, format: combined }' 'off,streamgate::access=info')
+echo "instructions per request: the floor (Pingora, no features) $floor_count, streamgate $empty ($(( (empty - floor_count) * 100 / floor_count ))% more)"
 echo "instructions per request: empty chain $empty, five middlewares $full ($(( (full - empty) * 100 / empty ))% more)"
 echo "instructions per request: access log off $empty, on $logged ($(( (logged - empty) * 100 / empty ))% more)"

@@ -98,14 +98,14 @@ impl ProxyHttp for StreamGate {
         let tls = listener.and_then(|local| config.listener_tls(local));
         if let Some(min) = tls.and_then(|tls| below_min_version(session, tls)) {
             let reply = Reply::text(403, &format!("this listener requires TLS {min} or newer"));
-            write_reply(session, reply).await?;
+            Box::pin(write_reply(session, reply)).await?;
             return Ok(true);
         }
         // Requests that arrive together on one HTTP/1.1 connection are answered in turn.
         session.as_mut().set_pipelining_enabled(true);
         if let Err(refusal) = relay::inbound::canonicalize(session.req_header_mut()) {
             let reply = Reply::text(refusal.status(), refusal.reason());
-            write_reply(session, reply).await?;
+            Box::pin(write_reply(session, reply)).await?;
             return Ok(true);
         }
         let req = session.req_header();
@@ -115,7 +115,7 @@ impl ProxyHttp for StreamGate {
             Ok(route) => route.clone(),
             Err(miss) => {
                 let reason = miss.reason(host, req.uri.path());
-                write_reply(session, Reply::text(404, &reason)).await?;
+                Box::pin(write_reply(session, Reply::text(404, &reason))).await?;
                 return Ok(true);
             }
         };
@@ -133,13 +133,13 @@ impl ProxyHttp for StreamGate {
         for instance in route.chain.iter() {
             let outcome = instance.middleware.request(session, &mut ctx.chain).await?;
             if let Outcome::Respond(reply) = outcome {
-                answer(session, ctx, &route, reply).await?;
+                Box::pin(answer(session, ctx, &route, reply)).await?;
                 return Ok(true);
             }
         }
         if ctx.chain.sse.announced {
             if let Some(reply) = relay::limits::take(ctx, ctx.chain.client) {
-                answer(session, ctx, &route, reply).await?;
+                Box::pin(answer(session, ctx, &route, reply)).await?;
                 return Ok(true);
             }
         }

@@ -86,7 +86,7 @@ impl Relay {
     ) -> Result<()> {
         let method = session.req_header().method.clone();
         if ctx.chain.sse.announced && method == Method::GET && self.state.drain.draining() {
-            return events::turn_away(session.as_mut(), ctx).await;
+            return Box::pin(events::turn_away(session.as_mut(), ctx)).await;
         }
         let (request, body) = self.upstream_request(session, ctx).await?;
         let mut opened = self
@@ -106,7 +106,7 @@ impl Relay {
             if let Some(reply) = super::limits::take(ctx, ctx.chain.client) {
                 drop(opened);
                 route.metrics.sse_refused();
-                return super::reply::answer(session, ctx, &route, reply).await;
+                return Box::pin(super::reply::answer(session, ctx, &route, reply)).await;
             }
         }
         let upgraded = opened.head.status == 101;
@@ -130,7 +130,7 @@ impl Relay {
             .await
             .map_err(|e| e.into_down())?;
         if upgraded {
-            return self.splice(downstream, ctx, link).await;
+            return Box::pin(self.splice(downstream, ctx, link)).await;
         }
         if ctx.stream.is_some() {
             let resume = (settings.resume && reconnects).then(|| Box::new(request));
@@ -141,7 +141,8 @@ impl Relay {
             }
             let mut client = Client::Session(downstream);
             let resume = resume.as_deref();
-            return events::relay(self, &mut client, ctx, link, resume, reconnects).await;
+            let stream = events::relay(self, &mut client, ctx, link, resume, reconnects);
+            return Box::pin(stream).await;
         }
         if bodiless {
             write_body(downstream, None, true).await?;
@@ -262,7 +263,16 @@ impl Relay {
                 .next(service, request, ctx.chain.client)
                 .await?;
             let peer = service.peer(lease.addr, announced.then_some(&settings));
-            let (stream, reused) = match self.connector.get_stream(&*peer).await {
+            // The pool first; a new connection's future (TCP and TLS connect, a few KiB)
+            // is boxed, so this future, which every request carries, stays small.
+            let pooled = self.connector.reused_stream(&*peer).await;
+            let connected = match pooled {
+                Some(stream) => Ok((stream, true)),
+                None => Box::pin(self.connector.new_stream(&*peer))
+                    .await
+                    .map(|stream| (stream, false)),
+            };
+            let (stream, reused) = match connected {
                 Ok(connected) => connected,
                 Err(e) => {
                     if ctx.upstream.attempts.connect_failed(&lease, &e) {
@@ -283,9 +293,7 @@ impl Relay {
                     "a pooled connection to {} was closed by the origin; sending again on a new one",
                     peer.address()
                 );
-                let stream = self
-                    .connector
-                    .new_stream(&*peer)
+                let stream = Box::pin(self.connector.new_stream(&*peer))
                     .await
                     .map_err(|e| e.into_up())?;
                 conn = OriginConn::new(stream, false);

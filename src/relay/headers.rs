@@ -19,16 +19,16 @@ use crate::sse;
 use crate::sse::tracker::{StreamInfo, Tracker};
 
 /// Headers that describe one connection and never cross a proxy.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
-    "http2-settings",
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// The request the origin sees: path prefix, `Host` policy, `X-Forwarded-*`, then the
@@ -124,10 +124,13 @@ pub fn strip_request_hop_by_hop(request: &mut RequestHeader, upgrade: bool) {
     for name in nominated(&request.headers, &keep) {
         request.remove_header(&name);
     }
-    for name in HOP_BY_HOP {
-        request.remove_header(*name);
+    // Removing through Pingora's header API costs even when the header is absent (it
+    // keeps a second map of the names' spelling): look first.
+    for name in HOP_BY_HOP.iter().chain([&TRANSFER_ENCODING]) {
+        if request.headers.contains_key(name) {
+            request.remove_header(name);
+        }
     }
-    request.remove_header(&TRANSFER_ENCODING);
     if let Some(protocol) = protocol {
         // Cannot fail: both are valid header values.
         let _ = request.insert_header(header::UPGRADE, protocol);
@@ -149,11 +152,11 @@ pub fn strip_response_hop_by_hop(header: &mut ResponseHeader, upgraded: bool) {
     for name in nominated(&header.headers, keep) {
         header.remove_header(&name);
     }
-    for name in HOP_BY_HOP {
-        if upgraded && (*name == "upgrade" || *name == "connection") {
-            continue;
+    for name in &HOP_BY_HOP {
+        let needed = upgraded && (name == header::UPGRADE || name == header::CONNECTION);
+        if !needed && header.headers.contains_key(name) {
+            header.remove_header(name);
         }
-        header.remove_header(*name);
     }
 }
 

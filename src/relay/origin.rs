@@ -373,7 +373,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, ResponseHeader)>> {
         Err(e) => return Err(framing_error(format!("invalid response head: {e}"))),
     };
     let code = resp.code.unwrap_or(0);
-    let mut head = ResponseHeader::build_no_case(code, Some(resp.headers.len()))
+    // Room for what the proxy and the chain add.
+    let mut head = ResponseHeader::build_no_case(code, Some(resp.headers.len() + 8))
         .map_err(|e| framing_error(format!("invalid response status {code}: {e}")))?;
     head.set_version(match resp.version {
         Some(0) => Version::HTTP_10,
