@@ -10,7 +10,8 @@
 #   PEERS="direct streamgate haproxy" BUILD=0 bench/peers.sh
 #
 # Settings (environment, defaults in brackets):
-#   CONNS ["1000 9000"]  stream tiers (one connection per stream; at most about 9,900)
+#   CONNS ["1000 9000"]  stream tiers (one connection per stream; at most about 9,900;
+#                        set and empty: no stream tiers)
 #   DURATION [15]        steady seconds measured per stream run
 #   ROUNDS [2]           interleaved rounds; tables show the median and each round
 #   PEERS ["direct floor streamgate haproxy nginx"]
@@ -29,7 +30,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CONNS=${CONNS:-"1000 9000"}
+CONNS=${CONNS-"1000 9000"}
 DURATION=${DURATION:-15}
 ROUNDS=${ROUNDS:-2}
 PEERS=${PEERS:-"direct floor streamgate haproxy nginx"}

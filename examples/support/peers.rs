@@ -29,7 +29,6 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -231,15 +230,39 @@ fn quantile_us(h: &hdrhistogram::Histogram<u64>, q: f64) -> Option<u64> {
     (!h.is_empty()).then(|| h.value_at_quantile(q))
 }
 
+/// What every run needs: the settings, the output folder, and the origin's process.
+struct Bench<'a> {
+    args: &'a Args,
+    out: PathBuf,
+    origin: u32,
+}
+
+impl Bench<'_> {
+    /// CPU seconds used so far by this process (the client) and by the origin: when either
+    /// grows by about a second a second, the harness, not the proxy, is the limit.
+    fn harness_cpu(&self) -> (f64, f64) {
+        (cpu_seconds(std::process::id()), cpu_seconds(self.origin))
+    }
+
+    fn harness_cpu_since(&self, before: (f64, f64)) -> Value {
+        let now = self.harness_cpu();
+        json!({ "client_cpu_s": now.0 - before.0, "origin_cpu_s": now.1 - before.1 })
+    }
+}
+
+/// Adds the fields of `extra` (an object) to `run`.
+fn merged(mut run: Value, extra: Value) -> Value {
+    if let (Some(run), Value::Object(extra)) = (run.as_object_mut(), extra) {
+        run.extend(extra);
+    }
+    run
+}
+
 /// One run of a stream tier through one proxy.
-async fn streams_run(
-    args: &Args,
-    peer: &Peer,
-    streams: usize,
-    out: &Path,
-) -> Result<Value, String> {
+async fn streams_run(bench: &Bench<'_>, peer: &Peer, streams: usize) -> Result<Value, String> {
+    let args = bench.args;
     let s = &args.peers;
-    let proxy = Proxy::start(peer, s, out).await?;
+    let proxy = Proxy::start(peer, s, &bench.out).await?;
     let run = Run::new();
     let path = format!("/events?size={}", s.size);
     let tasks = open_streams(&proxy.target, &path, streams, s.ramp, &run).await?;
@@ -252,11 +275,13 @@ async fn streams_run(
     }
     tokio::time::sleep(args.warmup).await;
     let cpu_before = proxy.cpu();
+    let harness_before = bench.harness_cpu();
     let started = Instant::now();
     run.measure();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     let rss_end = proxy.rss();
     let cpu_used = proxy.cpu().zip(cpu_before).map(|(end, start)| end - start);
+    let harness = bench.harness_cpu_since(harness_before);
     run.stop();
     let steady = started.elapsed().as_secs_f64();
     let t = Tally::collect(tasks).await;
@@ -267,7 +292,7 @@ async fn streams_run(
     let per_stream = rss_end
         .zip(proxy.idle_rss)
         .map(|(end, idle)| (end as f64 - idle as f64) / streams as f64);
-    Ok(json!({
+    let run = json!({
         "scenario": "streams",
         "streams": streams,
         "proxy": peer.name,
@@ -290,18 +315,18 @@ async fn streams_run(
         "rss_per_stream_kib": per_stream,
         "cpu_steady_s": cpu_used,
         "cpu_us_per_event": cpu_used.map(|c| c * 1e6 / t.measured_events.max(1) as f64),
-    }))
+    });
+    Ok(merged(run, harness))
 }
 
-/// One burst through one proxy. The CPU of this process (the client) and of the origin
-/// go into the record too: when either is near a second a second, the harness is the limit.
-async fn burst_run(args: &Args, peer: &Peer, out: &Path, origin: u32) -> Result<Value, String> {
-    let s = &args.peers;
-    let proxy = Proxy::start(peer, s, out).await?;
+/// One burst through one proxy.
+async fn burst_run(bench: &Bench<'_>, peer: &Peer) -> Result<Value, String> {
+    let s = &bench.args.peers;
+    let proxy = Proxy::start(peer, s, &bench.out).await?;
     let run = Run::new();
     let path = format!("/burst?count={}&size={}", s.burst, s.burst_size);
     let cpu_before = proxy.cpu();
-    let harness_before = (cpu_seconds(std::process::id()), cpu_seconds(origin));
+    let harness_before = bench.harness_cpu();
     let started = micros_now();
     let tasks = open_streams(&proxy.target, &path, s.burst_streams, 0, &run).await?;
     // A bound on the run whatever happens: 10 s plus 10 µs an event.
@@ -317,13 +342,12 @@ async fn burst_run(args: &Args, peer: &Peer, out: &Path, origin: u32) -> Result<
     let seconds = (micros_now() - started) as f64 / 1e6;
     guard.abort();
     let cpu = proxy.cpu().zip(cpu_before).map(|(end, start)| end - start);
-    let client_cpu = cpu_seconds(std::process::id()) - harness_before.0;
-    let origin_cpu = cpu_seconds(origin) - harness_before.1;
+    let harness = bench.harness_cpu_since(harness_before);
     drop(proxy.process);
     if let Some(e) = &t.first_error {
         eprintln!("  {}: first stream error: {e}", peer.name);
     }
-    Ok(json!({
+    let run = json!({
         "scenario": "burst",
         "proxy": peer.name,
         "streams": s.burst_streams,
@@ -338,14 +362,13 @@ async fn burst_run(args: &Args, peer: &Peer, out: &Path, origin: u32) -> Result<
         "events_per_s": t.events as f64 / seconds,
         "mb_per_s": (t.events * s.burst_size as u64) as f64 / seconds / 1e6,
         "cpu_s": cpu,
-        "client_cpu_s": client_cpu,
-        "origin_cpu_s": origin_cpu,
-    }))
+    });
+    Ok(merged(run, harness))
 }
 
-/// `wrk`'s requests a second and its count of failed requests, or `None` if it is not
-/// installed.
-fn wrk(addr: SocketAddr, path: &str, conns: usize, seconds: u64) -> Option<(f64, u64)> {
+/// `wrk`'s requests a second and its count of failed requests (its report is appended to
+/// `log`), or `None` if it gave no rate.
+fn wrk(addr: SocketAddr, path: &str, conns: usize, seconds: u64, log: &Path) -> Option<(f64, u64)> {
     let output = Command::new("wrk")
         .args(["-t2", &format!("-c{conns}"), &format!("-d{seconds}s")])
         .arg(format!("http://{addr}{path}"))
@@ -353,6 +376,9 @@ fn wrk(addr: SocketAddr, path: &str, conns: usize, seconds: u64) -> Option<(f64,
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&output.stdout);
+    if let Ok(mut file) = OpenOptions::new().create(true).append(true).open(log) {
+        let _ = writeln!(file, "{text}{}", String::from_utf8_lossy(&output.stderr));
+    }
     let number = |prefix: &str| -> Vec<u64> {
         text.lines()
             .filter_map(|l| l.trim().strip_prefix(prefix))
@@ -373,9 +399,10 @@ fn wrk(addr: SocketAddr, path: &str, conns: usize, seconds: u64) -> Option<(f64,
 }
 
 /// One plain-request run through one proxy.
-async fn plain_run(args: &Args, peer: &Peer, out: &Path, use_wrk: bool) -> Result<Value, String> {
+async fn plain_run(bench: &Bench<'_>, peer: &Peer, use_wrk: bool) -> Result<Value, String> {
+    let args = bench.args;
     let s = &args.peers;
-    let proxy = Proxy::start(peer, s, out).await?;
+    let proxy = Proxy::start(peer, s, &bench.out).await?;
     let addr = proxy.target.addr;
     let path = format!("/plain?size={}", s.plain_size);
     // One second of the same load first: connection pools filled, code paths warm.
@@ -384,7 +411,8 @@ async fn plain_run(args: &Args, peer: &Peer, out: &Path, use_wrk: bool) -> Resul
     let (seconds, conns) = (s.plain_seconds, args.conns);
     let (rate, errors) = if use_wrk {
         let path = path.clone();
-        tokio::task::spawn_blocking(move || wrk(addr, &path, conns, seconds))
+        let log = bench.out.join(format!("{}.wrk.txt", peer.name));
+        tokio::task::spawn_blocking(move || wrk(addr, &path, conns, seconds, &log))
             .await
             .ok()
             .flatten()
@@ -616,19 +644,20 @@ pub async fn run(args: &Args) -> Result<(), String> {
         &humantime::format_duration(args.interval).to_string(),
     ]);
     let origin = start("origin", &mut origin, s.origin, &out.join("origin.log")).await?;
-    let origin_pid = origin.pid();
-    let out = Arc::new(out);
+    let bench = &Bench {
+        args,
+        out: out.clone(),
+        origin: origin.pid(),
+    };
     for &streams in &s.tiers {
         let title = format!(
             "{streams} streams, one {} B event per {:?} each, {} s steady after ramp and {:?} \
              warm-up; median (rounds)",
             s.size, args.interval, args.seconds, args.warmup
         );
-        let out = out.clone();
         let label = format!("{streams} streams");
         scenario(args, &mut results, (label, title), STREAM_COLUMNS, |peer| {
-            let out = out.clone();
-            async move { streams_run(args, peer, streams, &out).await }
+            streams_run(bench, peer, streams)
         })
         .await;
     }
@@ -640,8 +669,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
         );
         let label = "burst".to_string();
         scenario(args, &mut results, (label, title), BURST_COLUMNS, |peer| {
-            let out = out.clone();
-            async move { burst_run(args, peer, &out, origin_pid).await }
+            burst_run(bench, peer)
         })
         .await;
     }
@@ -664,8 +692,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
         );
         let label = "plain".to_string();
         scenario(args, &mut results, (label, title), PLAIN_COLUMNS, |peer| {
-            let out = out.clone();
-            async move { plain_run(args, peer, &out, use_wrk).await }
+            plain_run(bench, peer, use_wrk)
         })
         .await;
     }
