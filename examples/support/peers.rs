@@ -167,7 +167,7 @@ async fn start(
         child,
     };
     for _ in 0..300 {
-        if TcpStream::connect(addr).await.is_ok() {
+        if TcpStream::connect(addr).await.is_ok() && listens_alone(started.pid(), addr.port()) {
             return Ok(started);
         }
         if let Ok(Some(status)) = started.child.try_wait() {
@@ -175,7 +175,44 @@ async fn start(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Err(format!("{name} did not listen on {addr} within 15 s"))
+    Err(format!(
+        "{name} did not listen on {addr} within 15 s, or another process listens there too"
+    ))
+}
+
+/// Whether every socket listening on `port` (IPv4) belongs to `pid` or a process below
+/// it. A proxy that finds its port taken may keep retrying (Pingora does), and listeners
+/// with SO_REUSEPORT share a port: either way another process would answer the client.
+fn listens_alone(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return true;
+    };
+    // sl local_address rem_address st ... inode: the port is hex after the colon; state
+    // 0A is LISTEN; the inode is the tenth field.
+    let listening: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields.get(1)?.rsplit_once(':')?.1;
+            if u16::from_str_radix(local_port, 16).ok()? != port || *fields.get(3)? != "0A" {
+                return None;
+            }
+            Some(format!("socket:[{}]", fields.get(9)?))
+        })
+        .collect();
+    let mut owned = Vec::new();
+    for pid in crate::process_tree(pid) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(link) = std::fs::read_link(fd.path()) {
+                owned.push(link.to_string_lossy().into_owned());
+            }
+        }
+    }
+    !listening.is_empty() && listening.iter().all(|socket| owned.contains(socket))
 }
 
 /// A proxy started for one run, or none for `direct`.
