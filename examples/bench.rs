@@ -1,10 +1,11 @@
-//! Load tool for streamgate, three scenarios.
+//! Load tool for streamgate, four scenarios, and the origin they share.
 //!
 //! ```text
 //! cargo build --release
 //! cargo run --release --example bench -- --streams 1000 --seconds 20     # SSE (default)
 //! cargo run --release --example bench -- --scenario chain --seconds 5    # middleware cost
 //! cargo run --release --example bench -- --scenario observability       # access log cost
+//! bench/peers.sh                                                          # beside the peers
 //! ```
 //!
 //! `--scenario sse`: per-event latency and per-stream memory, through streamgate and
@@ -34,28 +35,44 @@
 //! `--scenario observability`: the same comparison between the access log off and on
 //! (lines formatted and written to a discarded stderr); metrics are recorded in both.
 //!
+//! `--scenario peers`: streamgate side by side with other proxies, each given as
+//! `--peer NAME=PORT:COMMAND` (or `--peer direct`, no proxy), over stream tiers, a burst and
+//! plain requests; see `support/peers.rs`. `bench/peers.sh` runs it with the usual peers.
+//!
+//! `--scenario origin --origin ADDR`: only the origin (`support/sse_origin.rs`), in the
+//! foreground, until it is killed; the peers scenario runs it as a process of its own.
+//!
 //! Only loopback addresses are used.
 
+#[path = "support/peers.rs"]
+mod peers;
 #[path = "support/sse_origin.rs"]
 mod sse_origin;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use once_cell::sync::Lazy;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Barrier};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
 
-static EPOCH: Lazy<Instant> = Lazy::new(Instant::now);
-
+/// Microseconds of `CLOCK_MONOTONIC`. The clock is the machine's, not the process's, so an
+/// origin in another process stamps events on the same clock the client reads.
 fn micros_now() -> u64 {
-    EPOCH.elapsed().as_micros() as u64
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec it is given, which lives on this stack.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
 struct Args {
@@ -72,6 +89,8 @@ struct Args {
     threads: usize,
     tls: bool,
     h2: bool,
+    /// The peers scenario's settings.
+    peers: peers::Settings,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -89,17 +108,20 @@ fn parse_args() -> Result<Args, String> {
         threads: 2,
         tls: false,
         h2: false,
+        peers: peers::Settings::default(),
     };
+    let number = |v: String| v.parse::<u64>().map_err(|e| format!("{v}: {e}"));
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        let p = &mut args.peers;
         match flag.as_str() {
             "--scenario" => args.scenario = value()?,
             "--pin" => args.pin = true,
-            "--conns" => args.conns = value()?.parse().map_err(|e| format!("{e}"))?,
-            "--rounds" => args.rounds = value()?.parse().map_err(|e| format!("{e}"))?,
-            "--streams" => args.streams = value()?.parse().map_err(|e| format!("{e}"))?,
-            "--seconds" => args.seconds = value()?.parse().map_err(|e| format!("{e}"))?,
+            "--conns" => args.conns = number(value()?)? as usize,
+            "--rounds" => args.rounds = number(value()?)? as usize,
+            "--streams" => args.streams = number(value()?)? as usize,
+            "--seconds" => args.seconds = number(value()?)?,
             "--interval" => {
                 args.interval = humantime::parse_duration(&value()?).map_err(|e| format!("{e}"))?
             }
@@ -108,16 +130,39 @@ fn parse_args() -> Result<Args, String> {
             }
             "--proxy" => args.proxy = value()?,
             "--mode" => args.mode = value()?,
-            "--threads" => args.threads = value()?.parse().map_err(|e| format!("{e}"))?,
+            "--threads" => args.threads = number(value()?)? as usize,
             "--tls" => args.tls = true,
             "--h2" => args.h2 = true,
-            "-h" | "--help" => return Err(
-                "usage: bench [--scenario sse|chain|observability] [--streams N] [--seconds S] \
-                            [--interval 1s] [--warmup 3s] [--mode both|direct|proxy] \
-                            [--proxy PATH] [--threads N] [--conns N] [--rounds N] [--pin] \
-                            [--tls] [--h2]"
-                    .into(),
-            ),
+            "--peer" => p.peers.push(peers::Peer::parse(&value()?)?),
+            "--tiers" => {
+                p.tiers = value()?
+                    .split([',', ' '])
+                    .filter(|t| !t.is_empty())
+                    .map(|t| number(t.to_string()).map(|n| n as usize))
+                    .collect::<Result<_, _>>()?
+            }
+            "--origin" => p.origin = value()?.parse().map_err(|e| format!("--origin: {e}"))?,
+            "--out" => p.out = Some(PathBuf::from(value()?)),
+            "--ramp" => p.ramp = number(value()?)?,
+            "--size" => p.size = number(value()?)? as usize,
+            "--burst" => p.burst = number(value()?)?,
+            "--burst-streams" => p.burst_streams = number(value()?)? as usize,
+            "--burst-size" => p.burst_size = number(value()?)? as usize,
+            "--plain-seconds" => p.plain_seconds = number(value()?)?,
+            "--plain-size" => p.plain_size = number(value()?)? as usize,
+            "-h" | "--help" => {
+                return Err(
+                    "usage: bench [--scenario sse|chain|observability|peers|origin] [--streams N] \
+                            [--seconds S] [--interval 1s] [--warmup 3s] \
+                            [--mode both|direct|proxy] [--proxy PATH] [--threads N] \
+                            [--conns N] [--rounds N] [--pin] [--tls] [--h2]\n\
+                 peers:  --peer direct | --peer NAME=PORT:COMMAND ... [--tiers 1000,9000] \
+                            [--origin 127.0.0.1:18180] [--out DIR] [--ramp 2000] [--size 256] \
+                            [--burst 500000] [--burst-streams 4] [--burst-size 512] \
+                            [--plain-seconds 10] [--plain-size 128]"
+                        .into(),
+                )
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -133,6 +178,60 @@ async fn origin(interval: Duration, streams: usize) -> SocketAddr {
 /// Where a run is: streams opening and warming up, measuring, or done.
 const WARMING: u8 = 0;
 const MEASURING: u8 = 1;
+const DONE: u8 = 2;
+
+/// What the streams of one run share: the phase, how many streams have settled (got their
+/// response head or failed), and the signal that ends them.
+struct Run {
+    phase: AtomicU8,
+    settled: AtomicUsize,
+    settled_signal: Notify,
+    stop: watch::Sender<bool>,
+}
+
+impl Run {
+    fn new() -> Arc<Run> {
+        Arc::new(Run {
+            phase: AtomicU8::new(WARMING),
+            settled: AtomicUsize::new(0),
+            settled_signal: Notify::new(),
+            stop: watch::channel(false).0,
+        })
+    }
+
+    fn measure(&self) {
+        self.phase.store(MEASURING, Ordering::Relaxed);
+    }
+
+    fn measuring(&self) -> bool {
+        self.phase.load(Ordering::Relaxed) == MEASURING
+    }
+
+    /// Ends the measurement and every stream of the run.
+    fn stop(&self) {
+        self.phase.store(DONE, Ordering::Relaxed);
+        let _ = self.stop.send(true);
+    }
+
+    fn settle(&self) {
+        self.settled.fetch_add(1, Ordering::Relaxed);
+        self.settled_signal.notify_waiters();
+    }
+
+    /// Waits until `n` streams have settled; false if `budget` ran out first.
+    async fn wait_settled(&self, n: usize, budget: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + budget;
+        loop {
+            let signal = self.settled_signal.notified();
+            if self.settled.load(Ordering::Relaxed) >= n {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, signal).await.is_err() {
+                return false;
+            }
+        }
+    }
+}
 
 /// A byte stream to the proxy: TCP, or TLS over TCP.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -150,6 +249,14 @@ struct Target {
 }
 
 impl Target {
+    fn plain(addr: SocketAddr) -> Target {
+        Target {
+            addr,
+            tls: None,
+            h2_conns: None,
+        }
+    }
+
     async fn connect(&self, alpn: &[u8]) -> Result<Box<dyn Io>, String> {
         let tcp = TcpStream::connect(self.addr)
             .await
@@ -170,79 +277,354 @@ impl Target {
     }
 }
 
-fn new_histogram() -> Result<Histogram<u64>, String> {
-    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())
+fn new_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
 }
 
-/// Records the latency of every complete `data: <send time>` line in `pending` (read at
-/// `now`) while measuring, and drops what it consumed.
-fn record_events(pending: &mut Vec<u8>, now: u64, phase: &AtomicU8, hist: &mut Histogram<u64>) {
-    let mut consumed = 0;
-    while let Some(at) = find(&pending[consumed..], b"data: ") {
-        let digits_start = consumed + at + 6;
-        let Some(nl) = pending[digits_start..].iter().position(|&b| b == b'\n') else {
-            break;
-        };
-        let digits = &pending[digits_start..digits_start + nl];
-        if let Some(sent) = std::str::from_utf8(digits)
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-        {
-            if phase.load(Ordering::Relaxed) == MEASURING {
-                hist.saturating_record(now.saturating_sub(sent).max(1));
+/// How a stream ended.
+enum Outcome {
+    /// No `200` response head: refused, timed out, or another status.
+    Failed(String),
+    /// Ran until the run stopped it.
+    Stopped,
+    /// The body ended (a burst does; an endless stream should not).
+    Ended,
+    /// A read failed, or the connection closed mid-body.
+    Broken(String),
+}
+
+/// What one stream saw.
+struct StreamStats {
+    /// Delivery latency (µs) of the events received while measuring.
+    latency: Histogram<u64>,
+    /// From the start of the connect to the first event, µs.
+    first_event: Option<u64>,
+    events: u64,
+    measured_events: u64,
+    /// Event ids skipped, and ids seen again (ids run 1, 2, 3, ... on each stream).
+    gaps: u64,
+    duplicates: u64,
+    last_id: u64,
+    outcome: Outcome,
+}
+
+impl StreamStats {
+    fn new() -> StreamStats {
+        StreamStats {
+            latency: new_histogram(),
+            first_event: None,
+            events: 0,
+            measured_events: 0,
+            gaps: 0,
+            duplicates: 0,
+            last_id: 0,
+            outcome: Outcome::Stopped,
+        }
+    }
+
+    /// One event, read at `now` on a stream whose connect started at `started`.
+    fn event(
+        &mut self,
+        id: Option<u64>,
+        sent: Option<u64>,
+        now: u64,
+        started: u64,
+        measuring: bool,
+    ) {
+        self.events += 1;
+        if self.first_event.is_none() {
+            self.first_event = Some(now.saturating_sub(started));
+        }
+        if let Some(id) = id {
+            if id <= self.last_id {
+                self.duplicates += 1;
+            } else {
+                self.gaps += id - self.last_id - 1;
+                self.last_id = id;
             }
         }
-        consumed = digits_start + nl + 1;
+        if measuring {
+            self.measured_events += 1;
+            if let Some(sent) = sent {
+                self.latency
+                    .saturating_record(now.saturating_sub(sent).max(1));
+            }
+        }
     }
-    pending.drain(..consumed);
 }
 
-/// One HTTP/1.1 client stream: records the latency of each event that arrives while
-/// measuring, until `stop` fires.
-async fn client(
-    target: Target,
-    ready: Arc<Barrier>,
-    phase: Arc<AtomicU8>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<Histogram<u64>, String> {
-    let mut hist = new_histogram()?;
-    let mut stream = target.connect(b"http/1.1").await?;
-    stream
-        .write_all(b"GET /events HTTP/1.1\r\nhost: bench.test\r\naccept: text/event-stream\r\n\r\n")
+/// The events of an SSE body, fed in pieces as they arrive. Only what the bench needs is
+/// read: the `id:` field and the number at the start of `data:` (the send time); padding
+/// and other fields are skipped. Lines end with LF or CRLF.
+#[derive(Default)]
+struct EventScanner {
+    /// The start of a line split across two pieces.
+    partial: Vec<u8>,
+    id: Option<u64>,
+    sent: Option<u64>,
+    fields: bool,
+}
+
+impl EventScanner {
+    /// Calls `on_event(id, sent)` for each event that `bytes` completes.
+    fn feed(&mut self, mut bytes: &[u8], on_event: &mut impl FnMut(Option<u64>, Option<u64>)) {
+        while let Some(nl) = memchr::memchr(b'\n', bytes) {
+            if self.partial.is_empty() {
+                self.line(&bytes[..nl], on_event);
+            } else {
+                let mut line = std::mem::take(&mut self.partial);
+                line.extend_from_slice(&bytes[..nl]);
+                self.line(&line, on_event);
+                line.clear();
+                self.partial = line;
+            }
+            bytes = &bytes[nl + 1..];
+        }
+        self.partial.extend_from_slice(bytes);
+    }
+
+    fn line(&mut self, line: &[u8], on_event: &mut impl FnMut(Option<u64>, Option<u64>)) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            if self.fields {
+                on_event(self.id.take(), self.sent.take());
+            }
+            self.fields = false;
+            return;
+        }
+        self.fields = true;
+        if let Some(value) = line.strip_prefix(b"id:") {
+            self.id = leading_number(value);
+        } else if let Some(value) = line.strip_prefix(b"data:") {
+            self.sent = leading_number(value);
+        }
+    }
+}
+
+/// The decimal number at the start of a field value (after one optional space).
+fn leading_number(value: &[u8]) -> Option<u64> {
+    let value = value.strip_prefix(b" ").unwrap_or(value);
+    let digits = value.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&value[..digits]).ok()?.parse().ok()
+}
+
+/// An HTTP/1.1 response body as it arrives, by its framing.
+enum Body {
+    Chunked(Chunked),
+    Length(u64),
+    UntilClose,
+}
+
+/// Where a chunked body's decoder is.
+enum ChunkState {
+    SizeLine,
+    Data(usize),
+    /// The CRLF after a chunk's data; how many of its bytes are still to come.
+    DataEnd(usize),
+    Trailers,
+    Done,
+}
+
+struct Chunked {
+    state: ChunkState,
+    line: Vec<u8>,
+}
+
+impl Body {
+    fn of(headers: &[httparse::Header]) -> Body {
+        let value = |name: &str| {
+            headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
+        };
+        if value("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            return Body::Chunked(Chunked {
+                state: ChunkState::SizeLine,
+                line: Vec::new(),
+            });
+        }
+        match value("content-length").and_then(|v| v.trim().parse().ok()) {
+            Some(length) => Body::Length(length),
+            None => Body::UntilClose,
+        }
+    }
+
+    /// Passes the body's content in `input` to `out`; true once the body is complete.
+    fn feed(&mut self, mut input: &[u8], out: &mut impl FnMut(&[u8])) -> Result<bool, String> {
+        let chunked = match self {
+            Body::UntilClose => {
+                out(input);
+                return Ok(false);
+            }
+            Body::Length(left) => {
+                let take = input.len().min(*left as usize);
+                out(&input[..take]);
+                *left -= take as u64;
+                return Ok(*left == 0);
+            }
+            Body::Chunked(chunked) => chunked,
+        };
+        while !input.is_empty() {
+            match chunked.state {
+                ChunkState::SizeLine | ChunkState::Trailers => {
+                    let Some(nl) = memchr::memchr(b'\n', input) else {
+                        chunked.line.extend_from_slice(input);
+                        if chunked.line.len() > 4096 {
+                            return Err("chunk size line too long".into());
+                        }
+                        break;
+                    };
+                    chunked.line.extend_from_slice(&input[..nl]);
+                    input = &input[nl + 1..];
+                    let line = chunked.line.trim_ascii();
+                    chunked.state = match chunked.state {
+                        ChunkState::Trailers if line.is_empty() => ChunkState::Done,
+                        ChunkState::Trailers => ChunkState::Trailers,
+                        _ => match chunk_size(line) {
+                            Some(0) => ChunkState::Trailers,
+                            Some(size) => ChunkState::Data(size),
+                            None => {
+                                let line = String::from_utf8_lossy(line);
+                                return Err(format!("bad chunk size line {line:?}"));
+                            }
+                        },
+                    };
+                    chunked.line.clear();
+                }
+                ChunkState::Data(left) => {
+                    let take = left.min(input.len());
+                    out(&input[..take]);
+                    input = &input[take..];
+                    chunked.state = match left - take {
+                        0 => ChunkState::DataEnd(2),
+                        left => ChunkState::Data(left),
+                    };
+                }
+                ChunkState::DataEnd(left) => {
+                    let take = left.min(input.len());
+                    input = &input[take..];
+                    chunked.state = match left - take {
+                        0 => ChunkState::SizeLine,
+                        left => ChunkState::DataEnd(left),
+                    };
+                }
+                ChunkState::Done => break,
+            }
+        }
+        Ok(matches!(chunked.state, ChunkState::Done))
+    }
+}
+
+/// The size on a chunk's size line (hex digits, then perhaps `;` and extensions).
+fn chunk_size(line: &[u8]) -> Option<usize> {
+    let digits = line.split(|&b| b == b';').next()?.trim_ascii();
+    if digits.is_empty() || digits.len() > 12 {
+        return None;
+    }
+    digits.iter().try_fold(0usize, |size, &b| {
+        Some(size * 16 + (b as char).to_digit(16)? as usize)
+    })
+}
+
+/// How long a stream may take to connect and get its response head.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects, sends `GET path` and reads the response head; returns the connection, the
+/// body bytes read with the head, and the body's framing.
+async fn open_h1(target: &Target, path: &str) -> Result<(Box<dyn Io>, Vec<u8>, Body), String> {
+    let mut io = target.connect(b"http/1.1").await?;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nhost: bench.test\r\naccept: text/event-stream\r\n\r\n");
+    io.write_all(request.as_bytes())
         .await
         .map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; 8192];
-    let mut pending: Vec<u8> = Vec::with_capacity(8192);
-    let mut connected = false;
+    let mut pending = Vec::with_capacity(4096);
+    let mut buf = [0u8; 4096];
     loop {
-        let k = tokio::select! {
-            _ = stop.changed() => break,
-            read = stream.read(&mut buf) => match read {
-                Ok(0) => return Err("stream ended early".into()),
-                Ok(k) => k,
-                Err(e) => return Err(e.to_string()),
-            },
-        };
-        let now = micros_now();
+        let k = io.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if k == 0 {
+            return Err("closed before the response head".into());
+        }
         pending.extend_from_slice(&buf[..k]);
-        if !connected {
-            if !pending.windows(4).any(|w| w == b"\r\n\r\n") {
-                continue;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&pending).map_err(|e| e.to_string())? {
+            httparse::Status::Partial if pending.len() > 64 * 1024 => {
+                return Err("response head over 64 KiB".into())
             }
-            if !pending.starts_with(b"HTTP/1.1 200") {
-                return Err(String::from_utf8_lossy(&pending[..pending.len().min(200)]).into());
-            }
-            connected = true;
-            // A stream that failed to open never reaches the barrier: stop still ends the
-            // wait, so the phase finishes and counts the failure.
-            tokio::select! {
-                _ = stop.changed() => break,
-                _ = ready.wait() => {}
+            httparse::Status::Partial => continue,
+            httparse::Status::Complete(len) => {
+                if response.code != Some(200) {
+                    return Err(format!("status {}", response.code.unwrap_or(0)));
+                }
+                let body = Body::of(response.headers);
+                return Ok((io, pending.split_off(len), body));
             }
         }
-        record_events(&mut pending, now, &phase, &mut hist);
     }
-    Ok(hist)
+}
+
+/// One HTTP/1.1 event stream (`/events...` or `/burst...`): records every event until the
+/// body ends or the run stops.
+async fn h1_stream(target: Target, path: String, run: Arc<Run>) -> StreamStats {
+    let mut stats = StreamStats::new();
+    let started = micros_now();
+    let mut stop = run.stop.subscribe();
+    let opened = tokio::select! {
+        _ = stop.changed() => Err("stopped before the response head".to_string()),
+        opened = tokio::time::timeout(OPEN_TIMEOUT, open_h1(&target, &path)) => {
+            opened.unwrap_or_else(|_| Err(format!("no response head within {OPEN_TIMEOUT:?}")))
+        }
+    };
+    run.settle();
+    let (mut io, first, mut body) = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            stats.outcome = Outcome::Failed(e);
+            return stats;
+        }
+    };
+    let mut scanner = EventScanner::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut read = first.len();
+    buf[..read].copy_from_slice(&first);
+    let mut now = micros_now();
+    loop {
+        let measuring = run.measuring();
+        let mut on_event = |id, sent| stats.event(id, sent, now, started, measuring);
+        match body.feed(&buf[..read], &mut |data| scanner.feed(data, &mut on_event)) {
+            Ok(false) => {}
+            Ok(true) => {
+                stats.outcome = Outcome::Ended;
+                return stats;
+            }
+            Err(e) => {
+                stats.outcome = Outcome::Broken(e);
+                return stats;
+            }
+        }
+        let result = tokio::select! {
+            _ = stop.changed() => return stats,
+            result = io.read(&mut buf) => result,
+        };
+        now = micros_now();
+        read = match result {
+            Ok(0) if matches!(body, Body::UntilClose) => {
+                stats.outcome = Outcome::Ended;
+                return stats;
+            }
+            Ok(0) => {
+                stats.outcome = Outcome::Broken("closed mid-body".into());
+                return stats;
+            }
+            Ok(read) => read,
+            Err(e) => {
+                stats.outcome = Outcome::Broken(e.to_string());
+                return stats;
+            }
+        };
+    }
 }
 
 /// One HTTP/2 connection: its driver runs in the background; returns the handle that
@@ -258,15 +640,11 @@ async fn h2_connection(target: &Target) -> Result<h2::client::SendRequest<Bytes>
     Ok(send)
 }
 
-/// One HTTP/2 stream on a shared connection, measured like [`client`].
-async fn h2_client(
+/// Sends the request of one HTTP/2 stream and waits for its `200` head.
+async fn open_h2(
     send: h2::client::SendRequest<Bytes>,
-    scheme: &'static str,
-    ready: Arc<Barrier>,
-    phase: Arc<AtomicU8>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<Histogram<u64>, String> {
-    let mut hist = new_histogram()?;
+    scheme: &str,
+) -> Result<h2::RecvStream, String> {
     let mut send = send.ready().await.map_err(|e| e.to_string())?;
     let request = http::Request::get(format!("{scheme}://bench.test/events"))
         .header("accept", "text/event-stream")
@@ -279,33 +657,161 @@ async fn h2_client(
     if response.status() != 200 {
         return Err(format!("status {}", response.status()));
     }
-    tokio::select! {
-        _ = stop.changed() => return Ok(hist),
-        _ = ready.wait() => {}
-    }
-    let mut body = response.into_body();
-    let mut pending: Vec<u8> = Vec::with_capacity(8192);
+    Ok(response.into_body())
+}
+
+/// One HTTP/2 stream on a shared connection, measured like [`h1_stream`].
+async fn h2_stream(
+    send: h2::client::SendRequest<Bytes>,
+    scheme: &'static str,
+    run: Arc<Run>,
+) -> StreamStats {
+    let mut stats = StreamStats::new();
+    let started = micros_now();
+    let mut stop = run.stop.subscribe();
+    let opened = tokio::select! {
+        _ = stop.changed() => Err("stopped before the response head".to_string()),
+        opened = tokio::time::timeout(OPEN_TIMEOUT, open_h2(send, scheme)) => {
+            opened.unwrap_or_else(|_| Err(format!("no response head within {OPEN_TIMEOUT:?}")))
+        }
+    };
+    run.settle();
+    let mut body = match opened {
+        Ok(body) => body,
+        Err(e) => {
+            stats.outcome = Outcome::Failed(e);
+            return stats;
+        }
+    };
+    let mut scanner = EventScanner::default();
     loop {
         let data = tokio::select! {
-            _ = stop.changed() => break,
-            data = body.data() => match data {
-                None => return Err("stream ended early".into()),
-                Some(Err(e)) => return Err(e.to_string()),
-                Some(Ok(data)) => data,
-            },
+            _ = stop.changed() => return stats,
+            data = body.data() => data,
         };
         let now = micros_now();
+        let data = match data {
+            None => {
+                stats.outcome = Outcome::Ended;
+                return stats;
+            }
+            Some(Err(e)) => {
+                stats.outcome = Outcome::Broken(e.to_string());
+                return stats;
+            }
+            Some(Ok(data)) => data,
+        };
         let _ = body.flow_control().release_capacity(data.len());
-        pending.extend_from_slice(&data);
-        record_events(&mut pending, now, &phase, &mut hist);
+        let measuring = run.measuring();
+        scanner.feed(&data, &mut |id, sent| {
+            stats.event(id, sent, now, started, measuring)
+        });
     }
-    Ok(hist)
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+/// The streams of a run, added up.
+struct Tally {
+    latency: Histogram<u64>,
+    first_event: Histogram<u64>,
+    events: u64,
+    measured_events: u64,
+    established: usize,
+    failed: usize,
+    /// Established streams that ended before the run stopped them, by error or not.
+    broken: usize,
+    ended: usize,
+    gaps: u64,
+    duplicates: u64,
+    first_error: Option<String>,
 }
 
+impl Tally {
+    async fn collect(tasks: Vec<JoinHandle<StreamStats>>) -> Tally {
+        let mut tally = Tally {
+            latency: new_histogram(),
+            first_event: new_histogram(),
+            events: 0,
+            measured_events: 0,
+            established: 0,
+            failed: 0,
+            broken: 0,
+            ended: 0,
+            gaps: 0,
+            duplicates: 0,
+            first_error: None,
+        };
+        for task in tasks {
+            let stats = match task.await {
+                Ok(stats) => stats,
+                Err(e) => {
+                    tally.failed += 1;
+                    tally.first_error.get_or_insert(format!("task failed: {e}"));
+                    continue;
+                }
+            };
+            let _ = tally.latency.add(&stats.latency);
+            if let Some(first) = stats.first_event {
+                tally.first_event.saturating_record(first.max(1));
+            }
+            tally.events += stats.events;
+            tally.measured_events += stats.measured_events;
+            tally.gaps += stats.gaps;
+            tally.duplicates += stats.duplicates;
+            match stats.outcome {
+                Outcome::Failed(e) => {
+                    tally.failed += 1;
+                    tally.first_error.get_or_insert(e);
+                    continue;
+                }
+                Outcome::Broken(e) => {
+                    tally.broken += 1;
+                    tally.first_error.get_or_insert(e);
+                }
+                Outcome::Ended => tally.ended += 1,
+                Outcome::Stopped => {}
+            }
+            tally.established += 1;
+        }
+        tally
+    }
+}
+
+/// Opens `n` event streams to `target` (`path` over HTTP/1.1, or `/events` over HTTP/2
+/// with `target.h2_conns`), `ramp` a second (0: as fast as they spawn).
+async fn open_streams(
+    target: &Target,
+    path: &str,
+    n: usize,
+    ramp: u64,
+    run: &Arc<Run>,
+) -> Result<Vec<JoinHandle<StreamStats>>, String> {
+    let mut connections = Vec::new();
+    for _ in 0..target.h2_conns.map_or(0, |c| c.max(1)) {
+        connections.push(h2_connection(target).await?);
+    }
+    let scheme = if target.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        if ramp > 0 {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / ramp as f64)).await;
+        } else {
+            tokio::task::yield_now().await;
+        }
+        let run = run.clone();
+        tasks.push(match connections.get(i % connections.len().max(1)) {
+            Some(send) => tokio::spawn(h2_stream(send.clone(), scheme, run)),
+            None => tokio::spawn(h1_stream(target.clone(), path.to_string(), run)),
+        });
+    }
+    Ok(tasks)
+}
+
+/// Resident memory of one process, KiB.
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -317,6 +823,68 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// The fields of /proc/PID/stat after the command name (which may contain spaces), so
+/// field N of the line (1-based) is at index N - 3.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// CPU time (user + system, all threads) a process has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Some(fields) = stat_fields(pid) else {
+        return 0.0;
+    };
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15, in USER_HZ ticks (100 a second on Linux).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// `pid` and every process below it (nginx's workers under its master, say).
+fn process_tree(pid: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(child) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            // The parent's pid is field 4.
+            if let Some(parent) = stat_fields(child).and_then(|f| f.get(1)?.parse().ok()) {
+                parents.push((child, parent));
+            }
+        }
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
+        i += 1;
+    }
+    tree
+}
+
+/// Resident memory summed over a process tree, KiB.
+fn tree_rss_kib(pid: u32) -> u64 {
+    process_tree(pid).into_iter().filter_map(rss_kib).sum()
+}
+
+/// CPU seconds summed over a process tree.
+fn tree_cpu_seconds(pid: u32) -> f64 {
+    process_tree(pid).into_iter().map(cpu_seconds).sum()
+}
+
 struct Report {
     label: String,
     hist: Histogram<u64>,
@@ -326,40 +894,16 @@ struct Report {
 
 async fn run_phase(label: &str, target: Target, args: &Args, proxy_pid: Option<u32>) -> Report {
     let baseline = proxy_pid.and_then(rss_kib);
-    let ready = Arc::new(Barrier::new(args.streams + 1));
-    let phase = Arc::new(AtomicU8::new(WARMING));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = Vec::with_capacity(args.streams);
-    let mut connections = Vec::new();
-    if let Some(conns) = target.h2_conns {
-        for _ in 0..conns.max(1) {
-            match h2_connection(&target).await {
-                Ok(send) => connections.push(send),
-                Err(e) => {
-                    eprintln!("{label}: {e}");
-                    std::process::exit(1);
-                }
-            }
+    let run = Run::new();
+    let tasks = match open_streams(&target, "/events", args.streams, 0, &run).await {
+        Ok(tasks) => tasks,
+        Err(e) => {
+            eprintln!("{label}: {e}");
+            std::process::exit(1);
         }
-    }
-    let scheme = if target.tls.is_some() {
-        "https"
-    } else {
-        "http"
     };
-    for i in 0..args.streams {
-        let (ready, phase, stop) = (ready.clone(), phase.clone(), stop_rx.clone());
-        tasks.push(match connections.get(i % connections.len().max(1)) {
-            Some(send) => tokio::spawn(h2_client(send.clone(), scheme, ready, phase, stop)),
-            None => tokio::spawn(client(target.clone(), ready, phase, stop)),
-        });
-        tokio::task::yield_now().await;
-    }
     let open_budget = Duration::from_secs(10 + args.streams as u64 / 500);
-    if tokio::time::timeout(open_budget, ready.wait())
-        .await
-        .is_err()
-    {
+    if !run.wait_settled(args.streams, open_budget).await {
         eprintln!("{label}: not every stream opened within {open_budget:?}");
     }
     tokio::time::sleep(args.warmup).await;
@@ -367,32 +911,23 @@ async fn run_phase(label: &str, target: Target, args: &Args, proxy_pid: Option<u
         .and_then(rss_kib)
         .zip(baseline)
         .map(|(open, base)| (base, open));
-    phase.store(MEASURING, Ordering::Relaxed);
+    run.measure();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
-    let _ = stop_tx.send(true);
-    let mut hist = new_histogram().expect("histogram");
-    let mut errors = 0;
-    for task in tasks {
-        match task.await {
-            Ok(Ok(h)) => hist.add(h).expect("merge"),
-            Ok(Err(e)) => {
-                if errors == 0 {
-                    eprintln!("{label}: stream error: {e}");
-                }
-                errors += 1;
-            }
-            Err(e) => {
-                eprintln!("{label}: task failed: {e}");
-                errors += 1;
-            }
-        }
+    run.stop();
+    let tally = Tally::collect(tasks).await;
+    if let Some(e) = &tally.first_error {
+        eprintln!("{label}: stream error: {e}");
     }
     Report {
         label: label.to_string(),
-        hist,
-        errors,
+        hist: tally.latency,
+        errors: tally.failed + tally.broken + tally.ended,
         memory,
     }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 struct ProxyProcess(Child);
@@ -566,7 +1101,6 @@ fn main() {
             std::process::exit(2);
         }
     };
-    Lazy::force(&EPOCH);
     if args.pin {
         let pid = std::process::id().to_string();
         let pinned = Command::new("taskset")
@@ -590,16 +1124,22 @@ fn main() {
         runtime.block_on(observability_scenario(&args));
         return;
     }
+    if args.scenario == "origin" {
+        runtime.block_on(origin_scenario(&args));
+        return;
+    }
+    if args.scenario == "peers" {
+        if let Err(e) = runtime.block_on(peers::run(&args)) {
+            eprintln!("peers: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     runtime.block_on(async {
         let origin = origin(args.interval, args.streams).await;
         let mut reports = Vec::new();
         if args.mode == "both" || args.mode == "direct" {
-            let direct = Target {
-                addr: origin,
-                tls: None,
-                h2_conns: None,
-            };
-            reports.push(run_phase("direct", direct, &args, None).await);
+            reports.push(run_phase("direct", Target::plain(origin), &args, None).await);
         }
         if args.mode == "both" || args.mode == "proxy" {
             let pki = match args.tls.then(Pki::new).transpose() {
@@ -641,6 +1181,26 @@ fn main() {
     });
 }
 
+/// The origin alone, on `--origin`, until the process is killed.
+async fn origin_scenario(args: &Args) {
+    let listener = match tokio::net::TcpListener::bind(args.peers.origin).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("origin: cannot listen on {}: {e}", args.peers.origin);
+            std::process::exit(1);
+        }
+    };
+    sse_origin::serve(
+        listener,
+        sse_origin::Origin {
+            interval: args.interval,
+            spread: 0,
+            now: micros_now,
+        },
+    );
+    std::future::pending::<()>().await;
+}
+
 /// The five typical middlewares of the chain scenario.
 const CHAIN: &str = "middleware_services:\n\
   - { name: ids, type: request_id }\n\
@@ -650,50 +1210,19 @@ const CHAIN: &str = "middleware_services:\n\
   - { name: cors, type: cors }\n\
 middlewares: [ids, hdr, ipf, rl, cors]\n";
 
-/// A keep-alive origin answering every request with a two-byte body.
-async fn plain_origin() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let _ = stream.set_nodelay(true);
-                let mut buf = vec![0u8; 16 * 1024];
-                let mut pending = Vec::new();
-                loop {
-                    let n = match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    pending.extend_from_slice(&buf[..n]);
-                    let mut answers = 0;
-                    while let Some(end) = find(&pending, b"\r\n\r\n") {
-                        pending.drain(..end + 4);
-                        answers += 1;
-                    }
-                    let reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
-                    let mut out = Vec::with_capacity(reply.len() * answers);
-                    for _ in 0..answers {
-                        out.extend_from_slice(reply);
-                    }
-                    if stream.write_all(&out).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// One keep-alive connection sending requests back to back until `stop`; returns how many
+/// One keep-alive connection sending `GET path` back to back until `stop`; returns how many
 /// got a 200.
-async fn http_client(target: SocketAddr, mut stop: watch::Receiver<bool>) -> Result<u64, String> {
+async fn http_client(
+    target: SocketAddr,
+    path: &str,
+    mut stop: watch::Receiver<bool>,
+) -> Result<u64, String> {
     let mut stream = TcpStream::connect(target)
         .await
         .map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
-    let request = b"GET /bench HTTP/1.1\r\nhost: bench\r\norigin: https://app.test\r\n\r\n";
+    let request = format!("GET {path} HTTP/1.1\r\nhost: bench\r\norigin: https://app.test\r\n\r\n");
+    let request = request.as_bytes();
     let mut buf = vec![0u8; 16 * 1024];
     let mut pending: Vec<u8> = Vec::new();
     let mut ok = 0;
@@ -742,28 +1271,15 @@ fn content_length(head: &[u8]) -> usize {
         .unwrap_or(0)
 }
 
-/// CPU time (user + system) a process has used so far, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-async fn throughput(target: SocketAddr, conns: usize, seconds: u64) -> (f64, usize) {
+/// Requests a second over `conns` keep-alive connections sending `GET path` for `seconds`,
+/// and how many connections failed.
+async fn throughput(target: SocketAddr, path: &str, conns: usize, seconds: u64) -> (f64, usize) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let tasks: Vec<_> = (0..conns)
-        .map(|_| tokio::spawn(http_client(target, stop_rx.clone())))
+        .map(|_| {
+            let (path, stop) = (path.to_string(), stop_rx.clone());
+            tokio::spawn(async move { http_client(target, &path, stop).await })
+        })
         .collect();
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
@@ -834,7 +1350,8 @@ async fn observability_scenario(args: &Args) {
 }
 
 async fn compare(args: &Args, a: Variant, b: Variant) {
-    let origin = plain_origin().await;
+    // Any path but /events and /burst gets a two-byte answer.
+    let origin = origin(args.interval, 0).await;
     let mut procs = Vec::new();
     for v in [&a, &b] {
         match start_proxy(args, origin, &v.config, v.rust_log, None).await {
@@ -848,7 +1365,7 @@ async fn compare(args: &Args, a: Variant, b: Variant) {
     let targets: Vec<(SocketAddr, u32)> = procs.iter().map(|(p, addr)| (*addr, p.0.id())).collect();
     // Warm both up (connection pools, allocator).
     for (addr, _) in &targets {
-        throughput(*addr, args.conns, 1).await;
+        throughput(*addr, "/bench", args.conns, 1).await;
     }
     let mut rates = [0.0f64; 2];
     let mut cpu = [0.0f64; 2];
@@ -871,7 +1388,7 @@ async fn compare(args: &Args, a: Variant, b: Variant) {
         for i in order {
             let (addr, pid) = targets[i];
             let before = cpu_seconds(pid);
-            let (rate, errors) = throughput(addr, args.conns, args.seconds).await;
+            let (rate, errors) = throughput(addr, "/bench", args.conns, args.seconds).await;
             let used = cpu_seconds(pid) - before;
             let per_request = used * 1e6 / (rate * args.seconds as f64).max(1.0);
             rates[i] += rate;

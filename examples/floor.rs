@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo build --release --example floor
-//! target/release/examples/floor --listen 127.0.0.1:18087 --upstream 127.0.0.1:18080 [--threads 2]
+//! target/release/examples/floor --listen 127.0.0.1:18187 --upstream 127.0.0.1:18180 [--threads 2]
 //!     [--work-stealing false]
 //! ```
 //!
@@ -38,8 +38,8 @@ impl ProxyHttp for Floor {
 }
 
 fn main() {
-    let mut listen = "127.0.0.1:18087".to_string();
-    let mut upstream: SocketAddr = ([127, 0, 0, 1], 18080).into();
+    let mut listen = "127.0.0.1:18187".to_string();
+    let mut upstream: SocketAddr = ([127, 0, 0, 1], 18180).into();
     let mut threads = 2;
     let mut work_stealing = true;
     let mut args = std::env::args().skip(1);
