@@ -288,6 +288,24 @@ fn every_shipped_config_loads() {
 }
 
 #[test]
+fn the_embedded_config_grace_period_covers_its_drain_and_finish_periods() {
+    // Every service of the embedded config, and the global block, may drain and finish
+    // within the grace period; Pingora stops the process when it runs out.
+    let config = Config::embedded().expect("embedded config");
+    let longest = config
+        .services
+        .values()
+        .flat_map(|s| [s.sse.drain_period, s.sse.finish_period])
+        .max()
+        .expect("a service");
+    assert_eq!(
+        config.server.grace_period_seconds,
+        Some(longest.as_secs_f64().ceil() as u64 + DRAIN_MARGIN_SECS),
+        "the embedded config sets no grace period of its own: it follows its periods"
+    );
+}
+
+#[test]
 fn a_full_example_loads_as_written() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/full_example.yaml");
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
