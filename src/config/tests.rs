@@ -547,7 +547,8 @@ fn listener_forms_load_into_their_kinds() {
     write_cert(dir.path(), "a", &["a.test"]);
     let d = dir.path().display();
     let config = load(&format!(
-        "listen:\n  - \"127.0.0.1:1\"\n  - {{ address: \"127.0.0.1:2\", h2c: true, tcp_keepalive: 0 }}\n  \
+        "listen:\n  - \"127.0.0.1:1\"\n  - {{ address: \"127.0.0.1:2\", h2c: true, tcp_keepalive: 0, \
+         max_connections: 7, idle_timeout: 0 }}\n  \
          - {{ address: \"127.0.0.1:3\", redirect_http: true }}\n  \
          - address: \"127.0.0.1:4\"\n    http2: false\n    tls:\n      min_version: 1.3\n      \
          certificates: [{{ cert: {d}/a.pem, key: {d}/a.key }}]\n\
@@ -569,6 +570,16 @@ fn listener_forms_load_into_their_kinds() {
         Some(Duration::from_secs(60))
     );
     assert_eq!(config.listeners[1].tcp_keepalive, None);
+    assert_eq!(
+        config.listeners[0].max_connections,
+        crate::listen::default_max_connections()
+    );
+    assert_eq!(
+        config.listeners[0].idle_timeout,
+        Some(Duration::from_secs(60))
+    );
+    assert_eq!(config.listeners[1].max_connections, 7);
+    assert_eq!(config.listeners[1].idle_timeout, None, "0: no idle limit");
     assert_eq!(config.tls.len(), 1);
     assert_eq!(
         config.tls[&config.listen[3]].min_version,

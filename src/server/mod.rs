@@ -3,6 +3,7 @@
 //! services (config reloader, stream supervisor, endpoint upkeep, the exit once a shutdown
 //! has nothing left to serve).
 
+pub mod admission;
 pub mod exit;
 pub mod listeners;
 

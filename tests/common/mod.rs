@@ -355,7 +355,18 @@ impl Proxy {
     /// host rules and so on.
     pub async fn start(body: &str) -> Proxy {
         let port = free_port();
-        let text = format!("listen: [\"127.0.0.1:{port}\"]\n{body}");
+        Proxy::start_text(format!("listen: [\"127.0.0.1:{port}\"]\n{body}")).await
+    }
+
+    /// Starts the proxy on a fresh port whose listener has `options` (`h2c: true,
+    /// idle_timeout: 1s`, ...) besides its address.
+    pub async fn start_listening(options: &str, body: &str) -> Proxy {
+        let port = free_port();
+        let listen = format!("listen:\n  - {{ address: \"127.0.0.1:{port}\", {options} }}\n");
+        Proxy::start_text(listen + body).await
+    }
+
+    async fn start_text(text: String) -> Proxy {
         let config = Config::from_text(Path::new("test.yaml"), &text, Path::new("."))
             .unwrap_or_else(|e| {
                 panic!("test config does not load: {e}\n{text}");
