@@ -14,7 +14,8 @@
 //! response head        within header_timeout (and, for a request that did not announce an
 //!                      event stream, timeouts.read), watching the client meanwhile; a
 //!                      reused connection the origin had closed is replaced by a fresh one
-//!                      for an idempotent bodiless request (not held against the endpoint)
+//!                      for an idempotent bodiless request, or any request whose head did
+//!                      not go out; else 502 (either way not held against the endpoint)
 //! event stream?        Content-Type text/event-stream, whatever the request was: limits
 //!                      taken now if the request had not announced it (503/429 when full,
 //!                      the origin connection closed), then the stream's own loop
@@ -229,9 +230,11 @@ impl Relay {
 
     /// Connects to an endpoint (moving on to others after connect failures, as `retries`
     /// allow), sends the request and its body, and reads the response head. A reused
-    /// connection that the origin had closed meanwhile is replaced by a fresh one to the
-    /// same endpoint when the request can be sent again (idempotent, no body): that is the
-    /// pool's fault, not the endpoint's.
+    /// connection that the origin had closed meanwhile (it failed before any byte of an
+    /// answer) is replaced by a fresh one to the same endpoint when the request can be sent
+    /// again: idempotent and without a body, or its head never went out whole. Otherwise
+    /// the answer is 502. Either way that is the pool's race with the origin's keep-alive
+    /// timeout, not the endpoint's failure, and its passive health is not charged.
     pub async fn open(
         &self,
         client: &mut Client<'_>,
@@ -264,9 +267,11 @@ impl Relay {
             let mut sent = self
                 .send_and_read_head(client, ctx, &mut conn, request, body)
                 .await;
-            let replayable = body == Framing::None && is_idempotent(&request.method);
-            if sent.as_ref().is_err_and(|e| stale(e)) && conn.reused && !conn.answered && replayable
-            {
+            // Sent again: an idempotent request without a body, or any request whose head
+            // never went out whole (no byte of its body was read from the client yet).
+            let replayable =
+                !conn.head_sent || (body == Framing::None && is_idempotent(&request.method));
+            if sent.as_ref().is_err_and(|e| stale_reuse(&conn, e)) && replayable {
                 log::debug!(
                     "a pooled connection to {} was closed by the origin; sending again on a new one",
                     peer.address()
@@ -283,6 +288,17 @@ impl Relay {
             }
             return match sent {
                 Ok(head) => Ok(Opened { conn, head, peer }),
+                // The pool's race with the origin's keep-alive timeout, not the endpoint's
+                // failure: not held against it. The request may have reached the origin, so
+                // it is not sent again.
+                Err(e) if stale_reuse(&conn, &e) => Err(http_error(
+                    502,
+                    format!(
+                        "service `{}`: the origin closed a reused connection before answering; \
+                         the {} request had gone out and is not sent again",
+                        service.name, request.method
+                    ),
+                )),
                 Err(e) => {
                     if e.esource() == &pingora_error::ErrorSource::Upstream {
                         if let Some(lease) = &ctx.upstream.lease {
@@ -585,10 +601,14 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// Whether an error is what a pooled connection that the origin closed looks like.
-fn stale(e: &Error) -> bool {
-    matches!(
-        e.etype(),
-        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
-    ) && e.esource() != &pingora_error::ErrorSource::Downstream
+/// Whether `e` on `conn` is what a pooled connection that the origin had closed looks
+/// like: a reused connection that failed before any byte of an answer.
+fn stale_reuse(conn: &OriginConn, e: &Error) -> bool {
+    conn.reused
+        && !conn.answered
+        && matches!(
+            e.etype(),
+            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+        )
+        && e.esource() != &pingora_error::ErrorSource::Downstream
 }
