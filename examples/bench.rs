@@ -36,11 +36,15 @@
 //!
 //! Only loopback addresses are used.
 
+#[path = "support/process.rs"]
+mod process;
 #[path = "support/sse_origin.rs"]
 mod sse_origin;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+
+use process::{rss_kib, Process};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -306,17 +310,6 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 struct Report {
     label: String,
     hist: Histogram<u64>,
@@ -395,15 +388,6 @@ async fn run_phase(label: &str, target: Target, args: &Args, proxy_pid: Option<u
     }
 }
 
-struct ProxyProcess(Child);
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The certificate of the bench's TLS listener (`bench.test`, self-signed) and a client
 /// configuration that trusts it.
 struct Pki {
@@ -440,7 +424,7 @@ async fn start_proxy(
     middleware: &str,
     rust_log: &str,
     tls: Option<&Pki>,
-) -> Result<(ProxyProcess, SocketAddr), String> {
+) -> Result<(Process, SocketAddr), String> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| e.to_string())?
@@ -497,7 +481,7 @@ async fn start_proxy(
                 args.proxy
             )
         })?;
-    let proxy = ProxyProcess(child);
+    let proxy = Process(child);
     let addr: SocketAddr = format!("127.0.0.1:{port}")
         .parse()
         .map_err(|e| format!("{e}"))?;

@@ -1,0 +1,392 @@
+//! Soak: a million event streams opened and closed through the release binary, a bounded
+//! number at once, and a check that none of them left anything behind.
+//!
+//! ```text
+//! bench/soak.sh                        # builds, then runs this with its defaults
+//! cargo run --release --example soak -- --streams 1000000 --concurrency 2000 --budget 15m
+//! ```
+//!
+//! Starts an SSE origin in this process (its first event goes out at once), the release
+//! binary (`--proxy`) in front of it with stream tracking on and an admin listener, then
+//! opens streams over loopback, at most `--concurrency` at a time: each connects, asks for
+//! `/events`, reads its first event and closes. After `--warmup` streams (allocator arenas,
+//! worker threads) and once the registry is empty, it takes the proxy's resident memory and
+//! open descriptors; then it runs `--streams` more, or as many as fit in `--budget`, and
+//! says which. Once the proxy has let go of them, it measures again. Pass: resident memory
+//! within 10% of the start, the stream registry (`/sse/connections`) empty, no more
+//! descriptors open than at the start, and no stream failed. Exit status 0 on a pass, 1 on
+//! a fail.
+
+#[path = "support/process.rs"]
+mod process;
+#[path = "support/sse_origin.rs"]
+mod sse_origin;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use process::{open_fds, rss_kib, Process};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+const USAGE: &str = "usage: soak [--streams N] [--concurrency N] [--warmup N] [--budget 15m] \
+                     [--proxy PATH]";
+
+/// How long one stream may take, connect to first event, before it counts as failed.
+const STREAM_LIMIT: Duration = Duration::from_secs(10);
+
+/// How often progress is printed.
+const PROGRESS: Duration = Duration::from_secs(30);
+
+struct Args {
+    streams: u64,
+    concurrency: usize,
+    warmup: u64,
+    budget: Duration,
+    proxy: String,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        streams: 1_000_000,
+        concurrency: 2_000,
+        warmup: 20_000,
+        budget: Duration::from_secs(15 * 60),
+        proxy: "target/release/streamgate".into(),
+    };
+    let mut words = std::env::args().skip(1);
+    while let Some(flag) = words.next() {
+        let value = words
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+        let count = || {
+            value
+                .replace('_', "")
+                .parse::<u64>()
+                .map_err(|e| format!("{flag}: {e}"))
+        };
+        match flag.as_str() {
+            "--streams" => args.streams = count()?,
+            "--concurrency" => args.concurrency = count()?.max(1) as usize,
+            "--warmup" => args.warmup = count()?,
+            "--budget" => {
+                args.budget =
+                    humantime::parse_duration(&value).map_err(|e| format!("{flag}: {e}"))?
+            }
+            "--proxy" => args.proxy = value,
+            _ => return Err(USAGE.into()),
+        }
+    }
+    Ok(args)
+}
+
+/// The counts of a run.
+#[derive(Default)]
+struct Tally {
+    done: AtomicU64,
+    failed: AtomicU64,
+    first_error: std::sync::Mutex<Option<String>>,
+}
+
+impl Tally {
+    fn record(&self, outcome: Result<(), String>) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = outcome {
+            if self.failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                if let Ok(mut first) = self.first_error.lock() {
+                    *first = Some(e);
+                }
+            }
+        }
+    }
+}
+
+/// One stream: connect, ask, read up to the end of the first event, close.
+async fn stream(proxy: SocketAddr) -> Result<(), String> {
+    let mut conn = TcpStream::connect(proxy)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    conn.write_all(b"GET /events HTTP/1.1\r\nhost: soak\r\naccept: text/event-stream\r\n\r\n")
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let mut got = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    loop {
+        let n = conn
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err(format!(
+                "closed before the first event: {:?}",
+                String::from_utf8_lossy(&got)
+            ));
+        }
+        got.extend_from_slice(&buf[..n]);
+        let body = got.windows(4).position(|w| w == b"\r\n\r\n");
+        if body.is_some_and(|at| got[at + 4..].windows(2).any(|w| w == b"\n\n")) {
+            return Ok(());
+        }
+    }
+}
+
+/// Opens `count` streams (or as many as fit in `budget`), at most `concurrency` at once,
+/// printing progress with the proxy's memory and descriptors.
+async fn run(
+    proxy: SocketAddr,
+    pid: u32,
+    count: u64,
+    concurrency: usize,
+    budget: Duration,
+) -> (Arc<Tally>, Duration) {
+    let tally = Arc::new(Tally::default());
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let began = Instant::now();
+    let mut reported = began;
+    for _ in 0..count {
+        if began.elapsed() >= budget {
+            break;
+        }
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let counts = tally.clone();
+        tokio::spawn(async move {
+            let outcome = tokio::time::timeout(STREAM_LIMIT, stream(proxy))
+                .await
+                .unwrap_or_else(|_| Err("no first event within 10 s".into()));
+            counts.record(outcome);
+            drop(slot);
+        });
+        if reported.elapsed() >= PROGRESS {
+            reported = Instant::now();
+            let done = tally.done.load(Ordering::Relaxed);
+            println!(
+                "  {:>7.0}s  {done:>9} streams  {:>6.0}/s  proxy: {} KiB resident, {} descriptors",
+                began.elapsed().as_secs_f64(),
+                done as f64 / began.elapsed().as_secs_f64(),
+                rss_kib(pid).unwrap_or(0),
+                open_fds(pid).unwrap_or(0),
+            );
+        }
+    }
+    // Every stream started has ended once all the slots are free again.
+    let _all = slots.acquire_many(concurrency as u32).await;
+    (tally, began.elapsed())
+}
+
+/// `GET path` on the admin listener; the body.
+async fn admin_get(admin: SocketAddr, path: &str) -> Result<String, String> {
+    let mut conn = TcpStream::connect(admin).await.map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer)
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (_, body) = answer.split_once("\r\n\r\n").ok_or("no body")?;
+    Ok(body.to_string())
+}
+
+/// Streams in the registry (`/sse/connections`).
+async fn registry(admin: SocketAddr) -> Result<u64, String> {
+    let body = admin_get(admin, "/sse/connections").await?;
+    let view: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+    view["total"]
+        .as_u64()
+        .ok_or_else(|| format!("no total in {body}"))
+}
+
+/// The sum of the metric `name` over its series.
+async fn gauge(admin: SocketAddr, name: &str) -> Result<f64, String> {
+    let body = admin_get(admin, "/metrics").await?;
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Waits until the proxy holds no stream and no client connection (at most 30 s); then
+/// gives it a second more to free what it frees after the close.
+async fn settle(admin: SocketAddr) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let streams = registry(admin).await?;
+        let open = gauge(admin, "streamgate_connections_open").await?;
+        if streams == 0 && open == 0.0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "after 30 s still {streams} streams in the registry, {open} connections open"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| e.to_string())
+}
+
+async fn soak(args: Args) -> Result<bool, String> {
+    let origin = sse_origin::start(Duration::from_secs(1), 1, || 0).await;
+    let (port, admin_port) = (free_port()?, free_port()?);
+    let dir = std::env::temp_dir().join(format!("streamgate-soak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let config = dir.join("soak.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "threads: 2\npid_file: {dir}/sg.pid\nupgrade_sock: {dir}/sg.sock\n\
+             grace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n\
+             listen: [\"127.0.0.1:{port}\"]\nadmin: {{ listen: \"127.0.0.1:{admin_port}\" }}\n\
+             access_log: {{ enabled: false }}\nsse: {{ connection_tracking: true }}\n\
+             services:\n  origin: {{ url: \"http://{origin}\" }}\n\
+             host_rules:\n  - {{ pattern: \"*\", target: origin }}\n",
+            dir = dir.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let log = std::fs::File::create(dir.join("proxy.log")).map_err(|e| e.to_string())?;
+    let child = Command::new(&args.proxy)
+        .arg("-c")
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "cannot start {} ({e}); run `cargo build --release` first",
+                args.proxy
+            )
+        })?;
+    let proxy = Process(child);
+    let pid = proxy.0.id();
+    let addr: SocketAddr = format!("127.0.0.1:{port}")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let waited = Instant::now();
+    while registry(admin).await.is_err() {
+        if waited.elapsed() > Duration::from_secs(10) {
+            return Err(format!(
+                "the proxy did not start; see {}",
+                dir.join("proxy.log").display()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "soak: {} streams at most {} at once (budget {}), after a warm-up of {}; proxy pid {pid}, log {}",
+        args.streams,
+        args.concurrency,
+        humantime::format_duration(args.budget),
+        args.warmup,
+        dir.join("proxy.log").display()
+    );
+
+    let (warm, took) = run(addr, pid, args.warmup, args.concurrency, Duration::MAX).await;
+    println!(
+        "warm-up: {} streams in {:.1}s, {} failed",
+        warm.done.load(Ordering::Relaxed),
+        took.as_secs_f64(),
+        warm.failed.load(Ordering::Relaxed)
+    );
+    settle(admin).await?;
+    let (rss_start, fds_start) = (rss_kib(pid).unwrap_or(0), open_fds(pid).unwrap_or(0));
+    println!("start: {rss_start} KiB resident, {fds_start} descriptors open, registry empty");
+
+    let (tally, took) = run(addr, pid, args.streams, args.concurrency, args.budget).await;
+    let (done, failed) = (
+        tally.done.load(Ordering::Relaxed),
+        tally.failed.load(Ordering::Relaxed),
+    );
+    let settled = settle(admin).await;
+    let (rss_end, fds_end) = (rss_kib(pid).unwrap_or(0), open_fds(pid).unwrap_or(0));
+    let streams_left = registry(admin).await?;
+    let open_gauge = gauge(admin, "streamgate_sse_streams_open").await?;
+    let opened = gauge(admin, "streamgate_sse_streams_opened_total").await?;
+    println!(
+        "run: {done} streams opened and closed in {:.1}s ({:.0}/s), {failed} failed{}",
+        took.as_secs_f64(),
+        done as f64 / took.as_secs_f64(),
+        if done < args.streams {
+            format!("; stopped by the budget before {}", args.streams)
+        } else {
+            String::new()
+        }
+    );
+    if let Some(e) = tally.first_error.lock().ok().and_then(|f| f.clone()) {
+        println!("  first failure: {e}");
+    }
+    if let Err(e) = &settled {
+        println!("  {e}");
+    }
+    println!(
+        "end: {rss_end} KiB resident ({:+.1}% of the start), {fds_end} descriptors open, \
+         {streams_left} streams in the registry, streamgate_sse_streams_open {open_gauge}, \
+         streamgate_sse_streams_opened_total {opened}",
+        (rss_end as f64 / rss_start.max(1) as f64 - 1.0) * 100.0
+    );
+    let checks = [
+        (
+            "resident memory within 10% of the start",
+            rss_end as f64 <= rss_start as f64 * 1.10,
+        ),
+        (
+            "stream registry empty",
+            streams_left == 0 && open_gauge == 0.0,
+        ),
+        ("descriptors back", fds_end <= fds_start),
+        (
+            "no stream failed",
+            failed == 0 && warm.failed.load(Ordering::Relaxed) == 0,
+        ),
+    ];
+    for (what, ok) in checks {
+        println!("  {} {what}", if ok { "pass" } else { "FAIL" });
+    }
+    Ok(checks.iter().all(|(_, ok)| *ok))
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match runtime.block_on(soak(args)) {
+        Ok(true) => println!("soak: pass"),
+        Ok(false) => {
+            println!("soak: FAIL");
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!("soak: {e}");
+            std::process::exit(1);
+        }
+    }
+}
