@@ -38,17 +38,20 @@ struct Setup {
     h2c: SocketAddr,
     _feed: Origin,
     _plain: Origin,
+    _echo: Origin,
 }
 
 /// A config with an HTTP/1.1 and an h2c listener: `/events` streams from a counting
-/// origin (honouring `Last-Event-ID`), `/plain` answers `ok` with keep-alive.
+/// origin (honouring `Last-Event-ID`), `/plain` answers `ok` with keep-alive, `/ws` is
+/// upgraded to a protocol that echoes.
 async fn setup() -> Setup {
     let feed = counting_origin(Duration::from_millis(50)).await;
     let plain = Origin::plain("ok").await;
+    let echo = echo_origin().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (h1, h2c) = (free_port(), free_port());
     let config = dir.path().join("streamgate.yaml");
-    write_config(dir.path(), &config, h1, h2c, &feed, &plain);
+    write_config(dir.path(), &config, (h1, h2c), [&feed, &plain, &echo]);
     Setup {
         config,
         h1: format!("127.0.0.1:{h1}").parse().expect("addr"),
@@ -56,10 +59,35 @@ async fn setup() -> Setup {
         _dir: dir,
         _feed: feed,
         _plain: plain,
+        _echo: echo,
     }
 }
 
-fn write_config(dir: &Path, config: &Path, h1: u16, h2c: u16, feed: &Origin, plain: &Origin) {
+/// Answers `101` and echoes every byte until the client closes.
+async fn echo_origin() -> Origin {
+    Origin::start(|_, mut conn| async move {
+        let switched =
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\n";
+        if conn.write(switched).await.is_err() {
+            return common::After::Close;
+        }
+        let mut buf = [0u8; 64];
+        while let Ok(n @ 1..) = conn.reader.read(&mut buf).await {
+            if conn.write(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        common::After::Close
+    })
+    .await
+}
+
+fn write_config(
+    dir: &Path,
+    config: &Path,
+    (h1, h2c): (u16, u16),
+    [feed, plain, echo]: [&Origin; 3],
+) {
     std::fs::write(
         config,
         format!(
@@ -67,12 +95,14 @@ fn write_config(dir: &Path, config: &Path, h1: u16, h2c: u16, feed: &Origin, pla
              graceful_shutdown_timeout_seconds: 1\n\
              listen:\n  - \"127.0.0.1:{h1}\"\n  - {{ address: \"127.0.0.1:{h2c}\", h2c: true }}\n\
              sse: {{ drain_period: {}ms }}\n\
-             services:\n  feed: {{ url: \"{}\" }}\n  plain: {{ url: \"{}\" }}\n\
+             services:\n  feed: {{ url: \"{}\" }}\n  plain: {{ url: \"{}\" }}\n  echo: {{ url: \"{}\" }}\n\
              host_rules:\n  - pattern: \"*\"\n    target: feed\n    route_rules:\n\
-             \x20     - {{ pattern: \"/plain\", target: plain }}\n",
+             \x20     - {{ pattern: \"/plain\", target: plain }}\n\
+             \x20     - {{ pattern: \"/ws\", target: echo }}\n",
             DRAIN.as_millis(),
             feed.url(),
             plain.url(),
+            echo.url(),
             dir = dir.display()
         ),
     )
@@ -215,6 +245,47 @@ async fn sigterm_with_http2_streams_and_idle_http2_connections_exits_once_draine
     let exit = began.elapsed();
     eprintln!("SIGTERM with HTTP/2 open: drained after {drained:?}, exited after {exit:?}");
     assert!(status.success(), "exit: {status}");
+    assert!(exit < DRAIN + AFTER_DRAIN, "exited after {exit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_an_upgraded_connection_open_ends_it_within_the_drain_and_exits() {
+    let setup = setup().await;
+    let mut proxy = Running(start_binary(BIN, &setup.config, false));
+    wait_listening(&format!("http://{}/plain", setup.h1)).await;
+    // A WebSocket-like connection: relayed both ways until either side closes.
+    let mut tunnel = TcpStream::connect(setup.h1).await.expect("connect");
+    tunnel
+        .write_all(b"GET /ws HTTP/1.1\r\nhost: t\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
+        .await
+        .expect("request");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    guard("the 101 and the echo", async {
+        tunnel.write_all(b"ping").await.expect("write");
+        while !got.ends_with(b"ping") {
+            let n = tunnel.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+
+    let began = Instant::now();
+    signal(proxy.0.id(), "-TERM");
+    let (_, ended) = guard("the upgraded connection to end", read_to_end(&mut tunnel)).await;
+    let (status, _) = exited_within(&mut proxy.0, Duration::from_secs(30)).await;
+    let (closed, exit) = (ended - began, began.elapsed());
+    eprintln!(
+        "SIGTERM with an upgraded connection: closed after {closed:?}, exited after {exit:?}"
+    );
+    assert!(status.success(), "exit: {status}");
+    assert!(closed <= DRAIN + AFTER_DRAIN, "closed after {closed:?}");
     assert!(exit < DRAIN + AFTER_DRAIN, "exited after {exit:?}");
 }
 

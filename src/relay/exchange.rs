@@ -50,6 +50,7 @@ use super::stream::apply_filters;
 use crate::config::AccessLog;
 use crate::error::http_error;
 use crate::sse;
+use crate::sse::drain::drain_deadline;
 use crate::state::State;
 
 /// How long an origin that stopped reading a request body is given to show its answer.
@@ -477,7 +478,9 @@ impl Relay {
     }
 
     /// `101 Switching Protocols`: bytes both ways as they are, until either side closes or
-    /// both are silent for `timeouts.read`.
+    /// both are silent for `timeouts.read`, or, once the process drains, at a random moment
+    /// within the drain period (its client reconnects, to the new process after an upgrade,
+    /// as a drained GET stream's does).
     async fn splice(
         &self,
         session: &mut ServerSession,
@@ -489,6 +492,13 @@ impl Relay {
         if !early.is_empty() {
             write_body(session, Some(early.freeze()), false).await?;
         }
+        let drain = self.state.drain.clone();
+        let period = ctx.chain.sse.settings.drain_period;
+        let drained = async move {
+            let at = drain_deadline(drain.started().await, period);
+            tokio::time::sleep_until(at.into()).await;
+        };
+        tokio::pin!(drained);
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             let step = async {
@@ -519,7 +529,13 @@ impl Relay {
                     }
                 }
             };
-            let open = within(idle, step, "an upgraded connection was idle").await?;
+            let open = tokio::select! {
+                open = within(idle, step, "an upgraded connection was idle") => open?,
+                () = &mut drained => {
+                    log::debug!("an upgraded connection ends: the process drains");
+                    false
+                }
+            };
             if !open {
                 let _ = session.write_response_body(Bytes::new(), true).await;
                 shutdown(&mut origin).await;
