@@ -84,46 +84,79 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
+/// How a stream failed.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// The connection to the proxy was not made.
+    Connect,
+    /// The request could not be written, or reading the answer failed.
+    Io,
+    /// The proxy closed the connection before the first event.
+    Closed,
+    /// No first event within [`STREAM_LIMIT`].
+    Slow,
+}
+
 /// The counts of a run.
 #[derive(Default)]
 struct Tally {
     done: AtomicU64,
-    failed: AtomicU64,
+    /// Failures by kind, in [`Failure`] order.
+    failed: [AtomicU64; 4],
     first_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Tally {
-    fn record(&self, outcome: Result<(), String>) {
+    fn record(&self, outcome: Result<(), (Failure, String)>) {
         self.done.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = outcome {
-            if self.failed.fetch_add(1, Ordering::Relaxed) == 0 {
-                if let Ok(mut first) = self.first_error.lock() {
-                    *first = Some(e);
-                }
+        if let Err((kind, e)) = outcome {
+            self.failed[kind as usize].fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut first) = self.first_error.lock() {
+                first.get_or_insert(e);
             }
         }
+    }
+
+    fn failed(&self) -> u64 {
+        self.failed.iter().map(|f| f.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The failures by kind, for the report.
+    fn failures(&self) -> String {
+        let kinds = [
+            Failure::Connect,
+            Failure::Io,
+            Failure::Closed,
+            Failure::Slow,
+        ];
+        let counts: Vec<String> = kinds
+            .iter()
+            .map(|k| format!("{k:?} {}", self.failed[*k as usize].load(Ordering::Relaxed)))
+            .collect();
+        format!("{} failed ({})", self.failed(), counts.join(", "))
     }
 }
 
 /// One stream: connect, ask, read up to the end of the first event, close.
-async fn stream(proxy: SocketAddr) -> Result<(), String> {
+async fn stream(proxy: SocketAddr) -> Result<(), (Failure, String)> {
     let mut conn = TcpStream::connect(proxy)
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| (Failure::Connect, format!("connect: {e}")))?;
     conn.write_all(b"GET /events HTTP/1.1\r\nhost: soak\r\naccept: text/event-stream\r\n\r\n")
         .await
-        .map_err(|e| format!("request: {e}"))?;
+        .map_err(|e| (Failure::Io, format!("request: {e}")))?;
     let mut got = Vec::with_capacity(512);
     let mut buf = [0u8; 512];
     loop {
         let n = conn
             .read(&mut buf)
             .await
-            .map_err(|e| format!("read: {e}"))?;
+            .map_err(|e| (Failure::Io, format!("read: {e}")))?;
         if n == 0 {
-            return Err(format!(
-                "closed before the first event: {:?}",
-                String::from_utf8_lossy(&got)
+            let got = String::from_utf8_lossy(&got);
+            return Err((
+                Failure::Closed,
+                format!("closed before the first event: {got:?}"),
             ));
         }
         got.extend_from_slice(&buf[..n]);
@@ -158,7 +191,7 @@ async fn run(
         tokio::spawn(async move {
             let outcome = tokio::time::timeout(STREAM_LIMIT, stream(proxy))
                 .await
-                .unwrap_or_else(|_| Err("no first event within 10 s".into()));
+                .unwrap_or_else(|_| Err((Failure::Slow, "no first event within 10 s".into())));
             counts.record(outcome);
             drop(slot);
         });
@@ -214,9 +247,10 @@ async fn gauge(admin: SocketAddr, name: &str) -> Result<f64, String> {
         .sum())
 }
 
-/// Waits until the proxy holds no stream and no client connection (at most 30 s); then
-/// gives it a second more to free what it frees after the close.
-async fn settle(admin: SocketAddr) -> Result<(), String> {
+/// Waits until the proxy holds no stream and no client connection, then until its
+/// resident memory stops falling (what it frees after a burst goes back within seconds),
+/// at most 30 s each.
+async fn settle(admin: SocketAddr, pid: u32) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let streams = registry(admin).await?;
@@ -231,7 +265,17 @@ async fn settle(admin: SocketAddr) -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut lowest = rss_kib(pid).unwrap_or(0);
+    let mut since = Instant::now();
+    while since.elapsed() < Duration::from_secs(8) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = rss_kib(pid).unwrap_or(0);
+        if now < lowest {
+            lowest = now;
+            since = Instant::now();
+        }
+    }
     Ok(())
 }
 
@@ -304,29 +348,27 @@ async fn soak(args: Args) -> Result<bool, String> {
 
     let (warm, took) = run(addr, pid, args.warmup, args.concurrency, Duration::MAX).await;
     println!(
-        "warm-up: {} streams in {:.1}s, {} failed",
+        "warm-up: {} streams in {:.1}s, {}",
         warm.done.load(Ordering::Relaxed),
         took.as_secs_f64(),
-        warm.failed.load(Ordering::Relaxed)
+        warm.failures()
     );
-    settle(admin).await?;
+    settle(admin, pid).await?;
     let (rss_start, fds_start) = (rss_kib(pid).unwrap_or(0), open_fds(pid).unwrap_or(0));
     println!("start: {rss_start} KiB resident, {fds_start} descriptors open, registry empty");
 
     let (tally, took) = run(addr, pid, args.streams, args.concurrency, args.budget).await;
-    let (done, failed) = (
-        tally.done.load(Ordering::Relaxed),
-        tally.failed.load(Ordering::Relaxed),
-    );
-    let settled = settle(admin).await;
+    let (done, failed) = (tally.done.load(Ordering::Relaxed), tally.failed());
+    let settled = settle(admin, pid).await;
     let (rss_end, fds_end) = (rss_kib(pid).unwrap_or(0), open_fds(pid).unwrap_or(0));
     let streams_left = registry(admin).await?;
     let open_gauge = gauge(admin, "streamgate_sse_streams_open").await?;
     let opened = gauge(admin, "streamgate_sse_streams_opened_total").await?;
     println!(
-        "run: {done} streams opened and closed in {:.1}s ({:.0}/s), {failed} failed{}",
+        "run: {done} streams opened and closed in {:.1}s ({:.0}/s), {}{}",
         took.as_secs_f64(),
         done as f64 / took.as_secs_f64(),
+        tally.failures(),
         if done < args.streams {
             format!("; stopped by the budget before {}", args.streams)
         } else {
@@ -355,10 +397,7 @@ async fn soak(args: Args) -> Result<bool, String> {
             streams_left == 0 && open_gauge == 0.0,
         ),
         ("descriptors back", fds_end <= fds_start),
-        (
-            "no stream failed",
-            failed == 0 && warm.failed.load(Ordering::Relaxed) == 0,
-        ),
+        ("no stream failed", failed == 0 && warm.failed() == 0),
     ];
     for (what, ok) in checks {
         println!("  {} {what}", if ok { "pass" } else { "FAIL" });

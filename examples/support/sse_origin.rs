@@ -9,10 +9,16 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::TcpSocket;
 
 pub async fn start(interval: Duration, streams: usize, now: fn() -> u64) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+    // A backlog as deep as the system allows (somaxconn), not tokio's 1,024: thousands of
+    // streams may connect at once, and a dropped SYN costs the stream a second or more.
+    let socket = TcpSocket::new_v4().expect("origin socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind origin");
+    let listener = socket.listen(65_535).expect("listen");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         let mut n: u64 = 0;
