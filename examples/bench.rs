@@ -461,27 +461,14 @@ async fn start_proxy(
     .map_err(|e| e.to_string())?;
     // With `--pin`, the proxy gets CPU 1 to itself and this process stays on CPU 0, so the
     // proxy is what limits throughput, not the load generator it shares the machine with.
-    let mut command = if args.pin {
+    let command = if args.pin {
         let mut c = Command::new("taskset");
         c.args(["-c", "1"]).arg(&args.proxy);
         c
     } else {
         Command::new(&args.proxy)
     };
-    let child = command
-        .arg("-c")
-        .arg(&config)
-        .env("RUST_LOG", rust_log)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| {
-            format!(
-                "cannot start {} ({e}); run `cargo build --release` first",
-                args.proxy
-            )
-        })?;
-    let proxy = Process(child);
+    let proxy = process::start(command, &args.proxy, &config, rust_log, Stdio::null())?;
     let addr: SocketAddr = format!("127.0.0.1:{port}")
         .parse()
         .map_err(|e| format!("{e}"))?;

@@ -23,12 +23,12 @@ mod process;
 mod sse_origin;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use process::{open_fds, rss_kib, Process};
+use process::{open_fds, rss_kib};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -50,24 +50,28 @@ struct Args {
     proxy: String,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        streams: 1_000_000,
-        concurrency: 2_000,
-        warmup: 20_000,
-        budget: Duration::from_secs(15 * 60),
-        proxy: "target/release/streamgate".into(),
-    };
-    let mut words = std::env::args().skip(1);
-    while let Some(flag) = words.next() {
-        let value = words
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+impl Default for Args {
+    fn default() -> Self {
+        Args {
+            streams: 1_000_000,
+            concurrency: 2_000,
+            warmup: 100_000,
+            budget: Duration::from_secs(15 * 60),
+            proxy: "target/release/streamgate".into(),
+        }
+    }
+}
+
+/// `--flag value` pairs over the defaults.
+fn parse_args(words: &[String]) -> Result<Args, String> {
+    let mut args = Args::default();
+    for pair in words.chunks(2) {
+        let [flag, value] = pair else {
+            return Err(USAGE.into());
+        };
         let count = || {
-            value
-                .replace('_', "")
-                .parse::<u64>()
-                .map_err(|e| format!("{flag}: {e}"))
+            let digits = value.replace('_', "");
+            digits.parse::<u64>().map_err(|e| format!("{flag}: {e}"))
         };
         match flag.as_str() {
             "--streams" => args.streams = count()?,
@@ -75,9 +79,9 @@ fn parse_args() -> Result<Args, String> {
             "--warmup" => args.warmup = count()?,
             "--budget" => {
                 args.budget =
-                    humantime::parse_duration(&value).map_err(|e| format!("{flag}: {e}"))?
+                    humantime::parse_duration(value).map_err(|e| format!("{flag}: {e}"))?
             }
-            "--proxy" => args.proxy = value,
+            "--proxy" => args.proxy = value.clone(),
             _ => return Err(USAGE.into()),
         }
     }
@@ -306,20 +310,13 @@ async fn soak(args: Args) -> Result<bool, String> {
     )
     .map_err(|e| e.to_string())?;
     let log = std::fs::File::create(dir.join("proxy.log")).map_err(|e| e.to_string())?;
-    let child = Command::new(&args.proxy)
-        .arg("-c")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| {
-            format!(
-                "cannot start {} ({e}); run `cargo build --release` first",
-                args.proxy
-            )
-        })?;
-    let proxy = Process(child);
+    let proxy = process::start(
+        Command::new(&args.proxy),
+        &args.proxy,
+        &config,
+        "warn",
+        Stdio::from(log),
+    )?;
     let pid = proxy.0.id();
     let addr: SocketAddr = format!("127.0.0.1:{port}")
         .parse()
@@ -405,27 +402,28 @@ async fn soak(args: Args) -> Result<bool, String> {
     Ok(checks.iter().all(|(_, ok)| *ok))
 }
 
-fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
+#[tokio::main]
+async fn main() -> ExitCode {
+    let words: Vec<String> = std::env::args().skip(1).collect();
+    let outcome = match parse_args(&words) {
+        Ok(args) => soak(args).await,
+        Err(usage) => {
+            eprintln!("{usage}");
+            return ExitCode::from(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    match runtime.block_on(soak(args)) {
-        Ok(true) => println!("soak: pass"),
+    match outcome {
+        Ok(true) => {
+            println!("soak: pass");
+            ExitCode::SUCCESS
+        }
         Ok(false) => {
             println!("soak: FAIL");
-            std::process::exit(1);
+            ExitCode::FAILURE
         }
         Err(e) => {
             eprintln!("soak: {e}");
-            std::process::exit(1);
+            ExitCode::FAILURE
         }
     }
 }

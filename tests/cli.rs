@@ -290,23 +290,16 @@ fn rss_kib(pid: u32) -> u64 {
 /// Opens `total` event streams, `at_once` at a time; each is closed by the client after
 /// its first event.
 async fn open_and_close(addr: std::net::SocketAddr, total: usize, at_once: usize) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let one = move || async move {
         let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
         s.write_all(b"GET /events HTTP/1.1\r\nhost: t\r\naccept: text/event-stream\r\n\r\n")
             .await
             .expect("request");
-        let mut got = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !got.windows(7).any(|w| w == b"data: x") {
-            let n = s.read(&mut buf).await.expect("read");
-            assert!(
-                n > 0,
-                "stream ended early: {}",
-                String::from_utf8_lossy(&got)
-            );
-            got.extend_from_slice(&buf[..n]);
-        }
+        common::read_until(&mut s, "the first event", |got| {
+            got.windows(7).any(|w| w == b"data: x")
+        })
+        .await;
     };
     for _ in 0..total / at_once {
         futures_util::future::join_all((0..at_once).map(|_| one())).await;

@@ -7,8 +7,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{eventually, guard, After, Events, Origin, Proxy};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::{config_error, eventually, read_to_end, read_until, After, Events, Origin, Proxy};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 fn config(origin: &Origin) -> String {
@@ -29,25 +29,11 @@ fn metric(proxy: &Proxy, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn series(name: &str, proxy: &Proxy) -> String {
-    format!("{name}{{listener=\"{}\"}}", proxy.addr)
-}
-
 /// Waits until the proxy closes `conn`; returns what it sent before and how long it took.
 async fn closed_by_proxy(conn: &mut TcpStream) -> (String, Duration) {
     let began = Instant::now();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    guard("the proxy to close the connection", async {
-        loop {
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    (String::from_utf8_lossy(&got).into_owned(), began.elapsed())
+    let (sent, ended) = read_to_end(conn, "the proxy to close the connection").await;
+    (sent, ended - began)
 }
 
 /// Sends a GET for `/` on `conn` and reads its whole `ok` answer.
@@ -55,23 +41,18 @@ async fn request(conn: &mut TcpStream) {
     conn.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
         .await
         .expect("request");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    guard("the answer", async {
-        while !got.ends_with(b"\r\n\r\nok") {
-            let n = conn.read(&mut buf).await.expect("read");
-            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await;
+    let got = read_until(conn, "the answer", |got| got.ends_with(b"\r\n\r\nok")).await;
     assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
 }
 
+/// The count `name` of the proxy's listener.
+fn counted(proxy: &Proxy, name: &str) -> f64 {
+    metric(proxy, &format!("{name}{{listener=\"{}\"}}", proxy.addr))
+}
+
 async fn connections_open(proxy: &Proxy, n: f64) {
-    let open = series("streamgate_connections_open", proxy);
     eventually(&format!("{n} connections open"), || async {
-        metric(proxy, &open) == n
+        counted(proxy, "streamgate_connections_open") == n
     })
     .await;
 }
@@ -88,10 +69,7 @@ async fn a_client_that_sends_nothing_is_closed_after_the_idle_timeout() {
         eprintln!("{options}: a silent connection closed after {took:?}");
         assert_eq!(sent, "", "closed without an answer");
         assert_eq!(
-            metric(
-                &proxy,
-                &series("streamgate_connections_idle_closed_total", &proxy)
-            ),
+            counted(&proxy, "streamgate_connections_idle_closed_total"),
             1.0
         );
         // Between keep-alive requests.
@@ -140,10 +118,7 @@ async fn an_event_stream_outlives_the_idle_timeout() {
         assert_eq!(events.next().await, None, "a clean end");
     }
     assert_eq!(
-        metric(
-            &proxy,
-            &series("streamgate_connections_idle_closed_total", &proxy)
-        ),
+        counted(&proxy, "streamgate_connections_idle_closed_total"),
         0.0
     );
 }
@@ -165,13 +140,7 @@ async fn connections_over_max_connections_are_closed_as_they_are_accepted() {
     let _ = over.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n").await;
     let (sent, _) = closed_by_proxy(&mut over).await;
     assert_eq!(sent, "", "no answer over the cap");
-    assert_eq!(
-        metric(
-            &proxy,
-            &series("streamgate_connections_refused_total", &proxy)
-        ),
-        1.0
-    );
+    assert_eq!(counted(&proxy, "streamgate_connections_refused_total"), 1.0);
     // The three admitted ones still serve.
     for conn in &mut open {
         request(conn).await;
@@ -181,27 +150,15 @@ async fn connections_over_max_connections_are_closed_as_they_are_accepted() {
     connections_open(&proxy, 2.0).await;
     let mut again = TcpStream::connect(proxy.addr).await.expect("connect");
     request(&mut again).await;
-    assert_eq!(
-        metric(&proxy, &series("streamgate_connections_open", &proxy)),
-        3.0
-    );
+    assert_eq!(counted(&proxy, "streamgate_connections_open"), 3.0);
 }
 
-/// A listener with `options` is refused by the loader with `reason` at the
-/// key's line.
+/// A listener with `options` is refused by the loader with `reason` at the key's line.
 fn refused(options: &str, key: &str, reason: &str) {
-    let text = format!(
+    let err = config_error(&format!(
         "listen:\n  - address: \"127.0.0.1:1\"\n    {options}\nservices:\n  web: {{ url: \"http://127.0.0.1:2\" }}\n\
          host_rules:\n  - {{ pattern: \"*\", target: web }}\n"
-    );
-    let err = streamgate::Config::from_text(
-        std::path::Path::new("test.yaml"),
-        &text,
-        std::path::Path::new("."),
-    )
-    .err()
-    .unwrap_or_else(|| panic!("{options} was accepted"))
-    .to_string();
+    ));
     assert!(err.starts_with("test.yaml:3:"), "{err}");
     assert!(err.contains(key) && err.contains(reason), "{err}");
 }

@@ -4,7 +4,8 @@
 
 #![allow(dead_code)]
 
-use std::process::Child;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 
 /// Kills the child when dropped, however the tool ends.
 pub struct Process(pub Child);
@@ -14,6 +15,26 @@ impl Drop for Process {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Runs `command` (the release binary, or a wrapper such as `taskset` around it, `binary`
+/// naming it for the error) with `-c config`, logging at `rust_log` to `stderr`.
+pub fn start(
+    mut command: Command,
+    binary: &str,
+    config: &Path,
+    rust_log: &str,
+    stderr: Stdio,
+) -> Result<Process, String> {
+    command
+        .arg("-c")
+        .arg(config)
+        .env("RUST_LOG", rust_log)
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .map(Process)
+        .map_err(|e| format!("cannot start {binary} ({e}); run `cargo build --release` first"))
 }
 
 /// The resident memory of process `pid`, in KiB.

@@ -332,6 +332,51 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Reads `conn` until `done` holds for what came (at most [`GUARD`]); panics if the peer
+/// closes first. Returns what came.
+pub async fn read_until(conn: &mut TcpStream, what: &str, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    guard(what, async {
+        while !done(&got) {
+            let n = conn.read(&mut buf).await.expect("read");
+            assert!(
+                n > 0,
+                "closed before {what}: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    got
+}
+
+/// Reads `conn` until the peer closes it or it fails (at most [`GUARD`]); returns what came
+/// and when it ended.
+pub async fn read_to_end(conn: &mut TcpStream, what: &str) -> (String, std::time::Instant) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    guard(what, async {
+        while let Ok(n @ 1..) = conn.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    (
+        String::from_utf8_lossy(&got).into_owned(),
+        std::time::Instant::now(),
+    )
+}
+
+/// The error a config text is refused with, as the loader words it (file `test.yaml`).
+pub fn config_error(text: &str) -> String {
+    Config::from_text(Path::new("test.yaml"), text, Path::new("."))
+        .err()
+        .unwrap_or_else(|| panic!("the config loaded:\n{text}"))
+        .to_string()
+}
+
 /// Waits until something accepts TCP connections on `addr` (a listener of a service that
 /// starts beside the first one).
 pub async fn listening(addr: SocketAddr) {
