@@ -46,12 +46,14 @@
 
 #[path = "support/peers.rs"]
 mod peers;
+#[path = "support/process.rs"]
+mod process;
 #[path = "support/sse_origin.rs"]
 mod sse_origin;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,6 +64,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
+
+use process::{rss_kib, Process};
 
 /// Microseconds of `CLOCK_MONOTONIC`. The clock is the machine's, not the process's, so an
 /// origin in another process stamps events on the same clock the client reads.
@@ -811,18 +815,6 @@ async fn open_streams(
     Ok(tasks)
 }
 
-/// Resident memory of one process, KiB.
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// The fields of /proc/PID/stat after the command name (which may contain spaces), so
 /// field N of the line (1-based) is at index N - 3.
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
@@ -930,15 +922,6 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-struct ProxyProcess(Child);
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The certificate of the bench's TLS listener (`bench.test`, self-signed) and a client
 /// configuration that trusts it.
 struct Pki {
@@ -975,7 +958,7 @@ async fn start_proxy(
     middleware: &str,
     rust_log: &str,
     tls: Option<&Pki>,
-) -> Result<(ProxyProcess, SocketAddr), String> {
+) -> Result<(Process, SocketAddr), String> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| e.to_string())?
@@ -1012,27 +995,14 @@ async fn start_proxy(
     .map_err(|e| e.to_string())?;
     // With `--pin`, the proxy gets CPU 1 to itself and this process stays on CPU 0, so the
     // proxy is what limits throughput, not the load generator it shares the machine with.
-    let mut command = if args.pin {
+    let command = if args.pin {
         let mut c = Command::new("taskset");
         c.args(["-c", "1"]).arg(&args.proxy);
         c
     } else {
         Command::new(&args.proxy)
     };
-    let child = command
-        .arg("-c")
-        .arg(&config)
-        .env("RUST_LOG", rust_log)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| {
-            format!(
-                "cannot start {} ({e}); run `cargo build --release` first",
-                args.proxy
-            )
-        })?;
-    let proxy = ProxyProcess(child);
+    let proxy = process::start(command, &args.proxy, &config, rust_log, Stdio::null())?;
     let addr: SocketAddr = format!("127.0.0.1:{port}")
         .parse()
         .map_err(|e| format!("{e}"))?;
@@ -1183,7 +1153,7 @@ fn main() {
 
 /// The origin alone, on `--origin`, until the process is killed.
 async fn origin_scenario(args: &Args) {
-    let listener = match tokio::net::TcpListener::bind(args.peers.origin).await {
+    let listener = match sse_origin::listen(args.peers.origin) {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("origin: cannot listen on {}: {e}", args.peers.origin);

@@ -16,10 +16,14 @@
 //! Only loopback addresses are used. The open-file limit of this machine (20,000) allows
 //! about 9,000 streams: this process holds the client and the origin side of each.
 
+#[path = "support/process.rs"]
+mod process;
 #[path = "support/sse_origin.rs"]
 mod sse_origin;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use process::Process;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -114,15 +118,6 @@ async fn client(
             }
         }
         tokio::time::sleep(retry).await;
-    }
-}
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

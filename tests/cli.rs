@@ -4,9 +4,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use common::binary::{exited, signal, start_binary, wait_listening, Running};
 use common::resume::{contiguous, counting_origin, Resumer};
 use common::{client, eventually, free_port, guard, Events};
 
@@ -91,38 +92,6 @@ fn broken_configs_fail_the_check_naming_file_line_and_key() {
     let out = check(&dir.path().join("absent.yaml"));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("absent.yaml"));
-}
-
-/// Kills the child when the test ends, however it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn signal(pid: u32, sig: &str) {
-    let status = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
-
-async fn wait_listening(url: &str) {
-    guard("the binary to serve", async {
-        loop {
-            if let Ok(r) = client().get(url).send().await {
-                if r.status().is_success() {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -246,38 +215,13 @@ fn drain_config(dir: &Path, port: u16, origin: &common::Origin, drain: &str) -> 
     config
 }
 
-fn start_binary(config: &Path, upgrade: bool) -> Child {
-    let mut cmd = Command::new(BIN);
-    if upgrade {
-        cmd.arg("-u");
-    }
-    cmd.arg("-c")
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn")
-}
-
-async fn exited(child: &mut Child) -> std::process::ExitStatus {
-    guard("the process to exit by itself", async {
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upgrade_drains_streams_to_the_new_process_without_losing_an_event() {
     let origin = counting_origin(Duration::from_millis(20)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let config = drain_config(dir.path(), port, &origin, "1s");
-    let mut old = Running(start_binary(&config, false));
+    let mut old = Running(start_binary(BIN, &config, false));
     let addr = format!("127.0.0.1:{port}").parse().expect("addr");
     wait_listening(&format!("http://{addr}/")).await;
     let clients: Vec<Resumer> = (0..50).map(|_| Resumer::start(addr, "/events")).collect();
@@ -286,7 +230,7 @@ async fn an_upgrade_drains_streams_to_the_new_process_without_losing_an_event() 
     })
     .await;
 
-    let _new = Running(start_binary(&config, true));
+    let _new = Running(start_binary(BIN, &config, true));
     tokio::time::sleep(Duration::from_millis(300)).await;
     signal(old.0.id(), "-QUIT");
     let status = exited(&mut old.0).await;
@@ -315,7 +259,7 @@ async fn sigterm_drains_streams_and_exits_without_sleeping_out_a_grace_period() 
     let port = free_port();
     // No grace_period_seconds: it follows the drain period (Pingora's own default is 300 s).
     let config = drain_config(dir.path(), port, &origin, "500ms");
-    let mut proxy = Running(start_binary(&config, false));
+    let mut proxy = Running(start_binary(BIN, &config, false));
     let addr = format!("127.0.0.1:{port}").parse().expect("addr");
     wait_listening(&format!("http://{addr}/")).await;
     let clients: Vec<Resumer> = (0..10).map(|_| Resumer::start(addr, "/events")).collect();
@@ -346,23 +290,16 @@ fn rss_kib(pid: u32) -> u64 {
 /// Opens `total` event streams, `at_once` at a time; each is closed by the client after
 /// its first event.
 async fn open_and_close(addr: std::net::SocketAddr, total: usize, at_once: usize) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let one = move || async move {
         let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
         s.write_all(b"GET /events HTTP/1.1\r\nhost: t\r\naccept: text/event-stream\r\n\r\n")
             .await
             .expect("request");
-        let mut got = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !got.windows(7).any(|w| w == b"data: x") {
-            let n = s.read(&mut buf).await.expect("read");
-            assert!(
-                n > 0,
-                "stream ended early: {}",
-                String::from_utf8_lossy(&got)
-            );
-            got.extend_from_slice(&buf[..n]);
-        }
+        common::read_until(&mut s, "the first event", |got| {
+            got.windows(7).any(|w| w == b"data: x")
+        })
+        .await;
     };
     for _ in 0..total / at_once {
         futures_util::future::join_all((0..at_once).map(|_| one())).await;
@@ -392,7 +329,7 @@ async fn ten_thousand_streams_leave_no_entry_and_no_memory_behind() {
         ),
     )
     .expect("write config");
-    let proxy = Running(start_binary(&config, false));
+    let proxy = Running(start_binary(BIN, &config, false));
     let pid = proxy.0.id();
     wait_listening(&format!("http://127.0.0.1:{admin}/healthz")).await;
     let addr = format!("127.0.0.1:{port}").parse().expect("addr");
@@ -559,7 +496,7 @@ async fn an_upgrade_lets_post_answers_finish_and_drains_get_streams() {
         ),
     )
     .expect("write config");
-    let mut old = Running(start_binary(&config, false));
+    let mut old = Running(start_binary(BIN, &config, false));
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     wait_listening(&format!("http://{addr}/")).await;
     let gets: Vec<Resumer> = (0..10).map(|_| Resumer::start(addr, "/events")).collect();
@@ -591,7 +528,7 @@ async fn an_upgrade_lets_post_answers_finish_and_drains_get_streams() {
     .await;
 
     // Mid-answer: the new process first, then SIGQUIT to the old one.
-    let _new = Running(start_binary(&config, true));
+    let _new = Running(start_binary(BIN, &config, true));
     tokio::time::sleep(Duration::from_millis(300)).await;
     signal(old.0.id(), "-QUIT");
     let status = exited(&mut old.0).await;

@@ -197,7 +197,7 @@ async fn redirect_answers_with_the_templated_location() {
 async fn ip_filter_denies_and_trusts_forwarded_for_only_from_trusted_proxies() {
     let origin = Origin::plain("ok").await;
     let defs = "  - { name: deny_local, type: ip_filter, config: { deny: [127.0.0.0/8] } }\n\
-                \x20 - { name: allow_office, type: ip_filter, config: { allow: [198.51.100.0/24], trusted_proxies: [127.0.0.1] } }\n";
+                \x20 - { name: allow_office, type: ip_filter, config: { allow: [198.51.100.0/24] } }\n";
     let proxy = Proxy::start(&config(&origin, defs, "", "", "deny_local")).await;
     let denied = client().get(proxy.url("/r/x")).send().await.expect("r");
     assert_eq!(denied.status(), 403);
@@ -211,7 +211,8 @@ async fn ip_filter_denies_and_trusts_forwarded_for_only_from_trusted_proxies() {
         200
     );
 
-    let proxy = Proxy::start(&config(&origin, defs, "", "allow_office", "")).await;
+    let trusted = "trusted_proxies: [127.0.0.1]\n".to_string();
+    let proxy = Proxy::start(&(trusted + &config(&origin, defs, "", "allow_office", ""))).await;
     let via_office = client()
         .get(proxy.url("/x"))
         .header("x-forwarded-for", "198.51.100.9")
@@ -230,6 +231,74 @@ async fn ip_filter_denies_and_trusts_forwarded_for_only_from_trusted_proxies() {
         403,
         "the nearest untrusted hop is the client"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_trusted_proxy_forged_forwarded_for_lines_do_not_escape_a_rate_limit() {
+    let mut origin = Origin::plain("ok").await;
+    let defs = "  - { name: rl, type: rate_limit, config: { rate: 0.01, burst: 2 } }\n";
+    // The test plays the load balancer (127.0.0.1, trusted): it appends the address it
+    // saw as the last X-Forwarded-For line, after whatever the client sent.
+    let trusted = "trusted_proxies: [127.0.0.1]\n".to_string();
+    let proxy = Proxy::start(&(trusted + &config(&origin, defs, "rl", "", ""))).await;
+    let send = |lines: Vec<String>| {
+        let mut request = client().get(proxy.url("/x"));
+        for line in lines {
+            request = request.header("x-forwarded-for", line);
+        }
+        async move { request.send().await.expect("answer").status().as_u16() }
+    };
+    let mut statuses = Vec::new();
+    for n in 0..4 {
+        // Two forged lines, new addresses each time (one of them a "trusted" one), then
+        // the balancer's: the client is 198.51.100.7 (once written IPv4-mapped).
+        let real = if n == 1 {
+            "::ffff:198.51.100.7"
+        } else {
+            "198.51.100.7"
+        };
+        statuses.push(
+            send(vec![
+                format!("203.0.113.{n}, 10.0.0.{n}"),
+                format!("127.0.0.1, 192.0.2.{n}"),
+                real.to_string(),
+            ])
+            .await,
+        );
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 429, 429],
+        "one bucket for 198.51.100.7"
+    );
+    // Another client behind the same balancer has a bucket of its own.
+    assert_eq!(send(vec!["198.51.100.8".into()]).await, 200);
+    // The origin is told who the client is, and the whole chain of addresses.
+    let head = origin.next_request().await;
+    assert_eq!(head.header("x-real-ip"), Some("198.51.100.7"));
+    assert_eq!(
+        head.header("x-forwarded-for"),
+        Some("203.0.113.0, 10.0.0.0, 127.0.0.1, 192.0.2.0, 198.51.100.7, 127.0.0.1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_middleware_of_its_own_trusted_proxies_is_refused_at_its_key() {
+    let origin = Origin::plain("ok").await;
+    for (kind, setting) in [("ip_filter", "allow: []"), ("rate_limit", "rate: 1")] {
+        let defs = format!(
+            "  - name: m\n    type: {kind}\n    config:\n      {setting}\n      trusted_proxies: [127.0.0.1]\n"
+        );
+        let err = common::config_error(&format!(
+            "listen: [\"127.0.0.1:1\"]\n{}",
+            config(&origin, &defs, "", "", "")
+        ));
+        assert!(
+            err.starts_with("test.yaml:10:7: `middleware_services[0].config.trusted_proxies`"),
+            "{kind}: {err}"
+        );
+        assert!(err.contains("at the top level"), "{kind}: {err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// How the origin paces and stamps events.
 #[derive(Clone, Copy)]
@@ -33,9 +33,23 @@ pub struct Origin {
     pub now: fn() -> u64,
 }
 
+/// A listener on `addr` with a backlog as deep as the system allows (somaxconn), not
+/// tokio's 1,024: thousands of streams may connect at once, and a dropped SYN costs the
+/// stream a second or more.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(65_535)
+}
+
 /// An origin on a free loopback port, serving until the process ends.
 pub async fn start(interval: Duration, streams: usize, now: fn() -> u64) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+    let listener = listen("127.0.0.1:0".parse().expect("addr")).expect("bind origin");
     let addr = listener.local_addr().expect("addr");
     serve(
         listener,

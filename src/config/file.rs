@@ -325,6 +325,14 @@ pub struct ListenerFile {
     /// TCP keepalive on accepted connections: idle time before the first probe; 0 = off.
     #[serde(default)]
     pub tcp_keepalive: Option<Dur>,
+    /// Client connections open at once on this listener; one more is closed as it is
+    /// accepted. Default: what the open-file limit leaves room for.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// A client connection that sends nothing for this long while no request is in
+    /// progress closes (default 60s, whole seconds; 0 = never).
+    #[serde(default)]
+    pub idle_timeout: Option<Dur>,
 }
 
 /// `listen[].tls`.

@@ -211,6 +211,16 @@ impl Config {
             .flat_map(|s| s.warnings.iter().map(String::as_str))
     }
 
+    /// The listener a connection accepted on `local` came through: the one with that exact
+    /// address, or the one bound to the unspecified address on that port.
+    pub fn listener(&self, local: SocketAddr) -> Option<&Listener> {
+        let listeners = &self.listeners;
+        listeners
+            .iter()
+            .find(|l| l.addr == local)
+            .or_else(|| listeners.iter().find(|l| l.accepts(local)))
+    }
+
     /// The TLS listener a connection accepted on `local` came through: its exact address,
     /// or the one bound to the unspecified address on that port.
     pub fn listener_tls(&self, local: SocketAddr) -> Option<&ListenerTls> {

@@ -288,6 +288,24 @@ fn every_shipped_config_loads() {
 }
 
 #[test]
+fn the_embedded_config_grace_period_covers_its_drain_and_finish_periods() {
+    // Every service of the embedded config, and the global block, may drain and finish
+    // within the grace period; Pingora stops the process when it runs out.
+    let config = Config::embedded().expect("embedded config");
+    let longest = config
+        .services
+        .values()
+        .flat_map(|s| [s.sse.drain_period, s.sse.finish_period])
+        .max()
+        .expect("a service");
+    assert_eq!(
+        config.server.grace_period_seconds,
+        Some(longest.as_secs_f64().ceil() as u64 + DRAIN_MARGIN_SECS),
+        "the embedded config sets no grace period of its own: it follows its periods"
+    );
+}
+
+#[test]
 fn a_full_example_loads_as_written() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/full_example.yaml");
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
@@ -537,7 +555,8 @@ fn listener_forms_load_into_their_kinds() {
     write_cert(dir.path(), "a", &["a.test"]);
     let d = dir.path().display();
     let config = load(&format!(
-        "listen:\n  - \"127.0.0.1:1\"\n  - {{ address: \"127.0.0.1:2\", h2c: true, tcp_keepalive: 0 }}\n  \
+        "listen:\n  - \"127.0.0.1:1\"\n  - {{ address: \"127.0.0.1:2\", h2c: true, tcp_keepalive: 0, \
+         max_connections: 7, idle_timeout: 0 }}\n  \
          - {{ address: \"127.0.0.1:3\", redirect_http: true }}\n  \
          - address: \"127.0.0.1:4\"\n    http2: false\n    tls:\n      min_version: 1.3\n      \
          certificates: [{{ cert: {d}/a.pem, key: {d}/a.key }}]\n\
@@ -559,6 +578,16 @@ fn listener_forms_load_into_their_kinds() {
         Some(Duration::from_secs(60))
     );
     assert_eq!(config.listeners[1].tcp_keepalive, None);
+    assert_eq!(
+        config.listeners[0].max_connections,
+        crate::listen::default_max_connections()
+    );
+    assert_eq!(
+        config.listeners[0].idle_timeout,
+        Some(Duration::from_secs(60))
+    );
+    assert_eq!(config.listeners[1].max_connections, 7);
+    assert_eq!(config.listeners[1].idle_timeout, None, "0: no idle limit");
     assert_eq!(config.tls.len(), 1);
     assert_eq!(
         config.tls[&config.listen[3]].min_version,

@@ -20,6 +20,12 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
 pub const DEFAULT_H2_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 /// Default `tcp_keepalive`: idle time before the first probe on an accepted connection.
 pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Default `idle_timeout`: a client connection with no request in progress for this long
+/// closes.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Descriptors kept out of the default `max_connections`: listening sockets, idle pooled
+/// origin connections, config and certificate files, the admin API, logs.
+const RESERVED_FDS: u64 = 100;
 
 /// One `listen` entry, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +34,51 @@ pub struct Listener {
     pub kind: ListenerKind,
     /// Idle time before TCP keepalive probes start; `None`: off.
     pub tcp_keepalive: Option<Duration>,
+    /// Client connections open at once; one more is closed as it is accepted.
+    pub max_connections: usize,
+    /// How long a client connection may send nothing while no request is in progress
+    /// (before its first request, between keep-alive requests); `None`: no limit. Whole
+    /// seconds: Pingora keeps its keep-alive wait in seconds.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Listener {
+    /// A listener of `kind` on `addr` with the default settings.
+    pub fn new(addr: SocketAddr, kind: ListenerKind) -> Self {
+        Listener {
+            addr,
+            kind,
+            tcp_keepalive: Some(DEFAULT_TCP_KEEPALIVE),
+            max_connections: default_max_connections(),
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+        }
+    }
+
+    /// Whether a connection accepted on `local` came through this listener: its exact
+    /// address, or this listener is bound to the unspecified address on that port.
+    pub fn accepts(&self, local: SocketAddr) -> bool {
+        self.addr == local || (self.addr.port() == local.port() && self.addr.ip().is_unspecified())
+    }
+}
+
+/// The default `max_connections` of a listener: what the process's open-file limit leaves
+/// room for, after a reserve, when every client connection also holds one to its origin.
+pub fn default_max_connections() -> usize {
+    let files = open_file_limit().unwrap_or(1024);
+    usize::try_from(files.saturating_sub(RESERVED_FDS) / 2)
+        .unwrap_or(usize::MAX)
+        .max(1)
+}
+
+/// The process's open-file limit (the soft one, which is what `accept` runs into).
+pub fn open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    (got == 0).then_some(limit.rlim_cur)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +103,11 @@ impl std::fmt::Display for Listener {
             }
             ListenerKind::Tls { http2: true } => f.write_str("tls, alpn h2 + http/1.1"),
             ListenerKind::Tls { http2: false } => f.write_str("tls, alpn http/1.1"),
+        }?;
+        write!(f, ", max_connections {}", self.max_connections)?;
+        match self.idle_timeout {
+            Some(idle) => write!(f, ", idle_timeout {}", humantime::format_duration(idle)),
+            None => f.write_str(", idle_timeout none"),
         }
     }
 }
@@ -124,5 +180,37 @@ impl<'de> Deserialize<'de> for TlsVersion {
         }
 
         d.deserialize_any(VersionVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_cap_fits_the_open_file_limit() {
+        let files = open_file_limit().expect("getrlimit");
+        let max = default_max_connections() as u64;
+        assert!(max >= 1);
+        // Two descriptors a connection (the client's and its origin's) and the reserve.
+        assert!(
+            files < RESERVED_FDS + 2 || 2 * max + RESERVED_FDS <= files,
+            "{max} of {files}"
+        );
+    }
+
+    #[test]
+    fn a_listener_on_the_unspecified_address_accepts_any_local_address() {
+        let any = Listener::new(
+            "0.0.0.0:80".parse().expect("addr"),
+            ListenerKind::Plain { h2c: false },
+        );
+        assert!(any.accepts("127.0.0.1:80".parse().expect("addr")));
+        assert!(!any.accepts("127.0.0.1:81".parse().expect("addr")));
+        let one = Listener::new(
+            "10.0.0.1:80".parse().expect("addr"),
+            ListenerKind::Plain { h2c: false },
+        );
+        assert!(!one.accepts("127.0.0.1:80".parse().expect("addr")));
     }
 }

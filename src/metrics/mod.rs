@@ -61,6 +61,9 @@ pub struct Metrics {
     pins: IntGaugeVec,
     config_info: IntGaugeVec,
     config_loaded: IntGauge,
+    connections_open: IntGaugeVec,
+    connections_refused: IntCounterVec,
+    connections_idle: IntCounterVec,
     /// The handles given out, by label set: the dashboard's totals, and what to prune.
     handed: Mutex<Handed>,
 }
@@ -166,6 +169,11 @@ impl Metrics {
             "streamgate_config_info",
             "The config version being served.",
             &["version"],
+        );
+        let connections_open = gauge_vec(
+            "streamgate_connections_open",
+            "Client connections open now, by listener.",
+            &["listener"],
         );
         let config_loaded = IntGauge::new(
             "streamgate_config_loaded_timestamp_seconds",
@@ -296,6 +304,21 @@ impl Metrics {
             ),
             config_info,
             config_loaded,
+            connections_open,
+            connections_refused: counter(
+                &r,
+                "streamgate_connections_refused_total",
+                "Client connections closed as they were accepted because the listener had \
+                 max_connections open.",
+                &["listener"],
+            ),
+            connections_idle: counter(
+                &r,
+                "streamgate_connections_idle_closed_total",
+                "Client connections closed because they sent nothing within the listener's \
+                 idle_timeout before their first request.",
+                &["listener"],
+            ),
             registry: r,
             handed: Mutex::new(Handed::default()),
         }
@@ -374,6 +397,17 @@ impl Metrics {
         });
         handed.affinity.insert(service.to_string(), m.clone());
         m
+    }
+
+    /// The handles of the listener on `addr`; called when the listening services are built.
+    /// Listeners do not change in a running process, so these are never pruned.
+    pub fn listener(&self, addr: &str) -> ListenerMetrics {
+        let l = [addr];
+        ListenerMetrics {
+            open: self.connections_open.with_label_values(&l),
+            refused: self.connections_refused.with_label_values(&l),
+            idle: self.connections_idle.with_label_values(&l),
+        }
     }
 
     /// Records the config version being served and when it was loaded.
@@ -492,6 +526,17 @@ impl Metrics {
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# metrics could not be encoded: {e}\n"))
     }
+}
+
+/// The handles of one listener.
+#[derive(Debug)]
+pub struct ListenerMetrics {
+    /// Client connections open now.
+    pub open: IntGauge,
+    /// Connections closed at accept: `max_connections` were open.
+    pub refused: IntCounter,
+    /// Connections closed for sending nothing within `idle_timeout` before a request.
+    pub idle: IntCounter,
 }
 
 /// The handles of one route (and the service it sends to).

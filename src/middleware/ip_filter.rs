@@ -5,14 +5,13 @@
 //! config:
 //!   allow: ["10.0.0.0/8", "192.168.1.7"]   # when set, only these may pass
 //!   deny: ["10.0.9.0/24"]                  # checked first: deny wins
-//!   trusted_proxies: ["127.0.0.1/32"]      # default: the top-level trusted_proxies
 //! ```
 //!
-//! The client address is the TCP peer. When the peer is a trusted proxy, `X-Forwarded-For`
-//! (every line of it) is read from the right, skipping trusted proxies, and the first other
-//! address is the client: a client cannot spoof its way in by sending the header itself.
-//! Without `trusted_proxies` of its own, the filter uses the request's client address as
-//! the top-level `trusted_proxies` defines it (the one limits and logs use).
+//! The client address is the request's one ([`Context::client`]): the TCP peer, or, when
+//! the peer is one of the top-level `trusted_proxies`, the rightmost address of
+//! `X-Forwarded-For` (every line of it) that is not a trusted proxy, so a client cannot
+//! spoof its way in by sending the header itself. It is the address limits, rate limits and
+//! logs use.
 //!
 //! Phase: `request`; refuses with `403`.
 
@@ -24,9 +23,9 @@ use pingora_error::Result;
 use pingora_proxy::Session;
 use serde::Deserialize;
 
-use super::{Context, Middleware, Outcome, Reply};
+use super::{Context, Middleware, Outcome, Reply, TrustedProxiesAtTop};
+use crate::http_util::in_nets;
 pub use crate::http_util::Net;
-use crate::http_util::{in_nets, session_client};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,16 +34,14 @@ pub struct Config {
     pub allow: Vec<Net>,
     #[serde(default)]
     pub deny: Vec<Net>,
+    /// Refused: the top-level key is the only one.
     #[serde(default)]
-    pub trusted_proxies: Option<Vec<Net>>,
+    pub trusted_proxies: Option<TrustedProxiesAtTop>,
 }
 
 pub struct IpFilter {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
-    /// Its own trusted proxies; `None`: the request's client address as the top-level
-    /// `trusted_proxies` defines it.
-    trusted: Option<Vec<IpNet>>,
 }
 
 impl IpFilter {
@@ -53,7 +50,6 @@ impl IpFilter {
         IpFilter {
             allow: nets(&config.allow),
             deny: nets(&config.deny),
-            trusted: config.trusted_proxies.as_deref().map(nets),
         }
     }
 
@@ -67,12 +63,8 @@ impl IpFilter {
 
 #[async_trait]
 impl Middleware for IpFilter {
-    async fn request(&self, session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
-        let client = match &self.trusted {
-            Some(trusted) => session_client(session, trusted),
-            None => ctx.client,
-        };
-        let Some(client) = client else {
+    async fn request(&self, _session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
+        let Some(client) = ctx.client else {
             return Ok(Outcome::Continue);
         };
         if self.permits(&client) {
@@ -90,8 +82,8 @@ impl Middleware for IpFilter {
 mod tests {
     use super::*;
 
-    fn filter(allow: &[&str], deny: &[&str], trusted: &[&str]) -> IpFilter {
-        let yaml = format!("allow: {allow:?}\ndeny: {deny:?}\ntrusted_proxies: {trusted:?}\n");
+    fn filter(allow: &[&str], deny: &[&str]) -> IpFilter {
+        let yaml = format!("allow: {allow:?}\ndeny: {deny:?}\n");
         IpFilter::new(&serde_yaml::from_str(&yaml).expect("config"))
     }
 
@@ -101,11 +93,11 @@ mod tests {
 
     #[test]
     fn deny_wins_and_allow_limits() {
-        let f = filter(&["10.0.0.0/8"], &["10.0.9.0/24"], &[]);
+        let f = filter(&["10.0.0.0/8"], &["10.0.9.0/24"]);
         assert!(f.permits(&ip("10.1.2.3")));
         assert!(!f.permits(&ip("10.0.9.1")));
         assert!(!f.permits(&ip("192.168.1.1")));
-        let open = filter(&[], &["::1"], &[]);
+        let open = filter(&[], &["::1"]);
         assert!(open.permits(&ip("192.168.1.1")));
         assert!(!open.permits(&ip("::1")));
     }
@@ -114,5 +106,8 @@ mod tests {
     fn bad_networks_are_refused() {
         assert!(serde_yaml::from_str::<Config>("allow: [\"10.0.0.0/33\"]").is_err());
         assert!(serde_yaml::from_str::<Config>("deny: [\"nope\"]").is_err());
+        let own = serde_yaml::from_str::<Config>("trusted_proxies: [127.0.0.1]");
+        let err = own.expect_err("a filter's own trusted proxies").to_string();
+        assert!(err.contains("at the top level"), "{err}");
     }
 }

@@ -93,6 +93,21 @@ impl Context {
     }
 }
 
+/// A middleware's own `trusted_proxies`: refused where it is written. The client address
+/// is computed once per request, with the top-level `trusted_proxies`, and every
+/// middleware, limit and log uses that one ([`Context::client`]).
+#[derive(Debug)]
+pub struct TrustedProxiesAtTop;
+
+impl<'de> Deserialize<'de> for TrustedProxiesAtTop {
+    fn deserialize<D: Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(de::Error::custom(
+            "`trusted_proxies` is set once, at the top level of the main file: every \
+             middleware, limit and log uses the client address it defines",
+        ))
+    }
+}
+
 /// A direct answer from a middleware.
 #[derive(Debug, Clone)]
 pub struct Reply {

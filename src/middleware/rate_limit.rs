@@ -6,12 +6,16 @@
 //!   rate: 10              # sustained requests per second per key (may be fractional)
 //!   burst: 20             # how many may come at once (default: rate, at least 1)
 //!   key: client_ip        # or header:X-Api-Key (falls back to the client address)
-//!   trusted_proxies: []   # as in ip_filter: whose X-Forwarded-For names the client
 //!   max_keys: 65536       # most keys with a bucket at once (default 65536)
 //! ```
 //!
 //! A token bucket per key. It runs in the `request` phase, once per request, so for SSE it
 //! limits how often streams are opened, never the events of an open stream.
+//!
+//! The client address is the request's one ([`Context::client`]): the TCP peer, or behind
+//! the top-level `trusted_proxies`, the rightmost untrusted address of every
+//! `X-Forwarded-For` line, IPv4-mapped addresses as IPv4. A client behind a trusted proxy
+//! cannot escape its bucket by adding forged `X-Forwarded-For` values of its own.
 //!
 //! Memory is bounded whatever clients send: header values are kept as a keyed 64-bit hash
 //! (a long or fresh value costs 8 bytes, not its length), and the buckets, in sharded
@@ -30,13 +34,11 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
-use ipnet::IpNet;
 use pingora_error::Result;
 use pingora_proxy::Session;
 use serde::Deserialize;
 
-use super::{header_name, Context, Middleware, Outcome, Reply};
-use crate::http_util::{session_client, Net};
+use super::{header_name, Context, Middleware, Outcome, Reply, TrustedProxiesAtTop};
 
 const SHARDS: usize = 16;
 
@@ -51,8 +53,9 @@ pub struct Config {
     pub burst: Option<u32>,
     #[serde(default = "default_key")]
     pub key: String,
+    /// Refused: the top-level key is the only one.
     #[serde(default)]
-    pub trusted_proxies: Vec<Net>,
+    pub trusted_proxies: Option<TrustedProxiesAtTop>,
     /// The most keys with a bucket at once.
     #[serde(default)]
     pub max_keys: Option<usize>,
@@ -79,7 +82,6 @@ pub struct RateLimit {
     rate: f64,
     burst: f64,
     header: Option<HeaderName>,
-    trusted: Vec<IpNet>,
     shards: Vec<Mutex<HashMap<Key, Bucket>>>,
     /// Buckets one shard may hold.
     shard_cap: usize,
@@ -109,7 +111,6 @@ impl RateLimit {
             rate: config.rate,
             burst,
             header,
-            trusted: config.trusted_proxies.iter().map(|n| n.0).collect(),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             shard_cap: max_keys / SHARDS,
             hasher: Default::default(),
@@ -175,7 +176,7 @@ impl RateLimit {
 
 #[async_trait]
 impl Middleware for RateLimit {
-    async fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
+    async fn request(&self, session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
         let by_header = self
             .header
             .as_ref()
@@ -183,7 +184,7 @@ impl Middleware for RateLimit {
             .map(|v| Key::Value(self.hasher.hash_one(v.as_bytes())));
         let key = match by_header {
             Some(k) => k,
-            None => match session_client(session, &self.trusted) {
+            None => match ctx.client {
                 Some(ip) => Key::Ip(ip),
                 None => return Ok(Outcome::Continue),
             },
@@ -209,7 +210,7 @@ mod tests {
             rate,
             burst: Some(burst),
             key: default_key(),
-            trusted_proxies: Vec::new(),
+            trusted_proxies: None,
             max_keys: None,
         })
         .expect("limiter")
@@ -249,7 +250,7 @@ mod tests {
             rate: 0.001,
             burst: Some(5),
             key: default_key(),
-            trusted_proxies: Vec::new(),
+            trusted_proxies: None,
             max_keys: Some(1024),
         })
         .expect("limiter");
@@ -289,5 +290,6 @@ mod tests {
         assert!(bad("rate: 1\nkey: cookie"));
         assert!(!bad("rate: 1\nkey: header:X-Api-Key"));
         assert!(bad("rate: 1\nmax_keys: 3"));
+        assert!(serde_yaml::from_str::<Config>("rate: 1\ntrusted_proxies: []").is_err());
     }
 }

@@ -4,6 +4,8 @@
 //! A request's path through the hooks:
 //!
 //! ```text
+//! early_request_filter  the listener's idle_timeout: the wait for the connection's next
+//!                  request
 //! request_filter   TLS older than the listener's min_version (403); the head checked and
 //!                  brought to one form (relay::inbound: one spelling of the path,
 //!                  origin-form, Host; 400/431); route lookup on that path (404 on a
@@ -91,6 +93,27 @@ impl ProxyHttp for StreamGate {
     /// No downstream modules: Pingora's compression module holds event streams until their
     /// end, and nothing else is wanted.
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+
+    /// The listener's `idle_timeout` becomes the wait for this connection's next request
+    /// (its first one was waited for at admission, `server::admission`). Left alone when
+    /// Pingora already turned keep-alive off (the process is shutting down).
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if session.get_keepalive().is_none() {
+            return Ok(());
+        }
+        let config = self.config.load();
+        let local = session.server_addr().and_then(|a| a.as_inet()).copied();
+        if let Some(listener) = local.and_then(|local| config.listener(local)) {
+            // Pingora counts the wait in whole seconds; 0 means no limit.
+            let wait = listener.idle_timeout.map_or(0, |d| d.as_secs().max(1));
+            session.set_keepalive(Some(wait));
+        }
+        Ok(())
+    }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let config = self.config.load_full();

@@ -14,7 +14,8 @@
 //! response head        within header_timeout (and, for a request that did not announce an
 //!                      event stream, timeouts.read), watching the client meanwhile; a
 //!                      reused connection the origin had closed is replaced by a fresh one
-//!                      for an idempotent bodiless request (not held against the endpoint)
+//!                      for an idempotent bodiless request, or any request whose head did
+//!                      not go out; else 502 (either way not held against the endpoint)
 //! event stream?        Content-Type text/event-stream, whatever the request was: limits
 //!                      taken now if the request had not announced it (503/429 when full,
 //!                      the origin connection closed), then the stream's own loop
@@ -49,6 +50,7 @@ use super::stream::apply_filters;
 use crate::config::AccessLog;
 use crate::error::http_error;
 use crate::sse;
+use crate::sse::drain::drain_deadline;
 use crate::state::State;
 
 /// How long an origin that stopped reading a request body is given to show its answer.
@@ -242,9 +244,11 @@ impl Relay {
 
     /// Connects to an endpoint (moving on to others after connect failures, as `retries`
     /// allow), sends the request and its body, and reads the response head. A reused
-    /// connection that the origin had closed meanwhile is replaced by a fresh one to the
-    /// same endpoint when the request can be sent again (idempotent, no body): that is the
-    /// pool's fault, not the endpoint's.
+    /// connection that the origin had closed meanwhile (it failed before any byte of an
+    /// answer) is replaced by a fresh one to the same endpoint when the request can be sent
+    /// again: idempotent and without a body, or its head never went out whole. Otherwise
+    /// the answer is 502. Either way that is the pool's race with the origin's keep-alive
+    /// timeout, not the endpoint's failure, and its passive health is not charged.
     pub async fn open(
         &self,
         client: &mut Client<'_>,
@@ -286,9 +290,11 @@ impl Relay {
             let mut sent = self
                 .send_and_read_head(client, ctx, &mut conn, request, body)
                 .await;
-            let replayable = body == Framing::None && is_idempotent(&request.method);
-            if sent.as_ref().is_err_and(|e| stale(e)) && conn.reused && !conn.answered && replayable
-            {
+            // Sent again: an idempotent request without a body, or any request whose head
+            // never went out whole (no byte of its body was read from the client yet).
+            let replayable =
+                !conn.head_sent || (body == Framing::None && is_idempotent(&request.method));
+            if sent.as_ref().is_err_and(|e| stale_reuse(&conn, e)) && replayable {
                 log::debug!(
                     "a pooled connection to {} was closed by the origin; sending again on a new one",
                     peer.address()
@@ -309,6 +315,17 @@ impl Relay {
                     },
                     head,
                 }),
+                // The pool's race with the origin's keep-alive timeout, not the endpoint's
+                // failure: not held against it. The request may have reached the origin, so
+                // it is not sent again.
+                Err(e) if stale_reuse(&conn, &e) => Err(http_error(
+                    502,
+                    format!(
+                        "service `{}`: the origin closed a reused connection before answering; \
+                         the {} request had gone out and is not sent again",
+                        service.name, request.method
+                    ),
+                )),
                 Err(e) => {
                     if e.esource() == &pingora_error::ErrorSource::Upstream {
                         if let Some(lease) = &ctx.upstream.lease {
@@ -487,7 +504,9 @@ impl Relay {
     }
 
     /// `101 Switching Protocols`: bytes both ways as they are, until either side closes or
-    /// both are silent for `timeouts.read`.
+    /// both are silent for `timeouts.read`, or, once the process drains, at a random moment
+    /// within the drain period (its client reconnects, to the new process after an upgrade,
+    /// as a drained GET stream's does).
     async fn splice(
         &self,
         session: &mut ServerSession,
@@ -499,6 +518,13 @@ impl Relay {
         if !early.is_empty() {
             write_body(session, Some(early.freeze()), false).await?;
         }
+        let drain = self.state.drain.clone();
+        let period = ctx.chain.sse.settings.drain_period;
+        let drained = async move {
+            let at = drain_deadline(drain.started().await, period);
+            tokio::time::sleep_until(at.into()).await;
+        };
+        tokio::pin!(drained);
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             let step = async {
@@ -529,7 +555,13 @@ impl Relay {
                     }
                 }
             };
-            let open = within(idle, step, "an upgraded connection was idle").await?;
+            let open = tokio::select! {
+                open = within(idle, step, "an upgraded connection was idle") => open?,
+                () = &mut drained => {
+                    log::debug!("an upgraded connection ends: the process drains");
+                    false
+                }
+            };
             if !open {
                 let _ = session.write_response_body(Bytes::new(), true).await;
                 shutdown(&mut origin).await;
@@ -610,10 +642,14 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// Whether an error is what a pooled connection that the origin closed looks like.
-fn stale(e: &Error) -> bool {
-    matches!(
-        e.etype(),
-        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
-    ) && e.esource() != &pingora_error::ErrorSource::Downstream
+/// Whether `e` on `conn` is what a pooled connection that the origin had closed looks
+/// like: a reused connection that failed before any byte of an answer.
+fn stale_reuse(conn: &OriginConn, e: &Error) -> bool {
+    conn.reused
+        && !conn.answered
+        && matches!(
+            e.etype(),
+            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+        )
+        && e.esource() != &pingora_error::ErrorSource::Downstream
 }

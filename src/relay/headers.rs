@@ -39,9 +39,12 @@ pub async fn upstream_request(
     ctx: &mut RequestCtx,
 ) -> Result<()> {
     let route = ctx.route()?.clone();
-    route
-        .service
-        .rewrite_request(request, client_ip(session), scheme(session))?;
+    route.service.rewrite_request(
+        request,
+        client_ip(session),
+        ctx.chain.client,
+        scheme(session),
+    )?;
     for instance in route.chain.iter() {
         instance
             .middleware
@@ -77,6 +80,7 @@ pub async fn response(
             session.set_write_timeout(settings.write_timeout);
         }
         let upstream = ctx.upstream.addr();
+        let client = ctx.chain.client;
         ctx.stream = Some(Stream::open(
             &settings,
             route.metrics.clone(),
@@ -84,7 +88,7 @@ pub async fn response(
             || {
                 let req = session.req_header();
                 StreamInfo {
-                    client: client_ip(session),
+                    client,
                     host: request_host(req).unwrap_or_default().to_string(),
                     path: req.uri.path().to_string(),
                     route: route.name.clone(),

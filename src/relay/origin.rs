@@ -90,6 +90,8 @@ pub struct OriginConn {
     keepalive: bool,
     /// Any byte of the response arrived.
     pub answered: bool,
+    /// The whole request head was written (into the socket: the origin may have it).
+    pub head_sent: bool,
 }
 
 impl OriginConn {
@@ -102,6 +104,7 @@ impl OriginConn {
             response: Framing::None,
             keepalive: false,
             answered: false,
+            head_sent: false,
         }
     }
 
@@ -123,6 +126,7 @@ impl OriginConn {
                 "writing the request head to the origin",
             )
             .map_err(|e| e.into_up())?;
+        self.head_sent = true;
         if body == Framing::None {
             self.flush().await?;
         }

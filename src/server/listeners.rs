@@ -29,6 +29,7 @@ use pingora_core::services::ServiceWithDependents;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
+use super::admission::{Admitting, Gate};
 use crate::config::Config;
 use crate::listen::{Listener, ListenerKind, ListenerTls};
 use crate::proxy::StreamGate;
@@ -69,20 +70,19 @@ pub fn services(
             continue;
         }
         let name = if h2c { "streamgate h2c" } else { "streamgate" };
-        let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        let mut app = pingora_proxy::http_proxy(
             server_conf,
             StreamGate::new(current.clone(), state.clone(), server_conf),
-            name,
         );
-        if let Some(app) = proxy.app_logic_mut() {
-            let mut options = HttpServerOptions::default();
-            options.h2c = h2c;
-            options.h2_idle_timeout = config.http2.idle_timeout;
-            app.server_options = Some(options);
-            let mut h2 = default_h2_options();
-            h2.max_concurrent_streams(config.http2.max_concurrent_streams);
-            app.h2_options = Some(h2);
-        }
+        let mut options = HttpServerOptions::default();
+        options.h2c = h2c;
+        options.h2_idle_timeout = config.http2.idle_timeout;
+        app.server_options = Some(options);
+        let mut h2 = default_h2_options();
+        h2.max_concurrent_streams(config.http2.max_concurrent_streams);
+        app.h2_options = Some(h2);
+        let gates = group.iter().map(|l| Gate::new(l, &state.metrics)).collect();
+        let mut proxy = Service::new(name.to_string(), Admitting::new(app, gates));
         for listener in group {
             let mut endpoint = endpoint(listener);
             if let ListenerKind::Tls { http2 } = listener.kind {
@@ -109,9 +109,10 @@ pub fn services(
 
     for listener in &config.listeners {
         if let ListenerKind::Redirect { https_port } = listener.kind {
+            let gate = Gate::new(listener, &state.metrics);
             let mut redirect = Service::new(
                 format!("streamgate redirect {}", listener.addr),
-                Redirect { https_port },
+                Admitting::new(Redirect { https_port }, vec![gate]),
             );
             redirect.add_listener(endpoint(listener));
             services.push(Box::new(redirect));

@@ -3,8 +3,10 @@
 //! services (config reloader, stream supervisor, endpoint upkeep, the exit once a shutdown
 //! has nothing left to serve).
 
+pub mod admission;
 pub mod exit;
 pub mod listeners;
+pub mod memory;
 
 use std::sync::Arc;
 
@@ -69,6 +71,12 @@ pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
         "endpoint upkeep",
         Upkeep {
             registry: state.endpoints.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "memory trim",
+        memory::Trim {
+            state: state.clone(),
         },
     ));
     server.add_service(background_service(

@@ -73,6 +73,20 @@ impl Drain {
         self.started.subscribe()
     }
 
+    /// Resolves when the drain has started, with the moment it did.
+    pub async fn started(&self) -> Instant {
+        let mut signal = self.signal();
+        loop {
+            if let Some(started) = *signal.borrow_and_update() {
+                return started;
+            }
+            if signal.changed().await.is_err() {
+                // The sender lives as long as `self`: never reached.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Counts a stream that ended during the drain.
     pub fn ended(&self, outcome: Outcome) {
         self.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);

@@ -414,10 +414,13 @@ impl Service {
     }
 
     /// Rewrites the request the origin will see: joins the service's path prefix, applies
-    /// the `Host` policy and sets the forwarding headers.
+    /// the `Host` policy and sets the forwarding headers: `peer` (the TCP peer) is appended
+    /// to `X-Forwarded-For`, as every proxy on the way does; `X-Real-IP` is `client`, the
+    /// address seen through the trusted proxies.
     pub fn rewrite_request(
         &self,
         req: &mut RequestHeader,
+        peer: Option<IpAddr>,
         client: Option<IpAddr>,
         proto: &'static str,
     ) -> pingora_error::Result<()> {
@@ -451,8 +454,7 @@ impl Service {
             },
             HostHeader::Fixed(value) => req.insert_header(HOST, value.clone())?,
         }
-        if let Some(ip) = client {
-            let ip = ip.to_string();
+        if let Some(ip) = peer {
             // Append to what earlier proxies recorded, across repeated header lines.
             let mut forwarded = String::new();
             for prior in req.headers.get_all(&X_FORWARDED_FOR) {
@@ -461,9 +463,11 @@ impl Service {
                     forwarded.push_str(", ");
                 }
             }
-            forwarded.push_str(&ip);
+            forwarded.push_str(&ip.to_string());
             req.insert_header(Bytes::from_static(b"X-Forwarded-For"), forwarded)?;
-            req.insert_header(Bytes::from_static(b"X-Real-IP"), ip)?;
+        }
+        if let Some(ip) = client.or(peer) {
+            req.insert_header(Bytes::from_static(b"X-Real-IP"), ip.to_string())?;
         }
         req.insert_header(Bytes::from_static(b"X-Forwarded-Proto"), proto)?;
         if let Some(host) = original_host {

@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod ca;
 pub mod raw;
 pub mod resume;
@@ -337,6 +338,51 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Reads `conn` until `done` holds for what came (at most [`GUARD`]); panics if the peer
+/// closes first. Returns what came.
+pub async fn read_until(conn: &mut TcpStream, what: &str, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    guard(what, async {
+        while !done(&got) {
+            let n = conn.read(&mut buf).await.expect("read");
+            assert!(
+                n > 0,
+                "closed before {what}: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    got
+}
+
+/// Reads `conn` until the peer closes it or it fails (at most [`GUARD`]); returns what came
+/// and when it ended.
+pub async fn read_to_end(conn: &mut TcpStream, what: &str) -> (String, std::time::Instant) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    guard(what, async {
+        while let Ok(n @ 1..) = conn.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    (
+        String::from_utf8_lossy(&got).into_owned(),
+        std::time::Instant::now(),
+    )
+}
+
+/// The error a config text is refused with, as the loader words it (file `test.yaml`).
+pub fn config_error(text: &str) -> String {
+    Config::from_text(Path::new("test.yaml"), text, Path::new("."))
+        .err()
+        .unwrap_or_else(|| panic!("the config loaded:\n{text}"))
+        .to_string()
+}
+
 /// Waits until something accepts TCP connections on `addr` (a listener of a service that
 /// starts beside the first one).
 pub async fn listening(addr: SocketAddr) {
@@ -359,19 +405,25 @@ impl Proxy {
     /// Starts the proxy on a fresh port. `body` is the config without `listen`: services,
     /// host rules and so on.
     pub async fn start(body: &str) -> Proxy {
-        Proxy::start_listening(|port| format!("[\"127.0.0.1:{port}\"]"), body).await
+        let port = free_port();
+        Proxy::start_text(format!("listen: [\"127.0.0.1:{port}\"]\n{body}")).await
     }
 
     /// [`Proxy::start`] on a listener that speaks HTTP/2 without TLS (h2c, prior knowledge)
     /// beside HTTP/1.1.
     pub async fn start_h2c(body: &str) -> Proxy {
-        let listen = |port| format!("[{{ address: \"127.0.0.1:{port}\", h2c: true }}]");
-        Proxy::start_listening(listen, body).await
+        Proxy::start_listening("h2c: true", body).await
     }
 
-    async fn start_listening(listen: impl Fn(u16) -> String, body: &str) -> Proxy {
+    /// Starts the proxy on a fresh port whose listener has `options` (`h2c: true,
+    /// idle_timeout: 1s`, ...) besides its address.
+    pub async fn start_listening(options: &str, body: &str) -> Proxy {
         let port = free_port();
-        let text = format!("listen: {}\n{body}", listen(port));
+        let listen = format!("listen:\n  - {{ address: \"127.0.0.1:{port}\", {options} }}\n");
+        Proxy::start_text(listen + body).await
+    }
+
+    async fn start_text(text: String) -> Proxy {
         let config = Config::from_text(Path::new("test.yaml"), &text, Path::new("."))
             .unwrap_or_else(|e| {
                 panic!("test config does not load: {e}\n{text}");

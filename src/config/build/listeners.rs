@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::config::file::{Http2File, ListenAddr, ListenFile};
 use crate::error::{ConfigError, ConfigErrorKind as Kind};
 use crate::listen::certs::{load_pair, PairError};
-use crate::listen::{Http2Settings, Listener, ListenerKind, ListenerTls, DEFAULT_TCP_KEEPALIVE};
+use crate::listen::{Http2Settings, Listener, ListenerKind, ListenerTls};
 use crate::yaml::{KeyPath, Source};
 
 /// Listen address when the main file has no `listen`.
@@ -62,11 +62,9 @@ pub fn listeners(
             return Err(main.error(path, Kind::Invalid(format!("{addr} is listed twice"))));
         }
         let ListenFile::Full(l) = entry else {
-            built.listeners.push(Listener {
-                addr,
-                kind: ListenerKind::Plain { h2c: false },
-                tcp_keepalive: Some(DEFAULT_TCP_KEEPALIVE),
-            });
+            built
+                .listeners
+                .push(Listener::new(addr, ListenerKind::Plain { h2c: false }));
             continue;
         };
         let refuse =
@@ -138,13 +136,31 @@ pub fn listeners(
                 }
             }
         };
-        built.listeners.push(Listener {
-            addr,
-            kind,
-            tcp_keepalive: l
-                .tcp_keepalive
-                .map_or(Some(DEFAULT_TCP_KEEPALIVE), |d| d.limit()),
-        });
+        let mut listener = Listener::new(addr, kind);
+        if let Some(keepalive) = l.tcp_keepalive {
+            listener.tcp_keepalive = keepalive.limit();
+        }
+        if let Some(max) = l.max_connections {
+            if max == 0 {
+                return refuse(
+                    "max_connections",
+                    "at least 1 connection is needed (leave the key out for the default, \
+                     which fits the open-file limit)",
+                );
+            }
+            listener.max_connections = max;
+        }
+        if let Some(idle) = l.idle_timeout {
+            if idle.0.subsec_nanos() != 0 {
+                return refuse(
+                    "idle_timeout",
+                    "write whole seconds (`1s`, `60s`), or 0 for none: the wait between \
+                     keep-alive requests is kept in seconds",
+                );
+            }
+            listener.idle_timeout = idle.limit();
+        }
+        built.listeners.push(listener);
     }
     Ok(built)
 }

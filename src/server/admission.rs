@@ -1,0 +1,332 @@
+//! Admission of client connections: each listener's cap on the connections it has open at
+//! once (`max_connections`), and its wait for a new connection's first bytes
+//! (`idle_timeout`; the wait between keep-alive requests is set per request, in the
+//! proxy's `early_request_filter`).
+//!
+//! Pingora accepts connections and hands each to its app (`ServerApp::process_new`), which
+//! serves it to its end: every request of a keep-alive HTTP/1.1 connection, every stream of
+//! an HTTP/2 one. [`Admitting`] stands in front of the app: a connection over the cap is
+//! closed at once and counted; any other is wrapped in an [`Admitted`] stream that holds
+//! the listener's slot until the connection is dropped, wherever it goes (an event stream
+//! carried in a task of its own takes the connection out of Pingora's hands), and that
+//! ends the connection when its first bytes do not come within the idle timeout.
+//!
+//! Pingora gives a plain connection to the app at once; a TLS one after its handshake,
+//! which Pingora bounds by 60 s itself.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora_core::apps::ServerApp;
+use pingora_core::protocols::raw_connect::ProxyDigest;
+use pingora_core::protocols::tls::{SslDigest, TlsRef};
+use pingora_core::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
+use pingora_core::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+use crate::listen::Listener;
+use crate::metrics::{ListenerMetrics, Metrics};
+
+/// How often, at most, a listener at its cap says so in the log.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// One listener's admission: its cap, its count of open connections, its idle wait.
+pub struct Gate {
+    listener: Listener,
+    open: AtomicUsize,
+    metrics: ListenerMetrics,
+    /// When the last refusal was logged, in milliseconds after `created`.
+    logged: AtomicU64,
+    created: Instant,
+}
+
+impl Gate {
+    pub fn new(listener: &Listener, metrics: &Metrics) -> Arc<Gate> {
+        Arc::new(Gate {
+            metrics: metrics.listener(&listener.addr.to_string()),
+            listener: listener.clone(),
+            open: AtomicUsize::new(0),
+            logged: AtomicU64::new(0),
+            created: Instant::now(),
+        })
+    }
+
+    /// A slot for one more connection, unless `max_connections` are open.
+    fn enter(self: &Arc<Self>) -> Option<Slot> {
+        let max = self.listener.max_connections;
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        self.metrics.open.inc();
+        Some(Slot(self.clone()))
+    }
+
+    fn refused(&self) {
+        self.metrics.refused.inc();
+        let now = self.created.elapsed().as_millis() as u64;
+        let last = self.logged.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= REFUSAL_LOG_EVERY.as_millis() as u64;
+        if due
+            && self
+                .logged
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            log::warn!(
+                "listener {}: {} connections open (max_connections); closing new ones \
+                 as they are accepted (counted in streamgate_connections_refused_total)",
+                self.listener.addr,
+                self.listener.max_connections
+            );
+        }
+    }
+}
+
+/// A listener's slot, held as long as the connection is.
+struct Slot(Arc<Gate>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.open.dec();
+    }
+}
+
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Slot({})", self.0.listener.addr)
+    }
+}
+
+/// The app of a listening service, behind the admission of its listeners.
+pub struct Admitting<A> {
+    app: Arc<A>,
+    gates: Vec<Arc<Gate>>,
+}
+
+impl<A> Admitting<A> {
+    pub fn new(app: A, gates: Vec<Arc<Gate>>) -> Self {
+        Admitting {
+            app: Arc::new(app),
+            gates,
+        }
+    }
+
+    /// The gate of the listener `stream` was accepted on.
+    fn gate(&self, stream: &Stream) -> Option<&Arc<Gate>> {
+        if let [only] = self.gates.as_slice() {
+            return Some(only);
+        }
+        let digest = stream.get_socket_digest()?;
+        let local = *digest.local_addr()?.as_inet()?;
+        self.gates
+            .iter()
+            .find(|g| g.listener.addr == local)
+            .or_else(|| self.gates.iter().find(|g| g.listener.accepts(local)))
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Admitting<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // A connection handed back for another round was admitted already.
+        if stream.as_any().is::<Admitted>() {
+            return self.app.process_new(stream, shutdown).await;
+        }
+        let Some(gate) = self.gate(&stream) else {
+            return self.app.process_new(stream, shutdown).await;
+        };
+        let Some(slot) = gate.enter() else {
+            gate.refused();
+            return None;
+        };
+        let admitted = Admitted {
+            first: gate
+                .listener
+                .idle_timeout
+                .map(|d| Box::pin(tokio::time::sleep(d))),
+            gate: gate.clone(),
+            stream,
+            _slot: slot,
+        };
+        self.app.process_new(Box::new(admitted), shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.app.cleanup().await;
+    }
+}
+
+/// An admitted client connection: the stream itself, the listener's slot, and, until its
+/// first bytes arrive, the deadline for them.
+pub struct Admitted {
+    stream: Stream,
+    gate: Arc<Gate>,
+    first: Option<Pin<Box<Sleep>>>,
+    _slot: Slot,
+}
+
+impl Admitted {
+    fn idle_error(&mut self) -> io::Error {
+        self.first = None;
+        self.gate.metrics.idle.inc();
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client sent nothing within the listener's idle_timeout",
+        )
+    }
+}
+
+impl fmt::Debug for Admitted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admitted")
+            .field("stream", &self.stream)
+            .field("waiting", &self.first.is_some())
+            .finish()
+    }
+}
+
+impl AsyncRead for Admitted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(read) => {
+                this.first = None;
+                Poll::Ready(read)
+            }
+            Poll::Pending => match this.first.as_mut().map(|t| t.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => Poll::Ready(Err(this.idle_error())),
+                _ => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl AsyncWrite for Admitted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for Admitted {
+    async fn shutdown(&mut self) {
+        self.stream.shutdown().await
+    }
+}
+
+impl UniqueID for Admitted {
+    fn id(&self) -> UniqueIDType {
+        self.stream.id()
+    }
+}
+
+impl Ssl for Admitted {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.stream.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.stream.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.stream.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for Admitted {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.stream.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.stream.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.stream.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for Admitted {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.stream.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.stream.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for Admitted {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.stream.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.stream.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for Admitted {
+    /// Peeking (Pingora looks for the HTTP/2 preface on h2c listeners) waits for bytes too:
+    /// it is bounded by the same deadline as a first read.
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        let Some(deadline) = self.first.as_mut() else {
+            return self.stream.try_peek(buf).await;
+        };
+        let peeked = tokio::select! {
+            peeked = self.stream.try_peek(buf) => peeked,
+            () = deadline.as_mut() => return Err(self.idle_error()),
+        };
+        self.first = None;
+        peeked
+    }
+}

@@ -1,0 +1,173 @@
+//! Client connections on a listener: `idle_timeout` closes a connection that sends nothing
+//! before its first request or between keep-alive requests (on plain and h2c listeners),
+//! never an event stream, however quiet; `max_connections` closes connections over the cap
+//! as they are accepted, and counts them.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{config_error, eventually, read_to_end, read_until, After, Events, Origin, Proxy};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+fn config(origin: &Origin) -> String {
+    format!(
+        "services:\n  web: {{ url: \"{}\" }}\nhost_rules:\n  - {{ pattern: \"*\", target: web }}\n",
+        origin.url()
+    )
+}
+
+/// The value of the metric series `series` (name and labels, as rendered).
+fn metric(proxy: &Proxy, series: &str) -> f64 {
+    proxy
+        .state
+        .metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until the proxy closes `conn`; returns what it sent before and how long it took.
+async fn closed_by_proxy(conn: &mut TcpStream) -> (String, Duration) {
+    let began = Instant::now();
+    let (sent, ended) = read_to_end(conn, "the proxy to close the connection").await;
+    (sent, ended - began)
+}
+
+/// Sends a GET for `/` on `conn` and reads its whole `ok` answer.
+async fn request(conn: &mut TcpStream) {
+    conn.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .expect("request");
+    let got = read_until(conn, "the answer", |got| got.ends_with(b"\r\n\r\nok")).await;
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+}
+
+/// The count `name` of the proxy's listener.
+fn counted(proxy: &Proxy, name: &str) -> f64 {
+    metric(proxy, &format!("{name}{{listener=\"{}\"}}", proxy.addr))
+}
+
+async fn connections_open(proxy: &Proxy, n: f64) {
+    eventually(&format!("{n} connections open"), || async {
+        counted(proxy, "streamgate_connections_open") == n
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_sends_nothing_is_closed_after_the_idle_timeout() {
+    let origin = Origin::plain("ok").await;
+    for options in ["idle_timeout: 1s", "idle_timeout: 1s, h2c: true"] {
+        let proxy = Proxy::start_listening(options, &config(&origin)).await;
+        // Before any request: plain reads, and on an h2c listener the look for the HTTP/2
+        // preface, both give up after the idle timeout.
+        let mut silent = TcpStream::connect(proxy.addr).await.expect("connect");
+        let (sent, took) = closed_by_proxy(&mut silent).await;
+        eprintln!("{options}: a silent connection closed after {took:?}");
+        assert_eq!(sent, "", "closed without an answer");
+        assert_eq!(
+            counted(&proxy, "streamgate_connections_idle_closed_total"),
+            1.0
+        );
+        // Between keep-alive requests.
+        let mut keepalive = TcpStream::connect(proxy.addr).await.expect("connect");
+        request(&mut keepalive).await;
+        request(&mut keepalive).await;
+        let (sent, took) = closed_by_proxy(&mut keepalive).await;
+        eprintln!("{options}: an idle keep-alive connection closed after {took:?}");
+        assert_eq!(sent, "");
+        connections_open(&proxy, 0.0).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_stream_outlives_the_idle_timeout() {
+    // One event, then a silence three times the idle timeout, then another and the end.
+    let origin = Origin::start(|head, mut conn| async move {
+        let _ = conn.read_body(&head).await;
+        conn.sse_head().await.expect("head");
+        conn.chunk("data: before\n\n").await.expect("event");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let _ = conn.chunk("data: after\n\n").await;
+        let _ = conn.end().await;
+        After::Close
+    })
+    .await;
+    let proxy = Proxy::start_listening("idle_timeout: 1s", &config(&origin)).await;
+    let client = common::client();
+    // A GET stream (carried in a task of its own) and a POST answered with a stream (kept in
+    // Pingora's request), both quiet on the client's side throughout.
+    let get = client
+        .get(proxy.url("/events"))
+        .header("accept", "text/event-stream")
+        .send();
+    let post = client
+        .post(proxy.url("/chat"))
+        .header("accept", "application/json")
+        .body("{}")
+        .send();
+    let (get, post) = tokio::join!(get, post);
+    for response in [get.expect("get"), post.expect("post")] {
+        assert_eq!(response.status(), 200);
+        let mut events = Events::new(response);
+        assert_eq!(events.next().await.as_deref(), Some("data: before"));
+        assert_eq!(events.next().await.as_deref(), Some("data: after"));
+        assert_eq!(events.next().await, None, "a clean end");
+    }
+    assert_eq!(
+        counted(&proxy, "streamgate_connections_idle_closed_total"),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_over_max_connections_are_closed_as_they_are_accepted() {
+    let origin = Origin::plain("ok").await;
+    let proxy = Proxy::start_listening("max_connections: 3", &config(&origin)).await;
+    // The harness's own probe may still be open.
+    connections_open(&proxy, 0.0).await;
+    let mut open: Vec<TcpStream> = Vec::new();
+    for _ in 0..3 {
+        let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");
+        request(&mut conn).await;
+        open.push(conn);
+    }
+    // The fourth: the kernel completes the handshake, the proxy closes it unanswered.
+    let mut over = TcpStream::connect(proxy.addr).await.expect("connect");
+    let _ = over.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n").await;
+    let (sent, _) = closed_by_proxy(&mut over).await;
+    assert_eq!(sent, "", "no answer over the cap");
+    assert_eq!(counted(&proxy, "streamgate_connections_refused_total"), 1.0);
+    // The three admitted ones still serve.
+    for conn in &mut open {
+        request(conn).await;
+    }
+    // One closes: room for another.
+    drop(open.pop());
+    connections_open(&proxy, 2.0).await;
+    let mut again = TcpStream::connect(proxy.addr).await.expect("connect");
+    request(&mut again).await;
+    assert_eq!(counted(&proxy, "streamgate_connections_open"), 3.0);
+}
+
+/// A listener with `options` is refused by the loader with `reason` at the key's line.
+fn refused(options: &str, key: &str, reason: &str) {
+    let err = config_error(&format!(
+        "listen:\n  - address: \"127.0.0.1:1\"\n    {options}\nservices:\n  web: {{ url: \"http://127.0.0.1:2\" }}\n\
+         host_rules:\n  - {{ pattern: \"*\", target: web }}\n"
+    ));
+    assert!(err.starts_with("test.yaml:3:"), "{err}");
+    assert!(err.contains(key) && err.contains(reason), "{err}");
+}
+
+#[test]
+fn bad_listener_settings_are_refused_with_file_line_and_key() {
+    refused("max_connections: 0", "max_connections", "at least 1");
+    refused("max_connections: -1", "max_connections", "");
+    refused("idle_timeout: 1500ms", "idle_timeout", "whole seconds");
+    refused("idle_timeout: 5", "idle_timeout", "unit");
+    refused("idle_timout: 5s", "idle_timout", "unknown field");
+}
