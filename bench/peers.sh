@@ -15,7 +15,9 @@
 #   DURATION [15]        steady seconds measured per stream run
 #   ROUNDS [2]           interleaved rounds; tables show the median and each round
 #   PEERS ["direct floor streamgate haproxy nginx"]; also floor-ns: the floor with
-#                        Pingora's work_stealing off, as streamgate has it by default
+#                        Pingora's work_stealing off, as streamgate has it by default; and
+#                        NAME=PATH: another streamgate binary (an older commit's, say) run
+#                        like streamgate, to compare builds in one run
 #   BUILD [1]            0: use the release binaries already built
 #   RATE_INTERVAL [1s]   time between two events of a stream
 #   SIZE [256]           bytes per event
@@ -86,7 +88,11 @@ for peer in $PEERS; do
         peers+=(--peer "nginx=18188:nginx -p $(printf %q "$OUT_DIR/nginx/") -e stderr -c $(printf %q "$PWD/bench/peers/nginx.conf") -g 'daemon off;'")
       fi
       ;;
-    *) echo "peers: unknown peer $peer (direct floor streamgate haproxy nginx)" >&2; exit 2 ;;
+    *=*)
+      [ -x "${peer#*=}" ] || { echo "peers: ${peer#*=} is not an executable" >&2; exit 2; }
+      peers+=(--peer "${peer%%=*}=18186:${peer#*=} -c bench/peers/streamgate.yaml")
+      ;;
+    *) echo "peers: unknown peer $peer (direct floor floor-ns streamgate haproxy nginx NAME=PATH)" >&2; exit 2 ;;
   esac
 done
 

@@ -187,6 +187,44 @@ async fn forwarding_headers_and_host_passthrough() {
     assert_eq!(head.header("x-forwarded-host"), Some("app.example.com"));
 }
 
+/// The forwarding headers are written with the head; the chain's `headers` middleware
+/// still removes, replaces and adds to them as it does to any header, each exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_chain_edits_forwarding_headers_like_any_other() {
+    let mut origin = Origin::plain("ok").await;
+    let config = format!(
+        "services:\n  web:\n    url: \"{}\"\n\
+         middleware_services:\n  - name: fwd\n    type: headers\n    config:\n\
+         \x20     request:\n        remove: [x-real-ip]\n\
+         \x20       set: {{ x-forwarded-proto: https }}\n\
+         \x20       add: {{ x-forwarded-for: 192.0.2.1 }}\n\
+         host_rules:\n  - pattern: \"*\"\n    target: web\n    middlewares: [fwd]\n",
+        origin.url()
+    );
+    let proxy = Proxy::start(&config).await;
+    let response = client()
+        .get(proxy.url("/p"))
+        .header("host", "app.example.com")
+        .header("x-forwarded-proto", "ftp")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    let head = origin.next_request().await;
+    let all = |name: &str| -> Vec<&str> {
+        head.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    assert_eq!(all("x-real-ip"), Vec::<&str>::new());
+    assert_eq!(all("x-forwarded-proto"), ["https"]);
+    assert_eq!(all("x-forwarded-for"), ["127.0.0.1", "192.0.2.1"]);
+    assert_eq!(all("x-forwarded-host"), ["app.example.com"]);
+    assert_eq!(all("host"), ["app.example.com"]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn path_prefix_and_upstream_host_header() {
     let mut origin = Origin::plain("ok").await;

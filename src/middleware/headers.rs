@@ -46,9 +46,19 @@ pub struct Ops {
     pub remove: Vec<String>,
 }
 
-/// A header name as written in the config (Pingora keeps that case on the wire; handing it
-/// over as bytes also spares a conversion per request) and its value.
-type Pair = (Bytes, HeaderValue);
+/// A header's name, as written in the config (Pingora keeps that case on the wire; handing
+/// it over as bytes also spares a conversion per request), and its value.
+struct Pair {
+    name: HeaderName,
+    spelled: Bytes,
+    value: HeaderValue,
+}
+
+impl std::fmt::Debug for Pair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {:?}", self.name, self.value)
+    }
+}
 
 #[derive(Debug, Default)]
 struct Compiled {
@@ -62,8 +72,11 @@ impl Compiled {
         let pairs = |m: &BTreeMap<String, String>| {
             m.iter()
                 .map(|(k, v)| {
-                    header_name(k)?;
-                    Ok((Bytes::copy_from_slice(k.as_bytes()), header_value(v)?))
+                    Ok(Pair {
+                        name: header_name(k)?,
+                        spelled: Bytes::copy_from_slice(k.as_bytes()),
+                        value: header_value(v)?,
+                    })
                 })
                 .collect::<Result<Vec<_>, String>>()
         };
@@ -98,16 +111,22 @@ impl Middleware for Headers {
         &self,
         _session: &mut Session,
         request: &mut RequestHeader,
-        _ctx: &mut Context,
+        ctx: &mut Context,
     ) -> Result<()> {
+        // Set and added headers go out as lines of the head (see `AddedHeaders`).
         for name in &self.request.remove {
-            request.remove_header(name);
+            ctx.added.remove(request, name);
         }
-        for (name, value) in &self.request.set {
-            request.insert_header(name.clone(), value.clone())?;
+        for pair in &self.request.set {
+            ctx.added.set(
+                request,
+                &pair.name,
+                pair.spelled.clone(),
+                pair.value.clone(),
+            );
         }
-        for (name, value) in &self.request.add {
-            request.append_header(name.clone(), value.clone())?;
+        for pair in &self.request.add {
+            ctx.added.add(pair.spelled.clone(), pair.value.clone());
         }
         Ok(())
     }
@@ -121,11 +140,11 @@ impl Middleware for Headers {
         for name in &self.response.remove {
             response.remove_header(name);
         }
-        for (name, value) in &self.response.set {
-            response.insert_header(name.clone(), value.clone())?;
+        for pair in &self.response.set {
+            response.insert_header(pair.spelled.clone(), pair.value.clone())?;
         }
-        for (name, value) in &self.response.add {
-            response.append_header(name.clone(), value.clone())?;
+        for pair in &self.response.add {
+            response.append_header(pair.spelled.clone(), pair.value.clone())?;
         }
         Ok(None)
     }

@@ -68,6 +68,7 @@ use pingora_proxy::Session;
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
+use crate::http_util::AddedHeaders;
 use crate::sse::{limits, SseRequest};
 
 /// What the middlewares of a chain read and write of a request.
@@ -76,20 +77,25 @@ pub struct Context {
     /// The client's address: the peer, or behind `trusted_proxies`, the address they
     /// forwarded for (IPv4-mapped addresses as IPv4).
     pub client: Option<std::net::IpAddr>,
-    /// A typed value map the middlewares of a chain share (the request id, for example).
+    /// A typed value map the middlewares of a chain share.
     pub values: http::Extensions,
+    /// The id the `request_id` middleware gave this request.
+    pub id: Option<HeaderValue>,
     /// What the request knows about event streams: its settings (which an `sse` middleware
     /// overlays), whether it asked for one, the limit slots it holds.
     pub sse: SseRequest,
     /// Request body bytes seen so far (for size limits).
     pub request_body_bytes: u64,
+    /// Headers added to the request the origin sees, written with its head: the proxy's
+    /// forwarding headers (set before the `upstream_request` hooks run) and those of the
+    /// chain. A hook that removes a request header removes it here too.
+    pub added: AddedHeaders,
 }
 
 impl Context {
     /// The id the `request_id` middleware gave this request.
     pub fn request_id(&self) -> Option<&str> {
-        let request_id::Id(id) = self.values.get()?;
-        id.to_str().ok()
+        self.id.as_ref()?.to_str().ok()
     }
 }
 

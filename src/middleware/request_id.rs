@@ -45,10 +45,6 @@ pub struct RequestId {
     wire_name: Bytes,
 }
 
-/// The id of this request, in the value map.
-#[derive(Debug, Clone)]
-pub struct Id(pub HeaderValue);
-
 impl RequestId {
     pub fn new(config: &Config) -> Result<Self, String> {
         Ok(RequestId {
@@ -75,13 +71,17 @@ impl Middleware for RequestId {
                 let id = HeaderValue::from_str(text).map_err(|_| {
                     pingora_error::Error::explain(pingora_error::ErrorType::InternalError, "uuid")
                 })?;
-                session
-                    .req_header_mut()
-                    .insert_header(self.wire_name.clone(), id.clone())?;
+                // Written with the head the origin gets (see `AddedHeaders`).
+                ctx.added.set(
+                    session.req_header_mut(),
+                    &self.header,
+                    self.wire_name.clone(),
+                    id.clone(),
+                );
                 id
             }
         };
-        ctx.values.insert(Id(id));
+        ctx.id = Some(id);
         Ok(Outcome::Continue)
     }
 
@@ -91,7 +91,7 @@ impl Middleware for RequestId {
         response: &mut ResponseHeader,
         ctx: &mut Context,
     ) -> Result<Option<Box<dyn BodyFilter>>> {
-        if let Some(Id(id)) = ctx.values.get::<Id>() {
+        if let Some(id) = &ctx.id {
             response.insert_header(self.wire_name.clone(), id.clone())?;
         }
         Ok(None)

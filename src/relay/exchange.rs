@@ -217,9 +217,14 @@ impl Relay {
         request.set_version(Version::HTTP_11);
         let upgrade = session.is_upgrade_req();
         strip_request_hop_by_hop(&mut request, upgrade);
-        request.remove_header(&EXPECT);
+        // Pingora's remove_header costs even when the header is absent: look first.
+        if request.headers.contains_key(EXPECT) {
+            request.remove_header(&EXPECT);
+        }
         let body = if session.is_body_empty() {
-            request.remove_header(&CONTENT_LENGTH);
+            if request.headers.contains_key(CONTENT_LENGTH) {
+                request.remove_header(&CONTENT_LENGTH);
+            }
             Framing::None
         } else {
             match declared_length(session.req_header()) {
@@ -353,7 +358,7 @@ impl Relay {
         let write_timeout = service.timeouts.write;
         within(
             write_timeout,
-            conn.send_head(request, body),
+            conn.send_head(request, &ctx.chain.added, body),
             "sending the request",
         )
         .await?;

@@ -41,6 +41,7 @@ pub async fn upstream_request(
     let route = ctx.route()?.clone();
     route.service.rewrite_request(
         request,
+        &mut ctx.chain.added,
         client_ip(session),
         ctx.chain.client,
         scheme(session),

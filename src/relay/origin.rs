@@ -29,6 +29,8 @@ use pingora_core::protocols::http::v1::client::http_req_header_to_wire;
 use pingora_core::protocols::Stream;
 use pingora_error::{Error, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
+
+use crate::http_util::AddedHeaders;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 
 /// Most bytes a response head may take.
@@ -110,13 +112,22 @@ impl OriginConn {
 
     /// Writes the request head. `body` is how the body that follows is framed: the head must
     /// already say so (`Content-Length` or `Transfer-Encoding: chunked`).
-    pub async fn send_head(&mut self, req: &RequestHeader, body: Framing) -> Result<()> {
-        let wire = http_req_header_to_wire(req).ok_or_else(|| {
+    pub async fn send_head(
+        &mut self,
+        req: &RequestHeader,
+        added: &AddedHeaders,
+        body: Framing,
+    ) -> Result<()> {
+        let mut wire = http_req_header_to_wire(req).ok_or_else(|| {
             Error::explain(
                 ErrorType::InvalidHTTPHeader,
                 "the request target cannot be sent over HTTP/1.1",
             )
         })?;
+        // The head ends with an empty line: the added headers go before it.
+        wire.truncate(wire.len() - 2);
+        added.write(&mut wire);
+        wire.extend_from_slice(b"\r\n");
         self.request = body;
         self.stream
             .write_all(&wire)

@@ -21,7 +21,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::ErrorType;
@@ -36,6 +35,7 @@ use super::discovery::{static_discovery, SystemResolver};
 use super::endpoints::{Endpoints, Lease, Timing, Unavailable};
 use super::health::PassiveHealth;
 use super::origin_tls::OriginTls;
+use crate::http_util::AddedHeaders;
 use crate::metrics::{Metrics, ServiceMetrics};
 use crate::sse::limits::{self, ClientSlots, Slots};
 use crate::sse::SseSettings;
@@ -413,13 +413,15 @@ impl Service {
         Box::new(peer)
     }
 
-    /// Rewrites the request the origin will see: joins the service's path prefix, applies
-    /// the `Host` policy and sets the forwarding headers: `peer` (the TCP peer) is appended
-    /// to `X-Forwarded-For`, as every proxy on the way does; `X-Real-IP` is `client`, the
-    /// address seen through the trusted proxies.
+    /// Rewrites the request the origin will see: joins the service's path prefix and
+    /// applies the `Host` policy; replaces what the client sent as forwarding headers with
+    /// the proxy's own, which `added` writes with the head: `peer` (the TCP peer) is
+    /// appended to `X-Forwarded-For`, as every proxy on the way does; `X-Real-IP` is
+    /// `client`, the address seen through the trusted proxies.
     pub fn rewrite_request(
         &self,
         req: &mut RequestHeader,
+        added: &mut AddedHeaders,
         peer: Option<IpAddr>,
         client: Option<IpAddr>,
         proto: &'static str,
@@ -454,7 +456,13 @@ impl Service {
             },
             HostHeader::Fixed(value) => req.insert_header(HOST, value.clone())?,
         }
-        if let Some(ip) = peer {
+        // Without proxies in front, both headers name the peer: it is formatted once.
+        let peer_text = peer.map(|ip| ip.to_string());
+        let real_ip = client.or(peer).map(|ip| match &peer_text {
+            Some(text) if Some(ip) == peer => text.clone(),
+            _ => ip.to_string(),
+        });
+        let forwarded_for = peer_text.map(|ip| {
             // Append to what earlier proxies recorded, across repeated header lines.
             let mut forwarded = String::new();
             for prior in req.headers.get_all(&X_FORWARDED_FOR) {
@@ -463,16 +471,13 @@ impl Service {
                     forwarded.push_str(", ");
                 }
             }
-            forwarded.push_str(&ip.to_string());
-            req.insert_header(Bytes::from_static(b"X-Forwarded-For"), forwarded)?;
-        }
-        if let Some(ip) = client.or(peer) {
-            req.insert_header(Bytes::from_static(b"X-Real-IP"), ip.to_string())?;
-        }
-        req.insert_header(Bytes::from_static(b"X-Forwarded-Proto"), proto)?;
-        if let Some(host) = original_host {
-            req.insert_header(Bytes::from_static(b"X-Forwarded-Host"), host)?;
-        }
+            if forwarded.is_empty() {
+                ip
+            } else {
+                forwarded + &ip
+            }
+        });
+        added.set_forwarding(req, forwarded_for, real_ip, proto, original_host);
         Ok(())
     }
 }
