@@ -444,6 +444,8 @@ impl Proxy {
             streamgate::logging::init();
         }
         let addr = config.listen[0];
+        // The admin listener is a service of its own, which may start after the proxy's.
+        let admin = config.admin.as_ref().map(|a| a.listen);
         let state = config.state.clone();
         std::thread::spawn(move || {
             build_server(config, None).run(RunArgs {
@@ -451,8 +453,10 @@ impl Proxy {
             })
         });
         guard("the proxy to listen", async {
-            while TcpStream::connect(addr).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            for addr in std::iter::once(addr).chain(admin) {
+                while TcpStream::connect(addr).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
         })
         .await;
