@@ -237,6 +237,47 @@ async fn metrics_count_requests_and_streams_and_pass_promtool() {
 /// Collects the access log lines of this test process.
 struct Capture(Arc<Mutex<Vec<String>>>);
 
+/// The access log lines of this process, captured from the first call on. The logger is
+/// process-wide: under `cargo test` every test of this file shares it, so a test picks its
+/// own lines by its proxy's address (the `Host` every line names).
+fn captured() -> Arc<Mutex<Vec<String>>> {
+    static LINES: std::sync::OnceLock<Arc<Mutex<Vec<String>>>> = std::sync::OnceLock::new();
+    LINES
+        .get_or_init(|| {
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            log::set_boxed_logger(Box::new(Capture(lines.clone()))).expect("logger");
+            log::set_max_level(log::LevelFilter::Info);
+            lines
+        })
+        .clone()
+}
+
+/// The first `n` access log lines of requests to `proxy`.
+async fn access_lines(proxy: &Proxy, n: usize) -> Vec<String> {
+    let lines = captured();
+    // As the combined format and the JSON one write it, whole.
+    let host = [
+        format!("host={} ", proxy.addr),
+        format!("\"host\":\"{}\"", proxy.addr),
+    ];
+    guard("the access log lines", async {
+        loop {
+            let mine: Vec<String> = lines
+                .lock()
+                .expect("lines")
+                .iter()
+                .filter(|l| host.iter().any(|h| l.contains(h.as_str())))
+                .cloned()
+                .collect();
+            if mine.len() >= n {
+                return mine;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
 impl log::Log for Capture {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
         metadata.target() == streamgate::access_log::TARGET
@@ -255,9 +296,7 @@ impl log::Log for Capture {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn access_log_writes_one_json_line_per_request() {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    log::set_boxed_logger(Box::new(Capture(lines.clone()))).expect("logger");
-    log::set_max_level(log::LevelFilter::Info);
+    captured();
     let origin = sse_origin().await;
     let proxy = Proxy::start(&format!(
         "access_log: {{ format: json }}\n{}",
@@ -278,16 +317,7 @@ async fn access_log_writes_one_json_line_per_request() {
     let mut events = Events::new(stream);
     assert!(events.next().await.is_some());
     drop(events);
-    let lines = guard("two access log lines", async {
-        loop {
-            let snapshot = lines.lock().expect("lines").clone();
-            if snapshot.len() >= 2 {
-                return snapshot;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let lines = access_lines(&proxy, 2).await;
     let plain = json(&lines[0]);
     assert_eq!(plain["path"], "/x?y=1");
     assert_eq!(plain["status"], 200);
@@ -458,9 +488,7 @@ async fn config_view_hides_credentials_set_as_header_values() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn api_keys_leave_the_query_and_the_combined_log_escapes_and_redacts() {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    log::set_boxed_logger(Box::new(Capture(lines.clone()))).expect("logger");
-    log::set_max_level(log::LevelFilter::Info);
+    captured();
     let mut origin = Origin::plain("ok").await;
     let proxy = Proxy::start(&format!(
         "access_log: {{ format: combined }}\n\
@@ -497,16 +525,7 @@ async fn api_keys_leave_the_query_and_the_combined_log_escapes_and_redacts() {
         "/kept?k=sekrit2&access_token=t0k",
         "strip_query: false keeps it for the origin"
     );
-    let lines = guard("two access log lines", async {
-        loop {
-            let snapshot = lines.lock().expect("lines").clone();
-            if snapshot.len() >= 2 {
-                return snapshot;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let lines = access_lines(&proxy, 2).await;
     let all = lines.join("\n");
     assert!(!all.contains("sekrit") && !all.contains("t0k"), "{all}");
     assert!(
