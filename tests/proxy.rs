@@ -211,13 +211,7 @@ async fn the_chain_edits_forwarding_headers_like_any_other() {
         .expect("response");
     assert_eq!(response.status(), 200);
     let head = origin.next_request().await;
-    let all = |name: &str| -> Vec<&str> {
-        head.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
-    };
+    let all = |name: &str| head.headers_named(name);
     assert_eq!(all("x-real-ip"), Vec::<&str>::new());
     assert_eq!(all("x-forwarded-proto"), ["https"]);
     assert_eq!(all("x-forwarded-for"), ["127.0.0.1", "192.0.2.1"]);
