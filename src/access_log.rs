@@ -31,7 +31,7 @@ use crate::http_util;
 use crate::sse::CloseReason;
 use crate::values::AccessLogFormat;
 
-pub const TARGET: &str = "streamgate::access";
+pub const TARGET: &str = crate::logging::TARGET;
 
 /// Words that make a query parameter's value a credential wherever they appear in its name.
 const SECRET_WORDS: &[&str] = &[
@@ -121,33 +121,18 @@ impl Line<'_> {
         self
     }
 
-    fn uint(&mut self, mut n: u64) -> &mut Self {
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        // Only ASCII digits were written.
-        self.text(std::str::from_utf8(&digits[at..]).unwrap_or_default())
+    fn uint(&mut self, n: u64) -> &mut Self {
+        self.text(itoa::Buffer::new().format(n))
     }
 
     /// `n` with at least `width` digits, zeros in front.
     fn padded(&mut self, n: u64, width: usize) -> &mut Self {
-        let mut len = 1;
-        let mut rest = n / 10;
-        while rest > 0 {
-            len += 1;
-            rest /= 10;
-        }
-        for _ in len..width {
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(n);
+        for _ in digits.len()..width {
             self.0.push('0');
         }
-        self.uint(n)
+        self.text(digits)
     }
 
     fn ip(&mut self, ip: IpAddr) -> &mut Self {
@@ -325,7 +310,8 @@ pub fn write(format: AccessLogFormat, entry: &Entry<'_>) {
                     }
                     None => line.text(" sse_events=- sse_close=-"),
                 };
-                log::info!(target: TARGET, "{}", buffer.as_str());
+                buffer.push('\n');
+                crate::logging::access_line(&buffer);
             });
         }
         AccessLogFormat::Json => {

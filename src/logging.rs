@@ -11,12 +11,13 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
 use log::{Log, Metadata, Record};
 
-use crate::access_log::TARGET;
+/// The log target of access log lines (`streamgate::access`).
+pub const TARGET: &str = "streamgate::access";
 
 struct Logger {
     inner: env_logger::Logger,
@@ -50,6 +51,9 @@ impl Log for Logger {
     }
 }
 
+/// Whether [`init`] installed this logger (a test may have installed its own).
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
 /// Installs the logger; `info` unless `RUST_LOG` says otherwise.
 pub fn init() {
     let inner =
@@ -57,6 +61,19 @@ pub fn init() {
     let max = inner.filter();
     if log::set_boxed_logger(Box::new(Logger { inner })).is_ok() {
         log::set_max_level(max);
+        INSTALLED.store(true, Ordering::Release);
+    }
+}
+
+/// Writes an access log `line` (ending in a newline) as this logger would, without a log
+/// record around it: straight to stderr when this logger is the one installed, else
+/// through `log` (whose logger gets the line without its newline). The caller has asked
+/// `log_enabled!` for the access target.
+pub fn access_line(line: &str) {
+    if INSTALLED.load(Ordering::Acquire) {
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    } else {
+        log::info!(target: TARGET, "{}", line.trim_end_matches('\n'));
     }
 }
 

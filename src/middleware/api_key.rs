@@ -18,7 +18,6 @@
 
 use std::path::Path;
 
-use async_trait::async_trait;
 use http::header::HeaderName;
 use http::uri::{PathAndQuery, Uri};
 use pingora_error::{Error, ErrorType, Result};
@@ -101,9 +100,8 @@ fn without_param(query: &str, name: &str) -> Option<String> {
     Some(kept.join("&"))
 }
 
-#[async_trait]
 impl Middleware for ApiKey {
-    async fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
+    fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
         let req = session.req_header();
         let presented = req
             .headers

@@ -14,7 +14,6 @@
 
 use std::path::Path;
 
-use async_trait::async_trait;
 use base64::Engine;
 use http::header::{HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
 use pingora_error::Result;
@@ -86,9 +85,8 @@ impl BasicAuth {
     }
 }
 
-#[async_trait]
 impl Middleware for BasicAuth {
-    async fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
+    fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
         let ok = self
             .presented(session.get_header(AUTHORIZATION))
             .is_some_and(|c| matches_any(&self.credentials, &c));

@@ -17,7 +17,6 @@
 //! preflight from an origin not allowed gets `403`) and `response` (headers added when the
 //! request's `Origin` is allowed).
 
-use async_trait::async_trait;
 use http::header::{self, HeaderValue};
 use http::Method;
 use pingora_error::Result;
@@ -114,9 +113,8 @@ impl Cors {
     }
 }
 
-#[async_trait]
 impl Middleware for Cors {
-    async fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
+    fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
         let req = session.req_header();
         if req.method != Method::OPTIONS {
             return Ok(Outcome::Continue);

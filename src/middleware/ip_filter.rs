@@ -17,7 +17,6 @@
 
 use std::net::IpAddr;
 
-use async_trait::async_trait;
 use ipnet::IpNet;
 use pingora_error::Result;
 use pingora_proxy::Session;
@@ -61,9 +60,8 @@ impl IpFilter {
     }
 }
 
-#[async_trait]
 impl Middleware for IpFilter {
-    async fn request(&self, _session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
+    fn request(&self, _session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
         let Some(client) = ctx.client else {
             return Ok(Outcome::Continue);
         };

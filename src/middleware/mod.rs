@@ -59,7 +59,6 @@ pub mod sse;
 use std::fmt;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use pingora_error::Result;
@@ -165,9 +164,8 @@ pub trait BodyFilter: Send + Sync {
 }
 
 /// A middleware type.
-#[async_trait]
 pub trait Middleware: Send + Sync {
-    async fn request(&self, _session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
+    fn request(&self, _session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
         Ok(Outcome::Continue)
     }
 

@@ -32,7 +32,6 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use async_trait::async_trait;
 use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use pingora_error::Result;
 use pingora_proxy::Session;
@@ -174,9 +173,8 @@ impl RateLimit {
     }
 }
 
-#[async_trait]
 impl Middleware for RateLimit {
-    async fn request(&self, session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
+    fn request(&self, session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
         let by_header = self
             .header
             .as_ref()

@@ -13,7 +13,6 @@
 //!
 //! Phase: `request`; always answers (put it on the routes that should redirect).
 
-use async_trait::async_trait;
 use http::header::{HeaderValue, LOCATION};
 use pingora_error::Result;
 use pingora_proxy::Session;
@@ -134,9 +133,8 @@ fn parse_template(template: &str) -> Result<Vec<Part>, String> {
     Ok(parts)
 }
 
-#[async_trait]
 impl Middleware for Redirect {
-    async fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
+    fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
         let req = session.req_header();
         let authority = crate::http_util::request_host(req).unwrap_or("");
         let location = self.location("http", authority, req.uri.path(), req.uri.query());

@@ -10,7 +10,6 @@
 //! Phases: `request` (keeps a well-formed incoming id, else sets a new UUID v4) and
 //! `response` (echoes it). Never short-circuits.
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use pingora_error::Result;
@@ -60,9 +59,8 @@ fn acceptable(v: &HeaderValue) -> bool {
     !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
 }
 
-#[async_trait]
 impl Middleware for RequestId {
-    async fn request(&self, session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
+    fn request(&self, session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
         let id = match session.get_header(&self.header) {
             Some(v) if acceptable(v) => v.clone(),
             _ => {

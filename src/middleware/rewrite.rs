@@ -15,7 +15,6 @@
 //!
 //! Phase: `request`. Never short-circuits.
 
-use async_trait::async_trait;
 use pingora_error::Result;
 use pingora_proxy::Session;
 use regex::Regex;
@@ -130,9 +129,8 @@ impl Rewrite {
     }
 }
 
-#[async_trait]
 impl Middleware for Rewrite {
-    async fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
+    fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
         let uri = &session.req_header().uri;
         let Some(path) = self.apply(uri.path()) else {
             return Ok(Outcome::Continue);

@@ -10,7 +10,6 @@
 //! origin is contacted) and `request_body` (a chunked body is counted as it streams and
 //! cut with `413` once it passes the limit).
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use pingora_error::Result;
 use pingora_proxy::Session;
@@ -81,9 +80,8 @@ impl SizeLimit {
     }
 }
 
-#[async_trait]
 impl Middleware for SizeLimit {
-    async fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
+    fn request(&self, session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
         let declared = session
             .get_header(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())

@@ -27,7 +27,6 @@
 //! to be one; a full limit answers `503` (`429` for the per-client limit) with
 //! `Retry-After`.
 
-use async_trait::async_trait;
 use http::header::{HeaderValue, ACCEPT, RETRY_AFTER};
 use pingora_error::Result;
 use pingora_proxy::Session;
@@ -66,9 +65,8 @@ impl SseMiddleware {
     }
 }
 
-#[async_trait]
 impl Middleware for SseMiddleware {
-    async fn request(&self, session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
+    fn request(&self, session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
         let sse = &mut ctx.sse;
         sse.settings = sse.settings.overlay(&self.config);
         sse.announced = sse.settings.enabled

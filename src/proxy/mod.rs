@@ -154,7 +154,7 @@ impl ProxyHttp for StreamGate {
         relay::limits::collect(&config, &route, ctx);
 
         for instance in route.chain.iter() {
-            let outcome = instance.middleware.request(session, &mut ctx.chain).await?;
+            let outcome = instance.middleware.request(session, &mut ctx.chain)?;
             if let Outcome::Respond(reply) = outcome {
                 Box::pin(answer(session, ctx, &route, reply)).await?;
                 return Ok(true);
