@@ -226,14 +226,38 @@ mod tests {
     }
 }
 
-/// The forwarding headers the proxy sets on a request on its way to the origin, as spelled
-/// on the wire.
-const FORWARDING: [&str; 4] = [
-    "X-Forwarded-For",
-    "X-Real-IP",
-    "X-Forwarded-Proto",
-    "X-Forwarded-Host",
+/// The forwarding headers the proxy sets on a request on its way to the origin, and how
+/// they are spelled on the wire.
+static FORWARDING: [(HeaderName, &str); 4] = [
+    (
+        HeaderName::from_static("x-forwarded-for"),
+        "X-Forwarded-For",
+    ),
+    (HeaderName::from_static("x-real-ip"), "X-Real-IP"),
+    (
+        HeaderName::from_static("x-forwarded-proto"),
+        "X-Forwarded-Proto",
+    ),
+    (
+        HeaderName::from_static("x-forwarded-host"),
+        "X-Forwarded-Host",
+    ),
 ];
+
+/// Removes header `name` from `req`. Pingora's `remove_header` costs even when the header
+/// is absent (it keeps a second map of the names' spelling), so this looks first.
+pub fn remove_request_header(req: &mut RequestHeader, name: &HeaderName) {
+    if req.headers.contains_key(name) {
+        req.remove_header(name);
+    }
+}
+
+/// [`remove_request_header`] for a response.
+pub fn remove_response_header(resp: &mut ResponseHeader, name: &HeaderName) {
+    if resp.headers.contains_key(name) {
+        resp.remove_header(name);
+    }
+}
 
 /// The value of an added header line.
 #[derive(Debug, Clone)]
@@ -285,15 +309,13 @@ impl AddedHeaders {
             host.map(Cow::Owned),
         ];
         self.lines.reserve(values.len());
-        for (name, value) in FORWARDING.into_iter().zip(values) {
-            // Pingora's remove_header costs even when the header is absent: look first.
-            if req.headers.contains_key(name) {
-                req.remove_header(name);
-            }
-            self.remove_lines(name.as_bytes());
+        for ((name, spelled), value) in FORWARDING.iter().zip(values) {
+            self.remove(req, name);
             if let Some(value) = value {
-                self.lines
-                    .push((Bytes::from_static(name.as_bytes()), LineValue::Text(value)));
+                self.lines.push((
+                    Bytes::from_static(spelled.as_bytes()),
+                    LineValue::Text(value),
+                ));
             }
         }
     }
@@ -318,16 +340,9 @@ impl AddedHeaders {
 
     /// Removes header `name` from the lines and from the request.
     pub fn remove(&mut self, req: &mut RequestHeader, name: &HeaderName) {
-        // Pingora's remove_header costs even when the header is absent: look first.
-        if req.headers.contains_key(name) {
-            req.remove_header(name);
-        }
-        self.remove_lines(name.as_str().as_bytes());
-    }
-
-    fn remove_lines(&mut self, name: &[u8]) {
+        remove_request_header(req, name);
         self.lines
-            .retain(|(line, _)| !line.eq_ignore_ascii_case(name));
+            .retain(|(line, _)| !line.eq_ignore_ascii_case(name.as_str().as_bytes()));
     }
 
     /// Appends the lines to `wire`, a head written up to its last header line.

@@ -35,7 +35,7 @@ use serde::Deserialize;
 
 use super::size_limit::ByteSize;
 use super::{BodyFilter, Context, Middleware};
-use crate::http_util::{drop_content_length, media_essence};
+use crate::http_util::{drop_content_length, media_essence, remove_request_header};
 use crate::sse;
 
 /// Longest event kept back waiting for its end; a longer one goes out unrewritten.
@@ -182,7 +182,7 @@ impl Middleware for BodyReplace {
         request: &mut RequestHeader,
         _ctx: &mut Context,
     ) -> Result<()> {
-        request.remove_header(&ACCEPT_ENCODING);
+        remove_request_header(request, &ACCEPT_ENCODING);
         Ok(())
     }
 

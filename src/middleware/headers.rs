@@ -25,6 +25,7 @@ use pingora_proxy::Session;
 use serde::Deserialize;
 
 use super::{header_name, header_value, BodyFilter, Context, Middleware};
+use crate::http_util::remove_response_header;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -138,7 +139,7 @@ impl Middleware for Headers {
         _ctx: &mut Context,
     ) -> Result<Option<Box<dyn BodyFilter>>> {
         for name in &self.response.remove {
-            response.remove_header(name);
+            remove_response_header(response, name);
         }
         for pair in &self.response.set {
             response.insert_header(pair.spelled.clone(), pair.value.clone())?;

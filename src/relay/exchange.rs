@@ -49,6 +49,7 @@ use super::origin::{Framing, OriginConn};
 use super::stream::apply_filters;
 use crate::config::AccessLog;
 use crate::error::http_error;
+use crate::http_util::remove_request_header;
 use crate::sse;
 use crate::sse::drain::drain_deadline;
 use crate::state::State;
@@ -217,14 +218,9 @@ impl Relay {
         request.set_version(Version::HTTP_11);
         let upgrade = session.is_upgrade_req();
         strip_request_hop_by_hop(&mut request, upgrade);
-        // Pingora's remove_header costs even when the header is absent: look first.
-        if request.headers.contains_key(EXPECT) {
-            request.remove_header(&EXPECT);
-        }
+        remove_request_header(&mut request, &EXPECT);
         let body = if session.is_body_empty() {
-            if request.headers.contains_key(CONTENT_LENGTH) {
-                request.remove_header(&CONTENT_LENGTH);
-            }
+            remove_request_header(&mut request, &CONTENT_LENGTH);
             Framing::None
         } else {
             match declared_length(session.req_header()) {
@@ -237,7 +233,7 @@ impl Relay {
                     }
                 }
                 None => {
-                    request.remove_header(&CONTENT_LENGTH);
+                    remove_request_header(&mut request, &CONTENT_LENGTH);
                     request.insert_header(TRANSFER_ENCODING, "chunked")?;
                     Framing::Chunked(super::origin::ChunkState::Size)
                 }

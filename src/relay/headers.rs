@@ -14,7 +14,9 @@ use pingora_proxy::Session;
 
 use super::context::RequestCtx;
 use super::stream::Stream;
-use crate::http_util::{client_ip, request_host, scheme};
+use crate::http_util::{
+    client_ip, remove_request_header, remove_response_header, request_host, scheme,
+};
 use crate::sse;
 use crate::sse::tracker::{StreamInfo, Tracker};
 
@@ -129,12 +131,8 @@ pub fn strip_request_hop_by_hop(request: &mut RequestHeader, upgrade: bool) {
     for name in nominated(&request.headers, &keep) {
         request.remove_header(&name);
     }
-    // Removing through Pingora's header API costs even when the header is absent (it
-    // keeps a second map of the names' spelling): look first.
     for name in HOP_BY_HOP.iter().chain([&TRANSFER_ENCODING]) {
-        if request.headers.contains_key(name) {
-            request.remove_header(name);
-        }
+        remove_request_header(request, name);
     }
     if let Some(protocol) = protocol {
         // Cannot fail: both are valid header values.
@@ -159,8 +157,8 @@ pub fn strip_response_hop_by_hop(header: &mut ResponseHeader, upgraded: bool) {
     }
     for name in &HOP_BY_HOP {
         let needed = upgraded && (name == header::UPGRADE || name == header::CONNECTION);
-        if !needed && header.headers.contains_key(name) {
-            header.remove_header(name);
+        if !needed {
+            remove_response_header(header, name);
         }
     }
 }
