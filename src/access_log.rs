@@ -336,7 +336,9 @@ pub fn write(format: AccessLogFormat, entry: &Entry<'_>) {
             if let Some(e) = entry.error {
                 line["error"] = json!(e.to_string());
             }
-            log::info!(target: TARGET, "{line}");
+            let mut text = line.to_string();
+            text.push('\n');
+            crate::logging::access_line(&text);
         }
     }
 }

@@ -1,74 +1,37 @@
-//! The process's logger: env_logger for everything, except that access log lines (target
-//! `streamgate::access`) take a short path; and [`Throttle`], which bounds the lines a peer
-//! can cause.
+//! The process's logger, env_logger, filtered by `RUST_LOG` as usual; the short path access
+//! log lines take; and [`Throttle`], which bounds the lines a peer can cause.
 //!
-//! `RUST_LOG` filters both as usual. env_logger formats every record through its styling
-//! layer (which scans each line for colour escapes even when it writes none), about 10,000
-//! instructions a line; that is most of the cost of an access log line, written once per
-//! request. Access lines already carry their own time, so they are written as they are: one
-//! `write` to stderr from a reused per-thread buffer.
+//! env_logger formats every record through its styling layer (which scans each line for
+//! colour escapes even when it writes none), about 10,000 instructions a line; that would be
+//! most of the cost of an access log line, written once per request. Access lines carry
+//! their own time and are built whole by `access_log`, so [`access_line`] writes them as
+//! they are: one `write` to stderr.
 
-use std::cell::RefCell;
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
-use log::{Log, Metadata, Record};
-
 /// The log target of access log lines (`streamgate::access`).
 pub const TARGET: &str = "streamgate::access";
 
-struct Logger {
-    inner: env_logger::Logger,
-}
-
-impl Log for Logger {
-    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        self.inner.enabled(metadata)
-    }
-
-    fn log(&self, record: &Record<'_>) {
-        if record.target() != TARGET {
-            self.inner.log(record);
-            return;
-        }
-        // `access_log::write` asked `log_enabled!` for this target before it built the
-        // line, which is the same filter: not asked twice.
-        thread_local! {
-            static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
-        }
-        LINE.with(|line| {
-            let mut line = line.borrow_mut();
-            line.clear();
-            let _ = writeln!(line, "{}", record.args());
-            let _ = std::io::stderr().write_all(line.as_bytes());
-        });
-    }
-
-    fn flush(&self) {
-        self.inner.flush();
-    }
-}
-
-/// Whether [`init`] installed this logger (a test may have installed its own).
+/// Whether [`init`] installed the logger (a test may have installed its own).
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Installs the logger; `info` unless `RUST_LOG` says otherwise.
 pub fn init() {
-    let inner =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
-    let max = inner.filter();
-    if log::set_boxed_logger(Box::new(Logger { inner })).is_ok() {
-        log::set_max_level(max);
+    let installed =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+            .try_init()
+            .is_ok();
+    if installed {
         INSTALLED.store(true, Ordering::Release);
     }
 }
 
-/// Writes an access log `line` (ending in a newline) as this logger would, without a log
-/// record around it: straight to stderr when this logger is the one installed, else
-/// through `log` (whose logger gets the line without its newline). The caller has asked
-/// `log_enabled!` for the access target.
+/// Writes an access log `line` (ending in a newline): straight to stderr when [`init`]
+/// installed the logger, else through `log` (whose logger gets the line without its
+/// newline). The caller has asked `log_enabled!` for [`TARGET`], which applies
+/// `RUST_LOG`'s filter.
 pub fn access_line(line: &str) {
     if INSTALLED.load(Ordering::Acquire) {
         let _ = std::io::stderr().write_all(line.as_bytes());
