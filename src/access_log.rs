@@ -157,12 +157,14 @@ impl Line<'_> {
     }
 
     fn socket(&mut self, addr: Option<SocketAddr>) -> &mut Self {
-        match addr {
-            Some(SocketAddr::V4(v4)) => self.ip(IpAddr::V4(*v4.ip())).text(":"),
-            Some(SocketAddr::V6(v6)) => self.text("[").ip(IpAddr::V6(*v6.ip())).text("]:"),
-            None => return self.text("-"),
+        let Some(addr) = addr else {
+            return self.text("-");
         };
-        self.uint(addr.map_or(0, |a| a.port()).into())
+        match addr.ip() {
+            ip @ IpAddr::V4(_) => self.ip(ip).text(":"),
+            ip @ IpAddr::V6(_) => self.text("[").ip(ip).text("]:"),
+        };
+        self.uint(addr.port().into())
     }
 
     /// Bytes from the request: `"`, `\`, control characters, bytes outside printable
