@@ -6,7 +6,7 @@
 //! end-to-end tests both start the proxy through it.
 //!
 //! Modules, from the bottom up (a module imports only modules of lower layers, or of its
-//! own layer without a cycle; `tests/architecture.rs` checks it):
+//! own layer without a cycle; `tests/suite/architecture.rs` checks it):
 //!
 //! ```text
 //! values error http_util pattern yaml   leaf types and helpers

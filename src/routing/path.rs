@@ -18,7 +18,7 @@
 //!
 //! The input is the path only, without the query. An unchanged path is returned borrowed,
 //! without allocating. (Its property tests, with the route table, are in
-//! `tests/properties.rs`.)
+//! `tests/suite/properties.rs`.)
 
 use std::borrow::Cow;
 use std::fmt;

@@ -12,7 +12,7 @@
 //! (the connection was closed), never anything it could take for a request of its own.
 //! README's table shows the outcome of every row.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 

@@ -1,7 +1,7 @@
 //! The admin dashboard in a real browser: headless Chromium (Debian package `chromium`,
 //! installed by `.ci/run`), driven over the DevTools protocol.
 
-mod common;
+use crate::common;
 
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};

@@ -1,17 +1,15 @@
 //! The real binary: `-t` on shipped and broken configs, the no-argument demo, a
 //! zero-downtime upgrade with `-u`, and the drain of open streams on `-u` and `SIGTERM`.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::binary::{exited, signal, start_binary, wait_listening, Running};
+use common::binary::{exited, signal, start_binary, wait_listening, Running, BIN};
 use common::resume::{contiguous, counting_origin, Resumer};
 use common::{client, eventually, free_port, guard, Events};
-
-const BIN: &str = env!("CARGO_BIN_EXE_streamgate");
 
 fn check(file: &Path) -> Output {
     Command::new(BIN)
@@ -221,7 +219,7 @@ async fn an_upgrade_drains_streams_to_the_new_process_without_losing_an_event() 
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let config = drain_config(dir.path(), port, &origin, "1s");
-    let mut old = Running(start_binary(BIN, &config, false));
+    let mut old = Running(start_binary(&config, false));
     let addr = format!("127.0.0.1:{port}").parse().expect("addr");
     wait_listening(&format!("http://{addr}/")).await;
     let clients: Vec<Resumer> = (0..50).map(|_| Resumer::start(addr, "/events")).collect();
@@ -230,7 +228,7 @@ async fn an_upgrade_drains_streams_to_the_new_process_without_losing_an_event() 
     })
     .await;
 
-    let _new = Running(start_binary(BIN, &config, true));
+    let _new = Running(start_binary(&config, true));
     tokio::time::sleep(Duration::from_millis(300)).await;
     signal(old.0.id(), "-QUIT");
     let status = exited(&mut old.0).await;
@@ -259,7 +257,7 @@ async fn sigterm_drains_streams_and_exits_without_sleeping_out_a_grace_period() 
     let port = free_port();
     // No grace_period_seconds: it follows the drain period (Pingora's own default is 300 s).
     let config = drain_config(dir.path(), port, &origin, "500ms");
-    let mut proxy = Running(start_binary(BIN, &config, false));
+    let mut proxy = Running(start_binary(&config, false));
     let addr = format!("127.0.0.1:{port}").parse().expect("addr");
     wait_listening(&format!("http://{addr}/")).await;
     let clients: Vec<Resumer> = (0..10).map(|_| Resumer::start(addr, "/events")).collect();
@@ -329,7 +327,7 @@ async fn ten_thousand_streams_leave_no_entry_and_no_memory_behind() {
         ),
     )
     .expect("write config");
-    let proxy = Running(start_binary(BIN, &config, false));
+    let proxy = Running(start_binary(&config, false));
     let pid = proxy.0.id();
     wait_listening(&format!("http://127.0.0.1:{admin}/healthz")).await;
     let addr = format!("127.0.0.1:{port}").parse().expect("addr");
@@ -496,7 +494,7 @@ async fn an_upgrade_lets_post_answers_finish_and_drains_get_streams() {
         ),
     )
     .expect("write config");
-    let mut old = Running(start_binary(BIN, &config, false));
+    let mut old = Running(start_binary(&config, false));
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     wait_listening(&format!("http://{addr}/")).await;
     let gets: Vec<Resumer> = (0..10).map(|_| Resumer::start(addr, "/events")).collect();
@@ -528,7 +526,7 @@ async fn an_upgrade_lets_post_answers_finish_and_drains_get_streams() {
     .await;
 
     // Mid-answer: the new process first, then SIGQUIT to the old one.
-    let _new = Running(start_binary(BIN, &config, true));
+    let _new = Running(start_binary(&config, true));
     tokio::time::sleep(Duration::from_millis(300)).await;
     signal(old.0.id(), "-QUIT");
     let status = exited(&mut old.0).await;

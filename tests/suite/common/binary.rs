@@ -1,12 +1,14 @@
 //! The real binary in tests: starting it, signalling it, waiting for it to serve and to
-//! exit. A test that uses these declares `const BIN` itself (`env!` names the binary only
-//! inside a test crate) and passes it in.
+//! exit.
 
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{client, guard};
+
+/// The `streamgate` binary this test build goes with.
+pub const BIN: &str = env!("CARGO_BIN_EXE_streamgate");
 
 /// Kills the child when the test ends, however it ends.
 pub struct Running(pub Child);
@@ -43,8 +45,8 @@ pub async fn wait_listening(url: &str) {
 }
 
 /// Starts `bin -c config` (with `-u` for an upgrade), logging warnings only.
-pub fn start_binary(bin: &str, config: &Path, upgrade: bool) -> Child {
-    let mut cmd = Command::new(bin);
+pub fn start_binary(config: &Path, upgrade: bool) -> Child {
+    let mut cmd = Command::new(BIN);
     if upgrade {
         cmd.arg("-u");
     }

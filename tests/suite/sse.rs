@@ -1,7 +1,7 @@
 //! SSE through the proxy, end to end: unbuffered delivery, headers first, SSE timeouts,
 //! disconnects on either side, Last-Event-ID.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! The middleware chain and every built-in type, end to end over real sockets.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 
@@ -664,7 +664,7 @@ async fn a_typical_sse_config_runs_as_written() {
         After::Close
     })
     .await;
-    let example = include_str!("fixtures/sse_example.yaml")
+    let example = include_str!("../fixtures/sse_example.yaml")
         .replace("http://backend-sse:8080", &origin.url())
         .replace("    port: 80\n", "");
     let proxy = Proxy::start(&example).await;

@@ -5,7 +5,7 @@
 //! http/1.1, and answer 502 with a TLS reason when verification fails. `verify: false`
 //! accepts an untrusted certificate; `-t` shows the https URL and refuses a missing CA file.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -371,7 +371,7 @@ async fn verify_false_accepts_an_untrusted_certificate() {
 
 #[test]
 fn check_prints_https_services_and_refuses_a_missing_ca_file() {
-    let bin = env!("CARGO_BIN_EXE_streamgate");
+    let bin = common::binary::BIN;
     let dir = tempfile::tempdir().expect("tempdir");
     write_ca(dir.path(), &Ca::new());
     let ok = write_config(

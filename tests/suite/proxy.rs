@@ -1,7 +1,7 @@
 //! Ordinary proxying, end to end: routing precedence, 404/502/504 with reasons,
 //! forwarding headers, path prefixes, Host policy, keep-alive reuse.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! connection, a stream reset closing only its own upstream, h2c, redirects to https,
 //! certificates renewed on disk, broken ones refused, and `-t`'s certificate report.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -630,7 +630,7 @@ fn dash_t_reports_certificates_and_refuses_mismatched_keys() {
     let text = format!("listen:\n{}", tls_listener(1, dir.path(), MAIN_CERT, ""));
     std::fs::write(&config, &text).expect("write");
     let check = || {
-        Command::new(env!("CARGO_BIN_EXE_streamgate"))
+        Command::new(common::binary::BIN)
             .args(["-t", "-c"])
             .arg(&config)
             .output()

@@ -3,7 +3,7 @@
 //! never an event stream, however quiet; `max_connections` closes connections over the cap
 //! as they are accepted, and counts them.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,11 +1,10 @@
 //! The admin listener, metrics and the access log, end to end.
 
-mod common;
+use crate::common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{client, free_port, guard, sse_get, After, Events, Origin, Proxy};
+use common::{client, free_port, guard, logs, sse_get, After, Events, Origin, Proxy};
 use serde_json::Value;
 
 async fn sse_origin() -> Origin {
@@ -234,27 +233,8 @@ async fn metrics_count_requests_and_streams_and_pass_promtool() {
     .await;
 }
 
-/// Collects the access log lines of this test process.
-struct Capture(Arc<Mutex<Vec<String>>>);
-
-/// The access log lines of this process, captured from the first call on. The logger is
-/// process-wide: under `cargo test` every test of this file shares it, so a test picks its
-/// own lines by its proxy's address (the `Host` every line names).
-fn captured() -> Arc<Mutex<Vec<String>>> {
-    static LINES: std::sync::OnceLock<Arc<Mutex<Vec<String>>>> = std::sync::OnceLock::new();
-    LINES
-        .get_or_init(|| {
-            let lines = Arc::new(Mutex::new(Vec::new()));
-            log::set_boxed_logger(Box::new(Capture(lines.clone()))).expect("logger");
-            log::set_max_level(log::LevelFilter::Info);
-            lines
-        })
-        .clone()
-}
-
 /// The first `n` access log lines of requests to `proxy`.
 async fn access_lines(proxy: &Proxy, n: usize) -> Vec<String> {
-    let lines = captured();
     // As the combined format and the JSON one write it, whole.
     let host = [
         format!("host={} ", proxy.addr),
@@ -262,13 +242,13 @@ async fn access_lines(proxy: &Proxy, n: usize) -> Vec<String> {
     ];
     guard("the access log lines", async {
         loop {
-            let mine: Vec<String> = lines
-                .lock()
-                .expect("lines")
-                .iter()
-                .filter(|l| host.iter().any(|h| l.contains(h.as_str())))
-                .cloned()
-                .collect();
+            let mine: Vec<String> = logs::records(|r| {
+                r.target == streamgate::access_log::TARGET
+                    && host.iter().any(|h| r.text.contains(h.as_str()))
+            })
+            .into_iter()
+            .map(|r| r.text)
+            .collect();
             if mine.len() >= n {
                 return mine;
             }
@@ -278,25 +258,9 @@ async fn access_lines(proxy: &Proxy, n: usize) -> Vec<String> {
     .await
 }
 
-impl log::Log for Capture {
-    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.target() == streamgate::access_log::TARGET
-    }
-
-    fn log(&self, record: &log::Record<'_>) {
-        if self.enabled(record.metadata()) {
-            if let Ok(mut lines) = self.0.lock() {
-                lines.push(record.args().to_string());
-            }
-        }
-    }
-
-    fn flush(&self) {}
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn access_log_writes_one_json_line_per_request() {
-    captured();
+    logs::capture();
     let origin = sse_origin().await;
     let proxy = Proxy::start(&format!(
         "access_log: {{ format: json }}\n{}",
@@ -488,7 +452,7 @@ async fn config_view_hides_credentials_set_as_header_values() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn api_keys_leave_the_query_and_the_combined_log_escapes_and_redacts() {
-    captured();
+    logs::capture();
     let mut origin = Origin::plain("ok").await;
     let proxy = Proxy::start(&format!(
         "access_log: {{ format: combined }}\n\

@@ -5,7 +5,7 @@
 //! it out. The bounds asserted are the requirement (3 s once nothing is left) plus a
 //! margin for a loaded machine; the figures measured are printed.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,8 +16,6 @@ use common::resume::{counting_origin, Resumer};
 use common::{eventually, free_port, guard, read_to_end, read_until, Origin};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-const BIN: &str = env!("CARGO_BIN_EXE_streamgate");
 
 /// What the requirement allows once nothing is left to serve, plus a margin for a loaded
 /// machine.
@@ -139,7 +137,7 @@ async fn h1_stream(addr: SocketAddr) -> TcpStream {
 
 /// The proxy of `setup`, serving.
 async fn started(setup: &Setup) -> Running {
-    let proxy = Running(start_binary(BIN, &setup.config, false));
+    let proxy = Running(start_binary(&setup.config, false));
     wait_listening(&format!("http://{}/plain", setup.h1)).await;
     proxy
 }
@@ -286,7 +284,7 @@ async fn the_old_process_exits_once_its_streams_are_drained_after_an_upgrade() {
     let _idle_h2 = idle_h2(setup.h2c).await;
 
     // The new process first, then SIGQUIT to the old one.
-    let _new = Running(start_binary(BIN, &setup.config, true));
+    let _new = Running(start_binary(&setup.config, true));
     tokio::time::sleep(Duration::from_millis(300)).await;
     signal(old.0.id(), "-QUIT");
     let (status, took) = exited_within(&mut old.0, Duration::from_secs(60)).await;

@@ -2,7 +2,7 @@
 //! the test changes at runtime (and can make fail), and endpoint files rewritten the way
 //! deploy tools do it. The library is called directly, and once through the proxy.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -4,7 +4,7 @@
 //! style `GET` with `Accept: */*`, HTTP/2. Limits count streams, not requests that asked for
 //! one. Request bodies stream to the origin as they arrive. A drain lets answers finish.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

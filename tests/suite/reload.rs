@@ -1,7 +1,7 @@
 //! Live reload: config changes on disk and `SIGHUP` apply without a restart, open SSE
 //! streams keep streaming, middleware loads and unloads, broken configs are refused.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

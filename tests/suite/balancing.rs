@@ -3,7 +3,7 @@
 //! health, all-down 503, retries on connect failure, file discovery, and SSE streams that
 //! resume on another endpoint.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

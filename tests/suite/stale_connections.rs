@@ -3,7 +3,7 @@
 //! reached the origin is not sent twice, and none of it counts against the endpoint's
 //! passive health.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

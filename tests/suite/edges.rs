@@ -1,15 +1,13 @@
 //! HTTP/1 edges, over raw sockets: pipelined requests, the limits on a request head,
 //! headers a `Connection` header names, and what a client's mistakes leave in the log.
 //!
-//! Every test here installs the capturing logger first (so that it is this binary's
-//! logger whichever test runs first): `RUST_LOG` shows nothing for these tests.
+//! Every test here captures the log (`common::logs`), so that the logger is the capturing
+//! one whichever test of the process runs first: `RUST_LOG` shows nothing for these tests.
 
-mod common;
-
-use std::sync::{Mutex, OnceLock};
+use crate::common;
 
 use common::raw::{exchange, status_of};
-use common::{After, Origin, Proxy};
+use common::{logs, After, Origin, Proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn config(origin: &str) -> String {
@@ -76,7 +74,7 @@ fn connection_header(head: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pipelined_requests_are_answered_in_order() {
-    capture();
+    logs::capture();
     let origin = echo().await;
     let proxy = Proxy::start(&config(&origin.url())).await;
     let (_, wire) = exchange(
@@ -111,7 +109,7 @@ async fn pipelined_requests_are_answered_in_order() {
 /// with it: the head says `Connection: close`, so no client sends a request after it.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_stream_that_ends_its_connection_says_so() {
-    capture();
+    logs::capture();
     let origin = Origin::start(|_, mut conn| async move {
         let _ = conn.sse_head().await;
         let _ = conn.chunk("data: 1\n\n").await;
@@ -131,7 +129,7 @@ async fn an_event_stream_that_ends_its_connection_says_so() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn heads_over_the_limits_are_refused_with_431() {
-    capture();
+    logs::capture();
     let origin = Origin::plain("ok").await;
     let proxy = Proxy::start(&config(&origin.url())).await;
     let with =
@@ -157,7 +155,7 @@ async fn heads_over_the_limits_are_refused_with_431() {
 /// RFC 9110 7.6.1: the headers a `Connection` header names are hop-by-hop, both ways.
 #[tokio::test(flavor = "multi_thread")]
 async fn headers_named_in_connection_do_not_cross_the_proxy() {
-    capture();
+    logs::capture();
     let mut origin = Origin::start(|_, mut conn| async move {
         let _ = conn
             .write(
@@ -183,40 +181,10 @@ async fn headers_named_in_connection_do_not_cross_the_proxy() {
 
 // --- The log -------------------------------------------------------------------------
 
-/// Every log record of this test binary's proxies: (level, text).
-static RECORDS: OnceLock<Mutex<Vec<(log::Level, String)>>> = OnceLock::new();
-
-struct Capture;
-
-impl log::Log for Capture {
-    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-        true
-    }
-
-    fn log(&self, record: &log::Record<'_>) {
-        if let Some(records) = RECORDS.get() {
-            if let Ok(mut records) = records.lock() {
-                records.push((record.level(), record.args().to_string()));
-            }
-        }
-    }
-
-    fn flush(&self) {}
-}
-
-fn capture() {
-    if RECORDS.set(Mutex::new(Vec::new())).is_ok() {
-        let _ = log::set_boxed_logger(Box::new(Capture));
-        log::set_max_level(log::LevelFilter::Info);
-    }
-}
-
 fn logged(level: log::Level, containing: &str) -> Vec<String> {
-    let records = RECORDS.get().expect("capturing").lock().expect("lock");
-    records
-        .iter()
-        .filter(|(l, text)| *l == level && text.contains(containing))
-        .map(|(_, text)| text.clone())
+    logs::records(|r| r.level == level && r.text.contains(containing))
+        .into_iter()
+        .map(|r| r.text)
         .collect()
 }
 
@@ -224,7 +192,7 @@ fn logged(level: log::Level, containing: &str) -> Vec<String> {
 /// second), never an error line; and no log line shows a credential from the query.
 #[tokio::test(flavor = "multi_thread")]
 async fn client_mistakes_are_not_error_lines_and_logs_hide_query_credentials() {
-    capture();
+    logs::capture();
     let origin = Origin::start(|head, mut conn| async move {
         let _ = conn.read_body(&head).await;
         let _ = conn.respond(200, "ok").await;
@@ -263,11 +231,11 @@ async fn client_mistakes_are_not_error_lines_and_logs_hide_query_credentials() {
         errors[0].contains("/failure?api_key=REDACTED"),
         "{errors:?}"
     );
-    let records = RECORDS.get().expect("capturing").lock().expect("lock");
-    for (_, text) in records.iter() {
+    for r in logs::records(|_| true) {
         assert!(
-            !text.contains("s3cret") && !text.contains("k3y"),
-            "a credential logged: {text}"
+            !r.text.contains("s3cret") && !r.text.contains("k3y"),
+            "a credential logged: {}",
+            r.text
         );
     }
 }

@@ -1,7 +1,7 @@
 //! The life of an event stream past its first event: header timeout, heartbeats, the end at
 //! `max_lifetime`, the cleanup of inactive streams, the error event, and the drain.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

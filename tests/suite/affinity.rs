@@ -6,7 +6,7 @@
 //! on `DELETE`, on `ttl`, when their endpoint is refused, ejected or leaves discovery; the
 //! bound on the table; pins across reloads.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;

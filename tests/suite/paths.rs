@@ -3,7 +3,7 @@
 //! the admin route (and its `basic_auth`), never to the catch-all's origin; what the admin
 //! origin gets is the normalized path, with the query as it was sent.
 
-mod common;
+use crate::common;
 
 use common::raw::exchange;
 use common::{Origin, Proxy};

@@ -8,6 +8,7 @@
 
 pub mod binary;
 pub mod ca;
+pub mod logs;
 pub mod raw;
 pub mod resume;
 
