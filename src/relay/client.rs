@@ -1,20 +1,24 @@
 //! The client side of an event stream: the client's Pingora session, or, for a stream
 //! carried in a task of its own, the client's HTTP/1.1 connection itself.
 //!
-//! A long-lived `GET` stream over HTTP/1.1 keeps nothing of Pingora's session once its
-//! response head is out (not the 4 KiB request buffer, the parsed request, the copy of the
-//! response head): [`Raw`] frames the body (chunked) on the connection directly and watches
-//! it for the client going away, and the few request facts the logs need are copied out.
+//! A long-lived `GET` stream over HTTP/1.1 keeps nothing of Pingora's session (not the
+//! 4 KiB request buffer, the parsed request): [`Raw`] writes the response head and frames
+//! the body (chunked) on the connection directly and watches it for the client going away,
+//! and the few request facts the logs need are copied out. The head goes out with the
+//! first body bytes when the origin sent them with its own head (one write, one packet:
+//! the client has its first event as soon as it has the head), else on its own at once.
 
 use std::io::IoSlice;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::header::{HOST, REFERER, USER_AGENT};
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{CONNECTION, DATE, HOST, REFERER, USER_AGENT};
+use http::Version;
+use pingora_core::protocols::http::date::get_cached_date;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
 use pingora_error::{Error, ErrorType, OrErr, Result};
-use pingora_http::RequestHeader;
+use pingora_http::{RequestHeader, ResponseHeader};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A write timeout that never runs out (tokio caps far deadlines).
@@ -30,6 +34,19 @@ pub enum Client<'a> {
 }
 
 impl Client<'_> {
+    /// Whether the response head is still to be written (it then goes with the next write).
+    pub fn head_pending(&self) -> bool {
+        matches!(self, Client::Raw(raw) if raw.head.is_some())
+    }
+
+    /// Writes the response head now if it is still pending.
+    pub async fn send_head(&mut self) -> Result<()> {
+        match self {
+            Client::Raw(raw) if raw.head.is_some() => raw.write(None, false).await,
+            _ => Ok(()),
+        }
+    }
+
     /// Writes a piece of the body (`None`: nothing) and, with `end`, ends it cleanly. A
     /// failure is the client's (gone, or too slow for `write_timeout`).
     pub async fn write(&mut self, body: Option<Bytes>, end: bool) -> Result<()> {
@@ -49,25 +66,30 @@ impl Client<'_> {
     }
 }
 
-/// The client's HTTP/1.1 connection, its response head sent, its body chunked here.
+/// The client's HTTP/1.1 connection, its body chunked here.
 pub struct Raw {
     stream: Stream,
+    /// The response head, until it is written.
+    head: Option<Bytes>,
     write_timeout: Option<Duration>,
     /// Body bytes sent (without the framing), for the logs.
     pub sent: usize,
 }
 
 impl Raw {
-    /// Takes the connection out of an HTTP/1.1 session whose (chunked) response head was
-    /// written; `None` for other sessions, which stay as they are.
+    /// Takes the connection out of an HTTP/1.1 session whose response head was not
+    /// written: `head` (chunked, `Connection: close`) is, by the first write. Other
+    /// sessions are given back as they are.
     pub fn take(
         session: Box<ServerSession>,
+        head: ResponseHeader,
         write_timeout: Option<Duration>,
     ) -> Result<Raw, Box<ServerSession>> {
         match *session {
             ServerSession::H1(v1) => Ok(Raw {
                 sent: v1.body_bytes_sent(),
                 stream: v1.into_inner(),
+                head: Some(head_wire(head)),
                 write_timeout,
             }),
             other => Err(Box::new(other)),
@@ -76,11 +98,15 @@ impl Raw {
 
     async fn write(&mut self, body: Option<Bytes>, end: bool) -> Result<()> {
         let written = async {
+            let head = self.head.take();
+            let head = head.as_deref().unwrap_or_default();
             if let Some(data) = body.filter(|d| !d.is_empty()) {
-                let mut head = [0u8; 18];
-                let n = super::origin::chunk_size_line(&mut head, data.len());
-                write_all(&mut self.stream, [&head[..n], &data, b"\r\n"]).await?;
+                let mut size = [0u8; 18];
+                let n = super::origin::chunk_size_line(&mut size, data.len());
+                write_all(&mut self.stream, [head, &size[..n], &data, b"\r\n"]).await?;
                 self.sent += data.len();
+            } else if !head.is_empty() {
+                self.stream.write_all(head).await?;
             }
             if end {
                 self.stream.write_all(b"0\r\n\r\n").await?;
@@ -114,9 +140,29 @@ impl Raw {
     }
 }
 
-/// Writes every byte of `parts` (a chunk's size line, data and end), in as few writes as
-/// the connection takes.
-async fn write_all(stream: &mut Stream, parts: [&[u8]; 3]) -> std::io::Result<()> {
+/// A response head as HTTP/1.1 puts it on the wire, with what Pingora's session would add
+/// to it: `Date`, and `Connection: close` (the connection ends with the stream, so a client
+/// never sends another request on it).
+fn head_wire(mut head: ResponseHeader) -> Bytes {
+    let _ = head.insert_header(DATE, get_cached_date());
+    let _ = head.insert_header(CONNECTION, "close");
+    let mut wire = BytesMut::with_capacity(256);
+    wire.put_slice(match head.version {
+        Version::HTTP_10 => b"HTTP/1.0 ",
+        _ => b"HTTP/1.1 ",
+    });
+    wire.put_slice(head.status.as_str().as_bytes());
+    wire.put_u8(b' ');
+    wire.put_slice(head.get_reason_phrase().unwrap_or_default().as_bytes());
+    wire.put_slice(b"\r\n");
+    head.header_to_h1_wire(&mut wire);
+    wire.put_slice(b"\r\n");
+    wire.freeze()
+}
+
+/// Writes every byte of `parts` (the head, a chunk's size line, data and end), in as few
+/// writes as the connection takes.
+async fn write_all(stream: &mut Stream, parts: [&[u8]; 4]) -> std::io::Result<()> {
     let mut slices = parts.map(IoSlice::new);
     let mut left = &mut slices[..];
     while !left.is_empty() {

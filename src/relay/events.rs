@@ -31,6 +31,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use http::header;
 use pingora_core::protocols::http::ServerSession;
 use pingora_error::{Error, ErrorType, Result};
@@ -149,9 +150,23 @@ pub async fn relay(
         }
         // Set when the origin failed or went silent: resume, or end.
         let mut failed: Option<Box<Error>> = None;
+        // A response head not yet written goes with the first body bytes if the origin
+        // has them ready, else now: the client has the head without waiting for an event.
+        let mut ready = None;
+        if client.head_pending() {
+            ready = link.conn.read_body().now_or_never();
+            if ready.is_none() {
+                client.send_head().await?;
+            }
+        }
 
         tokio::select! {
-            read = link.conn.read_body() => match read {
+            read = async {
+                match ready.take() {
+                    Some(read) => read,
+                    None => link.conn.read_body().await,
+                }
+            } => match read {
                 Ok(Some(chunk)) if resumable => {
                     last_origin = Instant::now();
                     tail.extend_from_slice(&chunk);
@@ -374,6 +389,8 @@ async fn relay_chunk(
     };
     let mut body = Some(chunk);
     if let Some(delay) = stream.chunk(&mut body, &mut ctx.body_filters, ending, false)? {
+        // Held back by `flush_interval`; the head is not.
+        client.send_head().await?;
         tokio::time::sleep(delay).await;
     }
     client.write(body, false).await

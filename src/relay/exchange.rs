@@ -122,11 +122,13 @@ impl Relay {
         let bodiless = link.conn.body_done();
         let downstream = session.as_mut();
         let reconnects = request.method == Method::GET;
-        let detaches = ctx.stream.is_some() && reconnects && !downstream.is_http2();
+        let detaches = ctx.stream.is_some()
+            && reconnects
+            && !upgraded
+            && matches!(downstream, ServerSession::H1(_));
         if detaches {
-            // The connection ends with the stream: the head says so, so that a client
-            // never sends another request on it.
-            downstream.set_keepalive(None);
+            let resume = settings.resume.then(|| Box::new(request));
+            return self.detach(session, ctx, Box::new(link), head, resume, access_log);
         }
         downstream
             .write_response_header(Box::new(head))
@@ -136,14 +138,9 @@ impl Relay {
             return Box::pin(self.splice(downstream, ctx, link)).await;
         }
         if ctx.stream.is_some() {
-            let resume = (settings.resume && reconnects).then(|| Box::new(request));
             let link = Box::new(link);
-            if detaches {
-                self.detach(session, ctx, link, resume, access_log);
-                return Ok(());
-            }
+            let resume = (settings.resume && reconnects).then_some(&request);
             let mut client = Client::Session(downstream);
-            let resume = resume.as_deref();
             let stream = events::relay(self, &mut client, ctx, link, resume, reconnects);
             return Box::pin(stream).await;
         }
@@ -162,26 +159,32 @@ impl Relay {
     /// HTTP/1.1, whose connection closes after them (clients reopen streams on a new one).
     /// An answer to a `POST` stays in Pingora's request, so its keep-alive connection is
     /// reused after it; so does every stream over HTTP/2, whose connection Pingora closes
-    /// as idle once none of its requests is in progress.
+    /// as idle once none of its requests is in progress. The response `head` is written by
+    /// the stream's task, with the first body bytes if the origin sent any with its head.
     fn detach(
         self: &Arc<Self>,
         session: &mut Session,
         ctx: &mut RequestCtx,
         link: Box<Link>,
+        head: ResponseHeader,
         resume: Option<Box<RequestHeader>>,
         access_log: AccessLog,
-    ) {
+    ) -> Result<()> {
         let facts = super::client::log_facts(session.req_header());
         let mut placeholder = ServerSession::new_http1(Box::new(std::io::Cursor::new(Vec::new())));
         // What Pingora finishes after this request: nothing to keep alive.
         placeholder.set_keepalive(None);
         let downstream = std::mem::replace(&mut session.downstream_session, Box::new(placeholder));
-        let mut raw = match Raw::take(downstream, ctx.chain.sse.settings.write_timeout) {
+        let write_timeout = ctx.chain.sse.settings.write_timeout;
+        let mut raw = match Raw::take(downstream, head, write_timeout) {
             Ok(raw) => raw,
             // Not HTTP/1.1: cannot happen (checked by the caller); put it back.
             Err(other) => {
                 session.downstream_session = other;
-                return;
+                return Error::e_explain(
+                    ErrorType::InternalError,
+                    "a stream to detach not on HTTP/1.1",
+                );
             }
         };
         let mut owned = std::mem::take(ctx);
@@ -198,6 +201,11 @@ impl Relay {
             )
             .await;
             let error = ended.err();
+            let mut client = Client::Raw(&mut raw);
+            if error.is_some() && client.head_pending() {
+                // Nothing went out: the head at least, so the client sees the stream cut.
+                let _ = client.send_head().await;
+            }
             if let Some(e) = &error {
                 super::record::log_error(&relay.state.client_errors, &facts, &owned, e);
             }
@@ -206,6 +214,7 @@ impl Relay {
                 raw.close().await;
             }
         });
+        Ok(())
     }
 
     /// The request the origin gets, and how its body is framed.

@@ -90,6 +90,63 @@ async fn headers_arrive_before_the_first_event() {
     assert_eq!(events.next().await.as_deref(), Some("data: first"));
 }
 
+/// The origin sends its head and part of an event in one write, then holds the rest: the
+/// client has the head at once (the proxy writes a head with the first body bytes when it
+/// can, and never waits for them), whether the part is relayed as it is, held back until
+/// its event is whole (`resume`), or paced (`flush_interval`).
+async fn head_arrives_while_the_origin_holds_the_rest_of_an_event(service_sse: &str) {
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let go_rx = Arc::new(Mutex::new(Some(go_rx)));
+    let origin = Origin::start(move |_, mut conn| {
+        let go_rx = go_rx.clone();
+        async move {
+            conn.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\nid: 1\ndata: fir",
+            )
+            .await
+            .expect("head");
+            let go = go_rx.lock().await.take().expect("one request");
+            let _ = go.await;
+            conn.write(b"st\n\n").await.expect("event");
+            After::Close
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, service_sse)).await;
+    let response = guard(
+        "response headers while the origin holds the rest of its first event",
+        sse_get(proxy.url("/events")),
+    )
+    .await;
+    assert_eq!(response.headers()["connection"], "close");
+    assert!(response.headers().get("date").is_some());
+    go_tx.send(()).expect("origin waiting");
+    let mut events = Events::new(response);
+    assert_eq!(events.next().await.as_deref(), Some("id: 1\ndata: first"));
+    assert_eq!(events.next().await, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn head_arrives_before_the_rest_of_an_event_relayed_as_it_comes() {
+    head_arrives_while_the_origin_holds_the_rest_of_an_event("").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn head_arrives_before_the_rest_of_an_event_held_for_resume() {
+    head_arrives_while_the_origin_holds_the_rest_of_an_event(
+        "    sse: { resume: true, resume_attempts: 1, resume_window: 1m }\n",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn head_arrives_before_the_rest_of_an_event_paced_by_flush_interval() {
+    head_arrives_while_the_origin_holds_the_rest_of_an_event(
+        "    sse: { flush_interval: 500ms }\n",
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn origin_cache_control_is_kept() {
     let origin = Origin::start(|_, mut conn| async move {
