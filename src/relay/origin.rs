@@ -32,6 +32,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 
 use crate::http_util::AddedHeaders;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio_util::io::poll_read_buf;
 
 /// Most bytes a response head may take.
 const MAX_HEAD: usize = 64 * 1024;
@@ -80,8 +81,12 @@ fn framing_error(what: impl Into<String>) -> Box<Error> {
 /// A connection to an origin, carrying one exchange at a time.
 pub struct OriginConn {
     stream: Stream,
-    /// Bytes read and not yet consumed; no allocation once they all are.
+    /// Bytes read and not yet consumed; no allocation once they all are, unless the
+    /// origin is sending faster than it is read (`full`).
     buf: BytesMut,
+    /// The last read took all it could: more is likely waiting, so the buffer is kept and
+    /// the next read goes straight into it.
+    full: bool,
     /// The connection came from the pool.
     pub reused: bool,
     /// How the request body is framed on the way out.
@@ -101,6 +106,7 @@ impl OriginConn {
         OriginConn {
             stream,
             buf: BytesMut::new(),
+            full: false,
             reused,
             request: Framing::None,
             response: Framing::None,
@@ -239,14 +245,32 @@ impl OriginConn {
         Ok(n)
     }
 
-    /// One read, into a buffer on the stack, whose bytes are then appended to `buf`: a
-    /// connection waiting for its origin (a quiet event stream) holds no read buffer, and
-    /// one read takes up to [`READ`] bytes when a burst is waiting.
+    /// One read of up to [`READ`] bytes. Into a buffer on the stack, whose bytes are then
+    /// appended to `buf`, so that a connection waiting for its origin (a quiet event
+    /// stream) holds no read buffer; but while the origin sends faster than it is read (a
+    /// burst: the last read was full), straight into `buf`, kept for it (its bytes are
+    /// back in it once the client has had them), without the copy.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.full {
+            self.buf.reserve(READ);
+            let Poll::Ready(read) = poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf)
+            else {
+                // Nothing waiting after all: wait without the buffer.
+                self.full = false;
+                if self.buf.is_empty() {
+                    self.buf = BytesMut::new();
+                }
+                return Poll::Pending;
+            };
+            let n = read?;
+            self.full = n >= READ;
+            return Poll::Ready(Ok(n));
+        }
         let mut scratch = [MaybeUninit::<u8>::uninit(); READ];
         let mut read = ReadBuf::uninit(&mut scratch);
         ready!(Pin::new(&mut self.stream).poll_read(cx, &mut read))?;
         self.buf.extend_from_slice(read.filled());
+        self.full = read.filled().len() == READ;
         Poll::Ready(Ok(read.filled().len()))
     }
 
@@ -289,7 +313,7 @@ impl OriginConn {
                 return Ok(None);
             }
             if let Some(data) = self.decode()? {
-                if self.buf.is_empty() {
+                if self.buf.is_empty() && !self.full {
                     // Let go of the allocation `data` came from, so it is freed with `data`.
                     self.buf = BytesMut::new();
                 }
@@ -605,6 +629,63 @@ mod tests {
             state = next;
         }
         Ok((out, state.is_none(), buf.len() + wire.len() - from))
+    }
+
+    /// A burst (more than one read's worth waiting) is read whole and in order, straight
+    /// into the connection's buffer; once the origin pauses, the connection waits holding
+    /// no read buffer, as a quiet stream's does.
+    #[tokio::test]
+    async fn a_burst_is_read_whole_and_a_wait_after_it_holds_no_buffer() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let events: Vec<u8> = (0..2_000)
+            .flat_map(|i| format!("id: {i}\ndata: {}\n\n", "x".repeat(100)).into_bytes())
+            .collect();
+        let mut wire = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                         transfer-encoding: chunked\r\n\r\n"
+            .to_vec();
+        for chunk in events.chunks(700) {
+            wire.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            wire.extend_from_slice(chunk);
+            wire.extend_from_slice(b"\r\n");
+        }
+        let (hold, held) = tokio::sync::oneshot::channel::<()>();
+        let (sent, written) = tokio::sync::oneshot::channel::<()>();
+        let origin = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            s.write_all(&wire).await.expect("write");
+            let _ = sent.send(());
+            // The body is not over: the connection stays open and quiet.
+            let _ = held.await;
+        });
+        // Room for the whole burst on the proxy's side, which reads only once all is there.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(1 << 20).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("connect");
+        written.await.expect("the origin wrote");
+        let mut conn = OriginConn::new(
+            Box::new(pingora_core::protocols::l4::stream::Stream::from(stream)),
+            false,
+        );
+        conn.read_head(&Method::GET).await.expect("head");
+        let mut body = Vec::new();
+        let mut bursting = false;
+        while body.len() < events.len() {
+            let data = conn.read_body().await.expect("read").expect("data");
+            body.extend_from_slice(&data);
+            bursting |= conn.full;
+        }
+        assert_eq!(body, events);
+        assert!(bursting, "some read took all it could");
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(50), conn.read_body()).await;
+        assert!(waiting.is_err(), "the origin sent nothing more");
+        assert_eq!(conn.buf.capacity(), 0, "a wait holds no read buffer");
+        drop(hold);
+        origin.await.expect("origin");
     }
 
     fn decode_all(wire: &[u8], split: usize) -> Result<Vec<u8>> {
