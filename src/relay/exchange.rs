@@ -26,7 +26,9 @@
 //!                      exchange ended cleanly
 //! ```
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -128,7 +130,8 @@ impl Relay {
             && matches!(downstream, ServerSession::H1(_));
         if detaches {
             let resume = settings.resume.then(|| Box::new(request));
-            return self.detach(session, ctx, Box::new(link), head, resume, access_log);
+            let link = Box::new(link);
+            return Box::pin(self.detach(session, ctx, link, head, resume, access_log)).await;
         }
         downstream
             .write_response_header(Box::new(head))
@@ -161,7 +164,7 @@ impl Relay {
     /// reused after it; so does every stream over HTTP/2, whose connection Pingora closes
     /// as idle once none of its requests is in progress. The response `head` is written by
     /// the stream's task, with the first body bytes if the origin sent any with its head.
-    fn detach(
+    async fn detach(
         self: &Arc<Self>,
         session: &mut Session,
         ctx: &mut RequestCtx,
@@ -190,7 +193,7 @@ impl Relay {
         let mut owned = std::mem::take(ctx);
         ctx.detached = true;
         let relay = self.clone();
-        tokio::spawn(async move {
+        let mut stream = Box::pin(async move {
             let ended = events::relay(
                 &relay,
                 &mut Client::Raw(&mut raw),
@@ -214,6 +217,14 @@ impl Relay {
                 raw.close().await;
             }
         });
+        // The stream's first steps (the head, with the first event if the origin sent one
+        // with it) are taken here, before the new task's first turn, which may come after
+        // every other task of this thread has had its own. The task then polls the stream
+        // again, so whatever it waits on wakes the task, not this request.
+        let ended = std::future::poll_fn(|cx| Poll::Ready(stream.as_mut().poll(cx).is_ready()));
+        if !ended.await {
+            tokio::spawn(stream);
+        }
         Ok(())
     }
 
