@@ -119,31 +119,36 @@ pub fn reload(current: &ArcSwap<Config>) -> Result<Reloaded, ConfigError> {
     })
 }
 
-/// Directories to watch for `config`: where its files are, and where its include globs
-/// could add new ones.
+/// Directories to watch for `config`: where its files are (those on disk: a config given
+/// as text names a file that is not), and where its include globs could add new ones.
 fn watch_dirs(config: &Config) -> BTreeSet<PathBuf> {
-    let mut dirs: BTreeSet<PathBuf> = config
-        .files
-        .iter()
-        .chain(&config.include_roots)
-        .filter_map(|f| {
-            if f.is_dir() {
-                Some(f.clone())
-            } else {
-                f.parent().map(Path::to_path_buf)
-            }
-        })
+    let files = config.files.iter().filter_map(|f| {
+        if f.is_dir() {
+            Some(f.as_path())
+        } else if f.is_file() {
+            f.parent()
+        } else {
+            None
+        }
+    });
+    let roots = config.include_roots.iter().map(|r| {
+        if r.is_dir() {
+            r.as_path()
+        } else {
+            r.parent().unwrap_or(r)
+        }
+    });
+    files
+        .chain(roots)
         .map(|d| {
             if d.as_os_str().is_empty() {
                 PathBuf::from(".")
             } else {
-                d
+                d.to_path_buf()
             }
         })
         .filter(|d| d.is_dir())
-        .collect();
-    dirs.retain(|d| d.exists());
-    dirs
+        .collect()
 }
 
 fn is_config_file(path: &Path, files: &[PathBuf]) -> bool {
@@ -156,6 +161,12 @@ fn is_config_file(path: &Path, files: &[PathBuf]) -> bool {
 /// Starts a watcher that sends a unit on `tx` for every change to a config file.
 fn watch(config: &Config, tx: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
     if config.source == Path::new(crate::config::EMBEDDED_NAME) {
+        return None;
+    }
+    let dirs = watch_dirs(config);
+    if dirs.is_empty() {
+        // Nothing on disk to follow (a config given as a string): no watcher, no inotify
+        // instance (a user has 128 of them).
         return None;
     }
     let files = config.files.clone();
@@ -175,7 +186,7 @@ fn watch(config: &Config, tx: mpsc::UnboundedSender<()>) -> Option<notify::Recom
             return None;
         }
     };
-    for dir in watch_dirs(config) {
+    for dir in dirs {
         if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
             log::warn!("cannot watch {} ({e}); reload with SIGHUP", dir.display());
         }
@@ -223,5 +234,32 @@ impl BackgroundService for Reloader {
                 watcher = watch(&done.config, tx.clone());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config given as text follows nothing on disk, so it takes no watcher (inotify
+    /// instances are few: 128 a user by default); one loaded from a file follows the
+    /// file's directory.
+    #[test]
+    fn only_files_on_disk_are_watched() {
+        let text = "services: {}\n";
+        let given =
+            Config::from_text(Path::new("not-on-disk.yaml"), text, Path::new(".")).expect("loads");
+        assert!(watch_dirs(&given).is_empty());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        assert!(watch(&given, tx).is_none());
+
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("streamgate.yaml");
+        std::fs::write(&file, text).expect("write");
+        let loaded = Config::load(&file).expect("loads");
+        assert_eq!(
+            watch_dirs(&loaded),
+            BTreeSet::from([dir.path().to_path_buf()])
+        );
     }
 }
