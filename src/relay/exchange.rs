@@ -26,9 +26,7 @@
 //!                      exchange ended cleanly
 //! ```
 
-use std::future::Future;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -130,8 +128,7 @@ impl Relay {
             && matches!(downstream, ServerSession::H1(_));
         if detaches {
             let resume = settings.resume.then(|| Box::new(request));
-            let link = Box::new(link);
-            return Box::pin(self.detach(session, ctx, link, head, resume, access_log)).await;
+            return self.detach(session, ctx, Box::new(link), head, resume, access_log);
         }
         downstream
             .write_response_header(Box::new(head))
@@ -164,7 +161,7 @@ impl Relay {
     /// reused after it; so does every stream over HTTP/2, whose connection Pingora closes
     /// as idle once none of its requests is in progress. The response `head` is written by
     /// the stream's task, with the first body bytes if the origin sent any with its head.
-    async fn detach(
+    fn detach(
         self: &Arc<Self>,
         session: &mut Session,
         ctx: &mut RequestCtx,
@@ -193,7 +190,7 @@ impl Relay {
         let mut owned = std::mem::take(ctx);
         ctx.detached = true;
         let relay = self.clone();
-        let mut stream = Box::pin(async move {
+        tokio::spawn(async move {
             let ended = events::relay(
                 &relay,
                 &mut Client::Raw(&mut raw),
@@ -217,14 +214,6 @@ impl Relay {
                 raw.close().await;
             }
         });
-        // The stream's first steps (the head, with the first event if the origin sent one
-        // with it) are taken here, before the new task's first turn, which may come after
-        // every other task of this thread has had its own. The task then polls the stream
-        // again, so whatever it waits on wakes the task, not this request.
-        let ended = std::future::poll_fn(|cx| Poll::Ready(stream.as_mut().poll(cx).is_ready()));
-        if !ended.await {
-            tokio::spawn(stream);
-        }
         Ok(())
     }
 
