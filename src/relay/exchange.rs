@@ -201,10 +201,9 @@ impl Relay {
             )
             .await;
             let error = ended.err();
-            let mut client = Client::Raw(&mut raw);
-            if error.is_some() && client.head_pending() {
-                // Nothing went out: the head at least, so the client sees the stream cut.
-                let _ = client.send_head().await;
+            if error.is_some() {
+                // If nothing went out, the head at least: the client sees the stream cut.
+                let _ = Client::Raw(&mut raw).send_head().await;
             }
             if let Some(e) = &error {
                 super::record::log_error(&relay.state.client_errors, &facts, &owned, e);

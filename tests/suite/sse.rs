@@ -51,26 +51,36 @@ async fn flush_interval_coalesces_but_never_holds_an_event() {
     each_event_arrives_before_the_next_is_sent("    sse: { flush_interval: 100ms }\n").await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn headers_arrive_before_the_first_event() {
+/// An origin that writes `first` (in one write), then holds the rest until the test sends
+/// on the returned channel, then writes `rest` and closes. For one request.
+async fn holding_origin(
+    first: &'static [u8],
+    rest: &'static [u8],
+) -> (Origin, oneshot::Sender<()>) {
     let (go_tx, go_rx) = oneshot::channel::<()>();
     let go_rx = Arc::new(Mutex::new(Some(go_rx)));
     let origin = Origin::start(move |_, mut conn| {
         let go_rx = go_rx.clone();
         async move {
-            // The origin sends a Content-Length the proxy must drop for SSE.
-            conn.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n\
-                         content-length: 13\r\n\r\n",
-            )
-            .await
-            .expect("head");
+            conn.write(first).await.expect("first write");
             let go = go_rx.lock().await.take().expect("one request");
             let _ = go.await;
-            conn.write(b"data: first\n\n").await.expect("event");
+            conn.write(rest).await.expect("rest");
             After::Close
         }
     })
+    .await;
+    (origin, go_tx)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn headers_arrive_before_the_first_event() {
+    // The origin sends a Content-Length the proxy must drop for SSE.
+    let (origin, go_tx) = holding_origin(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n\
+          content-length: 13\r\n\r\n",
+        b"data: first\n\n",
+    )
     .await;
     let proxy = Proxy::start(&config(&origin, "")).await;
     let response = guard(
@@ -95,22 +105,10 @@ async fn headers_arrive_before_the_first_event() {
 /// can, and never waits for them), whether the part is relayed as it is, held back until
 /// its event is whole (`resume`), or paced (`flush_interval`).
 async fn head_arrives_while_the_origin_holds_the_rest_of_an_event(service_sse: &str) {
-    let (go_tx, go_rx) = oneshot::channel::<()>();
-    let go_rx = Arc::new(Mutex::new(Some(go_rx)));
-    let origin = Origin::start(move |_, mut conn| {
-        let go_rx = go_rx.clone();
-        async move {
-            conn.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\nid: 1\ndata: fir",
-            )
-            .await
-            .expect("head");
-            let go = go_rx.lock().await.take().expect("one request");
-            let _ = go.await;
-            conn.write(b"st\n\n").await.expect("event");
-            After::Close
-        }
-    })
+    let (origin, go_tx) = holding_origin(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\nid: 1\ndata: fir",
+        b"st\n\n",
+    )
     .await;
     let proxy = Proxy::start(&config(&origin, service_sse)).await;
     let response = guard(
