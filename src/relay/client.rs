@@ -3,7 +3,8 @@
 //!
 //! A long-lived `GET` stream over HTTP/1.1 keeps nothing of Pingora's session (not the
 //! 4 KiB request buffer, the parsed request): [`Raw`] writes the response head and frames
-//! the body (chunked) on the connection directly and watches it for the client going away,
+//! the body (chunked, or as it is for an HTTP/1.0 client) on the connection directly and
+//! watches it for the client going away,
 //! and the few request facts the logs need are copied out. The head goes out with the
 //! first body bytes when the origin sent them with its own head (one write, one packet:
 //! the client has its first event as soon as it has the head), else on its own at once.
@@ -12,7 +13,7 @@ use std::io::IoSlice;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::header::{CONNECTION, DATE, HOST, REFERER, USER_AGENT};
+use http::header::{CONNECTION, DATE, HOST, REFERER, TRANSFER_ENCODING, USER_AGENT};
 use http::Version;
 use pingora_core::protocols::http::date::get_cached_date;
 use pingora_core::protocols::http::ServerSession;
@@ -66,20 +67,23 @@ impl Client<'_> {
     }
 }
 
-/// The client's HTTP/1.1 connection, its body chunked here.
+/// The client's HTTP/1.x connection, its body framed here.
 pub struct Raw {
     stream: Stream,
     /// The response head, until it is written.
     head: Option<Bytes>,
+    /// The body goes chunked (the head says so); else as it is, ended by the close.
+    chunked: bool,
     write_timeout: Option<Duration>,
     /// Body bytes sent (without the framing), for the logs.
     pub sent: usize,
 }
 
 impl Raw {
-    /// Takes the connection out of an HTTP/1.1 session whose response head was not
-    /// written: `head` (chunked, `Connection: close`) is, by the first write. Other
-    /// sessions are given back as they are.
+    /// Takes the connection out of an HTTP/1.x session whose response head was not
+    /// written: `head` (framed for the client, see `headers::frame_for_client`; with
+    /// `Connection: close`) is, by the first write. Other sessions are given back as they
+    /// are.
     pub fn take(
         session: Box<ServerSession>,
         head: ResponseHeader,
@@ -89,6 +93,7 @@ impl Raw {
             ServerSession::H1(v1) => Ok(Raw {
                 sent: v1.body_bytes_sent(),
                 stream: v1.into_inner(),
+                chunked: head.headers.contains_key(TRANSFER_ENCODING),
                 head: Some(head_wire(head)),
                 write_timeout,
             }),
@@ -102,13 +107,18 @@ impl Raw {
             let head = head.as_deref().unwrap_or_default();
             if let Some(data) = body.filter(|d| !d.is_empty()) {
                 let mut size = [0u8; 18];
-                let n = super::origin::chunk_size_line(&mut size, data.len());
-                write_all(&mut self.stream, [head, &size[..n], &data, b"\r\n"]).await?;
+                let (size, crlf): (&[u8], &[u8]) = if self.chunked {
+                    let n = super::origin::chunk_size_line(&mut size, data.len());
+                    (&size[..n], b"\r\n")
+                } else {
+                    (&[], &[])
+                };
+                write_all(&mut self.stream, [head, size, &data, crlf]).await?;
                 self.sent += data.len();
             } else if !head.is_empty() {
                 self.stream.write_all(head).await?;
             }
-            if end {
+            if end && self.chunked {
                 self.stream.write_all(b"0\r\n\r\n").await?;
             }
             self.stream.flush().await

@@ -175,14 +175,27 @@ fn nominated(headers: &HeaderMap, keep: &[&str]) -> Vec<HeaderName> {
 }
 
 /// A body without a length is sent chunked to an HTTP/1.1 client, so the connection can
-/// be reused after it (Pingora's proxy path does the same for close-delimited origins).
+/// be reused after it (Pingora's proxy path does the same for close-delimited origins). An
+/// HTTP/1.0 client knows no chunked coding (a server must not send it one, RFC 9112 6.1):
+/// it gets the body as it is, ended by the end of the connection. The status line is the
+/// proxy's own, HTTP/1.1, whatever the origin's was (RFC 9110 2.5).
 pub fn frame_for_client(header: &mut ResponseHeader, client: Version) -> Result<()> {
+    if client <= Version::HTTP_11 {
+        header.set_version(Version::HTTP_11);
+    }
     let status = header.status.as_u16();
     let bodyless = status == 204 || status == 304 || (100..200).contains(&status);
-    if client == Version::HTTP_11
+    let chunked = header.headers.contains_key(TRANSFER_ENCODING);
+    if client < Version::HTTP_11 {
+        if chunked {
+            // The relay decodes the origin's framing; a length sent beside it means nothing.
+            header.remove_header(&TRANSFER_ENCODING);
+            header.remove_header(&header::CONTENT_LENGTH);
+        }
+    } else if client == Version::HTTP_11
         && !bodyless
+        && !chunked
         && !header.headers.contains_key(header::CONTENT_LENGTH)
-        && !header.headers.contains_key(TRANSFER_ENCODING)
     {
         header.insert_header(TRANSFER_ENCODING, "chunked")?;
     }

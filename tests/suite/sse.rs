@@ -145,6 +145,51 @@ async fn head_arrives_before_the_rest_of_an_event_paced_by_flush_interval() {
     .await;
 }
 
+/// An HTTP/1.0 client knows no chunked coding: what reaches it has no `Transfer-Encoding`,
+/// the body as it is, ended by the close, under the proxy's own `HTTP/1.1` status line
+/// whatever the origin's was. A `GET` stream (carried in a task of its own), a `POST`
+/// stream (in Pingora's session) and a plain chunked answer alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http10_client_gets_bodies_unchunked() {
+    use tokio::io::AsyncWriteExt;
+    let origin = Origin::start(|head, mut conn| async move {
+        let (version, kind) = match head.target.as_str() {
+            "/plain" => ("1.1", "text/plain"),
+            "/old" => ("1.0", "text/event-stream"),
+            _ => ("1.1", "text/event-stream"),
+        };
+        let head = format!(
+            "HTTP/{version} 200 OK\r\ncontent-type: {kind}\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        conn.write(head.as_bytes()).await.expect("head");
+        conn.chunk("data: one\n\n").await.expect("one");
+        conn.chunk("data: two\n\n").await.expect("two");
+        conn.end().await.expect("end");
+        After::Close
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, "")).await;
+    for request in [
+        "GET /events HTTP/1.0\r\nHost: a\r\nAccept: text/event-stream\r\n\r\n",
+        "GET /old HTTP/1.0\r\nHost: a\r\nAccept: text/event-stream\r\n\r\n",
+        "POST /events HTTP/1.0\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}",
+        "GET /plain HTTP/1.0\r\nHost: a\r\n\r\n",
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(proxy.addr)
+            .await
+            .expect("connect");
+        conn.write_all(request.as_bytes()).await.expect("request");
+        let (answer, _) = common::read_to_end(&mut conn, request).await;
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a response head");
+        assert!(head.starts_with("HTTP/1.1 200 "), "{request}: {head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("transfer-encoding"),
+            "{request}: {head}"
+        );
+        assert_eq!(body, "data: one\n\ndata: two\n\n", "{request}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn origin_cache_control_is_kept() {
     let origin = Origin::start(|_, mut conn| async move {
