@@ -486,6 +486,7 @@ const STREAM_COLUMNS: &[Column] = &[
     ("p50 µs", "latency_p50_us", Some(0)),
     ("p99 µs", "latency_p99_us", Some(0)),
     ("TTFE p50 ms", "ttfe_p50_ms", Some(1)),
+    ("TTFE p99 ms", "ttfe_p99_ms", Some(1)),
     ("KiB/stream", "rss_per_stream_kib", Some(1)),
     ("CPU µs/event", "cpu_us_per_event", Some(1)),
 ];

@@ -46,6 +46,11 @@ pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
     for warning in config.warnings() {
         log::warn!("{warning}");
     }
+    let connections = config
+        .listeners
+        .iter()
+        .map(|l| l.max_connections as u64)
+        .fold(0, u64::saturating_add);
     let current = Arc::new(ArcSwap::from_pointee(config));
     server.add_services(listeners::services(
         &server.configuration,
@@ -77,6 +82,7 @@ pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
         "memory trim",
         memory::Trim {
             state: state.clone(),
+            connections,
         },
     ));
     server.add_service(background_service(

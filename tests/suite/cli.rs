@@ -304,6 +304,43 @@ async fn open_and_close(addr: std::net::SocketAddr, total: usize, at_once: usize
     }
 }
 
+/// The process's descriptor table is sized up front for the connections its listeners
+/// admit (each with one to its origin), so that it does not grow, stalling every thread,
+/// while the first streams come in.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_descriptor_table_is_sized_for_the_listeners_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, admin) = (free_port(), free_port());
+    let config = dir.path().join("fds.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: [{{ address: \"127.0.0.1:{port}\", max_connections: 1000 }}]\n\
+             admin: {{ listen: \"127.0.0.1:{admin}\" }}\n\
+             services:\n  feed: {{ url: \"http://127.0.0.1:9\" }}\n\
+             host_rules:\n  - {{ pattern: \"*\", target: feed }}\n"
+        ),
+    )
+    .expect("write config");
+    let proxy = Running(start_binary(&config, false));
+    let pid = proxy.0.id();
+    wait_listening(&format!("http://127.0.0.1:{admin}/healthz")).await;
+    let limit = streamgate::listen::open_file_limit().expect("limit");
+    let wanted = (2 * 1000 + 128).min(limit);
+    let table = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .expect("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("FDSize:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("FDSize")
+    };
+    eventually("the descriptor table to be sized", || async {
+        table() >= wanted
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_thousand_streams_leave_no_entry_and_no_memory_behind() {
     let origin = common::Origin::start(|_, mut conn| async move {
