@@ -1,11 +1,11 @@
 //! The process's logger, env_logger, filtered by `RUST_LOG` as usual; the short path access
 //! log lines take; and [`Throttle`], which bounds the lines a peer can cause.
 //!
-//! env_logger formats every record through its styling layer (which scans each line for
-//! colour escapes even when it writes none), about 10,000 instructions a line; that would be
-//! most of the cost of an access log line, written once per request. Access lines carry
-//! their own time and are built whole by `access_log`, so [`access_line`] writes them as
-//! they are: one `write` to stderr.
+//! Lines are `[time LEVEL target] message`, env_logger's layout, written without colour
+//! (env_logger's styling layer scanned every line for escape codes even when writing to a
+//! file) and without its indenting of continuation lines: a record is formatted once into
+//! the logger's buffer and written with one `write`. Access lines carry their own time and
+//! are built whole by `access_log`, so [`access_line`] writes them as they are.
 
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -21,6 +21,16 @@ static INSTALLED: AtomicBool = AtomicBool::new(false);
 pub fn init() {
     let installed =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+            .format(|out, record| {
+                writeln!(
+                    out,
+                    "[{} {:<5} {}] {}",
+                    out.timestamp(),
+                    record.level(),
+                    record.target(),
+                    record.args()
+                )
+            })
             .try_init()
             .is_ok();
     if installed {
