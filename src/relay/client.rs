@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{CONNECTION, DATE, HOST, REFERER, TRANSFER_ENCODING, USER_AGENT};
-use http::Version;
 use pingora_core::protocols::http::date::get_cached_date;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
@@ -150,17 +149,15 @@ impl Raw {
     }
 }
 
-/// A response head as HTTP/1.1 puts it on the wire, with what Pingora's session would add
+/// A response head as HTTP/1.1 puts it on the wire (the status line is the proxy's own
+/// HTTP/1.1, as `headers::frame_for_client` set it), with what Pingora's session would add
 /// to it: `Date`, and `Connection: close` (the connection ends with the stream, so a client
 /// never sends another request on it).
 fn head_wire(mut head: ResponseHeader) -> Bytes {
     let _ = head.insert_header(DATE, get_cached_date());
     let _ = head.insert_header(CONNECTION, "close");
     let mut wire = BytesMut::with_capacity(256);
-    wire.put_slice(match head.version {
-        Version::HTTP_10 => b"HTTP/1.0 ",
-        _ => b"HTTP/1.1 ",
-    });
+    wire.put_slice(b"HTTP/1.1 ");
     wire.put_slice(head.status.as_str().as_bytes());
     wire.put_u8(b' ');
     wire.put_slice(head.get_reason_phrase().unwrap_or_default().as_bytes());

@@ -5,8 +5,9 @@
 //! several threads each growth waits for an RCU grace period (10-15 ms measured here) while
 //! every thread that opens or accepts a connection waits with it. A fresh process taking
 //! its first thousands of streams (a deploy, every client reconnecting at once) stalled at
-//! 256, 512, 1,024 ... 16,384 descriptors: one stream in eight of the first 2,000 waited
-//! more than 3 ms for its first event. The table never shrinks, so [`Trim`] first sizes it
+//! 256, 512, 1,024 ... 16,384 descriptors: about one stream in twenty of the first 2,000
+//! waited more than 3 ms for its first event (with the table sized, one in two hundred at
+//! most). The table never shrinks, so [`Trim`] first sizes it
 //! for the connections the listeners admit (each with one to its origin): one descriptor
 //! put at the top and closed again leaves it grown. A single-threaded nginx worker does
 //! not wait for the grace period; HAProxy, with threads, stalls like this too.
