@@ -276,13 +276,18 @@ async fn sigterm_drains_streams_and_exits_without_sleeping_out_a_grace_period() 
 }
 
 /// The resident memory of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
+/// A number of process `pid`'s `/proc` status: `VmRSS` (KiB), `FDSize`, ...
+fn proc_status(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    proc_status(pid, "VmRSS")
 }
 
 /// Opens `total` event streams, `at_once` at a time; each is closed by the client after
@@ -327,16 +332,8 @@ async fn the_descriptor_table_is_sized_for_the_listeners_at_start() {
     wait_listening(&format!("http://127.0.0.1:{admin}/healthz")).await;
     let limit = streamgate::listen::open_file_limit().expect("limit");
     let wanted = (2 * 1000 + 128).min(limit);
-    let table = || {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .expect("status")
-            .lines()
-            .find_map(|l| l.strip_prefix("FDSize:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .expect("FDSize")
-    };
     eventually("the descriptor table to be sized", || async {
-        table() >= wanted
+        proc_status(pid, "FDSize") >= wanted
     })
     .await;
 }
