@@ -13,7 +13,8 @@
 //!
 //! It starts an SSE origin in this process (each stream gets one event per `--interval`,
 //! spread evenly over the interval, each carrying its send time), opens `--streams`
-//! streams straight to the origin and measures the delivery latency of every event, then
+//! streams (`--ramp` a second, default 2000; 0: all at once) straight to the origin and
+//! measures the delivery latency of every event, then
 //! starts the release binary (`--proxy`, default `target/release/streamgate`) in front of
 //! the same origin and does the same through it. The proxy's resident memory is read from
 //! /proc before and after the streams open.
@@ -159,7 +160,7 @@ fn parse_args() -> Result<Args, String> {
                     "usage: bench [--scenario sse|chain|observability|peers|origin] [--streams N] \
                             [--seconds S] [--interval 1s] [--warmup 3s] \
                             [--mode both|direct|proxy] [--proxy PATH] [--threads N] \
-                            [--conns N] [--rounds N] [--pin] [--tls] [--h2]\n\
+                            [--conns N] [--rounds N] [--pin] [--tls] [--h2] [--ramp 2000]\n\
                  peers:  --peer direct | --peer NAME=PORT:COMMAND ... [--tiers 1000,9000] \
                             [--origin 127.0.0.1:18180] [--out DIR] [--ramp 2000] [--size 256] \
                             [--burst 500000] [--burst-streams 4] [--burst-size 512] \
@@ -887,14 +888,15 @@ struct Report {
 async fn run_phase(label: &str, target: Target, args: &Args, proxy_pid: Option<u32>) -> Report {
     let baseline = proxy_pid.and_then(rss_kib);
     let run = Run::new();
-    let tasks = match open_streams(&target, "/events", args.streams, 0, &run).await {
+    let tasks = match open_streams(&target, "/events", args.streams, args.peers.ramp, &run).await {
         Ok(tasks) => tasks,
         Err(e) => {
             eprintln!("{label}: {e}");
             std::process::exit(1);
         }
     };
-    let open_budget = Duration::from_secs(10 + args.streams as u64 / 500);
+    let ramp = args.streams as u64 / args.peers.ramp.max(1);
+    let open_budget = Duration::from_secs(10 + ramp + args.streams as u64 / 500);
     if !run.wait_settled(args.streams, open_budget).await {
         eprintln!("{label}: not every stream opened within {open_budget:?}");
     }
