@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # streamgate side by side with its peers in one run: no proxy (direct), the floor (a Pingora
-# proxy with no features, examples/floor.rs), streamgate, HAProxy and nginx, each started
+# proxy with no features, examples/floor.rs), streamgate, HAProxy, nginx and Caddy, each started
 # fresh for every measurement and stopped by its PID, in interleaved rounds. Measures
 # stream tiers (memory and CPU per stream, latency, time to first event, lost events), a
 # burst, and plain requests; prints one table per scenario and writes JSON lines.
@@ -14,7 +14,7 @@
 #                        set and empty: no stream tiers)
 #   DURATION [15]        steady seconds measured per stream run
 #   ROUNDS [2]           interleaved rounds; tables show the median and each round
-#   PEERS ["direct floor streamgate haproxy nginx"]; also floor-ns: the floor with
+#   PEERS ["direct floor streamgate haproxy nginx caddy"]; also floor-ns: the floor with
 #                        Pingora's work_stealing off, as streamgate has it by default; and
 #                        NAME=PATH: another streamgate binary (an older commit's, say) run
 #                        like streamgate, to compare builds in one run
@@ -28,7 +28,8 @@
 #   OUT_DIR [${TMPDIR:-/tmp}/streamgate-peers-DATE]  results.jsonl, table.txt, each process's log
 #
 # Ports on 127.0.0.1: origin 18180, streamgate 18186, floor 18187, nginx 18188, haproxy
-# 18189, floor-ns 18190 (the configs in bench/peers/ name them). HAProxy, nginx and wrk are installed with
+# 18189, floor-ns 18190, caddy 18191 (the configs in bench/peers/ name them). HAProxy, nginx,
+# Caddy and wrk are installed with
 # apt-get when missing and this runs as root; a peer still missing is skipped. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +37,7 @@ cd "$(dirname "$0")/.."
 CONNS=${CONNS-"1000 9000"}
 DURATION=${DURATION:-15}
 ROUNDS=${ROUNDS:-2}
-PEERS=${PEERS:-"direct floor streamgate haproxy nginx"}
+PEERS=${PEERS:-"direct floor streamgate haproxy nginx caddy"}
 BUILD=${BUILD:-1}
 OUT_DIR=${OUT_DIR:-${TMPDIR:-/tmp}/streamgate-peers-$(date +%Y%m%d-%H%M%S)}
 
@@ -49,6 +50,7 @@ for peer in $PEERS; do
   case $peer in
     haproxy) command -v haproxy >/dev/null || missing+=(haproxy) ;;
     nginx) command -v nginx >/dev/null || missing+=(nginx-light) ;;
+    caddy) command -v caddy >/dev/null || missing+=(caddy) ;;
   esac
 done
 command -v wrk >/dev/null || missing+=(wrk)
@@ -69,7 +71,7 @@ for bin in target/release/streamgate target/release/examples/floor target/releas
   [ -x "$bin" ] || { echo "peers: $bin is missing; run without BUILD=0" >&2; exit 1; }
 done
 
-mkdir -p "$OUT_DIR/nginx/tmp"
+mkdir -p "$OUT_DIR/nginx/tmp" "$OUT_DIR/caddy"
 peers=()
 for peer in $PEERS; do
   case $peer in
@@ -77,13 +79,16 @@ for peer in $PEERS; do
     streamgate) peers+=(--peer "streamgate=18186:target/release/streamgate -c bench/peers/streamgate.yaml") ;;
     floor) peers+=(--peer "floor=18187:target/release/examples/floor --listen 127.0.0.1:18187 --upstream 127.0.0.1:18180 --threads 2") ;;
     floor-ns) peers+=(--peer "floor-ns=18190:target/release/examples/floor --listen 127.0.0.1:18190 --upstream 127.0.0.1:18180 --threads 2 --work-stealing false") ;;
-    haproxy | nginx)
+    haproxy | nginx | caddy)
       if ! command -v "$peer" >/dev/null; then
         echo "peers: $peer is not installed: skipped" >&2
         continue
       fi
       if [ "$peer" = haproxy ]; then
         peers+=(--peer "haproxy=18189:haproxy -db -f bench/peers/haproxy.cfg")
+      elif [ "$peer" = caddy ]; then
+        scratch=$(printf %q "$OUT_DIR/caddy")
+        peers+=(--peer "caddy=18191:env HOME=$scratch XDG_CONFIG_HOME=$scratch XDG_DATA_HOME=$scratch caddy run --config bench/peers/Caddyfile --adapter caddyfile")
       else
         peers+=(--peer "nginx=18188:nginx -p $(printf %q "$OUT_DIR/nginx/") -e stderr -c $(printf %q "$PWD/bench/peers/nginx.conf") -g 'daemon off;'")
       fi
@@ -92,7 +97,7 @@ for peer in $PEERS; do
       [ -x "${peer#*=}" ] || { echo "peers: ${peer#*=} is not an executable" >&2; exit 2; }
       peers+=(--peer "${peer%%=*}=18186:${peer#*=} -c bench/peers/streamgate.yaml")
       ;;
-    *) echo "peers: unknown peer $peer (direct floor floor-ns streamgate haproxy nginx NAME=PATH)" >&2; exit 2 ;;
+    *) echo "peers: unknown peer $peer (direct floor floor-ns streamgate haproxy nginx caddy NAME=PATH)" >&2; exit 2 ;;
   esac
 done
 
