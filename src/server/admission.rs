@@ -13,6 +13,12 @@
 //!
 //! Pingora gives a plain connection to the app at once; a TLS one after its handshake,
 //! which Pingora bounds by 60 s itself.
+//!
+//! [`Admitted`] also gathers small writes until a flush, so a response head and a small
+//! body go out in one write, as the MSS-sized buffer Pingora would otherwise keep for every
+//! connection does (the listeners turn that one off): this one holds memory only while
+//! something is gathered, not for as long as an event stream or an idle keep-alive
+//! connection is open.
 
 use std::fmt;
 use std::future::Future;
@@ -20,7 +26,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -37,6 +43,10 @@ use tokio::time::Sleep;
 
 use crate::listen::Listener;
 use crate::metrics::{ListenerMetrics, Metrics};
+
+/// Writes smaller than this are gathered until a flush, or until the next write would not
+/// fit (Pingora's own buffer size for connections: one Ethernet MSS).
+const GATHER: usize = 1460;
 
 /// How often, at most, a listener at its cap says so in the log.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -158,6 +168,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Admitting<A> {
             return None;
         };
         let admitted = Admitted {
+            gathered: Vec::new(),
             first: gate
                 .listener
                 .idle_timeout
@@ -178,6 +189,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Admitting<A> {
 /// first bytes arrive, the deadline for them.
 pub struct Admitted {
     stream: Stream,
+    /// Bytes written but not sent yet; empty and unallocated between flushes.
+    gathered: Vec<u8>,
     gate: Arc<Gate>,
     first: Option<Pin<Box<Sleep>>>,
     _slot: Slot,
@@ -191,6 +204,34 @@ impl Admitted {
             io::ErrorKind::TimedOut,
             "the client sent nothing within the listener's idle_timeout",
         )
+    }
+
+    /// Sends what is gathered, and gives its memory back once it is all out.
+    fn poll_send_gathered(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.gathered.is_empty() {
+            let n = ready!(Pin::new(&mut self.stream).poll_write(cx, &self.gathered))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.gathered.drain(..n);
+        }
+        self.gathered = Vec::new();
+        Poll::Ready(Ok(()))
+    }
+
+    /// Keeps `parts` (`len` bytes in all) to go with the next write.
+    fn gather<'b>(
+        &mut self,
+        parts: impl IntoIterator<Item = &'b [u8]>,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        if self.gathered.capacity() == 0 {
+            self.gathered.reserve_exact(GATHER);
+        }
+        for part in parts {
+            self.gathered.extend_from_slice(part);
+        }
+        Poll::Ready(Ok(len))
     }
 }
 
@@ -229,15 +270,32 @@ impl AsyncWrite for Admitted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        if this.gathered.len() + buf.len() > GATHER {
+            ready!(this.poll_send_gathered(cx))?;
+        }
+        if buf.len() >= GATHER {
+            return Pin::new(&mut this.stream).poll_write(cx, buf);
+        }
+        this.gather([buf], buf.len())
     }
 
+    /// A vectored write comes whole (an event stream's chunk with its framing): it goes
+    /// out as it is unless something small was gathered before it and it fits beside.
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let len = bufs.iter().map(|b| b.len()).sum::<usize>();
+        if !this.gathered.is_empty() {
+            if this.gathered.len() + len <= GATHER {
+                return this.gather(bufs.iter().map(|b| &**b), len);
+            }
+            ready!(this.poll_send_gathered(cx))?;
+        }
+        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -245,17 +303,22 @@ impl AsyncWrite for Admitted {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        ready!(this.poll_send_gathered(cx))?;
+        Pin::new(&mut this.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        let this = self.get_mut();
+        ready!(this.poll_send_gathered(cx))?;
+        Pin::new(&mut this.stream).poll_shutdown(cx)
     }
 }
 
 #[async_trait]
 impl Shutdown for Admitted {
     async fn shutdown(&mut self) {
+        let _ = std::future::poll_fn(|cx| self.poll_send_gathered(cx)).await;
         self.stream.shutdown().await
     }
 }
@@ -328,5 +391,115 @@ impl Peek for Admitted {
         };
         self.first = None;
         peeked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use pingora_core::protocols::l4::stream::Stream as L4Stream;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::listen::ListenerKind;
+
+    /// An admitted connection over real loopback sockets (unbuffered, as the listeners
+    /// make them), and the peer that reads what it sends.
+    async fn admitted() -> (Admitted, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let peer = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let gate = Gate::new(
+            &Listener::new(addr, ListenerKind::Plain { h2c: false }),
+            &Metrics::new(),
+        );
+        let slot = gate.enter().unwrap();
+        let stream: Stream = Box::new(L4Stream::from(accepted));
+        let admitted = Admitted {
+            stream,
+            gathered: Vec::new(),
+            gate,
+            first: None,
+            _slot: slot,
+        };
+        (admitted, peer)
+    }
+
+    /// Reads from `peer` until `want` bytes arrived.
+    async fn read_exactly(peer: &mut TcpStream, want: usize) -> Vec<u8> {
+        let mut got = vec![0; want];
+        peer.read_exact(&mut got).await.unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn small_writes_are_gathered_until_a_flush_and_the_buffer_is_given_back() {
+        let (mut conn, mut peer) = admitted().await;
+        conn.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        conn.write_all(b"hello").await.unwrap();
+        assert_eq!(
+            conn.gathered, b"HTTP/1.1 200 OK\r\n\r\nhello",
+            "nothing sent yet"
+        );
+        conn.flush().await.unwrap();
+        assert!(conn.gathered.is_empty());
+        assert_eq!(
+            conn.gathered.capacity(),
+            0,
+            "no memory held between flushes"
+        );
+        assert_eq!(
+            read_exactly(&mut peer, 24).await,
+            b"HTTP/1.1 200 OK\r\n\r\nhello"
+        );
+    }
+
+    #[tokio::test]
+    async fn writes_that_do_not_fit_go_out_in_order_after_what_was_gathered() {
+        let (mut conn, mut peer) = admitted().await;
+        let big = vec![b'x'; GATHER * 3];
+        conn.write_all(b"head").await.unwrap();
+        conn.write_all(&big).await.unwrap();
+        assert!(conn.gathered.is_empty(), "sent before the large write");
+        conn.write_all(&vec![b'y'; GATHER - 10]).await.unwrap();
+        conn.write_all(b"0123456789abc").await.unwrap();
+        conn.flush().await.unwrap();
+        let got = read_exactly(&mut peer, 4 + big.len() + GATHER - 10 + 13).await;
+        assert_eq!(&got[..4], b"head");
+        assert!(got[4..4 + big.len()].iter().all(|&b| b == b'x'));
+        let rest = &got[4 + big.len()..];
+        assert!(rest[..GATHER - 10].iter().all(|&b| b == b'y'));
+        assert_eq!(&rest[GATHER - 10..], b"0123456789abc");
+    }
+
+    #[tokio::test]
+    async fn a_vectored_write_passes_through_or_joins_what_was_gathered() {
+        let (mut conn, mut peer) = admitted().await;
+        let parts = [
+            io::IoSlice::new(b"5\r\n"),
+            io::IoSlice::new(b"data\n"),
+            io::IoSlice::new(b"\r\n"),
+        ];
+        let n = conn.write_vectored(&parts).await.unwrap();
+        assert_eq!(n, 10);
+        assert_eq!(
+            conn.gathered.capacity(),
+            0,
+            "nothing gathered for a whole chunk"
+        );
+        conn.write_all(b"h").await.unwrap();
+        let n = conn.write_vectored(&parts).await.unwrap();
+        assert_eq!(n, 10);
+        assert_eq!(conn.gathered, b"h5\r\ndata\n\r\n");
+        AsyncWriteExt::shutdown(&mut conn).await.unwrap();
+        let mut all = Vec::new();
+        peer.read_to_end(&mut all).await.unwrap();
+        assert_eq!(
+            all, b"5\r\ndata\n\r\nh5\r\ndata\n\r\n",
+            "shutdown sends what was gathered"
+        );
     }
 }

@@ -42,10 +42,12 @@ const KEEPALIVE_PROBES: usize = 6;
 /// connection, zeroed when the connection is accepted: for an event stream, whose client
 /// sends one request header and then only listens, that is most of the memory the stream
 /// costs. Pingora reads request headers and bodies into buffers of their own, so the
-/// socket is read directly; writes keep Pingora's small MSS-sized buffer.
+/// socket is read directly. Its write buffer (1,460 bytes, kept for the connection's life)
+/// is off too: an admitted connection gathers small writes only while it has some (see
+/// `admission::Admitted`).
 const CLIENT_BUFFERS: L4BufferSettings = L4BufferSettings {
     read: Some(0),
-    write: None,
+    write: Some(0),
 };
 
 /// The services serving `config`'s listeners, sharing `current`.
