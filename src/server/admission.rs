@@ -408,15 +408,15 @@ mod tests {
     /// An admitted connection over real loopback sockets (unbuffered, as the listeners
     /// make them), and the peer that reads what it sends.
     async fn admitted() -> (Admitted, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr: SocketAddr = listener.local_addr().unwrap();
-        let peer = TcpStream::connect(addr).await.unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr: SocketAddr = listener.local_addr().expect("address");
+        let peer = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
         let gate = Gate::new(
             &Listener::new(addr, ListenerKind::Plain { h2c: false }),
             &Metrics::new(),
         );
-        let slot = gate.enter().unwrap();
+        let slot = gate.enter().expect("a slot");
         let stream: Stream = Box::new(L4Stream::from(accepted));
         let admitted = Admitted {
             stream,
@@ -431,20 +431,22 @@ mod tests {
     /// Reads from `peer` until `want` bytes arrived.
     async fn read_exactly(peer: &mut TcpStream, want: usize) -> Vec<u8> {
         let mut got = vec![0; want];
-        peer.read_exact(&mut got).await.unwrap();
+        peer.read_exact(&mut got).await.expect("read");
         got
     }
 
     #[tokio::test]
     async fn small_writes_are_gathered_until_a_flush_and_the_buffer_is_given_back() {
         let (mut conn, mut peer) = admitted().await;
-        conn.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
-        conn.write_all(b"hello").await.unwrap();
+        conn.write_all(b"HTTP/1.1 200 OK\r\n\r\n")
+            .await
+            .expect("io");
+        conn.write_all(b"hello").await.expect("io");
         assert_eq!(
             conn.gathered, b"HTTP/1.1 200 OK\r\n\r\nhello",
             "nothing sent yet"
         );
-        conn.flush().await.unwrap();
+        conn.flush().await.expect("io");
         assert!(conn.gathered.is_empty());
         assert_eq!(
             conn.gathered.capacity(),
@@ -461,12 +463,12 @@ mod tests {
     async fn writes_that_do_not_fit_go_out_in_order_after_what_was_gathered() {
         let (mut conn, mut peer) = admitted().await;
         let big = vec![b'x'; GATHER * 3];
-        conn.write_all(b"head").await.unwrap();
-        conn.write_all(&big).await.unwrap();
+        conn.write_all(b"head").await.expect("io");
+        conn.write_all(&big).await.expect("io");
         assert!(conn.gathered.is_empty(), "sent before the large write");
-        conn.write_all(&vec![b'y'; GATHER - 10]).await.unwrap();
-        conn.write_all(b"0123456789abc").await.unwrap();
-        conn.flush().await.unwrap();
+        conn.write_all(&vec![b'y'; GATHER - 10]).await.expect("io");
+        conn.write_all(b"0123456789abc").await.expect("io");
+        conn.flush().await.expect("io");
         let got = read_exactly(&mut peer, 4 + big.len() + GATHER - 10 + 13).await;
         assert_eq!(&got[..4], b"head");
         assert!(got[4..4 + big.len()].iter().all(|&b| b == b'x'));
@@ -483,20 +485,20 @@ mod tests {
             io::IoSlice::new(b"data\n"),
             io::IoSlice::new(b"\r\n"),
         ];
-        let n = conn.write_vectored(&parts).await.unwrap();
+        let n = conn.write_vectored(&parts).await.expect("io");
         assert_eq!(n, 10);
         assert_eq!(
             conn.gathered.capacity(),
             0,
             "nothing gathered for a whole chunk"
         );
-        conn.write_all(b"h").await.unwrap();
-        let n = conn.write_vectored(&parts).await.unwrap();
+        conn.write_all(b"h").await.expect("io");
+        let n = conn.write_vectored(&parts).await.expect("io");
         assert_eq!(n, 10);
         assert_eq!(conn.gathered, b"h5\r\ndata\n\r\n");
-        AsyncWriteExt::shutdown(&mut conn).await.unwrap();
+        AsyncWriteExt::shutdown(&mut conn).await.expect("io");
         let mut all = Vec::new();
-        peer.read_to_end(&mut all).await.unwrap();
+        peer.read_to_end(&mut all).await.expect("io");
         assert_eq!(
             all, b"5\r\ndata\n\r\nh5\r\ndata\n\r\n",
             "shutdown sends what was gathered"
