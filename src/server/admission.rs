@@ -225,6 +225,9 @@ impl Admitted {
         parts: impl IntoIterator<Item = &'b [u8]>,
         len: usize,
     ) -> Poll<io::Result<usize>> {
+        if len == 0 {
+            return Poll::Ready(Ok(0));
+        }
         if self.gathered.capacity() == 0 {
             self.gathered.reserve_exact(GATHER);
         }
@@ -448,6 +451,7 @@ mod tests {
         );
         conn.flush().await.expect("io");
         assert!(conn.gathered.is_empty());
+        assert_eq!(conn.write(b"").await.expect("io"), 0);
         assert_eq!(
             conn.gathered.capacity(),
             0,
