@@ -291,8 +291,8 @@ impl AsyncWrite for Admitted {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let len = bufs.iter().map(|b| b.len()).sum::<usize>();
         if !this.gathered.is_empty() {
+            let len = bufs.iter().map(|b| b.len()).sum::<usize>();
             if this.gathered.len() + len <= GATHER {
                 return this.gather(bufs.iter().map(|b| &**b), len);
             }

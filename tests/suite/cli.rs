@@ -309,20 +309,24 @@ async fn open_and_close(addr: std::net::SocketAddr, total: usize, at_once: usize
     }
 }
 
-/// The process's descriptor table is sized up front for the connections its listeners
-/// admit (each with one to its origin), so that it does not grow, stalling every thread,
-/// while the first streams come in.
-#[tokio::test(flavor = "multi_thread")]
-async fn the_descriptor_table_is_sized_for_the_listeners_at_start() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (port, admin) = (free_port(), free_port());
-    let config = dir.path().join("fds.yaml");
+/// The release binary serving `listen` (one entry of the list) and `extra` keys in front
+/// of `origin`, with an admin listener, started and answering: the process, its PID, the
+/// admin port.
+async fn start_with_admin(
+    dir: &Path,
+    listen: &str,
+    extra: &str,
+    origin: &str,
+) -> (Running, u32, u16) {
+    let admin = free_port();
+    let config = dir.join("streamgate.yaml");
     std::fs::write(
         &config,
         format!(
-            "listen: [{{ address: \"127.0.0.1:{port}\", max_connections: 1000 }}]\n\
-             admin: {{ listen: \"127.0.0.1:{admin}\" }}\n\
-             services:\n  feed: {{ url: \"http://127.0.0.1:9\" }}\n\
+            "listen: [{listen}]
+admin: {{ listen: \"127.0.0.1:{admin}\" }}
+{extra}\
+             services:\n  feed: {{ url: \"{origin}\" }}\n\
              host_rules:\n  - {{ pattern: \"*\", target: feed }}\n"
         ),
     )
@@ -330,6 +334,20 @@ async fn the_descriptor_table_is_sized_for_the_listeners_at_start() {
     let proxy = Running(start_binary(&config, false));
     let pid = proxy.0.id();
     wait_listening(&format!("http://127.0.0.1:{admin}/healthz")).await;
+    (proxy, pid, admin)
+}
+
+/// The process's descriptor table is sized up front for the connections its listeners
+/// admit (each with one to its origin), so that it does not grow, stalling every thread,
+/// while the first streams come in.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_descriptor_table_is_sized_for_the_listeners_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listen = format!(
+        "{{ address: \"127.0.0.1:{}\", max_connections: 1000 }}",
+        free_port()
+    );
+    let (_proxy, pid, _) = start_with_admin(dir.path(), &listen, "", "http://127.0.0.1:9").await;
     let limit = streamgate::listen::open_file_limit().expect("limit");
     let wanted = (2 * 1000 + 128).min(limit);
     eventually("the descriptor table to be sized", || async {
@@ -348,22 +366,14 @@ async fn ten_thousand_streams_leave_no_entry_and_no_memory_behind() {
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (port, admin) = (free_port(), free_port());
-    let config = dir.path().join("leak.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen: [\"127.0.0.1:{port}\"]\nadmin: {{ listen: \"127.0.0.1:{admin}\" }}\n\
-             sse: {{ connection_tracking: true }}\n\
-             services:\n  feed: {{ url: \"{}\" }}\n\
-             host_rules:\n  - {{ pattern: \"*\", target: feed }}\n",
-            origin.url()
-        ),
+    let port = free_port();
+    let (_proxy, pid, admin) = start_with_admin(
+        dir.path(),
+        &format!("\"127.0.0.1:{port}\""),
+        "sse: { connection_tracking: true }\n",
+        &origin.url(),
     )
-    .expect("write config");
-    let proxy = Running(start_binary(&config, false));
-    let pid = proxy.0.id();
-    wait_listening(&format!("http://127.0.0.1:{admin}/healthz")).await;
+    .await;
     let addr = format!("127.0.0.1:{port}").parse().expect("addr");
     let open_streams = || async {
         let url = format!("http://127.0.0.1:{admin}/sse/connections");
