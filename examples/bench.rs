@@ -19,6 +19,9 @@
 //! the same origin and does the same through it. The proxy's resident memory is read from
 //! /proc before and after the streams open.
 //!
+//! `--post` asks for each HTTP/1.1 stream with a `POST` and a small JSON body (an LLM
+//! prompt's shape) instead of a `GET`.
+//!
 //! `--tls` puts a TLS listener in front (a self-signed certificate made at start; ALPN h2
 //! and http/1.1), and `--h2` adds a phase with the same streams over HTTP/2 on `--conns`
 //! connections (ALPN h2 with `--tls`, else h2c with prior knowledge) after the HTTP/1.1
@@ -94,6 +97,7 @@ struct Args {
     threads: usize,
     tls: bool,
     h2: bool,
+    post: bool,
     /// The peers scenario's settings.
     peers: peers::Settings,
 }
@@ -113,6 +117,7 @@ fn parse_args() -> Result<Args, String> {
         threads: 2,
         tls: false,
         h2: false,
+        post: false,
         peers: peers::Settings::default(),
     };
     let number = |v: String| v.parse::<u64>().map_err(|e| format!("{v}: {e}"));
@@ -138,6 +143,7 @@ fn parse_args() -> Result<Args, String> {
             "--threads" => args.threads = number(value()?)? as usize,
             "--tls" => args.tls = true,
             "--h2" => args.h2 = true,
+            "--post" => args.post = true,
             "--peer" => p.peers.push(peers::Peer::parse(&value()?)?),
             "--tiers" => {
                 p.tiers = value()?
@@ -160,7 +166,7 @@ fn parse_args() -> Result<Args, String> {
                     "usage: bench [--scenario sse|chain|observability|peers|origin] [--streams N] \
                             [--seconds S] [--interval 1s] [--warmup 3s] \
                             [--mode both|direct|proxy] [--proxy PATH] [--threads N] \
-                            [--conns N] [--rounds N] [--pin] [--tls] [--h2] [--ramp 2000]\n\
+                            [--conns N] [--rounds N] [--pin] [--tls] [--h2] [--post] [--ramp 2000]\n\
                  peers:  --peer direct | --peer NAME=PORT:COMMAND ... [--tiers 1000,9000] \
                             [--origin 127.0.0.1:18180] [--out DIR] [--ramp 2000] [--size 256] \
                             [--burst 500000] [--burst-streams 4] [--burst-size 512] \
@@ -251,6 +257,9 @@ struct Target {
     /// `Some(n)`: HTTP/2, the streams spread over `n` connections; `None`: HTTP/1.1,
     /// one connection per stream.
     h2_conns: Option<usize>,
+    /// HTTP/1.1 streams asked for with a `POST` and a small JSON body (as an LLM prompt
+    /// is) instead of a `GET`.
+    post: bool,
 }
 
 impl Target {
@@ -259,6 +268,7 @@ impl Target {
             addr,
             tls: None,
             h2_conns: None,
+            post: false,
         }
     }
 
@@ -535,12 +545,20 @@ fn chunk_size(line: &[u8]) -> Option<usize> {
 /// How long a stream may take to connect and get its response head.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connects, sends `GET path` and reads the response head; returns the connection, the
-/// body bytes read with the head, and the body's framing.
+/// Connects, sends `GET path` (or a `POST` with a prompt) and reads the response head;
+/// returns the connection, the body bytes read with the head, and the body's framing.
 async fn open_h1(target: &Target, path: &str) -> Result<(Box<dyn Io>, Vec<u8>, Body), String> {
     let mut io = target.connect(b"http/1.1").await?;
-    let request =
-        format!("GET {path} HTTP/1.1\r\nhost: bench.test\r\naccept: text/event-stream\r\n\r\n");
+    const PROMPT: &str = r#"{"prompt":"hello"}"#;
+    let request = if target.post {
+        format!(
+            "POST {path} HTTP/1.1\r\nhost: bench.test\r\naccept: text/event-stream\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{PROMPT}",
+            PROMPT.len()
+        )
+    } else {
+        format!("GET {path} HTTP/1.1\r\nhost: bench.test\r\naccept: text/event-stream\r\n\r\n")
+    };
     io.write_all(request.as_bytes())
         .await
         .map_err(|e| e.to_string())?;
@@ -1115,7 +1133,11 @@ fn main() {
         let origin = origin(args.interval, args.streams).await;
         let mut reports = Vec::new();
         if args.mode == "both" || args.mode == "direct" {
-            reports.push(run_phase("direct", Target::plain(origin), &args, None).await);
+            let target = Target {
+                post: args.post,
+                ..Target::plain(origin)
+            };
+            reports.push(run_phase("direct", target, &args, None).await);
         }
         if args.mode == "both" || args.mode == "proxy" {
             let pki = match args.tls.then(Pki::new).transpose() {
@@ -1127,7 +1149,8 @@ fn main() {
             };
             let tls = pki.as_ref().map(|p| p.client.clone());
             let suffix = if tls.is_some() { " tls" } else { "" };
-            let mut phases = vec![(format!("proxy h1{suffix}"), None)];
+            let post = if args.post { " post" } else { "" };
+            let mut phases = vec![(format!("proxy h1{suffix}{post}"), None)];
             if args.h2 {
                 phases.push((
                     format!("proxy h2{suffix} x{}", args.conns),
@@ -1143,6 +1166,7 @@ fn main() {
                             addr,
                             tls: tls.clone(),
                             h2_conns,
+                            post: args.post,
                         };
                         reports.push(run_phase(&label, target, &args, Some(pid)).await);
                     }
