@@ -46,6 +46,7 @@ use crate::config::Config;
 use crate::http_util::{request_host, session_client};
 use crate::listen::certs::below_min_version;
 use crate::middleware::{Outcome, Reply};
+use crate::relay::client::Handback;
 use crate::relay::reply::{answer, write_reply};
 use crate::relay::{self, Relay, RequestCtx};
 use crate::sse;
@@ -66,12 +67,20 @@ impl StreamGate {
     /// `server` is Pingora's server config: the connector takes the same options as
     /// Pingora's own (its `ca_file`, the default trust for https origins, and the pool size
     /// included).
-    pub fn new(config: Arc<ArcSwap<Config>>, state: Arc<State>, server: &ServerConf) -> Self {
+    /// `handback` is where client connections kept alive after a stream carried in a task of
+    /// its own go; the service's admission connects it to the app.
+    pub fn new(
+        config: Arc<ArcSwap<Config>>,
+        state: Arc<State>,
+        server: &ServerConf,
+        handback: Arc<Handback>,
+    ) -> Self {
         let connector = TransportConnector::new(Some(ConnectorOptions::from_server_conf(server)));
         StreamGate {
             relay: Arc::new(Relay {
                 state: state.clone(),
                 connector,
+                handback,
             }),
             config,
             state,

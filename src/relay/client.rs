@@ -1,19 +1,27 @@
 //! The client side of an event stream: the client's Pingora session, or, for a stream
 //! carried in a task of its own, the client's HTTP/1.1 connection itself.
 //!
-//! A long-lived `GET` stream over HTTP/1.1 keeps nothing of Pingora's session (not the
-//! 4 KiB request buffer, the parsed request): [`Raw`] writes the response head and frames
-//! the body (chunked, or as it is for an HTTP/1.0 client) on the connection directly and
-//! watches it for the client going away,
-//! and the few request facts the logs need are copied out. The head goes out with the
-//! first body bytes when the origin sent them with its own head (one write, one packet:
-//! the client has its first event as soon as it has the head), else on its own at once.
+//! A long-lived stream over HTTP/1.1 keeps nothing of Pingora's session (not the 4 KiB
+//! request buffer, the parsed request, Pingora's per-request future): [`Raw`] writes the
+//! response head and frames the body (chunked, or as it is for an HTTP/1.0 client) on the
+//! connection directly and watches it for the client going away, and the few request
+//! facts the logs need are copied out. The head goes out with the first body bytes when
+//! the origin sent them with its own head (one write, one packet: the client has its first
+//! event as soon as it has the head), else on its own at once.
+//!
+//! After a stream that ended cleanly, a connection the client keeps alive (an answer to a
+//! `POST`, whose client sends its next request on it) goes back to the server through the
+//! [`Handback`], with whatever bytes of the next request came early, and is served as any
+//! kept-alive connection is; any other is closed.
 
 use std::io::IoSlice;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::FutureExt;
 use http::header::{CONNECTION, DATE, HOST, REFERER, TRANSFER_ENCODING, USER_AGENT};
+use pingora_core::apps::{HttpPersistentSettings, ReusedHttpStream};
 use pingora_core::protocols::http::date::get_cached_date;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
@@ -76,28 +84,69 @@ pub struct Raw {
     write_timeout: Option<Duration>,
     /// Body bytes sent (without the framing), for the logs.
     pub sent: usize,
+    /// Set when the connection serves the client's next request after the stream.
+    next: Option<Box<Next>>,
+}
+
+/// What the client's next request on a kept-alive connection inherits.
+struct Next {
+    /// Pingora's keep-alive settings of the request the stream answered.
+    settings: HttpPersistentSettings,
+    /// Bytes of the next request that came before the stream ended.
+    early: BytesMut,
 }
 
 impl Raw {
-    /// Takes the connection out of an HTTP/1.x session whose response head was not
-    /// written: `head` (framed for the client, see `headers::frame_for_client`; with
-    /// `Connection: close`) is, by the first write. Other sessions are given back as they
-    /// are.
+    /// Takes the connection out of an HTTP/1.x session whose request body was read and
+    /// whose response head was not written: `head` (framed for the client, see
+    /// `headers::frame_for_client`) is written by the first write. With `keep_alive`, a
+    /// connection the client keeps alive, with a body framed by chunks, is kept for the
+    /// client's next request (its head says `Connection: keep-alive`); any other is closed
+    /// after the stream (`Connection: close`). Anything but HTTP/1.x is refused.
     pub fn take(
         session: Box<ServerSession>,
         head: ResponseHeader,
         write_timeout: Option<Duration>,
-    ) -> Result<Raw, Box<ServerSession>> {
-        match *session {
-            ServerSession::H1(v1) => Ok(Raw {
-                sent: v1.body_bytes_sent(),
-                stream: v1.into_inner(),
-                chunked: head.headers.contains_key(TRANSFER_ENCODING),
-                head: Some(head_wire(head)),
-                write_timeout,
-            }),
-            other => Err(Box::new(other)),
-        }
+        keep_alive: bool,
+    ) -> Result<Raw> {
+        let settings = keep_alive.then(|| HttpPersistentSettings::for_session(&session));
+        let ServerSession::H1(mut v1) = *session else {
+            return Error::e_explain(
+                ErrorType::InternalError,
+                "a stream to carry not on HTTP/1.x",
+            );
+        };
+        let chunked = head.headers.contains_key(TRANSFER_ENCODING);
+        let sent = v1.body_bytes_sent();
+        let settings = settings.filter(|_| {
+            chunked && v1.will_keepalive() && v1.is_body_done() && v1.pipelining_enabled()
+        });
+        let (stream, next) = match settings {
+            // With the body read, keep-alive on and early bytes kept (pipelining), this
+            // completes at once and gives the connection back with those bytes.
+            Some(settings) => match v1.reuse().now_or_never() {
+                Some(Ok(Some(reusable))) => {
+                    let (stream, early) = reusable.into_parts();
+                    let early = early.unwrap_or_default();
+                    (stream, Some(Box::new(Next { settings, early })))
+                }
+                _ => {
+                    return Error::e_explain(
+                        ErrorType::InternalError,
+                        "the client connection could not be kept for its next request",
+                    )
+                }
+            },
+            None => (v1.into_inner(), None),
+        };
+        Ok(Raw {
+            sent,
+            stream,
+            chunked,
+            head: Some(head_wire(head, next.is_some())),
+            write_timeout,
+            next,
+        })
     }
 
     async fn write(&mut self, body: Option<Bytes>, end: bool) -> Result<()> {
@@ -131,31 +180,77 @@ impl Raw {
             .map_err(|e| e.into_down())
     }
 
+    /// Bytes from a client that keeps its connection alive are the start of its next
+    /// request, kept for it; from any other they do not belong. Either way the caller stops
+    /// watching (it is told by a `ConnectError`) and the stream goes on.
     async fn gone(&mut self) -> Result<()> {
         let mut probe = [0u8; 1];
         match self.stream.read(&mut probe).await {
             Ok(0) => Error::e_explain(ErrorType::ConnectionClosed, "the client went away")
                 .map_err(|e| e.into_down()),
-            Ok(_) => Error::e_explain(ErrorType::ConnectError, "the client sent data"),
+            Ok(n) => {
+                if let Some(next) = &mut self.next {
+                    next.early.extend_from_slice(&probe[..n]);
+                }
+                Error::e_explain(ErrorType::ConnectError, "the client sent data")
+            }
             Err(e) => {
                 Err(Error::because(ErrorType::ReadError, "reading from the client", e).into_down())
             }
         }
     }
 
-    /// Closes the connection after a stream that ended cleanly.
-    pub async fn close(mut self) {
-        let _ = self.stream.shutdown().await;
+    /// After a stream that ended cleanly: a kept-alive connection goes to `handback` for
+    /// the client's next request (`None`: the process is draining, so the client is better
+    /// served by the process that takes over); any other is closed.
+    pub async fn finish(mut self, handback: Option<&Handback>) {
+        match (self.next.take(), handback) {
+            (Some(next), Some(handback)) => {
+                let Next {
+                    mut settings,
+                    early,
+                } = *next;
+                if !early.is_empty() {
+                    settings.set_pipelined_prefix(early);
+                }
+                handback.serve(ReusedHttpStream::new(self.stream, Some(settings)));
+            }
+            _ => {
+                let _ = self.stream.shutdown().await;
+            }
+        }
+    }
+}
+
+/// Where a kept-alive client connection goes after a stream carried by [`Raw`]: back to
+/// the server that accepted it, which serves its next request as it serves any kept-alive
+/// connection. The server connects it once it runs (it holds the app and its shutdown
+/// signal); until then a connection handed back is closed.
+#[derive(Default)]
+pub struct Handback(OnceLock<Box<dyn Fn(ReusedHttpStream) + Send + Sync>>);
+
+impl Handback {
+    /// Sets where connections go, on the first call; later calls change nothing.
+    pub fn connect(&self, serve: impl FnOnce() -> Box<dyn Fn(ReusedHttpStream) + Send + Sync>) {
+        self.0.get_or_init(serve);
+    }
+
+    /// Gives `conn` back to the server (closed when nothing is connected).
+    pub fn serve(&self, conn: ReusedHttpStream) {
+        if let Some(serve) = self.0.get() {
+            serve(conn);
+        }
     }
 }
 
 /// A response head as HTTP/1.1 puts it on the wire (the status line is the proxy's own
 /// HTTP/1.1, as `headers::frame_for_client` set it), with what Pingora's session would add
-/// to it: `Date`, and `Connection: close` (the connection ends with the stream, so a client
-/// never sends another request on it).
-fn head_wire(mut head: ResponseHeader) -> Bytes {
+/// to it: `Date`, and `Connection: keep-alive` when the connection serves the client's next
+/// request after the stream, else `Connection: close` (so the client sends none on it).
+fn head_wire(mut head: ResponseHeader, keep_alive: bool) -> Bytes {
     let _ = head.insert_header(DATE, get_cached_date());
-    let _ = head.insert_header(CONNECTION, "close");
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    let _ = head.insert_header(CONNECTION, connection);
     let mut wire = BytesMut::with_capacity(256);
     wire.put_slice(b"HTTP/1.1 ");
     wire.put_slice(head.status.as_str().as_bytes());

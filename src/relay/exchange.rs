@@ -19,7 +19,8 @@
 //! event stream?        Content-Type text/event-stream, whatever the request was: limits
 //!                      taken now if the request had not announced it (503/429 when full,
 //!                      the origin connection closed), then the stream's own loop
-//!                      (super::events) with the whole lifecycle
+//!                      (super::events) with the whole lifecycle; over HTTP/1.1, once
+//!                      the request body is in, in a task of its own (Relay::detach)
 //! otherwise            the body forwarded as it comes, through the chain's body filters,
 //!                      each read under timeouts.read; `101 Switching Protocols` relays
 //!                      bytes both ways; the connection goes back to the pool when the
@@ -41,7 +42,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::client::{Client, Raw};
+use super::client::{Client, Handback, Raw};
 use super::context::RequestCtx;
 use super::events;
 use super::headers::{self, frame_for_client, strip_request_hop_by_hop, strip_response_hop_by_hop};
@@ -61,6 +62,8 @@ const EARLY_ANSWER: Duration = Duration::from_millis(200);
 pub struct Relay {
     pub state: Arc<State>,
     pub connector: TransportConnector,
+    /// Where a client connection kept alive after a stream carried in its own task goes.
+    pub handback: Arc<Handback>,
 }
 
 /// An origin connection in use, and the pool key of the peer it was made for: what giving
@@ -122,12 +125,15 @@ impl Relay {
         let bodiless = link.conn.body_done();
         let downstream = session.as_mut();
         let reconnects = request.method == Method::GET;
+        // Every stream over HTTP/1.1 goes to a task of its own once its request body is in:
+        // a `GET` (nothing more to read) closes its connection after it (clients reopen
+        // streams on a new one), any other keeps it for the client's next request.
         let detaches = ctx.stream.is_some()
-            && reconnects
             && !upgraded
-            && matches!(downstream, ServerSession::H1(_));
+            && matches!(downstream, ServerSession::H1(_))
+            && (reconnects || downstream.is_body_done());
         if detaches {
-            let resume = settings.resume.then(|| Box::new(request));
+            let resume = (settings.resume && reconnects).then(|| Box::new(request));
             return self.detach(session, ctx, Box::new(link), head, resume, access_log);
         }
         downstream
@@ -152,15 +158,19 @@ impl Relay {
         self.forward_body(downstream, ctx, link).await
     }
 
-    /// Carries the event stream on `link` in a task of its own, with the client's session
+    /// Carries the event stream on `link` in a task of its own, with the client's connection
     /// taken out of Pingora's request: what a long-lived stream holds is then only its own
-    /// state (the sessions, the context, a small read buffer), not Pingora's
-    /// per-connection and per-request futures, which end here. Done for `GET` streams over
-    /// HTTP/1.1, whose connection closes after them (clients reopen streams on a new one).
-    /// An answer to a `POST` stays in Pingora's request, so its keep-alive connection is
-    /// reused after it; so does every stream over HTTP/2, whose connection Pingora closes
-    /// as idle once none of its requests is in progress. The response `head` is written by
-    /// the stream's task, with the first body bytes if the origin sent any with its head.
+    /// state (the connection, the context, a small read buffer), not Pingora's session and
+    /// per-request future, which end here. Done for streams over HTTP/1.1 whose request
+    /// body was read. A `GET` stream (`resume` is its request, with `sse.resume`) closes its
+    /// connection after it: its client reopens it on a new one, and in a drain must reach
+    /// the process that takes over. Any other stream answers a request its client will not
+    /// send again, on a connection the client may keep alive: after a clean end that
+    /// connection goes back to the server for the next request (`client::Handback`), unless
+    /// the process is draining. Streams over HTTP/2 stay in Pingora's request: its HTTP/2
+    /// loop counts a stream open (for `http2.idle_timeout`) by a guard that request's task
+    /// holds. The response `head` is written by the stream's task, with the first body bytes
+    /// if the origin sent any with its head.
     fn detach(
         self: &Arc<Self>,
         session: &mut Session,
@@ -171,22 +181,13 @@ impl Relay {
         access_log: AccessLog,
     ) -> Result<()> {
         let facts = super::client::log_facts(session.req_header());
+        let reconnects = facts.method == Method::GET;
         let mut placeholder = ServerSession::new_http1(Box::new(std::io::Cursor::new(Vec::new())));
         // What Pingora finishes after this request: nothing to keep alive.
         placeholder.set_keepalive(None);
         let downstream = std::mem::replace(&mut session.downstream_session, Box::new(placeholder));
         let write_timeout = ctx.chain.sse.settings.write_timeout;
-        let mut raw = match Raw::take(downstream, head, write_timeout) {
-            Ok(raw) => raw,
-            // Not HTTP/1.1: cannot happen (checked by the caller); put it back.
-            Err(other) => {
-                session.downstream_session = other;
-                return Error::e_explain(
-                    ErrorType::InternalError,
-                    "a stream to detach not on HTTP/1.1",
-                );
-            }
-        };
+        let mut raw = Raw::take(downstream, head, write_timeout, !reconnects)?;
         let mut owned = std::mem::take(ctx);
         ctx.detached = true;
         let relay = self.clone();
@@ -197,7 +198,7 @@ impl Relay {
                 &mut owned,
                 link,
                 resume.as_deref(),
-                true,
+                reconnects,
             )
             .await;
             let error = ended.err();
@@ -209,8 +210,10 @@ impl Relay {
                 super::record::log_error(&relay.state.client_errors, &facts, &owned, e);
             }
             super::record::finished(&facts, raw.sent, error.as_deref(), &mut owned, access_log);
+            drop(owned);
             if error.is_none() {
-                raw.close().await;
+                let handback = (!relay.state.drain.draining()).then_some(&*relay.handback);
+                raw.finish(handback).await;
             }
         });
         Ok(())

@@ -8,8 +8,9 @@
 //! an HTTP/2 one. [`Admitting`] stands in front of the app: a connection over the cap is
 //! closed at once and counted; any other is wrapped in an [`Admitted`] stream that holds
 //! the listener's slot until the connection is dropped, wherever it goes (an event stream
-//! carried in a task of its own takes the connection out of Pingora's hands), and that
-//! ends the connection when its first bytes do not come within the idle timeout.
+//! carried in a task of its own takes the connection out of Pingora's hands, and may give
+//! it back for the client's next request: [`Admitting::handing_back`]), and that ends the
+//! connection when its first bytes do not come within the idle timeout.
 //!
 //! Pingora gives a plain connection to the app at once; a TLS one after its handshake,
 //! which Pingora bounds by 60 s itself.
@@ -30,7 +31,8 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use pingora_core::apps::ServerApp;
+use pingora_core::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::tls::{SslDigest, TlsRef};
 use pingora_core::protocols::{
@@ -43,6 +45,7 @@ use tokio::time::Sleep;
 
 use crate::listen::Listener;
 use crate::metrics::{ListenerMetrics, Metrics};
+use crate::relay::client::Handback;
 
 /// Writes smaller than this are gathered until a flush, or until the next write would not
 /// fit (Pingora's own buffer size for connections: one Ethernet MSS).
@@ -125,6 +128,8 @@ impl fmt::Debug for Slot {
 pub struct Admitting<A> {
     app: Arc<A>,
     gates: Vec<Arc<Gate>>,
+    /// Connected to the app on the first connection (see [`Admitting::handing_back`]).
+    handback: Option<Arc<Handback>>,
 }
 
 impl<A> Admitting<A> {
@@ -132,7 +137,16 @@ impl<A> Admitting<A> {
         Admitting {
             app: Arc::new(app),
             gates,
+            handback: None,
         }
+    }
+
+    /// Connects `handback` to this app: a client connection given back after a stream
+    /// carried in a task of its own is served by the app again, as Pingora serves a
+    /// kept-alive HTTP/1.1 connection, in a task of its own.
+    pub fn handing_back(mut self, handback: Arc<Handback>) -> Self {
+        self.handback = Some(handback);
+        self
     }
 
     /// The gate of the listener `stream` was accepted on.
@@ -150,12 +164,24 @@ impl<A> Admitting<A> {
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for Admitting<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Admitting<A> {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        if let Some(handback) = &self.handback {
+            // The app holds the handback (a weak reference back, or neither is ever freed).
+            handback.connect(|| {
+                let app = Arc::downgrade(&self.app);
+                let shutdown = shutdown.clone();
+                Box::new(move |conn| {
+                    if let Some(app) = app.upgrade() {
+                        tokio::spawn(serve_again(app, conn, shutdown.clone()));
+                    }
+                })
+            });
+        }
         // A connection handed back for another round was admitted already.
         if stream.as_any().is::<Admitted>() {
             return self.app.process_new(stream, shutdown).await;
@@ -182,6 +208,24 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Admitting<A> {
 
     async fn cleanup(&self) {
         self.app.cleanup().await;
+    }
+}
+
+/// Serves a kept-alive HTTP/1.1 connection given back after a stream, request after
+/// request, as Pingora's own loop for HTTP/1.1 connections does (the keep-alive settings
+/// and early bytes of the next request carried over).
+async fn serve_again<A: HttpServerApp + Send + Sync + 'static>(
+    app: Arc<A>,
+    conn: ReusedHttpStream,
+    shutdown: ShutdownWatch,
+) {
+    let mut next = Some(conn);
+    while let Some((stream, settings)) = next.map(ReusedHttpStream::consume) {
+        let mut session = ServerSession::new_http1(stream);
+        if let Some(settings) = settings {
+            settings.apply_to_session(&mut session);
+        }
+        next = app.process_new_http(session, &shutdown).await;
     }
 }
 

@@ -33,6 +33,7 @@ use super::admission::{Admitting, Gate};
 use crate::config::Config;
 use crate::listen::{Listener, ListenerKind, ListenerTls};
 use crate::proxy::StreamGate;
+use crate::relay::client::Handback;
 use crate::state::State;
 
 /// Keepalive probes sent before a silent peer is given up.
@@ -72,9 +73,15 @@ pub fn services(
             continue;
         }
         let name = if h2c { "streamgate h2c" } else { "streamgate" };
+        let handback = Arc::new(Handback::default());
         let mut app = pingora_proxy::http_proxy(
             server_conf,
-            StreamGate::new(current.clone(), state.clone(), server_conf),
+            StreamGate::new(
+                current.clone(),
+                state.clone(),
+                server_conf,
+                handback.clone(),
+            ),
         );
         let mut options = HttpServerOptions::default();
         options.h2c = h2c;
@@ -84,7 +91,10 @@ pub fn services(
         h2.max_concurrent_streams(config.http2.max_concurrent_streams);
         app.h2_options = Some(h2);
         let gates = group.iter().map(|l| Gate::new(l, &state.metrics)).collect();
-        let mut proxy = Service::new(name.to_string(), Admitting::new(app, gates));
+        let mut proxy = Service::new(
+            name.to_string(),
+            Admitting::new(app, gates).handing_back(handback),
+        );
         for listener in group {
             let mut endpoint = endpoint(listener);
             if let ListenerKind::Tls { http2 } = listener.kind {

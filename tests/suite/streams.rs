@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{client, eventually, guard, After, Events, Origin, Proxy};
+use common::{client, eventually, guard, read_to_end, read_until, After, Events, Origin, Proxy};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, Mutex};
@@ -569,6 +569,106 @@ async fn a_drain_lets_answers_finish_cuts_them_at_finish_period_and_hints_get_st
             "{outcome}: {metrics}"
         );
     }
+}
+
+/// A chat-style `POST` as raw bytes, with `extra` header lines.
+fn raw_chat(path: &str, extra: &str) -> Vec<u8> {
+    let body = r#"{"model":"m","stream":true}"#;
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{extra}\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_post_streams_connection_serves_the_next_request_after_it() {
+    // POST streams send `data: a`, wait for the test's go, send `data: b` and end; any
+    // other request gets `plain`. Connections are kept.
+    let (go, _) = broadcast::channel::<()>(8);
+    let go_for_origin = go.clone();
+    let origin = Origin::start(move |head, mut conn| {
+        let mut go = go_for_origin.subscribe();
+        async move {
+            let _ = conn.read_body(&head).await;
+            if head.method != "POST" {
+                return match conn.respond(200, "plain").await {
+                    Ok(()) => After::KeepAlive(conn),
+                    Err(_) => After::Close,
+                };
+            }
+            let sent = async {
+                conn.sse_head().await?;
+                conn.chunk("data: a\n\n").await?;
+                let _ = go.recv().await;
+                conn.chunk("data: b\n\n").await?;
+                conn.end().await
+            };
+            match sent.await {
+                Ok(()) => After::KeepAlive(conn),
+                Err(_) => After::Close,
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, "")).await;
+    let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");
+    let has = |got: &[u8], what: &str| String::from_utf8_lossy(got).contains(what);
+
+    // The stream's head says the connection is kept; the next request, sent while the
+    // stream is still open (pipelined), is answered on it after the stream's last chunk.
+    conn.write_all(&raw_chat("/chat", "")).await.expect("send");
+    let got = read_until(&mut conn, "the first event", |got| has(got, "data: a")).await;
+    let head = String::from_utf8_lossy(&got).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: keep-alive\r\n"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
+    conn.write_all(b"GET /after HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("send the next request");
+    // Time for the proxy to read the start of it while the stream is open (the answer must
+    // come either way).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    go.send(()).expect("go");
+    let rest = read_until(&mut conn, "the stream's end and the next answer", |got| {
+        has(got, "plain")
+    })
+    .await;
+    let rest = String::from_utf8_lossy(&rest).into_owned();
+    let end = rest.find("\r\n0\r\n\r\n").expect("the last chunk");
+    let next = rest.find("HTTP/1.1 200").expect("the next answer");
+    assert!(rest.contains("data: b") && end < next, "{rest}");
+
+    // A third request on the same connection, a POST stream whose client asks to close:
+    // its head says so, and the connection ends with the stream.
+    conn.write_all(&raw_chat("/chat", "connection: close\r\n"))
+        .await
+        .expect("send");
+    let got = read_until(&mut conn, "the third answer's event", |got| {
+        has(got, "data: a")
+    })
+    .await;
+    assert!(
+        String::from_utf8_lossy(&got)
+            .to_lowercase()
+            .contains("connection: close\r\n"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    go.send(()).expect("go");
+    let (rest, _) = read_to_end(&mut conn, "the close after the stream").await;
+    assert!(rest.ends_with("\r\n0\r\n\r\n"), "{rest:?}");
+
+    // While the process drains, a kept-alive connection is closed after its stream: the
+    // client's next request goes to the process that takes over.
+    let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");
+    conn.write_all(&raw_chat("/chat", "")).await.expect("send");
+    read_until(&mut conn, "the event", |got| has(got, "data: a")).await;
+    proxy.state.drain.start();
+    go.send(()).expect("go");
+    let (rest, _) = read_to_end(&mut conn, "the close after the stream").await;
+    assert!(rest.ends_with("\r\n0\r\n\r\n"), "{rest:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
