@@ -567,6 +567,76 @@ async fn h2c_and_redirect_listeners() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_post_streams_tls_connection_serves_the_next_request() {
+    // A POST answered by a short event stream; anything else gets `plain`.
+    let origin = Origin::start(|head, mut conn| async move {
+        let _ = conn.read_body(&head).await;
+        let answered = if head.method == "POST" {
+            async {
+                conn.sse_head().await?;
+                conn.chunk("data: token\n\n").await?;
+                conn.end().await
+            }
+            .await
+        } else {
+            conn.respond(200, "plain").await
+        };
+        match answered {
+            Ok(()) => After::KeepAlive(conn),
+            Err(_) => After::Close,
+        }
+    })
+    .await;
+    let [port] = common::free_ports();
+    let (site, _) = Site::start(
+        &[("main", &["example.test"])],
+        |dir| {
+            format!(
+                "listen:\n{}{}",
+                tls_listener(port, dir, MAIN_CERT, ""),
+                routes(&origin)
+            )
+        },
+        &[addr(port)],
+    )
+    .await;
+    let mut tls = tls_connect(&site.ca, addr(port), "example.test", &[b"http/1.1"])
+        .await
+        .expect("TLS");
+    let body = r#"{"prompt":"hi"}"#;
+    let post = format!(
+        "POST /chat HTTP/1.1\r\nhost: example.test\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // Read until `done` holds for what came on this connection.
+    async fn read_until(tls: &mut TlsStream<TcpStream>, done: &str) -> String {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        guard(done, async {
+            while !String::from_utf8_lossy(&got).contains(done) {
+                let n = tls.read(&mut buf).await.expect("read");
+                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await;
+        String::from_utf8_lossy(&got).into_owned()
+    }
+    tls.write_all(post.as_bytes()).await.expect("send");
+    let stream = read_until(&mut tls, "\r\n0\r\n\r\n").await;
+    let lower = stream.to_lowercase();
+    assert!(lower.contains("connection: keep-alive\r\n"), "{stream}");
+    assert!(stream.contains("data: token"), "{stream}");
+    // The next request on the same TLS connection.
+    tls.write_all(b"GET /next HTTP/1.1\r\nhost: example.test\r\n\r\n")
+        .await
+        .expect("send");
+    let next = read_until(&mut tls, "plain").await;
+    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn renewed_certificates_are_served_and_broken_ones_refused() {
     let origin = Origin::plain("hello").await;
     let [tls, admin] = common::free_ports();
