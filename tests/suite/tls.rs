@@ -153,6 +153,23 @@ fn routes(origin: &Origin) -> String {
     )
 }
 
+/// A proxy with the `main` certificate (for `example.test`) on one TLS listener at `port`,
+/// routing to `origin`; `top` goes before the `listen` key, `tail` after the routes.
+async fn main_site(port: u16, origin: &Origin, top: &str, tail: &str) -> (Site, Vec<Issued>) {
+    Site::start(
+        &[("main", &["example.test"])],
+        |dir| {
+            format!(
+                "{top}listen:\n{}{}{tail}",
+                tls_listener(port, dir, MAIN_CERT, ""),
+                routes(origin)
+            )
+        },
+        &[addr(port)],
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sni_picks_the_certificate_and_alpn_the_protocol() {
     let mut origin = Origin::plain("hello").await;
@@ -419,18 +436,8 @@ async fn h2_site() -> (
 ) {
     let (origin, rounds, closed) = feeds().await;
     let port = common::free_port();
-    let (site, _) = Site::start(
-        &[("main", &["example.test"])],
-        |dir| {
-            format!(
-                "listen:\n{}{}",
-                tls_listener(port, dir, MAIN_CERT, ""),
-                routes(&origin)
-            ) + "http2: { max_concurrent_streams: 32, idle_timeout: 300ms }\n"
-        },
-        &[addr(port)],
-    )
-    .await;
+    let h2 = "http2: { max_concurrent_streams: 32, idle_timeout: 300ms }\n";
+    let (site, _) = main_site(port, &origin, "", h2).await;
     (site, port, rounds, closed, origin)
 }
 
@@ -587,19 +594,8 @@ async fn a_post_streams_tls_connection_serves_the_next_request() {
         }
     })
     .await;
-    let [port] = common::free_ports();
-    let (site, _) = Site::start(
-        &[("main", &["example.test"])],
-        |dir| {
-            format!(
-                "listen:\n{}{}",
-                tls_listener(port, dir, MAIN_CERT, ""),
-                routes(&origin)
-            )
-        },
-        &[addr(port)],
-    )
-    .await;
+    let port = common::free_port();
+    let (site, _) = main_site(port, &origin, "", "").await;
     let mut tls = tls_connect(&site.ca, addr(port), "example.test", &[b"http/1.1"])
         .await
         .expect("TLS");
@@ -640,18 +636,8 @@ async fn a_post_streams_tls_connection_serves_the_next_request() {
 async fn renewed_certificates_are_served_and_broken_ones_refused() {
     let origin = Origin::plain("hello").await;
     let [tls, admin] = common::free_ports();
-    let (site, issued) = Site::start(
-        &[("main", &["example.test"])],
-        |dir| {
-            format!(
-                "admin: {{ listen: \"127.0.0.1:{admin}\" }}\nlisten:\n{}{}",
-                tls_listener(tls, dir, MAIN_CERT, ""),
-                routes(&origin)
-            )
-        },
-        &[addr(tls)],
-    )
-    .await;
+    let admin_listener = format!("admin: {{ listen: \"127.0.0.1:{admin}\" }}\n");
+    let (site, issued) = main_site(tls, &origin, &admin_listener, "").await;
     let handshake = || async {
         served(
             &tls_connect(&site.ca, addr(tls), "example.test", &[b"http/1.1"])
