@@ -127,7 +127,9 @@ impl Raw {
             Some(settings) => match v1.reuse().now_or_never() {
                 Some(Ok(Some(reusable))) => {
                     let (stream, early) = reusable.into_parts();
-                    let early = early.unwrap_or_default();
+                    // A copy: what Pingora gives is a piece of its 64 KiB read buffer,
+                    // which would stay for the whole stream.
+                    let early = early.map_or_else(BytesMut::new, |b| BytesMut::from(&b[..]));
                     (stream, Some(Box::new(Next { settings, early })))
                 }
                 _ => {

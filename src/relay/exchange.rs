@@ -127,9 +127,11 @@ impl Relay {
         let reconnects = request.method == Method::GET;
         // Every stream over HTTP/1.1 goes to a task of its own once its request body is in:
         // a `GET` (nothing more to read) closes its connection after it (clients reopen
-        // streams on a new one), any other keeps it for the client's next request.
+        // streams on a new one), any other keeps it for the client's next request. The
+        // answer to a `HEAD` has no body to carry: Pingora's session writes its head.
         let detaches = ctx.stream.is_some()
             && !upgraded
+            && request.method != Method::HEAD
             && matches!(downstream, ServerSession::H1(_))
             && (reconnects || downstream.is_body_done());
         if detaches {

@@ -582,30 +582,45 @@ fn raw_chat(path: &str, extra: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// After a POST stream's first event: tells the origin to finish it, and reads until the
+/// next request's answer (`plain`), which must come after the stream's last chunk.
+async fn finish_then_next(conn: &mut TcpStream, go: &broadcast::Sender<()>) {
+    go.send(()).expect("go");
+    let rest = read_until(conn, "the stream's end and the next answer", |got| {
+        String::from_utf8_lossy(got).contains("plain")
+    })
+    .await;
+    let rest = String::from_utf8_lossy(&rest).into_owned();
+    let end = rest.find("\r\n0\r\n\r\n").expect("the last chunk");
+    let next = rest.find("HTTP/1.1 200").expect("the next answer");
+    assert!(rest.contains("data: b") && end < next, "{rest}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_post_streams_connection_serves_the_next_request_after_it() {
-    // POST streams send `data: a`, wait for the test's go, send `data: b` and end; any
-    // other request gets `plain`. Connections are kept.
+    // POST streams send `data: a`, wait for the test's go, send `data: b` and end; a HEAD
+    // gets an event stream's head; any other request gets `plain`. Connections are kept.
     let (go, _) = broadcast::channel::<()>(8);
     let go_for_origin = go.clone();
     let origin = Origin::start(move |head, mut conn| {
         let mut go = go_for_origin.subscribe();
         async move {
             let _ = conn.read_body(&head).await;
-            if head.method != "POST" {
-                return match conn.respond(200, "plain").await {
-                    Ok(()) => After::KeepAlive(conn),
-                    Err(_) => After::Close,
-                };
-            }
-            let sent = async {
-                conn.sse_head().await?;
-                conn.chunk("data: a\n\n").await?;
-                let _ = go.recv().await;
-                conn.chunk("data: b\n\n").await?;
-                conn.end().await
+            let sent = match head.method.as_str() {
+                "POST" => {
+                    async {
+                        conn.sse_head().await?;
+                        conn.chunk("data: a\n\n").await?;
+                        let _ = go.recv().await;
+                        conn.chunk("data: b\n\n").await?;
+                        conn.end().await
+                    }
+                    .await
+                }
+                "HEAD" => conn.sse_head().await,
+                _ => conn.respond(200, "plain").await,
             };
-            match sent.await {
+            match sent {
                 Ok(()) => After::KeepAlive(conn),
                 Err(_) => After::Close,
             }
@@ -615,6 +630,7 @@ async fn a_post_streams_connection_serves_the_next_request_after_it() {
     let proxy = Proxy::start(&config(&origin, "")).await;
     let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");
     let has = |got: &[u8], what: &str| String::from_utf8_lossy(got).contains(what);
+    const NEXT: &[u8] = b"GET /after HTTP/1.1\r\nhost: x\r\n\r\n";
 
     // The stream's head says the connection is kept; the next request, sent while the
     // stream is still open (pipelined), is answered on it after the stream's last chunk.
@@ -624,31 +640,52 @@ async fn a_post_streams_connection_serves_the_next_request_after_it() {
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("connection: keep-alive\r\n"), "{head}");
     assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
-    conn.write_all(b"GET /after HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .expect("send the next request");
+    conn.write_all(NEXT).await.expect("send the next request");
     // Time for the proxy to read the start of it while the stream is open (the answer must
     // come either way).
     tokio::time::sleep(Duration::from_millis(50)).await;
+    finish_then_next(&mut conn, &go).await;
+
+    // The next request in the same packet as the POST.
+    conn.write_all(&[raw_chat("/chat", ""), NEXT.to_vec()].concat())
+        .await
+        .expect("send");
+    read_until(&mut conn, "the event", |got| has(got, "data: a")).await;
+    finish_then_next(&mut conn, &go).await;
+
+    // A chunked request body, the next request after the stream.
+    conn.write_all(
+        b"POST /chat HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n\
+          2\r\n{}\r\n0\r\n\r\n",
+    )
+    .await
+    .expect("send");
+    read_until(&mut conn, "the event", |got| has(got, "data: a")).await;
     go.send(()).expect("go");
-    let rest = read_until(&mut conn, "the stream's end and the next answer", |got| {
-        has(got, "plain")
+    read_until(&mut conn, "the stream's end", |got| {
+        got.ends_with(b"\r\n0\r\n\r\n")
     })
     .await;
-    let rest = String::from_utf8_lossy(&rest).into_owned();
-    let end = rest.find("\r\n0\r\n\r\n").expect("the last chunk");
-    let next = rest.find("HTTP/1.1 200").expect("the next answer");
-    assert!(rest.contains("data: b") && end < next, "{rest}");
+    conn.write_all(NEXT).await.expect("send");
+    read_until(&mut conn, "the next answer", |got| has(got, "plain")).await;
 
-    // A third request on the same connection, a POST stream whose client asks to close:
-    // its head says so, and the connection ends with the stream.
+    // A HEAD answered by an event stream's head: nothing but the head, then the next
+    // answer.
+    let head = b"HEAD /chat HTTP/1.1\r\nhost: x\r\n\r\n";
+    conn.write_all(&[&head[..], NEXT].concat())
+        .await
+        .expect("send");
+    let got = read_until(&mut conn, "the next answer", |got| has(got, "plain")).await;
+    let got = String::from_utf8_lossy(&got).into_owned();
+    let (_, after) = got.split_once("\r\n\r\n").expect("the HEAD's head");
+    assert!(after.starts_with("HTTP/1.1 200"), "{got:?}");
+
+    // A POST stream whose client asks to close: its head says so, and the connection ends
+    // with the stream.
     conn.write_all(&raw_chat("/chat", "connection: close\r\n"))
         .await
         .expect("send");
-    let got = read_until(&mut conn, "the third answer's event", |got| {
-        has(got, "data: a")
-    })
-    .await;
+    let got = read_until(&mut conn, "the event", |got| has(got, "data: a")).await;
     assert!(
         String::from_utf8_lossy(&got)
             .to_lowercase()
