@@ -84,6 +84,47 @@ async fn a_client_that_sends_nothing_is_closed_after_the_idle_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_connection_kept_after_a_post_stream_keeps_the_listeners_idle_timeout() {
+    // POSTs get a short event stream, anything else `ok`; connections are kept.
+    let origin = Origin::start(|head, mut conn| async move {
+        let _ = conn.read_body(&head).await;
+        let answered = if head.method == "POST" {
+            async {
+                conn.sse_head().await?;
+                conn.chunk("data: token\n\n").await?;
+                conn.end().await
+            }
+            .await
+        } else {
+            conn.respond(200, "ok").await
+        };
+        match answered {
+            Ok(()) => After::KeepAlive(conn),
+            Err(_) => After::Close,
+        }
+    })
+    .await;
+    for options in ["idle_timeout: 1s", "idle_timeout: 1s, h2c: true"] {
+        let proxy = Proxy::start_listening(options, &config(&origin)).await;
+        let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");
+        conn.write_all(b"POST /chat HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{}")
+            .await
+            .expect("request");
+        read_until(&mut conn, "the stream", |got| {
+            got.ends_with(b"\r\n0\r\n\r\n")
+        })
+        .await;
+        // Handed back: idle for the listener's idle timeout (carried over from the
+        // stream's request, not Pingora's default of 60 s), it is closed and its slot
+        // given back.
+        let (sent, took) = closed_by_proxy(&mut conn).await;
+        eprintln!("{options}: idle after a POST stream, closed after {took:?}");
+        assert_eq!(sent, "");
+        connections_open(&proxy, 0.0).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_event_stream_outlives_the_idle_timeout() {
     // One event, then a silence three times the idle timeout, then another and the end.
     let origin = Origin::start(|head, mut conn| async move {
@@ -98,8 +139,8 @@ async fn an_event_stream_outlives_the_idle_timeout() {
     .await;
     let proxy = Proxy::start_listening("idle_timeout: 1s", &config(&origin)).await;
     let client = common::client();
-    // A GET stream (carried in a task of its own) and a POST answered with a stream (kept in
-    // Pingora's request), both quiet on the client's side throughout.
+    // A GET stream and a POST answered with a stream (each carried in a task of its own),
+    // both quiet on the client's side throughout.
     let get = client
         .get(proxy.url("/events"))
         .header("accept", "text/event-stream")
