@@ -384,10 +384,17 @@ impl Relay {
                 .get(EXPECT)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
             {
-                session
-                    .write_continue_response()
-                    .await
-                    .map_err(|e| e.into_down())?;
+                // Pingora turns keep-alive off when it writes any response before the body
+                // is read; `100 Continue` only asks for the body, so it keeps it on.
+                let keep_alive = |session: &mut ServerSession, on: bool| {
+                    if let ServerSession::H1(v1) = session {
+                        v1.set_close_on_response_before_downstream_finish(on);
+                    }
+                };
+                keep_alive(session, false);
+                let sent = session.write_continue_response().await;
+                keep_alive(session, true);
+                sent.map_err(|e| e.into_down())?;
             }
             if let Err(e) = self.send_body(session, ctx, conn, write_timeout).await {
                 // An origin may answer (and stop reading) before the body is whole: then

@@ -669,6 +669,20 @@ async fn a_post_streams_connection_serves_the_next_request_after_it() {
     conn.write_all(NEXT).await.expect("send");
     read_until(&mut conn, "the next answer", |got| has(got, "plain")).await;
 
+    // A POST that waits for `100 Continue` before sending its body: kept all the same.
+    conn.write_all(
+        b"POST /chat HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\n",
+    )
+    .await
+    .expect("send");
+    read_until(&mut conn, "100 Continue", |got| got.ends_with(b"\r\n\r\n")).await;
+    conn.write_all(b"{}").await.expect("send the body");
+    let got = read_until(&mut conn, "the event", |got| has(got, "data: a")).await;
+    let head = String::from_utf8_lossy(&got).to_lowercase();
+    assert!(head.contains("connection: keep-alive\r\n"), "{head}");
+    conn.write_all(NEXT).await.expect("send the next request");
+    finish_then_next(&mut conn, &go).await;
+
     // A HEAD answered by an event stream's head: nothing but the head, then the next
     // answer.
     let head = b"HEAD /chat HTTP/1.1\r\nhost: x\r\n\r\n";
