@@ -386,14 +386,14 @@ impl Relay {
             {
                 // Pingora turns keep-alive off when it writes any response before the body
                 // is read; `100 Continue` only asks for the body, so it keeps it on.
-                let keep_alive = |session: &mut ServerSession, on: bool| {
+                let close_if_answered_early = |session: &mut ServerSession, close: bool| {
                     if let ServerSession::H1(v1) = session {
-                        v1.set_close_on_response_before_downstream_finish(on);
+                        v1.set_close_on_response_before_downstream_finish(close);
                     }
                 };
-                keep_alive(session, false);
+                close_if_answered_early(session, false);
                 let sent = session.write_continue_response().await;
-                keep_alive(session, true);
+                close_if_answered_early(session, true);
                 sent.map_err(|e| e.into_down())?;
             }
             if let Err(e) = self.send_body(session, ctx, conn, write_timeout).await {
