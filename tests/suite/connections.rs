@@ -86,24 +86,7 @@ async fn a_client_that_sends_nothing_is_closed_after_the_idle_timeout() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_kept_after_a_post_stream_keeps_the_listeners_idle_timeout() {
     // POSTs get a short event stream, anything else `ok`; connections are kept.
-    let origin = Origin::start(|head, mut conn| async move {
-        let _ = conn.read_body(&head).await;
-        let answered = if head.method == "POST" {
-            async {
-                conn.sse_head().await?;
-                conn.chunk("data: token\n\n").await?;
-                conn.end().await
-            }
-            .await
-        } else {
-            conn.respond(200, "ok").await
-        };
-        match answered {
-            Ok(()) => After::KeepAlive(conn),
-            Err(_) => After::Close,
-        }
-    })
-    .await;
+    let origin = Origin::post_streams("ok").await;
     for options in ["idle_timeout: 1s", "idle_timeout: 1s, h2c: true"] {
         let proxy = Proxy::start_listening(options, &config(&origin)).await;
         let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");

@@ -576,24 +576,7 @@ async fn h2c_and_redirect_listeners() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_post_streams_tls_connection_serves_the_next_request() {
     // A POST answered by a short event stream; anything else gets `plain`.
-    let origin = Origin::start(|head, mut conn| async move {
-        let _ = conn.read_body(&head).await;
-        let answered = if head.method == "POST" {
-            async {
-                conn.sse_head().await?;
-                conn.chunk("data: token\n\n").await?;
-                conn.end().await
-            }
-            .await
-        } else {
-            conn.respond(200, "plain").await
-        };
-        match answered {
-            Ok(()) => After::KeepAlive(conn),
-            Err(_) => After::Close,
-        }
-    })
-    .await;
+    let origin = Origin::post_streams("plain").await;
     let port = common::free_port();
     let (site, _) = main_site(port, &origin, "", "").await;
     let mut tls = tls_connect(&site.ca, addr(port), "example.test", &[b"http/1.1"])

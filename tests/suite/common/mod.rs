@@ -281,6 +281,30 @@ impl Origin {
         .await
     }
 
+    /// An origin that answers a `POST` (its body read) with a short event stream, one
+    /// `data: token` event, and any other request with `200` and `body`, keeping
+    /// connections: an LLM endpoint's shape.
+    pub async fn post_streams(body: &'static str) -> Origin {
+        Origin::start(move |head, mut conn| async move {
+            let _ = conn.read_body(&head).await;
+            let answered = if head.method == "POST" {
+                async {
+                    conn.sse_head().await?;
+                    conn.chunk("data: token\n\n").await?;
+                    conn.end().await
+                }
+                .await
+            } else {
+                conn.respond(200, body).await
+            };
+            match answered {
+                Ok(()) => After::KeepAlive(conn),
+                Err(_) => After::Close,
+            }
+        })
+        .await
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
