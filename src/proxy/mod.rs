@@ -213,7 +213,12 @@ impl ProxyHttp for StreamGate {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let code = match error_response(e, ctx.service_name()) {
-            Some((code, reason)) if session.response_written().is_none() => {
+            // A `100 Continue` is not an answer: the error still gets one.
+            Some((code, reason))
+                if session
+                    .response_written()
+                    .is_none_or(|r| r.status.is_informational()) =>
+            {
                 if let Err(write_error) = write_reply(session, Reply::text(code, &reason)).await {
                     log::debug!("could not send the {code} response: {write_error}");
                 }

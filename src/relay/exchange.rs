@@ -378,12 +378,17 @@ impl Relay {
                     "a request body without the client's session",
                 ));
             };
-            if session
-                .req_header()
-                .headers
-                .get(EXPECT)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
-            {
+            // An HTTP/1.0 client's `Expect` is ignored, and it gets no 1xx (RFC 9110 10.1.1,
+            // 15.2): it may not know one.
+            let continues = {
+                let request = session.req_header();
+                request.version >= Version::HTTP_11
+                    && request
+                        .headers
+                        .get(EXPECT)
+                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+            };
+            if continues {
                 // Pingora turns keep-alive off when it writes any response before the body
                 // is read; `100 Continue` only asks for the body, so it keeps it on.
                 let close_if_answered_early = |session: &mut ServerSession, close: bool| {

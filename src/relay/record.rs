@@ -102,7 +102,10 @@ pub fn finished_session(
     if ctx.detached {
         return;
     }
-    if let Some(written) = session.response_written() {
+    if let Some(written) = session
+        .response_written()
+        .filter(|r| !r.status.is_informational())
+    {
         ctx.status = Some(written.status.as_u16());
     }
     finished(session.req_header(), session.body_bytes_sent(), e, ctx, log);

@@ -417,6 +417,10 @@ async fn request_bodies_stream_to_the_origin_as_they_arrive() {
             } else {
                 total = conn.read_body(&head).await.map(|b| b.len()).unwrap_or(0);
             }
+            if head.target == "/fail" {
+                // Reads the body, then closes without an answer.
+                return After::Close;
+            }
             let body = format!("{} {} {total}", head.method, head.target);
             match conn.respond(200, &body).await {
                 Ok(()) => After::KeepAlive(conn),
@@ -489,6 +493,29 @@ async fn request_bodies_stream_to_the_origin_as_they_arrive() {
     })
     .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // An origin that fails after the 100: the client still gets the 502 with its reason.
+    let mut raw = TcpStream::connect(proxy.addr).await.expect("connect");
+    raw.write_all(
+        b"POST /fail HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .expect("head");
+    read_until(&mut raw, "100 Continue", |got| got.ends_with(b"\r\n\r\n")).await;
+    raw.write_all(b"hello").await.expect("body");
+    let (answer, _) = read_to_end(&mut raw, "the 502").await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+
+    // An HTTP/1.0 client's Expect is ignored: no 1xx, which it may not know.
+    let mut raw = TcpStream::connect(proxy.addr).await.expect("connect");
+    raw.write_all(
+        b"POST /expect10 HTTP/1.0\r\nhost: x\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\nhello",
+    )
+    .await
+    .expect("request");
+    let (answer, _) = read_to_end(&mut raw, "the answer").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("POST /expect10 5"), "{answer}");
 }
 
 /// A stream of the parts a channel receives, for a streamed request body.
