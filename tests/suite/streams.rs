@@ -609,6 +609,37 @@ fn raw_chat(path: &str, extra: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn curl_reuses_its_connection_after_a_post_stream() {
+    // curl as an LLM client: a prompt answered by an event stream, sent after `100
+    // Continue` (as curl does for large bodies, and older curls for any over 1 KiB), then a
+    // second request on the same connection.
+    let origin = Origin::post_streams("plain").await;
+    let proxy = Proxy::start(&config(&origin, "")).await;
+    let prompt = format!(r#"{{"prompt":"{}"}}"#, "x".repeat(2000));
+    let url = proxy.url("/v1/chat");
+    let after = proxy.url("/after");
+    let curl = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-sS", "--no-buffer", "-H", "content-type: application/json"])
+            .args(["-H", "expect: 100-continue"])
+            .args(["--data-binary", &prompt, &url, "--next"])
+            .args(["-w", " connects=%{num_connects}", &after])
+            .output()
+    });
+    let out = guard("curl", curl).await.expect("task").expect("run curl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout, "data: token\n\nplain connects=0",
+        "one connection for both"
+    );
+}
+
 /// After a POST stream's first event: tells the origin to finish it, and reads until the
 /// next request's answer (`plain`), which must come after the stream's last chunk.
 async fn finish_then_next(conn: &mut TcpStream, go: &broadcast::Sender<()>) {
