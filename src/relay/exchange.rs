@@ -117,7 +117,14 @@ impl Relay {
         }
         let upgraded = opened.head.status == 101;
         strip_response_hop_by_hop(&mut opened.head, upgraded);
-        headers::response(session, &mut opened.head, ctx, &self.state.tracker).await?;
+        headers::response(
+            session,
+            &mut opened.head,
+            is_stream,
+            ctx,
+            &self.state.tracker,
+        )
+        .await?;
         if !upgraded {
             frame_for_client(&mut opened.head, session.req_header().version)?;
         }

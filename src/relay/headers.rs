@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use http::header::{self, HeaderMap, HeaderName, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::header::{self, HeaderMap, HeaderName, TRANSFER_ENCODING};
 use http::Version;
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -56,12 +56,13 @@ pub async fn upstream_request(
     Ok(())
 }
 
-/// The response header from the origin, before it goes to the client: an event stream gets
-/// the SSE rules and starts its [`Stream`]; then the chain's `response` hooks run and the
-/// body filters they return are installed.
+/// The response header from the origin, before it goes to the client: an event stream
+/// (`is_sse`, as the caller found it) gets the SSE rules and starts its [`Stream`]; then
+/// the chain's `response` hooks run and the body filters they return are installed.
 pub async fn response(
     session: &mut Session,
     response: &mut ResponseHeader,
+    is_sse: bool,
     ctx: &mut RequestCtx,
     tracker: &Arc<Tracker>,
 ) -> Result<()> {
@@ -72,11 +73,6 @@ pub async fn response(
         route.service.learn_affinity(request, response, lease.addr);
     }
     let settings = ctx.chain.sse.settings;
-    let is_sse = settings.enabled
-        && response
-            .headers
-            .get(CONTENT_TYPE)
-            .is_some_and(|v| sse::is_event_stream(v.as_bytes()));
     if is_sse {
         sse::fix_response_header(response, session.req_header().version)?;
         if settings.write_timeout.is_some() {
