@@ -20,7 +20,8 @@
 //! /proc before and after the streams open.
 //!
 //! `--post` asks for each HTTP/1.1 stream with a `POST` and a small JSON body (an LLM
-//! prompt's shape) instead of a `GET`.
+//! prompt's shape) instead of a `GET`; `--accept VALUE` sets the HTTP/1.1 requests'
+//! `Accept` (default `text/event-stream`; an LLM SDK says `application/json`).
 //!
 //! `--tls` puts a TLS listener in front (a self-signed certificate made at start; ALPN h2
 //! and http/1.1), and `--h2` adds a phase with the same streams over HTTP/2 on `--conns`
@@ -98,6 +99,8 @@ struct Args {
     tls: bool,
     h2: bool,
     post: bool,
+    /// The `Accept` header of every stream request.
+    accept: String,
     /// The peers scenario's settings.
     peers: peers::Settings,
 }
@@ -118,6 +121,7 @@ fn parse_args() -> Result<Args, String> {
         tls: false,
         h2: false,
         post: false,
+        accept: "text/event-stream".into(),
         peers: peers::Settings::default(),
     };
     let number = |v: String| v.parse::<u64>().map_err(|e| format!("{v}: {e}"));
@@ -144,6 +148,7 @@ fn parse_args() -> Result<Args, String> {
             "--tls" => args.tls = true,
             "--h2" => args.h2 = true,
             "--post" => args.post = true,
+            "--accept" => args.accept = value()?,
             "--peer" => p.peers.push(peers::Peer::parse(&value()?)?),
             "--tiers" => {
                 p.tiers = value()?
@@ -166,7 +171,7 @@ fn parse_args() -> Result<Args, String> {
                     "usage: bench [--scenario sse|chain|observability|peers|origin] [--streams N] \
                             [--seconds S] [--interval 1s] [--warmup 3s] \
                             [--mode both|direct|proxy] [--proxy PATH] [--threads N] \
-                            [--conns N] [--rounds N] [--pin] [--tls] [--h2] [--post] [--ramp 2000]\n\
+                            [--conns N] [--rounds N] [--pin] [--tls] [--h2] [--post] [--accept V] [--ramp 2000]\n\
                  peers:  --peer direct | --peer NAME=PORT:COMMAND ... [--tiers 1000,9000] \
                             [--origin 127.0.0.1:18180] [--out DIR] [--ramp 2000] [--size 256] \
                             [--burst 500000] [--burst-streams 4] [--burst-size 512] \
@@ -260,6 +265,8 @@ struct Target {
     /// HTTP/1.1 streams asked for with a `POST` and a small JSON body (as an LLM prompt
     /// is) instead of a `GET`.
     post: bool,
+    /// The `Accept` header the stream requests carry.
+    accept: String,
 }
 
 impl Target {
@@ -269,6 +276,7 @@ impl Target {
             tls: None,
             h2_conns: None,
             post: false,
+            accept: "text/event-stream".into(),
         }
     }
 
@@ -552,12 +560,16 @@ async fn open_h1(target: &Target, path: &str) -> Result<(Box<dyn Io>, Vec<u8>, B
     const PROMPT: &str = r#"{"prompt":"hello"}"#;
     let request = if target.post {
         format!(
-            "POST {path} HTTP/1.1\r\nhost: bench.test\r\naccept: text/event-stream\r\n\
+            "POST {path} HTTP/1.1\r\nhost: bench.test\r\naccept: {}\r\n\
              content-type: application/json\r\ncontent-length: {}\r\n\r\n{PROMPT}",
+            target.accept,
             PROMPT.len()
         )
     } else {
-        format!("GET {path} HTTP/1.1\r\nhost: bench.test\r\naccept: text/event-stream\r\n\r\n")
+        format!(
+            "GET {path} HTTP/1.1\r\nhost: bench.test\r\naccept: {}\r\n\r\n",
+            target.accept
+        )
     };
     io.write_all(request.as_bytes())
         .await
@@ -1135,6 +1147,7 @@ fn main() {
         if args.mode == "both" || args.mode == "direct" {
             let target = Target {
                 post: args.post,
+                accept: args.accept.clone(),
                 ..Target::plain(origin)
             };
             reports.push(run_phase("direct", target, &args, None).await);
@@ -1167,6 +1180,7 @@ fn main() {
                             tls: tls.clone(),
                             h2_conns,
                             post: args.post,
+                            accept: args.accept.clone(),
                         };
                         reports.push(run_phase(&label, target, &args, Some(pid)).await);
                     }
