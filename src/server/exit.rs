@@ -19,6 +19,11 @@ use crate::state::State;
 /// How often the count is looked at while waiting.
 const POLL: Duration = Duration::from_millis(50);
 
+/// How long nothing may be in flight before the process exits: the last bytes a request
+/// wrote may still be on their way through its connection (an HTTP/2 connection's task
+/// sends what its streams queued, the drain's `retry:` hint among them).
+const SETTLE: Duration = Duration::from_millis(250);
+
 /// How often the wait says what it is waiting for.
 const REPORT: Duration = Duration::from_secs(5);
 
@@ -36,9 +41,21 @@ impl BackgroundService for Exit {
         }
         let began = Instant::now();
         let mut reported = began;
+        let mut idle_since: Option<Instant> = None;
         loop {
             let left = self.state.in_flight.count();
-            if left == 0 {
+            let settled = match (left, idle_since) {
+                (0, Some(since)) => since.elapsed() >= SETTLE,
+                (0, None) => {
+                    idle_since = Some(Instant::now());
+                    false
+                }
+                _ => {
+                    idle_since = None;
+                    false
+                }
+            };
+            if settled {
                 log::info!(
                     "shutdown: nothing left to serve after {:.1}s (streams open at the drain: {}); exiting",
                     began.elapsed().as_secs_f64(),
