@@ -19,9 +19,10 @@
 //! the same origin and does the same through it. The proxy's resident memory is read from
 //! /proc before and after the streams open.
 //!
-//! `--post` asks for each HTTP/1.1 stream with a `POST` and a small JSON body (an LLM
-//! prompt's shape) instead of a `GET`; `--accept VALUE` sets the HTTP/1.1 requests'
-//! `Accept` (default `text/event-stream`; an LLM SDK says `application/json`).
+//! `--post` asks for each stream with a `POST` and a small JSON body (an LLM prompt's
+//! shape) instead of a `GET`; `--accept VALUE` sets the stream requests' `Accept`
+//! (default `text/event-stream`; an LLM SDK says `application/json`). Both apply to the
+//! HTTP/2 phase too.
 //!
 //! `--tls` puts a TLS listener in front (a self-signed certificate made at start; ALPN h2
 //! and http/1.1), and `--h2` adds a phase with the same streams over HTTP/2 on `--conns`
@@ -262,8 +263,8 @@ struct Target {
     /// `Some(n)`: HTTP/2, the streams spread over `n` connections; `None`: HTTP/1.1,
     /// one connection per stream.
     h2_conns: Option<usize>,
-    /// HTTP/1.1 streams asked for with a `POST` and a small JSON body (as an LLM prompt
-    /// is) instead of a `GET`.
+    /// Streams asked for with a `POST` and a small JSON body (as an LLM prompt is)
+    /// instead of a `GET`.
     post: bool,
     /// The `Accept` header the stream requests carry.
     accept: String,
@@ -553,11 +554,13 @@ fn chunk_size(line: &[u8]) -> Option<usize> {
 /// How long a stream may take to connect and get its response head.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The body of a `POST` stream request (`--post`): a prompt's shape.
+const PROMPT: &str = r#"{"prompt":"hello"}"#;
+
 /// Connects, sends `GET path` (or a `POST` with a prompt) and reads the response head;
 /// returns the connection, the body bytes read with the head, and the body's framing.
 async fn open_h1(target: &Target, path: &str) -> Result<(Box<dyn Io>, Vec<u8>, Body), String> {
     let mut io = target.connect(b"http/1.1").await?;
-    const PROMPT: &str = r#"{"prompt":"hello"}"#;
     let request = if target.post {
         format!(
             "POST {path} HTTP/1.1\r\nhost: bench.test\r\naccept: {}\r\n\
@@ -679,15 +682,28 @@ async fn h2_connection(target: &Target) -> Result<h2::client::SendRequest<Bytes>
 async fn open_h2(
     send: h2::client::SendRequest<Bytes>,
     scheme: &str,
+    post: bool,
+    accept: &str,
 ) -> Result<h2::RecvStream, String> {
     let mut send = send.ready().await.map_err(|e| e.to_string())?;
-    let request = http::Request::get(format!("{scheme}://bench.test/events"))
-        .header("accept", "text/event-stream")
-        .body(())
+    let uri = format!("{scheme}://bench.test/events");
+    let request = if post {
+        http::Request::post(uri)
+            .header("content-type", "application/json")
+            .header("content-length", PROMPT.len())
+    } else {
+        http::Request::get(uri)
+    }
+    .header("accept", accept)
+    .body(())
+    .map_err(|e| e.to_string())?;
+    let (response, mut body) = send
+        .send_request(request, !post)
         .map_err(|e| e.to_string())?;
-    let (response, _) = send
-        .send_request(request, true)
-        .map_err(|e| e.to_string())?;
+    if post {
+        body.send_data(Bytes::from_static(PROMPT.as_bytes()), true)
+            .map_err(|e| e.to_string())?;
+    }
     let response = response.await.map_err(|e| e.to_string())?;
     if response.status() != 200 {
         return Err(format!("status {}", response.status()));
@@ -699,6 +715,7 @@ async fn open_h2(
 async fn h2_stream(
     send: h2::client::SendRequest<Bytes>,
     scheme: &'static str,
+    target: Target,
     run: Arc<Run>,
 ) -> StreamStats {
     let mut stats = StreamStats::new();
@@ -706,7 +723,7 @@ async fn h2_stream(
     let mut stop = run.stop.subscribe();
     let opened = tokio::select! {
         _ = stop.changed() => Err("stopped before the response head".to_string()),
-        opened = tokio::time::timeout(OPEN_TIMEOUT, open_h2(send, scheme)) => {
+        opened = tokio::time::timeout(OPEN_TIMEOUT, open_h2(send, scheme, target.post, &target.accept)) => {
             opened.unwrap_or_else(|_| Err(format!("no response head within {OPEN_TIMEOUT:?}")))
         }
     };
@@ -839,7 +856,7 @@ async fn open_streams(
         }
         let run = run.clone();
         tasks.push(match connections.get(i % connections.len().max(1)) {
-            Some(send) => tokio::spawn(h2_stream(send.clone(), scheme, run)),
+            Some(send) => tokio::spawn(h2_stream(send.clone(), scheme, target.clone(), run)),
             None => tokio::spawn(h1_stream(target.clone(), path.to_string(), run)),
         });
     }
@@ -1166,7 +1183,7 @@ fn main() {
             let mut phases = vec![(format!("proxy h1{suffix}{post}"), None)];
             if args.h2 {
                 phases.push((
-                    format!("proxy h2{suffix} x{}", args.conns),
+                    format!("proxy h2{suffix}{post} x{}", args.conns),
                     Some(args.conns),
                 ));
             }
