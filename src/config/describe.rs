@@ -50,17 +50,12 @@ impl Config {
         for service in self.services.values() {
             out.push_str(&format!("  {:<20} {}\n", service.name, service.url));
             out.push_str(&format!(
-                "  {:<20} endpoints: {}, {}{}{}\n",
+                "  {:<20} endpoints: {}, {}{}\n",
                 "",
                 service.discovery.as_deref().unwrap_or("the URL"),
                 service.endpoints.algorithm().as_str(),
                 if service.retries > 0 {
                     format!(", {} retries", service.retries)
-                } else {
-                    String::new()
-                },
-                if service.preconnect > 0 {
-                    format!(", {} spare connections kept ready", service.preconnect)
                 } else {
                     String::new()
                 }

@@ -162,9 +162,6 @@ pub struct ServiceFile {
     /// Further endpoints to try when connecting fails (never once a request was sent).
     #[serde(default)]
     pub retries: Option<u32>,
-    /// Spare connections kept ready to an endpoint a request just connected to.
-    #[serde(default)]
-    pub preconnect: Option<usize>,
     /// Session affinity learned from responses: `header: NAME` or `cookie: NAME`, `ttl`,
     /// `max_entries`.
     #[serde(default)]

@@ -1054,23 +1054,3 @@ fn bad_affinity_settings_are_refused_at_their_key() {
     assert!(e.to_string().contains("not both"), "{e}");
     refused(&service("      ttl: 1m\n"), 4, "services.feed.affinity");
 }
-
-#[test]
-fn preconnect_is_bounded_and_shown() {
-    let e = refused(
-        "services:\n  w:\n    url: \"http://127.0.0.1:1\"\n    preconnect: 65\n",
-        4,
-        "services.w.preconnect",
-    );
-    assert!(e.to_string().contains("at most 64"), "{e}");
-    let config = load("services:\n  w:\n    url: \"http://127.0.0.1:1\"\n    preconnect: 2\n")
-        .expect("loads");
-    assert_eq!(config.services["w"].preconnect, 2);
-    assert!(
-        config.describe().contains("2 spare connections kept ready"),
-        "{}",
-        config.describe()
-    );
-    let off = load("services:\n  w:\n    url: \"http://127.0.0.1:1\"\n").expect("loads");
-    assert_eq!(off.services["w"].preconnect, 0);
-}

@@ -75,9 +75,7 @@ impl StreamGate {
         server: &ServerConf,
         handback: Arc<Handback>,
     ) -> Self {
-        let connector = Arc::new(TransportConnector::new(Some(
-            ConnectorOptions::from_server_conf(server),
-        )));
+        let connector = TransportConnector::new(Some(ConnectorOptions::from_server_conf(server)));
         StreamGate {
             relay: Arc::new(Relay {
                 state: state.clone(),

@@ -27,7 +27,6 @@
 //!                      exchange ended cleanly
 //! ```
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +36,7 @@ use http::{Method, Version};
 use pingora_core::connectors::TransportConnector;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream as L4Stream;
-use pingora_core::upstreams::peer::{HttpPeer, Peer};
+use pingora_core::upstreams::peer::Peer;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
@@ -55,7 +54,6 @@ use crate::http_util::remove_request_header;
 use crate::sse;
 use crate::sse::drain::drain_deadline;
 use crate::state::State;
-use crate::upstream::Service;
 
 /// How long an origin that stopped reading a request body is given to show its answer.
 const EARLY_ANSWER: Duration = Duration::from_millis(200);
@@ -63,9 +61,7 @@ const EARLY_ANSWER: Duration = Duration::from_millis(200);
 /// The relay of one server instance: its state and the connector to origins.
 pub struct Relay {
     pub state: Arc<State>,
-    /// Pingora's connector and its pool of idle origin connections (shared with the tasks
-    /// that open spare connections, `preconnect`).
-    pub connector: Arc<TransportConnector>,
+    pub connector: TransportConnector,
     /// Where a client connection kept alive after a stream carried in its own task goes.
     pub handback: Arc<Handback>,
 }
@@ -310,7 +306,6 @@ impl Relay {
                     return Err(e.into_up());
                 }
             };
-            self.preconnect(service, &peer, reused);
             ctx.upstream.lease = Some(lease);
             let mut conn = OriginConn::new(stream, reused);
             let mut sent = self
@@ -606,52 +601,6 @@ impl Relay {
                 return Ok(());
             }
         }
-    }
-
-    /// Keeps `service.preconnect` spare connections ready to the endpoint of `peer`, which a
-    /// request just took a connection to: all of them when it found none in the pool (the
-    /// first request there, or after a burst used them up), one to replace the one it
-    /// took otherwise. A spare goes into Pingora's pool, where the next request to that
-    /// endpoint finds it (a stream does not wait for a connect, nor for a TLS handshake),
-    /// and where it is closed like any idle connection: after `timeouts.idle`, when the
-    /// origin closes it, or when the pool is full. At most `preconnect` spare connects run
-    /// at once per service; none while the process drains; a failed one is logged and
-    /// not charged to the endpoint (the requests that need it will find out).
-    fn preconnect(&self, service: &Service, peer: &HttpPeer, reused: bool) {
-        let most = service.preconnect;
-        if most == 0 || self.state.drain.draining() {
-            return;
-        }
-        let wanted = if reused { 1 } else { most };
-        let claimed = service
-            .preconnecting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |running| {
-                (running < most).then(|| running + wanted.min(most - running))
-            })
-            .map_or(0, |running| wanted.min(most - running));
-        if claimed == 0 {
-            return;
-        }
-        let connector = self.connector.clone();
-        let running = service.preconnecting.clone();
-        let peer = peer.clone();
-        let idle = service.timeouts.idle;
-        tokio::spawn(async move {
-            let mut left = claimed;
-            while left > 0 {
-                let made = connector.new_stream(&peer).await;
-                left -= 1;
-                running.fetch_sub(1, Ordering::AcqRel);
-                match made {
-                    Ok(stream) => connector.release_stream(stream, peer.reuse_hash(), idle),
-                    Err(e) => {
-                        log::debug!("a spare connection to {} failed: {e}", peer.address());
-                        running.fetch_sub(left, Ordering::AcqRel);
-                        return;
-                    }
-                }
-            }
-        });
     }
 
     /// Gives the connection back to the pool when the exchange ended cleanly.

@@ -18,7 +18,6 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -245,12 +244,6 @@ pub struct Service {
     pub hash_key: HashKey,
     /// Further endpoints a request may try when connecting fails.
     pub retries: u32,
-    /// Spare connections kept ready to the endpoint a request just connected to
-    /// (`preconnect`), so the next request there does not wait for a connect (and a TLS
-    /// handshake); 0: none.
-    pub preconnect: usize,
-    /// Spare connects under way, at most `preconnect` at once.
-    pub preconnecting: Arc<AtomicUsize>,
     /// Where the endpoints come from, for `-t` (`None`: the URL).
     pub discovery: Option<String>,
     /// TLS to the origin: set exactly when the service is `https`.
@@ -294,8 +287,6 @@ impl Service {
             endpoints,
             hash_key: HashKey::ClientIp,
             retries: 0,
-            preconnect: 0,
-            preconnecting: Arc::new(AtomicUsize::new(0)),
             discovery: None,
             tls: None,
             affinity: None,

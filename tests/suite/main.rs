@@ -19,7 +19,6 @@ mod https_upstream;
 mod lifecycle;
 mod middleware;
 mod paths;
-mod preconnect;
 mod properties;
 mod proxy;
 mod reload;

@@ -54,9 +54,6 @@ pub fn services(
 }
 
 /// `timeouts:` over the defaults.
-/// The most spare connections `preconnect` may keep ready to one endpoint.
-const MAX_PRECONNECT: usize = 64;
-
 fn timeouts(file: Option<&TimeoutsFile>) -> Timeouts {
     let base = Timeouts::default();
     let Some(file) = file else {
@@ -128,15 +125,6 @@ fn service(
             Kind::Invalid("hash_key applies only to `load_balancing: consistent_hash`".into()),
         ));
     }
-    let preconnect = file.preconnect.unwrap_or(0);
-    if preconnect > MAX_PRECONNECT {
-        return Err(source.error(
-            path.key("preconnect"),
-            Kind::Invalid(format!(
-                "at most {MAX_PRECONNECT} spare connections per endpoint (got {preconnect})"
-            )),
-        ));
-    }
     let passive = file
         .passive_health
         .as_ref()
@@ -204,7 +192,6 @@ fn service(
     service.timeouts = timeouts(file.timeouts.as_ref());
     service.hash_key = file.hash_key.clone().unwrap_or(HashKey::ClientIp);
     service.retries = file.retries.unwrap_or(0);
-    service.preconnect = preconnect;
     service.discovery = file.discovery.as_ref().map(|d| d.to_string());
     if let Some(affinity) = &file.affinity {
         service.affinity = Some(affinity.build(state.metrics.affinity(name)));
