@@ -38,6 +38,8 @@ impl ProxyHttp for Floor {
 }
 
 fn main() {
+    // Pingora's own errors (on stderr; `RUST_LOG` filters), as streamgate logs them.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error")).init();
     let mut listen = "127.0.0.1:18187".to_string();
     let mut upstream: SocketAddr = ([127, 0, 0, 1], 18180).into();
     let mut threads = 2;

@@ -19,7 +19,7 @@ static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Installs the logger; `info` unless `RUST_LOG` says otherwise.
 pub fn init() {
-    let installed =
+    let logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
             .format(|out, record| {
                 writeln!(
@@ -31,11 +31,53 @@ pub fn init() {
                     record.args()
                 )
             })
-            .try_init()
-            .is_ok();
-    if installed {
+            .build();
+    let max = logger.filter();
+    if log::set_boxed_logger(Box::new(Logger(logger))).is_ok() {
+        log::set_max_level(max);
         INSTALLED.store(true, Ordering::Release);
     }
+}
+
+/// env_logger, with Pingora's report of a race it recovers from logged at `debug`: taking a
+/// pooled origin connection while the task that watched it idle, on another thread, has not
+/// quite let go of it. Pingora then drops that connection and the request connects anew,
+/// so nothing failed; but it says so at `error`, about once in a few thousand reuses under
+/// keep-alive load (a Pingora proxy without streamgate's code does the same).
+struct Logger(env_logger::Logger);
+
+impl log::Log for Logger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !is_pool_race(record) {
+            return self.0.log(record);
+        }
+        let lowered = log::Record::builder()
+            .args(*record.args())
+            .level(log::Level::Debug)
+            .target(record.target())
+            .module_path(record.module_path())
+            .file(record.file())
+            .line(record.line())
+            .build();
+        if self.0.enabled(lowered.metadata()) {
+            self.0.log(&lowered);
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush()
+    }
+}
+
+/// Pingora's "failed to acquire reusable stream" (see [`Logger`]).
+fn is_pool_race(record: &log::Record<'_>) -> bool {
+    record.level() == log::Level::Error
+        && record.target() == "pingora_core::connectors"
+        && record.args().as_str() == Some("failed to acquire reusable stream")
 }
 
 /// Writes an access log `line` (ending in a newline): straight to stderr when [`init`]
@@ -102,6 +144,29 @@ impl Throttle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record<'a>(level: log::Level, target: &'a str, args: std::fmt::Arguments<'a>) -> bool {
+        is_pool_race(
+            &log::Record::builder()
+                .level(level)
+                .target(target)
+                .args(args)
+                .build(),
+        )
+    }
+
+    #[test]
+    fn only_pingoras_pool_race_is_lowered() {
+        let connectors = "pingora_core::connectors";
+        let race = format_args!("failed to acquire reusable stream");
+        assert!(record(log::Level::Error, connectors, race));
+        let other = format_args!("failed to connect");
+        assert!(!record(log::Level::Error, connectors, other));
+        let race = format_args!("failed to acquire reusable stream");
+        assert!(!record(log::Level::Error, "streamgate::relay", race));
+        let race = format_args!("failed to acquire reusable stream");
+        assert!(!record(log::Level::Warn, connectors, race));
+    }
 
     #[test]
     fn a_throttle_lets_through_its_rate_and_counts_the_rest() {
