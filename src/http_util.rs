@@ -120,6 +120,14 @@ pub fn session_client(session: &ServerSession, trusted: &[IpNet]) -> Option<IpAd
     ))
 }
 
+/// The final response head written to the client, if one was: an informational one (the
+/// `100 Continue` a request body waited for) is not the answer.
+pub fn answer_written(session: &ServerSession) -> Option<&ResponseHeader> {
+    session
+        .response_written()
+        .filter(|r| !r.status.is_informational())
+}
+
 /// `https` when the request came over TLS, else `http`: what `X-Forwarded-Proto` says.
 pub fn scheme(session: &ServerSession) -> &'static str {
     let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());

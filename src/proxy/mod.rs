@@ -43,7 +43,7 @@ use pingora_error::{Error, ErrorType, Result};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::config::Config;
-use crate::http_util::{request_host, session_client};
+use crate::http_util::{answer_written, request_host, session_client};
 use crate::listen::certs::below_min_version;
 use crate::middleware::{Outcome, Reply};
 use crate::relay::client::Handback;
@@ -213,12 +213,8 @@ impl ProxyHttp for StreamGate {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let code = match error_response(e, ctx.service_name()) {
-            // A `100 Continue` is not an answer: the error still gets one.
-            Some((code, reason))
-                if session
-                    .response_written()
-                    .is_none_or(|r| r.status.is_informational()) =>
-            {
+            // After a `100 Continue` too: the error still gets its answer.
+            Some((code, reason)) if answer_written(session).is_none() => {
                 if let Err(write_error) = write_reply(session, Reply::text(code, &reason)).await {
                     log::debug!("could not send the {code} response: {write_error}");
                 }

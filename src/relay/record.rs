@@ -8,6 +8,7 @@ use pingora_http::RequestHeader;
 use super::context::RequestCtx;
 use crate::access_log::{self, Entry};
 use crate::config::AccessLog;
+use crate::http_util::answer_written;
 use crate::logging::Throttle;
 use crate::sse::CloseReason;
 
@@ -102,10 +103,7 @@ pub fn finished_session(
     if ctx.detached {
         return;
     }
-    if let Some(written) = session
-        .response_written()
-        .filter(|r| !r.status.is_informational())
-    {
+    if let Some(written) = answer_written(session) {
         ctx.status = Some(written.status.as_u16());
     }
     finished(session.req_header(), session.body_bytes_sent(), e, ctx, log);
