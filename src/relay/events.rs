@@ -114,6 +114,9 @@ pub async fn relay(
     let timer = sleep_until(Deadline::now());
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
+    // Body bytes the origin had ready with its head, read before the head is written so
+    // both go in one write; kept across turns until the read branch takes them.
+    let mut ready = None;
     loop {
         let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.at_boundary());
         if let Some(end) = ending.filter(|_| at_boundary) {
@@ -152,8 +155,7 @@ pub async fn relay(
         let mut failed: Option<Box<Error>> = None;
         // A response head not yet written goes with the first body bytes if the origin
         // has them ready, else now: the client has the head without waiting for an event.
-        let mut ready = None;
-        if client.head_pending() {
+        if client.head_pending() && ready.is_none() {
             ready = link.conn.read_body().now_or_never();
             if ready.is_none() {
                 client.send_head().await?;
@@ -261,6 +263,7 @@ pub async fn relay(
                     Box::pin(try_resume(relay, client, ctx, &mut resumes, &e, request)).await;
                 if let Some(next) = resumed_origin {
                     *link = next.link;
+                    ready = None;
                     tail.clear();
                     resumed = true;
                     last_origin = Instant::now();

@@ -5,8 +5,9 @@
 //! not per listener, so listeners are grouped: one proxy service for TLS listeners and
 //! plain HTTP/1.1 ones, a second for plain listeners that also take HTTP/2 with prior
 //! knowledge (`h2c`), and for each `redirect_http` listener a small service that answers
-//! every request with a 308 to the https form. The proxy services share one config handle, so
-//! a reload reaches every listener at once.
+//! every request with a 308 to the https form. Each proxy service runs as one copy per
+//! worker thread (see [`workers`]). The proxy services share one config handle and one
+//! state, so a reload reaches every listener at once and limits count across threads.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -68,55 +69,58 @@ pub fn services(
                 ListenerKind::Tls { .. } => !h2c,
                 ListenerKind::Redirect { .. } => false,
             })
+            .filter(|l| {
+                let missing =
+                    matches!(l.kind, ListenerKind::Tls { .. }) && !config.tls.contains_key(&l.addr);
+                if missing {
+                    log::error!("{}: no certificates loaded; not listening", l.addr);
+                }
+                !missing
+            })
             .collect();
         if group.is_empty() {
             continue;
         }
         let name = if h2c { "streamgate h2c" } else { "streamgate" };
-        let handback = Arc::new(Handback::default());
-        let mut app = pingora_proxy::http_proxy(
-            server_conf,
-            StreamGate::new(
-                current.clone(),
-                state.clone(),
+        let gates: Vec<Arc<Gate>> = group.iter().map(|l| Gate::new(l, &state.metrics)).collect();
+        let workers = workers(server_conf);
+        for worker in 0..workers {
+            let handback = Arc::new(Handback::default());
+            let mut app = pingora_proxy::http_proxy(
                 server_conf,
-                handback.clone(),
-            ),
-        );
-        let mut options = HttpServerOptions::default();
-        options.h2c = h2c;
-        options.h2_idle_timeout = config.http2.idle_timeout;
-        app.server_options = Some(options);
-        let mut h2 = default_h2_options();
-        h2.max_concurrent_streams(config.http2.max_concurrent_streams);
-        app.h2_options = Some(h2);
-        let gates = group.iter().map(|l| Gate::new(l, &state.metrics)).collect();
-        let mut proxy = Service::new(
-            name.to_string(),
-            Admitting::new(app, gates).handing_back(handback),
-        );
-        for listener in group {
-            let mut endpoint = endpoint(listener);
-            if let ListenerKind::Tls { http2 } = listener.kind {
-                let Some(tls) = config.tls.get(&listener.addr) else {
-                    log::error!("{}: no certificates loaded; not listening", listener.addr);
-                    continue;
-                };
-                let resolver = CertResolver::new(current.clone(), listener.addr, tls.clone());
-                let mut settings = match TlsSettings::intermediate("", "") {
-                    Ok(settings) => settings,
-                    Err(e) => {
-                        log::error!("{}: TLS settings: {e}; not listening", listener.addr);
-                        continue;
-                    }
-                };
-                settings.set_cert_resolver(Arc::new(resolver));
-                settings.set_alpn(if http2 { ALPN::H2H1 } else { ALPN::H1 });
-                endpoint = endpoint.tls(settings);
+                StreamGate::new(
+                    current.clone(),
+                    state.clone(),
+                    server_conf,
+                    handback.clone(),
+                ),
+            );
+            let mut options = HttpServerOptions::default();
+            options.h2c = h2c;
+            options.h2_idle_timeout = config.http2.idle_timeout;
+            app.server_options = Some(options);
+            let mut h2 = default_h2_options();
+            h2.max_concurrent_streams(config.http2.max_concurrent_streams);
+            app.h2_options = Some(h2);
+            let mut proxy = Service::new(
+                if workers == 1 {
+                    name.to_string()
+                } else {
+                    format!("{name} {worker}")
+                },
+                Admitting::new(app, gates.clone()).handing_back(handback),
+            );
+            if !server_conf.work_stealing {
+                proxy.threads = Some(1);
             }
-            proxy.add_listener(endpoint);
+            for listener in &group {
+                match proxy_endpoint(listener, config, current) {
+                    Some(endpoint) => proxy.add_listener(endpoint),
+                    None => continue,
+                }
+            }
+            services.push(Box::new(proxy));
         }
-        services.push(Box::new(proxy));
     }
 
     for listener in &config.listeners {
@@ -131,6 +135,47 @@ pub fn services(
         }
     }
     services
+}
+
+/// How many copies of each proxy service run. Pingora's single-threaded runtimes
+/// (`work_stealing: false`, the default) hand every accepted connection to a random thread
+/// and leave its socket registered with the accepting thread's reactor, so each readiness
+/// of the client's socket, and often each accept, wakes a second thread. One copy per
+/// thread, each with a runtime of one thread, accepts on that thread (all copies share the
+/// listening socket) and keeps the whole connection there: its client socket, its origin
+/// connections and the pool they return to (one per copy, as in nginx's workers). With
+/// work stealing, one service uses all the threads.
+fn workers(server_conf: &ServerConf) -> usize {
+    if server_conf.work_stealing {
+        1
+    } else {
+        server_conf.threads.max(1)
+    }
+}
+
+/// The endpoint of a proxy listener, with its TLS settings; `None` (logged) when they
+/// cannot be made.
+fn proxy_endpoint(
+    listener: &Listener,
+    config: &Config,
+    current: &Arc<ArcSwap<Config>>,
+) -> Option<ListenerConfig> {
+    let endpoint = endpoint(listener);
+    let ListenerKind::Tls { http2 } = listener.kind else {
+        return Some(endpoint);
+    };
+    let tls = config.tls.get(&listener.addr)?;
+    let resolver = CertResolver::new(current.clone(), listener.addr, tls.clone());
+    let mut settings = match TlsSettings::intermediate("", "") {
+        Ok(settings) => settings,
+        Err(e) => {
+            log::error!("{}: TLS settings: {e}; not listening", listener.addr);
+            return None;
+        }
+    };
+    settings.set_cert_resolver(Arc::new(resolver));
+    settings.set_alpn(if http2 { ALPN::H2H1 } else { ALPN::H1 });
+    Some(endpoint.tls(settings))
 }
 
 /// The listening endpoint of `listener`, without TLS.
@@ -261,6 +306,47 @@ fn https_url(host: &str, port: u16, path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The proxy services `text` gets, as (name, threads).
+    fn proxy_services(text: &str) -> Vec<(String, Option<usize>)> {
+        let path = std::path::Path::new("main.yaml");
+        let mut config =
+            Config::from_text(path, text, std::path::Path::new(".")).expect("the config loads");
+        let server_conf = Arc::new(std::mem::take(&mut config.server));
+        let state = config.state.clone();
+        let current = Arc::new(ArcSwap::from_pointee(config));
+        services(&server_conf, &current.load(), &current, &state)
+            .iter()
+            .map(|s| (s.name().to_string(), s.threads()))
+            .collect()
+    }
+
+    #[test]
+    fn each_worker_thread_serves_its_own_copy_of_the_proxy() {
+        let listeners =
+            "listen:\n  - \"127.0.0.1:1\"\n  - { address: \"127.0.0.1:2\", h2c: true }\n\
+                         services:\n  o:\n    url: \"http://127.0.0.1:3\"\n";
+        let one = |name: &str| (name.to_string(), Some(1));
+        assert_eq!(
+            proxy_services(&format!("threads: 3\n{listeners}")),
+            [
+                one("streamgate 0"),
+                one("streamgate 1"),
+                one("streamgate 2"),
+                one("streamgate h2c 0"),
+                one("streamgate h2c 1"),
+                one("streamgate h2c 2"),
+            ]
+        );
+        // With work stealing, one service runs on all the threads.
+        assert_eq!(
+            proxy_services(&format!("threads: 3\nwork_stealing: true\n{listeners}")),
+            [
+                ("streamgate".to_string(), None),
+                ("streamgate h2c".to_string(), None)
+            ]
+        );
+    }
 
     #[test]
     fn redirect_targets() {

@@ -781,6 +781,56 @@ async fn a_post_streams_connection_serves_the_next_request_after_it() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_stray_client_byte_before_the_origin_answers_loses_no_event() {
+    // A GET stream's client sends a byte that belongs to no request while the proxy waits
+    // for the origin, which then answers with its head and first event in one write: the
+    // stream goes on, from its first event.
+    let (go, _) = broadcast::channel::<()>(8);
+    let go_for_origin = go.clone();
+    let origin = Origin::start(move |_, mut conn| {
+        let mut go = go_for_origin.subscribe();
+        async move {
+            let _ = go.recv().await;
+            let sent = conn
+                .write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                      transfer-encoding: chunked\r\n\r\n9\r\ndata: a\n\n\r\n",
+                )
+                .await;
+            if sent.is_ok() {
+                let _ = go.recv().await;
+                let _ = conn.chunk("data: b\n\n").await;
+                let _ = conn.end().await;
+            }
+            After::Close
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, "")).await;
+    for round in 0..8 {
+        let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");
+        conn.write_all(b"GET /feed HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("send");
+        eventually("the origin has the request", || async {
+            origin.connections() > round
+        })
+        .await;
+        conn.write_all(b"x").await.expect("the stray byte");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        go.send(()).expect("go");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        go.send(()).expect("go on");
+        let got = read_until(&mut conn, "the second event", |got| {
+            String::from_utf8_lossy(got).contains("data: b")
+        })
+        .await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.contains("data: a\n\n"), "round {round}: {got}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_upgraded_connection_relays_bytes_both_ways() {
     let origin = Origin::start(|head, mut conn| async move {
         assert_eq!(head.header("upgrade"), Some("echo"));
