@@ -42,11 +42,12 @@ pub fn init() {
 /// env_logger, with Pingora's report of a race it recovers from logged at `debug`: taking a
 /// pooled origin connection while the task that watched it idle, on another thread, has not
 /// quite let go of it. Pingora then drops that connection and the request connects anew,
-/// so nothing failed; but it says so at `error`. With each worker thread serving its own
-/// copy of the proxy and pool (the default, `server::listeners`), the watcher runs on the
-/// same thread and the race cannot happen; with `work_stealing: true` it happened about
-/// once in 400-700 requests under keep-alive load here (a Pingora proxy without
-/// streamgate's code does the same).
+/// so nothing failed; but it says so at `error`. It needs the watcher and the request on
+/// two threads at once: with Pingora's own layout for several single-threaded runtimes
+/// (one pool for all, connections on random threads) it happened about once in 400-700
+/// requests under keep-alive load here, Pingora without streamgate's code included. With a
+/// copy of the proxy and its pool per thread (`server::listeners`) it cannot; with
+/// `work_stealing: true` a stolen watcher still can, though none was seen in 8 s of load.
 struct Logger(env_logger::Logger);
 
 impl log::Log for Logger {
