@@ -73,12 +73,12 @@ impl Config {
             out.push('\n');
         }
         out.push_str(&format!(
-            "worker threads: {} per listener service, work stealing {}\n",
+            "worker threads: {}, {}\n",
             self.server.threads,
             if self.server.work_stealing {
-                "on"
+                "work stealing on (one proxy for all)"
             } else {
-                "off"
+                "each with its own proxy and upstream pool (work stealing off)"
             }
         ));
         if let Some(grace) = self.server.grace_period_seconds {

@@ -254,14 +254,29 @@ async fn upstream_connections_are_reused() {
         origin.url()
     );
     let proxy = Proxy::start(&config).await;
+    // Ten requests one after another, each on a new client connection or all on one kept
+    // alive: each worker thread (two) keeps a pool of its own, so one origin connection
+    // each at most.
     for _ in 0..5 {
         assert_eq!(get(&proxy, "h", "/").await, (200, "ok".into()));
     }
-    assert_eq!(
-        origin.connections(),
-        1,
-        "five requests over one upstream connection"
-    );
+    let client = client();
+    for _ in 0..5 {
+        let response = client.get(proxy.url("/")).send().await.expect("response");
+        assert_eq!(response.text().await.expect("body"), "ok");
+    }
+    assert!(origin.connections() <= 2, "{}", origin.connections());
+    // With one thread, one pool: one origin connection for all of them.
+    let origin = Origin::plain("ok").await;
+    let proxy = Proxy::start(&format!(
+        "threads: 1\nservices:\n  web:\n    url: \"{}\"\nhost_rules:\n  - pattern: \"*\"\n    target: web\n",
+        origin.url()
+    ))
+    .await;
+    for _ in 0..5 {
+        assert_eq!(get(&proxy, "h", "/").await, (200, "ok".into()));
+    }
+    assert_eq!(origin.connections(), 1, "five requests over one connection");
 }
 
 #[tokio::test(flavor = "multi_thread")]

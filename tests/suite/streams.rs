@@ -265,6 +265,11 @@ async fn curl_style_streams_get_heartbeats_limits_and_admin_ends() {
         while seen.recv().await.as_deref() != Some("closed /quiet/a") {}
     })
     .await;
+    // Its task (on either worker thread) frees the slot as it ends.
+    eventually("the ended stream to leave the registry", || async {
+        proxy.state.tracker.snapshot().len() == 1
+    })
+    .await;
     let fourth = curl("/quiet/d").await.expect("answer");
     assert_eq!(
         fourth.status(),

@@ -457,7 +457,15 @@ impl Proxy {
         Proxy::start_text(listen + body).await
     }
 
+    /// Two worker threads unless `text` says otherwise, as the shipped configs have: each
+    /// runs its own copy of the proxy, so what they share (limits, the stream registry, the
+    /// drain) is shared in every test.
     async fn start_text(text: String) -> Proxy {
+        let text = if text.lines().any(|l| l.starts_with("threads:")) {
+            text
+        } else {
+            format!("threads: 2\n{text}")
+        };
         let config = Config::from_text(Path::new("test.yaml"), &text, Path::new("."))
             .unwrap_or_else(|e| {
                 panic!("test config does not load: {e}\n{text}");
