@@ -114,9 +114,8 @@ pub fn services(
                 proxy.threads = Some(1);
             }
             for listener in &group {
-                match proxy_endpoint(listener, config, current) {
-                    Some(endpoint) => proxy.add_listener(endpoint),
-                    None => continue,
+                if let Some(endpoint) = proxy_endpoint(listener, config, current) {
+                    proxy.add_listener(endpoint);
                 }
             }
             services.push(Box::new(proxy));
