@@ -10,8 +10,9 @@
 //! state, so a reload reaches every listener at once and limits count across threads.
 
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -19,14 +20,16 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION};
 use http::{Response, StatusCode};
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::apps::HttpServerOptions;
+use pingora_core::apps::ServerApp;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions, ALPN};
 use pingora_core::protocols::http::v2::server::default_h2_options;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::TcpKeepalive;
 use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{Fds, ListenFds, ShutdownWatch};
 use pingora_core::services::listening::Service;
-use pingora_core::services::ServiceWithDependents;
+use pingora_core::services::{Service as ServiceTrait, ServiceWithDependents};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
@@ -118,7 +121,15 @@ pub fn services(
                     proxy.add_listener(endpoint);
                 }
             }
-            services.push(Box::new(proxy));
+            if worker == 0 {
+                services.push(Box::new(proxy));
+            } else {
+                let addrs = group.iter().map(|l| l.addr.to_string()).collect();
+                services.push(Box::new(Copy {
+                    inner: proxy,
+                    addrs,
+                }));
+            }
         }
     }
 
@@ -150,6 +161,88 @@ fn workers(server_conf: &ServerConf) -> usize {
     } else {
         server_conf.threads.max(1)
     }
+}
+
+/// How long a copy waits for the first copy's listening sockets (Pingora itself tries to
+/// bind an address in use for about five seconds).
+const FIRST_COPY_WAIT: Duration = Duration::from_secs(10);
+
+/// A copy of a proxy service after the first. The copies accept on the same sockets, but
+/// Pingora closes every listening socket it was given when its service stops: given the
+/// first copy's descriptors, each copy would close them again (a descriptor that may by
+/// then be another file's). So a copy is started on a table of its own holding
+/// duplicates of the first copy's descriptors, which it owns and closes; the shared table,
+/// which a `-u` upgrade hands to the next process, holds only the first copy's.
+struct Copy<A> {
+    inner: Service<A>,
+    /// The addresses of its listeners, as Pingora's table names them.
+    addrs: Vec<String>,
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Copy<A> {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        let Some(shared) = fds else {
+            return ServiceTrait::start_service(&mut self.inner, None, shutdown, listeners_per_fd)
+                .await;
+        };
+        let mut own = Fds::new();
+        let waited = Instant::now();
+        for addr in &self.addrs {
+            loop {
+                let first = shared.lock().get(addr).copied();
+                if let Some(fd) = first {
+                    match duplicate(fd) {
+                        Ok(copy) => own.add(addr.clone(), copy),
+                        Err(e) => {
+                            log::error!(
+                                "{}: {addr}: cannot share the socket: {e}",
+                                ServiceTrait::name(self)
+                            )
+                        }
+                    }
+                    break;
+                }
+                if waited.elapsed() > FIRST_COPY_WAIT {
+                    log::error!(
+                        "{}: {addr}: the first copy never listened",
+                        ServiceTrait::name(self)
+                    );
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let own = Arc::new(parking_lot::Mutex::new(own));
+        ServiceTrait::start_service(&mut self.inner, Some(own), shutdown, listeners_per_fd).await
+    }
+
+    fn name(&self) -> &str {
+        ServiceTrait::name(&self.inner)
+    }
+
+    fn threads(&self) -> Option<usize> {
+        ServiceTrait::threads(&self.inner)
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        ServiceTrait::listen_addresses(&self.inner)
+    }
+}
+
+/// A new descriptor of the socket `fd` (close-on-exec), owned by the caller.
+fn duplicate(fd: RawFd) -> std::io::Result<RawFd> {
+    // SAFETY: F_DUPFD_CLOEXEC only reads `fd`; a closed one is an error, not UB.
+    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if copy < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(copy)
 }
 
 /// The endpoint of a proxy listener, with its TLS settings; `None` (logged) when they

@@ -129,7 +129,7 @@ async fn upgrade_with_dash_u_hands_over_without_refusing_requests() {
     std::fs::write(
         &config,
         format!(
-            "pid_file: {dir}/sg.pid\nupgrade_sock: {dir}/upgrade.sock\n\
+            "threads: 2\npid_file: {dir}/sg.pid\nupgrade_sock: {dir}/upgrade.sock\n\
              grace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n\
              listen: [\"127.0.0.1:{port}\"]\ndemo: {{ listen: \"127.0.0.1:{demo}\" }}\n\
              services:\n  demo: {{ url: \"http://127.0.0.1:{demo}\" }}\n\

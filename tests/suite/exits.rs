@@ -89,7 +89,7 @@ fn write_config(
     std::fs::write(
         config,
         format!(
-            "pid_file: {dir}/sg.pid\nupgrade_sock: {dir}/upgrade.sock\n\
+            "threads: 2\npid_file: {dir}/sg.pid\nupgrade_sock: {dir}/upgrade.sock\n\
              graceful_shutdown_timeout_seconds: 1\n\
              listen:\n  - \"127.0.0.1:{h1}\"\n  - {{ address: \"127.0.0.1:{h2c}\", h2c: true }}\n\
              sse: {{ drain_period: {}ms }}\n\
