@@ -125,7 +125,7 @@ pub fn services(
                 services.push(Box::new(proxy));
             } else {
                 let addrs = group.iter().map(|l| l.addr.to_string()).collect();
-                services.push(Box::new(Copy {
+                services.push(Box::new(Sibling {
                     inner: proxy,
                     addrs,
                 }));
@@ -173,14 +173,14 @@ const FIRST_COPY_WAIT: Duration = Duration::from_secs(10);
 /// then be another file's). So a copy is started on a table of its own holding
 /// duplicates of the first copy's descriptors, which it owns and closes; the shared table,
 /// which a `-u` upgrade hands to the next process, holds only the first copy's.
-struct Copy<A> {
+struct Sibling<A> {
     inner: Service<A>,
     /// The addresses of its listeners, as Pingora's table names them.
     addrs: Vec<String>,
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Copy<A> {
+impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Sibling<A> {
     async fn start_service(
         &mut self,
         fds: Option<ListenFds>,
