@@ -269,9 +269,8 @@ impl Drop for TrackGuard {
 
 impl Tracker {
     fn remove(&self, e: &StreamEntry, reason: CloseReason, detail: Option<&str>) {
-        if let Ok(mut streams) = self.streams.lock() {
-            streams.remove(&e.id);
-        }
+        // Recorded as closed before it leaves the open streams: a reader on another thread
+        // that no longer sees it open finds its close.
         if let Ok(mut recent) = self.recent.lock() {
             if recent.len() == RECENT {
                 recent.pop_front();
@@ -285,6 +284,9 @@ impl Tracker {
                 reason,
                 at: SystemTime::now(),
             });
+        }
+        if let Ok(mut streams) = self.streams.lock() {
+            streams.remove(&e.id);
         }
         log::info!(
             "sse stream {} closed: route={} client={} duration={:.3}s events={} bytes={} \
