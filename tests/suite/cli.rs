@@ -742,7 +742,12 @@ async fn the_health_subcommand_asks_the_admin_listener_as_the_healthcheck_does()
     );
     assert!(String::from_utf8_lossy(&up.stdout).contains("/healthz ok"));
     let ready = check(&["--ready"], Some("s3cret"));
-    assert_eq!(ready.status.code(), Some(0));
+    assert_eq!(
+        ready.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ready.stderr)
+    );
     // The token is read through the config, from the same variable.
     let wrong = check(&[], Some("other"));
     assert_eq!(wrong.status.code(), Some(1));
