@@ -124,11 +124,7 @@ pub fn services(
             if worker == 0 {
                 services.push(Box::new(proxy));
             } else {
-                let addrs = group.iter().map(|l| l.addr.to_string()).collect();
-                services.push(Box::new(Sibling {
-                    inner: proxy,
-                    addrs,
-                }));
+                services.push(Box::new(Sibling { inner: proxy }));
             }
         }
     }
@@ -175,8 +171,6 @@ const FIRST_COPY_WAIT: Duration = Duration::from_secs(10);
 /// which a `-u` upgrade hands to the next process, holds only the first copy's.
 struct Sibling<A> {
     inner: Service<A>,
-    /// The addresses of its listeners, as Pingora's table names them.
-    addrs: Vec<String>,
 }
 
 #[async_trait]
@@ -187,39 +181,15 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Sibling<A> {
         shutdown: ShutdownWatch,
         listeners_per_fd: usize,
     ) {
-        let Some(shared) = fds else {
-            return ServiceTrait::start_service(&mut self.inner, None, shutdown, listeners_per_fd)
-                .await;
-        };
-        let mut own = Fds::new();
-        let waited = Instant::now();
-        for addr in &self.addrs {
-            loop {
-                let first = shared.lock().get(addr).copied();
-                if let Some(fd) = first {
-                    match duplicate(fd) {
-                        Ok(copy) => own.add(addr.clone(), copy),
-                        Err(e) => {
-                            log::error!(
-                                "{}: {addr}: cannot share the socket: {e}",
-                                ServiceTrait::name(self)
-                            )
-                        }
-                    }
-                    break;
-                }
-                if waited.elapsed() > FIRST_COPY_WAIT {
-                    log::error!(
-                        "{}: {addr}: the first copy never listened",
-                        ServiceTrait::name(self)
-                    );
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
+        let own = match fds {
+            Some(shared) => {
+                let addrs = ServiceTrait::listen_addresses(&self.inner).unwrap_or_default();
+                let own = duplicates(&shared, &addrs, ServiceTrait::name(self)).await;
+                Some(Arc::new(parking_lot::Mutex::new(own)))
             }
-        }
-        let own = Arc::new(parking_lot::Mutex::new(own));
-        ServiceTrait::start_service(&mut self.inner, Some(own), shutdown, listeners_per_fd).await
+            None => None,
+        };
+        ServiceTrait::start_service(&mut self.inner, own, shutdown, listeners_per_fd).await
     }
 
     fn name(&self) -> &str {
@@ -233,6 +203,29 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Sibling<A> {
     fn listen_addresses(&self) -> Option<Vec<String>> {
         ServiceTrait::listen_addresses(&self.inner)
     }
+}
+
+/// A table of duplicates of the descriptors `shared` holds for `addrs`, waiting (at most
+/// [`FIRST_COPY_WAIT`]) for the first copy to put them there. An address missing from it
+/// is logged; the copy's service then tries to bind it itself.
+async fn duplicates(shared: &ListenFds, addrs: &[String], service: &str) -> Fds {
+    let mut own = Fds::new();
+    let waited = Instant::now();
+    for addr in addrs {
+        let fd = loop {
+            let first = shared.lock().get(addr).copied();
+            if first.is_some() || waited.elapsed() > FIRST_COPY_WAIT {
+                break first;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        match fd.map(duplicate) {
+            Some(Ok(copy)) => own.add(addr.clone(), copy),
+            Some(Err(e)) => log::error!("{service}: {addr}: cannot share the socket: {e}"),
+            None => log::error!("{service}: {addr}: the first copy never listened"),
+        }
+    }
+    own
 }
 
 /// A new descriptor of the socket `fd` (close-on-exec), owned by the caller.
