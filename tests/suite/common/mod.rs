@@ -364,12 +364,70 @@ pub fn free_ports<const N: usize>() -> [u16; N] {
     std::array::from_fn(|_| free_port())
 }
 
-/// A port that was free a moment ago (the proxy binds it right after).
+/// A port for a listener that a proxy binds a moment later. Not one the kernel picks
+/// (`bind` to port 0): every outgoing connection of every test process takes its local port
+/// from the same ephemeral range, and one could take this port before the proxy binds it,
+/// leaving a test to talk to another test's listener. Ports come instead from below that
+/// range, handed out in turn to all the test processes of a run through a locked counter
+/// file; one that something else holds is skipped.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    const FIRST: u32 = 15_000;
+    let end = ephemeral_low().min(32_768);
+    let kernels = || {
+        StdListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port()
+    };
+    if end < FIRST + 1_000 {
+        return kernels();
+    }
+    let path = std::env::temp_dir().join("streamgate-test-ports");
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path);
+    // Another user's counter file: the kernel's pick, as before.
+    let Ok(mut counter) = opened else {
+        return kernels();
+    };
+    // Held until `counter` is closed at the end of this function.
+    // SAFETY: flock only takes a lock on the descriptor, which `counter` keeps open.
+    let locked = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&counter), libc::LOCK_EX) };
+    assert_eq!(
+        locked,
+        0,
+        "lock the port counter: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut counter, &mut text).expect("read the port counter");
+    let mut next = text.trim().parse::<u32>().unwrap_or(FIRST);
+    let port = loop {
+        if !(FIRST..end).contains(&next) {
+            next = FIRST;
+        }
+        let candidate = next as u16;
+        next += 1;
+        if StdListener::bind(("127.0.0.1", candidate)).is_ok() {
+            break candidate;
+        }
+    };
+    std::io::Seek::rewind(&mut counter).expect("rewind the port counter");
+    counter.set_len(0).expect("truncate the port counter");
+    std::io::Write::write_all(&mut counter, next.to_string().as_bytes())
+        .expect("write the port counter");
+    port
+}
+
+/// The first port of the kernel's ephemeral range (32768 unless configured otherwise).
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// Reads `conn` until `done` holds for what came (at most [`GUARD`]); panics if the peer
