@@ -10,7 +10,7 @@
 //! state, so a reload reaches every listener at once and limits count across threads.
 
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, IntoRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,16 +22,16 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::apps::HttpServerOptions;
 use pingora_core::apps::ServerApp;
 use pingora_core::listeners::tls::TlsSettings;
-use pingora_core::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions, ALPN};
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig, ALPN};
 use pingora_core::protocols::http::v2::server::default_h2_options;
 use pingora_core::protocols::http::ServerSession;
-use pingora_core::protocols::TcpKeepalive;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{Fds, ListenFds, ShutdownWatch};
 use pingora_core::services::listening::Service;
 use pingora_core::services::{Service as ServiceTrait, ServiceWithDependents};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use socket2::SockRef;
 
 use super::admission::{Admitting, Gate};
 use crate::config::Config;
@@ -41,7 +41,7 @@ use crate::relay::client::Handback;
 use crate::state::State;
 
 /// Keepalive probes sent before a silent peer is given up.
-const KEEPALIVE_PROBES: usize = 6;
+const KEEPALIVE_PROBES: u32 = 6;
 
 /// Socket buffering of client connections. Pingora's default read buffer is 64 KiB per
 /// connection, zeroed when the connection is accepted: for an event stream, whose client
@@ -122,7 +122,7 @@ pub fn services(
                 }
             }
             if worker == 0 {
-                services.push(Box::new(proxy));
+                services.push(Box::new(Listening::new(proxy, &group)));
             } else {
                 services.push(Box::new(Sibling { inner: proxy }));
             }
@@ -137,7 +137,7 @@ pub fn services(
                 Admitting::new(Redirect { https_port }, vec![gate]),
             );
             redirect.add_listener(endpoint(listener));
-            services.push(Box::new(redirect));
+            services.push(Box::new(Listening::new(redirect, &[listener])));
         }
     }
     services
@@ -159,9 +159,127 @@ fn workers(server_conf: &ServerConf) -> usize {
     }
 }
 
-/// How long a copy waits for the first copy's listening sockets (Pingora itself tries to
-/// bind an address in use for about five seconds).
+/// How long a copy waits for the first copy's listening sockets.
 const FIRST_COPY_WAIT: Duration = Duration::from_secs(10);
+
+/// How often, a second apart, an address in use is tried again before giving up (as
+/// Pingora does: a process going away may still hold it for a moment).
+const BIND_TRIES: usize = 30;
+
+/// A service whose listening sockets streamgate makes before Pingora starts it (Pingora
+/// takes the socket of an address from the shared table when there is one, as after a
+/// `-u` upgrade). Each listener's TCP keepalive (`tcp_keepalive`) is set once, on its
+/// listening socket, and every connection accepted on it inherits the setting: Pingora
+/// would set it on each accepted connection, with five system calls. A socket handed
+/// over by `-u` gets this process's setting.
+struct Listening<A> {
+    inner: Service<A>,
+    /// The address of each listener, as the service names it, and its keepalive idle time.
+    sockets: Vec<(String, Option<Duration>)>,
+}
+
+impl<A> Listening<A> {
+    fn new(inner: Service<A>, listeners: &[&Listener]) -> Self {
+        let sockets = listeners
+            .iter()
+            .map(|l| (l.addr.to_string(), l.tcp_keepalive))
+            .collect();
+        Listening { inner, sockets }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Listening<A> {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        if let Some(shared) = &fds {
+            for (addr, keepalive) in &self.sockets {
+                listening_socket(shared, addr, *keepalive).await;
+            }
+        }
+        ServiceTrait::start_service(&mut self.inner, fds, shutdown, listeners_per_fd).await
+    }
+
+    fn name(&self) -> &str {
+        ServiceTrait::name(&self.inner)
+    }
+
+    fn threads(&self) -> Option<usize> {
+        ServiceTrait::threads(&self.inner)
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        ServiceTrait::listen_addresses(&self.inner)
+    }
+}
+
+/// Puts a listening socket for `addr` in `shared`, bound now unless the table has one,
+/// and gives it `keepalive`. An address that cannot be bound is left to Pingora, which
+/// tries it again and says why it failed.
+async fn listening_socket(shared: &ListenFds, addr: &str, keepalive: Option<Duration>) {
+    let existing = shared.lock().get(addr).copied();
+    let fd = match existing {
+        Some(fd) => fd,
+        None => match bind(addr).await {
+            Ok(listener) => {
+                let fd = listener.into_raw_fd();
+                shared.lock().add(addr.to_string(), fd);
+                fd
+            }
+            Err(e) => {
+                log::debug!("{addr}: {e}; left to Pingora");
+                return;
+            }
+        },
+    };
+    // SAFETY: the table owns `fd` and keeps it open while the process runs (Pingora closes
+    // it when the service that listens on it stops, after this).
+    let socket = unsafe { BorrowedFd::borrow_raw(fd) };
+    if let Err(e) = set_keepalive(SockRef::from(&socket), keepalive) {
+        log::error!("{addr}: cannot set the listening socket's TCP keepalive: {e}");
+    }
+}
+
+/// A listening socket on `addr` (address reuse on, non-blocking as Pingora's reactor
+/// needs), trying again while the address is in use.
+async fn bind(addr: &str) -> std::io::Result<std::net::TcpListener> {
+    let parsed: SocketAddr = addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut tries = 1;
+    loop {
+        match std::net::TcpListener::bind(parsed) {
+            Ok(listener) => {
+                listener.set_nonblocking(true)?;
+                return Ok(listener);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < BIND_TRIES => {
+                log::warn!("{addr} is in use, will try again");
+                tries += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sets TCP keepalive on `socket` (a listening socket: the connections it accepts inherit
+/// it): the first probe after `idle` of silence, then every `idle` (10 s at most), and the
+/// peer given up after [`KEEPALIVE_PROBES`] unanswered; `None`: off.
+fn set_keepalive(socket: SockRef<'_>, idle: Option<Duration>) -> std::io::Result<()> {
+    let Some(idle) = idle else {
+        return socket.set_keepalive(false);
+    };
+    let params = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(idle.min(Duration::from_secs(10)))
+        .with_retries(KEEPALIVE_PROBES);
+    socket.set_tcp_keepalive(&params)
+}
 
 /// A copy of a proxy service after the first. The copies accept on the same sockets, but
 /// Pingora closes every listening socket it was given when its service stops: given the
@@ -263,26 +381,10 @@ fn proxy_endpoint(
     Some(endpoint.tls(settings))
 }
 
-/// The listening endpoint of `listener`, without TLS.
+/// The listening endpoint of `listener`, without TLS. Its TCP keepalive is set on the
+/// listening socket (see [`Listening`]).
 fn endpoint(listener: &Listener) -> ListenerConfig {
-    let endpoint = ListenerConfig::tcp(listener.addr.to_string()).l4_buffer(CLIENT_BUFFERS);
-    match socket_options(listener) {
-        Some(options) => endpoint.tcp_socket_options(options),
-        None => endpoint,
-    }
-}
-
-fn socket_options(listener: &Listener) -> Option<TcpSocketOptions> {
-    let idle = listener.tcp_keepalive?;
-    let mut options = TcpSocketOptions::default();
-    options.tcp_keepalive = Some(TcpKeepalive {
-        idle,
-        interval: idle.min(Duration::from_secs(10)),
-        count: KEEPALIVE_PROBES,
-        #[cfg(target_os = "linux")]
-        user_timeout: Duration::ZERO,
-    });
-    Some(options)
+    ListenerConfig::tcp(listener.addr.to_string()).l4_buffer(CLIENT_BUFFERS)
 }
 
 /// The certificate resolver of the TLS listener on `addr`. It looks the listener up in

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use common::binary::{exited, signal, start_binary, wait_listening, Running, BIN};
 use common::resume::{contiguous, counting_origin, Resumer};
-use common::{client, eventually, free_port, guard, Events};
+use common::{client, eventually, free_port, guard, server_side_timer, Events};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn check(file: &Path) -> Output {
     Command::new(BIN)
@@ -168,7 +169,13 @@ async fn upgrade_with_dash_u_hands_over_without_refusing_requests() {
         failures
     });
 
-    // The new process first, then SIGQUIT to the old one: it sends its listeners over.
+    // The new process first, then SIGQUIT to the old one: it sends its listeners over. The
+    // new one's listener has its own TCP keepalive (the old one's is the default 60 s): a
+    // socket handed over takes the new process's setting.
+    let text = std::fs::read_to_string(&config).expect("read config");
+    let listen = format!("listen: [\"127.0.0.1:{port}\"]");
+    let own = format!("listen:\n  - {{ address: \"127.0.0.1:{port}\", tcp_keepalive: 9s }}");
+    std::fs::write(&config, text.replace(&listen, &own)).expect("write config");
     let _new = Running(start(true));
     tokio::time::sleep(Duration::from_millis(300)).await;
     signal(old.0.id(), "-QUIT");
@@ -184,13 +191,27 @@ async fn upgrade_with_dash_u_hands_over_without_refusing_requests() {
     assert!(exited.success(), "old process exit: {exited}");
     let failures = guard("the request loop", load).await.expect("load task");
     assert_eq!(failures, 0, "requests refused during the upgrade");
-    // The new process serves alone now.
+    // The new process serves alone now, with its keepalive on the socket it was given.
     let r = client()
         .get(&url)
         .send()
         .await
         .expect("new process answers");
     assert!(r.status().is_success());
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = [0u8; 64];
+    let n = conn.read(&mut answer).await.expect("read");
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "an answer");
+    let (kind, when) = server_side_timer(addr, &conn);
+    assert_eq!(kind, 2, "a keepalive timer");
+    assert!(
+        when <= Duration::from_secs(9),
+        "the new process's 9 s: {when:?}"
+    );
 }
 
 /// A config for the drain tests: streams of a counting origin, drained over `drain`.

@@ -7,7 +7,10 @@ use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::{config_error, eventually, read_to_end, read_until, After, Events, Origin, Proxy};
+use common::{
+    config_error, eventually, read_to_end, read_until, server_side_timer, After, Events, Origin,
+    Proxy,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -175,6 +178,31 @@ async fn connections_over_max_connections_are_closed_as_they_are_accepted() {
     let mut again = TcpStream::connect(proxy.addr).await.expect("connect");
     request(&mut again).await;
     assert_eq!(counted(&proxy, "streamgate_connections_open"), 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn accepted_connections_get_the_listeners_tcp_keepalive() {
+    let origin = Origin::plain("ok").await;
+    for (options, keepalive) in [
+        ("tcp_keepalive: 7s", Some(Duration::from_secs(7))),
+        ("tcp_keepalive: 0", None),
+    ] {
+        let proxy = Proxy::start_listening(options, &config(&origin)).await;
+        let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");
+        request(&mut conn).await;
+        let (kind, when) = server_side_timer(proxy.addr, &conn);
+        match keepalive {
+            // The first probe after the idle time, counted from the last bytes.
+            Some(idle) => {
+                assert_eq!(kind, 2, "{options}: a keepalive timer");
+                assert!(
+                    when <= idle && when > idle / 2,
+                    "{options}: fires in {when:?}"
+                );
+            }
+            None => assert_eq!(kind, 0, "{options}: no timer"),
+        }
+    }
 }
 
 /// A listener with `options` is refused by the loader with `reason` at the key's line.

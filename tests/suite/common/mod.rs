@@ -364,6 +364,32 @@ pub fn free_ports<const N: usize>() -> [u16; N] {
     std::array::from_fn(|_| free_port())
 }
 
+/// The kernel's timer on the server's side (`server`, the address it listens on) of the
+/// client connection `conn`, read from /proc/net/tcp: its kind (0 none, 2 keepalive) and
+/// how long until it fires.
+pub fn server_side_timer(server: SocketAddr, conn: &TcpStream) -> (u8, Duration) {
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        SocketAddr::V6(_) => unreachable!("the tests listen on 127.0.0.1"),
+    };
+    let (local, remote) = (hex(server), hex(conn.local_addr().expect("address")));
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let row = table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 5 && f[1] == local && f[2] == remote)
+        .expect("the server's side of the connection");
+    let (kind, when) = row[5].split_once(':').expect("tr:tm->when");
+    let kind = u8::from_str_radix(kind, 16).expect("timer kind");
+    // In clock ticks (USER_HZ, 100 a second).
+    let ticks = u64::from_str_radix(when, 16).expect("timer expiry");
+    (kind, Duration::from_millis(ticks * 10))
+}
+
 /// A port for a listener that a proxy binds a moment later. Not one the kernel picks
 /// (`bind` to port 0): every outgoing connection of every test process takes its local port
 /// from the same ephemeral range, and one could take this port before the proxy binds it,
