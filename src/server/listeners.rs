@@ -162,17 +162,20 @@ fn workers(server_conf: &ServerConf) -> usize {
 /// How long a copy waits for the first copy's listening sockets.
 const FIRST_COPY_WAIT: Duration = Duration::from_secs(10);
 
-/// How often, a second apart, an address in use is tried again before giving up (as
-/// Pingora does: a process going away may still hold it for a moment).
-const BIND_TRIES: usize = 30;
+/// How many times an address in use is tried, [`BIND_RETRY`] apart, before giving up: a
+/// process going away may still hold it for a moment.
+const BIND_TRIES: usize = 5;
+const BIND_RETRY: Duration = Duration::from_millis(500);
 
 /// A service whose listening sockets streamgate makes before Pingora starts it (Pingora
 /// takes the socket of an address from the shared table when there is one, as after a
 /// `-u` upgrade). Each listener's TCP keepalive (`tcp_keepalive`) is set once, on its
 /// listening socket, and every connection accepted on it inherits the setting: Pingora
 /// would set it on each accepted connection, with five system calls. A socket handed
-/// over by `-u` gets this process's setting.
-struct Listening<A> {
+/// over by `-u` gets this process's setting. An address that cannot be listened on ends
+/// the process with the reason (Pingora would panic in the service's thread and leave
+/// the process running without it).
+pub struct Listening<A> {
     inner: Service<A>,
     /// The address of each listener, as the service names it, and its keepalive idle time.
     sockets: Vec<(String, Option<Duration>)>,
@@ -183,6 +186,19 @@ impl<A> Listening<A> {
         let sockets = listeners
             .iter()
             .map(|l| (l.addr.to_string(), l.tcp_keepalive))
+            .collect();
+        Listening { inner, sockets }
+    }
+}
+
+impl<A: ServerApp + Send + Sync + 'static> Listening<A> {
+    /// `inner` on the addresses it was given, without TCP keepalive (the admin listener,
+    /// the demo origin).
+    pub fn bare(inner: Service<A>) -> Self {
+        let sockets = ServiceTrait::listen_addresses(&inner)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|addr| (addr, None))
             .collect();
         Listening { inner, sockets }
     }
@@ -218,8 +234,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Listening<A> {
 }
 
 /// Puts a listening socket for `addr` in `shared`, bound now unless the table has one,
-/// and gives it `keepalive`. An address that cannot be bound is left to Pingora, which
-/// tries it again and says why it failed.
+/// and gives it `keepalive`. An address that cannot be bound ends the process.
 async fn listening_socket(shared: &ListenFds, addr: &str, keepalive: Option<Duration>) {
     let existing = shared.lock().get(addr).copied();
     let fd = match existing {
@@ -231,8 +246,8 @@ async fn listening_socket(shared: &ListenFds, addr: &str, keepalive: Option<Dura
                 fd
             }
             Err(e) => {
-                log::debug!("{addr}: {e}; left to Pingora");
-                return;
+                log::error!("cannot listen on {addr}: {e}; exiting");
+                std::process::exit(1);
             }
         },
     };
@@ -260,7 +275,13 @@ async fn bind(addr: &str) -> std::io::Result<std::net::TcpListener> {
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < BIND_TRIES => {
                 log::warn!("{addr} is in use, will try again");
                 tries += 1;
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(BIND_RETRY).await;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("{e} (tried {BIND_TRIES} times, {BIND_RETRY:?} apart)"),
+                ))
             }
             Err(e) => return Err(e),
         }

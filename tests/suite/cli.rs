@@ -214,6 +214,56 @@ async fn upgrade_with_dash_u_hands_over_without_refusing_requests() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_address_in_use_is_tried_again_briefly_then_ends_the_process_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, demo) = (free_port(), free_port());
+    let config = dir.path().join("streamgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: [\"127.0.0.1:{port}\"]\ndemo: {{ listen: \"127.0.0.1:{demo}\" }}\n\
+             services:\n  demo: {{ url: \"http://127.0.0.1:{demo}\" }}\n\
+             host_rules:\n  - {{ pattern: \"*\", target: demo }}\n"
+        ),
+    )
+    .expect("write config");
+    let run = || {
+        Command::new(BIN)
+            .arg("-c")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+
+    // Held by something else throughout: an error that names it, and exit status 1.
+    let holder = std::net::TcpListener::bind(("127.0.0.1", port)).expect("hold the port");
+    let child = run();
+    let output = guard("the process to give up", async {
+        tokio::task::spawn_blocking(move || child.wait_with_output().expect("wait"))
+            .await
+            .expect("join")
+    })
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")) && stderr.contains("in use"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // Freed while it tries again (a process going away): it listens and serves.
+    let child = Running(run());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    drop(holder);
+    wait_listening(&format!("http://127.0.0.1:{port}/")).await;
+    drop(child);
+}
+
 /// A config for the drain tests: streams of a counting origin, drained over `drain`.
 fn drain_config(dir: &Path, port: u16, origin: &common::Origin, drain: &str) -> PathBuf {
     let config = dir.join("streamgate.yaml");
