@@ -122,9 +122,9 @@ pub fn services(
                 }
             }
             if worker == 0 {
-                services.push(Box::new(Listening::new(proxy, &group)));
+                services.push(Box::new(Listening::owner(proxy, &group)));
             } else {
-                services.push(Box::new(Sibling { inner: proxy }));
+                services.push(Box::new(Listening::copy(proxy)));
             }
         }
     }
@@ -137,7 +137,7 @@ pub fn services(
                 Admitting::new(Redirect { https_port }, vec![gate]),
             );
             redirect.add_listener(endpoint(listener));
-            services.push(Box::new(Listening::new(redirect, &[listener])));
+            services.push(Box::new(Listening::owner(redirect, &[listener])));
         }
     }
     services
@@ -167,40 +167,70 @@ const FIRST_COPY_WAIT: Duration = Duration::from_secs(10);
 const BIND_TRIES: usize = 5;
 const BIND_RETRY: Duration = Duration::from_millis(500);
 
-/// A service whose listening sockets streamgate makes before Pingora starts it (Pingora
-/// takes the socket of an address from the shared table when there is one, as after a
-/// `-u` upgrade). Each listener's TCP keepalive (`tcp_keepalive`) is set once, on its
-/// listening socket, and every connection accepted on it inherits the setting: Pingora
-/// would set it on each accepted connection, with five system calls. A socket handed
-/// over by `-u` gets this process's setting. An address that cannot be listened on ends
-/// the process with the reason (Pingora would panic in the service's thread and leave
-/// the process running without it).
+/// A Pingora listening service started on sockets streamgate prepares. Pingora takes the
+/// socket of an address from the table of listening sockets it passes each service when
+/// the table has one (as after a `-u` upgrade), and binds one itself otherwise.
+///
+/// The service that owns an address (the first copy of a proxy service, a redirect, the
+/// admin listener, the demo origin) makes its socket before Pingora starts it and sets
+/// the listener's TCP keepalive (`tcp_keepalive`) on it once: every connection accepted on
+/// it inherits the setting, where Pingora would set it on each accepted connection with
+/// five system calls. A socket handed over by `-u` gets this process's setting. An address
+/// that cannot be listened on ends the process with the reason (Pingora would panic in the
+/// service's thread and leave the process running without it).
+///
+/// A later copy of a proxy service accepts on the same sockets, but Pingora closes every
+/// listening socket it was given when its service stops: given the first copy's
+/// descriptors, each copy would close them again (a descriptor that may by then be another
+/// file's). So it is started on a table of its own holding duplicates of the first copy's
+/// descriptors, which it owns and closes; the shared table, which a `-u` upgrade hands to
+/// the next process, holds only the first copy's.
 pub struct Listening<A> {
     inner: Service<A>,
-    /// The address of each listener, as the service names it, and its keepalive idle time.
-    sockets: Vec<(String, Option<Duration>)>,
+    role: Role,
+}
+
+enum Role {
+    /// Makes the sockets: each address, as the service names it, and its keepalive idle
+    /// time.
+    Owner(Vec<(String, Option<Duration>)>),
+    /// Accepts on the owner's sockets, through duplicates.
+    Copy,
 }
 
 impl<A> Listening<A> {
-    fn new(inner: Service<A>, listeners: &[&Listener]) -> Self {
+    fn owner(inner: Service<A>, listeners: &[&Listener]) -> Self {
         let sockets = listeners
             .iter()
             .map(|l| (l.addr.to_string(), l.tcp_keepalive))
             .collect();
-        Listening { inner, sockets }
+        Listening {
+            inner,
+            role: Role::Owner(sockets),
+        }
+    }
+
+    fn copy(inner: Service<A>) -> Self {
+        Listening {
+            inner,
+            role: Role::Copy,
+        }
     }
 }
 
 impl<A: ServerApp + Send + Sync + 'static> Listening<A> {
-    /// `inner` on the addresses it was given, without TCP keepalive (the admin listener,
-    /// the demo origin).
+    /// `inner`, owning the addresses it was given, without TCP keepalive (the admin
+    /// listener, the demo origin).
     pub fn bare(inner: Service<A>) -> Self {
         let sockets = ServiceTrait::listen_addresses(&inner)
             .unwrap_or_default()
             .into_iter()
             .map(|addr| (addr, None))
             .collect();
-        Listening { inner, sockets }
+        Listening {
+            inner,
+            role: Role::Owner(sockets),
+        }
     }
 }
 
@@ -212,11 +242,20 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Listening<A> {
         shutdown: ShutdownWatch,
         listeners_per_fd: usize,
     ) {
-        if let Some(shared) = &fds {
-            for (addr, keepalive) in &self.sockets {
-                listening_socket(shared, addr, *keepalive).await;
+        let fds = match (&self.role, fds) {
+            (Role::Owner(sockets), Some(shared)) => {
+                for (addr, keepalive) in sockets {
+                    listening_socket(&shared, addr, *keepalive).await;
+                }
+                Some(shared)
             }
-        }
+            (Role::Copy, Some(shared)) => {
+                let addrs = ServiceTrait::listen_addresses(&self.inner).unwrap_or_default();
+                let own = duplicates(&shared, &addrs, ServiceTrait::name(self)).await;
+                Some(Arc::new(parking_lot::Mutex::new(own)))
+            }
+            (_, None) => None,
+        };
         ServiceTrait::start_service(&mut self.inner, fds, shutdown, listeners_per_fd).await
     }
 
@@ -300,48 +339,6 @@ fn set_keepalive(socket: SockRef<'_>, idle: Option<Duration>) -> std::io::Result
         .with_interval(idle.min(Duration::from_secs(10)))
         .with_retries(KEEPALIVE_PROBES);
     socket.set_tcp_keepalive(&params)
-}
-
-/// A copy of a proxy service after the first. The copies accept on the same sockets, but
-/// Pingora closes every listening socket it was given when its service stops: given the
-/// first copy's descriptors, each copy would close them again (a descriptor that may by
-/// then be another file's). So a copy is started on a table of its own holding
-/// duplicates of the first copy's descriptors, which it owns and closes; the shared table,
-/// which a `-u` upgrade hands to the next process, holds only the first copy's.
-struct Sibling<A> {
-    inner: Service<A>,
-}
-
-#[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Sibling<A> {
-    async fn start_service(
-        &mut self,
-        fds: Option<ListenFds>,
-        shutdown: ShutdownWatch,
-        listeners_per_fd: usize,
-    ) {
-        let own = match fds {
-            Some(shared) => {
-                let addrs = ServiceTrait::listen_addresses(&self.inner).unwrap_or_default();
-                let own = duplicates(&shared, &addrs, ServiceTrait::name(self)).await;
-                Some(Arc::new(parking_lot::Mutex::new(own)))
-            }
-            None => None,
-        };
-        ServiceTrait::start_service(&mut self.inner, own, shutdown, listeners_per_fd).await
-    }
-
-    fn name(&self) -> &str {
-        ServiceTrait::name(&self.inner)
-    }
-
-    fn threads(&self) -> Option<usize> {
-        ServiceTrait::threads(&self.inner)
-    }
-
-    fn listen_addresses(&self) -> Option<Vec<String>> {
-        ServiceTrait::listen_addresses(&self.inner)
-    }
 }
 
 /// A table of duplicates of the descriptors `shared` holds for `addrs`, waiting (at most
