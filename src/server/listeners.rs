@@ -256,6 +256,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Listening<A> {
             }
             (_, None) => None,
         };
+        tokio::spawn(keep_next_wake_near());
         ServiceTrait::start_service(&mut self.inner, fds, shutdown, listeners_per_fd).await
     }
 
@@ -271,6 +272,21 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Listening<A> {
         ServiceTrait::listen_addresses(&self.inner)
     }
 }
+
+/// Keeps a timer armed on this thread's runtime that is never more than [`NEAR`] away.
+/// Tokio wakes a runtime's own reactor (a write to its eventfd, and a turn of its loop
+/// for nothing) whenever a timer is armed earlier than every other timer it has: on a
+/// thread with no other timer, each request's timeouts (the client's first bytes, the
+/// origin's response head) did so, twice per connection. With this one always nearer,
+/// they never are.
+async fn keep_next_wake_near() {
+    loop {
+        tokio::time::sleep(NEAR).await;
+    }
+}
+
+/// See [`keep_next_wake_near`].
+const NEAR: Duration = Duration::from_secs(1);
 
 /// Puts a listening socket for `addr` in `shared`, bound now unless the table has one,
 /// and gives it `keepalive`. An address that cannot be bound ends the process.
