@@ -8,6 +8,8 @@
 //! every request with a 308 to the https form. Each proxy service runs as one copy per
 //! worker thread (see [`workers`]). The proxy services share one config handle and one
 //! state, so a reload reaches every listener at once and limits count across threads.
+//! Every listening socket is made here, before Pingora starts the service that listens on
+//! it, with the listener's TCP keepalive set on it once (see [`Listening`]).
 
 use std::net::SocketAddr;
 use std::os::fd::{BorrowedFd, IntoRawFd, RawFd};
