@@ -200,11 +200,18 @@ enum Role {
     Copy,
 }
 
-impl<A> Listening<A> {
-    fn owner(inner: Service<A>, listeners: &[&Listener]) -> Self {
-        let sockets = listeners
-            .iter()
-            .map(|l| (l.addr.to_string(), l.tcp_keepalive))
+impl<A: ServerApp + Send + Sync + 'static> Listening<A> {
+    /// `inner`, owning the addresses it listens on, each with the TCP keepalive of the
+    /// listener in `listeners` on that address (none for an address that has no listener
+    /// there: the admin listener, the demo origin).
+    pub fn owner(inner: Service<A>, listeners: &[&Listener]) -> Self {
+        let sockets = ServiceTrait::listen_addresses(&inner)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|addr| {
+                let listener = listeners.iter().find(|l| l.addr.to_string() == addr);
+                (addr, listener.and_then(|l| l.tcp_keepalive))
+            })
             .collect();
         Listening {
             inner,
@@ -220,22 +227,6 @@ impl<A> Listening<A> {
     }
 }
 
-impl<A: ServerApp + Send + Sync + 'static> Listening<A> {
-    /// `inner`, owning the addresses it was given, without TCP keepalive (the admin
-    /// listener, the demo origin).
-    pub fn bare(inner: Service<A>) -> Self {
-        let sockets = ServiceTrait::listen_addresses(&inner)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|addr| (addr, None))
-            .collect();
-        Listening {
-            inner,
-            role: Role::Owner(sockets),
-        }
-    }
-}
-
 #[async_trait]
 impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Listening<A> {
     async fn start_service(
@@ -244,19 +235,23 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Listening<A> {
         shutdown: ShutdownWatch,
         listeners_per_fd: usize,
     ) {
-        let fds = match (&self.role, fds) {
-            (Role::Owner(sockets), Some(shared)) => {
+        let fds = match &self.role {
+            Role::Owner(sockets) => {
+                // Without a shared table (Pingora always passes one on Unix), one of its own.
+                let shared = fds.unwrap_or_else(|| Arc::new(parking_lot::Mutex::new(Fds::new())));
                 for (addr, keepalive) in sockets {
                     listening_socket(&shared, addr, *keepalive).await;
                 }
                 Some(shared)
             }
-            (Role::Copy, Some(shared)) => {
-                let addrs = ServiceTrait::listen_addresses(&self.inner).unwrap_or_default();
-                let own = duplicates(&shared, &addrs, ServiceTrait::name(self)).await;
-                Some(Arc::new(parking_lot::Mutex::new(own)))
-            }
-            (_, None) => None,
+            Role::Copy => match fds {
+                Some(shared) => {
+                    let addrs = ServiceTrait::listen_addresses(&self.inner).unwrap_or_default();
+                    let own = duplicates(&shared, &addrs, ServiceTrait::name(self)).await;
+                    Some(Arc::new(parking_lot::Mutex::new(own)))
+                }
+                None => None,
+            },
         };
         tokio::spawn(keep_next_wake_near());
         ServiceTrait::start_service(&mut self.inner, fds, shutdown, listeners_per_fd).await

@@ -59,7 +59,7 @@ pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
         &state,
     ));
     if let Some(admin) = admin::service(current.clone()) {
-        server.add_service(listeners::Listening::bare(admin));
+        server.add_service(listeners::Listening::owner(admin, &[]));
     }
     server.add_service(background_service(
         "config reloader",
@@ -93,7 +93,10 @@ pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
     ));
 
     if let Some(addr) = demo {
-        server.add_service(listeners::Listening::bare(demo::service(&addr.to_string())));
+        server.add_service(listeners::Listening::owner(
+            demo::service(&addr.to_string()),
+            &[],
+        ));
     }
     server
 }

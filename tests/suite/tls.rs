@@ -571,6 +571,18 @@ async fn h2c_and_redirect_listeners() {
         response.headers()["location"],
         format!("https://Example.test:{tls}/a/b?c=d").as_str()
     );
+
+    // Connections accepted on every kind of listener carry its TCP keepalive (60 s unless
+    // set), inherited from the listening socket.
+    for port in [h2c, redirect, tls] {
+        let conn = TcpStream::connect(addr(port)).await.expect("connect");
+        let (kind, when) = common::server_side_timer(addr(port), &conn);
+        assert_eq!(kind, 2, "listener {port}: a keepalive timer");
+        assert!(
+            when <= std::time::Duration::from_secs(60) && when > std::time::Duration::from_secs(50),
+            "listener {port}: fires in {when:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
