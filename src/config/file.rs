@@ -325,6 +325,10 @@ pub struct ListenerFile {
     /// TCP keepalive on accepted connections: idle time before the first probe; 0 = off.
     #[serde(default)]
     pub tcp_keepalive: Option<Dur>,
+    /// Hand a new connection over once its client has sent something, or this long after
+    /// it connected (default 1s, whole seconds; 0 = at once).
+    #[serde(default)]
+    pub defer_accept: Option<Dur>,
     /// Client connections open at once on this listener; one more is closed as it is
     /// accepted. Default: what the open-file limit leaves room for.
     #[serde(default)]

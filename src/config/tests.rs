@@ -556,8 +556,8 @@ fn listener_forms_load_into_their_kinds() {
     let d = dir.path().display();
     let config = load(&format!(
         "listen:\n  - \"127.0.0.1:1\"\n  - {{ address: \"127.0.0.1:2\", h2c: true, tcp_keepalive: 0, \
-         max_connections: 7, idle_timeout: 0 }}\n  \
-         - {{ address: \"127.0.0.1:3\", redirect_http: true }}\n  \
+         max_connections: 7, idle_timeout: 0, defer_accept: 0 }}\n  \
+         - {{ address: \"127.0.0.1:3\", redirect_http: true, defer_accept: 5s }}\n  \
          - address: \"127.0.0.1:4\"\n    http2: false\n    tls:\n      min_version: 1.3\n      \
          certificates: [{{ cert: {d}/a.pem, key: {d}/a.key }}]\n\
          http2: {{ max_concurrent_streams: 10, idle_timeout: 0 }}\n"
@@ -588,6 +588,18 @@ fn listener_forms_load_into_their_kinds() {
     );
     assert_eq!(config.listeners[1].max_connections, 7);
     assert_eq!(config.listeners[1].idle_timeout, None, "0: no idle limit");
+    assert_eq!(
+        config.listeners[0].defer_accept,
+        Some(Duration::from_secs(1))
+    );
+    assert_eq!(
+        config.listeners[1].defer_accept, None,
+        "0: handed over at once"
+    );
+    assert_eq!(
+        config.listeners[2].defer_accept,
+        Some(Duration::from_secs(5))
+    );
     assert_eq!(config.tls.len(), 1);
     assert_eq!(
         config.tls[&config.listen[3]].min_version,

@@ -9,10 +9,11 @@
 //! worker thread (see [`workers`]). The proxy services share one config handle and one
 //! state, so a reload reaches every listener at once and limits count across threads.
 //! Every listening socket is made here, before Pingora starts the service that listens on
-//! it, with the listener's TCP keepalive set on it once (see [`Listening`]).
+//! it, with the listener's TCP keepalive and `defer_accept` set on it once (see
+//! [`Listening`]).
 
 use std::net::SocketAddr;
-use std::os::fd::{BorrowedFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -177,7 +178,8 @@ const BIND_RETRY: Duration = Duration::from_millis(500);
 /// admin listener, the demo origin) makes its socket before Pingora starts it and sets
 /// the listener's TCP keepalive (`tcp_keepalive`) on it once: every connection accepted on
 /// it inherits the setting, where Pingora would set it on each accepted connection with
-/// five system calls. A socket handed over by `-u` gets this process's setting. An address
+/// five system calls. `defer_accept` is set there too (see [`set_defer_accept`]). A socket
+/// handed over by `-u` gets this process's settings. An address
 /// that cannot be listened on ends the process with the reason (Pingora would panic in the
 /// service's thread and leave the process running without it).
 ///
@@ -193,15 +195,34 @@ pub struct Listening<A> {
 }
 
 enum Role {
-    /// Makes the sockets: each address, as the service names it, and its keepalive idle
-    /// time.
-    Owner(Vec<(String, Option<Duration>)>),
+    /// Makes the sockets: each address, as the service names it, and what is set on it.
+    Owner(Vec<(String, SocketSettings)>),
     /// Accepts on the owner's sockets, through duplicates.
     Copy,
 }
 
+/// What is set on a listening socket once, for every connection it accepts: the
+/// listener's `tcp_keepalive` (inherited by accepted sockets) and `defer_accept` (the
+/// kernel hands a connection over once its client has sent something).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct SocketSettings {
+    keepalive: Option<Duration>,
+    defer_accept: Option<Duration>,
+}
+
+impl SocketSettings {
+    /// The settings of `listener`; none for an address without one (the admin listener,
+    /// the demo origin).
+    fn of(listener: Option<&Listener>) -> Self {
+        listener.map_or_else(SocketSettings::default, |l| SocketSettings {
+            keepalive: l.tcp_keepalive,
+            defer_accept: l.defer_accept,
+        })
+    }
+}
+
 impl<A: ServerApp + Send + Sync + 'static> Listening<A> {
-    /// `inner`, owning the addresses it listens on, each with the TCP keepalive of the
+    /// `inner`, owning the addresses it listens on, each with the socket settings of the
     /// listener in `listeners` on that address (none for an address that has no listener
     /// there: the admin listener, the demo origin).
     pub fn owner(inner: Service<A>, listeners: &[&Listener]) -> Self {
@@ -210,7 +231,7 @@ impl<A: ServerApp + Send + Sync + 'static> Listening<A> {
             .into_iter()
             .map(|addr| {
                 let listener = listeners.iter().find(|l| l.addr.to_string() == addr);
-                (addr, listener.and_then(|l| l.tcp_keepalive))
+                (addr, SocketSettings::of(listener.copied()))
             })
             .collect();
         Listening {
@@ -239,8 +260,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Listening<A> {
             Role::Owner(sockets) => {
                 // Without a shared table (Pingora always passes one on Unix), one of its own.
                 let shared = fds.unwrap_or_else(|| Arc::new(parking_lot::Mutex::new(Fds::new())));
-                for (addr, keepalive) in sockets {
-                    listening_socket(&shared, addr, *keepalive).await;
+                for (addr, settings) in sockets {
+                    listening_socket(&shared, addr, *settings).await;
                 }
                 Some(shared)
             }
@@ -286,8 +307,8 @@ async fn keep_next_wake_near() {
 const NEAR: Duration = Duration::from_secs(1);
 
 /// Puts a listening socket for `addr` in `shared`, bound now unless the table has one,
-/// and gives it `keepalive`. An address that cannot be bound ends the process.
-async fn listening_socket(shared: &ListenFds, addr: &str, keepalive: Option<Duration>) {
+/// and gives it `settings`. An address that cannot be bound ends the process.
+async fn listening_socket(shared: &ListenFds, addr: &str, settings: SocketSettings) {
     let existing = shared.lock().get(addr).copied();
     let fd = match existing {
         Some(fd) => fd,
@@ -306,8 +327,11 @@ async fn listening_socket(shared: &ListenFds, addr: &str, keepalive: Option<Dura
     // SAFETY: the table owns `fd` and keeps it open while the process runs (Pingora closes
     // it when the service that listens on it stops, after this).
     let socket = unsafe { BorrowedFd::borrow_raw(fd) };
-    if let Err(e) = set_keepalive(SockRef::from(&socket), keepalive) {
+    if let Err(e) = set_keepalive(SockRef::from(&socket), settings.keepalive) {
         log::error!("{addr}: cannot set the listening socket's TCP keepalive: {e}");
+    }
+    if let Err(e) = set_defer_accept(socket, settings.defer_accept) {
+        log::error!("{addr}: cannot set the listening socket's defer_accept: {e}");
     }
 }
 
@@ -352,6 +376,49 @@ fn set_keepalive(socket: SockRef<'_>, idle: Option<Duration>) -> std::io::Result
         .with_interval(idle.min(Duration::from_secs(10)))
         .with_retries(KEEPALIVE_PROBES);
     socket.set_tcp_keepalive(&params)
+}
+
+/// Sets Linux's `TCP_DEFER_ACCEPT` on a listening socket: a connection is handed over
+/// (made acceptable, and its listener's readiness signalled) once its client has sent
+/// something, or once `defer` has passed (whole seconds); `None`: at once. Every protocol
+/// served here has the client speak first (an HTTP request, a TLS ClientHello, the HTTP/2
+/// preface), so the proxy's first read of a connection finds its first bytes, without a
+/// wait on the reactor in between, and a connection that sends nothing holds no
+/// descriptor and no `max_connections` slot until then. Set to 0 as well, so a socket
+/// handed over by `-u` loses a setting the new config turned off.
+#[cfg(target_os = "linux")]
+fn set_defer_accept(socket: BorrowedFd<'_>, defer: Option<Duration>) -> std::io::Result<()> {
+    let secs = defer.map_or(0, |d| {
+        libc::c_int::try_from(d.as_secs()).unwrap_or(libc::c_int::MAX)
+    });
+    // SAFETY: `socket` is an open descriptor for the call's length, and the option's value
+    // is a c_int read from the pointer and length given.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            std::ptr::from_ref(&secs).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Elsewhere there is no `TCP_DEFER_ACCEPT`: connections are handed over at once.
+#[cfg(not(target_os = "linux"))]
+fn set_defer_accept(_socket: BorrowedFd<'_>, defer: Option<Duration>) -> std::io::Result<()> {
+    match defer {
+        Some(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "TCP_DEFER_ACCEPT is Linux's; connections are handed over at once",
+        )),
+        None => Ok(()),
+    }
 }
 
 /// A table of duplicates of the descriptors `shared` holds for `addrs`, waiting (at most

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::binary::{exited, signal, start_binary, wait_listening, Running, BIN};
 use common::resume::{contiguous, counting_origin, Resumer};
-use common::{client, eventually, free_port, guard, read_until, server_side_timer, Events};
+use common::{
+    client, eventually, free_port, guard, read_until, server_side, server_side_timer, Events,
+};
 use tokio::io::AsyncWriteExt;
 
 fn check(file: &Path) -> Output {
@@ -170,11 +172,14 @@ async fn upgrade_with_dash_u_hands_over_without_refusing_requests() {
     });
 
     // The new process first, then SIGQUIT to the old one: it sends its listeners over. The
-    // new one's listener has its own TCP keepalive (the old one's is the default 60 s): a
-    // socket handed over takes the new process's setting.
+    // new one's listener has its own TCP keepalive (the old one's is the default 60 s) and
+    // hands connections over at once (the old one's waits for a client's first bytes): a
+    // socket handed over takes the new process's settings.
     let text = std::fs::read_to_string(&config).expect("read config");
     let listen = format!("listen: [\"127.0.0.1:{port}\"]");
-    let own = format!("listen:\n  - {{ address: \"127.0.0.1:{port}\", tcp_keepalive: 9s }}");
+    let own = format!(
+        "listen:\n  - {{ address: \"127.0.0.1:{port}\", tcp_keepalive: 9s, defer_accept: 0 }}"
+    );
     std::fs::write(&config, text.replace(&listen, &own)).expect("write config");
     let _new = Running(start(true));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -191,7 +196,7 @@ async fn upgrade_with_dash_u_hands_over_without_refusing_requests() {
     assert!(exited.success(), "old process exit: {exited}");
     let failures = guard("the request loop", load).await.expect("load task");
     assert_eq!(failures, 0, "requests refused during the upgrade");
-    // The new process serves alone now, with its keepalive on the socket it was given.
+    // The new process serves alone now, with its settings on the socket it was given.
     let r = client()
         .get(&url)
         .send()
@@ -200,6 +205,11 @@ async fn upgrade_with_dash_u_hands_over_without_refusing_requests() {
     assert!(r.status().is_success());
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (state, _, _) = server_side(addr, &conn);
+    assert_eq!(
+        state, 1,
+        "a silent connection handed over at once (defer_accept: 0)"
+    );
     conn.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
         .await
         .expect("write");

@@ -1,15 +1,16 @@
 //! Client connections on a listener: `idle_timeout` closes a connection that sends nothing
 //! before its first request or between keep-alive requests (on plain and h2c listeners),
 //! never an event stream, however quiet; `max_connections` closes connections over the cap
-//! as they are accepted, and counts them.
+//! as they are accepted, and counts them; `defer_accept` has the kernel hand a connection
+//! over once its client speaks; `tcp_keepalive` reaches every accepted connection.
 
 use crate::common;
 
 use std::time::{Duration, Instant};
 
 use common::{
-    config_error, eventually, read_to_end, read_until, server_side_timer, After, Events, Origin,
-    Proxy,
+    config_error, eventually, read_to_end, read_until, server_side, server_side_timer, After,
+    Events, Origin, Proxy,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -66,7 +67,8 @@ async fn a_client_that_sends_nothing_is_closed_after_the_idle_timeout() {
     for options in ["idle_timeout: 1s", "idle_timeout: 1s, h2c: true"] {
         let proxy = Proxy::start_listening(options, &config(&origin)).await;
         // Before any request: plain reads, and on an h2c listener the look for the HTTP/2
-        // preface, both give up after the idle timeout.
+        // preface, both give up after the idle timeout, which starts when the kernel hands
+        // the silent connection over (after `defer_accept`, 1 s by default).
         let mut silent = TcpStream::connect(proxy.addr).await.expect("connect");
         let (sent, took) = closed_by_proxy(&mut silent).await;
         eprintln!("{options}: a silent connection closed after {took:?}");
@@ -181,6 +183,33 @@ async fn connections_over_max_connections_are_closed_as_they_are_accepted() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_connection_reaches_the_proxy_once_its_client_speaks() {
+    let origin = Origin::plain("ok").await;
+    let default = Proxy::start(&config(&origin)).await;
+    let off = Proxy::start_listening("defer_accept: 0", &config(&origin)).await;
+    let h2c = Proxy::start_listening("defer_accept: 3s, h2c: true", &config(&origin)).await;
+    for (proxy, deferred) in [(&default, true), (&off, false), (&h2c, true)] {
+        // The harness's own probe may still be open.
+        connections_open(proxy, 0.0).await;
+        let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");
+        let (state, timer, _) = server_side(proxy.addr, &conn);
+        if deferred {
+            // Connected, nothing sent: the kernel holds the connection back (its SYN-ACK
+            // timer running), so the proxy spends no descriptor, task or slot on it.
+            assert_eq!((state, timer), (3, 1), "{}: held back", proxy.addr);
+            assert_eq!(counted(proxy, "streamgate_connections_open"), 0.0);
+        } else {
+            assert_eq!(state, 1, "{}: handed over at once", proxy.addr);
+            connections_open(proxy, 1.0).await;
+        }
+        // Its request hands it over, and it is served.
+        request(&mut conn).await;
+        assert_eq!(server_side(proxy.addr, &conn).0, 1);
+        connections_open(proxy, 1.0).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn accepted_connections_get_the_listeners_tcp_keepalive() {
     let origin = Origin::plain("ok").await;
     for (options, keepalive) in [
@@ -222,4 +251,14 @@ fn bad_listener_settings_are_refused_with_file_line_and_key() {
     refused("idle_timeout: 1500ms", "idle_timeout", "whole seconds");
     refused("idle_timeout: 5", "idle_timeout", "unit");
     refused("idle_timout: 5s", "idle_timout", "unknown field");
+    refused(
+        "defer_accept: 500ms",
+        "defer_accept",
+        "whole seconds up to 60s",
+    );
+    refused(
+        "defer_accept: 61s",
+        "defer_accept",
+        "whole seconds up to 60s",
+    );
 }

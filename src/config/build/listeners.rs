@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::file::{Http2File, ListenAddr, ListenFile};
 use crate::error::{ConfigError, ConfigErrorKind as Kind};
@@ -160,10 +161,24 @@ pub fn listeners(
             }
             listener.idle_timeout = idle.limit();
         }
+        if let Some(defer) = l.defer_accept {
+            if defer.0.subsec_nanos() != 0 || defer.0 > MAX_DEFER_ACCEPT {
+                return refuse(
+                    "defer_accept",
+                    "write whole seconds up to 60s (`1s`), or 0 to hand connections over at \
+                     once: the kernel counts this wait in seconds",
+                );
+            }
+            listener.defer_accept = defer.limit();
+        }
         built.listeners.push(listener);
     }
     Ok(built)
 }
+
+/// The longest `defer_accept`: a connection whose client sends nothing waits this long in
+/// the kernel before the proxy sees it (and its `idle_timeout` starts).
+const MAX_DEFER_ACCEPT: Duration = Duration::from_secs(60);
 
 /// `http2:` over the defaults.
 pub fn http2(main: &Source, file: Option<&Http2File>) -> Result<Http2Settings, ConfigError> {

@@ -364,10 +364,11 @@ pub fn free_ports<const N: usize>() -> [u16; N] {
     std::array::from_fn(|_| free_port())
 }
 
-/// The kernel's timer on the server's side (`server`, the address it listens on) of the
-/// client connection `conn`, read from /proc/net/tcp: its kind (0 none, 2 keepalive) and
-/// how long until it fires.
-pub fn server_side_timer(server: SocketAddr, conn: &TcpStream) -> (u8, Duration) {
+/// The server's side (`server`, the address it listens on) of the client connection
+/// `conn`, from /proc/net/tcp: its state (1 established, 3 a connection the kernel has
+/// not handed over yet), its timer's kind (0 none, 1 retransmit, 2 keepalive) and how long
+/// until that fires.
+pub fn server_side(server: SocketAddr, conn: &TcpStream) -> (u8, u8, Duration) {
     let hex = |a: SocketAddr| match a {
         SocketAddr::V4(v4) => format!(
             "{:08X}:{:04X}",
@@ -383,11 +384,19 @@ pub fn server_side_timer(server: SocketAddr, conn: &TcpStream) -> (u8, Duration)
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
         .find(|f| f.len() > 5 && f[1] == local && f[2] == remote)
         .expect("the server's side of the connection");
+    let state = u8::from_str_radix(row[3], 16).expect("state");
     let (kind, when) = row[5].split_once(':').expect("tr:tm->when");
     let kind = u8::from_str_radix(kind, 16).expect("timer kind");
     // In clock ticks (USER_HZ, 100 a second).
     let ticks = u64::from_str_radix(when, 16).expect("timer expiry");
-    (kind, Duration::from_millis(ticks * 10))
+    (state, kind, Duration::from_millis(ticks * 10))
+}
+
+/// The kernel's timer on the server's side of `conn` (see [`server_side`]): its kind and
+/// how long until it fires.
+pub fn server_side_timer(server: SocketAddr, conn: &TcpStream) -> (u8, Duration) {
+    let (_, kind, when) = server_side(server, conn);
+    (kind, when)
 }
 
 /// A port for a listener that a proxy binds a moment later. Not one the kernel picks
