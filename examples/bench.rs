@@ -167,6 +167,7 @@ fn parse_args() -> Result<Args, String> {
             "--burst-size" => p.burst_size = number(value()?)? as usize,
             "--plain-seconds" => p.plain_seconds = number(value()?)?,
             "--plain-size" => p.plain_size = number(value()?)? as usize,
+            "--opens" => p.opens = number(value()?)? as usize,
             "-h" | "--help" => {
                 return Err(
                     "usage: bench [--scenario sse|chain|observability|peers|origin] [--streams N] \
@@ -176,7 +177,7 @@ fn parse_args() -> Result<Args, String> {
                  peers:  --peer direct | --peer NAME=PORT:COMMAND ... [--tiers 1000,9000] \
                             [--origin 127.0.0.1:18180] [--out DIR] [--ramp 2000] [--size 256] \
                             [--burst 500000] [--burst-streams 4] [--burst-size 512] \
-                            [--plain-seconds 10] [--plain-size 128]"
+                            [--plain-seconds 10] [--plain-size 128] [--opens 3000]"
                         .into(),
                 )
             }

@@ -32,11 +32,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::{
-    cpu_seconds, micros_now, open_streams, throughput, tree_cpu_seconds, tree_rss_kib, Args, Run,
-    Tally, Target,
+    cpu_seconds, micros_now, open_streams, process_tree, throughput, tree_cpu_seconds,
+    tree_rss_kib, Args, Run, Tally, Target,
 };
 
 /// The peers scenario's own settings.
@@ -52,6 +53,8 @@ pub struct Settings {
     pub burst_size: usize,
     pub plain_seconds: u64,
     pub plain_size: usize,
+    /// Streams opened and closed one after another per run (0: none).
+    pub opens: usize,
 }
 
 impl Default for Settings {
@@ -68,6 +71,7 @@ impl Default for Settings {
             burst_size: 512,
             plain_seconds: 10,
             plain_size: 128,
+            opens: 3000,
         }
     }
 }
@@ -356,6 +360,100 @@ async fn streams_run(bench: &Bench<'_>, peer: &Peer, streams: usize) -> Result<V
     Ok(merged(run, harness))
 }
 
+/// Streams opened one after another through one proxy, each closed once its first event
+/// is in: what opening a stream costs the proxy alone, without the queueing of the stream
+/// tiers (where thousands open at once and wait for each other's work). The proxy's
+/// processor time and its threads' context switches (voluntary and not, from /proc) are
+/// counted over the whole series and divided by the streams.
+async fn opens_run(bench: &Bench<'_>, peer: &Peer) -> Result<Value, String> {
+    let s = &bench.args.peers;
+    let proxy = Proxy::start(peer, s, &bench.out).await?;
+    let request = format!(
+        "GET /events?size={} HTTP/1.1\r\nhost: bench\r\naccept: text/event-stream\r\n\r\n",
+        s.size
+    );
+    // A few unmeasured first: the proxy's first connections set up what later ones reuse.
+    for _ in 0..20 {
+        let _ = first_event(proxy.target.addr, &request).await;
+    }
+    let pid = proxy.process.as_ref().map(Started::pid);
+    let cpu_before = proxy.cpu();
+    let switches_before = pid.map(tree_switches);
+    let mut ttfe = hdrhistogram::Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    let mut failed = 0;
+    for _ in 0..s.opens {
+        match first_event(proxy.target.addr, &request).await {
+            Ok(took) => {
+                let _ = ttfe.record(took.as_micros() as u64);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    // The last streams' ends are the proxy's work too.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cpu = proxy.cpu().zip(cpu_before).map(|(end, start)| end - start);
+    let switches = pid
+        .map(tree_switches)
+        .zip(switches_before)
+        .map(|(end, start)| end - start);
+    let per = |total: f64| total / s.opens.max(1) as f64;
+    Ok(json!({
+        "scenario": "opens",
+        "proxy": peer.name,
+        "streams": s.opens,
+        "failed": failed,
+        "ttfe_p50_ms": quantile_us(&ttfe, 0.5).map(|us| us as f64 / 1000.0),
+        "ttfe_p99_ms": quantile_us(&ttfe, 0.99).map(|us| us as f64 / 1000.0),
+        "cpu_us_per_stream": cpu.map(|c| per(c * 1e6)),
+        "switches_per_stream": switches.map(|n| per(n as f64)),
+    }))
+}
+
+/// Opens a stream on a new connection to `addr` with `request`, reads until its first
+/// event is in, and closes it: how long that took.
+async fn first_event(addr: SocketAddr, request: &str) -> Result<Duration, String> {
+    let began = Instant::now();
+    let mut conn = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let _ = conn.set_nodelay(true);
+    conn.write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut got = Vec::with_capacity(1024);
+    loop {
+        if conn.read_buf(&mut got).await.map_err(|e| e.to_string())? == 0 {
+            return Err("closed before the first event".into());
+        }
+        let body = got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|at| &got[at + 4..]);
+        if body.is_some_and(|body| body.windows(2).any(|w| w == b"\n\n")) {
+            return Ok(began.elapsed());
+        }
+    }
+}
+
+/// Context switches (voluntary and not) of every thread of a process tree so far.
+fn tree_switches(pid: u32) -> u64 {
+    let mut total = 0;
+    for process in process_tree(pid) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{process}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+                continue;
+            };
+            total += status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    total
+}
+
 /// One burst through one proxy.
 async fn burst_run(bench: &Bench<'_>, peer: &Peer) -> Result<Value, String> {
     let s = &bench.args.peers;
@@ -497,6 +595,14 @@ const BURST_COLUMNS: &[Column] = &[
     ("events/s", "events_per_s", Some(0)),
     ("MB/s", "mb_per_s", Some(0)),
     ("proxy CPU s", "cpu_s", Some(2)),
+];
+
+const OPEN_COLUMNS: &[Column] = &[
+    ("failed", "failed", None),
+    ("TTFE p50 ms", "ttfe_p50_ms", Some(3)),
+    ("TTFE p99 ms", "ttfe_p99_ms", Some(3)),
+    ("CPU µs/stream", "cpu_us_per_stream", Some(1)),
+    ("switches/stream", "switches_per_stream", Some(2)),
 ];
 
 const PLAIN_COLUMNS: &[Column] = &[
@@ -711,6 +817,18 @@ pub async fn run(args: &Args) -> Result<(), String> {
         let label = format!("{streams} streams");
         scenario(args, &mut results, (label, title), STREAM_COLUMNS, |peer| {
             streams_run(bench, peer, streams)
+        })
+        .await;
+    }
+    if s.opens > 0 {
+        let title = format!(
+            "opens: {} streams opened one after another, each closed at its first event; \
+             the proxy's CPU and context switches per stream; median (rounds)",
+            s.opens
+        );
+        let label = "opens".to_string();
+        scenario(args, &mut results, (label, title), OPEN_COLUMNS, |peer| {
+            opens_run(bench, peer)
         })
         .await;
     }
