@@ -326,7 +326,7 @@ pub struct ListenerFile {
     #[serde(default)]
     pub tcp_keepalive: Option<Dur>,
     /// Hand a new connection over once its client has sent something, or this long after
-    /// it connected (default 1s, whole seconds; 0 = at once).
+    /// it connected (whole seconds; 0, the default: at once).
     #[serde(default)]
     pub defer_accept: Option<Dur>,
     /// Client connections open at once on this listener; one more is closed as it is

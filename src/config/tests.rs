@@ -588,14 +588,8 @@ fn listener_forms_load_into_their_kinds() {
     );
     assert_eq!(config.listeners[1].max_connections, 7);
     assert_eq!(config.listeners[1].idle_timeout, None, "0: no idle limit");
-    assert_eq!(
-        config.listeners[0].defer_accept,
-        Some(Duration::from_secs(1))
-    );
-    assert_eq!(
-        config.listeners[1].defer_accept, None,
-        "0: handed over at once"
-    );
+    assert_eq!(config.listeners[0].defer_accept, None, "at once unless set");
+    assert_eq!(config.listeners[1].defer_accept, None, "0: at once");
     assert_eq!(
         config.listeners[2].defer_accept,
         Some(Duration::from_secs(5))

@@ -20,9 +20,6 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
 pub const DEFAULT_H2_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 /// Default `tcp_keepalive`: idle time before the first probe on an accepted connection.
 pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
-/// Default `defer_accept`: how long the kernel holds a new connection that has sent
-/// nothing before handing it over anyway (the value nginx's `deferred` uses).
-pub const DEFAULT_DEFER_ACCEPT: Duration = Duration::from_secs(1);
 /// Default `idle_timeout`: a client connection with no request in progress for this long
 /// closes.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -38,7 +35,8 @@ pub struct Listener {
     /// Idle time before TCP keepalive probes start; `None`: off.
     pub tcp_keepalive: Option<Duration>,
     /// A new connection is handed to the proxy once its client has sent something (or this
-    /// long after it connected, whole seconds: Linux's `TCP_DEFER_ACCEPT`); `None`: at once.
+    /// long after it connected, whole seconds: Linux's `TCP_DEFER_ACCEPT`); `None` (the
+    /// default, as in nginx and HAProxy): at once.
     pub defer_accept: Option<Duration>,
     /// Client connections open at once; one more is closed as it is accepted.
     pub max_connections: usize,
@@ -55,7 +53,7 @@ impl Listener {
             addr,
             kind,
             tcp_keepalive: Some(DEFAULT_TCP_KEEPALIVE),
-            defer_accept: Some(DEFAULT_DEFER_ACCEPT),
+            defer_accept: None,
             max_connections: default_max_connections(),
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         }

@@ -173,12 +173,12 @@ async fn upgrade_with_dash_u_hands_over_without_refusing_requests() {
 
     // The new process first, then SIGQUIT to the old one: it sends its listeners over. The
     // new one's listener has its own TCP keepalive (the old one's is the default 60 s) and
-    // hands connections over at once (the old one's waits for a client's first bytes): a
-    // socket handed over takes the new process's settings.
+    // defers accepting until a client's first bytes (the old one's hands connections over
+    // at once): a socket handed over takes the new process's settings.
     let text = std::fs::read_to_string(&config).expect("read config");
     let listen = format!("listen: [\"127.0.0.1:{port}\"]");
     let own = format!(
-        "listen:\n  - {{ address: \"127.0.0.1:{port}\", tcp_keepalive: 9s, defer_accept: 0 }}"
+        "listen:\n  - {{ address: \"127.0.0.1:{port}\", tcp_keepalive: 9s, defer_accept: 2s }}"
     );
     std::fs::write(&config, text.replace(&listen, &own)).expect("write config");
     let _new = Running(start(true));
@@ -207,8 +207,8 @@ async fn upgrade_with_dash_u_hands_over_without_refusing_requests() {
     let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (state, _, _) = server_side(addr, &conn);
     assert_eq!(
-        state, 1,
-        "a silent connection handed over at once (defer_accept: 0)"
+        state, 3,
+        "a silent connection held back by the kernel (defer_accept: 2s)"
     );
     conn.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
         .await

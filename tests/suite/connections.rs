@@ -67,8 +67,7 @@ async fn a_client_that_sends_nothing_is_closed_after_the_idle_timeout() {
     for options in ["idle_timeout: 1s", "idle_timeout: 1s, h2c: true"] {
         let proxy = Proxy::start_listening(options, &config(&origin)).await;
         // Before any request: plain reads, and on an h2c listener the look for the HTTP/2
-        // preface, both give up after the idle timeout, which starts when the kernel hands
-        // the silent connection over (after `defer_accept`, 1 s by default).
+        // preface, both give up after the idle timeout.
         let mut silent = TcpStream::connect(proxy.addr).await.expect("connect");
         let (sent, took) = closed_by_proxy(&mut silent).await;
         eprintln!("{options}: a silent connection closed after {took:?}");
@@ -187,8 +186,9 @@ async fn a_connection_reaches_the_proxy_once_its_client_speaks() {
     let origin = Origin::plain("ok").await;
     let default = Proxy::start(&config(&origin)).await;
     let off = Proxy::start_listening("defer_accept: 0", &config(&origin)).await;
+    let on = Proxy::start_listening("defer_accept: 1s", &config(&origin)).await;
     let h2c = Proxy::start_listening("defer_accept: 3s, h2c: true", &config(&origin)).await;
-    for (proxy, deferred) in [(&default, true), (&off, false), (&h2c, true)] {
+    for (proxy, deferred) in [(&default, false), (&off, false), (&on, true), (&h2c, true)] {
         // The harness's own probe may still be open.
         connections_open(proxy, 0.0).await;
         let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");

@@ -573,12 +573,9 @@ async fn h2c_and_redirect_listeners() {
     );
 
     // Connections accepted on every kind of listener carry its TCP keepalive (60 s unless
-    // set), inherited from the listening socket. Each sends its protocol's first byte
-    // (HTTP/2's preface, a request, a TLS record), without which the kernel holds the
-    // connection back from the proxy (`defer_accept`).
-    for (port, first) in [(h2c, b"P"), (redirect, b"G"), (tls, b"\x16")] {
-        let mut conn = TcpStream::connect(addr(port)).await.expect("connect");
-        conn.write_all(first).await.expect("first byte");
+    // set), inherited from the listening socket.
+    for port in [h2c, redirect, tls] {
+        let conn = TcpStream::connect(addr(port)).await.expect("connect");
         let (kind, when) = common::server_side_timer(addr(port), &conn);
         assert_eq!(kind, 2, "listener {port}: a keepalive timer");
         assert!(
