@@ -65,7 +65,7 @@ for peer in $PEERS; do
   esac
   watchers+=($!)
 done
-CONNS=$CONNS ROUNDS=1 DURATION=3 BURST=0 PLAIN_SECONDS=0 BUILD=0 PEERS="$PEERS" \
+CONNS=$CONNS ROUNDS=1 DURATION=3 BURST=0 PLAIN_SECONDS=0 OPENS=0 BUILD=0 PEERS="$PEERS" \
   OUT_DIR="$OUT_DIR/peers" bench/peers.sh >"$OUT_DIR/peers.log" 2>&1
 wait "${watchers[@]}" || true
 
