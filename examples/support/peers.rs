@@ -410,8 +410,14 @@ async fn opens_run(bench: &Bench<'_>, peer: &Peer) -> Result<Value, String> {
 }
 
 /// Opens a stream on a new connection to `addr` with `request`, reads until its first
-/// event is in, and closes it: how long that took.
+/// event is in (giving up after 10 s), and closes it: how long that took.
 async fn first_event(addr: SocketAddr, request: &str) -> Result<Duration, String> {
+    tokio::time::timeout(Duration::from_secs(10), open_and_read_first(addr, request))
+        .await
+        .map_err(|_| "no first event within 10 s".to_string())?
+}
+
+async fn open_and_read_first(addr: SocketAddr, request: &str) -> Result<Duration, String> {
     let began = Instant::now();
     let mut conn = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let _ = conn.set_nodelay(true);
