@@ -178,7 +178,7 @@ async fn upgrade_with_dash_u_hands_over_without_refusing_requests() {
     let text = std::fs::read_to_string(&config).expect("read config");
     let listen = format!("listen: [\"127.0.0.1:{port}\"]");
     let own = format!(
-        "listen:\n  - {{ address: \"127.0.0.1:{port}\", tcp_keepalive: 9s, defer_accept: 2s }}"
+        "listen:\n  - {{ address: \"127.0.0.1:{port}\", tcp_keepalive: 9s, defer_accept: 5s }}"
     );
     std::fs::write(&config, text.replace(&listen, &own)).expect("write config");
     let _new = Running(start(true));
@@ -208,7 +208,7 @@ async fn upgrade_with_dash_u_hands_over_without_refusing_requests() {
     let (state, _, _) = server_side(addr, &conn);
     assert_eq!(
         state, 3,
-        "a silent connection held back by the kernel (defer_accept: 2s)"
+        "a silent connection held back by the kernel (defer_accept: 5s)"
     );
     conn.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
         .await
