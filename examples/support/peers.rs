@@ -32,11 +32,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use crate::{
-    cpu_seconds, micros_now, open_streams, process_tree, throughput, tree_cpu_seconds,
+    cpu_seconds, micros_now, open_h1, open_streams, process_tree, throughput, tree_cpu_seconds,
     tree_rss_kib, Args, Run, Tally, Target,
 };
 
@@ -368,13 +368,10 @@ async fn streams_run(bench: &Bench<'_>, peer: &Peer, streams: usize) -> Result<V
 async fn opens_run(bench: &Bench<'_>, peer: &Peer) -> Result<Value, String> {
     let s = &bench.args.peers;
     let proxy = Proxy::start(peer, s, &bench.out).await?;
-    let request = format!(
-        "GET /events?size={} HTTP/1.1\r\nhost: bench\r\naccept: text/event-stream\r\n\r\n",
-        s.size
-    );
+    let path = format!("/events?size={}", s.size);
     // A few unmeasured first: the proxy's first connections set up what later ones reuse.
     for _ in 0..20 {
-        let _ = first_event(proxy.target.addr, &request).await;
+        let _ = first_event(&proxy.target, &path).await;
     }
     let pid = proxy.process.as_ref().map(Started::pid);
     let cpu_before = proxy.cpu();
@@ -382,7 +379,7 @@ async fn opens_run(bench: &Bench<'_>, peer: &Peer) -> Result<Value, String> {
     let mut ttfe = hdrhistogram::Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
     let mut failed = 0;
     for _ in 0..s.opens {
-        match first_event(proxy.target.addr, &request).await {
+        match first_event(&proxy.target, &path).await {
             Ok(took) => {
                 let _ = ttfe.record(took.as_micros() as u64);
             }
@@ -409,34 +406,27 @@ async fn opens_run(bench: &Bench<'_>, peer: &Peer) -> Result<Value, String> {
     }))
 }
 
-/// Opens a stream on a new connection to `addr` with `request`, reads until its first
-/// event is in (giving up after 10 s), and closes it: how long that took.
-async fn first_event(addr: SocketAddr, request: &str) -> Result<Duration, String> {
-    tokio::time::timeout(Duration::from_secs(10), open_and_read_first(addr, request))
-        .await
-        .map_err(|_| "no first event within 10 s".to_string())?
-}
-
-async fn open_and_read_first(addr: SocketAddr, request: &str) -> Result<Duration, String> {
+/// Opens a stream on `path` on a new connection (as the tiers do, [`open_h1`]), reads
+/// until its first event is in (giving up after 10 s), and closes it: how long that took.
+async fn first_event(target: &Target, path: &str) -> Result<Duration, String> {
     let began = Instant::now();
-    let mut conn = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let _ = conn.set_nodelay(true);
-    conn.write_all(request.as_bytes())
+    let opened = async {
+        let (mut io, mut body, _) = open_h1(target, path).await?;
+        let mut buf = [0u8; 4096];
+        // The first event's end (its framing uses CRLFs only).
+        while !body.windows(2).any(|w| w == b"\n\n") {
+            let read = io.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if read == 0 {
+                return Err("closed before the first event".to_string());
+            }
+            body.extend_from_slice(&buf[..read]);
+        }
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), opened)
         .await
-        .map_err(|e| e.to_string())?;
-    let mut got = Vec::with_capacity(1024);
-    loop {
-        if conn.read_buf(&mut got).await.map_err(|e| e.to_string())? == 0 {
-            return Err("closed before the first event".into());
-        }
-        let body = got
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map(|at| &got[at + 4..]);
-        if body.is_some_and(|body| body.windows(2).any(|w| w == b"\n\n")) {
-            return Ok(began.elapsed());
-        }
-    }
+        .map_err(|_| "no first event within 10 s".to_string())??;
+    Ok(began.elapsed())
 }
 
 /// Context switches (voluntary and not) of every thread of a process tree so far.

@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use common::binary::{exited, signal, start_binary, wait_listening, Running, BIN};
 use common::resume::{contiguous, counting_origin, Resumer};
-use common::{
-    client, eventually, free_port, guard, read_until, server_side, server_side_timer, Events,
-};
+use common::{client, eventually, free_port, guard, read_until, server_side, Events};
 use tokio::io::AsyncWriteExt;
 
 fn check(file: &Path) -> Output {
@@ -218,7 +216,7 @@ async fn upgrade_with_dash_u_hands_over_without_refusing_requests() {
     })
     .await;
     assert!(answer.starts_with(b"HTTP/1.1 200"), "an answer");
-    let (kind, when) = server_side_timer(addr, &conn);
+    let (_, kind, when) = server_side(addr, &conn);
     assert_eq!(kind, 2, "a keepalive timer");
     assert!(
         when <= Duration::from_secs(9),

@@ -9,8 +9,7 @@ use crate::common;
 use std::time::{Duration, Instant};
 
 use common::{
-    config_error, eventually, read_to_end, read_until, server_side, server_side_timer, After,
-    Events, Origin, Proxy,
+    config_error, eventually, read_to_end, read_until, server_side, After, Events, Origin, Proxy,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -227,7 +226,7 @@ async fn accepted_connections_get_the_listeners_tcp_keepalive() {
         let proxy = Proxy::start_listening(options, &config(&origin)).await;
         let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");
         request(&mut conn).await;
-        let (kind, when) = server_side_timer(proxy.addr, &conn);
+        let (_, kind, when) = server_side(proxy.addr, &conn);
         match keepalive {
             // The first probe after the idle time, counted from the last bytes.
             Some(idle) => {

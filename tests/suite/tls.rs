@@ -522,9 +522,9 @@ async fn h2c_and_redirect_listeners() {
         &[("main", &["example.test"])],
         |dir| {
             format!(
-                "listen:\n  - {{ address: \"127.0.0.1:{h2c}\", h2c: true }}\n  \
-                 - {{ address: \"127.0.0.1:{redirect}\", redirect_http: true }}\n{}{}",
-                tls_listener(tls, dir, MAIN_CERT, ""),
+                "listen:\n  - {{ address: \"127.0.0.1:{h2c}\", h2c: true, defer_accept: 5s }}\n  \
+                 - {{ address: \"127.0.0.1:{redirect}\", redirect_http: true, defer_accept: 5s }}\n{}{}",
+                tls_listener(tls, dir, MAIN_CERT, "    defer_accept: 5s\n"),
                 routes(&origin)
             )
         },
@@ -572,11 +572,23 @@ async fn h2c_and_redirect_listeners() {
         format!("https://Example.test:{tls}/a/b?c=d").as_str()
     );
 
-    // Connections accepted on every kind of listener carry its TCP keepalive (60 s unless
-    // set), inherited from the listening socket.
-    for port in [h2c, redirect, tls] {
-        let conn = TcpStream::connect(addr(port)).await.expect("connect");
-        let (kind, when) = common::server_side_timer(addr(port), &conn);
+    // Every kind of listener takes its socket settings: `defer_accept` (a silent connection
+    // is held back by the kernel until its protocol's first byte comes: the HTTP/2 preface,
+    // a request, a TLS record) and the TCP keepalive (60 s unless set), which accepted
+    // connections inherit from the listening socket.
+    for (port, first) in [(h2c, b"P"), (redirect, b"G"), (tls, b"\x16")] {
+        let mut conn = TcpStream::connect(addr(port)).await.expect("connect");
+        let (state, _, _) = common::server_side(addr(port), &conn);
+        assert_eq!(
+            state, 3,
+            "listener {port}: held back until the client speaks"
+        );
+        conn.write_all(first).await.expect("first byte");
+        common::eventually("the connection handed over", || async {
+            common::server_side(addr(port), &conn).0 == 1
+        })
+        .await;
+        let (_, kind, when) = common::server_side(addr(port), &conn);
         assert_eq!(kind, 2, "listener {port}: a keepalive timer");
         assert!(
             when <= std::time::Duration::from_secs(60) && when > std::time::Duration::from_secs(50),

@@ -392,13 +392,6 @@ pub fn server_side(server: SocketAddr, conn: &TcpStream) -> (u8, u8, Duration) {
     (state, kind, Duration::from_millis(ticks * 10))
 }
 
-/// The kernel's timer on the server's side of `conn` (see [`server_side`]): its kind and
-/// how long until it fires.
-pub fn server_side_timer(server: SocketAddr, conn: &TcpStream) -> (u8, Duration) {
-    let (_, kind, when) = server_side(server, conn);
-    (kind, when)
-}
-
 /// A port for a listener that a proxy binds a moment later. Not one the kernel picks
 /// (`bind` to port 0): every outgoing connection of every test process takes its local port
 /// from the same ephemeral range, and one could take this port before the proxy binds it,
