@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Where a stream's time to first event goes inside each proxy, beside nginx: one stream tier
 # of bench/peers.sh (streams opened at its usual 2,000 a second) with the kernel's syscall
-# tracepoints recorded in each proxy for 2.5 s of the ramp. Every stream's path is then
-# split at the proxy's own system calls:
+# tracepoints recorded in each proxy for 3 s from when it listens (the ramp included).
+# Every stream's path is then split at the proxy's own system calls:
 #
 #   accept > request    accepted until its request head is read
 #   request > connect   the request head read until the origin connect starts
@@ -27,13 +27,14 @@ OUT_DIR=${OUT_DIR:-${TMPDIR:-/tmp}/streamgate-timeline-$(date +%Y%m%d-%H%M%S)}
 command -v perf >/dev/null || { echo "open-timeline: needs perf (apt-get install linux-perf)" >&2; exit 1; }
 mkdir -p "$OUT_DIR"
 
-declare -A ports=([streamgate]=18186 [floor]=18187 [nginx]=18188 [haproxy]=18189 [floor-ns]=18190 [caddy]=18191)
+source bench/peers/ports.sh
 events=syscalls:sys_exit_accept4,syscalls:sys_enter_recvfrom,syscalls:sys_exit_recvfrom
 events+=,syscalls:sys_enter_read,syscalls:sys_exit_read,syscalls:sys_enter_connect
 events+=,syscalls:sys_enter_sendto,syscalls:sys_enter_writev,syscalls:sys_enter_write
 
 # Waits for PORT to be listened on (by the executable EXE, when given), then records its
-# processes for 2.5 s of the ramp.
+# processes for 3 s: the harness starts the ramp half a second after the proxy listens,
+# so even a short ramp (1,000 streams take half a second) is inside.
 record() {
   local port=$1 name=$2 exe=${3:-} pids="" pid
   for _ in $(seq 1 2400); do
@@ -46,18 +47,17 @@ record() {
     sleep 0.05
   done
   [ -n "$pids" ] || return 0
-  sleep 0.6
-  perf record -q -e "$events" -p "$pids" -o "$OUT_DIR/$name.perf" -- sleep 2.5 >/dev/null 2>&1 || true
+  perf record -q -e "$events" -p "$pids" -o "$OUT_DIR/$name.perf" -- sleep 3 >/dev/null 2>&1 || true
 }
 
 watchers=()
 names=()
 for peer in $PEERS; do
   case $peer in
-    *=*) record 18186 "${peer%%=*}" "${peer#*=}" & names+=("${peer%%=*}") ;;
-    streamgate) record 18186 streamgate "$PWD/target/release/streamgate" & names+=(streamgate) ;;
+    *=*) record "${PEER_PORTS[streamgate]}" "${peer%%=*}" "${peer#*=}" & names+=("${peer%%=*}") ;;
+    streamgate) record "${PEER_PORTS[streamgate]}" streamgate "$PWD/target/release/streamgate" & names+=(streamgate) ;;
     *)
-      port=${ports[$peer]:-}
+      port=${PEER_PORTS[$peer]:-}
       [ -n "$port" ] || { echo "open-timeline: unknown peer $peer" >&2; exit 2; }
       record "$port" "$peer" &
       names+=("$peer")

@@ -29,12 +29,12 @@
 #                        the proxy's CPU and context switches per stream (0: none)
 #   OUT_DIR [${TMPDIR:-/tmp}/streamgate-peers-DATE]  results.jsonl, table.txt, each process's log
 #
-# Ports on 127.0.0.1: origin 18180, streamgate 18186, floor 18187, nginx 18188, haproxy
-# 18189, floor-ns 18190, caddy 18191 (the configs in bench/peers/ name them). HAProxy, nginx,
+# Ports on 127.0.0.1: bench/peers/ports.sh (the configs in bench/peers/ name them). HAProxy, nginx,
 # Caddy and wrk are installed with
 # apt-get when missing and this runs as root; a peer still missing is skipped. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/peers/ports.sh
 
 CONNS=${CONNS-"1000 9000"}
 DURATION=${DURATION:-15}
@@ -78,26 +78,26 @@ peers=()
 for peer in $PEERS; do
   case $peer in
     direct) peers+=(--peer direct) ;;
-    streamgate) peers+=(--peer "streamgate=18186:target/release/streamgate -c bench/peers/streamgate.yaml") ;;
-    floor) peers+=(--peer "floor=18187:target/release/examples/floor --listen 127.0.0.1:18187 --upstream 127.0.0.1:18180 --threads 2") ;;
-    floor-ns) peers+=(--peer "floor-ns=18190:target/release/examples/floor --listen 127.0.0.1:18190 --upstream 127.0.0.1:18180 --threads 2 --work-stealing false") ;;
+    streamgate) peers+=(--peer "streamgate=${PEER_PORTS[streamgate]}:target/release/streamgate -c bench/peers/streamgate.yaml") ;;
+    floor) peers+=(--peer "floor=${PEER_PORTS[floor]}:target/release/examples/floor --listen 127.0.0.1:${PEER_PORTS[floor]} --upstream 127.0.0.1:${PEER_PORTS[origin]} --threads 2") ;;
+    floor-ns) peers+=(--peer "floor-ns=${PEER_PORTS[floor-ns]}:target/release/examples/floor --listen 127.0.0.1:${PEER_PORTS[floor-ns]} --upstream 127.0.0.1:${PEER_PORTS[origin]} --threads 2 --work-stealing false") ;;
     haproxy | nginx | caddy)
       if ! command -v "$peer" >/dev/null; then
         echo "peers: $peer is not installed: skipped" >&2
         continue
       fi
       if [ "$peer" = haproxy ]; then
-        peers+=(--peer "haproxy=18189:haproxy -db -f bench/peers/haproxy.cfg")
+        peers+=(--peer "haproxy=${PEER_PORTS[haproxy]}:haproxy -db -f bench/peers/haproxy.cfg")
       elif [ "$peer" = caddy ]; then
         scratch=$(printf %q "$OUT_DIR/caddy")
-        peers+=(--peer "caddy=18191:env HOME=$scratch XDG_CONFIG_HOME=$scratch XDG_DATA_HOME=$scratch caddy run --config bench/peers/Caddyfile --adapter caddyfile")
+        peers+=(--peer "caddy=${PEER_PORTS[caddy]}:env HOME=$scratch XDG_CONFIG_HOME=$scratch XDG_DATA_HOME=$scratch caddy run --config bench/peers/Caddyfile --adapter caddyfile")
       else
-        peers+=(--peer "nginx=18188:nginx -p $(printf %q "$OUT_DIR/nginx/") -e stderr -c $(printf %q "$PWD/bench/peers/nginx.conf") -g 'daemon off;'")
+        peers+=(--peer "nginx=${PEER_PORTS[nginx]}:nginx -p $(printf %q "$OUT_DIR/nginx/") -e stderr -c $(printf %q "$PWD/bench/peers/nginx.conf") -g 'daemon off;'")
       fi
       ;;
     *=*)
       [ -x "${peer#*=}" ] || { echo "peers: ${peer#*=} is not an executable" >&2; exit 2; }
-      peers+=(--peer "${peer%%=*}=18186:${peer#*=} -c bench/peers/streamgate.yaml")
+      peers+=(--peer "${peer%%=*}=${PEER_PORTS[streamgate]}:${peer#*=} -c bench/peers/streamgate.yaml")
       ;;
     *) echo "peers: unknown peer $peer (direct floor floor-ns streamgate haproxy nginx caddy NAME=PATH)" >&2; exit 2 ;;
   esac
