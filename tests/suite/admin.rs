@@ -179,10 +179,19 @@ async fn metrics_count_requests_and_streams_and_pass_promtool() {
     let mut events = Events::new(stream);
     assert!(events.next().await.is_some());
 
-    let text = guard("the metrics to show the stream", async {
+    // A request is counted when its response has ended, which may be after the client
+    // has its head: wait for the third plain answer as well as for the stream.
+    let text = guard("the metrics to show the stream and every answer", async {
         loop {
             let (_, text) = admin_get(admin, "/metrics").await;
-            if text.contains("streamgate_sse_streams_open{route=\"live\",service=\"feed\"} 1") {
+            if text.contains("streamgate_sse_streams_open{route=\"live\",service=\"feed\"} 1")
+                && text.contains(
+                    "streamgate_requests_total{class=\"2xx\",route=\"*\",service=\"feed\"} 3",
+                )
+                && text.contains(
+                    "streamgate_requests_total{class=\"4xx\",route=\"*/private\",service=\"feed\"} 1",
+                )
+            {
                 return text;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
