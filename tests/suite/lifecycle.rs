@@ -204,7 +204,8 @@ async fn a_drain_ends_every_stream_between_events_with_a_hint() {
         client().get(url).send().await.expect("readyz").status()
     };
     assert_eq!(ready(admin).await, 200);
-    let clients: Vec<Resumer> = (0..20)
+    let clients_n = 20;
+    let clients: Vec<Resumer> = (0..clients_n)
         .map(|_| Resumer::start(proxy.addr, "/events"))
         .collect();
     eventually("every client to get events", || async {
@@ -229,6 +230,11 @@ async fn a_drain_ends_every_stream_between_events_with_a_hint() {
         let seen = client.stop().await;
         contiguous(&seen.ids).unwrap_or_else(|e| panic!("{e}: {:?}", seen.ids));
     }
+    // A stream's close is recorded as its request ends, after its client has the hint.
+    eventually("every drained stream to be closed", || async {
+        proxy.state.tracker.is_empty()
+    })
+    .await;
     let reasons: Vec<_> = proxy
         .state
         .tracker
@@ -237,6 +243,7 @@ async fn a_drain_ends_every_stream_between_events_with_a_hint() {
         .map(|c| c.reason.as_str())
         .collect();
     assert!(reasons.iter().all(|r| *r == "drain"), "{reasons:?}");
+    assert!(reasons.len() >= clients_n, "{reasons:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

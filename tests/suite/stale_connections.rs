@@ -70,14 +70,17 @@ impl RawOrigin {
                                 if reader.read_exact(&mut body).await.is_err() {
                                     return;
                                 }
+                                // Counted before it is written: the client may have the
+                                // answer before this task runs again.
+                                a.fetch_add(1, Ordering::SeqCst);
                                 let wrote = reader
                                     .get_mut()
                                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                                     .await;
                                 if wrote.is_err() {
+                                    a.fetch_sub(1, Ordering::SeqCst);
                                     return;
                                 }
-                                a.fetch_add(1, Ordering::SeqCst);
                                 if let Turn::AnswerThenClose = answer {
                                     tokio::time::sleep(Duration::from_millis(100)).await;
                                     return;
