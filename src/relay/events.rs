@@ -204,9 +204,8 @@ pub async fn relay(
                     if drain_end.is_some() && !reconnects {
                         drained(relay, ctx, Outcome::Finished);
                     }
-                    Box::pin(send_own(client, ctx, Bytes::new(), true)).await?;
                     relay.release(*link, ctx);
-                    return Ok(());
+                    return Box::pin(send_own(client, ctx, Bytes::new(), true)).await;
                 }
                 Err(e) => failed = Some(e),
             },

@@ -526,13 +526,15 @@ impl Relay {
                 "reading the response body",
             )
             .await?;
-            let end = body.is_none();
+            let end = body.is_none() || link.conn.body_done();
             apply_filters(&mut ctx.body_filters, &mut body, end)?;
-            write_body(session, body, end).await?;
             if end {
+                // The origin's answer is whole: its connection goes back to the pool before
+                // the client has the last bytes, so the client's next request can take it.
                 self.release(link, ctx);
-                return Ok(());
+                return write_body(session, body, true).await;
             }
+            write_body(session, body, false).await?;
         }
     }
 
