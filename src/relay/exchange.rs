@@ -19,8 +19,9 @@
 //! event stream?        Content-Type text/event-stream, whatever the request was: limits
 //!                      taken now if the request had not announced it (503/429 when full,
 //!                      the origin connection closed), then the stream's own loop
-//!                      (super::events) with the whole lifecycle; over HTTP/1.1, once
-//!                      the request body is in, in a task of its own (Relay::detach)
+//!                      (super::events) with the whole lifecycle; once the request body
+//!                      is in, over HTTP/1.1 in a task of its own (Relay::detach), over
+//!                      HTTP/2 after Pingora's request, in its task (Relay::carry)
 //! otherwise            the body forwarded as it comes, through the chain's body filters,
 //!                      each read under timeouts.read; `101 Switching Protocols` relays
 //!                      bytes both ways; the connection goes back to the pool when the
@@ -42,6 +43,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::carried;
 use super::client::{Client, Handback, Raw};
 use super::context::RequestCtx;
 use super::events;
@@ -145,10 +147,22 @@ impl Relay {
             let resume = (settings.resume && reconnects).then(|| Box::new(request));
             return self.detach(session, ctx, Box::new(link), head, resume, access_log);
         }
+        // Over HTTP/2 the stream's session goes with it, after its head (see `carried`).
+        let carries = ctx.stream.is_some()
+            && !upgraded
+            && request.method != Method::HEAD
+            && matches!(downstream, ServerSession::H2(_))
+            && downstream.is_body_done()
+            && carried::open();
         downstream
             .write_response_header(Box::new(head))
             .await
             .map_err(|e| e.into_down())?;
+        if carries {
+            let resume = (settings.resume && reconnects).then(|| Box::new(request));
+            self.carry(session, ctx, Box::new(link), resume, access_log);
+            return Ok(());
+        }
         if upgraded {
             return Box::pin(self.splice(downstream, ctx, link)).await;
         }
@@ -176,10 +190,9 @@ impl Relay {
     /// the process that takes over. Any other stream answers a request its client will not
     /// send again, on a connection the client may keep alive: after a clean end that
     /// connection goes back to the server for the next request (`client::Handback`), unless
-    /// the process is draining. Streams over HTTP/2 stay in Pingora's request: its HTTP/2
-    /// loop counts a stream open (for `http2.idle_timeout`) by a guard that request's task
-    /// holds. The response `head` is written by the stream's task, with the first body bytes
-    /// if the origin sent any with its head.
+    /// the process is draining. Streams over HTTP/2 are carried on in their request's own
+    /// task instead (see [`Relay::carry`]). The response `head` is written by the stream's
+    /// task, with the first body bytes if the origin sent any with its head.
     fn detach(
         self: &Arc<Self>,
         session: &mut Session,
@@ -226,6 +239,56 @@ impl Relay {
             }
         });
         Ok(())
+    }
+
+    /// Carries the event stream on `link`, whose response head is written, on after
+    /// Pingora's request (see [`carried`]): the client's HTTP/2 session is taken out of the
+    /// request and goes with the stream, and the stream is recorded when it ends. A
+    /// stream that cannot be handed over (no slot) stays in the request.
+    fn carry(
+        self: &Arc<Self>,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        link: Box<Link>,
+        resume: Option<Box<RequestHeader>>,
+        access_log: AccessLog,
+    ) {
+        let reconnects = session.req_header().method == Method::GET;
+        let mut placeholder = ServerSession::new_http1(Box::new(std::io::Cursor::new(Vec::new())));
+        placeholder.set_keepalive(None);
+        let mut downstream =
+            std::mem::replace(&mut session.downstream_session, Box::new(placeholder));
+        let mut owned = std::mem::take(ctx);
+        ctx.detached = true;
+        let relay = self.clone();
+        let stream = async move {
+            let ended = events::relay(
+                &relay,
+                &mut Client::Session(&mut downstream),
+                &mut owned,
+                link,
+                resume.as_deref(),
+                reconnects,
+            )
+            .await;
+            let error = ended.err();
+            let request = downstream.req_header();
+            if let Some(e) = &error {
+                super::record::log_error(&relay.state.client_errors, request, &owned, e);
+            }
+            let sent = downstream.body_bytes_sent();
+            super::record::finished(request, sent, error.as_deref(), &mut owned, access_log);
+            drop(owned);
+            if error.is_none() {
+                // The end is written; this only makes sure of it. After an error the
+                // session is dropped unfinished: its client gets the stream reset.
+                let _ = downstream.finish().await;
+            }
+        };
+        if let Err(stream) = carried::hand(Box::pin(stream)) {
+            // Not reached: `carries` checked the slot is open. Run it here all the same.
+            tokio::spawn(stream);
+        }
     }
 
     /// The request the origin gets, and how its body is framed.

@@ -4,6 +4,7 @@
 //! - [`context`]: the per-request context every hook and the loop share;
 //! - [`inbound`]: the client's request head checked and brought to one form (one spelling
 //!   of its path, origin-form, `Host`) before it is routed;
+//! - [`carried`]: an event stream over HTTP/2 carried on after Pingora's request ends;
 //! - [`client`]: where a stream's bytes go: the client's Pingora session, or its HTTP/1.1
 //!   connection itself for a stream carried in a task of its own;
 //! - [`limits`]: the stream limits a request takes before its origin is contacted;
@@ -24,6 +25,7 @@
 //! It sits above `upstream`, `middleware` and `sse` and below `proxy`, whose `ProxyHttp`
 //! hooks call into it.
 
+pub mod carried;
 pub mod client;
 pub mod context;
 pub mod events;

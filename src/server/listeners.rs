@@ -37,6 +37,7 @@ use rustls::sign::CertifiedKey;
 use socket2::SockRef;
 
 use super::admission::{Admitting, Gate};
+use super::carrying::Carrying;
 use crate::config::Config;
 use crate::listen::{Listener, ListenerKind, ListenerTls};
 use crate::proxy::StreamGate;
@@ -114,7 +115,7 @@ pub fn services(
                 } else {
                     format!("{name} {worker}")
                 },
-                Admitting::new(app, gates.clone()).handing_back(handback),
+                Admitting::new(Carrying::new(app), gates.clone()).handing_back(handback),
             );
             if !server_conf.work_stealing {
                 proxy.threads = Some(1);

@@ -4,6 +4,7 @@
 //! has nothing left to serve).
 
 pub mod admission;
+pub mod carrying;
 pub mod exit;
 pub mod listeners;
 pub mod memory;

@@ -38,6 +38,8 @@ fn chat_post(url: String) -> reqwest::RequestBuilder {
 enum Step {
     Send(&'static str),
     End,
+    /// The origin closes the connection in the middle of the body.
+    Cut,
 }
 
 /// An origin that reads each request's body (reported on the returned receiver, with the
@@ -82,6 +84,7 @@ async fn scripted_origin() -> (
                         let _ = conn.end().await;
                         return After::Close;
                     }
+                    Step::Cut => return After::Close,
                 }
             }
             After::Close
@@ -404,6 +407,100 @@ async fn an_event_stream_over_http2_gets_the_lifecycle() {
         assert_eq!(e, ":");
     }
     eventually("the entry to go", || async { state.tracker.is_empty() }).await;
+}
+
+/// Over HTTP/2 a stream goes on after Pingora's request ends (the request's task holds only
+/// the stream): it ends cleanly when its origin does, is reset when its origin fails, and
+/// is recorded either way (access log, close reason) when it ends, not before.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_stream_is_ended_or_reset_as_its_origin_is_and_recorded_then() {
+    common::logs::capture();
+    let (origin, mut seen, steps) = scripted_origin().await;
+    let proxy = Proxy::start_h2c(&format!(
+        "access_log: {{ format: json }}\n{}",
+        config(&origin, "    sse: { connection_tracking: true }\n")
+    ))
+    .await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let mine = |path: &'static str| {
+        let host = format!("\"host\":\"{}\"", proxy.addr);
+        move || {
+            common::logs::records(|r| {
+                r.target == streamgate::access_log::TARGET
+                    && r.text.contains(&host)
+                    && r.text.contains(&format!("\"path\":\"{path}\""))
+            })
+        }
+    };
+
+    // An LLM-style POST whose origin ends the stream: the client sees a clean end.
+    let response = h2
+        .post(format!("http://{}/v1/chat", proxy.addr))
+        .header("accept", "application/json")
+        .header("content-type", "application/json")
+        .body(r#"{"stream":true}"#)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    guard("the origin to get the request", seen.recv()).await;
+    let mut events = Events::new(response);
+    steps.send(Step::Send("data: token\n\n")).expect("step");
+    assert_eq!(events.next().await.as_deref(), Some("data: token"));
+    assert!(mine("/v1/chat")().is_empty(), "recorded only when it ends");
+    assert_eq!(proxy.state.tracker.len(), 1);
+    steps.send(Step::End).expect("end");
+    assert_eq!(events.next().await, None, "ended cleanly");
+    eventually("the stream to be closed", || async {
+        proxy.state.tracker.is_empty()
+    })
+    .await;
+    let closed = proxy.state.tracker.recent();
+    assert_eq!(closed[0].reason.as_str(), "origin_closed");
+    assert_eq!(closed[0].events, 1);
+    eventually("its access log line", || async {
+        !mine("/v1/chat")().is_empty()
+    })
+    .await;
+    let line = &mine("/v1/chat")()[0].text;
+    assert!(line.contains("\"status\":200"), "{line}");
+    assert!(line.contains("\"sse_close\":\"origin_closed\""), "{line}");
+    assert!(line.contains("\"sse_events\":1"), "{line}");
+
+    // A GET stream whose origin fails in the middle: the client's stream is reset.
+    let mut response = h2
+        .get(format!("http://{}/feed", proxy.addr))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("answer");
+    guard("the origin to get the request", seen.recv()).await;
+    steps.send(Step::Send("data: one\n\n")).expect("step");
+    let first = guard("the first event", response.chunk())
+        .await
+        .expect("read");
+    assert_eq!(first.as_deref(), Some(&b"data: one\n\n"[..]));
+    steps.send(Step::Cut).expect("cut");
+    let cut = guard("the stream to be reset", response.chunk()).await;
+    assert!(cut.is_err(), "a failed origin is not a clean end: {cut:?}");
+    eventually("the cut stream to be closed", || async {
+        proxy.state.tracker.is_empty()
+    })
+    .await;
+    assert_eq!(
+        proxy.state.tracker.recent()[0].reason.as_str(),
+        "origin_error"
+    );
+    eventually("its access log line", || async {
+        !mine("/feed")().is_empty()
+    })
+    .await;
+    let line = &mine("/feed")()[0].text;
+    assert!(line.contains("\"sse_close\":\"origin_error\""), "{line}");
+    assert!(line.contains("\"error\":"), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,0 +1,58 @@
+//! The proxy app as Pingora's HTTP server runs it, with HTTP/2 event streams carried on
+//! after their request (see `relay::carried`).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora_core::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream};
+use pingora_core::protocols::http::v2::server::H2Options;
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::server::ShutdownWatch;
+
+use crate::relay::carried;
+
+/// `app`, running each HTTP/2 request with a slot open for its event stream, and the
+/// stream handed over after the request, in the request's own task: Pingora's request
+/// future is freed, and the guard Pingora's HTTP/2 loop holds for the stream (counting it
+/// open for `http2.idle_timeout` and a graceful shutdown) is held until the stream ends.
+/// HTTP/1.x requests pass straight through (their streams go to a task of their own).
+pub struct Carrying<A> {
+    app: Arc<A>,
+}
+
+impl<A> Carrying<A> {
+    pub fn new(app: A) -> Self {
+        Carrying { app: Arc::new(app) }
+    }
+}
+
+#[async_trait]
+impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for Carrying<A> {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        if !session.is_http2() {
+            return self.app.process_new_http(session, shutdown).await;
+        }
+        let (reused, stream) =
+            carried::carrying(self.app.process_new_http(session, shutdown)).await;
+        if let Some(stream) = stream {
+            stream.await;
+        }
+        reused
+    }
+
+    fn h2_options(&self) -> Option<H2Options> {
+        self.app.h2_options()
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        self.app.server_options()
+    }
+
+    async fn http_cleanup(&self) {
+        self.app.http_cleanup().await
+    }
+}
