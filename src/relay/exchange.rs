@@ -204,35 +204,18 @@ impl Relay {
     ) -> Result<()> {
         let facts = super::client::log_facts(session.req_header());
         let reconnects = facts.method == Method::GET;
-        let mut placeholder = ServerSession::new_http1(Box::new(std::io::Cursor::new(Vec::new())));
-        // What Pingora finishes after this request: nothing to keep alive.
-        placeholder.set_keepalive(None);
-        let downstream = std::mem::replace(&mut session.downstream_session, Box::new(placeholder));
+        let downstream = take_session(session);
         let write_timeout = ctx.chain.sse.settings.write_timeout;
         let mut raw = Raw::take(downstream, head, write_timeout, !reconnects)?;
         let mut owned = std::mem::take(ctx);
         ctx.detached = true;
         let relay = self.clone();
         tokio::spawn(async move {
-            let ended = events::relay(
-                &relay,
-                &mut Client::Raw(&mut raw),
-                &mut owned,
-                link,
-                resume.as_deref(),
-                reconnects,
-            )
-            .await;
-            let error = ended.err();
-            if error.is_some() {
-                // If nothing went out, the head at least: the client sees the stream cut.
-                let _ = Client::Raw(&mut raw).send_head().await;
-            }
-            if let Some(e) = &error {
-                super::record::log_error(&relay.state.client_errors, &facts, &owned, e);
-            }
-            super::record::finished(&facts, raw.sent, error.as_deref(), &mut owned, access_log);
-            drop(owned);
+            let client = &mut Client::Raw(&mut raw);
+            let error = relay
+                .relay_apart(client, &mut owned, link, resume.as_deref(), reconnects)
+                .await;
+            relay.record_apart(&facts, raw.sent, error.as_deref(), owned, access_log);
             if error.is_none() {
                 let handback = (!relay.state.drain.draining()).then_some(&*relay.handback);
                 raw.finish(handback).await;
@@ -254,31 +237,23 @@ impl Relay {
         access_log: AccessLog,
     ) {
         let reconnects = session.req_header().method == Method::GET;
-        let mut placeholder = ServerSession::new_http1(Box::new(std::io::Cursor::new(Vec::new())));
-        placeholder.set_keepalive(None);
-        let mut downstream =
-            std::mem::replace(&mut session.downstream_session, Box::new(placeholder));
+        let mut downstream = take_session(session);
         let mut owned = std::mem::take(ctx);
         ctx.detached = true;
         let relay = self.clone();
         let stream = async move {
-            let ended = events::relay(
-                &relay,
-                &mut Client::Session(&mut downstream),
-                &mut owned,
-                link,
-                resume.as_deref(),
-                reconnects,
-            )
-            .await;
-            let error = ended.err();
-            let request = downstream.req_header();
-            if let Some(e) = &error {
-                super::record::log_error(&relay.state.client_errors, request, &owned, e);
-            }
+            let client = &mut Client::Session(&mut downstream);
+            let error = relay
+                .relay_apart(client, &mut owned, link, resume.as_deref(), reconnects)
+                .await;
             let sent = downstream.body_bytes_sent();
-            super::record::finished(request, sent, error.as_deref(), &mut owned, access_log);
-            drop(owned);
+            relay.record_apart(
+                downstream.req_header(),
+                sent,
+                error.as_deref(),
+                owned,
+                access_log,
+            );
             if error.is_none() {
                 // The end is written; this only makes sure of it. After an error the
                 // session is dropped unfinished: its client gets the stream reset.
@@ -289,6 +264,42 @@ impl Relay {
             // Not reached: `carries` checked the slot is open. Run it here all the same.
             tokio::spawn(stream);
         }
+    }
+
+    /// The loop of a stream carried apart from Pingora's request; its error, if it failed.
+    async fn relay_apart(
+        &self,
+        client: &mut Client<'_>,
+        ctx: &mut RequestCtx,
+        link: Box<Link>,
+        resume: Option<&RequestHeader>,
+        reconnects: bool,
+    ) -> Option<Box<Error>> {
+        let error = events::relay(self, client, ctx, link, resume, reconnects)
+            .await
+            .err();
+        if error.is_some() {
+            // If nothing went out, the head at least: the client sees the stream cut.
+            let _ = client.send_head().await;
+        }
+        error
+    }
+
+    /// Records a stream carried apart from Pingora's request as it ends (`error`: how it
+    /// failed), `sent` body bytes to its client; its context (limits, registry entry) goes
+    /// with it.
+    fn record_apart(
+        &self,
+        request: &RequestHeader,
+        sent: usize,
+        error: Option<&Error>,
+        mut ctx: RequestCtx,
+        access_log: AccessLog,
+    ) {
+        if let Some(e) = error {
+            super::record::log_error(&self.state.client_errors, request, &ctx, e);
+        }
+        super::record::finished(request, sent, error, &mut ctx, access_log);
     }
 
     /// The request the origin gets, and how its body is framed.
@@ -675,6 +686,14 @@ impl Relay {
             self.connector.release_stream(stream, link.pool_key, idle);
         }
     }
+}
+
+/// Takes the client's session out of Pingora's request, for a stream carried apart; what
+/// Pingora finishes after the request instead has nothing to keep alive.
+fn take_session(session: &mut Session) -> Box<ServerSession> {
+    let mut placeholder = ServerSession::new_http1(Box::new(std::io::Cursor::new(Vec::new())));
+    placeholder.set_keepalive(None);
+    std::mem::replace(&mut session.downstream_session, Box::new(placeholder))
 }
 
 /// Runs `fut` under `limit` (none: no limit); running out is a timeout of `what`.
