@@ -101,6 +101,15 @@ impl EventScanner {
         }
         let mut i = 0;
         while i < rest.len() {
+            if self.line == Line::Start && !self.after_cr {
+                // A line whose end is in this chunk is taken whole; its end is then
+                // followed as any line end is.
+                if let Some(len) = memchr::memchr2(b'\r', b'\n', &rest[i..]).filter(|&n| n > 0) {
+                    self.whole_line(&rest[i..i + len]);
+                    i += len;
+                    continue;
+                }
+            }
             let b = rest[i];
             i += 1;
             if self.after_cr {
@@ -126,6 +135,44 @@ impl EventScanner {
             }
         }
         self.events - before
+    }
+
+    /// Follows the non-empty `line`, without its end, from the start of a line: the state
+    /// its bytes one by one through [`EventScanner::byte`] would leave.
+    fn whole_line(&mut self, line: &[u8]) {
+        if line[0] == b':' {
+            self.line = Line::Other;
+            return;
+        }
+        self.in_event = true;
+        let Some(colon) = memchr::memchr(b':', line) else {
+            let mut name = [0u8; 5];
+            let kept = line.len().min(name.len());
+            name[..kept].copy_from_slice(&line[..kept]);
+            self.line = Line::Name {
+                len: line.len(),
+                name,
+            };
+            return;
+        };
+        let name = &line[..colon];
+        self.line = self.field(&name[..name.len().min(5)], name.len());
+        if let Line::IdValue { .. } = self.line {
+            let value = &line[colon + 1..];
+            // One space after the colon is part of the syntax, not the value.
+            let id = value.strip_prefix(b" ").unwrap_or(value);
+            if memchr::memchr(0, id).is_some() {
+                self.id_line_nul = true;
+            }
+            for part in id.split(|&b| b == 0) {
+                let room = MAX_ID - self.id_line.len();
+                self.id_line
+                    .extend_from_slice(&part[..part.len().min(room)]);
+            }
+            self.line = Line::IdValue {
+                skipped_space: !value.is_empty(),
+            };
+        }
     }
 
     fn byte(&mut self, b: u8) {
