@@ -9,9 +9,11 @@
 //! `id` containing NUL is ignored).
 //!
 //! It never alters or delays a chunk, and allocates nothing per chunk: the id is kept in a
-//! buffer reused across events (ids longer than [`MAX_ID`] bytes are cut there). Inside a
-//! line it has nothing to follow (data, comments), it jumps to the line's end with
-//! `memchr`, so most of a stream's bytes are not looked at one by one.
+//! buffer reused across events (ids longer than [`MAX_ID`] bytes are cut there). A line
+//! whose end is in the chunk is taken whole: its end and its field name are found with
+//! `memchr` and an id is copied as one slice, so a stream's bytes are not looked at one
+//! by one. Only a line split across chunks is followed byte by byte up to its colon, and
+//! from there it jumps to the line's end the same way.
 
 /// Longest event id kept, in bytes.
 pub const MAX_ID: usize = 256;
