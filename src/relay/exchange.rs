@@ -261,7 +261,12 @@ impl Relay {
             }
         };
         if let Err(stream) = carried::hand(Box::pin(stream)) {
-            // Not reached: `carries` checked the slot is open. Run it here all the same.
+            // Not reached: `carries` checked the slot is open. Run it all the same, apart
+            // from the guard of Pingora's HTTP/2 loop, and say so.
+            log::error!(
+                "an HTTP/2 stream could not be carried in its request's task: \
+                 http2.idle_timeout does not see it"
+            );
             tokio::spawn(stream);
         }
     }

@@ -1,6 +1,8 @@
 //! The proxy app as Pingora's HTTP server runs it, with HTTP/2 event streams carried on
 //! after their request (see `relay::carried`).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -28,20 +30,32 @@ impl<A> Carrying<A> {
 
 #[async_trait]
 impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for Carrying<A> {
-    async fn process_new_http(
-        self: &Arc<Self>,
+    // Written out rather than as an `async fn`: a future of this method's own would hold
+    // room for the session it is given for as long as the request runs, and an HTTP/1.1
+    // connection is in a request while it waits for the next one. HTTP/1.x gets the app's
+    // future itself; HTTP/2 a small one around it.
+    fn process_new_http<'life0, 'life1, 'async_trait>(
+        self: &'life0 Arc<Self>,
         session: ServerSession,
-        shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        if !session.is_http2() {
-            return self.app.process_new_http(session, shutdown).await;
+        shutdown: &'life1 ShutdownWatch,
+    ) -> Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        let http2 = session.is_http2();
+        let request = self.app.process_new_http(session, shutdown);
+        if !http2 {
+            return request;
         }
-        let (reused, stream) =
-            carried::carrying(self.app.process_new_http(session, shutdown)).await;
-        if let Some(stream) = stream {
-            stream.await;
-        }
-        reused
+        Box::pin(async move {
+            let (reused, stream) = carried::carrying(request).await;
+            if let Some(stream) = stream {
+                stream.await;
+            }
+            reused
+        })
     }
 
     fn h2_options(&self) -> Option<H2Options> {
