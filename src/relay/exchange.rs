@@ -134,23 +134,23 @@ impl Relay {
         let bodiless = link.conn.body_done();
         let downstream = session.as_mut();
         let reconnects = request.method == Method::GET;
-        // Every stream over HTTP/1.1 goes to a task of its own once its request body is in:
-        // a `GET` (nothing more to read) closes its connection after it (clients reopen
-        // streams on a new one), any other keeps it for the client's next request. The
-        // answer to a `HEAD` has no body to carry: Pingora's session writes its head.
-        let detaches = ctx.stream.is_some()
+        // A stream leaves Pingora's request once its request body is in: over HTTP/1.1 to a
+        // task of its own, where a `GET` (nothing more to read) closes its connection after
+        // it (clients reopen streams on a new one) and any other keeps it for the client's
+        // next request; over HTTP/2 its session goes with it, after its head, to run on in
+        // the request's task (see `carried`). The answer to a `HEAD` has no body to carry:
+        // Pingora's session writes its head.
+        let apart = ctx.stream.is_some()
             && !upgraded
             && request.method != Method::HEAD
-            && matches!(downstream, ServerSession::H1(_))
             && (reconnects || downstream.is_body_done());
-        if detaches {
-            let resume = (settings.resume && reconnects).then(|| Box::new(request));
+        let resume = |request| (settings.resume && reconnects).then(|| Box::new(request));
+        if apart && matches!(downstream, ServerSession::H1(_)) {
+            let resume = resume(request);
             return self.detach(session, ctx, Box::new(link), head, resume, access_log);
         }
-        // Over HTTP/2 the stream's session goes with it, after its head (see `carried`).
-        let carries = ctx.stream.is_some()
-            && !upgraded
-            && request.method != Method::HEAD
+        // Over HTTP/2 only once the request body is in, a `GET`'s too.
+        let carries = apart
             && matches!(downstream, ServerSession::H2(_))
             && downstream.is_body_done()
             && carried::open();
@@ -159,8 +159,8 @@ impl Relay {
             .await
             .map_err(|e| e.into_down())?;
         if carries {
-            let resume = (settings.resume && reconnects).then(|| Box::new(request));
-            self.carry(session, ctx, Box::new(link), resume, access_log);
+            let resume = resume(request);
+            self.carry(session, ctx, Box::new(link), resume, reconnects, access_log);
             return Ok(());
         }
         if upgraded {
@@ -234,9 +234,9 @@ impl Relay {
         ctx: &mut RequestCtx,
         link: Box<Link>,
         resume: Option<Box<RequestHeader>>,
+        reconnects: bool,
         access_log: AccessLog,
     ) {
-        let reconnects = session.req_header().method == Method::GET;
         let mut downstream = take_session(session);
         let mut owned = std::mem::take(ctx);
         ctx.detached = true;
