@@ -2,38 +2,14 @@
 //! binary (it holds this one test, so nothing else allocates meanwhile): the figure the
 //! README and `streamgate -t` quote (`BYTES_PER_PIN`).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicIsize, Ordering};
 
 use pingora_http::{RequestHeader, ResponseHeader};
 use streamgate::metrics::Metrics;
 use streamgate::upstream::affinity::{AffinityFile, Pins, BYTES_PER_PIN};
 
-/// The system allocator, counting the bytes held.
-struct Counting;
-
-static HELD: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        HELD.fetch_add(layout.size() as isize, Ordering::SeqCst);
-        System.alloc(layout)
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        HELD.fetch_sub(layout.size() as isize, Ordering::SeqCst);
-        System.dealloc(ptr, layout)
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        HELD.fetch_add(new_size as isize - layout.size() as isize, Ordering::SeqCst);
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+#[path = "support/counting.rs"]
+mod counting;
 
 /// glibc's malloc rounds each request up to a 16-byte multiple with 8 bytes of header (a
 /// pin's 72-byte node takes an 80-byte chunk); the counting allocator sees requests only.
@@ -61,13 +37,13 @@ fn a_pin_costs_at_most_bytes_per_pin() {
     // 100,000 is the default bound; 57,345 is one past a growth of the hash index, where
     // it is emptiest (the most bytes per pin).
     for count in [57_345, 100_000] {
-        let before = HELD.load(Ordering::SeqCst);
+        let before = counting::held();
         let pins = Pins::new();
         for i in 0..count {
             pin(&pins, i);
         }
         assert_eq!(pins.len(), count);
-        let held = (HELD.load(Ordering::SeqCst) - before) as f64;
+        let held = (counting::held() - before) as f64;
         rows.push((count, held / count as f64));
     }
     for (count, requested) in &rows {

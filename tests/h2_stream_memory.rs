@@ -4,38 +4,14 @@
 //! what it holds. The proxy, its origin and its client all run in this process, so the
 //! count covers the three; the bound leaves room for the client's and the origin's share.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// The system allocator, counting the bytes held.
-struct Counting;
-
-static HELD: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        HELD.fetch_add(layout.size() as isize, Ordering::SeqCst);
-        System.alloc(layout)
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        HELD.fetch_sub(layout.size() as isize, Ordering::SeqCst);
-        System.dealloc(ptr, layout)
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        HELD.fetch_add(new_size as isize - layout.size() as isize, Ordering::SeqCst);
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+#[path = "support/counting.rs"]
+mod counting;
 
 const STREAMS: usize = 200;
 
@@ -122,10 +98,10 @@ async fn an_http2_stream_holds_no_request_future_of_pingoras() {
     // The connection, the pools and the runtimes' first allocations before counting.
     let warm = open(20).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = HELD.load(Ordering::SeqCst);
+    let before = counting::held();
     let streams = open(STREAMS).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let per_stream = (HELD.load(Ordering::SeqCst) - before) / STREAMS as isize;
+    let per_stream = (counting::held() - before) / STREAMS as isize;
     assert!(
         per_stream < BOUND,
         "{per_stream} heap bytes per HTTP/2 stream (bound {BOUND})"
