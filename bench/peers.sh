@@ -25,6 +25,8 @@
 #   WARMUP [2s]          after every stream is open, before the steady window
 #   BURST [500000]       events per burst stream (0: no burst); BURST_STREAMS [4]; BURST_SIZE [512]
 #   PLAIN_CONNS [50]     keep-alive connections for plain requests; PLAIN_SECONDS [10] (0: none)
+#   POST [0]             1: every stream (tiers, burst, opens) is asked for with a POST and a
+#                        JSON body, as LLM clients do; ACCEPT [text/event-stream] its Accept
 #   OPENS [3000]         streams opened one after another, each closed at its first event:
 #                        the proxy's CPU and context switches per stream (0: none)
 #   OUT_DIR [${TMPDIR:-/tmp}/streamgate-peers-DATE]  results.jsonl, table.txt, each process's log
@@ -109,4 +111,5 @@ exec target/release/examples/bench --scenario peers --out "$OUT_DIR" "${peers[@]
   --interval "${RATE_INTERVAL:-1s}" --size "${SIZE:-256}" --ramp "${RAMP:-2000}" \
   --warmup "${WARMUP:-2s}" --burst "${BURST:-500000}" --burst-streams "${BURST_STREAMS:-4}" \
   --burst-size "${BURST_SIZE:-512}" --conns "${PLAIN_CONNS:-50}" \
-  --plain-seconds "${PLAIN_SECONDS:-10}" --opens "${OPENS:-3000}"
+  --plain-seconds "${PLAIN_SECONDS:-10}" --opens "${OPENS:-3000}" \
+  --accept "${ACCEPT:-text/event-stream}" $([ "${POST:-0}" = 1 ] && echo --post)

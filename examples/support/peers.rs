@@ -228,11 +228,17 @@ struct Proxy {
 }
 
 impl Proxy {
-    async fn start(peer: &Peer, settings: &Settings, out: &Path) -> Result<Proxy, String> {
+    async fn start(peer: &Peer, args: &Args, out: &Path) -> Result<Proxy, String> {
+        // Every stream of the run is asked for the same way (`--post`, `--accept`).
+        let target = |addr| Target {
+            post: args.post,
+            accept: args.accept.clone(),
+            ..Target::plain(addr)
+        };
         let Some((port, command)) = &peer.listen else {
             return Ok(Proxy {
                 process: None,
-                target: Target::plain(settings.origin),
+                target: target(args.peers.origin),
                 idle_rss: None,
             });
         };
@@ -246,7 +252,7 @@ impl Proxy {
         Ok(Proxy {
             idle_rss: Some(tree_rss_kib(process.pid())),
             process: Some(process),
-            target: Target::plain(addr),
+            target: target(addr),
         })
     }
 
@@ -299,11 +305,21 @@ fn merged(mut run: Value, extra: Value) -> Value {
     run
 }
 
+/// How the streams are asked for, for the tables' titles: nothing for a `GET` with an SSE
+/// `Accept` (EventSource's request).
+fn asked(args: &Args) -> String {
+    let method = if args.post { "POST" } else { "GET" };
+    if !args.post && args.accept == "text/event-stream" {
+        return String::new();
+    }
+    format!(" ({method} with Accept: {})", args.accept)
+}
+
 /// One run of a stream tier through one proxy.
 async fn streams_run(bench: &Bench<'_>, peer: &Peer, streams: usize) -> Result<Value, String> {
     let args = bench.args;
     let s = &args.peers;
-    let proxy = Proxy::start(peer, s, &bench.out).await?;
+    let proxy = Proxy::start(peer, bench.args, &bench.out).await?;
     let run = Run::new();
     let path = format!("/events?size={}", s.size);
     let tasks = open_streams(&proxy.target, &path, streams, s.ramp, &run).await?;
@@ -367,7 +383,7 @@ async fn streams_run(bench: &Bench<'_>, peer: &Peer, streams: usize) -> Result<V
 /// counted over the whole series and divided by the streams.
 async fn opens_run(bench: &Bench<'_>, peer: &Peer) -> Result<Value, String> {
     let s = &bench.args.peers;
-    let proxy = Proxy::start(peer, s, &bench.out).await?;
+    let proxy = Proxy::start(peer, bench.args, &bench.out).await?;
     let path = format!("/events?size={}", s.size);
     // A few unmeasured first: the proxy's first connections set up what later ones reuse.
     for _ in 0..20 {
@@ -453,7 +469,7 @@ fn tree_switches(pid: u32) -> u64 {
 /// One burst through one proxy.
 async fn burst_run(bench: &Bench<'_>, peer: &Peer) -> Result<Value, String> {
     let s = &bench.args.peers;
-    let proxy = Proxy::start(peer, s, &bench.out).await?;
+    let proxy = Proxy::start(peer, bench.args, &bench.out).await?;
     let run = Run::new();
     let path = format!("/burst?count={}&size={}", s.burst, s.burst_size);
     let cpu_before = proxy.cpu();
@@ -533,7 +549,7 @@ fn wrk(addr: SocketAddr, path: &str, conns: usize, seconds: u64, log: &Path) -> 
 async fn plain_run(bench: &Bench<'_>, peer: &Peer, use_wrk: bool) -> Result<Value, String> {
     let args = bench.args;
     let s = &args.peers;
-    let proxy = Proxy::start(peer, s, &bench.out).await?;
+    let proxy = Proxy::start(peer, bench.args, &bench.out).await?;
     let addr = proxy.target.addr;
     let path = format!("/plain?size={}", s.plain_size);
     // One second of the same load first: connection pools filled, code paths warm.
@@ -806,9 +822,13 @@ pub async fn run(args: &Args) -> Result<(), String> {
     }
     for &streams in &s.tiers {
         let title = format!(
-            "{streams} streams, one {} B event per {:?} each, {} s steady after ramp and {:?} \
-             warm-up; median (rounds)",
-            s.size, args.interval, args.seconds, args.warmup
+            "{streams} streams{}, one {} B event per {:?} each, {} s steady after ramp and \
+             {:?} warm-up; median (rounds)",
+            asked(args),
+            s.size,
+            args.interval,
+            args.seconds,
+            args.warmup
         );
         let label = format!("{streams} streams");
         scenario(args, &mut results, (label, title), STREAM_COLUMNS, |peer| {
@@ -818,9 +838,10 @@ pub async fn run(args: &Args) -> Result<(), String> {
     }
     if s.opens > 0 {
         let title = format!(
-            "opens: {} streams opened one after another, each closed at its first event; \
+            "opens: {} streams{} opened one after another, each closed at its first event; \
              the proxy's CPU and context switches per stream; median (rounds)",
-            s.opens
+            s.opens,
+            asked(args)
         );
         let label = "opens".to_string();
         scenario(args, &mut results, (label, title), OPEN_COLUMNS, |peer| {
@@ -830,9 +851,12 @@ pub async fn run(args: &Args) -> Result<(), String> {
     }
     if s.burst > 0 && s.burst_streams > 0 {
         let title = format!(
-            "burst: {} streams x {} events x {} B, written as fast as the origin can; median \
-             (rounds)",
-            s.burst_streams, s.burst, s.burst_size
+            "burst: {} streams{} x {} events x {} B, written as fast as the origin can; \
+             median (rounds)",
+            s.burst_streams,
+            asked(args),
+            s.burst,
+            s.burst_size
         );
         let label = "burst".to_string();
         scenario(args, &mut results, (label, title), BURST_COLUMNS, |peer| {
