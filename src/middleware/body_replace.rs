@@ -232,12 +232,26 @@ struct EventEnds {
     line_start: usize,
     /// The end of the last complete event found.
     last: Option<usize>,
+    /// The bytes searched so far ended in a CR: an LF next is the rest of that line end.
+    after_cr: bool,
 }
 
 impl EventEnds {
     /// The end of the last complete event in `data`, of which the bytes before `self.pos`
     /// were already searched.
     fn search(&mut self, data: &[u8]) -> Option<usize> {
+        if self.after_cr && self.pos < data.len() {
+            self.after_cr = false;
+            if data[self.pos] == b'\n' {
+                // The second half of a CRLF whose CR ended the line already (and the
+                // event, if the line was empty: the event takes its whole line end).
+                if self.last == Some(self.pos) {
+                    self.last = Some(self.pos + 1);
+                }
+                self.pos += 1;
+                self.line_start = self.pos;
+            }
+        }
         while self.pos < data.len() {
             let b = data[self.pos];
             if b != b'\n' && b != b'\r' {
@@ -245,11 +259,13 @@ impl EventEnds {
                 continue;
             }
             let mut next = self.pos + 1;
-            if b == b'\r' && data.get(next) == Some(&b'\n') {
-                next += 1;
-            } else if b == b'\r' && next == data.len() {
-                // Maybe the first half of a CRLF: decided by the next byte.
-                break;
+            if b == b'\r' {
+                match data.get(next) {
+                    Some(b'\n') => next += 1,
+                    // A CR ends its line: an LF that follows later belongs to it.
+                    None => self.after_cr = true,
+                    Some(_) => {}
+                }
             }
             if self.pos == self.line_start {
                 self.last = Some(next);

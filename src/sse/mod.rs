@@ -105,8 +105,10 @@ pub fn first_event_end(data: &[u8]) -> Option<usize> {
     event_ends(data).next()
 }
 
-/// The end of each complete event in `data`, in order. A CR at the very end may be the
-/// first half of a CRLF, so it ends nothing yet.
+/// The end of each complete event in `data`, in order. A CR ends its line wherever it is,
+/// the last byte of `data` too: an LF after it only makes the same line end a CRLF. (When
+/// that LF comes later, at the start of the next piece, it reads there as an empty line:
+/// an event end with nothing in it, which is also where a client stands.)
 fn event_ends(data: &[u8]) -> impl Iterator<Item = usize> + '_ {
     let mut i = 0;
     let mut line_start = 0;
@@ -120,9 +122,6 @@ fn event_ends(data: &[u8]) -> impl Iterator<Item = usize> + '_ {
             let mut next = i + 1;
             if b == b'\r' && data.get(next) == Some(&b'\n') {
                 next += 1;
-            } else if b == b'\r' && next == data.len() {
-                i = data.len();
-                return None;
             }
             let empty = i == line_start;
             line_start = next;
@@ -193,9 +192,11 @@ mod tests {
         assert_eq!(last_event_end(b"data: a\r\n\r\n"), Some(11));
         assert_eq!(
             last_event_end(b"data: a\r\n\r"),
-            None,
-            "CR may start a CRLF"
+            Some(10),
+            "a CR ends its line even where an LF may follow"
         );
+        assert_eq!(last_event_end(b"id: 1\rdata: a\r\r"), Some(15));
+        assert_eq!(last_event_end(b"data: a\r"), None);
         assert_eq!(last_event_end(b"data: a\n"), None);
         assert_eq!(last_event_end(b"\n"), Some(1));
         assert_eq!(last_event_end(b"a\n\nb\n\nc"), Some(6));

@@ -782,6 +782,67 @@ async fn compress_on_sse_flushes_so_each_event_decodes_on_arrival() {
     assert_eq!(all.matches("data: event").count(), 4);
 }
 
+/// Events whose lines end in a lone CR (the event-stream format allows LF, CR or CRLF):
+/// each reaches the client before the origin sends the next on every path that holds bytes
+/// back until an event is whole: `compress` with `sse: true` (flushed per event),
+/// `body_replace` (rewritten per event) and `resume` (only whole events sent). A trailing
+/// CR ends its line; waiting to see whether an LF follows would hold every such event
+/// until the next one, and lose the last one when the origin ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_ending_in_a_lone_cr_are_not_held_back() {
+    let compress = "middleware_services:\n  - { name: gz, type: compress, config: { algorithms: [gzip], sse: true } }\nmiddlewares: [gz]\n";
+    let replace = "middleware_services:\n  - { name: rw, type: body_replace, config: { replacements: [{ literal: internal.svc, with: api.test }] } }\nmiddlewares: [rw]\n";
+    let resume = "    sse: { resume: true }\n";
+    for (case, service, chain) in [
+        ("compress", "", compress),
+        ("body_replace", "", replace),
+        ("resume", resume, ""),
+    ] {
+        let (origin, ack) = lockstep(4, |i| format!("id: {i}\rdata: internal.svc {i}\r\r")).await;
+        let config = format!(
+            "services:\n  web:\n    url: \"{}\"\n{service}{chain}\
+             host_rules:\n  - pattern: \"*\"\n    target: web\n",
+            origin.url()
+        );
+        let proxy = Proxy::start(&config).await;
+        let mut response = client()
+            .get(proxy.url("/events"))
+            .header("accept", "text/event-stream")
+            .header("accept-encoding", "gzip")
+            .send()
+            .await
+            .expect("r");
+        let mut wire = Vec::new();
+        for i in 0..4 {
+            let host = if case == "body_replace" {
+                "api.test"
+            } else {
+                "internal.svc"
+            };
+            let want = format!("id: {i}\rdata: {host} {i}\r\r");
+            guard(
+                &format!("{case}: event {i} before the origin sends the next"),
+                async {
+                    loop {
+                        let text = if case == "compress" {
+                            gunzip_prefix(&wire)
+                        } else {
+                            String::from_utf8_lossy(&wire).into_owned()
+                        };
+                        if text.contains(&want) {
+                            break;
+                        }
+                        let chunk = response.chunk().await.expect("read");
+                        wire.extend_from_slice(&chunk.expect("the stream goes on"));
+                    }
+                },
+            )
+            .await;
+            ack.send(()).expect("ack");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn compress_leaves_sse_alone_by_default_and_compresses_pages() {
     let origin = Origin::start(|head, mut conn| async move {
