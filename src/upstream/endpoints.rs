@@ -46,8 +46,11 @@ use crate::sse::CloseReason;
 /// Why no endpoint could be chosen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unavailable {
-    /// Discovery has not produced any endpoint (yet, or its source is empty or failing).
+    /// Discovery has not produced any endpoint: its source is empty.
     NoEndpoints(String),
+    /// Discovery has never produced any endpoint, and its last attempt failed (a host
+    /// name that does not resolve, a discovery source that cannot be read): why.
+    DiscoveryFailed(String),
     /// Every endpoint is down (active checks) or ejected (passive checks).
     AllDown,
     /// Every endpoint that is up has been tried by this request.
@@ -289,7 +292,11 @@ impl Endpoints {
                 }
             }
             Err(e) => {
-                let message = e.to_string();
+                // What went wrong, without Pingora's error kind in front of it.
+                let message = e
+                    .context
+                    .as_ref()
+                    .map_or_else(|| e.to_string(), |c| c.to_string());
                 log::warn!(
                     "service `{}`: discovery failed ({message}); keeping the last set of {} endpoint(s)",
                     self.service,
@@ -500,10 +507,10 @@ impl Endpoints {
         }
         let schedule = self.schedule();
         if schedule.list.is_empty() {
-            let why = self
-                .discovery_error()
-                .unwrap_or_else(|| "discovery found no endpoint".to_string());
-            return Err(Unavailable::NoEndpoints(why));
+            return Err(match self.discovery_error() {
+                Some(why) => Unavailable::DiscoveryFailed(why),
+                None => Unavailable::NoEndpoints("discovery found no endpoint".to_string()),
+            });
         }
         let up = |i: usize| {
             let (backend, state) = &schedule.list[i];

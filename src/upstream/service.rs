@@ -366,6 +366,12 @@ impl Service {
                     503,
                     format!("service `{name}`: no endpoint available ({detail})"),
                 ),
+                // The origin cannot be reached at all: a gateway failure, as a refused
+                // connection is.
+                Unavailable::DiscoveryFailed(detail) => crate::error::http_error(
+                    502,
+                    format!("service `{name}`: no endpoint available: {detail}"),
+                ),
                 Unavailable::AllDown => crate::error::http_error(
                     503,
                     format!("service `{name}`: every endpoint is down"),

@@ -518,3 +518,29 @@ async fn the_proxy_follows_dns_changes_and_keeps_the_last_set_when_dns_fails() {
     }
     drop(second);
 }
+
+/// A service whose name has never resolved cannot reach its origin at all: `502`, as for a
+/// refused connection, with why (the name and the resolver's answer) and nothing of
+/// Pingora's error kinds. A service whose discovery works but finds nothing is `503`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_name_that_never_resolved_answers_502_with_the_reason() {
+    let server = DnsServer::start().await;
+    let proxy = common::Proxy::start(&format!(
+        "services:\n  feed:\n    discovery:\n      dns: {{ name: missing.test, port: 80, \
+         server: \"{}\", refresh: 100ms, timeout: 200ms }}\n\
+         host_rules:\n  - {{ pattern: \"*\", target: feed }}\n",
+        server.addr
+    ))
+    .await;
+    let r = common::client()
+        .get(proxy.url("/"))
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(r.status(), 502);
+    let body = r.text().await.expect("body");
+    assert!(body.contains("service `feed`"), "{body}");
+    assert!(body.contains("`missing.test`"), "{body}");
+    assert!(body.contains("NXDOMAIN"), "{body}");
+    assert!(!body.contains("context:"), "{body}");
+}
