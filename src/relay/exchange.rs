@@ -11,8 +11,9 @@
 //!                      rewriting and the chain's upstream_request hooks; the body streamed
 //!                      as it arrives, through the chain's request_body hooks (size limits);
 //!                      `Expect: 100-continue` is answered here, once the request was admitted
-//! response head        within header_timeout (and, for a request that did not announce an
-//!                      event stream, timeouts.read), watching the client meanwhile; a
+//! response head        within header_timeout for a request that announced an event stream,
+//!                      else within timeouts.read (and header_timeout when a config sets
+//!                      it: `SseSettings::head_limit`), watching the client meanwhile; a
 //!                      reused connection the origin had closed is replaced by a fresh one
 //!                      for an idempotent bodiless request, or any request whose head did
 //!                      not go out; else 502 (either way not held against the endpoint)
@@ -500,16 +501,11 @@ impl Relay {
                 };
             }
         }
-        let settings = ctx.chain.sse.settings;
-        let limit = if settings.enabled {
-            match (ctx.chain.sse.announced, settings.header_timeout) {
-                (true, t) => t,
-                (false, Some(t)) => Some(service.timeouts.read.map_or(t, |r| r.min(t))),
-                (false, None) => service.timeouts.read,
-            }
-        } else {
-            service.timeouts.read
-        };
+        let limit = ctx
+            .chain
+            .sse
+            .settings
+            .head_limit(ctx.chain.sse.announced, service.timeouts.read);
         let method = request.method.clone();
         let head = async {
             match limit {

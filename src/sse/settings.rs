@@ -78,6 +78,8 @@ pub struct SseSettings {
     pub flush_interval: Option<Duration>,
     /// Longest the origin may take to send a stream's response headers.
     pub header_timeout: Option<Duration>,
+    /// `header_timeout` was written in some `sse` block (else it is the default).
+    pub header_timeout_set: bool,
     /// Longest silence from the origin between events.
     pub read_timeout: Option<Duration>,
     /// Longest a write to the client may block.
@@ -119,6 +121,7 @@ impl SseSettings {
             header_timeout: file
                 .header_timeout
                 .map_or(self.header_timeout, |d| d.limit()),
+            header_timeout_set: self.header_timeout_set || file.header_timeout.is_some(),
             read_timeout: file.read_timeout.map_or(self.read_timeout, |d| d.limit()),
             write_timeout: file.write_timeout.map_or(self.write_timeout, |d| d.limit()),
             max_lifetime: file.max_lifetime.map_or(self.max_lifetime, |d| d.limit()),
@@ -139,6 +142,28 @@ impl SseSettings {
             max_connections_per_client: file
                 .max_connections_per_client
                 .or(self.max_connections_per_client),
+        }
+    }
+}
+
+impl SseSettings {
+    /// How long the origin may take to send the response head of a request whose service
+    /// reads with `read` (its `timeouts.read`). A request that `announced` an event stream
+    /// (its `Accept`) waits `header_timeout`. Any other waits its service's read timeout,
+    /// as any proxied request does (a slow answer that is not a stream, an LLM completion
+    /// asked for without streaming, has the time its service allows), and `header_timeout`
+    /// as well when a config sets it (its answer may turn out to be a stream: LLM SDKs
+    /// ask for streams with `Accept: application/json`).
+    pub fn head_limit(&self, announced: bool, read: Option<Duration>) -> Option<Duration> {
+        if !self.enabled {
+            return read;
+        }
+        match (announced, self.header_timeout) {
+            (true, limit) => limit,
+            (false, Some(limit)) if self.header_timeout_set => {
+                Some(read.map_or(limit, |r| r.min(limit)))
+            }
+            (false, _) => read,
         }
     }
 }
@@ -198,6 +223,7 @@ impl Default for SseSettings {
             enabled: true,
             flush_interval: None,
             header_timeout: Some(DEFAULT_HEADER_TIMEOUT),
+            header_timeout_set: false,
             read_timeout: None,
             write_timeout: None,
             max_lifetime: None,
@@ -213,5 +239,49 @@ impl Default for SseSettings {
             max_connections: None,
             max_connections_per_client: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_head_of_a_request_waits_as_its_kind_and_the_config_say() {
+        let secs = Duration::from_secs;
+        let default = SseSettings::default();
+        // A stream asked for: header_timeout (30 s by default), whatever the read timeout.
+        assert_eq!(default.head_limit(true, Some(secs(120))), Some(secs(30)));
+        // Anything else: the service's read timeout, longer or shorter than 30 s.
+        assert_eq!(default.head_limit(false, Some(secs(120))), Some(secs(120)));
+        assert_eq!(default.head_limit(false, Some(secs(5))), Some(secs(5)));
+        assert_eq!(default.head_limit(false, None), None);
+        // header_timeout written in a config applies to every request.
+        let set = default.overlay(&SseFile {
+            header_timeout: Some(Dur(secs(10))),
+            ..SseFile::default()
+        });
+        assert_eq!(set.head_limit(false, Some(secs(120))), Some(secs(10)));
+        assert_eq!(set.head_limit(false, Some(secs(5))), Some(secs(5)));
+        assert_eq!(set.head_limit(false, None), Some(secs(10)));
+        // Set in an outer block, inherited by an inner one that sets other keys.
+        let inner = set.overlay(&SseFile {
+            read_timeout: Some(Dur(secs(1))),
+            ..SseFile::default()
+        });
+        assert_eq!(inner.head_limit(false, Some(secs(120))), Some(secs(10)));
+        // header_timeout: 0 lifts it: the read timeout alone.
+        let off = default.overlay(&SseFile {
+            header_timeout: Some(Dur(Duration::ZERO)),
+            ..SseFile::default()
+        });
+        assert_eq!(off.head_limit(true, Some(secs(120))), None);
+        assert_eq!(off.head_limit(false, Some(secs(120))), Some(secs(120)));
+        // Event streams proxied like any response: the read timeout.
+        let disabled = default.overlay(&SseFile {
+            enabled: Some(false),
+            ..SseFile::default()
+        });
+        assert_eq!(disabled.head_limit(true, Some(secs(120))), Some(secs(120)));
     }
 }

@@ -216,6 +216,24 @@ async fn header_timeout_and_the_sse_read_timeout_apply_to_streams_not_announced(
     );
 }
 
+/// A request that did not ask for a stream waits for its head as long as its service's
+/// `timeouts.read` says when no config sets `header_timeout` (an LLM completion asked for
+/// without streaming can be slow): here shorter than the 30 s default, so the test sees it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_not_announcing_a_stream_waits_its_read_timeout_for_the_head() {
+    let origin = Origin::start(|head, mut conn| async move {
+        let _ = conn.read_body(&head).await;
+        conn.closed().await;
+        After::Close
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, "    timeouts: { read: 300ms }\n")).await;
+    let slow = chat_post(proxy.url("/slow")).send().await.expect("answer");
+    assert_eq!(slow.status(), 504);
+    let body = slow.text().await.expect("body");
+    assert!(body.contains("no response header within 300ms"), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn curl_style_streams_get_heartbeats_limits_and_admin_ends() {
     let (origin, mut seen, _steps) = scripted_origin().await;
