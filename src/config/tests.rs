@@ -159,10 +159,16 @@ fn references_and_duplicates_are_refused_with_line_and_key() {
         9,
         "host_rules[0].route_rules[1].target",
     );
+    // A key given twice: the line where it is repeated.
     refused(
         "services:\n  w: { url: \"http://x\" }\n  w: { url: \"http://y\" }\n",
-        2,
+        3,
         "services",
+    );
+    refused(
+        "services:\n  w: { url: \"http://x\", url: \"http://y\" }\n",
+        2,
+        "services.w",
     );
     refused(
         "services:\n  w: { url: \"http://x\" }\nhost_rules:\n  - pattern: \"a.test\"\n    \

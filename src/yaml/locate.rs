@@ -55,6 +55,40 @@ impl fmt::Display for KeyPath {
 /// Line (1-based) and column (1-based) of the node at `path`: for a mapping key, the key
 /// itself. `None` when the document does not parse or the path is not in it.
 pub fn locate(source: &str, path: &KeyPath) -> Option<(usize, usize)> {
+    let (events, root) = parse(source)?;
+    let marker = events[find(&events, root, &path.0)?].1;
+    Some((marker.line(), marker.col() + 1))
+}
+
+/// Line and column of the second `key` in the mapping at `path`: where a key given twice
+/// is repeated.
+pub fn locate_repeated(source: &str, path: &KeyPath, key: &str) -> Option<(usize, usize)> {
+    let (events, root) = parse(source)?;
+    let mut at = find(&events, root, &path.0)?;
+    if matches!(path.0.last(), Some(Seg::Key(_))) {
+        // `find` gives a mapping key; its value follows it.
+        at = skip(&events, at)?;
+    }
+    if !matches!(events.get(at)?.0, Event::MappingStart(..)) {
+        return None;
+    }
+    let mut seen = false;
+    let mut i = at + 1;
+    while !matches!(events.get(i)?.0, Event::MappingEnd) {
+        if matches!(&events[i].0, Event::Scalar(k, ..) if k == key) {
+            if seen {
+                let marker = events[i].1;
+                return Some((marker.line(), marker.col() + 1));
+            }
+            seen = true;
+        }
+        i = skip(&events, skip(&events, i)?)?;
+    }
+    None
+}
+
+/// The events of `source` and the index of its root node.
+fn parse(source: &str) -> Option<(Vec<(Event, Marker)>, usize)> {
     let mut parser = Parser::new_from_str(source);
     let mut events: Vec<(Event, Marker)> = Vec::new();
     loop {
@@ -69,13 +103,15 @@ pub fn locate(source: &str, path: &KeyPath) -> Option<(usize, usize)> {
     let root = events
         .iter()
         .position(|(e, _)| !matches!(e, Event::StreamStart | Event::DocumentStart))?;
-    let marker = find(&events, root, &path.0)?;
-    Some((marker.line(), marker.col() + 1))
+    Some((events, root))
 }
 
-fn find(events: &[(Event, Marker)], at: usize, path: &[Seg]) -> Option<Marker> {
+/// Index of the event that starts the node at `path` from the node at `at` (for a mapping
+/// key, the key).
+fn find(events: &[(Event, Marker)], at: usize, path: &[Seg]) -> Option<usize> {
     let Some((first, rest)) = path.split_first() else {
-        return Some(events.get(at)?.1);
+        events.get(at)?;
+        return Some(at);
     };
     match (&events.get(at)?.0, first) {
         (Event::MappingStart(..), Seg::Key(wanted)) => {
@@ -84,7 +120,7 @@ fn find(events: &[(Event, Marker)], at: usize, path: &[Seg]) -> Option<Marker> {
                 let value = skip(events, i)?;
                 if matches!(&events[i].0, Event::Scalar(k, ..) if k == wanted) {
                     return if rest.is_empty() {
-                        Some(events[i].1)
+                        Some(i)
                     } else {
                         find(events, value, rest)
                     };
@@ -164,6 +200,18 @@ host_rules:
         assert_eq!(
             locate(DOC, &KeyPath::root().key("services").key("web")),
             Some((3, 3))
+        );
+    }
+
+    #[test]
+    fn finds_a_repeated_key() {
+        let doc = "services:\n  a:\n    url: x\n  b: { url: y }\n  a:\n    url: z\n";
+        let services = KeyPath::root().key("services");
+        assert_eq!(locate_repeated(doc, &services, "a"), Some((5, 3)));
+        assert_eq!(locate_repeated(doc, &services, "b"), None);
+        assert_eq!(
+            locate_repeated("a: 1\na: 2\n", &KeyPath::root(), "a"),
+            Some((2, 1))
         );
     }
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 
 use crate::error::{ConfigError, ConfigErrorKind as Kind};
-pub use locate::{locate, KeyPath};
+pub use locate::{locate, locate_repeated, KeyPath};
 
 /// One file's text, kept to locate errors found after parsing.
 pub struct Source {
@@ -56,6 +56,24 @@ pub fn parse_yaml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, Con
             if error.line.is_some_and(|line| (found.0 as u32) > line) {
                 error = error.at(Some(found));
             }
+        }
+        // A key given twice is reported by serde_yaml at the start of its mapping: the
+        // place to point at is where it is repeated.
+        let repeated = e
+            .inner()
+            .to_string()
+            .split_once("duplicate entry with key \"")
+            .and_then(|(_, rest)| rest.split_once('"').map(|(key, _)| key.to_string()));
+        let mapping = if path == "." {
+            Some(KeyPath::root())
+        } else {
+            key_path(&path)
+        };
+        if let Some(found) = repeated
+            .zip(mapping)
+            .and_then(|(key, p)| locate_repeated(text, &p, &key))
+        {
+            error = error.at(Some(found));
         }
         error
     })
