@@ -747,13 +747,7 @@ async fn compress_on_sse_flushes_so_each_event_decodes_on_arrival() {
     let (origin, ack) = lockstep(4, |i| format!("data: event {i} {}\n\n", "x".repeat(200))).await;
     let defs = "  - { name: gz, type: compress, config: { algorithms: [gzip], sse: true } }\n";
     let proxy = Proxy::start(&config(&origin, defs, "gz", "", "")).await;
-    let mut response = client()
-        .get(proxy.url("/events"))
-        .header("accept", "text/event-stream")
-        .header("accept-encoding", "gzip")
-        .send()
-        .await
-        .expect("r");
+    let mut response = sse_get_gzip(proxy.url("/events")).await;
     assert_eq!(response.headers()["content-encoding"], "gzip");
     assert!(response.headers().get("content-length").is_none());
     let mut wire = Vec::new();
@@ -805,13 +799,7 @@ async fn events_ending_in_a_lone_cr_are_not_held_back() {
             origin.url()
         );
         let proxy = Proxy::start(&config).await;
-        let mut response = client()
-            .get(proxy.url("/events"))
-            .header("accept", "text/event-stream")
-            .header("accept-encoding", "gzip")
-            .send()
-            .await
-            .expect("r");
+        let mut response = sse_get_gzip(proxy.url("/events")).await;
         let mut wire = Vec::new();
         for i in 0..4 {
             let host = if case == "body_replace" {
@@ -885,6 +873,17 @@ async fn compress_leaves_sse_alone_by_default_and_compresses_pages() {
         .read_to_string(&mut text)
         .expect("brotli");
     assert_eq!(text, "<p>hello</p>".repeat(200));
+}
+
+/// An event stream asked for by a client that takes gzip.
+async fn sse_get_gzip(url: String) -> reqwest::Response {
+    client()
+        .get(url)
+        .header("accept", "text/event-stream")
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .expect("the proxy answers")
 }
 
 fn gunzip_prefix(wire: &[u8]) -> String {
