@@ -337,6 +337,10 @@ pub struct ListenerFile {
     /// progress closes (default 60s, whole seconds; 0 = never).
     #[serde(default)]
     pub idle_timeout: Option<Dur>,
+    /// An HTTP/1.x client that has started its first request must have sent its whole
+    /// head within this (default 10s; 0 = no limit).
+    #[serde(default)]
+    pub request_header_timeout: Option<Dur>,
 }
 
 /// `listen[].tls`.

@@ -23,6 +23,9 @@ pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// Default `idle_timeout`: a client connection with no request in progress for this long
 /// closes.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `request_header_timeout`: the most a client may take to send the head of its
+/// first request once it has started it.
+pub const DEFAULT_REQUEST_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Descriptors kept out of the default `max_connections`: listening sockets, idle pooled
 /// origin connections, config and certificate files, the admin API, logs.
 const RESERVED_FDS: u64 = 100;
@@ -44,6 +47,11 @@ pub struct Listener {
     /// (before its first request, between keep-alive requests); `None`: no limit. Whole
     /// seconds: Pingora keeps its keep-alive wait in seconds.
     pub idle_timeout: Option<Duration>,
+    /// How long an HTTP/1.x client may take to send the whole head of its first request,
+    /// from its first byte (a client that sends it a byte at a time would otherwise hold
+    /// its connection and a `max_connections` slot for as long as it likes); `None`: no
+    /// limit.
+    pub request_header_timeout: Option<Duration>,
 }
 
 impl Listener {
@@ -56,6 +64,7 @@ impl Listener {
             defer_accept: None,
             max_connections: default_max_connections(),
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            request_header_timeout: Some(DEFAULT_REQUEST_HEADER_TIMEOUT),
         }
     }
 
@@ -113,6 +122,14 @@ impl std::fmt::Display for Listener {
         match self.idle_timeout {
             Some(idle) => write!(f, ", idle_timeout {}", humantime::format_duration(idle)),
             None => f.write_str(", idle_timeout none"),
+        }?;
+        match self.request_header_timeout {
+            Some(t) => write!(
+                f,
+                ", request_header_timeout {}",
+                humantime::format_duration(t)
+            ),
+            None => f.write_str(", request_header_timeout none"),
         }?;
         match self.defer_accept {
             Some(defer) => write!(f, ", defer_accept {}", humantime::format_duration(defer)),

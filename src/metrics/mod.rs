@@ -64,6 +64,7 @@ pub struct Metrics {
     connections_open: IntGaugeVec,
     connections_refused: IntCounterVec,
     connections_idle: IntCounterVec,
+    connections_slow_head: IntCounterVec,
     /// The handles given out, by label set: the dashboard's totals, and what to prune.
     handed: Mutex<Handed>,
 }
@@ -319,6 +320,13 @@ impl Metrics {
                  idle_timeout before their first request.",
                 &["listener"],
             ),
+            connections_slow_head: counter(
+                &r,
+                "streamgate_connections_slow_head_closed_total",
+                "Client connections closed because the head of their first request did not \
+                 arrive whole within the listener's request_header_timeout.",
+                &["listener"],
+            ),
             registry: r,
             handed: Mutex::new(Handed::default()),
         }
@@ -407,6 +415,7 @@ impl Metrics {
             open: self.connections_open.with_label_values(&l),
             refused: self.connections_refused.with_label_values(&l),
             idle: self.connections_idle.with_label_values(&l),
+            slow_head: self.connections_slow_head.with_label_values(&l),
         }
     }
 
@@ -537,6 +546,9 @@ pub struct ListenerMetrics {
     pub refused: IntCounter,
     /// Connections closed for sending nothing within `idle_timeout` before a request.
     pub idle: IntCounter,
+    /// Connections closed for not sending their first request's head within
+    /// `request_header_timeout`.
+    pub slow_head: IntCounter,
 }
 
 /// The handles of one route (and the service it sends to).

@@ -199,6 +199,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Admitting<A> {
                 .listener
                 .idle_timeout
                 .map(|d| Box::pin(tokio::time::sleep(d))),
+            in_head: false,
+            line: 1,
             gate: gate.clone(),
             stream,
             _slot: slot,
@@ -230,24 +232,78 @@ async fn serve_again<A: HttpServerApp + Send + Sync + 'static>(
 }
 
 /// An admitted client connection: the stream itself, the listener's slot, and, until its
-/// first bytes arrive, the deadline for them.
+/// first bytes arrive, the deadline for them (`idle_timeout`), then, until the head of its
+/// first request is read, the deadline for that (`request_header_timeout`).
 pub struct Admitted {
     stream: Stream,
     /// Bytes written but not sent yet; empty and unallocated between flushes.
     gathered: Vec<u8>,
     gate: Arc<Gate>,
     first: Option<Pin<Box<Sleep>>>,
+    /// `first` bounds the first request's head (its first bytes came).
+    in_head: bool,
+    /// While `in_head`: bytes on the current line of the head so far, CRs aside (capped);
+    /// an LF that ends an empty line ends the head.
+    line: u8,
     _slot: Slot,
 }
 
 impl Admitted {
     fn idle_error(&mut self) -> io::Error {
         self.first = None;
+        if self.in_head {
+            self.gate.metrics.slow_head.inc();
+            return io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client did not send its request head within the listener's \
+                 request_header_timeout",
+            );
+        }
         self.gate.metrics.idle.inc();
         io::Error::new(
             io::ErrorKind::TimedOut,
             "the client sent nothing within the listener's idle_timeout",
         )
+    }
+
+    /// After a read that gave `got` while a deadline runs: the first bytes start the head's
+    /// deadline (not for HTTP/2, whose connection preface comes first and whose requests are
+    /// bounded by its own settings); the head's end (an empty line), or the end of the
+    /// connection, ends it. A peek passes `consumed: false`: its bytes are read again.
+    fn after_bytes(&mut self, got: &[u8], consumed: bool) {
+        let Some(deadline) = self.first.as_mut() else {
+            return;
+        };
+        if got.is_empty() {
+            self.first = None;
+            return;
+        }
+        if !self.in_head {
+            self.in_head = true;
+            match self.gate.listener.request_header_timeout {
+                Some(limit) if !got.starts_with(b"PRI ") => {
+                    deadline.as_mut().reset(tokio::time::Instant::now() + limit);
+                }
+                _ => {
+                    self.first = None;
+                    return;
+                }
+            }
+        }
+        if !consumed {
+            return;
+        }
+        for &b in got {
+            match b {
+                b'\n' if self.line == 0 => {
+                    self.first = None;
+                    return;
+                }
+                b'\n' => self.line = 0,
+                b'\r' => {}
+                _ => self.line = self.line.saturating_add(1),
+            }
+        }
     }
 
     /// Sends what is gathered, and gives its memory back once it is all out.
@@ -298,10 +354,15 @@ impl AsyncRead for Admitted {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
-            Poll::Ready(read) => {
+            Poll::Ready(Ok(())) => {
+                this.after_bytes(&buf.filled()[before..], true);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
                 this.first = None;
-                Poll::Ready(read)
+                Poll::Ready(Err(e))
             }
             Poll::Pending => match this.first.as_mut().map(|t| t.as_mut().poll(cx)) {
                 Some(Poll::Ready(())) => Poll::Ready(Err(this.idle_error())),
@@ -436,7 +497,10 @@ impl Peek for Admitted {
             peeked = self.stream.try_peek(buf) => peeked,
             () = deadline.as_mut() => return Err(self.idle_error()),
         };
-        self.first = None;
+        match &peeked {
+            Ok(true) => self.after_bytes(buf, false),
+            _ => self.first = None,
+        }
         peeked
     }
 }
@@ -470,6 +534,8 @@ mod tests {
             gathered: Vec::new(),
             gate,
             first: None,
+            in_head: false,
+            line: 1,
             _slot: slot,
         };
         (admitted, peer)

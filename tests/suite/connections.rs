@@ -86,6 +86,62 @@ async fn a_client_that_sends_nothing_is_closed_after_the_idle_timeout() {
     }
 }
 
+/// A client that starts its request and then sends it a byte at a time (slowloris) is
+/// closed once `request_header_timeout` has passed since its first byte, and counted;
+/// the deadline is for the head alone: a body sent slowly after it is read whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_head_sent_a_byte_at_a_time_is_cut_at_the_request_header_timeout() {
+    let origin = Origin::start(|head, mut conn| async move {
+        let body = conn.read_body(&head).await.unwrap_or_default();
+        match conn.respond(200, &format!("got {}", body.len())).await {
+            Ok(()) => After::KeepAlive(conn),
+            Err(_) => After::Close,
+        }
+    })
+    .await;
+    let proxy = Proxy::start_listening("request_header_timeout: 500ms", &config(&origin)).await;
+    let mut slow = TcpStream::connect(proxy.addr).await.expect("connect");
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: t\r\nx-slow: ")
+        .await
+        .expect("start");
+    // A byte every 100 ms for 2 s (writes fail once the proxy has closed).
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if slow.write_all(b"a").await.is_err() {
+            break;
+        }
+    }
+    let (sent, _) = read_to_end(&mut slow, "the proxy to close the slow connection").await;
+    assert!(!sent.contains("200"), "{sent}");
+    assert_eq!(
+        counted(&proxy, "streamgate_connections_slow_head_closed_total"),
+        1.0
+    );
+    // A whole head, then its body a byte at a time for longer than the head's limit.
+    let mut upload = TcpStream::connect(proxy.addr).await.expect("connect");
+    upload
+        .write_all(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\n")
+        .await
+        .expect("head");
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        upload.write_all(b"b").await.expect("body byte");
+    }
+    let got = read_until(&mut upload, "the answer", |got| got.ends_with(b"got 10")).await;
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+    // The next request on the same connection, its head sent slowly too: the limit is
+    // for a connection's first head (later ones wait as keep-alive requests do).
+    for byte in b"GET / HTTP/1.1\r\nhost: t\r\n\r\n".chunks(4) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        upload.write_all(byte).await.expect("next head");
+    }
+    let got = read_until(&mut upload, "the next answer", |got| {
+        got.ends_with(b"got 0")
+    })
+    .await;
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_kept_after_a_post_stream_keeps_the_listeners_idle_timeout() {
     // POSTs get a short event stream, anything else `ok`; connections are kept.

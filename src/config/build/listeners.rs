@@ -161,6 +161,9 @@ pub fn listeners(
             }
             listener.idle_timeout = idle.limit();
         }
+        if let Some(limit) = l.request_header_timeout {
+            listener.request_header_timeout = limit.limit();
+        }
         if let Some(defer) = l.defer_accept {
             if defer.0.subsec_nanos() != 0 || defer.0 > MAX_DEFER_ACCEPT {
                 return refuse(
