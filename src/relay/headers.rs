@@ -112,12 +112,20 @@ pub async fn response(
 
 /// Removes what belongs to the client's connection, and the headers its `Connection`
 /// names (RFC 9110 7.6.1), except those the proxy sets itself. An upgrade request
-/// (WebSocket) keeps `Upgrade` and says `Connection: upgrade`. (Over HTTP/2 a request
-/// cannot carry `Connection` at all: the h2 layer refuses it.)
+/// (WebSocket, or another protocol) keeps `Upgrade` and says `Connection: upgrade`; but
+/// not an upgrade to `h2c`: once upgraded, the client would speak HTTP/2 to the origin
+/// directly, its requests past the proxy's routes and middleware ("h2c smuggling"), so it
+/// goes as a plain request. (Over HTTP/2 a request cannot carry `Connection` at all: the h2
+/// layer refuses it.)
 pub fn strip_request_hop_by_hop(request: &mut RequestHeader, upgrade: bool) {
     let protocol = upgrade
         .then(|| request.headers.get(header::UPGRADE).cloned())
-        .flatten();
+        .flatten()
+        .filter(|p| {
+            !p.as_bytes()
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+        });
     let keep = [
         "host",
         "x-forwarded-for",

@@ -1003,6 +1003,42 @@ async fn an_upgraded_connection_relays_bytes_both_ways() {
     }
 }
 
+/// An upgrade to `h2c` is not passed on (the client would speak HTTP/2 to the origin past
+/// the proxy's routes and middleware): the origin gets a plain request and the client its
+/// plain answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_to_h2c_goes_as_a_plain_request() {
+    let origin = Origin::start(|head, mut conn| async move {
+        let seen = format!(
+            "upgrade={:?} connection={:?}",
+            head.header("upgrade"),
+            head.header("connection")
+        );
+        let _ = conn.respond(200, &seen).await;
+        After::Close
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, "")).await;
+    for upgrade in ["h2c", "H2C", "foo, h2c"] {
+        let mut raw = TcpStream::connect(proxy.addr).await.expect("connect");
+        let request = format!(
+            "GET /x HTTP/1.1\r\nhost: x\r\nconnection: upgrade, http2-settings\r\n\
+             upgrade: {upgrade}\r\nhttp2-settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+        );
+        raw.write_all(request.as_bytes()).await.expect("head");
+        let got = read_until(&mut raw, "the answer", |got| {
+            got.ends_with(b"connection=None")
+        })
+        .await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 200"), "{upgrade}: {got}");
+        assert!(
+            got.contains("upgrade=None connection=None"),
+            "{upgrade}: {got}"
+        );
+    }
+}
+
 /// The origin may answer while a long stream is open: plain requests and streams share
 /// one proxy without waiting for each other.
 #[tokio::test(flavor = "multi_thread")]
