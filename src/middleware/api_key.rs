@@ -10,15 +10,16 @@
 //!   keys_file: keys.txt               # and/or one key per line, relative to the config file
 //! ```
 //!
-//! Phases: `request` and `upstream_request`. A missing or wrong key is answered `401` and
-//! never reaches the origin. A key sent in the query is taken out of the request the origin
+//! Phases: `request` and `upstream_request`. A missing or wrong key is answered `401` (with
+//! `WWW-Authenticate: ApiKey header="x-api-key"`, naming the header) and never reaches the
+//! origin. A key sent in the query is taken out of the request the origin
 //! gets (every `query` parameter, also percent-encoded spellings of its name), unless
 //! `strip_query: false`; the access log redacts it either way. The file is read when the
 //! config loads and on every reload; blank lines and lines starting with `#` are skipped.
 
 use std::path::Path;
 
-use http::header::HeaderName;
+use http::header::{HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::RequestHeader;
@@ -54,6 +55,8 @@ fn default_key_header() -> String {
 
 pub struct ApiKey {
     header: HeaderName,
+    /// What a `401` says in `WWW-Authenticate`: where the key goes.
+    challenge: HeaderValue,
     query: Option<String>,
     strip_query: bool,
     keys: Vec<Vec<u8>>,
@@ -68,8 +71,12 @@ impl ApiKey {
         if keys.is_empty() {
             return Err("no keys: set keys or keys_file".into());
         }
+        let header = header_name(&config.header)?;
+        let challenge = HeaderValue::try_from(format!("ApiKey header=\"{}\"", header.as_str()))
+            .map_err(|e| e.to_string())?;
         Ok(ApiKey {
-            header: header_name(&config.header)?,
+            header,
+            challenge,
             query: config.query.clone(),
             strip_query: config.strip_query,
             keys,
@@ -111,10 +118,11 @@ impl Middleware for ApiKey {
         if presented.is_some_and(|k| matches_any(&self.keys, k)) {
             return Ok(Outcome::Continue);
         }
-        Ok(Outcome::Respond(Reply::text(
-            401,
-            "a valid API key is required",
-        )))
+        // A 401 names its challenge (RFC 9110 11.6.1).
+        Ok(Outcome::Respond(
+            Reply::text(401, "a valid API key is required")
+                .with_header(http::header::WWW_AUTHENTICATE, self.challenge.clone()),
+        ))
     }
 
     fn upstream_request(

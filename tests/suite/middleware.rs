@@ -346,6 +346,12 @@ async fn api_key_in_header_or_query() {
     assert_eq!(status("/", Some("abd")).await, 401);
     assert_eq!(status("/", Some("abc")).await, 200);
     assert_eq!(status("/?key=abc", None).await, 200);
+    let refused = client().get(proxy.url("/")).send().await.expect("r");
+    assert_eq!(
+        refused.headers()["www-authenticate"],
+        "ApiKey header=\"x-key\"",
+        "a 401 names its challenge"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
