@@ -44,6 +44,8 @@ pub enum Refusal {
     HeadTooLarge,
     /// HTTP/1.1 without `Host`.
     NoHost,
+    /// A `Host` that is not a host and port (a space, `@`, a control character...).
+    BadHost,
     /// A target that is not UTF-8.
     NotUtf8,
     /// The path (or a target that is not a path at all).
@@ -54,7 +56,7 @@ impl Refusal {
     pub fn status(self) -> u16 {
         match self {
             Refusal::TooManyFields | Refusal::HeadTooLarge => 431,
-            Refusal::NoHost | Refusal::NotUtf8 | Refusal::Path(_) => 400,
+            Refusal::NoHost | Refusal::BadHost | Refusal::NotUtf8 | Refusal::Path(_) => 400,
         }
     }
 
@@ -63,6 +65,7 @@ impl Refusal {
             Refusal::TooManyFields => "the request has too many header lines",
             Refusal::HeadTooLarge => "the request's header section is too large",
             Refusal::NoHost => "an HTTP/1.1 request needs a Host header",
+            Refusal::BadHost => "the Host header is not a host name or address with a port",
             Refusal::NotUtf8 => "the request target is not UTF-8",
             Refusal::Path(refusal) => refusal.reason(),
         }
@@ -91,6 +94,17 @@ pub fn canonicalize(req: &mut RequestHeader) -> Result<(), Refusal> {
     }
     if req.version == Version::HTTP_11 && !req.headers.contains_key(HOST) {
         return Err(Refusal::NoHost);
+    }
+    // A Host is an authority without user info (RFC 9110 7.2): a name, an IPv4 address or
+    // a bracketed IPv6 one, and a port; what else it holds would reach the origin, the
+    // routes and `X-Forwarded-Host` as it is.
+    if req
+        .headers
+        .get_all(HOST)
+        .iter()
+        .any(|host| !host.as_bytes().iter().all(|&b| is_authority_byte(b)))
+    {
+        return Err(Refusal::BadHost);
     }
     if !req.raw_path_is_utf8() {
         return Err(Refusal::NotUtf8);
@@ -123,6 +137,11 @@ pub fn canonicalize(req: &mut RequestHeader) -> Result<(), Refusal> {
         let _ = req.insert_header(HOST, authority);
     }
     Ok(())
+}
+
+/// A byte an authority without user info may hold (RFC 3986 reg-name, IP-literal, port).
+fn is_authority_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%:[]".contains(&b)
 }
 
 /// The authority of an absolute-form target (`http://host[:port]/path`), as a `Host`
@@ -198,6 +217,22 @@ mod tests {
         );
         assert_eq!(refused(b"/caf\xe9"), Some(Refusal::NotUtf8));
         assert_eq!(canonical(b"/x", &[]).err(), Some(Refusal::NoHost));
+        for bad in ["a b", "user@a.example", "a.example/x", "a\tb"] {
+            assert_eq!(
+                canonical(b"/x", &[("host", bad)]).err(),
+                Some(Refusal::BadHost),
+                "{bad:?}"
+            );
+        }
+        for good in [
+            "a.example:8080",
+            "[::1]:80",
+            "127.0.0.1",
+            "xn--caf-dma.example",
+            "",
+        ] {
+            assert!(canonical(b"/x", &[("host", good)]).is_ok(), "{good:?}");
+        }
         let mut old = request(b"/x", Version::HTTP_10, &[]);
         assert_eq!(canonicalize(&mut old), Ok(()), "HTTP/1.0 needs no Host");
 

@@ -222,6 +222,11 @@ fn rows() -> Vec<Row> {
             Status(400),
         ),
         h1(
+            "host_not_a_host",
+            b"GET /p HTTP/1.1\r\nHost: a b@c.example\r\nConnection: close\r\n\r\n",
+            Status(400),
+        ),
+        h1(
             "two_hosts",
             b"GET /p HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
             Status(400),
