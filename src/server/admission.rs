@@ -195,10 +195,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Admitting<A> {
         };
         let admitted = Admitted {
             gathered: Vec::new(),
-            first: gate
-                .listener
-                .idle_timeout
-                .map(|d| Box::pin(tokio::time::sleep(d))),
+            first: first_deadline(&gate.listener),
             in_head: false,
             line: 1,
             gate: gate.clone(),
@@ -229,6 +226,19 @@ async fn serve_again<A: HttpServerApp + Send + Sync + 'static>(
         }
         next = app.process_new_http(session, &shutdown).await;
     }
+}
+
+/// The deadline a new connection starts with: its first bytes within `idle_timeout`. Made
+/// also when only `request_header_timeout` is set (it is what the first bytes turn into),
+/// then for as good as never.
+fn first_deadline(listener: &Listener) -> Option<Pin<Box<Sleep>>> {
+    const NEVER: Duration = Duration::from_secs(86_400 * 365);
+    let wait = match (listener.idle_timeout, listener.request_header_timeout) {
+        (Some(idle), _) => idle,
+        (None, Some(_)) => NEVER,
+        (None, None) => return None,
+    };
+    Some(Box::pin(tokio::time::sleep(wait)))
 }
 
 /// An admitted client connection: the stream itself, the listener's slot, and, until its

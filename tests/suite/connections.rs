@@ -99,24 +99,32 @@ async fn a_head_sent_a_byte_at_a_time_is_cut_at_the_request_header_timeout() {
         }
     })
     .await;
-    let proxy = Proxy::start_listening("request_header_timeout: 500ms", &config(&origin)).await;
-    let mut slow = TcpStream::connect(proxy.addr).await.expect("connect");
-    slow.write_all(b"GET / HTTP/1.1\r\nhost: t\r\nx-slow: ")
-        .await
-        .expect("start");
-    // A byte every 100 ms for 2 s (writes fail once the proxy has closed).
-    for _ in 0..20 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if slow.write_all(b"a").await.is_err() {
-            break;
+    // With the idle timeout on, and off: the head's deadline does not hang on it.
+    for options in [
+        "request_header_timeout: 500ms",
+        "idle_timeout: 0, request_header_timeout: 500ms",
+    ] {
+        let proxy = Proxy::start_listening(options, &config(&origin)).await;
+        let mut slow = TcpStream::connect(proxy.addr).await.expect("connect");
+        slow.write_all(b"GET / HTTP/1.1\r\nhost: t\r\nx-slow: ")
+            .await
+            .expect("start");
+        // A byte every 100 ms for 2 s (writes fail once the proxy has closed).
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if slow.write_all(b"a").await.is_err() {
+                break;
+            }
         }
+        let (sent, _) = read_to_end(&mut slow, "the proxy to close the slow connection").await;
+        assert!(!sent.contains("200"), "{options}: {sent}");
+        assert_eq!(
+            counted(&proxy, "streamgate_connections_slow_head_closed_total"),
+            1.0,
+            "{options}"
+        );
     }
-    let (sent, _) = read_to_end(&mut slow, "the proxy to close the slow connection").await;
-    assert!(!sent.contains("200"), "{sent}");
-    assert_eq!(
-        counted(&proxy, "streamgate_connections_slow_head_closed_total"),
-        1.0
-    );
+    let proxy = Proxy::start_listening("request_header_timeout: 500ms", &config(&origin)).await;
     // A whole head, then its body a byte at a time for longer than the head's limit.
     let mut upload = TcpStream::connect(proxy.addr).await.expect("connect");
     upload
