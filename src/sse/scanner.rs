@@ -10,10 +10,11 @@
 //!
 //! It never alters or delays a chunk, and allocates nothing per chunk: the id is kept in a
 //! buffer reused across events (ids longer than [`MAX_ID`] bytes are cut there). A line
-//! whose end is in the chunk is taken whole: its end and its field name are found with
-//! `memchr` and an id is copied as one slice, so a stream's bytes are not looked at one
-//! by one. Only a line split across chunks is followed byte by byte up to its colon, and
-//! from there it jumps to the line's end the same way.
+//! whose end is in the chunk is taken whole with its end: the end is found with one
+//! `memchr` (an empty line, the end of an event, by its first byte), the field by the
+//! line's first bytes, and an id is copied as one slice, so a stream's bytes are not
+//! looked at one by one. Only a line split across chunks is followed byte by byte up to
+//! its colon, and from there it jumps to the line's end the same way.
 
 /// Longest event id kept, in bytes.
 pub const MAX_ID: usize = 256;
@@ -104,11 +105,27 @@ impl EventScanner {
         let mut i = 0;
         while i < rest.len() {
             if self.line == Line::Start && !self.after_cr {
-                // A line whose end is in this chunk is taken whole; its end is then
-                // followed as any line end is.
-                if let Some(len) = memchr::memchr2(b'\r', b'\n', &rest[i..]).filter(|&n| n > 0) {
-                    self.whole_line(&rest[i..i + len]);
-                    i += len;
+                // A line whose end is in this chunk is taken whole, its end with it.
+                let end = if matches!(rest[i], b'\r' | b'\n') {
+                    Some(0)
+                } else {
+                    memchr::memchr2(b'\r', b'\n', &rest[i..])
+                };
+                if let Some(len) = end {
+                    if len == 0 {
+                        self.dispatch();
+                    } else {
+                        self.whole_line(&rest[i..i + len]);
+                    }
+                    i += len + 1;
+                    if rest[i - 1] == b'\r' {
+                        // A CRLF is one line end; a CR at the chunk's end may be half of one.
+                        match rest.get(i) {
+                            Some(b'\n') => i += 1,
+                            Some(_) => {}
+                            None => self.after_cr = true,
+                        }
+                    }
                     continue;
                 }
             }
@@ -139,41 +156,32 @@ impl EventScanner {
         self.events - before
     }
 
-    /// Follows the non-empty `line`, without its end, from the start of a line: the state
-    /// its bytes one by one through [`EventScanner::byte`] would leave.
+    /// Follows the non-empty `line` and its end, from the start of a line: the state its
+    /// bytes one by one through [`EventScanner::byte`] and [`EventScanner::end_line`]
+    /// would leave. A field's name is what precedes its first colon, so `data` and `id`
+    /// are told by the line's first bytes alone.
     fn whole_line(&mut self, line: &[u8]) {
-        if line[0] == b':' {
-            self.line = Line::Other;
-            return;
-        }
-        self.in_event = true;
-        let Some(colon) = memchr::memchr(b':', line) else {
-            let mut name = [0u8; 5];
-            let kept = line.len().min(name.len());
-            name[..kept].copy_from_slice(&line[..kept]);
-            self.line = Line::Name {
-                len: line.len(),
-                name,
-            };
-            return;
-        };
-        let name = &line[..colon];
-        self.line = self.field(&name[..name.len().min(5)], name.len());
-        if let Line::IdValue { .. } = self.line {
-            let value = &line[colon + 1..];
-            // One space after the colon is part of the syntax, not the value.
-            let id = value.strip_prefix(b" ").unwrap_or(value);
-            if memchr::memchr(0, id).is_some() {
-                self.id_line_nul = true;
+        let named =
+            |name: &[u8]| line.starts_with(name) && line.get(name.len()).is_none_or(|&b| b == b':');
+        match line[0] {
+            b':' => {}
+            b'd' if named(b"data") => {
+                self.in_event = true;
+                self.has_data = true;
             }
-            for part in id.split(|&b| b == 0) {
-                let room = MAX_ID - self.id_line.len();
-                self.id_line
-                    .extend_from_slice(&part[..part.len().min(room)]);
+            b'i' if named(b"id") => {
+                self.in_event = true;
+                let value = line.get(3..).unwrap_or_default();
+                // One space after the colon is part of the syntax, not the value.
+                let id = value.strip_prefix(b" ").unwrap_or(value);
+                // An id containing NUL is ignored.
+                if memchr::memchr(0, id).is_none() {
+                    self.id_buffer.clear();
+                    self.id_buffer
+                        .extend_from_slice(&id[..id.len().min(MAX_ID)]);
+                }
             }
-            self.line = Line::IdValue {
-                skipped_space: !value.is_empty(),
-            };
+            _ => self.in_event = true,
         }
     }
 
