@@ -512,20 +512,23 @@ pub fn decode_chunked(
         let rest = &buf[read..];
         match state {
             ChunkState::Size => {
-                let Some(lf) = rest.iter().position(|b| *b == b'\n') else {
-                    if rest.len() > MAX_CHUNK_LINE {
-                        return Err(framing_error("a chunk-size line is too long"));
+                let (size, len) = match plain_chunk_size(rest) {
+                    Some(plain) => plain,
+                    None => {
+                        let within = &rest[..rest.len().min(MAX_CHUNK_LINE + 1)];
+                        let Some(lf) = memchr::memchr(b'\n', within) else {
+                            if rest.len() > MAX_CHUNK_LINE {
+                                return Err(framing_error("a chunk-size line is too long"));
+                            }
+                            return Ok((Some(state), read, written));
+                        };
+                        let line = rest[..lf]
+                            .strip_suffix(b"\r")
+                            .ok_or_else(|| framing_error("a chunk-size line without CRLF"))?;
+                        (parse_chunk_size(line)?, lf + 1)
                     }
-                    return Ok((Some(state), read, written));
                 };
-                if lf > MAX_CHUNK_LINE {
-                    return Err(framing_error("a chunk-size line is too long"));
-                }
-                let line = rest[..lf]
-                    .strip_suffix(b"\r")
-                    .ok_or_else(|| framing_error("a chunk-size line without CRLF"))?;
-                let size = parse_chunk_size(line)?;
-                read += lf + 1;
+                read += len;
                 state = if size == 0 {
                     ChunkState::Trailers(0)
                 } else {
@@ -580,6 +583,24 @@ pub fn decode_chunked(
             }
         }
     }
+}
+
+/// The size of a chunk whose size line is the usual one, hex digits and CRLF, with the
+/// line's length: read in one pass. `None` for any other line, or one not all here yet,
+/// which [`parse_chunk_size`] then reads (or refuses).
+fn plain_chunk_size(rest: &[u8]) -> Option<(u64, usize)> {
+    let mut size = 0u64;
+    for (i, &b) in rest.iter().enumerate().take(16) {
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            b'\r' if i > 0 && rest.get(i + 1) == Some(&b'\n') => return Some((size, i + 2)),
+            _ => return None,
+        };
+        size = size << 4 | u64::from(digit);
+    }
+    None
 }
 
 /// A chunk-size line without its CRLF: hex digits, then optional extensions.
@@ -705,6 +726,41 @@ mod tests {
         ] {
             let n = chunk_size_line(&mut out, len);
             assert_eq!(&out[..n], line.as_bytes());
+        }
+    }
+
+    #[test]
+    fn the_usual_size_line_is_read_as_the_general_reader_reads_it() {
+        for line in [
+            "0\r\n",
+            "1f4\r\n",
+            "1F4\r\n",
+            "fffffffffffffff\r\n",
+            "ffffffffffffffff\r\n",
+            "\r\n",
+            "1f4;x=y\r\n",
+            "1f4 \r\n",
+            "1f4\n",
+            "1f4\r",
+            "1f4\rx",
+            "g\r\n",
+            "1f4",
+        ] {
+            let line = line.as_bytes();
+            let general = line
+                .strip_suffix(b"\r\n")
+                .and_then(|l| parse_chunk_size(l).ok());
+            match plain_chunk_size(line) {
+                Some((size, len)) => {
+                    assert_eq!(Some(size), general, "{line:?}");
+                    assert_eq!(len, line.len(), "{line:?}");
+                }
+                // Left to the general reader: anything but digits and CRLF, or too long.
+                None => assert!(
+                    general.is_none() || line.contains(&b';') || line.contains(&b' '),
+                    "{line:?}"
+                ),
+            }
         }
     }
 
