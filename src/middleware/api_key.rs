@@ -6,15 +6,17 @@
 //!   header: x-api-key                 # where the key is looked for (default x-api-key)
 //!   query: api_key                    # optional: also accept ?api_key=...
 //!   strip_query: true                 # remove ?api_key=... before the origin (default true)
+//!   strip_header: true                # remove the key header before the origin (default true)
 //!   keys: ["k1", "k2"]
 //!   keys_file: keys.txt               # and/or one key per line, relative to the config file
 //! ```
 //!
 //! Phases: `request` and `upstream_request`. A missing or wrong key is answered `401` (with
 //! `WWW-Authenticate: ApiKey header="x-api-key"`, naming the header) and never reaches the
-//! origin. A key sent in the query is taken out of the request the origin
-//! gets (every `query` parameter, also percent-encoded spellings of its name), unless
-//! `strip_query: false`; the access log redacts it either way. The file is read when the
+//! origin. The key is the proxy's credential, not the origin's: its header is taken out of
+//! the request the origin gets unless `strip_header: false`, and a key sent in the query
+//! (every `query` parameter, also percent-encoded spellings of its name) unless
+//! `strip_query: false`; the access log redacts a query key either way. The file is read when the
 //! config loads and on every reload; blank lines and lines starting with `#` are skipped.
 
 use std::path::Path;
@@ -39,6 +41,9 @@ pub struct Config {
     /// Remove the `query` parameter from what the origin gets (default true).
     #[serde(default = "default_strip")]
     pub strip_query: bool,
+    /// Remove the key's header from what the origin gets (default true).
+    #[serde(default = "default_strip")]
+    pub strip_header: bool,
     #[serde(default)]
     pub keys: Vec<String>,
     #[serde(default)]
@@ -59,6 +64,7 @@ pub struct ApiKey {
     challenge: HeaderValue,
     query: Option<String>,
     strip_query: bool,
+    strip_header: bool,
     keys: Vec<Vec<u8>>,
 }
 
@@ -79,6 +85,7 @@ impl ApiKey {
             challenge,
             query: config.query.clone(),
             strip_query: config.strip_query,
+            strip_header: config.strip_header,
             keys,
         })
     }
@@ -131,6 +138,9 @@ impl Middleware for ApiKey {
         request: &mut RequestHeader,
         _ctx: &mut Context,
     ) -> Result<()> {
+        if self.strip_header {
+            request.remove_header(&self.header);
+        }
         let Some(name) = self.query.as_deref().filter(|_| self.strip_query) else {
             return Ok(());
         };

@@ -31,6 +31,7 @@
 pub mod answer;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -39,7 +40,7 @@ use pingora_core::connectors::{ConnectorOptions, TransportConnector};
 use pingora_core::modules::http::HttpModules;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_error::{Error, ErrorType, Result};
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::config::Config;
@@ -215,8 +216,13 @@ impl ProxyHttp for StreamGate {
         let code = match error_response(e, ctx.service_name()) {
             // After a `100 Continue` too: the error still gets its answer.
             Some((code, reason)) if answer_written(session).is_none() => {
-                if let Err(write_error) = write_reply(session, Reply::text(code, &reason)).await {
-                    log::debug!("could not send the {code} response: {write_error}");
+                match write_reply(session, Reply::text(code, &reason)).await {
+                    // Not when reading the client is what failed.
+                    Ok(()) if e.esource() != &ErrorSource::Downstream => linger(session).await,
+                    Ok(()) => {}
+                    Err(write_error) => {
+                        log::debug!("could not send the {code} response: {write_error}");
+                    }
                 }
                 code
             }
@@ -232,5 +238,26 @@ impl ProxyHttp for StreamGate {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let access_log = self.config.load().access_log;
         relay::record::finished_session(session, e, ctx, access_log);
+    }
+}
+
+/// How long a connection whose request was refused while its body was still arriving
+/// goes on reading (and discarding) that body before it is closed.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// Reads what is left of the request body, for at most [`LINGER`], once an answer has been
+/// written before the body ended (a `413` once a streamed body passes `request_size_limit`,
+/// an origin failing during an upload). Closing a connection with unread bytes makes the
+/// kernel reset it, and a reset may discard the answer before the client reads it; read to
+/// the body's end, the close is an orderly one. Nothing is kept.
+async fn linger(session: &mut Session) {
+    let http = session.as_mut();
+    if http.is_body_done() {
+        return;
+    }
+    match tokio::time::timeout(LINGER, http.drain_request_body()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => log::debug!("the rest of a refused request body: {e}"),
+        Err(_) => log::debug!("the rest of a refused request body took longer than {LINGER:?}"),
     }
 }
