@@ -37,6 +37,7 @@ use super::size_limit::ByteSize;
 use super::{BodyFilter, Context, Middleware};
 use crate::http_util::{drop_content_length, media_essence, remove_request_header};
 use crate::sse;
+use crate::sse::scanner::EventScanner;
 
 /// Longest event kept back waiting for its end; a longer one goes out unrewritten.
 const MAX_EVENT: usize = 1024 * 1024;
@@ -215,82 +216,19 @@ impl Middleware for BodyReplace {
 /// One response's rewriting state: the bytes held back for a match or event not yet whole.
 struct ReplaceFilter {
     rules: std::sync::Arc<Rules>,
-    events: bool,
+    /// Event streams: follows what arrives, to find where events end; each byte is looked
+    /// at once, so an event that arrives in many small chunks costs time linear in its
+    /// length, not in its length times the number of chunks.
+    events: Option<EventScanner>,
     carry: BytesMut,
-    /// Event streams: how far the carry has been searched for event ends.
-    ends: EventEnds,
-}
-
-/// Finds event ends (blank lines) in a growing buffer, looking at each byte once: an
-/// event that arrives in many small chunks costs time linear in its length, not in its
-/// length times the number of chunks. Follows the rules of [`sse::last_event_end`].
-#[derive(Debug, Default)]
-struct EventEnds {
-    /// The next byte to look at.
-    pos: usize,
-    /// Where the current line starts.
-    line_start: usize,
-    /// The end of the last complete event found.
-    last: Option<usize>,
-    /// The bytes searched so far ended in a CR: an LF next is the rest of that line end.
-    after_cr: bool,
-}
-
-impl EventEnds {
-    /// The end of the last complete event in `data`, of which the bytes before `self.pos`
-    /// were already searched.
-    fn search(&mut self, data: &[u8]) -> Option<usize> {
-        if self.after_cr && self.pos < data.len() {
-            self.after_cr = false;
-            if data[self.pos] == b'\n' {
-                // The second half of a CRLF whose CR ended the line already (and the
-                // event, if the line was empty: the event takes its whole line end).
-                if self.last == Some(self.pos) {
-                    self.last = Some(self.pos + 1);
-                }
-                self.pos += 1;
-                self.line_start = self.pos;
-            }
-        }
-        while self.pos < data.len() {
-            let b = data[self.pos];
-            if b != b'\n' && b != b'\r' {
-                self.pos += 1;
-                continue;
-            }
-            let mut next = self.pos + 1;
-            if b == b'\r' {
-                match data.get(next) {
-                    Some(b'\n') => next += 1,
-                    // A CR ends its line: an LF that follows later belongs to it.
-                    None => self.after_cr = true,
-                    Some(_) => {}
-                }
-            }
-            if self.pos == self.line_start {
-                self.last = Some(next);
-            }
-            self.line_start = next;
-            self.pos = next;
-        }
-        self.last
-    }
-
-    /// The first `n` bytes of the buffer are gone.
-    fn consumed(&mut self, n: usize) {
-        self.pos = self.pos.saturating_sub(n);
-        self.line_start = self.line_start.saturating_sub(n);
-        self.last = None;
-    }
 }
 
 impl ReplaceFilter {
     fn new(rules: std::sync::Arc<Rules>, events: bool) -> Self {
         ReplaceFilter {
             rules,
-            events,
+            events: events.then(EventScanner::new),
             carry: BytesMut::new(),
-            ends: EventEnds::default(),
         }
     }
 
@@ -302,25 +240,27 @@ impl ReplaceFilter {
     }
 
     fn process(&mut self, chunk: Option<&Bytes>, end_of_stream: bool) -> Option<Bytes> {
+        // The end of the last whole event in the carry: it holds none before this chunk.
+        let mut last_end = None;
         if let Some(chunk) = chunk {
+            let held = self.carry.len();
             self.carry.extend_from_slice(chunk);
+            if let Some(scanner) = &mut self.events {
+                scanner.feed_with(chunk, |end| last_end = Some(held + end));
+            }
         }
-        if self.events && !end_of_stream {
-            // Only the bytes that arrived are searched; the carry is neither searched nor
-            // copied again.
-            let split = match self.ends.search(&self.carry) {
+        if self.events.is_some() && !end_of_stream {
+            let split = match last_end {
                 Some(end) => end,
                 None if self.carry.len() > MAX_EVENT => self.carry.len(),
                 None => return None,
             };
             let whole = self.carry.split_to(split);
-            self.ends.consumed(split);
             let mut out = BytesMut::with_capacity(whole.len() + 64);
             self.rules.replace(&whole, &mut out);
             return (!out.is_empty()).then(|| out.freeze());
         }
         let data = std::mem::take(&mut self.carry);
-        self.ends = EventEnds::default();
         let mut out = BytesMut::with_capacity(data.len() + 64);
         if end_of_stream {
             self.rules.replace(&data, &mut out);
@@ -423,24 +363,6 @@ mod tests {
     }
 
     #[test]
-    fn event_ends_are_found_incrementally_as_in_one_pass() {
-        let stream: &[u8] =
-            b"data: a\n\n\ndata: b\r\n\r\ndata: c\r\rid: 1\ndata: d\r\n\rdata: e\n\r\n:x\n\n";
-        for size in 1..=stream.len() {
-            let mut ends = EventEnds::default();
-            let mut buf = Vec::new();
-            for chunk in stream.chunks(size) {
-                buf.extend_from_slice(chunk);
-                assert_eq!(
-                    ends.search(&buf),
-                    sse::last_event_end(&buf),
-                    "size {size}, {buf:?}"
-                );
-            }
-        }
-    }
-
-    #[test]
     fn a_long_event_in_small_chunks_is_searched_once() {
         // 1 MiB in 16-byte chunks: each chunk must cost its own length, not the carry's.
         let yaml = "replacements: [{ literal: secret, with: '******' }]";
@@ -453,14 +375,19 @@ mod tests {
                 assert!(f.process(Some(&chunk), false).is_none(), "held until whole");
             }
         }
-        assert_eq!(f.ends.pos, f.carry.len(), "searched to the end, once");
+        let scanned = |f: &ReplaceFilter| f.events.as_ref().map(|s| s.bytes());
+        assert_eq!(
+            scanned(&f),
+            Some(f.carry.len() as u64),
+            "each byte looked at once"
+        );
         out.extend_from_slice(
             &f.process(Some(&Bytes::from_static(b"\n")), false)
                 .expect("the event"),
         );
         assert!(out.starts_with(b"data: ****** ****** ****** x\n"));
         assert!(f.carry.is_empty());
-        assert_eq!(f.ends.pos, 0);
+        assert!(f.events.as_ref().is_some_and(|s| s.at_boundary()));
     }
 
     #[test]

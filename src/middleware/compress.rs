@@ -38,6 +38,7 @@ use super::size_limit::ByteSize;
 use super::{BodyFilter, Context, Middleware};
 use crate::http_util::{drop_content_length, list_accepts, media_essence};
 use crate::sse;
+use crate::sse::scanner::EventScanner;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -215,7 +216,7 @@ impl Middleware for Compress {
         };
         Ok(Some(Box::new(CompressFilter {
             encoder: Some(encoder),
-            events,
+            events: events.then(EventScanner::new),
         })))
     }
 }
@@ -258,7 +259,8 @@ impl Encoder {
 
 struct CompressFilter {
     encoder: Option<Encoder>,
-    events: bool,
+    /// Event streams: follows what passes, to flush where an event ends.
+    events: Option<EventScanner>,
 }
 
 fn encode_error(e: std::io::Error) -> Box<Error> {
@@ -272,7 +274,9 @@ impl BodyFilter for CompressFilter {
         };
         let mut completes_event = false;
         if let Some(data) = body.take() {
-            completes_event = self.events && sse::last_event_end(&data).is_some();
+            if let Some(scanner) = &mut self.events {
+                scanner.feed_with(&data, |_| completes_event = true);
+            }
             encoder.write(&data).map_err(encode_error)?;
         }
         let out = if end_of_stream {
@@ -329,7 +333,7 @@ mod tests {
             let gzip = matches!(encoder, Encoder::Gzip(_));
             let mut f = CompressFilter {
                 encoder: Some(encoder),
-                events: true,
+                events: Some(EventScanner::new()),
             };
             let mut wire = Vec::new();
             for i in 0..5 {

@@ -45,6 +45,7 @@ use super::origin::Framing;
 use super::resume::{drop_repeated, remember_ids, RecentIds, MAX_HELD_EVENT};
 use super::stream::filter_own;
 use crate::sse::drain::{drain_deadline, Outcome};
+use crate::sse::scanner::EventScanner;
 use crate::sse::{self, CloseReason, OnUpstreamError, SseSettings};
 use crate::upstream::Attempts;
 
@@ -87,6 +88,8 @@ pub async fn relay(
     // are remembered so an origin that repeats them is not believed twice.
     let resumable = resume.is_some();
     let mut tail = BytesMut::new();
+    // Follows what arrives into `tail`, to find where its events end.
+    let mut tail_events = EventScanner::new();
     let mut recent_ids = RecentIds::default();
     let mut resumes: std::collections::VecDeque<Instant> = Default::default();
     let mut resumed = false;
@@ -171,7 +174,11 @@ pub async fn relay(
             } => match read {
                 Ok(Some(chunk)) if resumable => {
                     last_origin = Instant::now();
+                    let held = tail.len();
                     tail.extend_from_slice(&chunk);
+                    // `tail` holds no whole event before this chunk.
+                    let mut whole = 0;
+                    tail_events.feed_with(&chunk, |end| whole = held + end);
                     if tail.len() > MAX_HELD_EVENT {
                         // Not an event stream one can hold events of: no resume either.
                         close(ctx, CloseReason::OriginError);
@@ -181,7 +188,6 @@ pub async fn relay(
                         )
                         .into_up());
                     }
-                    let whole = sse::last_event_end(&tail).unwrap_or(0);
                     let events = tail.split_to(whole).freeze();
                     let events = if resumed {
                         drop_repeated(events, &recent_ids)
@@ -264,6 +270,7 @@ pub async fn relay(
                     *link = next.link;
                     ready = None;
                     tail.clear();
+                    tail_events = EventScanner::new();
                     resumed = true;
                     last_origin = Instant::now();
                     continue;

@@ -102,17 +102,17 @@ impl RecentIds {
 /// `events` (whole events) without those whose id was already sent.
 pub fn drop_repeated(events: Bytes, recent: &RecentIds) -> Bytes {
     let mut kept = bytes::BytesMut::with_capacity(events.len());
-    let mut rest = &events[..];
     let mut dropped = false;
-    while let Some(end) = sse::first_event_end(rest) {
-        let (event, after) = rest.split_at(end);
+    let mut start = 0;
+    for end in sse::event_ends(&events) {
+        let event = &events[start..end];
         let repeat = sse::event_id(event).is_some_and(|id| !id.is_empty() && recent.contains(id));
         if repeat {
             dropped = true;
         } else {
             kept.extend_from_slice(event);
         }
-        rest = after;
+        start = end;
     }
     if dropped {
         kept.freeze()
@@ -123,12 +123,12 @@ pub fn drop_repeated(events: Bytes, recent: &RecentIds) -> Bytes {
 
 /// Remembers the ids of `events` (whole events), within the count and byte bounds.
 pub fn remember_ids(events: &[u8], recent: &mut RecentIds) {
-    let mut rest = events;
-    while let Some(end) = sse::first_event_end(rest) {
-        if let Some(id) = sse::event_id(&rest[..end]).filter(|id| !id.is_empty()) {
+    let mut start = 0;
+    for end in sse::event_ends(events) {
+        if let Some(id) = sse::event_id(&events[start..end]).filter(|id| !id.is_empty()) {
             recent.push(id);
         }
-        rest = &rest[end..];
+        start = end;
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! - detection (`Content-Type: text/event-stream`, `Accept` asking for one) and the
 //!   response-header rules (no `Content-Length`, `Cache-Control: no-cache`,
-//!   `X-Accel-Buffering: no`); event boundaries and ids ([`first_event_end`], [`event_id`]);
+//!   `X-Accel-Buffering: no`); event boundaries and ids ([`event_ends`], [`event_id`]);
 //! - [`settings`]: the `sse:` block and the effective settings of a stream;
 //! - [`scanner`]: the incremental event scanner; [`pacer`]: `flush_interval` pacing;
 //! - [`limits`]: open-stream counters; [`tracker`]: the registry of open streams;
@@ -94,44 +94,12 @@ pub fn fix_response_header(
     Ok(())
 }
 
-/// The end of the last complete event in `data` (after its blank line), if any. SSE lines
-/// end in LF, CR or CRLF; an event ends at an empty line.
-pub fn last_event_end(data: &[u8]) -> Option<usize> {
-    event_ends(data).last()
-}
-
-/// The end of the first complete event in `data` (after its blank line), if any.
-pub fn first_event_end(data: &[u8]) -> Option<usize> {
-    event_ends(data).next()
-}
-
-/// The end of each complete event in `data`, in order. A CR ends its line wherever it is,
-/// the last byte of `data` too: an LF after it only makes the same line end a CRLF. (When
-/// that LF comes later, at the start of the next piece, it reads there as an empty line:
-/// an event end with nothing in it, which is also where a client stands.)
-fn event_ends(data: &[u8]) -> impl Iterator<Item = usize> + '_ {
-    let mut i = 0;
-    let mut line_start = 0;
-    std::iter::from_fn(move || {
-        while i < data.len() {
-            let b = data[i];
-            if b != b'\n' && b != b'\r' {
-                i += 1;
-                continue;
-            }
-            let mut next = i + 1;
-            if b == b'\r' && data.get(next) == Some(&b'\n') {
-                next += 1;
-            }
-            let empty = i == line_start;
-            line_start = next;
-            i = next;
-            if empty {
-                return Some(next);
-            }
-        }
-        None
-    })
+/// The end of each event in `data` (after its blank line), in order: `data` starts where
+/// a stream is between events (as whole events cut from a stream do).
+pub fn event_ends(data: &[u8]) -> Vec<usize> {
+    let mut ends = Vec::new();
+    scanner::EventScanner::new().feed_with(data, |end| ends.push(end));
+    ends
 }
 
 /// The value of the last `id` field of one complete event, if it has one.
@@ -155,9 +123,8 @@ mod tests {
 
     #[test]
     fn events_and_their_ids() {
-        assert_eq!(first_event_end(b"id: 1\ndata: a\n\nid: 2\n"), Some(15));
-        assert_eq!(first_event_end(b"data: a\r\n\r\n"), Some(11));
-        assert_eq!(first_event_end(b"data: a\n"), None);
+        assert_eq!(event_ends(b"id: 1\ndata: a\n\nid: 2\n"), [15]);
+        assert!(event_ends(b"data: a\n").is_empty());
         assert_eq!(event_id(b"id: 7\ndata: x\n\n"), Some(&b"7"[..]));
         assert_eq!(event_id(b"id:8\rdata: x\r\r"), Some(&b"8"[..]));
         assert_eq!(event_id(b"data: x\n\n"), None);
@@ -187,19 +154,25 @@ mod tests {
 
     #[test]
     fn event_ends_follow_all_line_endings() {
-        assert_eq!(last_event_end(b"data: a\n\n"), Some(9));
-        assert_eq!(last_event_end(b"data: a\r\rdata: b"), Some(9));
-        assert_eq!(last_event_end(b"data: a\r\n\r\n"), Some(11));
+        let last = |data: &[u8]| event_ends(data).last().copied();
+        assert_eq!(event_ends(b"data: a\n\ndata: b\r\n\r\n"), [9, 20]);
+        assert_eq!(last(b"data: a\r\rdata: b"), Some(9));
+        assert_eq!(last(b"data: a\r\n\r\n"), Some(11));
         assert_eq!(
-            last_event_end(b"data: a\r\n\r"),
+            last(b"data: a\r\n\r"),
             Some(10),
             "a CR ends its line even where an LF may follow"
         );
-        assert_eq!(last_event_end(b"id: 1\rdata: a\r\r"), Some(15));
-        assert_eq!(last_event_end(b"data: a\r"), None);
-        assert_eq!(last_event_end(b"data: a\n"), None);
-        assert_eq!(last_event_end(b"\n"), Some(1));
-        assert_eq!(last_event_end(b"a\n\nb\n\nc"), Some(6));
+        assert_eq!(last(b"id: 1\rdata: a\r\r"), Some(15));
+        assert_eq!(last(b"data: a\r"), None);
+        assert_eq!(last(b"data: a\n"), None);
+        assert_eq!(last(b"\n"), Some(1));
+        assert_eq!(last(b"a\n\nb\n\nc"), Some(6));
+        assert_eq!(
+            last(b": comment\n\n"),
+            Some(11),
+            "a block of comments ends too"
+        );
     }
 
     #[test]

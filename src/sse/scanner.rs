@@ -39,6 +39,8 @@ pub struct EventScanner {
     line: Line,
     /// The previous byte was a CR: a LF now is the same line end.
     after_cr: bool,
+    /// That CR ended an empty line.
+    blank_cr: bool,
     /// Bytes of the BOM matched so far at the start of the stream; `None` once decided.
     bom: Option<usize>,
     /// The current event has a `data` field.
@@ -61,6 +63,7 @@ impl Default for EventScanner {
         EventScanner {
             line: Line::Start,
             after_cr: false,
+            blank_cr: false,
             bom: Some(0),
             has_data: false,
             in_event: false,
@@ -81,6 +84,15 @@ impl EventScanner {
 
     /// Follows `chunk`; returns how many events it completed.
     pub fn feed(&mut self, chunk: &[u8]) -> u64 {
+        self.feed_with(chunk, |_| {})
+    }
+
+    /// Follows `chunk` as [`EventScanner::feed`] does, and calls `at_end` with the offset
+    /// in `chunk` just past each empty line (the end of an event, or of a block of
+    /// comments), in order: there a client stands between events. When a CR ended an empty
+    /// line at the end of the chunk before, an LF starting this one (which makes it a CRLF)
+    /// moves that end past it, to 1.
+    pub fn feed_with(&mut self, chunk: &[u8], mut at_end: impl FnMut(usize)) -> u64 {
         self.bytes += chunk.len() as u64;
         let before = self.events;
         let mut rest = chunk;
@@ -102,6 +114,8 @@ impl EventScanner {
                 self.line = Line::Other;
             }
         }
+        // Offsets in `rest` are this much further in `chunk`.
+        let base = chunk.len() - rest.len();
         let mut i = 0;
         while i < rest.len() {
             if self.line == Line::Start && !self.after_cr {
@@ -123,8 +137,14 @@ impl EventScanner {
                         match rest.get(i) {
                             Some(b'\n') => i += 1,
                             Some(_) => {}
-                            None => self.after_cr = true,
+                            None => {
+                                self.after_cr = true;
+                                self.blank_cr = len == 0;
+                            }
                         }
+                    }
+                    if len == 0 {
+                        at_end(base + i);
                     }
                     continue;
                 }
@@ -134,15 +154,28 @@ impl EventScanner {
             if self.after_cr {
                 self.after_cr = false;
                 if b == b'\n' {
+                    if self.blank_cr {
+                        at_end(base + i);
+                    }
                     continue;
                 }
             }
             match b {
                 b'\r' => {
+                    self.blank_cr = self.line == Line::Start;
                     self.end_line();
                     self.after_cr = true;
+                    if self.blank_cr {
+                        at_end(base + i);
+                    }
                 }
-                b'\n' => self.end_line(),
+                b'\n' => {
+                    let blank = self.line == Line::Start;
+                    self.end_line();
+                    if blank {
+                        at_end(base + i);
+                    }
+                }
                 _ => {
                     self.byte(b);
                     // The rest of a data line, a comment or another field is nothing to
@@ -361,6 +394,53 @@ mod tests {
         }
         let bytes: Vec<&[u8]> = SAMPLE.chunks(1).collect();
         assert_eq!(scan(&bytes), whole);
+    }
+
+    /// Where empty lines end in `data`, read in one pass the plainest way: a line ends at
+    /// LF, CR or CRLF; an empty line ends an event.
+    fn empty_line_ends(data: &[u8]) -> Vec<usize> {
+        let (mut ends, mut line_start, mut i) = (Vec::new(), 0, 0);
+        while i < data.len() {
+            if data[i] != b'\n' && data[i] != b'\r' {
+                i += 1;
+                continue;
+            }
+            let mut next = i + 1;
+            if data[i] == b'\r' && data.get(next) == Some(&b'\n') {
+                next += 1;
+            }
+            if i == line_start {
+                ends.push(next);
+            }
+            line_start = next;
+            i = next;
+        }
+        ends
+    }
+
+    #[test]
+    fn event_ends_are_found_incrementally_as_in_one_pass() {
+        let stream: &[u8] =
+            b"data: a\n\n\ndata: b\r\n\r\ndata: c\r\rid: 1\ndata: d\r\n\rdata: e\n\r\n:x\n\n\r\n";
+        for sample in [stream, SAMPLE] {
+            for size in 1..=sample.len() {
+                let mut s = EventScanner::new();
+                let mut seen = 0;
+                let mut last = None;
+                for chunk in sample.chunks(size) {
+                    s.feed_with(chunk, |end| last = Some(seen + end));
+                    seen += chunk.len();
+                    // A CR ending the piece ends its line; its LF, when it comes, moves
+                    // the end past it.
+                    assert_eq!(
+                        last,
+                        empty_line_ends(&sample[..seen]).last().copied(),
+                        "size {size}, after {:?}",
+                        &sample[..seen]
+                    );
+                }
+            }
+        }
     }
 
     #[test]
