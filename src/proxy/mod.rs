@@ -249,10 +249,11 @@ const LINGER: Duration = Duration::from_secs(5);
 /// written before the body ended (a `413` once a streamed body passes `request_size_limit`,
 /// an origin failing during an upload). Closing a connection with unread bytes makes the
 /// kernel reset it, and a reset may discard the answer before the client reads it; read to
-/// the body's end, the close is an orderly one. Nothing is kept.
+/// the body's end, the close is an orderly one. Nothing is kept. Not over HTTP/2, where
+/// the stream is reset, not the connection.
 async fn linger(session: &mut Session) {
     let http = session.as_mut();
-    if http.is_body_done() {
+    if http.is_http2() || http.is_body_done() {
         return;
     }
     match tokio::time::timeout(LINGER, http.drain_request_body()).await {
