@@ -441,11 +441,13 @@ impl Metrics {
         affinity: &BTreeSet<String>,
     ) {
         let mut handed = self.handed();
+        // A route with streams still open on it keeps its series until a reload after they
+        // ended: they are still open (and a route added back meanwhile counts them on).
         let gone: Vec<(String, String)> = handed
             .routes
-            .keys()
-            .filter(|k| !routes.contains(*k))
-            .cloned()
+            .iter()
+            .filter(|(k, m)| !routes.contains(*k) && m.sse_open_now() <= 0)
+            .map(|(k, _)| k.clone())
             .collect();
         for key in gone {
             handed.routes.remove(&key);
@@ -735,6 +737,30 @@ mod tests {
         assert!(metrics
             .render()
             .contains("streamgate_requests_total{class=\"2xx\",route=\"kept\",service=\"svc\"} 2"));
+    }
+
+    #[test]
+    fn a_dropped_route_with_open_streams_keeps_its_series_until_they_end() {
+        let metrics = Metrics::new();
+        let old = metrics.route("old", "svc");
+        old.sse_opened();
+        let (no_routes, none) = (BTreeSet::new(), BTreeSet::new());
+        metrics.retain(&no_routes, &none, &none);
+        assert!(
+            metrics
+                .render()
+                .contains("streamgate_sse_streams_open{route=\"old\",service=\"svc\"} 1"),
+            "{}",
+            metrics.render()
+        );
+        // Added back while the stream is open: the same series, still counting it.
+        let again = metrics.route("old", "svc");
+        again.sse_opened();
+        assert_eq!(old.sse_open_now(), 2);
+        old.sse_closed(CloseReason::ClientClosed, Duration::ZERO);
+        again.sse_closed(CloseReason::ClientClosed, Duration::ZERO);
+        metrics.retain(&no_routes, &none, &none);
+        assert!(!metrics.render().contains("route=\"old\""));
     }
 
     #[test]
