@@ -88,8 +88,9 @@ pub async fn relay(
     // are remembered so an origin that repeats them is not believed twice.
     let resumable = resume.is_some();
     let mut tail = BytesMut::new();
-    // Follows what arrives into `tail`, to find where its events end.
-    let mut tail_events = EventScanner::new();
+    // Follows what arrives into `tail`, to find where its events end (boxed: most streams
+    // do not resume, and their loop should not carry it).
+    let mut tail_events = resumable.then(|| Box::new(EventScanner::new()));
     let mut recent_ids = RecentIds::default();
     let mut resumes: std::collections::VecDeque<Instant> = Default::default();
     let mut resumed = false;
@@ -178,7 +179,9 @@ pub async fn relay(
                     tail.extend_from_slice(&chunk);
                     // `tail` holds no whole event before this chunk.
                     let mut whole = 0;
-                    tail_events.feed_with(&chunk, |end| whole = held + end);
+                    if let Some(scanner) = tail_events.as_mut() {
+                        scanner.feed_with(&chunk, |end| whole = held + end);
+                    }
                     if tail.len() > MAX_HELD_EVENT {
                         // Not an event stream one can hold events of: no resume either.
                         close(ctx, CloseReason::OriginError);
@@ -270,7 +273,7 @@ pub async fn relay(
                     *link = next.link;
                     ready = None;
                     tail.clear();
-                    tail_events = EventScanner::new();
+                    tail_events = Some(Box::new(EventScanner::new()));
                     resumed = true;
                     last_origin = Instant::now();
                     continue;
