@@ -102,7 +102,8 @@ pub fn event_ends(data: &[u8]) -> Vec<usize> {
     ends
 }
 
-/// The value of the last `id` field of one complete event, if it has one.
+/// The value of the last `id` field of one complete event, if it has one. An `id` holding
+/// NUL is ignored, as a client ignores it (and as [`scanner::EventScanner`] does).
 pub fn event_id(event: &[u8]) -> Option<&[u8]> {
     event
         .split(|b| *b == b'\n' || *b == b'\r')
@@ -114,6 +115,7 @@ pub fn event_id(event: &[u8]) -> Option<&[u8]> {
             let value = value.strip_prefix(b":")?;
             Some(value.strip_prefix(b" ").unwrap_or(value))
         })
+        .filter(|value| !value.contains(&0))
         .next_back()
 }
 
@@ -129,6 +131,7 @@ mod tests {
         assert_eq!(event_id(b"id:8\rdata: x\r\r"), Some(&b"8"[..]));
         assert_eq!(event_id(b"data: x\n\n"), None);
         assert_eq!(event_id(b"idx: 1\n\n"), None);
+        assert_eq!(event_id(b"id: 1\nid: 2\0\ndata: x\n\n"), Some(&b"1"[..]));
     }
 
     #[test]
