@@ -115,8 +115,7 @@ pub fn event_id(event: &[u8]) -> Option<&[u8]> {
             let value = value.strip_prefix(b":")?;
             Some(value.strip_prefix(b" ").unwrap_or(value))
         })
-        .filter(|value| !value.contains(&0))
-        .next_back()
+        .rfind(|value| !value.contains(&0))
 }
 
 #[cfg(test)]
