@@ -161,17 +161,12 @@ impl EventScanner {
                 }
             }
             match b {
-                b'\r' => {
-                    self.blank_cr = self.line == Line::Start;
-                    self.end_line();
-                    self.after_cr = true;
-                    if self.blank_cr {
-                        at_end(base + i);
+                b'\r' | b'\n' => {
+                    let blank = self.end_line();
+                    if b == b'\r' {
+                        self.after_cr = true;
+                        self.blank_cr = blank;
                     }
-                }
-                b'\n' => {
-                    let blank = self.line == Line::Start;
-                    self.end_line();
                     if blank {
                         at_end(base + i);
                     }
@@ -268,7 +263,9 @@ impl EventScanner {
         }
     }
 
-    fn end_line(&mut self) {
+    /// Ends the current line; whether it was empty (the end of an event).
+    fn end_line(&mut self) -> bool {
+        let blank = self.line == Line::Start;
         match self.line {
             Line::Start => self.dispatch(),
             // A field name without a colon is the whole name with an empty value.
@@ -282,6 +279,7 @@ impl EventScanner {
             Line::Other => {}
         }
         self.line = Line::Start;
+        blank
     }
 
     fn set_id_buffer(&mut self) {
