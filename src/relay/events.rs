@@ -42,7 +42,7 @@ use super::client::Client;
 use super::context::RequestCtx;
 use super::exchange::{write_body, Link, Opened, Relay};
 use super::origin::Framing;
-use super::resume::{drop_repeated, remember_ids, RecentIds, MAX_HELD_EVENT};
+use super::resume::{pass_on, RecentIds, MAX_HELD_EVENT};
 use super::stream::filter_own;
 use crate::sse::drain::{drain_deadline, Outcome};
 use crate::sse::scanner::EventScanner;
@@ -91,6 +91,8 @@ pub async fn relay(
     // Follows what arrives into `tail`, to find where its events end (boxed: most streams
     // do not resume, and their loop should not carry it).
     let mut tail_events = resumable.then(|| Box::new(EventScanner::new()));
+    // Where the events in `tail` end.
+    let mut tail_ends: Vec<usize> = Vec::new();
     let mut recent_ids = RecentIds::default();
     let mut resumes: std::collections::VecDeque<Instant> = Default::default();
     let mut resumed = false;
@@ -178,10 +180,10 @@ pub async fn relay(
                     let held = tail.len();
                     tail.extend_from_slice(&chunk);
                     // `tail` holds no whole event before this chunk.
-                    let mut whole = 0;
                     if let Some(scanner) = tail_events.as_mut() {
-                        scanner.feed_with(&chunk, |end| whole = held + end);
+                        scanner.feed_with(&chunk, |end| tail_ends.push(held + end));
                     }
+                    let whole = tail_ends.last().copied().unwrap_or(0);
                     if tail.len() > MAX_HELD_EVENT {
                         // Not an event stream one can hold events of: no resume either.
                         close(ctx, CloseReason::OriginError);
@@ -192,12 +194,9 @@ pub async fn relay(
                         .into_up());
                     }
                     let events = tail.split_to(whole).freeze();
-                    let events = if resumed {
-                        drop_repeated(events, &recent_ids)
-                    } else {
-                        events
-                    };
-                    remember_ids(&events, &mut recent_ids);
+                    // `tail` now holds no whole event.
+                    let events = pass_on(events, &tail_ends, &mut recent_ids, resumed);
+                    tail_ends.clear();
                     if !events.is_empty() {
                         last_sent = last_origin;
                         relay_chunk(client, ctx, events, ending.is_some()).await?;
@@ -273,6 +272,7 @@ pub async fn relay(
                     *link = next.link;
                     ready = None;
                     tail.clear();
+                    tail_ends.clear();
                     tail_events = Some(Box::new(EventScanner::new()));
                     resumed = true;
                     last_origin = Instant::now();

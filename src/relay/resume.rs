@@ -99,20 +99,33 @@ impl RecentIds {
     }
 }
 
-/// `events` (whole events) without those whose id was already sent.
-pub fn drop_repeated(events: Bytes, recent: &RecentIds) -> Bytes {
-    let mut kept = bytes::BytesMut::with_capacity(events.len());
+/// `events` (whole events, ending at `ends`) as they go to the client: after a resume
+/// (`resumed`) without those whose id was already sent; the ids of those that go are
+/// remembered (within the count and byte bounds). Each event is looked at once.
+pub fn pass_on(events: Bytes, ends: &[usize], recent: &mut RecentIds, resumed: bool) -> Bytes {
+    let mut kept = bytes::BytesMut::new();
     let mut dropped = false;
+    let mut sent_ids = Vec::new();
     let mut start = 0;
-    for end in sse::event_ends(&events) {
+    for &end in ends {
         let event = &events[start..end];
-        let repeat = sse::event_id(event).is_some_and(|id| !id.is_empty() && recent.contains(id));
-        if repeat {
-            dropped = true;
+        let id = sse::event_id(event).filter(|id| !id.is_empty());
+        if resumed && id.is_some_and(|id| recent.contains(id)) {
+            if !dropped {
+                kept.extend_from_slice(&events[..start]);
+                dropped = true;
+            }
         } else {
-            kept.extend_from_slice(event);
+            if dropped {
+                kept.extend_from_slice(event);
+            }
+            sent_ids.extend(id);
         }
         start = end;
+    }
+    // Remembered after the check, so that a chunk is checked against what went before it.
+    for id in sent_ids {
+        recent.push(id);
     }
     if dropped {
         kept.freeze()
@@ -121,20 +134,17 @@ pub fn drop_repeated(events: Bytes, recent: &RecentIds) -> Bytes {
     }
 }
 
-/// Remembers the ids of `events` (whole events), within the count and byte bounds.
-pub fn remember_ids(events: &[u8], recent: &mut RecentIds) {
-    let mut start = 0;
-    for end in sse::event_ends(events) {
-        if let Some(id) = sse::event_id(&events[start..end]).filter(|id| !id.is_empty()) {
-            recent.push(id);
-        }
-        start = end;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sse::scanner::EventScanner;
+
+    /// `events` passed on as the stream loop does, the event ends found by a scanner.
+    fn pass(events: &[u8], recent: &mut RecentIds, resumed: bool) -> Bytes {
+        let mut ends = Vec::new();
+        EventScanner::new().feed_with(events, |end| ends.push(end));
+        pass_on(Bytes::copy_from_slice(events), &ends, recent, resumed)
+    }
 
     fn event(id: &[u8]) -> Vec<u8> {
         let mut e = b"id: ".to_vec();
@@ -146,19 +156,31 @@ mod tests {
     #[test]
     fn repeats_are_dropped() {
         let mut recent = RecentIds::default();
-        remember_ids(b"id: 1\ndata: a\n\nid: 2\ndata: b\n\n", &mut recent);
-        let out = drop_repeated(
-            Bytes::from_static(b"id: 2\ndata: b\n\nid: 3\ndata: c\n\n"),
-            &recent,
+        let first = b"id: 1\ndata: a\n\nid: 2\ndata: b\n\n";
+        assert_eq!(
+            &pass(first, &mut recent, false)[..],
+            first,
+            "nothing dropped before a resume"
         );
+        let out = pass(b"id: 2\ndata: b\n\nid: 3\ndata: c\n\n", &mut recent, true);
         assert_eq!(&out[..], b"id: 3\ndata: c\n\n");
+        let out = pass(
+            b"id: 4\ndata: d\n\nid: 3\ndata: c\n\nid: 5\ndata: e\n\n",
+            &mut recent,
+            true,
+        );
+        assert_eq!(
+            &out[..],
+            b"id: 4\ndata: d\n\nid: 5\ndata: e\n\n",
+            "one dropped between two kept"
+        );
         let long = vec![b'x'; 10_000];
-        remember_ids(&event(&long), &mut recent);
-        let out = drop_repeated(Bytes::from(event(&long)), &recent);
+        pass(&event(&long), &mut recent, false);
+        let out = pass(&event(&long), &mut recent, true);
         assert!(out.is_empty(), "a long id is remembered by its hash");
         let mut other = long.clone();
         other[9_999] = b'y';
-        let out = drop_repeated(Bytes::from(event(&other)), &recent);
+        let out = pass(&event(&other), &mut recent, true);
         assert!(!out.is_empty());
     }
 
@@ -166,7 +188,7 @@ mod tests {
     fn memory_is_bounded_in_count_and_bytes() {
         let mut recent = RecentIds::default();
         for i in 0..10_000 {
-            remember_ids(&event(format!("{i}").as_bytes()), &mut recent);
+            pass(&event(format!("{i}").as_bytes()), &mut recent, false);
         }
         assert_eq!(recent.len(), RECENT_IDS);
         let mut recent = RecentIds::default();
@@ -177,7 +199,7 @@ mod tests {
             } else {
                 vec![b'b'; 5_000 + i as usize]
             };
-            remember_ids(&event(&id), &mut recent);
+            pass(&event(&id), &mut recent, false);
             assert!(recent.bytes() <= RECENT_ID_BYTES, "{}", recent.bytes());
         }
         assert!(recent.len() < RECENT_IDS, "long ids: fewer of them");

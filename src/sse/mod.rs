@@ -3,7 +3,7 @@
 //!
 //! - detection (`Content-Type: text/event-stream`, `Accept` asking for one) and the
 //!   response-header rules (no `Content-Length`, `Cache-Control: no-cache`,
-//!   `X-Accel-Buffering: no`); event boundaries and ids ([`event_ends`], [`event_id`]);
+//!   `X-Accel-Buffering: no`); the id of one event ([`event_id`]);
 //! - [`settings`]: the `sse:` block and the effective settings of a stream;
 //! - [`scanner`]: the incremental event scanner; [`pacer`]: `flush_interval` pacing;
 //! - [`limits`]: open-stream counters; [`tracker`]: the registry of open streams;
@@ -94,14 +94,6 @@ pub fn fix_response_header(
     Ok(())
 }
 
-/// The end of each event in `data` (after its blank line), in order: `data` starts where
-/// a stream is between events (as whole events cut from a stream do).
-pub fn event_ends(data: &[u8]) -> Vec<usize> {
-    let mut ends = Vec::new();
-    scanner::EventScanner::new().feed_with(data, |end| ends.push(end));
-    ends
-}
-
 /// The value of the last `id` field of one complete event, if it has one. An `id` holding
 /// NUL is ignored, as a client ignores it (and as [`scanner::EventScanner`] does).
 pub fn event_id(event: &[u8]) -> Option<&[u8]> {
@@ -124,8 +116,6 @@ mod tests {
 
     #[test]
     fn events_and_their_ids() {
-        assert_eq!(event_ends(b"id: 1\ndata: a\n\nid: 2\n"), [15]);
-        assert!(event_ends(b"data: a\n").is_empty());
         assert_eq!(event_id(b"id: 7\ndata: x\n\n"), Some(&b"7"[..]));
         assert_eq!(event_id(b"id:8\rdata: x\r\r"), Some(&b"8"[..]));
         assert_eq!(event_id(b"data: x\n\n"), None);
@@ -152,29 +142,6 @@ mod tests {
         assert!(!accepts_event_stream(b"text/event-stream;q=0"));
         assert!(!accepts_event_stream(b"*/*"));
         assert!(!accepts_event_stream(b"text/html"));
-    }
-
-    #[test]
-    fn event_ends_follow_all_line_endings() {
-        let last = |data: &[u8]| event_ends(data).last().copied();
-        assert_eq!(event_ends(b"data: a\n\ndata: b\r\n\r\n"), [9, 20]);
-        assert_eq!(last(b"data: a\r\rdata: b"), Some(9));
-        assert_eq!(last(b"data: a\r\n\r\n"), Some(11));
-        assert_eq!(
-            last(b"data: a\r\n\r"),
-            Some(10),
-            "a CR ends its line even where an LF may follow"
-        );
-        assert_eq!(last(b"id: 1\rdata: a\r\r"), Some(15));
-        assert_eq!(last(b"data: a\r"), None);
-        assert_eq!(last(b"data: a\n"), None);
-        assert_eq!(last(b"\n"), Some(1));
-        assert_eq!(last(b"a\n\nb\n\nc"), Some(6));
-        assert_eq!(
-            last(b": comment\n\n"),
-            Some(11),
-            "a block of comments ends too"
-        );
     }
 
     #[test]

@@ -417,6 +417,35 @@ mod tests {
     }
 
     #[test]
+    fn event_ends_follow_all_line_endings() {
+        let event_ends = |data: &[u8]| {
+            let mut ends = Vec::new();
+            EventScanner::new().feed_with(data, |end| ends.push(end));
+            ends
+        };
+        let last = |data: &[u8]| event_ends(data).last().copied();
+        assert_eq!(event_ends(b"data: a\n\ndata: b\r\n\r\n"), [9, 20]);
+        assert_eq!(event_ends(b"id: 1\ndata: a\n\nid: 2\n"), [15]);
+        assert_eq!(last(b"data: a\r\rdata: b"), Some(9));
+        assert_eq!(last(b"data: a\r\n\r\n"), Some(11));
+        assert_eq!(
+            last(b"data: a\r\n\r"),
+            Some(10),
+            "a CR ends its line even where an LF may follow"
+        );
+        assert_eq!(last(b"id: 1\rdata: a\r\r"), Some(15));
+        assert_eq!(last(b"data: a\r"), None);
+        assert_eq!(last(b"data: a\n"), None);
+        assert_eq!(last(b"\n"), Some(1));
+        assert_eq!(last(b"a\n\nb\n\nc"), Some(6));
+        assert_eq!(
+            last(b": comment\n\n"),
+            Some(11),
+            "a block of comments ends too"
+        );
+    }
+
+    #[test]
     fn event_ends_are_found_incrementally_as_in_one_pass() {
         let stream: &[u8] =
             b"data: a\n\n\ndata: b\r\n\r\ndata: c\r\rid: 1\ndata: d\r\n\rdata: e\n\r\n:x\n\n\r\n";
