@@ -173,11 +173,19 @@ impl Raw {
             }
             self.stream.flush().await
         };
-        // One future either way (the timer is only set if the write has to wait).
-        let limit = self.write_timeout.unwrap_or(NO_LIMIT);
-        tokio::time::timeout(limit, written)
-            .await
-            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        // The usual write completes at once, and is made without a timer; only one that
+        // has to wait gets the write timeout.
+        let mut written = std::pin::pin!(written);
+        let result = match written.as_mut().now_or_never() {
+            Some(result) => result,
+            None => {
+                let limit = self.write_timeout.unwrap_or(NO_LIMIT);
+                tokio::time::timeout(limit, written)
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+            }
+        };
+        result
             .or_err(ErrorType::WriteError, "writing to the client")
             .map_err(|e| e.into_down())
     }

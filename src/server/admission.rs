@@ -51,6 +51,11 @@ use crate::relay::client::Handback;
 /// fit (Pingora's own buffer size for connections: one Ethernet MSS).
 const GATHER: usize = 1460;
 
+/// A vectored write of at most this many bytes (an event with its chunk framing) is copied
+/// together and sent with one plain write: the kernel's vectored write path costs more
+/// than the copy (2.3% of the proxy's time at 9,000 streams went to `vfs_writev` alone).
+const SEND_WHOLE: usize = 2048;
+
 /// How often, at most, a listener at its cap says so in the log.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -399,19 +404,29 @@ impl AsyncWrite for Admitted {
     }
 
     /// A vectored write comes whole (an event stream's chunk with its framing): it goes
-    /// out as it is unless something small was gathered before it and it fits beside.
+    /// out at once, beside what was gathered before it if it fits there, in one plain write
+    /// if it is small (see [`SEND_WHOLE`]), else as it is.
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        let len = bufs.iter().map(|b| b.len()).sum::<usize>();
         if !this.gathered.is_empty() {
-            let len = bufs.iter().map(|b| b.len()).sum::<usize>();
             if this.gathered.len() + len <= GATHER {
                 return this.gather(bufs.iter().map(|b| &**b), len);
             }
             ready!(this.poll_send_gathered(cx))?;
+        }
+        if bufs.len() > 1 && len <= SEND_WHOLE {
+            let mut whole = [0u8; SEND_WHOLE];
+            let mut at = 0;
+            for buf in bufs {
+                whole[at..at + buf.len()].copy_from_slice(buf);
+                at += buf.len();
+            }
+            return Pin::new(&mut this.stream).poll_write(cx, &whole[..len]);
         }
         Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
     }
@@ -620,12 +635,25 @@ mod tests {
         let n = conn.write_vectored(&parts).await.expect("io");
         assert_eq!(n, 10);
         assert_eq!(conn.gathered, b"h5\r\ndata\n\r\n");
+        conn.flush().await.expect("io");
+        // Larger than what is sent whole: it goes as it is, in order.
+        let big = vec![b'z'; SEND_WHOLE + 1];
+        let mut large = [
+            io::IoSlice::new(b"801\r\n"),
+            io::IoSlice::new(&big),
+            io::IoSlice::new(b"\r\n"),
+        ];
+        let mut left = &mut large[..];
+        while !left.is_empty() {
+            let n = conn.write_vectored(left).await.expect("io");
+            io::IoSlice::advance_slices(&mut left, n);
+        }
         AsyncWriteExt::shutdown(&mut conn).await.expect("io");
         let mut all = Vec::new();
         peer.read_to_end(&mut all).await.expect("io");
-        assert_eq!(
-            all, b"5\r\ndata\n\r\nh5\r\ndata\n\r\n",
-            "shutdown sends what was gathered"
-        );
+        let mut want = b"5\r\ndata\n\r\nh5\r\ndata\n\r\n801\r\n".to_vec();
+        want.extend_from_slice(&big);
+        want.extend_from_slice(b"\r\n");
+        assert_eq!(all, want, "every write in order, the gathered one on flush");
     }
 }
