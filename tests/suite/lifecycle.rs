@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::resume::{contiguous, counting_origin, Resumer};
 use common::{client, eventually, guard, sse_get, After, Events, Origin, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Mutex};
 
 fn config(origin: &Origin, service_sse: &str) -> String {
@@ -370,7 +371,6 @@ async fn a_client_that_leaves_while_the_origin_is_silent_frees_its_slot() {
     let mut waiting = tokio::net::TcpStream::connect(proxy.addr)
         .await
         .expect("connect");
-    use tokio::io::AsyncWriteExt;
     waiting
         .write_all(b"GET /events HTTP/1.1\r\nhost: t\r\naccept: text/event-stream\r\n\r\n")
         .await
@@ -394,4 +394,44 @@ async fn a_client_that_leaves_while_the_origin_is_silent_frees_its_slot() {
     drop(waiting);
     // A free slot means the request reaches the (silent) origin and times out here.
     eventually("the slot to be freed", || async { probe().await.is_err() }).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_cut_at_write_timeout() {
+    let (gone_tx, mut gone) = mpsc::unbounded_channel::<usize>();
+    let origin = Origin::start(move |_, mut conn| {
+        let gone_tx = gone_tx.clone();
+        async move {
+            conn.sse_head().await.expect("head");
+            let event = format!("data: {}\n\n", "x".repeat(16 * 1024));
+            let mut sent = 0;
+            while conn.chunk(&event).await.is_ok() {
+                sent += 1;
+            }
+            let _ = gone_tx.send(sent);
+            After::Close
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, "write_timeout: 300ms")).await;
+    let mut client = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    client
+        .write_all(b"GET /events HTTP/1.1\r\nhost: feed\r\naccept: text/event-stream\r\n\r\n")
+        .await
+        .expect("request");
+    // The client reads nothing: the proxy's writes fill the socket buffers and wait, and
+    // after write_timeout the stream is cut, its origin connection dropped.
+    let sent = guard("the origin connection dropped", gone.recv())
+        .await
+        .expect("the origin's count");
+    assert!(sent > 0, "events flowed before the client stalled");
+    // The client's connection ends too, after what was already on its way.
+    let mut rest = Vec::new();
+    let _ = guard(
+        "the client connection closed",
+        client.read_to_end(&mut rest),
+    )
+    .await;
 }
