@@ -19,7 +19,8 @@
 //! body go out in one write, as the MSS-sized buffer Pingora would otherwise keep for every
 //! connection does (the listeners turn that one off): this one holds memory only while
 //! something is gathered, not for as long as an event stream or an idle keep-alive
-//! connection is open.
+//! connection is open. A small vectored write (an event with its chunk framing) is sent
+//! as one plain write, copied together on the stack.
 
 use std::fmt;
 use std::future::Future;
