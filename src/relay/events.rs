@@ -30,7 +30,7 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::FutureExt;
 use http::header;
 use pingora_core::protocols::http::ServerSession;
@@ -42,10 +42,9 @@ use super::client::Client;
 use super::context::RequestCtx;
 use super::exchange::{write_body, Link, Opened, Relay};
 use super::origin::Framing;
-use super::resume::{pass_on, RecentIds, MAX_HELD_EVENT};
+use super::resume::Held;
 use super::stream::filter_own;
 use crate::sse::drain::{drain_deadline, Outcome};
-use crate::sse::scanner::EventScanner;
 use crate::sse::{self, CloseReason, OnUpstreamError, SseSettings};
 use crate::upstream::Attempts;
 
@@ -83,19 +82,12 @@ pub async fn relay(
         finish_period,
         ..
     } = ctx.chain.sse.settings;
-    // With `resume`, only whole events go to the client (the rest waits in `tail`), so a
-    // stream continued from another origin never shows half an event; ids recently sent
-    // are remembered so an origin that repeats them is not believed twice.
-    let resumable = resume.is_some();
-    let mut tail = BytesMut::new();
-    // Follows what arrives into `tail`, to find where its events end (boxed: most streams
-    // do not resume, and their loop should not carry it).
-    let mut tail_events = resumable.then(|| Box::new(EventScanner::new()));
-    // Where the events in `tail` end.
-    let mut tail_ends: Vec<usize> = Vec::new();
-    let mut recent_ids = RecentIds::default();
+    // With `resume`, only whole events go to the client (the rest is held), so a stream
+    // continued from another origin never shows half an event; ids recently sent are
+    // remembered so an origin that repeats them is not believed twice. Boxed: most
+    // streams do not resume, and their loop should not carry it.
+    let mut held = resume.is_some().then(Box::<Held>::default);
     let mut resumes: std::collections::VecDeque<Instant> = Default::default();
-    let mut resumed = false;
     let started = Instant::now();
     let lifetime_end = max_lifetime.and_then(|d| started.checked_add(d));
     let mut drain = relay.state.drain.signal();
@@ -175,37 +167,18 @@ pub async fn relay(
                     None => link.conn.read_body().await,
                 }
             } => match read {
-                Ok(Some(chunk)) if resumable => {
-                    last_origin = Instant::now();
-                    let held = tail.len();
-                    tail.extend_from_slice(&chunk);
-                    // `tail` holds no whole event before this chunk.
-                    if let Some(scanner) = tail_events.as_mut() {
-                        scanner.feed_with(&chunk, |end| tail_ends.push(held + end));
-                    }
-                    let whole = tail_ends.last().copied().unwrap_or(0);
-                    if tail.len() > MAX_HELD_EVENT {
-                        // Not an event stream one can hold events of: no resume either.
-                        close(ctx, CloseReason::OriginError);
-                        return Err(Error::explain(
-                            ErrorType::InvalidHTTPHeader,
-                            format!("an event longer than {MAX_HELD_EVENT} bytes"),
-                        )
-                        .into_up());
-                    }
-                    let events = tail.split_to(whole).freeze();
-                    // `tail` now holds no whole event.
-                    let events = pass_on(events, &tail_ends, &mut recent_ids, resumed);
-                    tail_ends.clear();
-                    if !events.is_empty() {
-                        last_sent = last_origin;
-                        relay_chunk(client, ctx, events, ending.is_some()).await?;
-                    }
-                }
                 Ok(Some(chunk)) => {
                     last_origin = Instant::now();
-                    last_sent = last_origin;
-                    relay_chunk(client, ctx, chunk, ending.is_some()).await?;
+                    let chunk = match held.as_mut() {
+                        Some(held) => held.take(&chunk).inspect_err(|_| {
+                            close(ctx, CloseReason::OriginError);
+                        })?,
+                        None => chunk,
+                    };
+                    if !chunk.is_empty() {
+                        last_sent = last_origin;
+                        relay_chunk(client, ctx, chunk, ending.is_some()).await?;
+                    }
                 }
                 Ok(None) => {
                     close(ctx, CloseReason::OriginClosed);
@@ -261,7 +234,7 @@ pub async fn relay(
         }
         if let Some(e) = failed {
             let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.at_boundary());
-            if resumable && relay.state.drain.draining() && at_boundary {
+            if held.is_some() && relay.state.drain.draining() && at_boundary {
                 // The client would come back to the next process anyway.
                 return Box::pin(end_stream(client, ctx, Ending::Drain, relay)).await;
             }
@@ -271,10 +244,9 @@ pub async fn relay(
                 if let Some(next) = resumed_origin {
                     *link = next.link;
                     ready = None;
-                    tail.clear();
-                    tail_ends.clear();
-                    tail_events = Some(Box::new(EventScanner::new()));
-                    resumed = true;
+                    if let Some(held) = held.as_mut() {
+                        held.resumed();
+                    }
                     last_origin = Instant::now();
                     continue;
                 }

@@ -9,19 +9,21 @@ use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use pingora_error::{Error, ErrorType, Result};
 
 use crate::sse;
+use crate::sse::scanner::EventScanner;
 
 /// The longest event a `resume` stream holds back until it is complete.
-pub const MAX_HELD_EVENT: usize = 1 << 20;
+const MAX_HELD_EVENT: usize = 1 << 20;
 
 /// How many recent event ids a resumed stream remembers to drop repeats.
 const RECENT_IDS: usize = 256;
 
 /// The most bytes of ids a stream remembers, whatever their count: a peer that sends long
 /// ids gets fewer of them remembered, never more memory.
-pub const RECENT_ID_BYTES: usize = 8 * 1024;
+const RECENT_ID_BYTES: usize = 8 * 1024;
 
 /// Ids up to this long are remembered as they are; a longer one by a keyed 64-bit hash
 /// (8 bytes), so one huge id cannot take the whole budget.
@@ -46,7 +48,7 @@ impl Seen {
 /// The ids of the events a stream sent last, oldest first: at most [`RECENT_IDS`] of them
 /// and [`RECENT_ID_BYTES`] of id bytes.
 #[derive(Debug, Default)]
-pub struct RecentIds {
+struct RecentIds {
     seen: VecDeque<Seen>,
     bytes: usize,
     hasher: RandomState,
@@ -85,24 +87,70 @@ impl RecentIds {
     }
 
     /// How many ids are remembered.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.seen.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
+    /// The bytes of ids (or their hashes) remembered.
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// What a `resume` stream holds between its origin and its client: the part of an event
+/// not yet whole, a scanner following it to find where events end, and the ids recently
+/// sent. Made only for a stream that resumes (boxed by its loop), kept across resumes.
+#[derive(Debug, Default)]
+pub struct Held {
+    /// Bytes from the origin after the last whole event; never a whole event.
+    tail: BytesMut,
+    /// Follows what arrives into `tail`.
+    scanner: EventScanner,
+    /// Where the events completed by the chunk at hand end in `tail`; empty between chunks.
+    ends: Vec<usize>,
+    recent: RecentIds,
+    /// The stream continues from another origin: repeats are dropped.
+    resumed: bool,
+}
+
+impl Held {
+    /// `chunk` from the origin: the whole events it completes, as they go to the client
+    /// (see [`pass_on`]); the rest is held. An error when more than [`MAX_HELD_EVENT`]
+    /// bytes of one event would be held: not an event stream one can resume.
+    pub fn take(&mut self, chunk: &[u8]) -> Result<Bytes> {
+        let held = self.tail.len();
+        self.tail.extend_from_slice(chunk);
+        let ends = &mut self.ends;
+        self.scanner.feed_with(chunk, |end| ends.push(held + end));
+        if self.tail.len() > MAX_HELD_EVENT {
+            return Err(Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                format!("an event longer than {MAX_HELD_EVENT} bytes"),
+            )
+            .into_up());
+        }
+        let whole = self.ends.last().copied().unwrap_or(0);
+        let events = self.tail.split_to(whole).freeze();
+        let events = pass_on(events, &self.ends, &mut self.recent, self.resumed);
+        self.ends.clear();
+        Ok(events)
     }
 
-    /// The bytes of ids (or their hashes) remembered.
-    pub fn bytes(&self) -> usize {
-        self.bytes
+    /// The stream continues from another origin: the half event held from the one that
+    /// failed is dropped, and from now on events whose id was sent are dropped.
+    pub fn resumed(&mut self) {
+        self.tail.clear();
+        self.scanner = EventScanner::new();
+        self.resumed = true;
     }
 }
 
 /// `events` (whole events, ending at `ends`) as they go to the client: after a resume
 /// (`resumed`) without those whose id was already sent; the ids of those that go are
 /// remembered (within the count and byte bounds). Each event is looked at once.
-pub fn pass_on(events: Bytes, ends: &[usize], recent: &mut RecentIds, resumed: bool) -> Bytes {
+fn pass_on(events: Bytes, ends: &[usize], recent: &mut RecentIds, resumed: bool) -> Bytes {
     let mut kept = bytes::BytesMut::new();
     let mut dropped = false;
     let mut sent_ids = Vec::new();
@@ -137,14 +185,6 @@ pub fn pass_on(events: Bytes, ends: &[usize], recent: &mut RecentIds, resumed: b
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sse::scanner::EventScanner;
-
-    /// `events` passed on as the stream loop does, the event ends found by a scanner.
-    fn pass(events: &[u8], recent: &mut RecentIds, resumed: bool) -> Bytes {
-        let mut ends = Vec::new();
-        EventScanner::new().feed_with(events, |end| ends.push(end));
-        pass_on(Bytes::copy_from_slice(events), &ends, recent, resumed)
-    }
 
     fn event(id: &[u8]) -> Vec<u8> {
         let mut e = b"id: ".to_vec();
@@ -153,21 +193,25 @@ mod tests {
         e
     }
 
+    fn take(held: &mut Held, chunk: &[u8]) -> Bytes {
+        held.take(chunk).expect("an event stream")
+    }
+
     #[test]
     fn repeats_are_dropped() {
-        let mut recent = RecentIds::default();
+        let mut held = Held::default();
         let first = b"id: 1\ndata: a\n\nid: 2\ndata: b\n\n";
         assert_eq!(
-            &pass(first, &mut recent, false)[..],
+            &take(&mut held, first)[..],
             first,
             "nothing dropped before a resume"
         );
-        let out = pass(b"id: 2\ndata: b\n\nid: 3\ndata: c\n\n", &mut recent, true);
+        held.resumed();
+        let out = take(&mut held, b"id: 2\ndata: b\n\nid: 3\ndata: c\n\n");
         assert_eq!(&out[..], b"id: 3\ndata: c\n\n");
-        let out = pass(
+        let out = take(
+            &mut held,
             b"id: 4\ndata: d\n\nid: 3\ndata: c\n\nid: 5\ndata: e\n\n",
-            &mut recent,
-            true,
         );
         assert_eq!(
             &out[..],
@@ -175,23 +219,35 @@ mod tests {
             "one dropped between two kept"
         );
         let long = vec![b'x'; 10_000];
-        pass(&event(&long), &mut recent, false);
-        let out = pass(&event(&long), &mut recent, true);
+        assert!(!take(&mut held, &event(&long)).is_empty());
+        let out = take(&mut held, &event(&long));
         assert!(out.is_empty(), "a long id is remembered by its hash");
         let mut other = long.clone();
         other[9_999] = b'y';
-        let out = pass(&event(&other), &mut recent, true);
-        assert!(!out.is_empty());
+        assert!(!take(&mut held, &event(&other)).is_empty());
+    }
+
+    #[test]
+    fn only_whole_events_pass_and_a_failed_origins_half_event_is_dropped() {
+        let mut held = Held::default();
+        let out = take(&mut held, b"id: 1\ndata: a\r\n\r\nid: 2\nda");
+        assert_eq!(&out[..], b"id: 1\ndata: a\r\n\r\n");
+        assert!(take(&mut held, b"ta: half").is_empty(), "held until whole");
+        held.resumed();
+        let out = take(&mut held, b"id: 3\ndata: c\n\n");
+        assert_eq!(&out[..], b"id: 3\ndata: c\n\n", "nothing of the half event");
+        let endless = vec![b'x'; MAX_HELD_EVENT + 1];
+        assert!(held.take(&endless).is_err(), "an event too long to hold");
     }
 
     #[test]
     fn memory_is_bounded_in_count_and_bytes() {
-        let mut recent = RecentIds::default();
+        let mut held = Held::default();
         for i in 0..10_000 {
-            pass(&event(format!("{i}").as_bytes()), &mut recent, false);
+            take(&mut held, &event(format!("{i}").as_bytes()));
         }
-        assert_eq!(recent.len(), RECENT_IDS);
-        let mut recent = RecentIds::default();
+        assert_eq!(held.recent.len(), RECENT_IDS);
+        let mut held = Held::default();
         for i in 0..2_000u32 {
             // Ids as long as may be kept verbatim, then far longer ones.
             let id = if i % 2 == 0 {
@@ -199,12 +255,13 @@ mod tests {
             } else {
                 vec![b'b'; 5_000 + i as usize]
             };
-            pass(&event(&id), &mut recent, false);
-            assert!(recent.bytes() <= RECENT_ID_BYTES, "{}", recent.bytes());
+            take(&mut held, &event(&id));
+            let bytes = held.recent.bytes();
+            assert!(bytes <= RECENT_ID_BYTES, "{bytes}");
         }
-        assert!(recent.len() < RECENT_IDS, "long ids: fewer of them");
+        assert!(held.recent.len() < RECENT_IDS, "long ids: fewer of them");
         // The newest are the ones kept.
         let last = vec![b'b'; 5_000 + 1_999];
-        assert!(recent.contains(&last));
+        assert!(held.recent.contains(&last));
     }
 }
