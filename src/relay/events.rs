@@ -28,6 +28,7 @@
 //! (GET streams), a failed or silent origin is replaced by another endpoint asked for the
 //! events after the last one the client received.
 
+use std::future::poll_fn;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -90,7 +91,7 @@ pub async fn relay(
     let mut resumes: std::collections::VecDeque<Instant> = Default::default();
     let started = Instant::now();
     let lifetime_end = max_lifetime.and_then(|d| started.checked_add(d));
-    let mut drain = relay.state.drain.signal();
+    let drain = relay.state.drain.watch();
     let drain_at = |t: Instant| {
         if reconnects {
             drain_deadline(t, drain_period)
@@ -99,7 +100,7 @@ pub async fn relay(
                 .unwrap_or_else(|| t + Duration::from_secs(86_400 * 365))
         }
     };
-    let mut drain_end = drain.borrow_and_update().map(drain_at);
+    let mut drain_end = relay.state.drain.started_at().map(drain_at);
     let entry = ctx.stream.as_ref().and_then(|s| s.entry()).cloned();
     let mut watch_client = true;
     // The last bytes from the origin (read timeout) and to the client (heartbeats).
@@ -160,7 +161,11 @@ pub async fn relay(
             }
         }
 
+        // The origin's branch first: when it has a chunk, the others are not polled for
+        // nothing. They still are at every turn it has none, and at least every so many
+        // chunks in a burst, when tokio's budget makes the read wait.
         tokio::select! {
+            biased;
             read = async {
                 match ready.take() {
                     Some(read) => read,
@@ -177,7 +182,7 @@ pub async fn relay(
                     };
                     if !chunk.is_empty() {
                         last_sent = last_origin;
-                        relay_chunk(client, ctx, chunk, ending.is_some()).await?;
+                        relay_chunk(client, ctx, last_origin, chunk, ending.is_some()).await?;
                     }
                 }
                 Ok(None) => {
@@ -200,7 +205,7 @@ pub async fn relay(
                 }
                 Ok(_) => watch_client = false,
             },
-            reason = end_asked(entry.as_deref()), if entry.is_some() && ending.is_none() => {
+            reason = poll_fn(|cx| end_asked(entry.as_deref(), cx)), if entry.is_some() && ending.is_none() => {
                 ending = Some(Ending::Hint(reason));
             }
             () = &mut timer, if armed.is_some() => {
@@ -224,12 +229,8 @@ pub async fn relay(
                     last_sent = Instant::now();
                 }
             }
-            changed = drain.changed(), if drain_end.is_none() => {
-                drain_end = match changed {
-                    Ok(()) => drain.borrow_and_update().map(drain_at),
-                    // The drain signal lives as long as the process.
-                    Err(_) => None,
-                };
+            started = poll_fn(|cx| drain.poll_started(cx)), if drain_end.is_none() => {
+                drain_end = Some(drain_at(started));
             }
         }
         if let Some(e) = failed {
@@ -360,11 +361,12 @@ fn streams(head: &ResponseHeader) -> bool {
             .is_some_and(|v| sse::is_event_stream(v.as_bytes()))
 }
 
-/// One chunk from the origin: through the stream's pipeline, then written. When the stream
-/// is ending, only the part up to the current event's end is sent.
+/// One chunk from the origin, read `now`: through the stream's pipeline, then written. When
+/// the stream is ending, only the part up to the current event's end is sent.
 async fn relay_chunk(
     client: &mut Client<'_>,
     ctx: &mut RequestCtx,
+    now: Instant,
     chunk: Bytes,
     ending: bool,
 ) -> Result<()> {
@@ -372,7 +374,7 @@ async fn relay_chunk(
         return Ok(());
     };
     let mut body = Some(chunk);
-    if let Some(delay) = stream.chunk(&mut body, &mut ctx.body_filters, ending, false)? {
+    if let Some(delay) = stream.chunk(now, &mut body, &mut ctx.body_filters, ending, false)? {
         // Held back by `flush_interval`; the head is not.
         client.send_head().await?;
         tokio::time::sleep(delay).await;
@@ -483,9 +485,13 @@ pub async fn turn_away(session: &mut ServerSession, ctx: &mut RequestCtx) -> Res
     write_body(session, Some(Bytes::from_static(sse::DRAIN_HINT)), true).await
 }
 
-async fn end_asked(entry: Option<&crate::sse::tracker::StreamEntry>) -> CloseReason {
+/// Ready once an end was asked for the tracked stream `entry`; never for an untracked one.
+fn end_asked(
+    entry: Option<&crate::sse::tracker::StreamEntry>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<CloseReason> {
     match entry {
-        Some(entry) => entry.end_asked().await,
-        None => std::future::pending().await,
+        Some(entry) => entry.poll_end_asked(cx),
+        None => std::task::Poll::Pending,
     }
 }

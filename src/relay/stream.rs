@@ -71,11 +71,12 @@ impl Stream {
     }
 
     /// The per-chunk pipeline (see the module docs) for `chunk` from the origin, which it
-    /// may replace; `end_of_stream` when it is the last. With `ending`, only the bytes up to
-    /// the end of the current event are kept. Returns how long to hold the chunk before
-    /// writing it.
+    /// may replace, read `now`; `end_of_stream` when it is the last. With `ending`, only
+    /// the bytes up to the end of the current event are kept. Returns how long to hold the
+    /// chunk before writing it.
     pub fn chunk(
         &mut self,
+        now: Instant,
         chunk: &mut Option<Bytes>,
         filters: &mut [Box<dyn BodyFilter>],
         ending: bool,
@@ -90,25 +91,24 @@ impl Stream {
             } else {
                 self.scanner.feed(data)
             };
-            self.record(data.len(), events);
+            self.record(data.len(), events, now);
         }
         apply_filters(filters, chunk, end_of_stream)?;
         let written = !end_of_stream && chunk.as_ref().is_some_and(|b| !b.is_empty());
         Ok(match &mut self.pacer {
-            Some(pacer) if written => pacer.delay(Instant::now()),
+            Some(pacer) if written => pacer.delay(now),
             _ => None,
         })
     }
 
-    /// Counts `len` bytes from the origin that completed `events` events.
-    fn record(&mut self, len: usize, events: u64) {
+    /// Counts `len` bytes from the origin, read `now`, that completed `events` events.
+    fn record(&mut self, len: usize, events: u64, now: Instant) {
         if let Some(tracked) = &self.tracked {
             let id = (events > 0).then(|| self.scanner.last_id());
             tracked.entry.record(len, events, id);
         }
         self.metrics.sse_chunk(len, events);
         if events > 0 {
-            let now = Instant::now();
             match self.last_event_at {
                 None => self.metrics.sse_first_event(now - self.started),
                 Some(last) => self.metrics.sse_gap(now - last),

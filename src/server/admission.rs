@@ -421,13 +421,13 @@ impl AsyncWrite for Admitted {
             ready!(this.poll_send_gathered(cx))?;
         }
         if bufs.len() > 1 && len <= SEND_WHOLE {
-            let mut whole = [0u8; SEND_WHOLE];
-            let mut at = 0;
+            // Not zeroed first: that alone cost as much as the copy.
+            let mut space = [std::mem::MaybeUninit::<u8>::uninit(); SEND_WHOLE];
+            let mut whole = ReadBuf::uninit(&mut space);
             for buf in bufs {
-                whole[at..at + buf.len()].copy_from_slice(buf);
-                at += buf.len();
+                whole.put_slice(buf);
             }
-            return Pin::new(&mut this.stream).poll_write(cx, &whole[..len]);
+            return Pin::new(&mut this.stream).poll_write(cx, whole.filled());
         }
         Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
     }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 use super::CloseReason;
 
@@ -37,7 +37,7 @@ pub struct StreamEntry {
     /// wins.
     end: OnceLock<CloseReason>,
     /// Wakes the stream's relay when an end is asked for.
-    end_notify: Notify,
+    end_waker: AtomicWaker,
     /// The origin now (it changes when a stream resumes on another endpoint).
     upstream: Mutex<Option<SocketAddr>>,
 }
@@ -47,7 +47,7 @@ impl StreamEntry {
     /// giving the reason its close will be logged with.
     pub fn request_end(&self, reason: CloseReason) {
         if self.end.set(reason).is_ok() {
-            self.end_notify.notify_one();
+            self.end_waker.wake();
         }
     }
 
@@ -68,13 +68,13 @@ impl StreamEntry {
         }
     }
 
-    /// Resolves once an end has been asked for.
-    pub async fn end_asked(&self) -> CloseReason {
-        loop {
-            if let Some(reason) = self.end_requested() {
-                return reason;
-            }
-            self.end_notify.notified().await;
+    /// Ready once an end has been asked for; else `cx`'s task (the stream's relay, the one
+    /// waiter) is woken when it is. No lock: the relay asks at every event.
+    pub fn poll_end_asked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<CloseReason> {
+        self.end_waker.register(cx.waker());
+        match self.end_requested() {
+            Some(reason) => std::task::Poll::Ready(reason),
+            None => std::task::Poll::Pending,
         }
     }
 
@@ -174,7 +174,7 @@ impl Tracker {
             bytes: AtomicU64::new(0),
             last_event_id: Mutex::new(String::new()),
             end: OnceLock::new(),
-            end_notify: Notify::new(),
+            end_waker: AtomicWaker::new(),
             upstream: Mutex::new(upstream),
         });
         if let Ok(mut streams) = self.streams.lock() {
