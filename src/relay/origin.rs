@@ -40,6 +40,10 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// The most one read from the origin takes.
 const READ: usize = 64 * 1024;
+/// The most one read onto the stack takes (a quiet stream's): an event seldom needs more,
+/// and every page of it is touched on the way in (stack probes). A read that fills it
+/// reads on into the connection's buffer, [`READ`] at a time.
+const STACK_READ: usize = 16 * 1024;
 /// Longest chunk-size line (with extensions) accepted from an origin.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// Most trailer bytes accepted (and dropped) after a chunked body.
@@ -245,11 +249,11 @@ impl OriginConn {
         Ok(n)
     }
 
-    /// One read of up to [`READ`] bytes. Onto the stack, whose bytes are then appended to
-    /// `buf`, so that a connection waiting for its origin (a quiet event stream) holds no
-    /// read buffer; but while the origin sends faster than it is read (a burst: the last
-    /// read was full), straight into `buf`, kept for it (its bytes are back in it once the
-    /// client has had them), without the copy.
+    /// One read from the origin. Onto the stack ([`STACK_READ`] at most), whose bytes are
+    /// then appended to `buf`, so that a connection waiting for its origin (a quiet event
+    /// stream) holds no read buffer; but while the origin sends faster than it is read (a
+    /// burst: the last read was full), straight into `buf` ([`READ`] at most), kept for it
+    /// (its bytes are back in it once the client has had them), without the copy.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         if self.full {
             self.buf.reserve(READ);
@@ -270,18 +274,18 @@ impl OriginConn {
             .map_ok(|(n, ())| n)
     }
 
-    /// One read of up to [`READ`] bytes onto the stack, handed to `take`; how many were
-    /// read (0: the end of the connection) and what `take` made of them.
+    /// One read of up to [`STACK_READ`] bytes onto the stack, handed to `take`; how many
+    /// were read (0: the end of the connection) and what `take` made of them.
     fn poll_read_stack<R>(
         &mut self,
         cx: &mut Context<'_>,
         take: impl FnOnce(&mut Self, &mut [u8]) -> R,
     ) -> Poll<std::io::Result<(usize, R)>> {
-        let mut scratch = [MaybeUninit::<u8>::uninit(); READ];
+        let mut scratch = [MaybeUninit::<u8>::uninit(); STACK_READ];
         let mut read = ReadBuf::uninit(&mut scratch);
         ready!(Pin::new(&mut self.stream).poll_read(cx, &mut read))?;
         let n = read.filled().len();
-        self.full = n == READ;
+        self.full = n == STACK_READ;
         Poll::Ready(Ok((n, take(self, read.filled_mut()))))
     }
 
