@@ -121,7 +121,8 @@ pub fn finished(
     let status = ctx.status.unwrap_or(0);
     if let Some(stream) = ctx.stream.as_mut() {
         stream.close(CloseReason::of(e));
-        if let Some(e) = e {
+        // What went wrong, for a tracked stream's close line.
+        if let Some(e) = e.filter(|_| stream.entry().is_some()) {
             stream.close_with(CloseReason::of(Some(e)), e.to_string());
         }
     }
@@ -173,9 +174,10 @@ pub fn finished(
             },
         );
     }
-    // A tracked stream logs its close when its entry goes; an untracked one here.
+    // A tracked stream logs its close when its entry goes (at info: `connection_tracking`
+    // asks for a line per open and close); an untracked one here, at debug.
     if let (Some((events, reason, false)), Some(s)) = (stream, ctx.stream.as_ref()) {
-        log::info!(
+        log::debug!(
             "sse stream ended: route={} client={} request_id={} duration={:.3}s \
              events={events} bytes={} last_event_id={:?} reason={reason}{}",
             ctx.route.as_ref().map_or("", |r| r.name.as_str()),
