@@ -100,16 +100,16 @@ count() {
   coproc CLIENT { python3 "$dir/client.py" "$2" "$p" "$3" "$SECONDS_COUNTED"; }
   local line
   read -r -u "${CLIENT[0]}" line
-  callgrind_control -z "$vg" >/dev/null
+  callgrind_control -z "$vg" >/dev/null 2>&1
   echo go >&"${CLIENT[1]}"
   read -r -u "${CLIENT[0]}" line
-  callgrind_control -d "$vg" >/dev/null
+  callgrind_control -d "$vg" >/dev/null 2>&1
   echo end >&"${CLIENT[1]}"
   wait "$CLIENT_PID" 2>/dev/null || true
   kill "$vg"; wait "$vg" 2>/dev/null || true
   local units=${line#done }
   local total
-  total=$(cat "$dir"/cg.out.* | awk '/^(summary|totals):/{s+=$2} END {print s}')
+  total=$(cat "$dir"/cg.out.* | awk '/^summary:/{s+=$2} END {print s}')
   echo $(( total / units ))
 }
 
