@@ -5,16 +5,19 @@
 #                     COUNT_SECONDS [10] once every stream is open;
 #   per stream opened: OPENS [300] streams opened one after another, each closed once its
 #                     first event is in.
-# Proxies: streamgate and the floor (examples/floor.rs, Pingora with no features), and
-# HAProxy and nginx when installed (steady events only for HAProxy: under valgrind its
-# opens stall for a timer tick each, which the count would include).
+# Proxies (PROXIES, all by default): streamgate (STREAMGATE, the release build by default)
+# and the floor (examples/floor.rs, Pingora with no features), and HAProxy and nginx when
+# installed (steady events only for HAProxy: under valgrind each of its opens took about
+# 0.17 s, the others' a few ms, and the count would take in whatever it does meanwhile).
 #   cargo build --release --bin streamgate --example floor --example bench && bench/stream-instructions.sh
+#   PROXIES="streamgate" STREAMGATE=/path/to/another/build bench/stream-instructions.sh
 # Needs valgrind and python3 (apt-get install -y valgrind). Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STREAMS=${STREAMS:-100}
 SECONDS_COUNTED=${COUNT_SECONDS:-10}
 OPENS=${OPENS:-300}
+STREAMGATE=${STREAMGATE:-target/release/streamgate}
 for bin in target/release/streamgate target/release/examples/floor target/release/examples/bench; do
   [ -x "$bin" ] || { echo "run cargo build --release --bin streamgate --example floor --example bench first" >&2; exit 1; }
 done
@@ -83,7 +86,7 @@ count() {
     streamgate)
       printf 'threads: 1\npid_file: %s/pid\nupgrade_sock: %s/sock\ngrace_period_seconds: 0\ngraceful_shutdown_timeout_seconds: 0\nlisten: ["127.0.0.1:%s"]\naccess_log: { enabled: false }\nservices:\n  origin: { url: "http://127.0.0.1:%s" }\nhost_rules:\n  - { pattern: "*", target: origin }\n' \
         "$dir" "$dir" "$p" "$origin" > "$dir/sg.yaml"
-      cmd=(target/release/streamgate -c "$dir/sg.yaml") ;;
+      cmd=("$STREAMGATE" -c "$dir/sg.yaml") ;;
     floor) cmd=(target/release/examples/floor --listen "127.0.0.1:$p" --upstream "127.0.0.1:$origin" --threads 1) ;;
     haproxy)
       printf 'global\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\nfrontend f\n  bind 127.0.0.1:%s\n  default_backend b\nbackend b\n  server o 127.0.0.1:%s\n' "$p" "$origin" > "$dir/haproxy.cfg"
@@ -113,8 +116,14 @@ count() {
   echo $(( total / units ))
 }
 
-proxies=(streamgate floor)
-for peer in haproxy nginx; do command -v "$peer" >/dev/null && proxies+=("$peer"); done
+proxies=()
+for proxy in ${PROXIES:-streamgate floor haproxy nginx}; do
+  case $proxy in
+    streamgate | floor) proxies+=("$proxy") ;;
+    haproxy | nginx) command -v "$proxy" >/dev/null && proxies+=("$proxy") ;;
+    *) echo "unknown proxy $proxy (streamgate floor haproxy nginx)" >&2; exit 2 ;;
+  esac
+done
 for proxy in "${proxies[@]}"; do
   echo "$proxy: $(count "$proxy" steady "$STREAMS") instructions per steady event"
 done
