@@ -374,7 +374,7 @@ async fn relay_chunk(
         return Ok(());
     };
     let mut body = Some(chunk);
-    if let Some(delay) = stream.chunk(now, &mut body, &mut ctx.body_filters, ending, false)? {
+    if let Some(delay) = stream.chunk(now, &mut body, &mut ctx.body_filters, ending)? {
         // Held back by `flush_interval`; the head is not.
         client.send_head().await?;
         tokio::time::sleep(delay).await;

@@ -239,14 +239,26 @@ impl OriginConn {
 
     /// Reads more from the origin into the buffer; 0 at the end of the connection.
     async fn fill(&mut self) -> Result<usize> {
-        let n = std::future::poll_fn(|cx| self.poll_fill(cx))
+        let (n, ()) = self
+            .read(|conn, cx| conn.poll_fill(cx).map_ok(|n| (n, ())))
+            .await?;
+        Ok(n)
+    }
+
+    /// One read from the origin, made by `poll`: how many bytes it read (0: the end of
+    /// the connection) and what it made of them.
+    async fn read<R>(
+        &mut self,
+        mut poll: impl FnMut(&mut Self, &mut Context<'_>) -> Poll<std::io::Result<(usize, R)>>,
+    ) -> Result<(usize, R)> {
+        let (n, made) = std::future::poll_fn(|cx| poll(self, cx))
             .await
             .or_err(ErrorType::ReadError, "reading from the origin")
             .map_err(|e| e.into_up())?;
         if n > 0 {
             self.answered = true;
         }
-        Ok(n)
+        Ok((n, made))
     }
 
     /// One read from the origin. Onto the stack ([`STACK_READ`] at most), whose bytes are
@@ -295,20 +307,18 @@ impl OriginConn {
     /// is buffered. `None` when the read gave no payload; 0 bytes read: the end of the
     /// connection.
     async fn read_chunked(&mut self, state: ChunkState) -> Result<(usize, Option<Bytes>)> {
-        let (n, data) = std::future::poll_fn(|cx| {
-            self.poll_read_stack(cx, |conn, read| {
-                let (state, used, written) = decode_chunked(read, state)?;
-                conn.response = state.map_or(Framing::Done, Framing::Chunked);
-                conn.buf.extend_from_slice(&read[used..]);
-                Ok::<_, Box<Error>>((written > 0).then(|| Bytes::copy_from_slice(&read[..written])))
+        let (n, data) = self
+            .read(|conn, cx| {
+                conn.poll_read_stack(cx, |conn, read| {
+                    let (state, used, written) = decode_chunked(read, state)?;
+                    conn.response = state.map_or(Framing::Done, Framing::Chunked);
+                    conn.buf.extend_from_slice(&read[used..]);
+                    Ok::<_, Box<Error>>(
+                        (written > 0).then(|| Bytes::copy_from_slice(&read[..written])),
+                    )
+                })
             })
-        })
-        .await
-        .or_err(ErrorType::ReadError, "reading from the origin")
-        .map_err(|e| e.into_up())?;
-        if n > 0 {
-            self.answered = true;
-        }
+            .await?;
         Ok((n, data?))
     }
 

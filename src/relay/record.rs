@@ -120,10 +120,12 @@ pub fn finished(
 ) {
     let status = ctx.status.unwrap_or(0);
     if let Some(stream) = ctx.stream.as_mut() {
-        stream.close(CloseReason::of(e));
-        // What went wrong, for a tracked stream's close line.
-        if let Some(e) = e.filter(|_| stream.entry().is_some()) {
-            stream.close_with(CloseReason::of(Some(e)), e.to_string());
+        match e {
+            // What went wrong, for a tracked stream's close line.
+            Some(e) if stream.entry().is_some() => {
+                stream.close_with(CloseReason::of(Some(e)), e.to_string())
+            }
+            _ => stream.close(CloseReason::of(e)),
         }
     }
     if let Some(route) = &ctx.route {

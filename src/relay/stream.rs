@@ -71,16 +71,15 @@ impl Stream {
     }
 
     /// The per-chunk pipeline (see the module docs) for `chunk` from the origin, which it
-    /// may replace, read `now`; `end_of_stream` when it is the last. With `ending`, only
-    /// the bytes up to the end of the current event are kept. Returns how long to hold the
-    /// chunk before writing it.
+    /// may replace, read `now`. With `ending`, only the bytes up to the end of the current
+    /// event are kept. Returns how long to hold the chunk before writing it. (The end of
+    /// the body is not a chunk: it passes the filters with [`filter_own`].)
     pub fn chunk(
         &mut self,
         now: Instant,
         chunk: &mut Option<Bytes>,
         filters: &mut [Box<dyn BodyFilter>],
         ending: bool,
-        end_of_stream: bool,
     ) -> Result<Option<Duration>> {
         if let Some(data) = chunk.as_mut() {
             let events = if ending {
@@ -93,8 +92,8 @@ impl Stream {
             };
             self.record(data.len(), events, now);
         }
-        apply_filters(filters, chunk, end_of_stream)?;
-        let written = !end_of_stream && chunk.as_ref().is_some_and(|b| !b.is_empty());
+        apply_filters(filters, chunk, false)?;
+        let written = chunk.as_ref().is_some_and(|b| !b.is_empty());
         Ok(match &mut self.pacer {
             Some(pacer) if written => pacer.delay(now),
             _ => None,

@@ -143,6 +143,36 @@ async fn max_lifetime_ends_the_stream_after_the_current_event_with_a_retry_hint(
     assert_eq!(events.next().await, None, "a clean end, and no event 3");
 }
 
+/// An origin that never pauses still has its stream ended at `max_lifetime`: the loop
+/// reads the origin first, and its other deadlines must not wait for the origin to rest
+/// (tokio's budget makes a read or a write wait now and then, and the loop looks at them
+/// at that turn).
+#[tokio::test(flavor = "multi_thread")]
+async fn max_lifetime_ends_a_stream_whose_origin_never_pauses() {
+    let origin = Origin::start(|_, mut conn| async move {
+        conn.sse_head().await.expect("head");
+        // A thousand events a write: the proxy always finds more waiting.
+        let batch = "data: x\n\n".repeat(1000);
+        while conn.chunk(&batch).await.is_ok() {}
+        After::Close
+    })
+    .await;
+    let proxy = Proxy::start(&config(&origin, "max_lifetime: 300ms")).await;
+    let mut events = Events::new(sse_get(proxy.url("/events")).await);
+    let mut last = None;
+    guard("the stream to end at max_lifetime", async {
+        while let Some(event) = events.next().await {
+            last = Some(event);
+        }
+    })
+    .await;
+    assert_eq!(
+        last.as_deref(),
+        Some("retry: 3000"),
+        "a clean end with a hint"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cleanup_task_closes_inactive_tracked_streams() {
     let (origin, go) = stepped_origin(&["id: 7\ndata: only\n\n"]).await;
@@ -434,4 +464,64 @@ async fn a_client_that_stops_reading_is_cut_at_write_timeout() {
         client.read_to_end(&mut rest),
     )
     .await;
+}
+
+/// A line per stream opened and closed at info is what `connection_tracking` adds: a
+/// tracked stream logs both (the close with its last event id and reason), an untracked
+/// one neither (its end goes to debug).
+#[tokio::test(flavor = "multi_thread")]
+async fn only_a_tracked_stream_logs_its_open_and_close_at_info() {
+    common::logs::capture();
+    let origin = Origin::start(|_, mut conn| async move {
+        conn.sse_head().await.expect("head");
+        conn.chunk("id: 7\ndata: a\n\n").await.expect("event");
+        conn.closed().await;
+        After::Close
+    })
+    .await;
+    let closed = |proxy: &Proxy| {
+        proxy.state.metrics.render().lines().any(|l| {
+            l.starts_with("streamgate_sse_streams_closed_total{reason=\"client_closed\"")
+                && l.ends_with(" 1")
+        })
+    };
+    for tracked in [false, true] {
+        let proxy =
+            Proxy::start(&config(&origin, &format!("connection_tracking: {tracked}"))).await;
+        let path = format!("/only-info-{tracked}");
+        let mut events = Events::new(sse_get(proxy.url(&path)).await);
+        assert_eq!(events.next().await.as_deref(), Some("id: 7\ndata: a"));
+        drop(events);
+        // Counted closed after its end was logged.
+        eventually("the stream's close", || async { closed(&proxy) }).await;
+        let opened: Vec<String> = common::logs::records(|r| {
+            r.text.starts_with("sse stream ") && r.text.contains(&format!("path={path}"))
+        })
+        .into_iter()
+        .map(|r| r.text)
+        .collect();
+        if !tracked {
+            assert!(opened.is_empty(), "{opened:?}");
+            let ended = common::logs::records(|r| r.text.starts_with("sse stream ended"));
+            assert!(
+                ended.is_empty(),
+                "an untracked stream's end at info: {ended:?}"
+            );
+            continue;
+        }
+        assert_eq!(opened.len(), 1, "{opened:?}");
+        let id = opened[0]
+            .strip_prefix("sse stream ")
+            .and_then(|rest| rest.split(' ').next())
+            .expect("an id");
+        let close = common::logs::records(|r| {
+            r.level == log::Level::Info && r.text.starts_with(&format!("sse stream {id} closed:"))
+        });
+        assert_eq!(close.len(), 1, "{close:?}");
+        assert!(
+            close[0].text.contains("last_event_id=\"7\"")
+                && close[0].text.contains("reason=client_closed"),
+            "{close:?}"
+        );
+    }
 }
