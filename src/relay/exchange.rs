@@ -29,7 +29,10 @@
 //!                      exchange ended cleanly
 //! ```
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -148,7 +151,9 @@ impl Relay {
         let resume = |request| (settings.resume && reconnects).then(|| Box::new(request));
         if apart && matches!(downstream, ServerSession::H1(_)) {
             let resume = resume(request);
-            return self.detach(session, ctx, Box::new(link), head, resume, access_log);
+            let stream = self.detach(session, ctx, Box::new(link), head, resume, access_log)?;
+            start(stream).await;
+            return Ok(());
         }
         // Over HTTP/2 only once the request body is in, a `GET`'s too.
         let carries = apart
@@ -193,7 +198,8 @@ impl Relay {
     /// connection goes back to the server for the next request (`client::Handback`), unless
     /// the process is draining. Streams over HTTP/2 are carried on in their request's own
     /// task instead (see [`Relay::carry`]). The response `head` is written by the stream's
-    /// task, with the first body bytes if the origin sent any with its head.
+    /// task, with the first body bytes if the origin sent any with its head; the caller
+    /// starts it (see [`start`]).
     fn detach(
         self: &Arc<Self>,
         session: &mut Session,
@@ -202,7 +208,7 @@ impl Relay {
         head: ResponseHeader,
         resume: Option<Box<RequestHeader>>,
         access_log: AccessLog,
-    ) -> Result<()> {
+    ) -> Result<Apart> {
         let facts = super::client::log_facts(session.req_header());
         let reconnects = facts.method == Method::GET;
         let downstream = take_session(session);
@@ -211,7 +217,7 @@ impl Relay {
         let mut owned = std::mem::take(ctx);
         ctx.detached = true;
         let relay = self.clone();
-        tokio::spawn(async move {
+        Ok(Box::pin(async move {
             let client = &mut Client::Raw(&mut raw);
             let error = relay
                 .relay_apart(client, &mut owned, link, resume.as_deref(), reconnects)
@@ -221,8 +227,7 @@ impl Relay {
                 let handback = (!relay.state.drain.draining()).then_some(&*relay.handback);
                 raw.finish(handback).await;
             }
-        });
-        Ok(())
+        }))
     }
 
     /// Carries the event stream on `link`, whose response head is written, on after
@@ -689,6 +694,21 @@ impl Relay {
     }
 }
 
+/// A stream carried apart from Pingora's request, to be started.
+type Apart = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Starts `stream`: its first turn runs now, in the request's task, and the rest in a task
+/// of its own. So the response head, and the event the origin sent with it, go out at once
+/// rather than when the new task's turn comes, behind every task ready before it and the
+/// end of Pingora's request (about 40 µs later at 9,000 open streams). A future may be
+/// polled from one task and then another: each turn registers the waker it is given.
+async fn start(mut stream: Apart) {
+    let first = std::future::poll_fn(|cx| Poll::Ready(stream.as_mut().poll(cx))).await;
+    if first.is_pending() {
+        tokio::spawn(stream);
+    }
+}
+
 /// Takes the client's session out of Pingora's request, for a stream carried apart; what
 /// Pingora finishes after the request instead has nothing to keep alive.
 fn take_session(session: &mut Session) -> Box<ServerSession> {
@@ -770,4 +790,45 @@ fn stale_reuse(conn: &OriginConn, e: &Error) -> bool {
             ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
         )
         && e.esource() != &pingora_error::ErrorSource::Downstream
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A stream's first turn runs before `start` returns, in the caller's task; what is
+    /// left runs on in a task of its own, woken as any task is.
+    #[tokio::test]
+    async fn a_stream_takes_its_first_turn_at_once_and_the_rest_in_a_task() {
+        let turns = Arc::new(AtomicUsize::new(0));
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let counted = turns.clone();
+        start(Box::pin(async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let _ = wait.await;
+            counted.fetch_add(1, Ordering::SeqCst);
+            let _ = done.send(());
+        }))
+        .await;
+        assert_eq!(
+            turns.load(Ordering::SeqCst),
+            1,
+            "the first turn ran at once"
+        );
+        go.send(()).expect("the stream waits");
+        finished.await.expect("the rest ran in its task");
+        assert_eq!(turns.load(Ordering::SeqCst), 2);
+
+        // A stream that ends in its first turn leaves no task behind.
+        let ended = Arc::new(AtomicUsize::new(0));
+        let counted = ended.clone();
+        start(Box::pin(async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }))
+        .await;
+        assert_eq!(ended.load(Ordering::SeqCst), 1);
+    }
 }
