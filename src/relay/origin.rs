@@ -19,6 +19,7 @@
 //! ```
 
 use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -26,9 +27,11 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{Method, Version};
 use pingora_core::protocols::http::v1::client::http_req_header_to_wire;
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::Stream;
 use pingora_error::{Error, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
+use socket2::SockRef;
 
 use crate::http_util::AddedHeaders;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
@@ -139,8 +142,9 @@ impl OriginConn {
         added.write(&mut wire);
         wire.extend_from_slice(b"\r\n");
         self.request = body;
+        let sent = self.send_at_once(&wire);
         self.stream
-            .write_all(&wire)
+            .write_all(&wire[sent..])
             .await
             .or_err(
                 ErrorType::WriteError,
@@ -152,6 +156,26 @@ impl OriginConn {
             self.flush().await?;
         }
         Ok(())
+    }
+
+    /// Writes what it can of `data` on a new plain TCP connection at once, in one system
+    /// call past tokio: tokio does no I/O on a socket it has just registered before its
+    /// first readiness event, a turn of the loop away, though a connection made at once
+    /// (see `upstream::connect`) takes the bytes now. How many went out: 0 for a pooled
+    /// connection (tokio knows its state; its buffer may not be empty), TLS, or a socket
+    /// that takes nothing now (an error is left for the write that follows to report).
+    fn send_at_once(&self, data: &[u8]) -> usize {
+        if self.reused {
+            return 0;
+        }
+        let Some(tcp) = self.stream.as_any().downcast_ref::<L4Stream>() else {
+            return 0;
+        };
+        // SAFETY: `tcp` owns the descriptor and keeps it open for this borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) };
+        SockRef::from(&fd)
+            .send_with_flags(data, libc::MSG_NOSIGNAL)
+            .unwrap_or(0)
     }
 
     /// Writes a piece of the request body, framed.
@@ -684,6 +708,46 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On a connection just made, the request head goes out in the same turn (tokio alone
+    /// would wait for the socket's first readiness event, a turn of the loop away); on a
+    /// pooled one it goes through tokio as before.
+    #[tokio::test]
+    async fn a_new_connection_takes_the_request_head_at_once() {
+        use futures_util::FutureExt as _;
+        use pingora_core::connectors::l4::Connect as _;
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connect = crate::upstream::connect::TcpConnect { timeout: None };
+        let target = pingora_core::protocols::l4::socket::SocketAddr::Inet(addr);
+        let request = RequestHeader::build("GET", b"/events", None).expect("request");
+        let added = AddedHeaders::default();
+        let mut conn = OriginConn::new(
+            Box::new(connect.connect(&target).await.expect("connect")),
+            false,
+        );
+        let sent = conn
+            .send_head(&request, &added, Framing::None)
+            .now_or_never();
+        assert!(matches!(sent, Some(Ok(()))), "written in the same turn");
+        let (mut origin, _) = listener.accept().await.expect("accept");
+        let mut head = vec![0u8; 64];
+        let n = origin.read(&mut head).await.expect("read");
+        assert!(head[..n].starts_with(b"GET /events HTTP/1.1\r\n"));
+        // A pooled connection is written through tokio.
+        let mut pooled = OriginConn::new(
+            Box::new(connect.connect(&target).await.expect("connect")),
+            true,
+        );
+        assert_eq!(pooled.send_at_once(b"x"), 0);
+        pooled
+            .send_head(&request, &added, Framing::None)
+            .await
+            .expect("sent");
+    }
 
     /// Feeds `wire` to the decoder in pieces cut at `cuts`, as an origin's bytes arrive:
     /// the payload, whether the body ended, and how many bytes came after its end.

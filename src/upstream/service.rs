@@ -31,6 +31,7 @@ use pingora_load_balancing::health_check::HealthCheck;
 
 use super::affinity::Affinity;
 use super::balancing::{Algorithm, HashKey};
+use super::connect::TcpConnect;
 use super::discovery::{static_discovery, SystemResolver};
 use super::endpoints::{Endpoints, Lease, Timing, Unavailable};
 use super::health::PassiveHealth;
@@ -410,6 +411,9 @@ impl Service {
         }
         let options = &mut peer.options;
         options.connection_timeout = self.timeouts.connect;
+        options.custom_l4 = Some(Arc::new(TcpConnect {
+            timeout: self.timeouts.connect,
+        }));
         options.read_timeout = match sse {
             Some(sse) => sse.read_timeout,
             None => self.timeouts.read,
