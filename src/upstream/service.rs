@@ -18,7 +18,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue, HOST};
@@ -255,6 +255,9 @@ pub struct Service {
     /// What the config's author should know about this service although it is valid
     /// (file, line, key and why), for `-t` and the log.
     pub warnings: Vec<String>,
+    /// The connect every peer of this service uses, made at the first request (after the
+    /// config has set `timeouts`), shared by the rest.
+    connect: OnceLock<Arc<TcpConnect>>,
 }
 
 impl Service {
@@ -292,6 +295,7 @@ impl Service {
             tls: None,
             affinity: None,
             warnings: Vec::new(),
+            connect: OnceLock::new(),
         }
     }
 
@@ -411,9 +415,12 @@ impl Service {
         }
         let options = &mut peer.options;
         options.connection_timeout = self.timeouts.connect;
-        options.custom_l4 = Some(Arc::new(TcpConnect {
-            timeout: self.timeouts.connect,
-        }));
+        let connect = self.connect.get_or_init(|| {
+            Arc::new(TcpConnect {
+                timeout: self.timeouts.connect,
+            })
+        });
+        options.custom_l4 = Some(connect.clone());
         options.read_timeout = match sse {
             Some(sse) => sse.read_timeout,
             None => self.timeouts.read,
@@ -573,6 +580,20 @@ mod tests {
     use super::*;
     use crate::upstream::discovery::static_discovery;
     use crate::upstream::endpoints::Timing;
+
+    /// Every peer of a service connects with one connector, which carries the service's
+    /// connect timeout: nothing is allocated for it per request.
+    #[test]
+    fn peers_share_the_services_connect_and_its_timeout() {
+        let mut service = Service::for_tests("t");
+        service.timeouts.connect = Some(Duration::from_millis(250));
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let connect = |peer: &HttpPeer| peer.options.custom_l4.clone().expect("a connect");
+        let (one, two) = (service.peer(addr, None), service.peer(addr, None));
+        assert!(Arc::ptr_eq(&connect(&one), &connect(&two)));
+        let shown = format!("{:?}", connect(&one));
+        assert!(shown.contains("250ms"), "{shown}");
+    }
 
     #[tokio::test]
     async fn a_pinned_request_moves_only_when_its_endpoint_refused() {
