@@ -14,7 +14,6 @@ use bytes::Bytes;
 use pingora_core::apps::{HttpServerApp, ReusedHttpStream};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::server::ShutdownWatch;
-use pingora_core::services::listening::Service;
 use pingora_http::ResponseHeader;
 
 const PAGE: &str = r#"<!doctype html>
@@ -38,16 +37,11 @@ pub struct DemoOrigin {
     interval: Duration,
 }
 
-/// A Pingora listening service running the demo origin on `addr`.
-pub fn service(addr: &str) -> Service<DemoOrigin> {
-    let mut service = Service::new(
-        "demo origin".to_string(),
-        DemoOrigin {
-            interval: Duration::from_secs(1),
-        },
-    );
-    service.add_tcp(addr);
-    service
+/// The demo origin, an event a second.
+pub fn origin() -> DemoOrigin {
+    DemoOrigin {
+        interval: Duration::from_secs(1),
+    }
 }
 
 #[async_trait]

@@ -33,7 +33,7 @@
 //! - With `admin.open_probes`, `/healthz` and `/readyz` answer without the token, for
 //!   orchestrator probes; everything else still needs it.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -44,7 +44,6 @@ use http::Method;
 use pingora_core::apps::{HttpServerApp, ReusedHttpStream};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::server::ShutdownWatch;
-use pingora_core::services::listening::Service;
 use pingora_http::ResponseHeader;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
@@ -84,13 +83,11 @@ pub struct Admin {
     settings: AdminConfig,
 }
 
-/// The admin listening service for `config`'s `admin` block.
-pub fn service(config: Arc<ArcSwap<Config>>) -> Option<Service<Admin>> {
+/// The admin app for `config`'s `admin` block, and the address it listens on.
+pub fn app(config: Arc<ArcSwap<Config>>) -> Option<(Admin, SocketAddr)> {
     let settings = config.load().admin.clone()?;
-    let listen = settings.listen.to_string();
-    let mut service = Service::new("admin".to_string(), Admin { config, settings });
-    service.add_tcp(&listen);
-    Some(service)
+    let listen = settings.listen;
+    Some((Admin { config, settings }, listen))
 }
 
 struct Answer {

@@ -694,16 +694,18 @@ impl Relay {
     }
 }
 
-/// A stream carried apart from Pingora's request, to be started.
-type Apart = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// A future to be started (see [`start`]): a stream carried apart, a new connection.
+pub type Apart = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Starts `stream`: its first turn runs now, in the request's task, and the rest in a task
-/// of its own. So the response head, and the event the origin sent with it, go out at once
-/// rather than when the new task's turn comes, behind every task ready before it and the
-/// end of Pingora's request (15-18 µs later on average while 9,000 streams open). A future
-/// may be polled from one task and then another: each turn registers the waker it is
-/// given.
-async fn start(mut stream: Apart) {
+/// Starts `stream`: its first turn runs now, in the caller's task, and the rest in a task
+/// of its own. For an event stream carried apart (the caller is its request) the response
+/// head, and the event the origin sent with it, go out at once rather than when the new
+/// task's turn comes, behind every task ready before it and the end of Pingora's request
+/// (15-18 µs later on average while 9,000 streams open); for a new connection (the caller
+/// is the accept loop, `server::accept`) its request is read and sent on at once. A
+/// future may be polled from one task and then another: each turn registers the waker it
+/// is given.
+pub async fn start(mut stream: Apart) {
     let first = std::future::poll_fn(|cx| Poll::Ready(stream.as_mut().poll(cx))).await;
     if first.is_pending() {
         tokio::spawn(stream);

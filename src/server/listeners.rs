@@ -9,11 +9,12 @@
 //! worker thread (see [`workers`]). The proxy services share one config handle and one
 //! state, so a reload reaches every listener at once and limits count across threads.
 //! Every listening socket is made here, before Pingora starts the service that listens on
-//! it, with the listener's TCP keepalive and `defer_accept` set on it once (see
+//! it, with the listener's TCP keepalive and `defer_accept` set on it once; plain
+//! listeners are accepted on by streamgate's loop, TLS ones by Pingora's (see
 //! [`Listening`]).
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use socket2::SockRef;
 
+use super::accept::{self, Shared};
 use super::admission::{Admitting, Gate};
 use super::carrying::Carrying;
 use crate::config::Config;
@@ -109,7 +111,7 @@ pub fn services(
             let mut h2 = default_h2_options();
             h2.max_concurrent_streams(config.http2.max_concurrent_streams);
             app.h2_options = Some(h2);
-            let mut proxy = Service::new(
+            let mut proxy = Listening::new(
                 if workers == 1 {
                     name.to_string()
                 } else {
@@ -118,30 +120,32 @@ pub fn services(
                 Admitting::new(Carrying::new(app), gates.clone()).handing_back(handback),
             );
             if !server_conf.work_stealing {
-                proxy.threads = Some(1);
+                proxy = proxy.one_thread();
             }
             for listener in &group {
-                if let Some(endpoint) = proxy_endpoint(listener, config, current) {
-                    proxy.add_listener(endpoint);
+                if matches!(listener.kind, ListenerKind::Tls { .. }) {
+                    if let Some(endpoint) = tls_endpoint(listener, config, current) {
+                        proxy = proxy.tls(endpoint);
+                    }
+                } else {
+                    proxy = proxy.plain(listener.addr);
                 }
             }
             if worker == 0 {
-                services.push(Box::new(Listening::owner(proxy, &group)));
-            } else {
-                services.push(Box::new(Listening::copy(proxy)));
+                proxy = proxy.owner(&group);
             }
+            services.push(Box::new(proxy));
         }
     }
 
     for listener in &config.listeners {
         if let ListenerKind::Redirect { https_port } = listener.kind {
             let gate = Gate::new(listener, &state.metrics);
-            let mut redirect = Service::new(
+            let redirect = Listening::new(
                 format!("streamgate redirect {}", listener.addr),
                 Admitting::new(Redirect { https_port }, vec![gate]),
             );
-            redirect.add_listener(endpoint(listener));
-            services.push(Box::new(Listening::owner(redirect, &[listener])));
+            services.push(Box::new(redirect.plain(listener.addr).owner(&[listener])));
         }
     }
     services
@@ -171,12 +175,15 @@ const FIRST_COPY_WAIT: Duration = Duration::from_secs(10);
 const BIND_TRIES: usize = 5;
 const BIND_RETRY: Duration = Duration::from_millis(500);
 
-/// A Pingora listening service started on sockets streamgate prepares. Pingora takes the
-/// socket of an address from the table of listening sockets it passes each service when
-/// the table has one (as after a `-u` upgrade), and binds one itself otherwise.
+/// A listening service: an app, the addresses it serves, and the sockets streamgate
+/// prepares for them. Plain TCP addresses are served by streamgate's accept loop (see
+/// `accept`), TLS ones by Pingora's, which makes the handshake; both hand each connection
+/// to the same app, which is cleaned up once both have stopped. Pingora takes the socket
+/// of an address from the table of listening sockets it passes each service when the
+/// table has one (as after a `-u` upgrade), and binds one itself otherwise.
 ///
 /// The service that owns an address (the first copy of a proxy service, a redirect, the
-/// admin listener, the demo origin) makes its socket before Pingora starts it and sets
+/// admin listener, the demo origin) makes its socket before the service starts and sets
 /// the listener's TCP keepalive (`tcp_keepalive`) on it once: every connection accepted on
 /// it inherits the setting, where Pingora would set it on each accepted connection with
 /// five system calls. `defer_accept` is set there too (see [`set_defer_accept`]). A socket
@@ -189,9 +196,14 @@ const BIND_RETRY: Duration = Duration::from_millis(500);
 /// descriptors, each copy would close them again (a descriptor that may by then be another
 /// file's). So it is started on a table of its own holding duplicates of the first copy's
 /// descriptors, which it owns and closes; the shared table, which a `-u` upgrade hands to
-/// the next process, holds only the first copy's.
+/// the next process, holds only the first copy's. Streamgate's accept loop likewise
+/// accepts on a duplicate it owns.
 pub struct Listening<A> {
-    inner: Service<A>,
+    /// Pingora's service, for the TLS addresses.
+    inner: Service<Shared<A>>,
+    app: Arc<A>,
+    /// The plain TCP addresses, served by streamgate's accept loop.
+    plain: Vec<String>,
     role: Role,
 }
 
@@ -223,29 +235,57 @@ impl SocketSettings {
 }
 
 impl<A: ServerApp + Send + Sync + 'static> Listening<A> {
-    /// `inner`, owning the addresses it listens on, each with the socket settings of the
-    /// listener in `listeners` on that address (none for an address that has no listener
-    /// there: the admin listener, the demo origin).
-    pub fn owner(inner: Service<A>, listeners: &[&Listener]) -> Self {
-        let sockets = ServiceTrait::listen_addresses(&inner)
-            .unwrap_or_default()
+    /// `app`, listening on nothing yet; a copy of the service that owns its addresses
+    /// unless made their [`Listening::owner`].
+    pub fn new(name: impl Into<String>, app: A) -> Self {
+        let app = Arc::new(app);
+        Listening {
+            inner: Service::new(name.into(), Shared(app.clone())),
+            app,
+            plain: Vec::new(),
+            role: Role::Copy,
+        }
+    }
+
+    /// Listens on the plain TCP address `addr`.
+    pub fn plain(mut self, addr: impl ToString) -> Self {
+        self.plain.push(addr.to_string());
+        self
+    }
+
+    /// Listens on the TLS `endpoint`.
+    fn tls(mut self, endpoint: ListenerConfig) -> Self {
+        self.inner.add_listener(endpoint);
+        self
+    }
+
+    /// Runs on one thread (a runtime of its own, not work stealing).
+    fn one_thread(mut self) -> Self {
+        self.inner.threads = Some(1);
+        self
+    }
+
+    /// Owns the addresses it listens on, each with the socket settings of the listener in
+    /// `listeners` on that address (none for an address that has no listener there: the
+    /// admin listener, the demo origin).
+    pub fn owner(mut self, listeners: &[&Listener]) -> Self {
+        let sockets = self
+            .addresses()
             .into_iter()
             .map(|addr| {
                 let listener = listeners.iter().find(|l| l.addr.to_string() == addr);
                 (addr, SocketSettings::of(listener.copied()))
             })
             .collect();
-        Listening {
-            inner,
-            role: Role::Owner(sockets),
-        }
+        self.role = Role::Owner(sockets);
+        self
     }
 
-    fn copy(inner: Service<A>) -> Self {
-        Listening {
-            inner,
-            role: Role::Copy,
-        }
+    /// Every address listened on: the TLS ones, then the plain ones.
+    fn addresses(&self) -> Vec<String> {
+        let mut all = ServiceTrait::listen_addresses(&self.inner).unwrap_or_default();
+        all.extend(self.plain.iter().cloned());
+        all
     }
 }
 
@@ -257,26 +297,47 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Listening<A> {
         shutdown: ShutdownWatch,
         listeners_per_fd: usize,
     ) {
-        let fds = match &self.role {
-            Role::Owner(sockets) => {
-                // Without a shared table (Pingora always passes one on Unix), one of its own.
-                let shared = fds.unwrap_or_else(|| Arc::new(parking_lot::Mutex::new(Fds::new())));
-                for (addr, settings) in sockets {
-                    listening_socket(&shared, addr, *settings).await;
-                }
-                Some(shared)
+        let name = ServiceTrait::name(self).to_string();
+        // Without a shared table (Pingora always passes one on Unix), one of its own.
+        let shared = fds.unwrap_or_else(|| Arc::new(parking_lot::Mutex::new(Fds::new())));
+        if let Role::Owner(sockets) = &self.role {
+            for (addr, settings) in sockets {
+                listening_socket(&shared, addr, *settings).await;
             }
-            Role::Copy => match fds {
-                Some(shared) => {
-                    let addrs = ServiceTrait::listen_addresses(&self.inner).unwrap_or_default();
-                    let own = duplicates(&shared, &addrs, ServiceTrait::name(self)).await;
-                    Some(Arc::new(parking_lot::Mutex::new(own)))
-                }
-                None => None,
-            },
+        }
+        let tls = match &self.role {
+            Role::Owner(_) => shared.clone(),
+            Role::Copy => {
+                let addrs = ServiceTrait::listen_addresses(&self.inner).unwrap_or_default();
+                let own = duplicates(&shared, &addrs, &name).await;
+                Arc::new(parking_lot::Mutex::new(own))
+            }
         };
         tokio::spawn(keep_next_wake_near());
-        ServiceTrait::start_service(&mut self.inner, fds, shutdown, listeners_per_fd).await
+        // The owner accepts on the table's socket and closes it when it stops, as Pingora
+        // does with the sockets it is given (a `-u` upgrade has sent it on by then): new
+        // connections are refused from then on. A copy accepts on a duplicate.
+        let plain = match &self.role {
+            Role::Owner(_) => shared.clone(),
+            Role::Copy => {
+                let own = duplicates(&shared, &self.plain, &name).await;
+                Arc::new(parking_lot::Mutex::new(own))
+            }
+        };
+        let accepting = self.plain.iter().filter_map(|addr| {
+            let fd = plain.lock().get(addr).copied()?;
+            // SAFETY: `fd` is open, and this listener alone closes it (see above).
+            let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+            let app = self.app.clone();
+            let shutdown = shutdown.clone();
+            let label = format!("{name} {addr}");
+            Some(async move { accept::serve(listener, app, shutdown, &label).await })
+        });
+        let accepting = futures_util::future::join_all(accepting.collect::<Vec<_>>());
+        let pingora =
+            ServiceTrait::start_service(&mut self.inner, Some(tls), shutdown, listeners_per_fd);
+        tokio::join!(accepting, pingora);
+        self.app.cleanup().await;
     }
 
     fn name(&self) -> &str {
@@ -288,7 +349,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Listening<A> {
     }
 
     fn listen_addresses(&self) -> Option<Vec<String>> {
-        ServiceTrait::listen_addresses(&self.inner)
+        Some(self.addresses())
     }
 }
 
@@ -455,17 +516,18 @@ fn duplicate(fd: RawFd) -> std::io::Result<RawFd> {
     Ok(copy)
 }
 
-/// The endpoint of a proxy listener, with its TLS settings; `None` (logged) when they
-/// cannot be made.
-fn proxy_endpoint(
+/// The endpoint of a TLS listener, with its settings; `None` (logged) when they cannot be
+/// made, or `listener` is not TLS. Its TCP keepalive is set on the listening socket (see
+/// [`Listening`]).
+fn tls_endpoint(
     listener: &Listener,
     config: &Config,
     current: &Arc<ArcSwap<Config>>,
 ) -> Option<ListenerConfig> {
-    let endpoint = endpoint(listener);
     let ListenerKind::Tls { http2 } = listener.kind else {
-        return Some(endpoint);
+        return None;
     };
+    let endpoint = ListenerConfig::tcp(listener.addr.to_string()).l4_buffer(CLIENT_BUFFERS);
     let tls = config.tls.get(&listener.addr)?;
     let resolver = CertResolver::new(current.clone(), listener.addr, tls.clone());
     let mut settings = match TlsSettings::intermediate("", "") {
@@ -478,12 +540,6 @@ fn proxy_endpoint(
     settings.set_cert_resolver(Arc::new(resolver));
     settings.set_alpn(if http2 { ALPN::H2H1 } else { ALPN::H1 });
     Some(endpoint.tls(settings))
-}
-
-/// The listening endpoint of `listener`, without TLS. Its TCP keepalive is set on the
-/// listening socket (see [`Listening`]).
-fn endpoint(listener: &Listener) -> ListenerConfig {
-    ListenerConfig::tcp(listener.addr.to_string()).l4_buffer(CLIENT_BUFFERS)
 }
 
 /// The certificate resolver of the TLS listener on `addr`. It looks the listener up in

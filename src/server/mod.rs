@@ -3,6 +3,7 @@
 //! services (config reloader, stream supervisor, endpoint upkeep, the exit once a shutdown
 //! has nothing left to serve).
 
+pub mod accept;
 pub mod admission;
 pub mod carrying;
 pub mod exit;
@@ -20,6 +21,7 @@ use crate::config::Config;
 use crate::sse::supervisor::Supervisor;
 use crate::upstream::registry::Upkeep;
 use crate::{admin, demo, reload};
+use listeners::Listening;
 
 /// Builds the Pingora server for `config`. `opt` carries Pingora's command-line flags
 /// (`-d`, `-u`); its config path, if any, has already been read into `config`.
@@ -59,8 +61,8 @@ pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
         &current,
         &state,
     ));
-    if let Some(admin) = admin::service(current.clone()) {
-        server.add_service(listeners::Listening::owner(admin, &[]));
+    if let Some((admin, addr)) = admin::app(current.clone()) {
+        server.add_service(Listening::new("admin", admin).plain(addr).owner(&[]));
     }
     server.add_service(background_service(
         "config reloader",
@@ -94,10 +96,11 @@ pub fn build_server(mut config: Config, opt: Option<Opt>) -> Server {
     ));
 
     if let Some(addr) = demo {
-        server.add_service(listeners::Listening::owner(
-            demo::service(&addr.to_string()),
-            &[],
-        ));
+        server.add_service(
+            Listening::new("demo origin", demo::origin())
+                .plain(addr)
+                .owner(&[]),
+        );
     }
     server
 }
