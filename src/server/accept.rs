@@ -1,6 +1,7 @@
-//! The accept loop of plain TCP listeners: a new connection is served at once, in the
-//! loop's own turn, as far as it goes without waiting (its request read, routed, its
-//! origin connected and sent the request), and the rest of it runs in a task of its own.
+//! The accept loop of every listener: a new connection is served at once, in the loop's
+//! own turn, as far as it goes without waiting (a plain connection's request read,
+//! routed, its origin connected and sent the request; a TLS one's handshake answered),
+//! and the rest of it runs in a task of its own.
 //!
 //! Pingora's accept loop spawns a task for each connection and goes on accepting. With
 //! one thread per runtime (`work_stealing: false`, the default) the new task is queued
@@ -11,10 +12,16 @@
 //! as the first turn of an event stream does (`relay::exchange::start`), whose future is
 //! then moved to its own task.
 //!
-//! TLS listeners keep Pingora's loop, which makes the handshake (bounded by 60 s) in the
-//! connection's task. What a connection is given is the same either way: Pingora's L4
-//! stream (buffers off, `TCP_NODELAY` on, its peer address known), the listener's
-//! keepalive inherited from the listening socket; the app then serves it, request after
+//! What a connection is given is what Pingora's loop gives it: Pingora's L4 stream,
+//! `TCP_NODELAY` on, its peer's address known, the listener's keepalive inherited from the
+//! listening socket; over TLS, the handshake made by Pingora's acceptor within 60 s. The
+//! stream has no read or write buffer of its own. Pingora's listeners default to a 64 KiB
+//! read buffer per connection, zeroed when it is accepted: for an event stream, whose
+//! client sends one request head and then only listens, most of what the stream would
+//! cost; Pingora reads request heads and bodies into buffers of their own, so the socket
+//! is read directly. Nor a write buffer (Pingora's is 1,460 bytes, kept for the
+//! connection's life): an admitted connection gathers small writes only while it has some
+//! (see `admission::Admitted`). The app then serves it, request after
 //! request, as Pingora's `handle_event` does.
 
 use std::net::SocketAddr;
@@ -22,41 +29,29 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use pingora_core::apps::ServerApp;
+use pingora_core::listeners::tls::Acceptor;
 use pingora_core::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::{GetSocketDigest, SocketDigest, Stream};
+use pingora_core::protocols::{GetSocketDigest, SocketDigest};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::listening::Service;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::relay::exchange::start;
+use crate::relay::exchange::{start, Apart};
 
 /// How long accepting pauses after the process ran out of descriptors (as Pingora's loop
 /// does): the connections waiting meanwhile stay in the listen queue.
 const OUT_OF_DESCRIPTORS_PAUSE: Duration = Duration::from_secs(1);
 
-/// An app shared between streamgate's accept loop and Pingora's (a service's TLS
-/// listeners): Pingora's service holds this, the service around it the app itself, and
-/// cleans it up once both loops have ended.
-pub struct Shared<A>(pub Arc<A>);
+/// How long a client has for its TLS handshake (Pingora's bound).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
-#[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for Shared<A> {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        self.0.process_new(stream, shutdown).await
-    }
-}
-
-/// Accepts connections on `listener` until the server shuts down, each served by `app`
-/// (see the module docs). `name` names the listener in the log.
+/// Accepts connections on `listener` until the server shuts down, each served by `app`,
+/// over TLS with `tls` (see the module docs). `name` names the listener in the log.
 pub async fn serve<A: ServerApp + Send + Sync + 'static>(
     listener: std::net::TcpListener,
+    tls: Option<Arc<Acceptor>>,
     app: Arc<A>,
     mut shutdown: ShutdownWatch,
     name: &str,
@@ -81,10 +76,15 @@ pub async fn serve<A: ServerApp + Send + Sync + 'static>(
         };
         match accepted {
             Ok((tcp, peer)) => {
-                if let Some(stream) = connection(tcp, peer) {
-                    let served = Service::<A>::handle_event(stream, app.clone(), shutdown.clone());
-                    start(Box::pin(served)).await;
-                }
+                let Some(stream) = connection(tcp, peer) else {
+                    continue;
+                };
+                let (app, shutdown) = (app.clone(), shutdown.clone());
+                let served: Apart = match &tls {
+                    None => Box::pin(Service::<A>::handle_event(Box::new(stream), app, shutdown)),
+                    Some(tls) => Box::pin(secured(tls.clone(), stream, peer, app, shutdown)),
+                };
+                start(served).await;
             }
             Err(e) => {
                 log::error!("{name}: accept failed: {e}");
@@ -96,10 +96,10 @@ pub async fn serve<A: ServerApp + Send + Sync + 'static>(
     }
 }
 
-/// The stream an accepted connection is served on: Pingora's L4 stream over it, with no
-/// read or write buffer, `TCP_NODELAY` on and its peer's address known. `None` (logged
-/// at debug) when the socket cannot be set up: the peer is gone already.
-fn connection(tcp: TcpStream, peer: SocketAddr) -> Option<Stream> {
+/// Pingora's L4 stream over an accepted connection, with `TCP_NODELAY` on and its peer's
+/// address known. `None` (logged at debug) when the socket cannot be set up: the peer is
+/// gone already.
+fn connection(tcp: TcpStream, peer: SocketAddr) -> Option<L4Stream> {
     let mut stream = L4Stream::from(tcp);
     if let Err(e) = stream.set_nodelay() {
         log::debug!("a connection from {peer} closed as it was accepted: {e}");
@@ -108,13 +108,31 @@ fn connection(tcp: TcpStream, peer: SocketAddr) -> Option<Stream> {
     let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
     let _ = digest.peer_addr.set(Some(PeerAddr::Inet(peer)));
     stream.set_socket_digest(digest);
-    Some(Box::new(stream))
+    Some(stream)
+}
+
+/// Serves `stream` over TLS once its handshake is made (within [`HANDSHAKE_TIMEOUT`]);
+/// a failed handshake is logged, as Pingora's loop does.
+async fn secured<A: ServerApp + Send + Sync + 'static>(
+    tls: Arc<Acceptor>,
+    stream: L4Stream,
+    peer: SocketAddr,
+    app: Arc<A>,
+    shutdown: ShutdownWatch,
+) {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.tls_handshake(stream)).await {
+        Ok(Ok(stream)) => Service::<A>::handle_event(Box::new(stream), app, shutdown).await,
+        Ok(Err(e)) => log::error!("Downstream handshake error from {peer}: {e}"),
+        Err(_) => log::error!("Downstream handshake timeout from {peer}"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
 
+    use async_trait::async_trait;
+    use pingora_core::protocols::Stream;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::task::Id;
 
@@ -173,7 +191,7 @@ mod tests {
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let serving = tokio::spawn({
             let app = app.clone();
-            async move { serve(listener, app, shutdown, "test").await }
+            async move { serve(listener, None, app, shutdown, "test").await }
         });
         let mut client = TcpStream::connect(addr).await.expect("connect");
         client.write_all(b"hello").await.expect("write");

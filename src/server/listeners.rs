@@ -13,6 +13,7 @@
 //! listeners are accepted on by streamgate's loop, TLS ones by Pingora's (see
 //! [`Listening`]).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::Arc;
@@ -26,18 +27,17 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::apps::HttpServerOptions;
 use pingora_core::apps::ServerApp;
 use pingora_core::listeners::tls::TlsSettings;
-use pingora_core::listeners::{L4BufferSettings, ListenerConfig, ALPN};
+use pingora_core::listeners::ALPN;
 use pingora_core::protocols::http::v2::server::default_h2_options;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{Fds, ListenFds, ShutdownWatch};
-use pingora_core::services::listening::Service;
 use pingora_core::services::{Service as ServiceTrait, ServiceWithDependents};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use socket2::SockRef;
 
-use super::accept::{self, Shared};
+use super::accept;
 use super::admission::{Admitting, Gate};
 use super::carrying::Carrying;
 use crate::config::Config;
@@ -48,18 +48,6 @@ use crate::state::State;
 
 /// Keepalive probes sent before a silent peer is given up.
 const KEEPALIVE_PROBES: u32 = 6;
-
-/// Socket buffering of client connections. Pingora's default read buffer is 64 KiB per
-/// connection, zeroed when the connection is accepted: for an event stream, whose client
-/// sends one request header and then only listens, that is most of the memory the stream
-/// costs. Pingora reads request headers and bodies into buffers of their own, so the
-/// socket is read directly. Its write buffer (1,460 bytes, kept for the connection's life)
-/// is off too: an admitted connection gathers small writes only while it has some (see
-/// `admission::Admitted`).
-const CLIENT_BUFFERS: L4BufferSettings = L4BufferSettings {
-    read: Some(0),
-    write: Some(0),
-};
 
 /// The services serving `config`'s listeners, sharing `current`.
 pub fn services(
@@ -124,8 +112,8 @@ pub fn services(
             }
             for listener in &group {
                 if matches!(listener.kind, ListenerKind::Tls { .. }) {
-                    if let Some(endpoint) = tls_endpoint(listener, config, current) {
-                        proxy = proxy.tls(endpoint);
+                    if let Some(settings) = tls_settings(listener, config, current) {
+                        proxy = proxy.tls(listener.addr, settings);
                     }
                 } else {
                     proxy = proxy.plain(listener.addr);
@@ -175,35 +163,32 @@ const FIRST_COPY_WAIT: Duration = Duration::from_secs(10);
 const BIND_TRIES: usize = 5;
 const BIND_RETRY: Duration = Duration::from_millis(500);
 
-/// A listening service: an app, the addresses it serves, and the sockets streamgate
-/// prepares for them. Plain TCP addresses are served by streamgate's accept loop (see
-/// `accept`), TLS ones by Pingora's, which makes the handshake; both hand each connection
-/// to the same app, which is cleaned up once both have stopped. Pingora takes the socket
-/// of an address from the table of listening sockets it passes each service when the
-/// table has one (as after a `-u` upgrade), and binds one itself otherwise.
+/// A listening service: an app, the addresses it listens on (plain or TLS), and the
+/// sockets streamgate prepares for them; each address is accepted on by streamgate's loop
+/// (see `accept`). Pingora runs it as it runs its own listening services: on a runtime of
+/// its own (one thread, unless work stealing is on), handing it the table of listening
+/// sockets (passed on to the next process by a `-u` upgrade) and the shutdown signal.
 ///
 /// The service that owns an address (the first copy of a proxy service, a redirect, the
-/// admin listener, the demo origin) makes its socket before the service starts and sets
-/// the listener's TCP keepalive (`tcp_keepalive`) on it once: every connection accepted on
-/// it inherits the setting, where Pingora would set it on each accepted connection with
-/// five system calls. `defer_accept` is set there too (see [`set_defer_accept`]). A socket
-/// handed over by `-u` gets this process's settings. An address
-/// that cannot be listened on ends the process with the reason (Pingora would panic in the
-/// service's thread and leave the process running without it).
+/// admin listener, the demo origin) makes its socket when it starts, unless the table
+/// has one (as after a `-u` upgrade), and sets the listener's TCP keepalive
+/// (`tcp_keepalive`) on it once: every connection accepted on it inherits the setting,
+/// where Pingora would set it on each accepted connection with five system calls.
+/// `defer_accept` is set there too (see [`set_defer_accept`]). A socket handed over by
+/// `-u` gets this process's settings. An address that cannot be listened on ends the
+/// process with the reason. The owner accepts on the table's socket and closes it when it
+/// stops (after a `-u` upgrade has sent it on): new connections are refused from then on.
 ///
-/// A later copy of a proxy service accepts on the same sockets, but Pingora closes every
-/// listening socket it was given when its service stops: given the first copy's
-/// descriptors, each copy would close them again (a descriptor that may by then be another
-/// file's). So it is started on a table of its own holding duplicates of the first copy's
-/// descriptors, which it owns and closes; the shared table, which a `-u` upgrade hands to
-/// the next process, holds only the first copy's. Streamgate's accept loop likewise
-/// accepts on a duplicate it owns.
+/// A later copy of a proxy service accepts on the same sockets, through duplicates of
+/// the owner's descriptors that it owns and closes; the shared table holds only the
+/// owner's.
 pub struct Listening<A> {
-    /// Pingora's service, for the TLS addresses.
-    inner: Service<Shared<A>>,
+    name: String,
+    threads: Option<usize>,
     app: Arc<A>,
-    /// The plain TCP addresses, served by streamgate's accept loop.
-    plain: Vec<String>,
+    /// Each address, with its TLS settings if it is a TLS one (made into an acceptor when
+    /// the service starts).
+    addresses: Vec<(String, Option<TlsSettings>)>,
     role: Role,
 }
 
@@ -238,30 +223,30 @@ impl<A: ServerApp + Send + Sync + 'static> Listening<A> {
     /// `app`, listening on nothing yet; a copy of the service that owns its addresses
     /// unless made their [`Listening::owner`].
     pub fn new(name: impl Into<String>, app: A) -> Self {
-        let app = Arc::new(app);
         Listening {
-            inner: Service::new(name.into(), Shared(app.clone())),
-            app,
-            plain: Vec::new(),
+            name: name.into(),
+            threads: None,
+            app: Arc::new(app),
+            addresses: Vec::new(),
             role: Role::Copy,
         }
     }
 
     /// Listens on the plain TCP address `addr`.
     pub fn plain(mut self, addr: impl ToString) -> Self {
-        self.plain.push(addr.to_string());
+        self.addresses.push((addr.to_string(), None));
         self
     }
 
-    /// Listens on the TLS `endpoint`.
-    fn tls(mut self, endpoint: ListenerConfig) -> Self {
-        self.inner.add_listener(endpoint);
+    /// Listens on `addr` over TLS with `settings`.
+    fn tls(mut self, addr: impl ToString, settings: TlsSettings) -> Self {
+        self.addresses.push((addr.to_string(), Some(settings)));
         self
     }
 
     /// Runs on one thread (a runtime of its own, not work stealing).
     fn one_thread(mut self) -> Self {
-        self.inner.threads = Some(1);
+        self.threads = Some(1);
         self
     }
 
@@ -270,22 +255,15 @@ impl<A: ServerApp + Send + Sync + 'static> Listening<A> {
     /// admin listener, the demo origin).
     pub fn owner(mut self, listeners: &[&Listener]) -> Self {
         let sockets = self
-            .addresses()
-            .into_iter()
-            .map(|addr| {
-                let listener = listeners.iter().find(|l| l.addr.to_string() == addr);
-                (addr, SocketSettings::of(listener.copied()))
+            .addresses
+            .iter()
+            .map(|(addr, _)| {
+                let listener = listeners.iter().find(|l| l.addr.to_string() == *addr);
+                (addr.clone(), SocketSettings::of(listener.copied()))
             })
             .collect();
         self.role = Role::Owner(sockets);
         self
-    }
-
-    /// Every address listened on: the TLS ones, then the plain ones.
-    fn addresses(&self) -> Vec<String> {
-        let mut all = ServiceTrait::listen_addresses(&self.inner).unwrap_or_default();
-        all.extend(self.plain.iter().cloned());
-        all
     }
 }
 
@@ -295,61 +273,49 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Listening<A> {
         &mut self,
         fds: Option<ListenFds>,
         shutdown: ShutdownWatch,
-        listeners_per_fd: usize,
+        _listeners_per_fd: usize,
     ) {
-        let name = ServiceTrait::name(self).to_string();
         // Without a shared table (Pingora always passes one on Unix), one of its own.
         let shared = fds.unwrap_or_else(|| Arc::new(parking_lot::Mutex::new(Fds::new())));
-        if let Role::Owner(sockets) = &self.role {
-            for (addr, settings) in sockets {
-                listening_socket(&shared, addr, *settings).await;
+        let addrs: Vec<String> = self.addresses.iter().map(|(a, _)| a.clone()).collect();
+        let sockets = match &self.role {
+            Role::Owner(sockets) => {
+                for (addr, settings) in sockets {
+                    listening_socket(&shared, addr, *settings).await;
+                }
+                let table = shared.lock();
+                addrs
+                    .iter()
+                    .filter_map(|addr| Some((addr.clone(), *table.get(addr)?)))
+                    .collect()
             }
-        }
-        let tls = match &self.role {
-            Role::Owner(_) => shared.clone(),
-            Role::Copy => {
-                let addrs = ServiceTrait::listen_addresses(&self.inner).unwrap_or_default();
-                let own = duplicates(&shared, &addrs, &name).await;
-                Arc::new(parking_lot::Mutex::new(own))
-            }
+            Role::Copy => duplicates(&shared, &addrs, &self.name).await,
         };
         tokio::spawn(keep_next_wake_near());
-        // The owner accepts on the table's socket and closes it when it stops, as Pingora
-        // does with the sockets it is given (a `-u` upgrade has sent it on by then): new
-        // connections are refused from then on. A copy accepts on a duplicate.
-        let plain = match &self.role {
-            Role::Owner(_) => shared.clone(),
-            Role::Copy => {
-                let own = duplicates(&shared, &self.plain, &name).await;
-                Arc::new(parking_lot::Mutex::new(own))
-            }
-        };
-        let accepting = self.plain.iter().filter_map(|addr| {
-            let fd = plain.lock().get(addr).copied()?;
+        let accepting = self.addresses.iter_mut().filter_map(|(addr, tls)| {
+            let fd = sockets.get(addr).copied()?;
             // SAFETY: `fd` is open, and this listener alone closes it (see above).
             let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+            let tls = tls.take().map(|settings| Arc::new(settings.build()));
             let app = self.app.clone();
             let shutdown = shutdown.clone();
-            let label = format!("{name} {addr}");
-            Some(async move { accept::serve(listener, app, shutdown, &label).await })
+            let name = format!("{} {addr}", self.name);
+            Some(async move { accept::serve(listener, tls, app, shutdown, &name).await })
         });
-        let accepting = futures_util::future::join_all(accepting.collect::<Vec<_>>());
-        let pingora =
-            ServiceTrait::start_service(&mut self.inner, Some(tls), shutdown, listeners_per_fd);
-        tokio::join!(accepting, pingora);
+        futures_util::future::join_all(accepting.collect::<Vec<_>>()).await;
         self.app.cleanup().await;
     }
 
     fn name(&self) -> &str {
-        ServiceTrait::name(&self.inner)
+        &self.name
     }
 
     fn threads(&self) -> Option<usize> {
-        ServiceTrait::threads(&self.inner)
+        self.threads
     }
 
     fn listen_addresses(&self) -> Option<Vec<String>> {
-        Some(self.addresses())
+        Some(self.addresses.iter().map(|(a, _)| a.clone()).collect())
     }
 }
 
@@ -483,11 +449,11 @@ fn set_defer_accept(_socket: BorrowedFd<'_>, defer: Option<Duration>) -> std::io
     }
 }
 
-/// A table of duplicates of the descriptors `shared` holds for `addrs`, waiting (at most
+/// Duplicates of the descriptors `shared` holds for `addrs`, by address, waiting (at most
 /// [`FIRST_COPY_WAIT`]) for the first copy to put them there. An address missing from it
-/// is logged; the copy's service then tries to bind it itself.
-async fn duplicates(shared: &ListenFds, addrs: &[String], service: &str) -> Fds {
-    let mut own = Fds::new();
+/// is logged, and not listened on.
+async fn duplicates(shared: &ListenFds, addrs: &[String], service: &str) -> HashMap<String, RawFd> {
+    let mut own = HashMap::new();
     let waited = Instant::now();
     for addr in addrs {
         let fd = loop {
@@ -498,7 +464,9 @@ async fn duplicates(shared: &ListenFds, addrs: &[String], service: &str) -> Fds 
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         match fd.map(duplicate) {
-            Some(Ok(copy)) => own.add(addr.clone(), copy),
+            Some(Ok(copy)) => {
+                own.insert(addr.clone(), copy);
+            }
             Some(Err(e)) => log::error!("{service}: {addr}: cannot share the socket: {e}"),
             None => log::error!("{service}: {addr}: the first copy never listened"),
         }
@@ -516,18 +484,16 @@ fn duplicate(fd: RawFd) -> std::io::Result<RawFd> {
     Ok(copy)
 }
 
-/// The endpoint of a TLS listener, with its settings; `None` (logged) when they cannot be
-/// made, or `listener` is not TLS. Its TCP keepalive is set on the listening socket (see
-/// [`Listening`]).
-fn tls_endpoint(
+/// The TLS settings of a TLS listener; `None` (logged) when they cannot be made, or
+/// `listener` is not TLS.
+fn tls_settings(
     listener: &Listener,
     config: &Config,
     current: &Arc<ArcSwap<Config>>,
-) -> Option<ListenerConfig> {
+) -> Option<TlsSettings> {
     let ListenerKind::Tls { http2 } = listener.kind else {
         return None;
     };
-    let endpoint = ListenerConfig::tcp(listener.addr.to_string()).l4_buffer(CLIENT_BUFFERS);
     let tls = config.tls.get(&listener.addr)?;
     let resolver = CertResolver::new(current.clone(), listener.addr, tls.clone());
     let mut settings = match TlsSettings::intermediate("", "") {
@@ -539,7 +505,7 @@ fn tls_endpoint(
     };
     settings.set_cert_resolver(Arc::new(resolver));
     settings.set_alpn(if http2 { ALPN::H2H1 } else { ALPN::H1 });
-    Some(endpoint.tls(settings))
+    Some(settings)
 }
 
 /// The certificate resolver of the TLS listener on `addr`. It looks the listener up in
