@@ -104,8 +104,13 @@ pub struct OriginConn {
     keepalive: bool,
     /// Any byte of the response arrived.
     pub answered: bool,
-    /// The whole request head was written (into the socket: the origin may have it).
+    /// The whole request head was written (into the socket: the origin may have it), or
+    /// is being written with the body's first bytes, read from the client by then: either
+    /// way the request cannot be sent again.
     pub head_sent: bool,
+    /// The request head, held until the body's first bytes go with it (see
+    /// [`OriginConn::send_head`]); empty otherwise.
+    head: BytesMut,
 }
 
 impl OriginConn {
@@ -120,11 +125,17 @@ impl OriginConn {
             keepalive: false,
             answered: false,
             head_sent: false,
+            head: BytesMut::new(),
         }
     }
 
     /// Writes the request head. `body` is how the body that follows is framed: the head must
-    /// already say so (`Content-Length` or `Transfer-Encoding: chunked`).
+    /// already say so (`Content-Length` or `Transfer-Encoding: chunked`). A head with a body
+    /// to follow is held until the body's first bytes (or its end) are sent, and goes with
+    /// them in one write: an origin that answers once it has read the head, and closes
+    /// without reading on, would otherwise get the body after its close, and its kernel
+    /// would answer that with a reset, which drops whatever of its answer the proxy had not
+    /// read yet (the last events of a stream).
     pub async fn send_head(
         &mut self,
         req: &RequestHeader,
@@ -142,20 +153,30 @@ impl OriginConn {
         added.write(&mut wire);
         wire.extend_from_slice(b"\r\n");
         self.request = body;
-        let sent = self.send_at_once(&wire);
-        self.stream
-            .write_all(&wire[sent..])
-            .await
-            .or_err(
-                ErrorType::WriteError,
-                "writing the request head to the origin",
-            )
-            .map_err(|e| e.into_up())?;
-        self.head_sent = true;
-        if body == Framing::None {
-            self.flush().await?;
+        self.head = wire;
+        if body != Framing::None {
+            return Ok(());
         }
-        Ok(())
+        self.send(&[]).await
+    }
+
+    /// Writes `parts`, after the request head if it is held (all in one write, which on a
+    /// new plain connection goes out at once: see `send_at_once`), and sends them on.
+    async fn send(&mut self, parts: &[&[u8]]) -> Result<()> {
+        if self.head_sent {
+            for part in parts {
+                self.write(part).await?;
+            }
+        } else {
+            let mut first = std::mem::take(&mut self.head);
+            for part in parts {
+                first.extend_from_slice(part);
+            }
+            self.head_sent = true;
+            let sent = self.send_at_once(&first);
+            self.write(&first[sent..]).await?;
+        }
+        self.flush().await
     }
 
     /// Writes what it can of `data` on a new plain TCP connection at once, in one system
@@ -194,34 +215,30 @@ impl OriginConn {
                     .into_down());
                 }
                 self.request = Framing::Length(left - len);
-                self.write(data).await?;
+                self.send(&[data]).await
             }
             Framing::Chunked(_) => {
-                let mut head = [0u8; 18];
-                let n = chunk_size_line(&mut head, data.len());
-                self.write(&head[..n]).await?;
-                self.write(data).await?;
-                self.write(b"\r\n").await?;
+                let mut size = [0u8; 18];
+                let n = chunk_size_line(&mut size, data.len());
+                self.send(&[&size[..n], data, b"\r\n"]).await
             }
-            _ => {
-                return Err(Error::explain(
-                    ErrorType::InternalError,
-                    "a request body where the head announced none",
-                ))
-            }
+            _ => Err(Error::explain(
+                ErrorType::InternalError,
+                "a request body where the head announced none",
+            )),
         }
-        self.flush().await
     }
 
     /// Ends the request body: the last chunk of a chunked one; a body with a length must
-    /// have been sent whole.
+    /// have been sent whole. A head still held goes now.
     pub async fn finish_body(&mut self) -> Result<()> {
         match self.request {
-            Framing::Chunked(_) => {
-                self.write(b"0\r\n\r\n").await?;
-                self.flush().await?;
+            Framing::Chunked(_) => self.send(&[b"0\r\n\r\n"]).await?,
+            Framing::Length(0) | Framing::None | Framing::Done | Framing::UntilClose => {
+                if !self.head_sent {
+                    self.send(&[]).await?;
+                }
             }
-            Framing::Length(0) | Framing::None | Framing::Done => {}
             Framing::Length(left) => {
                 return Err(Error::explain(
                     ErrorType::ConnectionClosed,
@@ -229,7 +246,6 @@ impl OriginConn {
                 )
                 .into_down())
             }
-            Framing::UntilClose => {}
         }
         self.request = Framing::Done;
         Ok(())
@@ -747,6 +763,63 @@ mod tests {
             .send_head(&request, &added, Framing::None)
             .await
             .expect("sent");
+    }
+
+    /// A head with a body to follow goes out with the body's first bytes, in one write
+    /// (and at once on a new connection), not before them: an origin that answers on the
+    /// head and closes would reset the connection on the body's arrival. Chunked and
+    /// with a length, and a chunked body that is empty at once.
+    #[tokio::test]
+    async fn a_head_with_a_body_goes_out_with_the_bodys_first_bytes() {
+        use futures_util::FutureExt as _;
+        use pingora_core::connectors::l4::Connect as _;
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connect = crate::upstream::connect::TcpConnect { timeout: None };
+        let target = pingora_core::protocols::l4::socket::SocketAddr::Inet(addr);
+        let added = AddedHeaders::default();
+        let cases: [(Framing, &[u8], &str); 3] = [
+            (Framing::Length(2), b"{}", "\r\n\r\n{}"),
+            (
+                Framing::Chunked(ChunkState::Size),
+                b"{}",
+                "\r\n\r\n2\r\n{}\r\n",
+            ),
+            (Framing::Chunked(ChunkState::Size), b"", "\r\n\r\n0\r\n\r\n"),
+        ];
+        for (body, data, tail) in cases {
+            let mut request = RequestHeader::build("POST", b"/chat", None).expect("request");
+            match body {
+                Framing::Length(n) => request.insert_header("content-length", n.to_string()),
+                _ => request.insert_header("transfer-encoding", "chunked"),
+            }
+            .expect("header");
+            let mut conn = OriginConn::new(
+                Box::new(connect.connect(&target).await.expect("connect")),
+                false,
+            );
+            let (mut origin, _) = listener.accept().await.expect("accept");
+            conn.send_head(&request, &added, body).await.expect("held");
+            assert!(!conn.head_sent, "nothing sent before the body");
+            let sent = if data.is_empty() {
+                conn.finish_body().now_or_never()
+            } else {
+                conn.send_body(data).now_or_never()
+            };
+            assert!(matches!(sent, Some(Ok(()))), "written in the same turn");
+            assert!(conn.head_sent);
+            let mut got = vec![0u8; 1024];
+            let n = origin.read(&mut got).await.expect("read");
+            let got = String::from_utf8_lossy(&got[..n]);
+            assert!(got.starts_with("POST /chat HTTP/1.1\r\n"), "{got}");
+            assert!(
+                got.ends_with(tail),
+                "one read has the head and the body: {got:?}"
+            );
+        }
     }
 
     /// Feeds `wire` to the decoder in pieces cut at `cuts`, as an origin's bytes arrive:
