@@ -725,26 +725,39 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64> {
 mod tests {
     use super::*;
 
+    /// A loopback origin's listener, and its address as a peer's.
+    async fn origin() -> (
+        tokio::net::TcpListener,
+        pingora_core::protocols::l4::socket::SocketAddr,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        (
+            listener,
+            pingora_core::protocols::l4::socket::SocketAddr::Inet(addr),
+        )
+    }
+
+    /// A new connection to `target`, made as the services make them.
+    async fn connect(target: &pingora_core::protocols::l4::socket::SocketAddr) -> L4Stream {
+        use pingora_core::connectors::l4::Connect as _;
+        let connect = crate::upstream::connect::TcpConnect { timeout: None };
+        connect.connect(target).await.expect("connect")
+    }
+
     /// On a connection just made, the request head goes out in the same turn (tokio alone
     /// would wait for the socket's first readiness event, a turn of the loop away); on a
     /// pooled one it goes through tokio as before.
     #[tokio::test]
     async fn a_new_connection_takes_the_request_head_at_once() {
         use futures_util::FutureExt as _;
-        use pingora_core::connectors::l4::Connect as _;
         use tokio::io::AsyncReadExt as _;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let connect = crate::upstream::connect::TcpConnect { timeout: None };
-        let target = pingora_core::protocols::l4::socket::SocketAddr::Inet(addr);
+        let (listener, target) = origin().await;
         let request = RequestHeader::build("GET", b"/events", None).expect("request");
         let added = AddedHeaders::default();
-        let mut conn = OriginConn::new(
-            Box::new(connect.connect(&target).await.expect("connect")),
-            false,
-        );
+        let mut conn = OriginConn::new(Box::new(connect(&target).await), false);
         let sent = conn
             .send_head(&request, &added, Framing::None)
             .now_or_never();
@@ -754,10 +767,7 @@ mod tests {
         let n = origin.read(&mut head).await.expect("read");
         assert!(head[..n].starts_with(b"GET /events HTTP/1.1\r\n"));
         // A pooled connection is written through tokio.
-        let mut pooled = OriginConn::new(
-            Box::new(connect.connect(&target).await.expect("connect")),
-            true,
-        );
+        let mut pooled = OriginConn::new(Box::new(connect(&target).await), true);
         assert_eq!(pooled.send_at_once(b"x"), 0);
         pooled
             .send_head(&request, &added, Framing::None)
@@ -772,14 +782,8 @@ mod tests {
     #[tokio::test]
     async fn a_head_with_a_body_goes_out_with_the_bodys_first_bytes() {
         use futures_util::FutureExt as _;
-        use pingora_core::connectors::l4::Connect as _;
         use tokio::io::AsyncReadExt as _;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let connect = crate::upstream::connect::TcpConnect { timeout: None };
-        let target = pingora_core::protocols::l4::socket::SocketAddr::Inet(addr);
+        let (listener, target) = origin().await;
         let added = AddedHeaders::default();
         let cases: [(Framing, &[u8], &str); 3] = [
             (Framing::Length(2), b"{}", "\r\n\r\n{}"),
@@ -797,10 +801,7 @@ mod tests {
                 _ => request.insert_header("transfer-encoding", "chunked"),
             }
             .expect("header");
-            let mut conn = OriginConn::new(
-                Box::new(connect.connect(&target).await.expect("connect")),
-                false,
-            );
+            let mut conn = OriginConn::new(Box::new(connect(&target).await), false);
             let (mut origin, _) = listener.accept().await.expect("accept");
             conn.send_head(&request, &added, body).await.expect("held");
             assert!(!conn.head_sent, "nothing sent before the body");
