@@ -172,9 +172,14 @@ impl OriginConn {
             for part in parts {
                 first.extend_from_slice(part);
             }
-            self.head_sent = true;
+            // Body bytes read from the client go with it: the request cannot be sent again,
+            // whether this write succeeds or not. A head alone can, until it is written.
+            if !parts.is_empty() {
+                self.head_sent = true;
+            }
             let sent = self.send_at_once(&first);
             self.write(&first[sent..]).await?;
+            self.head_sent = true;
         }
         self.flush().await
     }
