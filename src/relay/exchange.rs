@@ -36,6 +36,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, TRANSFER_ENCODING};
 use http::{Method, Version};
 use pingora_core::connectors::TransportConnector;
@@ -559,35 +560,43 @@ impl Relay {
         write_timeout: Option<Duration>,
     ) -> Result<()> {
         let route = ctx.route()?.clone();
+        // What the client sent right behind a chunk, read without waiting for more.
+        let mut ahead: Option<Option<Bytes>> = None;
         loop {
-            let chunk = session
-                .read_request_body()
-                .await
-                .map_err(|e| e.into_down())?;
+            let chunk = match ahead.take() {
+                Some(chunk) => chunk,
+                None => session
+                    .read_request_body()
+                    .await
+                    .map_err(|e| e.into_down())?,
+            };
             let end = chunk.is_none();
             for instance in route.chain.iter() {
                 instance
                     .middleware
                     .request_body(&chunk, end, &mut ctx.chain)?;
             }
-            match chunk {
-                Some(data) => {
-                    within(
-                        write_timeout,
-                        conn.send_body(&data),
-                        "sending the request body",
-                    )
-                    .await?
-                }
-                None => {
-                    return within(
-                        write_timeout,
-                        conn.finish_body(),
-                        "sending the request body",
-                    )
-                    .await
-                }
+            let Some(data) = chunk else {
+                return within(
+                    write_timeout,
+                    conn.finish_body(),
+                    "sending the request body",
+                )
+                .await;
+            };
+            // A body's end that came with its last data goes in the same write: an origin
+            // that answers on the data and closes without reading on would get a last
+            // chunk sent later after its close, and reset the connection.
+            if let Some(next) = session.read_request_body().now_or_never() {
+                ahead = Some(next.map_err(|e| e.into_down())?);
             }
+            let last = matches!(ahead, Some(None));
+            within(
+                write_timeout,
+                conn.send_body(&data, last),
+                "sending the request body",
+            )
+            .await?;
         }
     }
 

@@ -204,10 +204,15 @@ impl OriginConn {
             .unwrap_or(0)
     }
 
-    /// Writes a piece of the request body, framed.
-    pub async fn send_body(&mut self, data: &[u8]) -> Result<()> {
+    /// Writes a piece of the request body, framed; `last`: the body ends with it, and a
+    /// chunked body's last chunk goes in the same write.
+    pub async fn send_body(&mut self, data: &[u8], last: bool) -> Result<()> {
         if data.is_empty() {
-            return Ok(());
+            return if last {
+                self.finish_body().await
+            } else {
+                Ok(())
+            };
         }
         match self.request {
             Framing::Length(left) => {
@@ -225,6 +230,10 @@ impl OriginConn {
             Framing::Chunked(_) => {
                 let mut size = [0u8; 18];
                 let n = chunk_size_line(&mut size, data.len());
+                if last {
+                    self.request = Framing::Done;
+                    return self.send(&[&size[..n], data, b"\r\n0\r\n\r\n"]).await;
+                }
                 self.send(&[&size[..n], data, b"\r\n"]).await
             }
             _ => Err(Error::explain(
@@ -783,23 +792,37 @@ mod tests {
     /// A head with a body to follow goes out with the body's first bytes, in one write
     /// (and at once on a new connection), not before them: an origin that answers on the
     /// head and closes would reset the connection on the body's arrival. Chunked and
-    /// with a length, and a chunked body that is empty at once.
+    /// with a length; a chunked body's end in the same write when it ends with the data,
+    /// and alone with the head when it is empty.
     #[tokio::test]
     async fn a_head_with_a_body_goes_out_with_the_bodys_first_bytes() {
         use futures_util::FutureExt as _;
         use tokio::io::AsyncReadExt as _;
         let (listener, target) = origin().await;
         let added = AddedHeaders::default();
-        let cases: [(Framing, &[u8], &str); 3] = [
-            (Framing::Length(2), b"{}", "\r\n\r\n{}"),
+        // (framing, data, the body ends with it, how the one read at the origin ends)
+        let cases: [(Framing, &[u8], bool, &str); 4] = [
+            (Framing::Length(2), b"{}", false, "\r\n\r\n{}"),
             (
                 Framing::Chunked(ChunkState::Size),
                 b"{}",
+                false,
                 "\r\n\r\n2\r\n{}\r\n",
             ),
-            (Framing::Chunked(ChunkState::Size), b"", "\r\n\r\n0\r\n\r\n"),
+            (
+                Framing::Chunked(ChunkState::Size),
+                b"{}",
+                true,
+                "\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+            ),
+            (
+                Framing::Chunked(ChunkState::Size),
+                b"",
+                true,
+                "\r\n\r\n0\r\n\r\n",
+            ),
         ];
-        for (body, data, tail) in cases {
+        for (body, data, last, tail) in cases {
             let mut request = RequestHeader::build("POST", b"/chat", None).expect("request");
             match body {
                 Framing::Length(n) => request.insert_header("content-length", n.to_string()),
@@ -810,11 +833,7 @@ mod tests {
             let (mut origin, _) = listener.accept().await.expect("accept");
             conn.send_head(&request, &added, body).await.expect("held");
             assert!(!conn.head_sent, "nothing sent before the body");
-            let sent = if data.is_empty() {
-                conn.finish_body().now_or_never()
-            } else {
-                conn.send_body(data).now_or_never()
-            };
+            let sent = conn.send_body(data, last).now_or_never();
             assert!(matches!(sent, Some(Ok(()))), "written in the same turn");
             assert!(conn.head_sent);
             let mut got = vec![0u8; 1024];
