@@ -145,6 +145,19 @@ async fn head_arrives_before_the_rest_of_an_event_paced_by_flush_interval() {
     .await;
 }
 
+/// Answers with an `HTTP/{version}` head of `kind`, two events in chunks and the body's
+/// end, and closes, reading nothing more of the request.
+async fn two_events_and_close(mut conn: common::Conn, version: &str, kind: &str) -> After {
+    let head = format!(
+        "HTTP/{version} 200 OK\r\ncontent-type: {kind}\r\ntransfer-encoding: chunked\r\n\r\n"
+    );
+    conn.write(head.as_bytes()).await.expect("head");
+    conn.chunk("data: one\n\n").await.expect("one");
+    conn.chunk("data: two\n\n").await.expect("two");
+    conn.end().await.expect("end");
+    After::Close
+}
+
 /// An HTTP/1.0 client knows no chunked coding: what reaches it has no `Transfer-Encoding`,
 /// the body as it is, ended by the close, under the proxy's own `HTTP/1.1` status line
 /// whatever the origin's was. A `GET` stream (carried in a task of its own), a `POST`
@@ -152,20 +165,13 @@ async fn head_arrives_before_the_rest_of_an_event_paced_by_flush_interval() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_http10_client_gets_bodies_unchunked() {
     use tokio::io::AsyncWriteExt;
-    let origin = Origin::start(|head, mut conn| async move {
+    let origin = Origin::start(|head, conn| async move {
         let (version, kind) = match head.target.as_str() {
             "/plain" => ("1.1", "text/plain"),
             "/old" => ("1.0", "text/event-stream"),
             _ => ("1.1", "text/event-stream"),
         };
-        let head = format!(
-            "HTTP/{version} 200 OK\r\ncontent-type: {kind}\r\ntransfer-encoding: chunked\r\n\r\n"
-        );
-        conn.write(head.as_bytes()).await.expect("head");
-        conn.chunk("data: one\n\n").await.expect("one");
-        conn.chunk("data: two\n\n").await.expect("two");
-        conn.end().await.expect("end");
-        After::Close
+        two_events_and_close(conn, version, kind).await
     })
     .await;
     let proxy = Proxy::start(&config(&origin, "")).await;
@@ -198,16 +204,8 @@ async fn an_http10_client_gets_bodies_unchunked() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_post_stream_whose_origin_never_reads_the_body_keeps_its_end() {
     use tokio::io::AsyncWriteExt;
-    let origin = Origin::start(|_, mut conn| async move {
-        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
-                    transfer-encoding: chunked\r\n\r\n";
-        conn.write(head.as_bytes()).await.expect("head");
-        conn.chunk("data: one\n\n").await.expect("one");
-        conn.chunk("data: two\n\n").await.expect("two");
-        conn.end().await.expect("end");
-        After::Close
-    })
-    .await;
+    let origin =
+        Origin::start(|_, conn| two_events_and_close(conn, "1.1", "text/event-stream")).await;
     let proxy = Proxy::start(&config(&origin, "")).await;
     for request in [
         "POST /chat HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
