@@ -738,27 +738,11 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A loopback origin's listener, and its address as a peer's.
-    async fn origin() -> (
-        tokio::net::TcpListener,
-        pingora_core::protocols::l4::socket::SocketAddr,
-    ) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        (
-            listener,
-            pingora_core::protocols::l4::socket::SocketAddr::Inet(addr),
-        )
-    }
+    use crate::upstream::connect::testing::{connected, loopback};
 
     /// A new connection to `target`, made as the services make them.
     async fn connect(target: &pingora_core::protocols::l4::socket::SocketAddr) -> L4Stream {
-        use pingora_core::connectors::l4::Connect as _;
-        let connect = crate::upstream::connect::TcpConnect { timeout: None };
-        connect.connect(target).await.expect("connect")
+        connected(target).await.expect("connect")
     }
 
     /// On a connection just made, the request head goes out in the same turn (tokio alone
@@ -768,7 +752,7 @@ mod tests {
     async fn a_new_connection_takes_the_request_head_at_once() {
         use futures_util::FutureExt as _;
         use tokio::io::AsyncReadExt as _;
-        let (listener, target) = origin().await;
+        let (listener, target) = loopback().await;
         let request = RequestHeader::build("GET", b"/events", None).expect("request");
         let added = AddedHeaders::default();
         let mut conn = OriginConn::new(Box::new(connect(&target).await), false);
@@ -798,7 +782,7 @@ mod tests {
     async fn a_head_with_a_body_goes_out_with_the_bodys_first_bytes() {
         use futures_util::FutureExt as _;
         use tokio::io::AsyncReadExt as _;
-        let (listener, target) = origin().await;
+        let (listener, target) = loopback().await;
         let added = AddedHeaders::default();
         // (framing, data, the body ends with it, how the one read at the origin ends)
         let cases: [(Framing, &[u8], bool, &str); 4] = [

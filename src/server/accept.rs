@@ -63,6 +63,13 @@ pub async fn serve<A: ServerApp + Send + Sync + 'static>(
             return;
         }
     };
+    // On a listener bound to one address, every connection's local address is that one:
+    // known without asking the kernel (admission and each request look their listener
+    // up by it). On the unspecified address only the kernel knows which was reached.
+    let local = listener
+        .local_addr()
+        .ok()
+        .filter(|addr| !addr.ip().is_unspecified());
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -76,7 +83,7 @@ pub async fn serve<A: ServerApp + Send + Sync + 'static>(
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let Some(stream) = connection(tcp, peer) else {
+                let Some(stream) = connection(tcp, peer, local) else {
                     continue;
                 };
                 let (app, shutdown) = (app.clone(), shutdown.clone());
@@ -97,9 +104,9 @@ pub async fn serve<A: ServerApp + Send + Sync + 'static>(
 }
 
 /// Pingora's L4 stream over an accepted connection, with `TCP_NODELAY` on and its peer's
-/// address known. `None` (logged at debug) when the socket cannot be set up: the peer is
-/// gone already.
-fn connection(tcp: TcpStream, peer: SocketAddr) -> Option<L4Stream> {
+/// address known, and its local address when the listener's says it. `None` (logged at
+/// debug) when the socket cannot be set up: the peer is gone already.
+fn connection(tcp: TcpStream, peer: SocketAddr, local: Option<SocketAddr>) -> Option<L4Stream> {
     let mut stream = L4Stream::from(tcp);
     if let Err(e) = stream.set_nodelay() {
         log::debug!("a connection from {peer} closed as it was accepted: {e}");
@@ -107,6 +114,9 @@ fn connection(tcp: TcpStream, peer: SocketAddr) -> Option<L4Stream> {
     }
     let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
     let _ = digest.peer_addr.set(Some(PeerAddr::Inet(peer)));
+    if let Some(local) = local {
+        let _ = digest.local_addr.set(Some(PeerAddr::Inet(local)));
+    }
     stream.set_socket_digest(digest);
     Some(stream)
 }
@@ -138,9 +148,19 @@ mod tests {
 
     use super::*;
 
-    /// What the app saw of one connection: the task its first turn ran in, the task the
-    /// rest ran in, its peer's address, and whether `TCP_NODELAY` was on.
-    type Seen = (Option<Id>, Option<Id>, Option<SocketAddr>, bool);
+    /// What the app saw of one connection.
+    #[derive(Debug, Clone, Copy)]
+    struct Seen {
+        /// The task its first turn ran in, and the task the rest ran in.
+        first: Option<Id>,
+        rest: Option<Id>,
+        peer: Option<SocketAddr>,
+        nodelay: bool,
+        /// Whether its local address was known before anyone asked the kernel, and what
+        /// it is.
+        local_known: bool,
+        local: Option<SocketAddr>,
+    }
 
     /// Answers `hello` with `ok`, then waits for `bye`.
     #[derive(Default)]
@@ -160,40 +180,38 @@ mod tests {
             stream.flush().await.ok()?;
             let mut bye = [0u8; 3];
             stream.read_exact(&mut bye).await.ok()?;
-            let rest = tokio::task::try_id();
-            let peer = stream
-                .get_socket_digest()
-                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet().copied()));
-            let fd = stream.id();
-            // SAFETY: the stream owns `fd` and keeps it open for this borrow.
-            let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-            let nodelay = socket2::SockRef::from(&socket)
-                .tcp_nodelay()
-                .unwrap_or(false);
-            self.0
-                .lock()
-                .expect("lock")
-                .push((first, rest, peer, nodelay));
+            let digest = stream.get_socket_digest()?;
+            let local_known = digest.local_addr.get().is_some();
+            // SAFETY: the stream owns its descriptor and keeps it open for this borrow.
+            let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(stream.id()) };
+            self.0.lock().expect("lock").push(Seen {
+                first,
+                rest: tokio::task::try_id(),
+                peer: digest.peer_addr().and_then(|a| a.as_inet().copied()),
+                nodelay: socket2::SockRef::from(&socket)
+                    .tcp_nodelay()
+                    .unwrap_or(false),
+                local_known,
+                local: digest.local_addr().and_then(|a| a.as_inet().copied()),
+            });
             None
         }
     }
 
-    /// A connection is served in the accept loop's task up to its first wait (its answer
-    /// to `hello` is written there), and in a task of its own after it; it is given its
-    /// peer's address and `TCP_NODELAY`. The loop ends when the server shuts down, and
-    /// closes its listening socket.
-    #[tokio::test]
-    async fn a_connection_takes_its_first_turn_in_the_accept_loop() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    /// Serves one connection to 127.0.0.1 on a listener bound to `bind`, stops the loop
+    /// and reports what the app saw, the addresses of both ends and the loop's task.
+    async fn greet(bind: &str) -> (Seen, SocketAddr, SocketAddr, Id) {
+        let listener = std::net::TcpListener::bind(bind).expect("bind");
         listener.set_nonblocking(true).expect("non-blocking");
-        let addr = listener.local_addr().expect("address");
+        let port = listener.local_addr().expect("address").port();
         let app = Arc::new(Greeter::default());
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let serving = tokio::spawn({
             let app = app.clone();
             async move { serve(listener, None, app, shutdown, "test").await }
         });
-        let mut client = TcpStream::connect(addr).await.expect("connect");
+        let reached = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut client = TcpStream::connect(reached).await.expect("connect");
         client.write_all(b"hello").await.expect("write");
         let mut ok = [0u8; 2];
         client.read_exact(&mut ok).await.expect("read");
@@ -205,23 +223,42 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        let (first, rest, peer, nodelay) = seen;
-        assert_eq!(
-            first,
-            Some(serving.id()),
-            "the first turn, in the loop's task"
-        );
-        assert!(
-            rest.is_some() && rest != first,
-            "the rest, in a task of its own"
-        );
-        assert_eq!(peer, Some(client.local_addr().expect("address")));
-        assert!(nodelay);
+        let task = serving.id();
         stop.send(true).expect("the loop listens");
         serving.await.expect("the loop ends");
+        let client = client.local_addr().expect("address");
+        (seen, client, reached, task)
+    }
+
+    /// A connection is served in the accept loop's task up to its first wait (its answer
+    /// to `hello` is written there), and in a task of its own after it; it is given its
+    /// peer's address, `TCP_NODELAY`, and its local address without a `getsockname` when
+    /// the listener is bound to one address. The loop ends when the server shuts down, and
+    /// closes its listening socket.
+    #[tokio::test]
+    async fn a_connection_takes_its_first_turn_in_the_accept_loop() {
+        let (seen, client, reached, task) = greet("127.0.0.1:0").await;
+        assert_eq!(seen.first, Some(task), "the first turn, in the loop's task");
         assert!(
-            TcpStream::connect(addr).await.is_err(),
-            "the listening socket is closed with it"
+            seen.rest.is_some() && seen.rest != seen.first,
+            "the rest, in a task of its own"
         );
+        assert_eq!(seen.peer, Some(client));
+        assert!(seen.nodelay);
+        assert!(seen.local_known, "known at accept, no getsockname");
+        assert_eq!(seen.local, Some(reached));
+        assert!(
+            TcpStream::connect(reached).await.is_err(),
+            "the listening socket is closed with the loop"
+        );
+    }
+
+    /// On the unspecified address only the kernel knows which address a connection
+    /// reached: it is asked when needed.
+    #[tokio::test]
+    async fn a_connection_to_the_unspecified_address_asks_for_its_local_address() {
+        let (seen, _, reached, _) = greet("0.0.0.0:0").await;
+        assert!(!seen.local_known);
+        assert_eq!(seen.local, Some(reached));
     }
 }

@@ -34,7 +34,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora_core::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora_core::protocols::http::ServerSession;
-use pingora_core::protocols::l4::socket::SocketAddr;
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::tls::{SslDigest, TlsRef};
 use pingora_core::protocols::{
@@ -200,14 +199,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Admitting<A> {
             gate.refused();
             return None;
         };
-        let addr = gate.listener.addr;
-        if !addr.ip().is_unspecified() {
-            // What the connection's local address is, known without asking the kernel:
-            // each request looks its listener up by it.
-            if let Some(digest) = stream.get_socket_digest() {
-                let _ = digest.local_addr.set(Some(SocketAddr::Inet(addr)));
-            }
-        }
         let admitted = Admitted {
             gathered: Vec::new(),
             first: first_deadline(&gate.listener),
@@ -574,66 +565,6 @@ mod tests {
             _slot: slot,
         };
         (admitted, peer)
-    }
-
-    /// What a request finds of its connection's local address: the address, and whether
-    /// it was known before anyone asked the kernel for it.
-    type Found = Arc<std::sync::Mutex<Option<(bool, Option<SocketAddr>)>>>;
-
-    /// An app that only records what its request finds.
-    struct LocalAddress(Found);
-
-    #[async_trait]
-    impl HttpServerApp for LocalAddress {
-        async fn process_new_http(
-            self: &Arc<Self>,
-            session: ServerSession,
-            _shutdown: &ShutdownWatch,
-        ) -> Option<ReusedHttpStream> {
-            let digest = session.digest().and_then(|d| d.socket_digest.clone());
-            let known = digest.is_some_and(|d| d.local_addr.get().is_some());
-            let addr = session.server_addr().and_then(|a| a.as_inet()).copied();
-            *self.0.lock().expect("lock") = Some((known, addr));
-            None
-        }
-    }
-
-    /// Admits one connection to a listener on `bind` (which the connection reaches on
-    /// 127.0.0.1) and reports what its request found, and the address it reached.
-    async fn local_address_found(bind: &str) -> (bool, Option<SocketAddr>, SocketAddr) {
-        let listener = TcpListener::bind(bind).await.expect("bind");
-        let mut listened: SocketAddr = listener.local_addr().expect("address");
-        let peer = TcpStream::connect(("127.0.0.1", listened.port()))
-            .await
-            .expect("connect");
-        let (accepted, _) = listener.accept().await.expect("accept");
-        let found = Found::default();
-        let gate = Gate::new(
-            &Listener::new(listened, ListenerKind::Plain { h2c: false }),
-            &Metrics::new(),
-        );
-        let admitting = Arc::new(Admitting::new(LocalAddress(found.clone()), vec![gate]));
-        let (_keep, shutdown) = tokio::sync::watch::channel(false);
-        // As Pingora's listener hands it over: with the digest of its socket.
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&accepted);
-        let mut stream = L4Stream::from(accepted);
-        stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
-        admitting.process_new(Box::new(stream), &shutdown).await;
-        drop(peer);
-        let (known, addr) = found.lock().expect("lock").take().expect("a request");
-        listened.set_ip("127.0.0.1".parse().expect("ip"));
-        (known, addr, listened)
-    }
-
-    #[tokio::test]
-    async fn a_listener_on_one_address_gives_its_connections_their_local_address() {
-        let (known, addr, listened) = local_address_found("127.0.0.1:0").await;
-        assert!(known, "known at admission, no getsockname");
-        assert_eq!(addr, Some(listened));
-        // On the unspecified address only the kernel knows which address was reached.
-        let (known, addr, reached) = local_address_found("0.0.0.0:0").await;
-        assert!(!known);
-        assert_eq!(addr, Some(reached), "asked for when needed");
     }
 
     /// Reads from `peer` until `want` bytes arrived.

@@ -8,10 +8,9 @@
 //! every request with a 308 to the https form. Each proxy service runs as one copy per
 //! worker thread (see [`workers`]). The proxy services share one config handle and one
 //! state, so a reload reaches every listener at once and limits count across threads.
-//! Every listening socket is made here, before Pingora starts the service that listens on
-//! it, with the listener's TCP keepalive and `defer_accept` set on it once; plain
-//! listeners are accepted on by streamgate's loop, TLS ones by Pingora's (see
-//! [`Listening`]).
+//! Every listening socket is made here, when the service that listens on it starts, with
+//! the listener's TCP keepalive and `defer_accept` set on it once, and every listener is
+//! accepted on by streamgate's loop (`accept`; see [`Listening`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -111,13 +110,15 @@ pub fn services(
                 proxy = proxy.one_thread();
             }
             for listener in &group {
-                if matches!(listener.kind, ListenerKind::Tls { .. }) {
-                    if let Some(settings) = tls_settings(listener, config, current) {
-                        proxy = proxy.tls(listener.addr, settings);
+                proxy = match listener.kind {
+                    ListenerKind::Tls { http2 } => {
+                        match tls_settings(listener, http2, config, current) {
+                            Some(settings) => proxy.tls(listener.addr, settings),
+                            None => proxy,
+                        }
                     }
-                } else {
-                    proxy = proxy.plain(listener.addr);
-                }
+                    _ => proxy.plain(listener.addr),
+                };
             }
             if worker == 0 {
                 proxy = proxy.owner(&group);
@@ -352,8 +353,8 @@ async fn listening_socket(shared: &ListenFds, addr: &str, settings: SocketSettin
             }
         },
     };
-    // SAFETY: the table owns `fd` and keeps it open while the process runs (Pingora closes
-    // it when the service that listens on it stops, after this).
+    // SAFETY: the table owns `fd` and keeps it open until the owner's accept loop, started
+    // after this, stops and closes it.
     let socket = unsafe { BorrowedFd::borrow_raw(fd) };
     if let Err(e) = set_keepalive(SockRef::from(&socket), settings.keepalive) {
         log::error!("{addr}: cannot set the listening socket's TCP keepalive: {e}");
@@ -363,7 +364,7 @@ async fn listening_socket(shared: &ListenFds, addr: &str, settings: SocketSettin
     }
 }
 
-/// A listening socket on `addr` (address reuse on, non-blocking as Pingora's reactor
+/// A listening socket on `addr` (address reuse on, non-blocking as tokio's reactor
 /// needs), trying again while the address is in use.
 async fn bind(addr: &str) -> std::io::Result<std::net::TcpListener> {
     let parsed: SocketAddr = addr
@@ -484,16 +485,14 @@ fn duplicate(fd: RawFd) -> std::io::Result<RawFd> {
     Ok(copy)
 }
 
-/// The TLS settings of a TLS listener; `None` (logged) when they cannot be made, or
-/// `listener` is not TLS.
+/// The TLS settings of a TLS listener (`http2`: it offers h2 by ALPN); `None` (logged)
+/// when they cannot be made.
 fn tls_settings(
     listener: &Listener,
+    http2: bool,
     config: &Config,
     current: &Arc<ArcSwap<Config>>,
 ) -> Option<TlsSettings> {
-    let ListenerKind::Tls { http2 } = listener.kind else {
-        return None;
-    };
     let tls = config.tls.get(&listener.addr)?;
     let resolver = CertResolver::new(current.clone(), listener.addr, tls.clone());
     let mut settings = match TlsSettings::intermediate("", "") {

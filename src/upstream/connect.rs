@@ -86,37 +86,49 @@ fn failed(e: io::Error, addr: &std::net::SocketAddr) -> Box<Error> {
     Error::because(etype, format!("connecting to {addr}"), e)
 }
 
+/// Loopback origins and connections to them, for tests here and in the relay.
 #[cfg(test)]
-mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
+pub(crate) mod testing {
     use super::*;
 
-    #[tokio::test]
-    async fn a_loopback_connection_is_ready_at_once_and_failures_keep_their_type() {
+    /// A loopback listener standing for an origin, and its address as a peer's.
+    pub async fn loopback() -> (tokio::net::TcpListener, SocketAddr) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let connect = TcpConnect {
+        (listener, SocketAddr::Inet(addr))
+    }
+
+    /// A new connection to `target`, made as the services make them.
+    pub async fn connected(target: &SocketAddr) -> Result<Stream> {
+        TcpConnect {
             timeout: Some(Duration::from_secs(1)),
-        };
-        let stream = connect
-            .connect(&SocketAddr::Inet(addr))
-            .await
-            .expect("connects");
+        }
+        .connect(target)
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::testing::{connected, loopback};
+    use super::*;
+
+    #[tokio::test]
+    async fn a_loopback_connection_is_ready_at_once_and_failures_keep_their_type() {
+        let (listener, target) = loopback().await;
+        let mut stream = connected(&target).await.expect("connects");
         let (mut accepted, _) = listener.accept().await.expect("accept");
-        let mut stream = stream;
         stream.write_all(b"hello").await.expect("write");
         stream.flush().await.expect("flush");
         let mut got = [0u8; 5];
         accepted.read_exact(&mut got).await.expect("read");
         assert_eq!(&got, b"hello");
         drop(listener);
-        let refused = connect
-            .connect(&SocketAddr::Inet(addr))
-            .await
-            .expect_err("nobody listens");
+        let refused = connected(&target).await.expect_err("nobody listens");
         assert_eq!(refused.etype(), &ErrorType::ConnectRefused);
     }
 }
