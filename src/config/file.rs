@@ -15,6 +15,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use crate::listen::TlsVersion;
+use crate::middleware::size_limit::ByteSize;
 pub use crate::middleware::MiddlewareFile;
 use crate::pattern::{HostPattern, PathPattern};
 pub use crate::sse::SseFile;
@@ -162,6 +163,14 @@ pub struct ServiceFile {
     /// Further endpoints to try when connecting fails (never once a request was sent).
     #[serde(default)]
     pub retries: Option<u32>,
+    /// How much of a request body is gathered before the request goes to the origin
+    /// (default 16 KiB; 0: streamed from its first byte).
+    #[serde(default)]
+    pub request_buffer: Option<ByteSize>,
+    /// How long a body that comes in pieces is gathered before it is streamed (default
+    /// 20ms).
+    #[serde(default)]
+    pub request_buffer_wait: Option<Dur>,
     /// Session affinity learned from responses: `header: NAME` or `cookie: NAME`, `ttl`,
     /// `max_entries`.
     #[serde(default)]

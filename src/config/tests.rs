@@ -953,6 +953,17 @@ fn services_with_many_endpoints_load() {
     let feed = &config.services["feed"];
     assert_eq!(feed.endpoints.algorithm(), Algorithm::ConsistentHash);
     assert_eq!(feed.retries, 1);
+    assert_eq!(feed.request_buffer, crate::upstream::DEFAULT_REQUEST_BUFFER);
+    let buffered = load(
+        "services:\n  up:\n    url: \"http://127.0.0.1:1\"\n    request_buffer: 64KiB\n    \
+         request_buffer_wait: 5ms\n",
+    )
+    .expect("loads");
+    assert_eq!(buffered.services["up"].request_buffer, 64 * 1024);
+    assert_eq!(
+        buffered.services["up"].request_buffer_wait,
+        std::time::Duration::from_millis(5)
+    );
     assert!(feed.sse.resume);
     assert_eq!(feed.sse.resume_attempts, 5);
     let plain =
@@ -974,6 +985,19 @@ fn bad_endpoint_settings_are_refused_at_their_key() {
         "services.feed.discovery",
     );
     refused(&service("    retries: 1\n"), 2, "services.feed");
+    for bad in [
+        "request_buffer: 17MiB",
+        "request_buffer: lots",
+        "request_buffer_wait: soon",
+    ] {
+        let key = bad.split(':').next().expect("key");
+        let e = refused(
+            &service(&format!("    url: \"http://127.0.0.1:1\"\n    {bad}\n")),
+            4,
+            &format!("services.feed.{key}"),
+        );
+        assert!(!e.to_string().is_empty());
+    }
     refused(
         &service("    url: \"http://127.0.0.1:1\"\n    hash_key: path\n"),
         4,

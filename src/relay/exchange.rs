@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt as _;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, TRANSFER_ENCODING};
 use http::{Method, Version};
@@ -550,8 +550,17 @@ impl Relay {
         }
     }
 
-    /// Streams the client's request body to the origin as it arrives, through the chain's
-    /// `request_body` hooks.
+    /// Sends the client's request body to the origin, through the chain's `request_body`
+    /// hooks: up to the service's `request_buffer` bytes are gathered first, for at most
+    /// `request_buffer_wait` from the first piece, so a body that ends within them goes
+    /// whole, with the request head, in one write; past them (or from the first byte,
+    /// with a buffer of 0) it is streamed as it arrives.
+    ///
+    /// An origin that answers once it has the head and closes without reading the body
+    /// (an event stream that ignores its `POST`'s body) would get body bytes sent later
+    /// after its close, or unread at it; its kernel then resets the connection and drops
+    /// what it had not yet sent of the answer. Gathering the body keeps a short one from
+    /// arriving in parts, however the client sent it (HTTP/2 DATA frames, chunks).
     async fn send_body(
         &self,
         session: &mut ServerSession,
@@ -560,12 +569,34 @@ impl Relay {
         write_timeout: Option<Duration>,
     ) -> Result<()> {
         let route = ctx.route()?.clone();
+        let (buffer, wait) = (
+            route.service.request_buffer,
+            route.service.request_buffer_wait,
+        );
+        // The body gathered so far, while nothing of it has gone, and until when more of
+        // it is waited for.
+        let mut held: Option<BytesMut> = (buffer > 0).then(BytesMut::new);
+        let mut gather_until = None;
         // What the client sent right behind a chunk, read without waiting for more.
         let mut ahead: Option<Option<Bytes>> = None;
         loop {
-            let chunk = match ahead.take() {
-                Some(chunk) => chunk,
-                None => session
+            let chunk = match (ahead.take(), gather_until) {
+                (Some(chunk), _) => chunk,
+                (None, Some(until)) => {
+                    match tokio::time::timeout_at(until, session.read_request_body()).await {
+                        Ok(read) => read.map_err(|e| e.into_down())?,
+                        Err(_) => {
+                            // The rest is slow to come: what was gathered goes, and the
+                            // rest is streamed.
+                            gather_until = None;
+                            let body = held.take().unwrap_or_default().freeze();
+                            let sent = conn.send_body(&body, false);
+                            within(write_timeout, sent, "sending the request body").await?;
+                            continue;
+                        }
+                    }
+                }
+                (None, None) => session
                     .read_request_body()
                     .await
                     .map_err(|e| e.into_down())?,
@@ -577,20 +608,43 @@ impl Relay {
                     .request_body(&chunk, end, &mut ctx.chain)?;
             }
             let Some(data) = chunk else {
-                return within(
-                    write_timeout,
-                    conn.finish_body(),
-                    "sending the request body",
-                )
-                .await;
+                return match held.take().filter(|gathered| !gathered.is_empty()) {
+                    Some(body) => {
+                        let sent = conn.send_body(&body, true);
+                        within(write_timeout, sent, "sending the request body").await
+                    }
+                    None => {
+                        let sent = conn.finish_body();
+                        within(write_timeout, sent, "sending the request body").await
+                    }
+                };
             };
-            // A body's end that came with its last data goes in the same write: an origin
-            // that answers on the data and closes without reading on would get a last
-            // chunk sent later after its close, and reset the connection.
+            // A body's end that came with its last data goes in the same write (see above).
             if let Some(next) = session.read_request_body().now_or_never() {
                 ahead = Some(next.map_err(|e| e.into_down())?);
             }
             let last = matches!(ahead, Some(None));
+            let data = match held.as_mut() {
+                Some(gathered) if !last && gathered.len() + data.len() <= buffer => {
+                    gathered.extend_from_slice(&data);
+                    gather_until.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+                    continue;
+                }
+                // The end, or past `buffer`: what was gathered goes with this piece (a
+                // body that came in one piece goes as it is), and the rest is streamed.
+                Some(gathered) => {
+                    let body = if gathered.is_empty() {
+                        data
+                    } else {
+                        gathered.extend_from_slice(&data);
+                        std::mem::take(gathered).freeze()
+                    };
+                    held = None;
+                    gather_until = None;
+                    body
+                }
+                None => data,
+            };
             within(
                 write_timeout,
                 conn.send_body(&data, last),

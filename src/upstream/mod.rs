@@ -23,4 +23,7 @@ pub mod service;
 pub use affinity::{Affinity, AffinityFile};
 pub use balancing::{Algorithm, HashKey};
 pub use endpoints::{EndpointView, Endpoints, Lease};
-pub use service::{url_endpoints, Attempts, HostHeader, Scheme, Service, ServiceUrl, Timeouts};
+pub use service::{
+    url_endpoints, Attempts, HostHeader, Scheme, Service, ServiceUrl, Timeouts,
+    DEFAULT_REQUEST_BUFFER,
+};

@@ -226,6 +226,15 @@ impl Default for Timeouts {
     }
 }
 
+/// `request_buffer` when the config gives none: a JSON prompt or an MCP message goes
+/// whole; a longer body is streamed on from there.
+pub const DEFAULT_REQUEST_BUFFER: usize = 16 * 1024;
+
+/// `request_buffer_wait` when the config gives none: a body a program writes in pieces
+/// (HTTP/2 DATA frames, chunks) has them within it; an upload that streams on starts
+/// that much later.
+pub const DEFAULT_REQUEST_BUFFER_WAIT: Duration = Duration::from_millis(20);
+
 /// A named upstream service.
 #[derive(Debug)]
 pub struct Service {
@@ -245,6 +254,12 @@ pub struct Service {
     pub hash_key: HashKey,
     /// Further endpoints a request may try when connecting fails.
     pub retries: u32,
+    /// How many bytes of a request body are gathered before the request goes to the
+    /// origin (`request_buffer`): a body that ends within them goes whole with its head.
+    pub request_buffer: usize,
+    /// How long a body that comes in pieces is waited for before what was gathered goes
+    /// and the rest is streamed (`request_buffer_wait`).
+    pub request_buffer_wait: Duration,
     /// Where the endpoints come from, for `-t` (`None`: the URL).
     pub discovery: Option<String>,
     /// TLS to the origin: set exactly when the service is `https`.
@@ -291,6 +306,8 @@ impl Service {
             endpoints,
             hash_key: HashKey::ClientIp,
             retries: 0,
+            request_buffer: DEFAULT_REQUEST_BUFFER,
+            request_buffer_wait: DEFAULT_REQUEST_BUFFER_WAIT,
             discovery: None,
             tls: None,
             affinity: None,

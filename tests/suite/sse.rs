@@ -226,6 +226,134 @@ async fn a_post_stream_whose_origin_never_reads_the_body_keeps_its_end() {
     }
 }
 
+/// The same origin behind an HTTP/2 client's `POST` streams: the body comes in HTTP/2 DATA
+/// frames (the end of it in a frame of its own, or with the last data), and goes to the
+/// origin with the request head all the same, so every answer keeps its last event.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_post_stream_whose_origin_never_reads_the_body_keeps_its_end() {
+    let origin =
+        Origin::start(|_, conn| two_events_and_close(conn, "1.1", "text/event-stream")).await;
+    let proxy = Proxy::start_h2c(&config(&origin, "")).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    for streamed in [false, true] {
+        for _ in 0..40 {
+            let body = if streamed {
+                // A body of unknown length: DATA frames, then an empty one that ends it.
+                let parts = [Ok::<_, std::io::Error>("{"), Ok("}")];
+                reqwest::Body::wrap_stream(futures_util::stream::iter(parts))
+            } else {
+                reqwest::Body::from("{}")
+            };
+            let response = h2
+                .post(format!("http://{}/chat", proxy.addr))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("answer");
+            assert_eq!(response.version(), reqwest::Version::HTTP_2);
+            let mut events = Events::new(response);
+            assert_eq!(events.next().await.as_deref(), Some("data: one"));
+            assert_eq!(events.next().await.as_deref(), Some("data: two"));
+            assert_eq!(events.next().await, None, "streamed body: {streamed}");
+        }
+    }
+}
+
+/// A request body is gathered up to the service's `request_buffer` (16 KiB by default),
+/// for at most `request_buffer_wait` (20 ms by default), before the request goes: one
+/// sent in two parts a pause apart within the wait reaches the origin whole, with its
+/// head, in one read, and the origin that answers without reading it still gets its
+/// answer through. Past the buffer, past the wait, or with `request_buffer: 0`, the body
+/// is streamed: the origin has the head and the first part before the client sends the
+/// rest (the client waits for that, so with the body held this would never finish).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_body_is_gathered_up_to_request_buffer_then_streamed() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    // What the origin had read with the head, before reading anything more.
+    let (seen_tx, mut seen) = mpsc::unbounded_channel::<Vec<u8>>();
+    let seen_tx = Arc::new(seen_tx);
+    let origin = Origin::start(move |head, mut conn| {
+        let seen_tx = seen_tx.clone();
+        async move {
+            let with_head = conn.reader.fill_buf().await.expect("read").to_vec();
+            let _ = seen_tx.send(with_head);
+            if head.target == "/upload" {
+                let body = conn.read_body(&head).await.expect("body");
+                let _ = conn.respond(200, &body.len().to_string()).await;
+                return After::Close;
+            }
+            two_events_and_close(conn, "1.1", "text/event-stream").await
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "services:\n  gathered:\n    url: \"{url}\"\n    request_buffer_wait: 30s\n  \
+         waited:\n    url: \"{url}\"\n  small:\n    url: \"{url}\"\n    request_buffer: 1KiB\n  \
+         streamed:\n    url: \"{url}\"\n    request_buffer: 0\n\
+         host_rules:\n{rules}",
+        rules = ["gathered", "waited", "small", "streamed"]
+            .map(|name| format!("  - pattern: \"{name}\"\n    target: {name}\n"))
+            .concat(),
+        url = origin.url()
+    ))
+    .await;
+
+    // Gathered: the two parts reach the origin as one body, and the answer whole.
+    let mut client = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    let head = "POST /chat HTTP/1.1\r\nHost: gathered\r\nTransfer-Encoding: chunked\r\n\
+                Connection: close\r\n\r\n";
+    client
+        .write_all(format!("{head}1\r\n{{\r\n").as_bytes())
+        .await
+        .expect("first part");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client
+        .write_all(b"1\r\n}\r\n0\r\n\r\n")
+        .await
+        .expect("second part");
+    let with_head = guard("the request at the origin", seen.recv())
+        .await
+        .expect("seen");
+    assert_eq!(String::from_utf8_lossy(&with_head), "2\r\n{}\r\n0\r\n\r\n");
+    let (answer, _) = common::read_to_end(&mut client, "the answer").await;
+    assert!(answer.ends_with("data: two\n\n\r\n0\r\n\r\n"), "{answer}");
+
+    // Past the buffer, past the wait (20 ms by default) and with no buffer: the origin has
+    // the head and body bytes while the client still holds the rest back.
+    for (host, first) in [("small", 2000), ("waited", 10), ("streamed", 10)] {
+        let mut client = tokio::net::TcpStream::connect(proxy.addr)
+            .await
+            .expect("connect");
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3000\r\n\
+             Connection: close\r\n\r\n"
+        );
+        client
+            .write_all(format!("{head}{}", "x".repeat(first)).as_bytes())
+            .await
+            .expect("first part");
+        let with_head = guard("the request at the origin", seen.recv())
+            .await
+            .expect("seen");
+        assert!(!with_head.is_empty() && with_head.len() <= first, "{host}");
+        client
+            .write_all("x".repeat(3000 - first).as_bytes())
+            .await
+            .expect("the rest");
+        let mut answer = String::new();
+        guard("the answer", client.read_to_string(&mut answer))
+            .await
+            .expect("answer");
+        assert!(answer.ends_with("\r\n\r\n3000"), "{host}: {answer}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn origin_cache_control_is_kept() {
     let origin = Origin::start(|_, mut conn| async move {

@@ -551,7 +551,8 @@ async fn request_bodies_stream_to_the_origin_as_they_arrive() {
     .await;
     let proxy = Proxy::start(&config(&origin, "")).await;
 
-    // A chunked upload: the origin has the first part before the client sends the second.
+    // A chunked upload: the origin has the first part before the client sends the second
+    // (once `request_buffer_wait` is over).
     let (parts_tx, parts_rx) = mpsc::unbounded_channel::<Result<Vec<u8>, std::io::Error>>();
     let upload = tokio::spawn(
         client()

@@ -10,6 +10,7 @@ use http::HeaderValue;
 use super::{dir_of, Parts};
 use crate::config::file::{OriginTlsFile, ServiceFile, TimeoutsFile};
 use crate::error::{ConfigError, ConfigErrorKind as Kind};
+use crate::middleware::size_limit::ByteSize;
 use crate::sse::SseSettings;
 use crate::state::State;
 use crate::upstream::discovery::{self, DiscoveryFile};
@@ -52,6 +53,9 @@ pub fn services(
     }
     Ok(services)
 }
+
+/// The largest `request_buffer`: what one request may make the proxy hold.
+const MAX_REQUEST_BUFFER: usize = 16 << 20;
 
 /// `timeouts:` over the defaults.
 fn timeouts(file: Option<&TimeoutsFile>) -> Timeouts {
@@ -192,6 +196,18 @@ fn service(
     service.timeouts = timeouts(file.timeouts.as_ref());
     service.hash_key = file.hash_key.clone().unwrap_or(HashKey::ClientIp);
     service.retries = file.retries.unwrap_or(0);
+    if let Some(ByteSize(size)) = file.request_buffer {
+        service.request_buffer = usize::try_from(size)
+            .ok()
+            .filter(|size| *size <= MAX_REQUEST_BUFFER)
+            .ok_or_else(|| {
+                let why = format!("at most {} MiB", MAX_REQUEST_BUFFER >> 20);
+                source.error(path.key("request_buffer"), Kind::Invalid(why))
+            })?;
+    }
+    if let Some(wait) = file.request_buffer_wait {
+        service.request_buffer_wait = wait.0;
+    }
     service.discovery = file.discovery.as_ref().map(|d| d.to_string());
     if let Some(affinity) = &file.affinity {
         service.affinity = Some(affinity.build(state.metrics.affinity(name)));
