@@ -164,11 +164,11 @@ pub struct ServiceFile {
     #[serde(default)]
     pub retries: Option<u32>,
     /// How much of a request body is gathered before the request goes to the origin
-    /// (default 16 KiB; 0: streamed from its first byte).
+    /// (default 64 KiB; 0: streamed from its first byte).
     #[serde(default)]
     pub request_buffer: Option<ByteSize>,
     /// How long a body that comes in pieces is gathered before it is streamed (default
-    /// 20ms).
+    /// 20ms, at most 60s).
     #[serde(default)]
     pub request_buffer_wait: Option<Dur>,
     /// Session affinity learned from responses: `header: NAME` or `cookie: NAME`, `ttl`,

@@ -608,16 +608,14 @@ impl Relay {
                     .request_body(&chunk, end, &mut ctx.chain)?;
             }
             let Some(data) = chunk else {
-                return match held.take().filter(|gathered| !gathered.is_empty()) {
-                    Some(body) => {
-                        let sent = conn.send_body(&body, true);
-                        within(write_timeout, sent, "sending the request body").await
+                let sent = async {
+                    if let Some(body) = held.take().filter(|gathered| !gathered.is_empty()) {
+                        conn.send_body(&body, true).await?;
                     }
-                    None => {
-                        let sent = conn.finish_body();
-                        within(write_timeout, sent, "sending the request body").await
-                    }
+                    // Checks a body with a length was whole, and sends a held head.
+                    conn.finish_body().await
                 };
+                return within(write_timeout, sent, "sending the request body").await;
             };
             // A body's end that came with its last data goes in the same write (see above).
             if let Some(next) = session.read_request_body().now_or_never() {
@@ -625,13 +623,18 @@ impl Relay {
             }
             let last = matches!(ahead, Some(None));
             let data = match held.as_mut() {
-                Some(gathered) if !last && gathered.len() + data.len() <= buffer => {
+                Some(gathered)
+                    if !last
+                        && gathered.len() + data.len() <= buffer
+                        && gather_until.is_none_or(|until| tokio::time::Instant::now() < until) =>
+                {
                     gathered.extend_from_slice(&data);
                     gather_until.get_or_insert_with(|| tokio::time::Instant::now() + wait);
                     continue;
                 }
-                // The end, or past `buffer`: what was gathered goes with this piece (a
-                // body that came in one piece goes as it is), and the rest is streamed.
+                // The end, or past `buffer` or the wait: what was gathered goes with this
+                // piece (a body that came in one piece goes as it is), and the rest is
+                // streamed.
                 Some(gathered) => {
                     let body = if gathered.is_empty() {
                         data

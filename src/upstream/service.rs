@@ -226,9 +226,10 @@ impl Default for Timeouts {
     }
 }
 
-/// `request_buffer` when the config gives none: a JSON prompt or an MCP message goes
-/// whole; a longer body is streamed on from there.
-pub const DEFAULT_REQUEST_BUFFER: usize = 16 * 1024;
+/// `request_buffer` when the config gives none: as much as an HTTP/2 client may send
+/// before its first window update (and Pingora's HTTP/1 read), so a body a client
+/// sends without waiting goes whole; a longer one is streamed on from there.
+pub const DEFAULT_REQUEST_BUFFER: usize = 64 * 1024;
 
 /// `request_buffer_wait` when the config gives none: a body a program writes in pieces
 /// (HTTP/2 DATA frames, chunks) has them within it; an upload that streams on starts

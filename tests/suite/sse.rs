@@ -263,7 +263,53 @@ async fn an_http2_post_stream_whose_origin_never_reads_the_body_keeps_its_end() 
     }
 }
 
-/// A request body is gathered up to the service's `request_buffer` (16 KiB by default),
+/// An HTTP/2 body with a length whose end comes in a frame of its own, after the body was
+/// gathered, still completes the request: the origin's connection is kept for the next.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gathered_http2_body_with_a_length_leaves_its_origin_connection_reusable() {
+    let origin = Origin::start(|head, mut conn| async move {
+        let body = conn.read_body(&head).await.expect("body");
+        let answer = String::from_utf8_lossy(&body).into_owned();
+        match conn.respond(200, &answer).await {
+            Ok(()) => After::KeepAlive(conn),
+            Err(_) => After::Close,
+        }
+    })
+    .await;
+    let proxy = Proxy::start_h2c(&config(&origin, "    request_buffer_wait: 30s\n")).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    for _ in 0..2 {
+        client = client.ready().await.expect("ready");
+        let request = http::Request::post(format!("http://{}/upload", proxy.addr))
+            .header("content-length", "2")
+            .body(())
+            .expect("request");
+        let (response, mut send) = client.send_request(request, false).expect("send");
+        send.send_data(bytes::Bytes::from_static(b"{}"), false)
+            .expect("data");
+        // The end in a frame of its own, once the body is gathered.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        send.send_data(bytes::Bytes::new(), true).expect("end");
+        let mut body = guard("the answer", response)
+            .await
+            .expect("answer")
+            .into_body();
+        let data = guard("its body", body.data())
+            .await
+            .expect("data")
+            .expect("ok");
+        assert_eq!(&data[..], b"{}");
+    }
+    assert_eq!(origin.connections(), 1, "the origin connection was reused");
+}
+
+/// A request body is gathered up to the service's `request_buffer` (64 KiB by default),
 /// for at most `request_buffer_wait` (20 ms by default), before the request goes: one
 /// sent in two parts a pause apart within the wait reaches the origin whole, with its
 /// head, in one read, and the origin that answers without reading it still gets its

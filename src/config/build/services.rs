@@ -57,6 +57,9 @@ pub fn services(
 /// The largest `request_buffer`: what one request may make the proxy hold.
 const MAX_REQUEST_BUFFER: usize = 16 << 20;
 
+/// The longest `request_buffer_wait`: how long a request may be held back from its origin.
+const MAX_REQUEST_BUFFER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// `timeouts:` over the defaults.
 fn timeouts(file: Option<&TimeoutsFile>) -> Timeouts {
     let base = Timeouts::default();
@@ -206,6 +209,10 @@ fn service(
             })?;
     }
     if let Some(wait) = file.request_buffer_wait {
+        if wait.0 > MAX_REQUEST_BUFFER_WAIT {
+            let why = format!("at most {}s", MAX_REQUEST_BUFFER_WAIT.as_secs());
+            return Err(source.error(path.key("request_buffer_wait"), Kind::Invalid(why)));
+        }
         service.request_buffer_wait = wait.0;
     }
     service.discovery = file.discovery.as_ref().map(|d| d.to_string());
