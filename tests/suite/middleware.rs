@@ -627,6 +627,27 @@ async fn request_size_limit_refuses_large_bodies() {
             .expect("body")
             .contains("larger than 1024"));
     }
+    assert!(
+        origin.requests.try_recv().is_err(),
+        "refused before the origin"
+    );
+
+    // Pieces within the limit are gathered (`request_buffer`), not sent on, and counted as
+    // they come: a body refused at its second piece never reached the origin at all.
+    let pieces = futures_util::stream::iter(
+        (0..2).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'c'; 600]))),
+    );
+    let refused = client()
+        .post(proxy.url("/"))
+        .body(reqwest::Body::wrap_stream(pieces))
+        .send()
+        .await
+        .expect("the 413");
+    assert_eq!(refused.status(), 413);
+    assert!(
+        origin.requests.try_recv().is_err(),
+        "a body refused at its second piece sent nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
