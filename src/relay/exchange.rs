@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::FutureExt as _;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, TRANSFER_ENCODING};
 use http::{Method, Version};
@@ -573,9 +573,10 @@ impl Relay {
             route.service.request_buffer,
             route.service.request_buffer_wait,
         );
-        // The body gathered so far, while nothing of it has gone, and until when more of
-        // it is waited for.
-        let mut held: Option<BytesMut> = (buffer > 0).then(BytesMut::new);
+        // How much of the body is held with the head so far (while `gathering`), and
+        // until when more of it is waited for.
+        let mut gathering = buffer > 0;
+        let mut held = 0;
         let mut gather_until = None;
         // What the client sent right behind a chunk, read without waiting for more.
         let mut ahead: Option<Option<Bytes>> = None;
@@ -586,11 +587,10 @@ impl Relay {
                     match tokio::time::timeout_at(until, session.read_request_body()).await {
                         Ok(read) => read.map_err(|e| e.into_down())?,
                         Err(_) => {
-                            // The rest is slow to come: what was gathered goes, and the
-                            // rest is streamed.
-                            gather_until = None;
-                            let body = held.take().unwrap_or_default().freeze();
-                            let sent = conn.send_body(&body, false);
+                            // The rest is slow to come: what was held goes, and the rest
+                            // is streamed.
+                            (gathering, gather_until) = (false, None);
+                            let sent = conn.send_held();
                             within(write_timeout, sent, "sending the request body").await?;
                             continue;
                         }
@@ -608,13 +608,8 @@ impl Relay {
                     .request_body(&chunk, end, &mut ctx.chain)?;
             }
             let Some(data) = chunk else {
-                let sent = async {
-                    if let Some(body) = held.take().filter(|gathered| !gathered.is_empty()) {
-                        conn.send_body(&body, true).await?;
-                    }
-                    // Checks a body with a length was whole, and sends a held head.
-                    conn.finish_body().await
-                };
+                // Sends what is held, checking a body with a length was whole.
+                let sent = conn.finish_body();
                 return within(write_timeout, sent, "sending the request body").await;
             };
             // A body's end that came with its last data goes in the same write (see above).
@@ -622,32 +617,19 @@ impl Relay {
                 ahead = Some(next.map_err(|e| e.into_down())?);
             }
             let last = matches!(ahead, Some(None));
-            let data = match held.as_mut() {
-                Some(gathered)
-                    if !last
-                        && gathered.len() + data.len() <= buffer
-                        && gather_until.is_none_or(|until| tokio::time::Instant::now() < until) =>
-                {
-                    gathered.extend_from_slice(&data);
-                    gather_until.get_or_insert_with(|| tokio::time::Instant::now() + wait);
-                    continue;
-                }
-                // The end, or past `buffer` or the wait: what was gathered goes with this
-                // piece (a body that came in one piece goes as it is), and the rest is
-                // streamed.
-                Some(gathered) => {
-                    let body = if gathered.is_empty() {
-                        data
-                    } else {
-                        gathered.extend_from_slice(&data);
-                        std::mem::take(gathered).freeze()
-                    };
-                    held = None;
-                    gather_until = None;
-                    body
-                }
-                None => data,
-            };
+            if gathering
+                && !last
+                && held + data.len() <= buffer
+                && gather_until.is_none_or(|until| tokio::time::Instant::now() < until)
+            {
+                conn.hold_body(&data)?;
+                held += data.len();
+                gather_until.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+                continue;
+            }
+            // The end, or past the buffer or the wait: this piece goes with what is held,
+            // and the rest is streamed.
+            (gathering, gather_until) = (false, None);
             within(
                 write_timeout,
                 conn.send_body(&data, last),

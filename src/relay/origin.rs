@@ -105,12 +105,13 @@ pub struct OriginConn {
     /// Any byte of the response arrived.
     pub answered: bool,
     /// The whole request head was written (into the socket: the origin may have it), or
-    /// is being written with the body's first bytes, read from the client by then: either
-    /// way the request cannot be sent again.
+    /// body bytes read from the client are held or being written with it: either way the
+    /// request cannot be sent again.
     pub head_sent: bool,
-    /// The request head, held until the body's first bytes go with it (see
-    /// [`OriginConn::send_head`]); empty otherwise.
-    head: BytesMut,
+    /// The request not yet written: its head, held until the body's first bytes go with
+    /// it (see [`OriginConn::send_head`]), and the body pieces held with it
+    /// ([`OriginConn::hold_body`]); empty otherwise.
+    held: BytesMut,
 }
 
 impl OriginConn {
@@ -125,7 +126,7 @@ impl OriginConn {
             keepalive: false,
             answered: false,
             head_sent: false,
-            head: BytesMut::new(),
+            held: BytesMut::new(),
         }
     }
 
@@ -153,22 +154,22 @@ impl OriginConn {
         added.write(&mut wire);
         wire.extend_from_slice(b"\r\n");
         self.request = body;
-        self.head = wire;
+        self.held = wire;
         if body != Framing::None {
             return Ok(());
         }
         self.send(&[]).await
     }
 
-    /// Writes `parts`, after the request head if it is held (all in one write, which on a
+    /// Writes `parts`, after what is held of the request (all in one write, which on a
     /// new plain connection goes out at once: see `send_at_once`), and sends them on.
     async fn send(&mut self, parts: &[&[u8]]) -> Result<()> {
-        if self.head_sent {
-            for part in parts {
+        if self.held.is_empty() {
+            for part in parts.iter().filter(|part| !part.is_empty()) {
                 self.write(part).await?;
             }
         } else {
-            let mut first = std::mem::take(&mut self.head);
+            let mut first = std::mem::take(&mut self.held);
             for part in parts {
                 first.extend_from_slice(part);
             }
@@ -214,6 +215,35 @@ impl OriginConn {
                 Ok(())
             };
         }
+        let mut size = [0u8; 18];
+        let parts = self.frame(data, last, &mut size)?;
+        self.send(&parts).await
+    }
+
+    /// Holds a piece of the request body, framed, with the request head, to go with what
+    /// is sent next (or [`OriginConn::send_held`]): the request is then not sent again.
+    pub fn hold_body(&mut self, data: &[u8]) -> Result<()> {
+        let mut size = [0u8; 18];
+        for part in self.frame(data, false, &mut size)? {
+            self.held.extend_from_slice(part);
+        }
+        self.head_sent = true;
+        Ok(())
+    }
+
+    /// Sends what is held of the request (its head, body pieces).
+    pub async fn send_held(&mut self) -> Result<()> {
+        self.send(&[]).await
+    }
+
+    /// The framed pieces of `data`, a piece of the request body (`last`: the body ends
+    /// with it), the chunk-size line written into `size`; counts them off the framing.
+    fn frame<'a>(
+        &mut self,
+        data: &'a [u8],
+        last: bool,
+        size: &'a mut [u8; 18],
+    ) -> Result<[&'a [u8]; 3]> {
         match self.request {
             Framing::Length(left) => {
                 let len = data.len() as u64;
@@ -225,16 +255,15 @@ impl OriginConn {
                     .into_down());
                 }
                 self.request = Framing::Length(left - len);
-                self.send(&[data]).await
+                Ok([data, b"", b""])
             }
             Framing::Chunked(_) => {
-                let mut size = [0u8; 18];
-                let n = chunk_size_line(&mut size, data.len());
+                let n = chunk_size_line(size, data.len());
                 if last {
                     self.request = Framing::Done;
-                    return self.send(&[&size[..n], data, b"\r\n0\r\n\r\n"]).await;
+                    return Ok([&size[..n], data, b"\r\n0\r\n\r\n"]);
                 }
-                self.send(&[&size[..n], data, b"\r\n"]).await
+                Ok([&size[..n], data, b"\r\n"])
             }
             _ => Err(Error::explain(
                 ErrorType::InternalError,
@@ -244,13 +273,13 @@ impl OriginConn {
     }
 
     /// Ends the request body: the last chunk of a chunked one; a body with a length must
-    /// have been sent whole. A head still held goes now.
+    /// have been sent whole. What is held of the request goes now.
     pub async fn finish_body(&mut self) -> Result<()> {
         match self.request {
             Framing::Chunked(_) => self.send(&[b"0\r\n\r\n"]).await?,
             Framing::Length(0) | Framing::None | Framing::Done | Framing::UntilClose => {
-                if !self.head_sent {
-                    self.send(&[]).await?;
+                if !self.held.is_empty() {
+                    self.send_held().await?;
                 }
             }
             Framing::Length(left) => {
@@ -828,6 +857,48 @@ mod tests {
                 got.ends_with(tail),
                 "one read has the head and the body: {got:?}"
             );
+        }
+    }
+
+    /// Body pieces held with the head go with what is sent next, each framed, in one
+    /// write; once a piece is held the request counts as sent (it cannot be sent again).
+    #[tokio::test]
+    async fn held_body_pieces_go_with_the_next_write() {
+        use tokio::io::AsyncReadExt as _;
+        let (listener, target) = loopback().await;
+        let added = AddedHeaders::default();
+        // (framing, what follows the held pieces, how the one read at the origin ends)
+        for (body, end, tail) in [
+            (
+                Framing::Chunked(ChunkState::Size),
+                None,
+                "\r\n\r\n1\r\n{\r\n1\r\n}\r\n0\r\n\r\n",
+            ),
+            (Framing::Length(3), Some(&b"!"[..]), "\r\n\r\n{}!"),
+        ] {
+            let mut request = RequestHeader::build("POST", b"/chat", None).expect("request");
+            match body {
+                Framing::Length(n) => request.insert_header("content-length", n.to_string()),
+                _ => request.insert_header("transfer-encoding", "chunked"),
+            }
+            .expect("header");
+            let mut conn = OriginConn::new(Box::new(connect(&target).await), false);
+            let (mut origin, _) = listener.accept().await.expect("accept");
+            conn.send_head(&request, &added, body).await.expect("held");
+            conn.hold_body(b"{").expect("hold");
+            assert!(conn.head_sent, "a held piece commits the request");
+            conn.hold_body(b"}").expect("hold");
+            match end {
+                Some(data) => conn.send_body(data, true).await.expect("sent"),
+                None => conn.finish_body().await.expect("sent"),
+            }
+            conn.finish_body().await.expect("whole");
+            assert!(conn.request_sent());
+            let mut got = vec![0u8; 1024];
+            let n = origin.read(&mut got).await.expect("read");
+            let got = String::from_utf8_lossy(&got[..n]);
+            assert!(got.starts_with("POST /chat HTTP/1.1\r\n"), "{got}");
+            assert!(got.ends_with(tail), "one read has it all: {got:?}");
         }
     }
 
