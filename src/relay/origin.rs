@@ -802,6 +802,27 @@ mod tests {
             .expect("sent");
     }
 
+    /// A `POST /chat` whose head says `body`, sent (held) on a new connection to the
+    /// origin listening on `listener`, with the origin's side of it.
+    async fn post_held(
+        listener: &tokio::net::TcpListener,
+        target: &pingora_core::protocols::l4::socket::SocketAddr,
+        body: Framing,
+    ) -> (OriginConn, tokio::net::TcpStream) {
+        let mut request = RequestHeader::build("POST", b"/chat", None).expect("request");
+        match body {
+            Framing::Length(n) => request.insert_header("content-length", n.to_string()),
+            _ => request.insert_header("transfer-encoding", "chunked"),
+        }
+        .expect("header");
+        let mut conn = OriginConn::new(Box::new(connect(target).await), false);
+        let (origin, _) = listener.accept().await.expect("accept");
+        conn.send_head(&request, &AddedHeaders::default(), body)
+            .await
+            .expect("held");
+        (conn, origin)
+    }
+
     /// A head with a body to follow goes out with the body's first bytes, in one write
     /// (and at once on a new connection), not before them: an origin that answers on the
     /// head and closes would reset the connection on the body's arrival. Chunked and
@@ -812,7 +833,6 @@ mod tests {
         use futures_util::FutureExt as _;
         use tokio::io::AsyncReadExt as _;
         let (listener, target) = loopback().await;
-        let added = AddedHeaders::default();
         // (framing, data, the body ends with it, how the one read at the origin ends)
         let cases: [(Framing, &[u8], bool, &str); 4] = [
             (Framing::Length(2), b"{}", false, "\r\n\r\n{}"),
@@ -836,15 +856,7 @@ mod tests {
             ),
         ];
         for (body, data, last, tail) in cases {
-            let mut request = RequestHeader::build("POST", b"/chat", None).expect("request");
-            match body {
-                Framing::Length(n) => request.insert_header("content-length", n.to_string()),
-                _ => request.insert_header("transfer-encoding", "chunked"),
-            }
-            .expect("header");
-            let mut conn = OriginConn::new(Box::new(connect(&target).await), false);
-            let (mut origin, _) = listener.accept().await.expect("accept");
-            conn.send_head(&request, &added, body).await.expect("held");
+            let (mut conn, mut origin) = post_held(&listener, &target, body).await;
             assert!(!conn.head_sent, "nothing sent before the body");
             let sent = conn.send_body(data, last).now_or_never();
             assert!(matches!(sent, Some(Ok(()))), "written in the same turn");
@@ -866,7 +878,6 @@ mod tests {
     async fn held_body_pieces_go_with_the_next_write() {
         use tokio::io::AsyncReadExt as _;
         let (listener, target) = loopback().await;
-        let added = AddedHeaders::default();
         // (framing, what follows the held pieces, how the one read at the origin ends)
         for (body, end, tail) in [
             (
@@ -876,15 +887,7 @@ mod tests {
             ),
             (Framing::Length(3), Some(&b"!"[..]), "\r\n\r\n{}!"),
         ] {
-            let mut request = RequestHeader::build("POST", b"/chat", None).expect("request");
-            match body {
-                Framing::Length(n) => request.insert_header("content-length", n.to_string()),
-                _ => request.insert_header("transfer-encoding", "chunked"),
-            }
-            .expect("header");
-            let mut conn = OriginConn::new(Box::new(connect(&target).await), false);
-            let (mut origin, _) = listener.accept().await.expect("accept");
-            conn.send_head(&request, &added, body).await.expect("held");
+            let (mut conn, mut origin) = post_held(&listener, &target, body).await;
             conn.hold_body(b"{").expect("hold");
             assert!(conn.head_sent, "a held piece commits the request");
             conn.hold_body(b"}").expect("hold");
