@@ -54,16 +54,39 @@ pub struct Reloaded {
 /// nothing changes.
 pub fn reload(current: &ArcSwap<Config>) -> Result<Reloaded, ConfigError> {
     let old = current.load_full();
-    let new = match old.reload() {
-        Ok(new) => Arc::new(new),
-        Err(e) => {
-            log::error!(
-                "config reload refused, still serving version {}: {e}",
-                old.version
-            );
-            return Err(e);
-        }
-    };
+    let new = read(&old)?;
+    Ok(swap_in(current, old, new))
+}
+
+/// [`reload`], for files seen changing on disk: when their text is what is serving (a
+/// file touched, or written again as it was), nothing is swapped, logged as reloaded or
+/// counted, and `None` is returned.
+pub fn reload_if_changed(current: &ArcSwap<Config>) -> Result<Option<Reloaded>, ConfigError> {
+    let old = current.load_full();
+    let new = read(&old)?;
+    if new.version == old.version {
+        log::debug!(
+            "config files changed on disk, their text did not: still version {}",
+            old.version
+        );
+        return Ok(None);
+    }
+    Ok(Some(swap_in(current, old, new)))
+}
+
+/// The config `old` was loaded from, read again and validated aside.
+fn read(old: &Config) -> Result<Arc<Config>, ConfigError> {
+    old.reload().map(Arc::new).map_err(|e| {
+        log::error!(
+            "config reload refused, still serving version {}: {e}",
+            old.version
+        );
+        e
+    })
+}
+
+/// Makes `new` the live config in place of `old`.
+fn swap_in(current: &ArcSwap<Config>, old: Arc<Config>, new: Arc<Config>) -> Reloaded {
     let not_applied: Vec<&'static str> = [
         ("listen", new.listeners != old.listeners),
         ("http2", new.http2 != old.http2),
@@ -111,12 +134,12 @@ pub fn reload(current: &ArcSwap<Config>) -> Result<Reloaded, ConfigError> {
         loaded.join(", "),
         unloaded.join(", ")
     );
-    Ok(Reloaded {
+    Reloaded {
         config: new,
         not_applied,
         loaded,
         unloaded,
-    })
+    }
 }
 
 /// Directories to watch for `config`: where its files are (those on disk: a config given
@@ -219,16 +242,19 @@ impl BackgroundService for Reloader {
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
+            let reloaded = tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = hup => log::info!("SIGHUP: reloading the config"),
+                _ = hup => {
+                    log::info!("SIGHUP: reloading the config");
+                    reload(&self.current).ok()
+                }
                 Some(()) = changes.recv() => {
                     tokio::time::sleep(DEBOUNCE).await;
                     while changes.try_recv().is_ok() {}
-                    log::info!("config files changed: reloading");
+                    reload_if_changed(&self.current).ok().flatten()
                 }
-            }
-            if let Ok(done) = reload(&self.current) {
+            };
+            if let Some(done) = reloaded {
                 // The set of files (and so of directories) may have changed.
                 drop(watcher.take());
                 watcher = watch(&done.config, tx.clone());

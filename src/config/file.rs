@@ -346,8 +346,8 @@ pub struct ListenerFile {
     /// progress closes (default 60s, whole seconds; 0 = never).
     #[serde(default)]
     pub idle_timeout: Option<Dur>,
-    /// An HTTP/1.x client that has started its first request must have sent its whole
-    /// head within this (default 10s; 0 = no limit).
+    /// An HTTP/1.x client that has started a request (any, on a kept-alive connection
+    /// too) must have sent its whole head within this (default 10s; 0 = no limit).
     #[serde(default)]
     pub request_header_timeout: Option<Dur>,
 }

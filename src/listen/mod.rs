@@ -2,6 +2,7 @@
 //! redirect to https), the HTTP/2 settings, the TLS floor, and ([`certs`]) the certificates
 //! of TLS listeners. The Pingora services that serve them are built in `server`.
 
+pub mod admission;
 pub mod certs;
 
 use std::fmt;
@@ -23,8 +24,8 @@ pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// Default `idle_timeout`: a client connection with no request in progress for this long
 /// closes.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Default `request_header_timeout`: the most a client may take to send the head of its
-/// first request once it has started it.
+/// Default `request_header_timeout`: the most a client may take to send the head of a
+/// request once it has started it.
 pub const DEFAULT_REQUEST_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Descriptors kept out of the default `max_connections`: listening sockets, idle pooled
 /// origin connections, config and certificate files, the admin API, logs.
@@ -47,8 +48,8 @@ pub struct Listener {
     /// (before its first request, between keep-alive requests); `None`: no limit. Whole
     /// seconds: Pingora keeps its keep-alive wait in seconds.
     pub idle_timeout: Option<Duration>,
-    /// How long an HTTP/1.x client may take to send the whole head of its first request,
-    /// from its first byte (a client that sends it a byte at a time would otherwise hold
+    /// How long an HTTP/1.x client may take to send the whole head of a request (each of a
+    /// kept-alive connection), from its first byte (a client that sends it a byte at a time would otherwise hold
     /// its connection and a `max_connections` slot for as long as it likes); `None`: no
     /// limit.
     pub request_header_timeout: Option<Duration>,

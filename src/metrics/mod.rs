@@ -323,8 +323,8 @@ impl Metrics {
             connections_slow_head: counter(
                 &r,
                 "streamgate_connections_slow_head_closed_total",
-                "Client connections closed because the head of their first request did not \
-                 arrive whole within the listener's request_header_timeout.",
+                "Client connections closed because the head of a request did not arrive \
+                 whole within the listener's request_header_timeout.",
                 &["listener"],
             ),
             registry: r,
@@ -548,7 +548,7 @@ pub struct ListenerMetrics {
     pub refused: IntCounter,
     /// Connections closed for sending nothing within `idle_timeout` before a request.
     pub idle: IntCounter,
-    /// Connections closed for not sending their first request's head within
+    /// Connections closed for not sending a request's head within
     /// `request_header_timeout`.
     pub slow_head: IntCounter,
 }

@@ -45,6 +45,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::config::Config;
 use crate::http_util::{answer_written, request_host, session_client};
+use crate::listen::admission;
 use crate::listen::certs::below_min_version;
 use crate::middleware::{Outcome, Reply};
 use crate::relay::client::Handback;
@@ -112,6 +113,13 @@ impl ProxyHttp for StreamGate {
         session: &mut Session,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(admitted) = session
+            .as_downstream()
+            .stream()
+            .and_then(admission::admitted)
+        {
+            admitted.head_read();
+        }
         if session.get_keepalive().is_none() {
             return Ok(());
         }

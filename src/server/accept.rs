@@ -21,7 +21,7 @@
 //! cost; Pingora reads request heads and bodies into buffers of their own, so the socket
 //! is read directly. Nor a write buffer (Pingora's is 1,460 bytes, kept for the
 //! connection's life): an admitted connection gathers small writes only while it has some
-//! (see `admission::Admitted`). The app then serves it, request after
+//! (see `listen::admission::Admitted`). The app then serves it, request after
 //! request, as Pingora's `handle_event` does.
 
 use std::net::SocketAddr;

@@ -11,13 +11,16 @@ use pingora_core::protocols::http::v2::server::H2Options;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::server::ShutdownWatch;
 
+use crate::listen::admission;
 use crate::relay::carried;
 
 /// `app`, running each HTTP/2 request with a slot open for its event stream, and the
 /// stream handed over after the request, in the request's own task: Pingora's request
 /// future is freed, and the guard Pingora's HTTP/2 loop holds for the stream (counting it
 /// open for `http2.idle_timeout` and a graceful shutdown) is held until the stream ends.
-/// HTTP/1.x requests pass straight through (their streams go to a task of their own).
+/// HTTP/1.x requests pass straight through (their streams go to a task of their own),
+/// each with its head bounded by the listener's `request_header_timeout` (see
+/// `listen::admission::Admitted::expect_head`).
 pub struct Carrying<A> {
     app: Arc<A>,
 }
@@ -45,6 +48,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for Carrying<A> {
         Self: 'async_trait,
     {
         let http2 = session.is_http2();
+        // A request of an HTTP/1.x connection is about to be read: its head is bounded.
+        if let Some(admitted) = session.stream().and_then(admission::admitted) {
+            admitted.expect_head();
+        }
         let request = self.app.process_new_http(session, shutdown);
         if !http2 {
             return request;

@@ -37,9 +37,10 @@ use rustls::sign::CertifiedKey;
 use socket2::SockRef;
 
 use super::accept;
-use super::admission::{Admitting, Gate};
+use super::admission::Admitting;
 use super::carrying::Carrying;
 use crate::config::Config;
+use crate::listen::admission::Gate;
 use crate::listen::{Listener, ListenerKind, ListenerTls};
 use crate::proxy::StreamGate;
 use crate::relay::client::Handback;

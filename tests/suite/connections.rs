@@ -86,9 +86,27 @@ async fn a_client_that_sends_nothing_is_closed_after_the_idle_timeout() {
     }
 }
 
+/// Starts a request head on `conn` and sends the rest a byte every 100 ms for 2 s (writes
+/// fail once the proxy has closed); what the proxy sent before it closed.
+async fn slow_head(conn: &mut TcpStream) -> String {
+    conn.write_all(b"GET / HTTP/1.1\r\nhost: t\r\nx-slow: ")
+        .await
+        .expect("start a head");
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if conn.write_all(b"a").await.is_err() {
+            break;
+        }
+    }
+    read_to_end(conn, "the proxy to close the slow connection")
+        .await
+        .0
+}
+
 /// A client that starts its request and then sends it a byte at a time (slowloris) is
-/// closed once `request_header_timeout` has passed since its first byte, and counted;
-/// the deadline is for the head alone: a body sent slowly after it is read whole.
+/// closed once `request_header_timeout` has passed since its first byte, and counted,
+/// whether it is the connection's first request or a later one; the deadline is for the
+/// head alone: a body sent slowly after it is read whole.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_head_sent_a_byte_at_a_time_is_cut_at_the_request_header_timeout() {
     let origin = Origin::start(|head, mut conn| async move {
@@ -106,17 +124,7 @@ async fn a_head_sent_a_byte_at_a_time_is_cut_at_the_request_header_timeout() {
     ] {
         let proxy = Proxy::start_listening(options, &config(&origin)).await;
         let mut slow = TcpStream::connect(proxy.addr).await.expect("connect");
-        slow.write_all(b"GET / HTTP/1.1\r\nhost: t\r\nx-slow: ")
-            .await
-            .expect("start");
-        // A byte every 100 ms for 2 s (writes fail once the proxy has closed).
-        for _ in 0..20 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if slow.write_all(b"a").await.is_err() {
-                break;
-            }
-        }
-        let (sent, _) = read_to_end(&mut slow, "the proxy to close the slow connection").await;
+        let sent = slow_head(&mut slow).await;
         assert!(!sent.contains("200"), "{options}: {sent}");
         assert_eq!(
             counted(&proxy, "streamgate_connections_slow_head_closed_total"),
@@ -137,17 +145,47 @@ async fn a_head_sent_a_byte_at_a_time_is_cut_at_the_request_header_timeout() {
     }
     let got = read_until(&mut upload, "the answer", |got| got.ends_with(b"got 10")).await;
     assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
-    // The next request on the same connection, its head sent slowly too: the limit is
-    // for a connection's first head (later ones wait as keep-alive requests do).
-    for byte in b"GET / HTTP/1.1\r\nhost: t\r\n\r\n".chunks(4) {
+    // The next request on the same connection, its head in pieces within the limit:
+    // answered.
+    for piece in b"GET / HTTP/1.1\r\nhost: t\r\n\r\n".chunks(10) {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        upload.write_all(byte).await.expect("next head");
+        upload.write_all(piece).await.expect("next head");
     }
     let got = read_until(&mut upload, "the next answer", |got| {
         got.ends_with(b"got 0")
     })
     .await;
     assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+    // A later head of the kept-alive connection sent a byte at a time: bounded as the
+    // first head is, cut once the limit has passed since its first byte, and counted.
+    let sent = slow_head(&mut upload).await;
+    assert!(!sent.contains("200"), "{sent}");
+    assert_eq!(
+        counted(&proxy, "streamgate_connections_slow_head_closed_total"),
+        1.0
+    );
+    // A head that came with the request before it (pipelined), then its body a byte at a
+    // time for longer than the limit: the head was read, nothing waits for it, and the
+    // body is read whole.
+    let mut piped = TcpStream::connect(proxy.addr).await.expect("connect");
+    piped
+        .write_all(
+            b"GET / HTTP/1.1\r\nhost: t\r\n\r\n\
+              POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\n",
+        )
+        .await
+        .expect("two heads");
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        piped.write_all(b"b").await.expect("body byte");
+    }
+    let got = read_until(&mut piped, "both answers", |got| got.ends_with(b"got 10")).await;
+    let got = String::from_utf8_lossy(&got);
+    assert_eq!(got.matches("HTTP/1.1 200").count(), 2, "{got}");
+    assert_eq!(
+        counted(&proxy, "streamgate_connections_slow_head_closed_total"),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -257,3 +257,44 @@ async fn a_reload_says_which_settings_need_an_upgrade() {
         "a broken config changes nothing"
     );
 }
+
+/// When the serving config was loaded, in seconds since the epoch, as the proxy exports it.
+fn loaded_at(proxy: &Proxy) -> String {
+    let metrics = proxy.state.metrics.render();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("streamgate_config_loaded_timestamp_seconds "))
+        .expect("the loaded time is exported")
+        .to_string()
+}
+
+/// A config file written again as it was (a deploy tool rewriting every file, an editor
+/// saving without a change) reloads nothing: the serving config, and the time it was
+/// loaded, stay. A change after it reloads.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_written_again_unchanged_reloads_nothing() {
+    let web = Origin::plain("web").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let main = dir.path().join("streamgate.yaml");
+    let text = format!(
+        "listen: [\"127.0.0.1:{}\"]\nservices:\n  web: {{ url: \"{}\" }}\n\
+         host_rules:\n  - {{ pattern: \"*\", target: web }}\n",
+        free_port(),
+        web.url()
+    );
+    write_config(&main, &text);
+    let proxy = Proxy::start_file(&main).await;
+    let first = loaded_at(&proxy);
+    // Past the next whole second, so that a reload would show in the loaded time; then
+    // past the watcher's wait for the writes to settle.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    write_config(&main, &text);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(loaded_at(&proxy), first, "the unchanged file reloaded");
+    assert_eq!(body(proxy.url("/")).await, (200, "web".into()));
+    write_config(&main, &format!("{text}# changed\n"));
+    eventually("the changed file to reload", || async {
+        loaded_at(&proxy) != first
+    })
+    .await;
+}
