@@ -84,9 +84,14 @@ impl Gate {
         &self.listener
     }
 
-    /// `stream`, admitted: unless `max_connections` are open, when it is refused (counted,
-    /// and dropped by the caller, which closes it).
-    pub fn admit(self: &Arc<Self>, stream: Stream) -> Option<Admitted> {
+    /// `stream`, admitted, and counted as served by `worker` when there is one: unless
+    /// `max_connections` are open, when it is refused (counted, and dropped by the caller,
+    /// which closes it).
+    pub fn admit(
+        self: &Arc<Self>,
+        stream: Stream,
+        worker: Option<(&Arc<Workers>, usize)>,
+    ) -> Option<Admitted> {
         let Some(slot) = self.enter() else {
             self.refused();
             return None;
@@ -100,6 +105,7 @@ impl Gate {
             gate: self.clone(),
             stream,
             _slot: slot,
+            _served: worker.map(|(workers, w)| workers.serve(w)),
         })
     }
 
@@ -152,6 +158,70 @@ impl fmt::Debug for Slot {
     }
 }
 
+/// The worker threads of a listener group (one copy of the proxy each, every copy
+/// accepting on the group's listeners): how many connections each serves, and how many
+/// another has handed it that it has not admitted yet. What spreads connections over the
+/// workers (`server::accept`): the kernel wakes every worker for a new connection and the
+/// first to ask gets it, so a handful of connections (a burst of event streams) could all
+/// land on one thread while the other idles.
+pub struct Workers {
+    serving: Box<[AtomicUsize]>,
+    coming: Box<[AtomicUsize]>,
+}
+
+impl Workers {
+    pub fn new(count: usize) -> Arc<Workers> {
+        let counters = || (0..count).map(|_| AtomicUsize::new(0)).collect();
+        Arc::new(Workers {
+            serving: counters(),
+            coming: counters(),
+        })
+    }
+
+    fn load(&self, worker: usize) -> usize {
+        self.serving[worker].load(Ordering::Relaxed) + self.coming[worker].load(Ordering::Relaxed)
+    }
+
+    /// The worker that should serve a connection `me` accepted, when it is not `me`: the
+    /// least loaded other one, when `me` has at least one more than it and one in sixteen
+    /// more (two connections spread one each, four two each; thousands move only when
+    /// they are well apart, so few are handed on).
+    pub fn lighter(&self, me: usize) -> Option<usize> {
+        let mine = self.load(me);
+        let (to, least) = (0..self.serving.len())
+            .filter(|w| *w != me)
+            .map(|w| (w, self.load(w)))
+            .min_by_key(|(_, load)| *load)?;
+        (mine > least + least / 16).then_some(to)
+    }
+
+    /// A connection is on its way to `worker`.
+    pub fn coming(&self, worker: usize) {
+        self.coming[worker].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection on its way to `worker` reached it (it is admitted next, or dropped).
+    pub fn arrived(&self, worker: usize) {
+        let _ = self.coming[worker]
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// `worker` serves one more connection, until the guard drops.
+    fn serve(self: &Arc<Self>, worker: usize) -> Served {
+        self.serving[worker].fetch_add(1, Ordering::Relaxed);
+        Served(self.clone(), worker)
+    }
+}
+
+/// A connection counted as served by a worker, as long as it is open.
+struct Served(Arc<Workers>, usize);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.0.serving[self.1].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The deadline a new connection starts with: its first bytes within `idle_timeout`. Made
 /// also when only `request_header_timeout` is set (it is what the first bytes turn into),
 /// then for as good as never.
@@ -196,6 +266,8 @@ pub struct Admitted {
     /// Where a later request's head stands (`HEAD_*`), as the server says.
     next_head: AtomicU8,
     _slot: Slot,
+    /// The worker thread serving it, counted (when the listener has several).
+    _served: Option<Served>,
 }
 
 impl Admitted {
@@ -539,6 +611,7 @@ mod tests {
             line: 1,
             next_head: AtomicU8::new(HEAD_NONE),
             _slot: slot,
+            _served: None,
         };
         (admitted, peer)
     }
@@ -632,5 +705,36 @@ mod tests {
         want.extend_from_slice(&big);
         want.extend_from_slice(b"\r\n");
         assert_eq!(all, want, "every write in order, the gathered one on flush");
+    }
+
+    /// A worker hands a connection on only to one with fewer: by one when few are open,
+    /// by one in sixteen when many are.
+    #[test]
+    fn a_connection_goes_to_a_worker_with_fewer() {
+        let workers = Workers::new(2);
+        let serve = |w: usize, n: usize| (0..n).map(|_| workers.serve(w)).collect::<Vec<_>>();
+        assert_eq!(workers.lighter(0), None, "none open");
+        let a = serve(0, 1);
+        assert_eq!(workers.lighter(0), Some(1));
+        assert_eq!(workers.lighter(1), None);
+        let _b = serve(1, 1);
+        assert_eq!(workers.lighter(0), None, "one each");
+        let _a2 = serve(0, 99);
+        let _b2 = serve(1, 94);
+        assert_eq!(workers.lighter(0), None, "100 against 95");
+        let _a3 = serve(0, 2);
+        assert_eq!(workers.lighter(0), Some(1), "102 against 95");
+        // Those on their way count as served.
+        workers.coming(1);
+        workers.coming(1);
+        assert_eq!(workers.lighter(0), None, "102 against 97");
+        workers.arrived(1);
+        workers.arrived(1);
+        drop(a);
+        assert_eq!(
+            workers.lighter(0),
+            Some(1),
+            "a closed connection is not counted"
+        );
     }
 }

@@ -23,7 +23,16 @@
 //! connection's life): an admitted connection gathers small writes only while it has some
 //! (see `listen::admission::Admitted`). The app then serves it, request after
 //! request, as Pingora's `handle_event` does.
+//!
+//! With several worker threads (a copy of the proxy on each, all accepting on the same
+//! listening sockets), the kernel wakes them all for a new connection and the first to
+//! ask gets it: a few connections (four event streams in a burst) could all land on one
+//! thread while the other idles, a quarter of the rate either way from run to run. So a
+//! worker that serves more connections than another (`listen::admission::Workers`) hands
+//! the one it accepted to the least loaded worker's loop ([`Spread`]), which serves it as
+//! if it had accepted it: connections spread as HAProxy's threads spread theirs.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -37,7 +46,9 @@ use pingora_core::protocols::{GetSocketDigest, SocketDigest};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::listening::Service;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 
+use crate::listen::admission::Workers;
 use crate::relay::exchange::{start, Apart};
 
 /// How long accepting pauses after the process ran out of descriptors (as Pingora's loop
@@ -47,14 +58,94 @@ const OUT_OF_DESCRIPTORS_PAUSE: Duration = Duration::from_secs(1);
 /// How long a client has for its TLS handshake (Pingora's bound).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A connection accepted, with its peer's address.
+type Accepted = (L4Stream, SocketAddr);
+
+/// Where one worker's loop on one listener takes connections that other workers accepted
+/// on it and handed over.
+#[derive(Default)]
+pub struct Inbox {
+    queue: parking_lot::Mutex<Queue>,
+    notify: Notify,
+}
+
+#[derive(Default)]
+struct Queue {
+    connections: VecDeque<Accepted>,
+    /// The loop has stopped: nothing is handed over any more.
+    closed: bool,
+}
+
+impl Inbox {
+    /// Leaves `conn` for the loop; gives it back when the loop has stopped.
+    fn hand(&self, conn: Accepted) -> Option<Accepted> {
+        let mut queue = self.queue.lock();
+        if queue.closed {
+            return Some(conn);
+        }
+        queue.connections.push_back(conn);
+        drop(queue);
+        self.notify.notify_one();
+        None
+    }
+
+    fn take(&self) -> Option<Accepted> {
+        self.queue.lock().connections.pop_front()
+    }
+
+    /// Stops taking connections; those left are returned.
+    fn close(&self) -> VecDeque<Accepted> {
+        let mut queue = self.queue.lock();
+        queue.closed = true;
+        std::mem::take(&mut queue.connections)
+    }
+}
+
+/// How one worker's loop on a listener spreads connections: the group's workers, their
+/// inboxes on this listener (one each), and which worker this loop is.
+pub struct Spread {
+    pub workers: Arc<Workers>,
+    pub inboxes: Arc<[Inbox]>,
+    pub me: usize,
+}
+
+impl Spread {
+    /// Hands `conn` to a less loaded worker's loop, if one should serve it; else (or when
+    /// that loop has stopped) gives it back.
+    fn pass(&self, conn: Accepted) -> Option<Accepted> {
+        let Some(to) = self.workers.lighter(self.me) else {
+            return Some(conn);
+        };
+        self.workers.coming(to);
+        let back = self.inboxes[to].hand(conn);
+        if back.is_some() {
+            self.workers.arrived(to);
+        }
+        back
+    }
+
+    fn inbox(&self) -> &Inbox {
+        &self.inboxes[self.me]
+    }
+
+    /// The next connection handed to this loop, now arriving.
+    fn take(&self) -> Option<Accepted> {
+        let conn = self.inbox().take()?;
+        self.workers.arrived(self.me);
+        Some(conn)
+    }
+}
+
 /// Accepts connections on `listener` until the server shuts down, each served by `app`,
-/// over TLS with `tls` (see the module docs). `name` names the listener in the log.
+/// over TLS with `tls`, spread over the group's workers with `spread` (see the module
+/// docs). `name` names the listener in the log.
 pub async fn serve<A: ServerApp + Send + Sync + 'static>(
     listener: std::net::TcpListener,
     tls: Option<Arc<Acceptor>>,
     app: Arc<A>,
     mut shutdown: ShutdownWatch,
     name: &str,
+    spread: Option<Spread>,
 ) {
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
@@ -70,9 +161,24 @@ pub async fn serve<A: ServerApp + Send + Sync + 'static>(
         .local_addr()
         .ok()
         .filter(|addr| !addr.ip().is_unspecified());
+    let watch = shutdown.clone();
+    let serve_one = |(stream, peer): Accepted| {
+        let (app, shutdown) = (app.clone(), watch.clone());
+        let served: Apart = match &tls {
+            None => Box::pin(Service::<A>::handle_event(Box::new(stream), app, shutdown)),
+            Some(tls) => Box::pin(secured(tls.clone(), stream, peer, app, shutdown)),
+        };
+        start(served)
+    };
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
+            () = handed(spread.as_ref()) => {
+                while let Some(conn) = spread.as_ref().and_then(Spread::take) {
+                    serve_one(conn).await;
+                }
+                continue;
+            }
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow() {
                     log::info!("Shutting down {name}");
@@ -86,12 +192,13 @@ pub async fn serve<A: ServerApp + Send + Sync + 'static>(
                 let Some(stream) = connection(tcp, peer, local) else {
                     continue;
                 };
-                let (app, shutdown) = (app.clone(), shutdown.clone());
-                let served: Apart = match &tls {
-                    None => Box::pin(Service::<A>::handle_event(Box::new(stream), app, shutdown)),
-                    Some(tls) => Box::pin(secured(tls.clone(), stream, peer, app, shutdown)),
+                let conn = match &spread {
+                    Some(spread) => spread.pass((stream, peer)),
+                    None => Some((stream, peer)),
                 };
-                start(served).await;
+                if let Some(conn) = conn {
+                    serve_one(conn).await;
+                }
             }
             Err(e) => {
                 log::error!("{name}: accept failed: {e}");
@@ -100,6 +207,21 @@ pub async fn serve<A: ServerApp + Send + Sync + 'static>(
                 }
             }
         }
+    }
+    // Connections handed over before the loop stopped are served, not dropped.
+    if let Some(spread) = &spread {
+        for conn in spread.inbox().close() {
+            spread.workers.arrived(spread.me);
+            serve_one(conn).await;
+        }
+    }
+}
+
+/// Waits until a connection is handed to this loop (never without `spread`).
+async fn handed(spread: Option<&Spread>) {
+    match spread {
+        Some(spread) => spread.inbox().notify.notified().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -208,7 +330,7 @@ mod tests {
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let serving = tokio::spawn({
             let app = app.clone();
-            async move { serve(listener, None, app, shutdown, "test").await }
+            async move { serve(listener, None, app, shutdown, "test", None).await }
         });
         let reached = SocketAddr::from(([127, 0, 0, 1], port));
         let mut client = TcpStream::connect(reached).await.expect("connect");
@@ -251,6 +373,92 @@ mod tests {
             TcpStream::connect(reached).await.is_err(),
             "the listening socket is closed with the loop"
         );
+    }
+
+    /// Notes the thread that serves each connection, and holds it until its client goes.
+    struct Holder(Arc<Mutex<Vec<std::thread::ThreadId>>>);
+
+    #[async_trait]
+    impl pingora_core::apps::HttpServerApp for Holder {
+        async fn process_new_http(
+            self: &Arc<Self>,
+            mut session: pingora_core::protocols::http::ServerSession,
+            _shutdown: &ShutdownWatch,
+        ) -> Option<pingora_core::apps::ReusedHttpStream> {
+            self.0
+                .lock()
+                .expect("lock")
+                .push(std::thread::current().id());
+            let _ = session.read_request().await;
+            None
+        }
+    }
+
+    /// Two workers, each a loop on a thread of its own accepting on one listener, spread
+    /// four connections two and two, whichever of them the kernel gives each one to (it
+    /// wakes both, the first to ask gets it): the worker that serves more hands the one it
+    /// accepted to the other's loop, where it is served.
+    #[tokio::test]
+    async fn connections_spread_over_the_workers() {
+        use crate::listen::admission::Gate;
+        use crate::listen::{Listener, ListenerKind};
+        use crate::metrics::Metrics;
+        use crate::server::admission::Admitting;
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let addr = listener.local_addr().expect("address");
+        let gate = Gate::new(
+            &Listener::new(addr, ListenerKind::Plain { h2c: false }),
+            &Metrics::new(),
+        );
+        let workers = Workers::new(2);
+        let inboxes: Arc<[Inbox]> = (0..2).map(|_| Inbox::default()).collect();
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let threads: Vec<_> = (0..2)
+            .map(|me| {
+                let listener = listener.try_clone().expect("a duplicate");
+                let app = Admitting::new(Holder(served.clone()), vec![gate.clone()])
+                    .worker(workers.clone(), me);
+                let spread = Spread {
+                    workers: workers.clone(),
+                    inboxes: inboxes.clone(),
+                    me,
+                };
+                let shutdown = shutdown.clone();
+                std::thread::spawn(move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a runtime")
+                        .block_on(serve(
+                            listener,
+                            None,
+                            Arc::new(app),
+                            shutdown,
+                            "test",
+                            Some(spread),
+                        ))
+                })
+            })
+            .collect();
+        drop(listener);
+        let mut clients = Vec::new();
+        for n in 1..=4 {
+            clients.push(TcpStream::connect(addr).await.expect("connect"));
+            while served.lock().expect("lock").len() < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let served = served.lock().expect("lock").clone();
+        let on_first = served.iter().filter(|t| **t == served[0]).count();
+        assert_eq!(on_first, 2, "two connections on each thread: {served:?}");
+        stop.send(true).expect("the loops listen");
+        drop(clients);
+        for thread in threads {
+            thread.join().expect("the loop ends");
+        }
     }
 
     /// On the unspecified address only the kernel knows which address a connection

@@ -13,7 +13,7 @@ use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 
-use crate::listen::admission::{admitted, Gate};
+use crate::listen::admission::{admitted, Gate, Workers};
 use crate::relay::client::Handback;
 
 /// The app of a listening service, behind the admission of its listeners.
@@ -22,6 +22,8 @@ pub struct Admitting<A> {
     gates: Vec<Arc<Gate>>,
     /// Connected to the app on the first connection (see [`Admitting::handing_back`]).
     handback: Option<Arc<Handback>>,
+    /// The worker threads of the listener group, and which of them this copy runs on.
+    worker: Option<(Arc<Workers>, usize)>,
 }
 
 impl<A> Admitting<A> {
@@ -30,7 +32,14 @@ impl<A> Admitting<A> {
             app: Arc::new(app),
             gates,
             handback: None,
+            worker: None,
         }
+    }
+
+    /// Counts the connections this copy serves as worker `worker` of `workers`.
+    pub fn worker(mut self, workers: Arc<Workers>, worker: usize) -> Self {
+        self.worker = Some((workers, worker));
+        self
     }
 
     /// Connects `handback` to this app: a client connection given back after a stream
@@ -81,7 +90,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Admitting<A> {
         let Some(gate) = self.gate(&stream) else {
             return self.app.process_new(stream, shutdown).await;
         };
-        let admitted = gate.admit(stream)?;
+        let worker = self.worker.as_ref().map(|(workers, w)| (workers, *w));
+        let admitted = gate.admit(stream, worker)?;
         self.app.process_new(Box::new(admitted), shutdown).await
     }
 

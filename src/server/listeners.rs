@@ -36,11 +36,11 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use socket2::SockRef;
 
-use super::accept;
+use super::accept::{self, Inbox, Spread};
 use super::admission::Admitting;
 use super::carrying::Carrying;
 use crate::config::Config;
-use crate::listen::admission::Gate;
+use crate::listen::admission::{Gate, Workers};
 use crate::listen::{Listener, ListenerKind, ListenerTls};
 use crate::proxy::StreamGate;
 use crate::relay::client::Handback;
@@ -81,6 +81,17 @@ pub fn services(
         let name = if h2c { "streamgate h2c" } else { "streamgate" };
         let gates: Vec<Arc<Gate>> = group.iter().map(|l| Gate::new(l, &state.metrics)).collect();
         let workers = workers(server_conf);
+        // Connections spread over the workers (see `accept::Spread`).
+        let spreading = (workers > 1).then(|| {
+            let inboxes: HashMap<String, Arc<[Inbox]>> = group
+                .iter()
+                .map(|l| {
+                    let inboxes: Arc<[Inbox]> = (0..workers).map(|_| Inbox::default()).collect();
+                    (l.addr.to_string(), inboxes)
+                })
+                .collect();
+            (Workers::new(workers), Arc::new(inboxes))
+        });
         for worker in 0..workers {
             let handback = Arc::new(Handback::default());
             let mut app = pingora_proxy::http_proxy(
@@ -99,14 +110,22 @@ pub fn services(
             let mut h2 = default_h2_options();
             h2.max_concurrent_streams(config.http2.max_concurrent_streams);
             app.h2_options = Some(h2);
+            let mut admitting =
+                Admitting::new(Carrying::new(app), gates.clone()).handing_back(handback);
+            if let Some((spread, _)) = &spreading {
+                admitting = admitting.worker(spread.clone(), worker);
+            }
             let mut proxy = Listening::new(
                 if workers == 1 {
                     name.to_string()
                 } else {
                     format!("{name} {worker}")
                 },
-                Admitting::new(Carrying::new(app), gates.clone()).handing_back(handback),
+                admitting,
             );
+            if let Some((spread, inboxes)) = &spreading {
+                proxy = proxy.spread(spread.clone(), worker, inboxes.clone());
+            }
             if !server_conf.work_stealing {
                 proxy = proxy.one_thread();
             }
@@ -192,7 +211,13 @@ pub struct Listening<A> {
     /// the service starts).
     addresses: Vec<(String, Option<TlsSettings>)>,
     role: Role,
+    /// With several workers: the group's, this copy's place among them, and each
+    /// address's inboxes (see `accept::Spread`).
+    spread: Option<(Arc<Workers>, usize, Inboxes)>,
 }
+
+/// Each address of a listener group, and the inbox of each worker's loop on it.
+type Inboxes = Arc<HashMap<String, Arc<[Inbox]>>>;
 
 enum Role {
     /// Makes the sockets: each address, as the service names it, and what is set on it.
@@ -231,7 +256,15 @@ impl<A: ServerApp + Send + Sync + 'static> Listening<A> {
             app: Arc::new(app),
             addresses: Vec::new(),
             role: Role::Copy,
+            spread: None,
         }
+    }
+
+    /// Spreads the connections it accepts over `workers`, as worker `me`, through the
+    /// `inboxes` of each address.
+    fn spread(mut self, workers: Arc<Workers>, me: usize, inboxes: Inboxes) -> Self {
+        self.spread = Some((workers, me, inboxes));
+        self
     }
 
     /// Listens on the plain TCP address `addr`.
@@ -302,7 +335,14 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Listening<A> {
             let app = self.app.clone();
             let shutdown = shutdown.clone();
             let name = format!("{} {addr}", self.name);
-            Some(async move { accept::serve(listener, tls, app, shutdown, &name).await })
+            let spread = self.spread.as_ref().and_then(|(workers, me, inboxes)| {
+                Some(Spread {
+                    workers: workers.clone(),
+                    inboxes: inboxes.get(addr.as_str())?.clone(),
+                    me: *me,
+                })
+            });
+            Some(async move { accept::serve(listener, tls, app, shutdown, &name, spread).await })
         });
         futures_util::future::join_all(accepting.collect::<Vec<_>>()).await;
         self.app.cleanup().await;
