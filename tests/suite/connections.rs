@@ -86,6 +86,14 @@ async fn a_client_that_sends_nothing_is_closed_after_the_idle_timeout() {
     }
 }
 
+/// Sends `bytes` on `conn` in pieces of `piece` bytes, one every 100 ms.
+async fn paced(conn: &mut TcpStream, bytes: &[u8], piece: usize) {
+    for piece in bytes.chunks(piece) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        conn.write_all(piece).await.expect("a piece");
+    }
+}
+
 /// Starts a request head on `conn` and sends the rest a byte every 100 ms for 2 s (writes
 /// fail once the proxy has closed); what the proxy sent before it closed.
 async fn slow_head(conn: &mut TcpStream) -> String {
@@ -139,18 +147,12 @@ async fn a_head_sent_a_byte_at_a_time_is_cut_at_the_request_header_timeout() {
         .write_all(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\n")
         .await
         .expect("head");
-    for _ in 0..10 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        upload.write_all(b"b").await.expect("body byte");
-    }
+    paced(&mut upload, b"bbbbbbbbbb", 1).await;
     let got = read_until(&mut upload, "the answer", |got| got.ends_with(b"got 10")).await;
     assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
     // The next request on the same connection, its head in pieces within the limit:
     // answered.
-    for piece in b"GET / HTTP/1.1\r\nhost: t\r\n\r\n".chunks(10) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        upload.write_all(piece).await.expect("next head");
-    }
+    paced(&mut upload, b"GET / HTTP/1.1\r\nhost: t\r\n\r\n", 10).await;
     let got = read_until(&mut upload, "the next answer", |got| {
         got.ends_with(b"got 0")
     })
@@ -175,10 +177,7 @@ async fn a_head_sent_a_byte_at_a_time_is_cut_at_the_request_header_timeout() {
         )
         .await
         .expect("two heads");
-    for _ in 0..10 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        piped.write_all(b"b").await.expect("body byte");
-    }
+    paced(&mut piped, b"bbbbbbbbbb", 1).await;
     let got = read_until(&mut piped, "both answers", |got| got.ends_with(b"got 10")).await;
     let got = String::from_utf8_lossy(&got);
     assert_eq!(got.matches("HTTP/1.1 200").count(), 2, "{got}");

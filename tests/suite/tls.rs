@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::ca::{Ca, Issued};
@@ -637,6 +638,77 @@ async fn a_post_streams_tls_connection_serves_the_next_request() {
         .expect("send");
     let next = read_until(&mut tls, "plain").await;
     assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+}
+
+/// Over TLS as over plain TCP, a request head sent a byte at a time is cut at the
+/// listener's `request_header_timeout`: a connection's first head, and a later one on a
+/// connection kept after a `POST` event stream and a `GET`.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_request_heads_are_cut_over_tls_too() {
+    let origin = Origin::post_streams("plain").await;
+    let port = common::free_port();
+    let (site, _) = Site::start(
+        &[("main", &["example.test"])],
+        |dir| {
+            let limit = "    request_header_timeout: 500ms\n";
+            format!(
+                "listen:\n{}{}",
+                tls_listener(port, dir, MAIN_CERT, limit),
+                routes(&origin)
+            )
+        },
+        &[addr(port)],
+    )
+    .await;
+    let connect = || tls_connect(&site.ca, addr(port), "example.test", &[b"http/1.1"]);
+    // Starts a head, sends the rest a byte every 100 ms for 2 s, and returns what came
+    // back before the proxy closed the connection.
+    async fn slow_head(tls: &mut TlsStream<TcpStream>) -> String {
+        let mut sent = tls
+            .write_all(b"GET / HTTP/1.1\r\nhost: example.test\r\nx-slow: ")
+            .await
+            .is_ok();
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            sent = sent && tls.write_all(b"a").await.is_ok() && tls.flush().await.is_ok();
+        }
+        let mut got = Vec::new();
+        guard("the proxy to close the slow connection", async {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = tls.read(&mut buf).await {
+                got.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await;
+        String::from_utf8_lossy(&got).into_owned()
+    }
+    let mut first = connect().await.expect("TLS");
+    let got = slow_head(&mut first).await;
+    assert!(!got.contains("200"), "{got}");
+
+    let mut kept = connect().await.expect("TLS");
+    kept.write_all(b"POST /chat HTTP/1.1\r\nhost: example.test\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .expect("send");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    guard("the stream and the next answer", async {
+        let mut asked = false;
+        while !String::from_utf8_lossy(&got).contains("plain") {
+            let n = kept.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+            if !asked && String::from_utf8_lossy(&got).contains("\r\n0\r\n\r\n") {
+                asked = true;
+                kept.write_all(b"GET /next HTTP/1.1\r\nhost: example.test\r\n\r\n")
+                    .await
+                    .expect("send");
+            }
+        }
+    })
+    .await;
+    let got = slow_head(&mut kept).await;
+    assert!(!got.contains("200"), "a later head: {got}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
