@@ -14,14 +14,14 @@ use pingora_proxy::Session;
 
 use super::context::RequestCtx;
 use super::stream::Stream;
-use crate::http_util::{
-    client_ip, remove_request_header, remove_response_header, request_host, scheme,
-};
+use crate::http_util::{client_ip, request_host, scheme};
 use crate::sse;
 use crate::sse::tracker::{StreamInfo, Tracker};
 
-/// Headers that describe one connection and never cross a proxy.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// Headers that describe one connection and never cross a proxy. The last,
+/// `Transfer-Encoding`, is a request's only: a response's stays, the relay having framed
+/// and classified the answer by it.
+const HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -31,7 +31,19 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::TRAILER,
     header::UPGRADE,
     HeaderName::from_static("http2-settings"),
+    TRANSFER_ENCODING,
 ];
+
+/// Which of [`HOP_BY_HOP`] `headers` holds, a bit each (bit `i`: `HOP_BY_HOP[i]`): one
+/// pass over its names rather than a lookup for each, most heads holding none of them.
+fn hop_by_hop_present(headers: &HeaderMap) -> u16 {
+    headers.keys().fold(0, |found, name| {
+        match HOP_BY_HOP.iter().position(|hop| hop == name) {
+            Some(i) => found | 1 << i,
+            None => found,
+        }
+    })
+}
 
 /// The request the origin sees: path prefix, `Host` policy, `X-Forwarded-*`, then the
 /// chain's `upstream_request` hooks.
@@ -132,11 +144,16 @@ pub fn strip_request_hop_by_hop(request: &mut RequestHeader, upgrade: bool) {
         "x-forwarded-host",
         "x-forwarded-proto",
     ];
-    for name in nominated(&request.headers, &keep) {
-        request.remove_header(&name);
+    let present = hop_by_hop_present(&request.headers);
+    if present & 1 != 0 {
+        for name in nominated(&request.headers, &keep) {
+            request.remove_header(&name);
+        }
     }
-    for name in HOP_BY_HOP.iter().chain([&TRANSFER_ENCODING]) {
-        remove_request_header(request, name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & 1 << i != 0 {
+            request.remove_header(name);
+        }
     }
     if let Some(protocol) = protocol {
         // Cannot fail: both are valid header values.
@@ -156,13 +173,16 @@ pub fn strip_response_hop_by_hop(header: &mut ResponseHeader, upgraded: bool) {
         "upgrade",
     ];
     let keep = if upgraded { &keep[..] } else { &keep[..3] };
-    for name in nominated(&header.headers, keep) {
-        header.remove_header(&name);
+    let present = hop_by_hop_present(&header.headers);
+    if present & 1 != 0 {
+        for name in nominated(&header.headers, keep) {
+            header.remove_header(&name);
+        }
     }
-    for name in &HOP_BY_HOP {
+    for (i, name) in HOP_BY_HOP[..HOP_BY_HOP.len() - 1].iter().enumerate() {
         let needed = upgraded && (name == header::UPGRADE || name == header::CONNECTION);
-        if !needed {
-            remove_response_header(header, name);
+        if present & 1 << i != 0 && !needed {
+            header.remove_header(name);
         }
     }
 }
@@ -204,4 +224,67 @@ pub fn frame_for_client(header: &mut ResponseHeader, client: Version) -> Result<
         header.insert_header(TRANSFER_ENCODING, "chunked")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SENT: [(&str, &str); 12] = [
+        ("Host", "h"),
+        ("Connection", "x-named, keep-alive"),
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Connection", "keep-alive"),
+        ("Proxy-Authorization", "Basic eA=="),
+        ("TE", "trailers"),
+        ("Trailer", "x-t"),
+        ("Upgrade", "websocket"),
+        ("HTTP2-Settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+        ("Transfer-Encoding", "chunked"),
+        ("X-Named", "1"),
+        ("X-Kept", "2"),
+    ];
+
+    fn names(headers: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn every_hop_by_hop_header_is_stripped_each_way() {
+        let mut request = RequestHeader::build("GET", b"/", None).unwrap();
+        for (name, value) in SENT {
+            request.append_header(name, value).unwrap();
+        }
+        strip_request_hop_by_hop(&mut request, false);
+        assert_eq!(names(&request.headers), ["host", "x-kept"]);
+
+        let mut upgrade = RequestHeader::build("GET", b"/", None).unwrap();
+        for (name, value) in SENT {
+            upgrade.append_header(name, value).unwrap();
+        }
+        strip_request_hop_by_hop(&mut upgrade, true);
+        assert_eq!(
+            names(&upgrade.headers),
+            ["connection", "host", "upgrade", "x-kept"]
+        );
+        assert_eq!(upgrade.headers["connection"], "upgrade");
+
+        let mut response = ResponseHeader::build(200, None).unwrap();
+        for (name, value) in SENT {
+            response.append_header(name, value).unwrap();
+        }
+        strip_response_hop_by_hop(&mut response, false);
+        // The answer was framed by its Transfer-Encoding, which stays.
+        assert_eq!(
+            names(&response.headers),
+            ["host", "transfer-encoding", "x-kept"]
+        );
+
+        let mut plain = RequestHeader::build("GET", b"/", None).unwrap();
+        plain.append_header("Host", "h").unwrap();
+        strip_request_hop_by_hop(&mut plain, false);
+        assert_eq!(names(&plain.headers), ["host"]);
+    }
 }
