@@ -640,6 +640,70 @@ async fn a_post_streams_tls_connection_serves_the_next_request() {
     assert!(next.starts_with("HTTP/1.1 200"), "{next}");
 }
 
+/// Over TLS as over plain TCP, a request body sent in pieces a pause apart within the
+/// service's `request_buffer_wait` is gathered and reaches the origin whole, with its head,
+/// in one read (each piece a TLS record of its own, read by the proxy as it comes).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_body_in_pieces_is_gathered_over_tls_too() {
+    use tokio::io::AsyncBufReadExt;
+    let (seen_tx, mut seen) = mpsc::unbounded_channel::<Vec<u8>>();
+    let seen_tx = Arc::new(seen_tx);
+    let origin = Origin::start(move |head, mut conn| {
+        let seen_tx = seen_tx.clone();
+        async move {
+            let with_head = conn.reader.fill_buf().await.expect("read").to_vec();
+            let _ = seen_tx.send(with_head);
+            let body = conn.read_body(&head).await.expect("body");
+            let _ = conn.respond(200, &format!("got {}", body.len())).await;
+            After::Close
+        }
+    })
+    .await;
+    let port = common::free_port();
+    let (site, _) = Site::start(
+        &[("main", &["example.test"])],
+        |dir| {
+            format!(
+                "listen:\n{}services:\n  feed: {{ url: \"{}\", request_buffer_wait: 30s }}\n\
+                 host_rules:\n  - pattern: \"*\"\n    target: feed\n",
+                tls_listener(port, dir, MAIN_CERT, ""),
+                origin.url()
+            )
+        },
+        &[addr(port)],
+    )
+    .await;
+    let mut tls = tls_connect(&site.ca, addr(port), "example.test", &[b"http/1.1"])
+        .await
+        .expect("TLS");
+    let head = "POST /chat HTTP/1.1\r\nhost: example.test\r\ntransfer-encoding: chunked\r\n\
+                connection: close\r\n\r\n";
+    let pieces = [
+        format!("{head}5\r\n{{\"a\":\r\n"),
+        "2\r\n1,\r\n".to_string(),
+        "4\r\n\"b\":\r\n".to_string(),
+        "2\r\n2}\r\n0\r\n\r\n".to_string(),
+    ];
+    for piece in &pieces {
+        tls.write_all(piece.as_bytes()).await.expect("piece");
+        tls.flush().await.expect("flush");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let with_head = guard("the request at the origin", seen.recv())
+        .await
+        .expect("seen");
+    assert_eq!(
+        String::from_utf8_lossy(&with_head),
+        "5\r\n{\"a\":\r\n2\r\n1,\r\n4\r\n\"b\":\r\n2\r\n2}\r\n0\r\n\r\n"
+    );
+    let mut answer = Vec::new();
+    guard("the answer", tls.read_to_end(&mut answer))
+        .await
+        .expect("answer");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.ends_with("got 13"), "{answer}");
+}
+
 /// Over TLS as over plain TCP, a request head sent a byte at a time is cut at the
 /// listener's `request_header_timeout`: a connection's first head, and a later one on a
 /// connection kept after a `POST` event stream and a `GET`.
