@@ -100,7 +100,7 @@ impl Gate {
             gathered: Vec::new(),
             first: first_deadline(&self.listener),
             in_head: false,
-            line: 1,
+            on_line: true,
             next_head: AtomicU8::new(HEAD_NONE),
             gate: self.clone(),
             stream,
@@ -260,9 +260,9 @@ pub struct Admitted {
     first: Option<Pin<Box<Sleep>>>,
     /// `first` bounds a request's head (its first bytes came).
     in_head: bool,
-    /// While `in_head`: bytes on the current line of the head so far, CRs aside (capped);
-    /// an LF that ends an empty line ends the head.
-    line: u8,
+    /// While `in_head`: the current line of the head has a byte other than CR so far; an
+    /// LF that ends an empty line ends the head.
+    on_line: bool,
     /// Where a later request's head stands (`HEAD_*`), as the server says.
     next_head: AtomicU8,
     _slot: Slot,
@@ -299,7 +299,7 @@ impl Admitted {
         if let Some(limit) = self.gate.listener.request_header_timeout {
             self.first = Some(Box::pin(tokio::time::sleep(limit)));
             self.in_head = true;
-            self.line = 1;
+            self.on_line = true;
         }
     }
 
@@ -347,17 +347,17 @@ impl Admitted {
         if !consumed {
             return;
         }
-        for &b in got {
-            match b {
-                b'\n' if self.line == 0 => {
-                    self.first = None;
-                    return;
-                }
-                b'\n' => self.line = 0,
-                b'\r' => {}
-                _ => self.line = self.line.saturating_add(1),
+        // Line by line (a head's lines are found with memchr, not byte by byte).
+        let mut rest = got;
+        while let Some(lf) = memchr::memchr(b'\n', rest) {
+            if !self.on_line && rest[..lf].iter().all(|&b| b == b'\r') {
+                self.first = None;
+                return;
             }
+            self.on_line = false;
+            rest = &rest[lf + 1..];
         }
+        self.on_line |= rest.iter().any(|&b| b != b'\r');
     }
 
     /// Sends what is gathered, and gives its memory back once it is all out.
@@ -608,7 +608,7 @@ mod tests {
             gate,
             first: None,
             in_head: false,
-            line: 1,
+            on_line: true,
             next_head: AtomicU8::new(HEAD_NONE),
             _slot: slot,
             _served: None,

@@ -21,7 +21,7 @@ use crate::sse::tracker::{StreamInfo, Tracker};
 /// Headers that describe one connection and never cross a proxy. The last,
 /// `Transfer-Encoding`, is a request's only: a response's stays, the relay having framed
 /// and classified the answer by it.
-const HOP_BY_HOP: [HeaderName; 10] = [
+static HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),

@@ -523,13 +523,14 @@ impl Endpoints {
         let i = match pinned {
             Some(i) => i,
             None => {
-                if !(0..schedule.list.len()).any(up) {
-                    return Err(Unavailable::AllDown);
-                }
                 let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
                 let open = |i: usize| schedule.list[i].1.open();
                 let chosen = schedule.plan.pick(self.algorithm, turn, key, open, usable);
-                chosen.ok_or(Unavailable::Exhausted)?
+                // Why none is usable is asked only when none is.
+                chosen.ok_or_else(|| match (0..schedule.list.len()).any(up) {
+                    true => Unavailable::Exhausted,
+                    false => Unavailable::AllDown,
+                })?
             }
         };
         let state = schedule.list[i].1.clone();
