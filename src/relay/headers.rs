@@ -253,16 +253,16 @@ mod tests {
 
     #[test]
     fn every_hop_by_hop_header_is_stripped_each_way() {
-        let mut request = RequestHeader::build("GET", b"/", None).unwrap();
+        let mut request = RequestHeader::build("GET", b"/", None).expect("request");
         for (name, value) in SENT {
-            request.append_header(name, value).unwrap();
+            request.append_header(name, value).expect("header");
         }
         strip_request_hop_by_hop(&mut request, false);
         assert_eq!(names(&request.headers), ["host", "x-kept"]);
 
-        let mut upgrade = RequestHeader::build("GET", b"/", None).unwrap();
+        let mut upgrade = RequestHeader::build("GET", b"/", None).expect("request");
         for (name, value) in SENT {
-            upgrade.append_header(name, value).unwrap();
+            upgrade.append_header(name, value).expect("header");
         }
         strip_request_hop_by_hop(&mut upgrade, true);
         assert_eq!(
@@ -271,9 +271,9 @@ mod tests {
         );
         assert_eq!(upgrade.headers["connection"], "upgrade");
 
-        let mut response = ResponseHeader::build(200, None).unwrap();
+        let mut response = ResponseHeader::build(200, None).expect("response");
         for (name, value) in SENT {
-            response.append_header(name, value).unwrap();
+            response.append_header(name, value).expect("header");
         }
         strip_response_hop_by_hop(&mut response, false);
         // The answer was framed by its Transfer-Encoding, which stays.
@@ -282,8 +282,8 @@ mod tests {
             ["host", "transfer-encoding", "x-kept"]
         );
 
-        let mut plain = RequestHeader::build("GET", b"/", None).unwrap();
-        plain.append_header("Host", "h").unwrap();
+        let mut plain = RequestHeader::build("GET", b"/", None).expect("request");
+        plain.append_header("Host", "h").expect("header");
         strip_request_hop_by_hop(&mut plain, false);
         assert_eq!(names(&plain.headers), ["host"]);
     }
