@@ -318,22 +318,15 @@ async fn a_gathered_http2_body_with_a_length_leaves_its_origin_connection_reusab
 /// rest (the client waits for that, so with the body held this would never finish).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_body_is_gathered_up_to_request_buffer_then_streamed() {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-    // What the origin had read with the head, before reading anything more.
-    let (seen_tx, mut seen) = mpsc::unbounded_channel::<Vec<u8>>();
-    let seen_tx = Arc::new(seen_tx);
-    let origin = Origin::start(move |head, mut conn| {
-        let seen_tx = seen_tx.clone();
-        async move {
-            let with_head = conn.reader.fill_buf().await.expect("read").to_vec();
-            let _ = seen_tx.send(with_head);
-            if head.target == "/upload" {
-                let body = conn.read_body(&head).await.expect("body");
-                let _ = conn.respond(200, &body.len().to_string()).await;
-                return After::Close;
-            }
-            two_events_and_close(conn, "1.1", "text/event-stream").await
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // `seen`: what the origin had read with the head, before reading anything more.
+    let (origin, mut seen) = Origin::start_seeing(|head, mut conn| async move {
+        if head.target == "/upload" {
+            let body = conn.read_body(&head).await.expect("body");
+            let _ = conn.respond(200, &body.len().to_string()).await;
+            return After::Close;
         }
+        two_events_and_close(conn, "1.1", "text/event-stream").await
     })
     .await;
     let proxy = Proxy::start(&format!(

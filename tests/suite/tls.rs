@@ -645,18 +645,10 @@ async fn a_post_streams_tls_connection_serves_the_next_request() {
 /// in one read (each piece a TLS record of its own, read by the proxy as it comes).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_body_in_pieces_is_gathered_over_tls_too() {
-    use tokio::io::AsyncBufReadExt;
-    let (seen_tx, mut seen) = mpsc::unbounded_channel::<Vec<u8>>();
-    let seen_tx = Arc::new(seen_tx);
-    let origin = Origin::start(move |head, mut conn| {
-        let seen_tx = seen_tx.clone();
-        async move {
-            let with_head = conn.reader.fill_buf().await.expect("read").to_vec();
-            let _ = seen_tx.send(with_head);
-            let body = conn.read_body(&head).await.expect("body");
-            let _ = conn.respond(200, &format!("got {}", body.len())).await;
-            After::Close
-        }
+    let (origin, mut seen) = Origin::start_seeing(|head, mut conn| async move {
+        let body = conn.read_body(&head).await.expect("body");
+        let _ = conn.respond(200, &format!("got {}", body.len())).await;
+        After::Close
     })
     .await;
     let port = common::free_port();

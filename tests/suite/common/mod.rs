@@ -226,6 +226,28 @@ impl Origin {
         Origin::start_at("127.0.0.1:0", handler).await
     }
 
+    /// [`Origin::start`], where each request first reports what the origin had read with
+    /// its head, before reading anything more (`seen`: how much of the body came with it).
+    pub async fn start_seeing<F, Fut>(handler: F) -> (Origin, mpsc::UnboundedReceiver<Vec<u8>>)
+    where
+        F: Fn(Head, Conn) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = After> + Send + 'static,
+    {
+        use tokio::io::AsyncBufReadExt;
+        let (seen_tx, seen) = mpsc::unbounded_channel::<Vec<u8>>();
+        let handler = Arc::new(handler);
+        let origin = Origin::start(move |head, mut conn| {
+            let (seen_tx, handler) = (seen_tx.clone(), handler.clone());
+            async move {
+                let with_head = conn.reader.fill_buf().await.expect("read").to_vec();
+                let _ = seen_tx.send(with_head);
+                handler(head, conn).await
+            }
+        })
+        .await;
+        (origin, seen)
+    }
+
     /// [`Origin::start`] on a given address (another loopback address, a given port).
     pub async fn start_at<F, Fut>(bind: &str, handler: F) -> Origin
     where
