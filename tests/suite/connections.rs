@@ -9,7 +9,8 @@ use crate::common;
 use std::time::{Duration, Instant};
 
 use common::{
-    config_error, eventually, read_to_end, read_until, server_side, After, Events, Origin, Proxy,
+    config_error, eventually, guard, read_to_end, read_until, server_side, After, Events, Origin,
+    Proxy,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -84,6 +85,58 @@ async fn a_client_that_sends_nothing_is_closed_after_the_idle_timeout() {
         assert_eq!(sent, "");
         connections_open(&proxy, 0.0).await;
     }
+}
+
+/// An HTTP/2 request whose header block never ends (`HEADERS` without `END_HEADERS`, then
+/// a small `CONTINUATION` now and then) opens no stream, so its connection is closed by
+/// `http2.idle_timeout` as any connection with no stream open is, not held for as long as
+/// the client keeps dribbling (`request_header_timeout` bounds HTTP/1.x heads only).
+/// h2's own bound on `CONTINUATION` frames (five, with Pingora's 64 KiB header list) would
+/// end it too, later: the frames the client got out before the close tell which did.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_header_block_that_never_ends_is_closed_by_the_idle_timeout() {
+    use crate::smuggling::frame;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let origin = Origin::plain("ok").await;
+    let body = format!("http2: {{ idle_timeout: 1s }}\n{}", config(&origin));
+    let proxy = Proxy::start_listening("h2c: true", &body).await;
+    let conn = TcpStream::connect(proxy.addr).await.expect("connect");
+    let (mut read, mut write) = conn.into_split();
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend_from_slice(&frame(0x4, 0, 0, &[]));
+    // HEADERS on stream 1, END_STREAM only: `:method: GET` (HPACK static index 2).
+    start.extend_from_slice(&frame(0x1, 0x1, 1, &[0x82]));
+    write.write_all(&start).await.expect("preface and HEADERS");
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counted_sent = sent.clone();
+    let dribble = tokio::spawn(async move {
+        // `x: y` (a literal, not indexed), never END_HEADERS, one every 700 ms.
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            if write
+                .write_all(&frame(0x9, 0, 1, &[0x00, 0x01, b'x', 0x01, b'y']))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            counted_sent.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let mut got = Vec::new();
+    let _ = guard(
+        "the proxy to close the connection",
+        tokio::io::AsyncReadExt::read_to_end(&mut read, &mut got),
+    )
+    .await;
+    let before_close = sent.load(Ordering::SeqCst);
+    dribble.abort();
+    assert!(
+        before_close < 5,
+        "closed after {before_close} CONTINUATION frames: by h2's bound, not the idle timeout"
+    );
+    connections_open(&proxy, 0.0).await;
 }
 
 /// Sends `bytes` on `conn` in pieces of `piece` bytes, one every 100 ms.
