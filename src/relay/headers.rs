@@ -34,15 +34,31 @@ static HOP_BY_HOP: [HeaderName; 10] = [
     TRANSFER_ENCODING,
 ];
 
-/// Which of [`HOP_BY_HOP`] `headers` holds, a bit each (bit `i`: `HOP_BY_HOP[i]`): one
-/// pass over its names rather than a lookup for each, most heads holding none of them.
-fn hop_by_hop_present(headers: &HeaderMap) -> u16 {
-    headers.keys().fold(0, |found, name| {
-        match HOP_BY_HOP.iter().position(|hop| hop == name) {
-            Some(i) => found | 1 << i,
-            None => found,
-        }
-    })
+/// Which of [`HOP_BY_HOP`] a head holds, found in one pass over its names rather than a
+/// lookup for each (most heads hold none): a bit each, bit `i` for `HOP_BY_HOP[i]`.
+#[derive(Clone, Copy)]
+struct HopByHop(u16);
+
+impl HopByHop {
+    fn of(headers: &HeaderMap) -> HopByHop {
+        HopByHop(headers.keys().fold(0, |found, name| {
+            match HOP_BY_HOP.iter().position(|hop| hop == name) {
+                Some(i) => found | 1 << i,
+                None => found,
+            }
+        }))
+    }
+
+    fn has(self, name: &HeaderName) -> bool {
+        self.names().any(|held| held == name)
+    }
+
+    /// The hop-by-hop names the head holds.
+    fn names(self) -> impl Iterator<Item = &'static HeaderName> {
+        (0..HOP_BY_HOP.len())
+            .filter(move |i| self.0 & 1 << i != 0)
+            .map(|i| &HOP_BY_HOP[i])
+    }
 }
 
 /// The request the origin sees: path prefix, `Host` policy, `X-Forwarded-*`, then the
@@ -144,16 +160,14 @@ pub fn strip_request_hop_by_hop(request: &mut RequestHeader, upgrade: bool) {
         "x-forwarded-host",
         "x-forwarded-proto",
     ];
-    let present = hop_by_hop_present(&request.headers);
-    if present & 1 != 0 {
+    let present = HopByHop::of(&request.headers);
+    if present.has(&header::CONNECTION) {
         for name in nominated(&request.headers, &keep) {
             request.remove_header(&name);
         }
     }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & 1 << i != 0 {
-            request.remove_header(name);
-        }
+    for name in present.names() {
+        request.remove_header(name);
     }
     if let Some(protocol) = protocol {
         // Cannot fail: both are valid header values.
@@ -173,15 +187,16 @@ pub fn strip_response_hop_by_hop(header: &mut ResponseHeader, upgraded: bool) {
         "upgrade",
     ];
     let keep = if upgraded { &keep[..] } else { &keep[..3] };
-    let present = hop_by_hop_present(&header.headers);
-    if present & 1 != 0 {
+    let present = HopByHop::of(&header.headers);
+    if present.has(&header::CONNECTION) {
         for name in nominated(&header.headers, keep) {
             header.remove_header(&name);
         }
     }
-    for (i, name) in HOP_BY_HOP[..HOP_BY_HOP.len() - 1].iter().enumerate() {
-        let needed = upgraded && (name == header::UPGRADE || name == header::CONNECTION);
-        if present & 1 << i != 0 && !needed {
+    for name in present.names() {
+        let needed = name == TRANSFER_ENCODING
+            || upgraded && (name == header::UPGRADE || name == header::CONNECTION);
+        if !needed {
             header.remove_header(name);
         }
     }

@@ -527,9 +527,12 @@ impl Endpoints {
                 let open = |i: usize| schedule.list[i].1.open();
                 let chosen = schedule.plan.pick(self.algorithm, turn, key, open, usable);
                 // Why none is usable is asked only when none is.
-                chosen.ok_or_else(|| match (0..schedule.list.len()).any(up) {
-                    true => Unavailable::Exhausted,
-                    false => Unavailable::AllDown,
+                chosen.ok_or_else(|| {
+                    if (0..schedule.list.len()).any(up) {
+                        Unavailable::Exhausted
+                    } else {
+                        Unavailable::AllDown
+                    }
                 })?
             }
         };
