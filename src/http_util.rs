@@ -160,9 +160,50 @@ pub fn request_cookie<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]
         })
 }
 
+/// `ip` as text, as `Display` writes it: an IPv4 address digit by digit (the formatting
+/// machinery costs ten times as much, for every proxied request's forwarding headers),
+/// IPv6 through `Display`.
+pub fn ip_text(ip: IpAddr) -> String {
+    let IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut text = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push('.');
+        }
+        if octet >= 100 {
+            text.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            text.push(char::from(b'0' + octet / 10 % 10));
+        }
+        text.push(char::from(b'0' + octet % 10));
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for addr in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "255.255.255.255",
+            "10.0.100.9",
+            "1.20.3.199",
+            "192.168.10.250",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:10.1.2.3",
+        ] {
+            let ip: IpAddr = addr.parse().expect("an address");
+            assert_eq!(ip_text(ip), ip.to_string(), "{addr}");
+        }
+    }
 
     fn xff(lines: &[&str]) -> HeaderMap {
         let mut headers = HeaderMap::new();

@@ -61,6 +61,7 @@ use crate::http_util::remove_request_header;
 use crate::sse;
 use crate::sse::drain::drain_deadline;
 use crate::state::State;
+use crate::upstream::connect;
 
 /// How long an origin that stopped reading a request body is given to show its answer.
 const EARLY_ANSWER: Duration = Duration::from_millis(200);
@@ -374,12 +375,13 @@ impl Relay {
                 .next(service, request, ctx.chain.client)
                 .await?;
             let peer = service.peer(lease.addr, announced.then_some(&settings));
-            // The pool first; a new connection's future (TCP and TLS connect, a few KiB)
-            // is boxed, so this future, which every request carries, stays small.
+            // The pool first; a new connection's future is small for a plain origin, boxed
+            // for a TLS one (`connect::origin`), so this future, which every request
+            // carries, stays small.
             let pooled = self.connector.reused_stream(&*peer).await;
             let connected = match pooled {
                 Some(stream) => Ok((stream, true)),
-                None => Box::pin(self.connector.new_stream(&*peer))
+                None => connect::origin(&self.connector, &peer, service.tcp())
                     .await
                     .map(|stream| (stream, false)),
             };
@@ -406,7 +408,7 @@ impl Relay {
                     "a pooled connection to {} was closed by the origin; sending again on a new one",
                     peer.address()
                 );
-                let stream = Box::pin(self.connector.new_stream(&*peer))
+                let stream = connect::origin(&self.connector, &peer, service.tcp())
                     .await
                     .map_err(|e| e.into_up())?;
                 conn = OriginConn::new(stream, false);

@@ -540,9 +540,18 @@ pub(crate) fn chunk_size_line(out: &mut [u8; 18], len: usize) -> usize {
 /// Parses a response head at the start of `buf`: its length and the header, or `None`
 /// when more bytes are needed.
 fn parse_head(buf: &[u8]) -> Result<Option<(usize, ResponseHeader)>> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf) {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    // Room for the headers, left uninitialised: the parser writes those it finds.
+    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(framing_error(format!("invalid response head: {e}"))),

@@ -10,14 +10,25 @@
 //! itself first). Here a send of nothing right after `connect` tells whether the
 //! connection is made (it is then, or the connect failed, or it is still under way), and
 //! only one still under way is waited for, within the service's connect timeout.
+//!
+//! A new connection to a plain (not TLS) origin is made here directly ([`origin`]), set up
+//! as Pingora's connector sets one up: Pingora's connect future holds room for a TLS
+//! handshake (8 KiB, boxed and moved twice per connection, even when no TLS is spoken),
+//! all of it on the way from a request to its origin. TLS origins go through Pingora's
+//! connector, which calls [`TcpConnect`] for their TCP part.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use async_trait::async_trait;
+
 use pingora_core::connectors::l4::Connect;
+use pingora_core::connectors::TransportConnector;
 use pingora_core::protocols::l4::socket::SocketAddr;
 use pingora_core::protocols::l4::stream::Stream;
+use pingora_core::protocols::{GetSocketDigest, SocketDigest};
+use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType, OrErr, Result};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -35,6 +46,40 @@ impl Connect for TcpConnect {
         let SocketAddr::Inet(addr) = addr else {
             return Error::e_explain(ErrorType::InternalError, "not a TCP address");
         };
+        self.tcp(addr).await
+    }
+}
+
+/// A new connection for `peer`, a peer of a service whose TCP connect is `tcp`: made here
+/// when the peer is a plain TCP one (see the module docs), with what Pingora's connector
+/// gives a new connection (`TCP_NODELAY`, TCP keepalive when the peer asks for it, the
+/// socket's digest with the peer's address); through `connector` otherwise.
+pub async fn origin(
+    connector: &TransportConnector,
+    peer: &HttpPeer,
+    tcp: &TcpConnect,
+) -> Result<pingora_core::protocols::Stream> {
+    let plain = !peer.tls() && peer.get_proxy().is_none() && peer.options.tracer.is_none();
+    let SocketAddr::Inet(addr) = peer.address() else {
+        return Box::pin(connector.new_stream(peer)).await;
+    };
+    if !plain {
+        return Box::pin(connector.new_stream(peer)).await;
+    }
+    let mut stream = tcp.tcp(addr).await?;
+    if let Some(keepalive) = &peer.options.tcp_keepalive {
+        stream.set_keepalive(keepalive)?;
+    }
+    stream.set_nodelay()?;
+    let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
+    let _ = digest.peer_addr.set(Some(SocketAddr::Inet(*addr)));
+    stream.set_socket_digest(digest);
+    Ok(Box::new(stream))
+}
+
+impl TcpConnect {
+    /// The TCP connection to `addr`.
+    async fn tcp(&self, addr: &std::net::SocketAddr) -> Result<Stream> {
         let socket = Socket::new(
             Domain::for_address(*addr),
             Type::STREAM.nonblocking(),
@@ -129,6 +174,45 @@ mod tests {
         assert_eq!(&got, b"hello");
         drop(listener);
         let refused = connected(&target).await.expect_err("nobody listens");
+        assert_eq!(refused.etype(), &ErrorType::ConnectRefused);
+    }
+
+    /// A plain peer is connected here, set up as Pingora's connector sets up its own:
+    /// `TCP_NODELAY` on, the peer's address in the socket's digest; a failure keeps its type.
+    #[tokio::test]
+    async fn a_plain_origin_is_connected_as_pingora_connects_one() {
+        let (listener, target) = loopback().await;
+        let SocketAddr::Inet(addr) = target else {
+            unreachable!("a TCP address")
+        };
+        let tcp = TcpConnect {
+            timeout: Some(Duration::from_secs(1)),
+        };
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.custom_l4 = Some(std::sync::Arc::new(TcpConnect {
+            timeout: tcp.timeout,
+        }));
+        let connector = TransportConnector::new(None);
+        let mut stream = origin(&connector, &peer, &tcp).await.expect("connects");
+        let digest = stream.get_socket_digest().expect("a digest");
+        assert_eq!(digest.peer_addr(), Some(&target));
+        let fd = pingora_core::protocols::UniqueID::id(&*stream);
+        // SAFETY: `fd` is the stream's socket, open while `stream` is.
+        let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let nodelay = socket2::SockRef::from(&socket)
+            .tcp_nodelay()
+            .expect("TCP_NODELAY");
+        assert!(nodelay, "TCP_NODELAY on");
+        let (mut accepted, _) = listener.accept().await.expect("accept");
+        stream.write_all(b"hello").await.expect("write");
+        stream.flush().await.expect("flush");
+        let mut got = [0u8; 5];
+        accepted.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"hello");
+        drop(listener);
+        let refused = origin(&connector, &peer, &tcp)
+            .await
+            .expect_err("nobody listens");
         assert_eq!(refused.etype(), &ErrorType::ConnectRefused);
     }
 }

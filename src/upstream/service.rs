@@ -36,7 +36,7 @@ use super::discovery::{static_discovery, SystemResolver};
 use super::endpoints::{Endpoints, Lease, Timing, Unavailable};
 use super::health::PassiveHealth;
 use super::origin_tls::OriginTls;
-use crate::http_util::AddedHeaders;
+use crate::http_util::{ip_text, AddedHeaders};
 use crate::metrics::{Metrics, ServiceMetrics};
 use crate::sse::limits::{self, ClientSlots, Slots};
 use crate::sse::SseSettings;
@@ -418,6 +418,15 @@ impl Service {
         }
     }
 
+    /// How the service's endpoints are connected to over TCP (under TLS too).
+    pub fn tcp(&self) -> &Arc<TcpConnect> {
+        self.connect.get_or_init(|| {
+            Arc::new(TcpConnect {
+                timeout: self.timeouts.connect,
+            })
+        })
+    }
+
     /// The Pingora peer for one request. An SSE request (`sse` holds its effective
     /// settings) reads with the SSE read timeout (usually none), because Pingora fixes an
     /// upstream connection's read timeout when the request is sent. An `https` service's
@@ -433,12 +442,7 @@ impl Service {
         }
         let options = &mut peer.options;
         options.connection_timeout = self.timeouts.connect;
-        let connect = self.connect.get_or_init(|| {
-            Arc::new(TcpConnect {
-                timeout: self.timeouts.connect,
-            })
-        });
-        options.custom_l4 = Some(connect.clone());
+        options.custom_l4 = Some(self.tcp().clone());
         options.read_timeout = match sse {
             Some(sse) => sse.read_timeout,
             None => self.timeouts.read,
@@ -492,10 +496,10 @@ impl Service {
             HostHeader::Fixed(value) => req.insert_header(HOST, value.clone())?,
         }
         // Without proxies in front, both headers name the peer: it is formatted once.
-        let peer_text = peer.map(|ip| ip.to_string());
+        let peer_text = peer.map(ip_text);
         let real_ip = client.or(peer).map(|ip| match &peer_text {
             Some(text) if Some(ip) == peer => text.clone(),
-            _ => ip.to_string(),
+            _ => ip_text(ip),
         });
         let forwarded_for = peer_text.map(|ip| {
             // Append to what earlier proxies recorded, across repeated header lines.
