@@ -36,7 +36,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::header::ACCEPT;
-use pingora_core::connectors::{ConnectorOptions, TransportConnector};
 use pingora_core::modules::http::HttpModules;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -53,6 +52,7 @@ use crate::relay::reply::{answer, write_reply};
 use crate::relay::{self, Relay, RequestCtx};
 use crate::sse;
 use crate::state::State;
+use crate::upstream::connect::Connector;
 use crate::upstream::Attempts;
 use answer::error_response;
 
@@ -77,11 +77,10 @@ impl StreamGate {
         server: &ServerConf,
         handback: Arc<Handback>,
     ) -> Self {
-        let connector = TransportConnector::new(Some(ConnectorOptions::from_server_conf(server)));
         StreamGate {
             relay: Arc::new(Relay {
                 state: state.clone(),
-                connector,
+                connector: Connector::new(server),
                 handback,
             }),
             config,

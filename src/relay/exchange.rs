@@ -39,7 +39,6 @@ use bytes::Bytes;
 use futures_util::FutureExt as _;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, TRANSFER_ENCODING};
 use http::{Method, Version};
-use pingora_core::connectors::TransportConnector;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream as L4Stream;
 use pingora_core::upstreams::peer::Peer;
@@ -61,7 +60,7 @@ use crate::http_util::remove_request_header;
 use crate::sse;
 use crate::sse::drain::drain_deadline;
 use crate::state::State;
-use crate::upstream::connect;
+use crate::upstream::connect::Connector;
 
 /// How long an origin that stopped reading a request body is given to show its answer.
 const EARLY_ANSWER: Duration = Duration::from_millis(200);
@@ -69,7 +68,7 @@ const EARLY_ANSWER: Duration = Duration::from_millis(200);
 /// The relay of one server instance: its state and the connector to origins.
 pub struct Relay {
     pub state: Arc<State>,
-    pub connector: TransportConnector,
+    pub connector: Connector,
     /// Where a client connection kept alive after a stream carried in its own task goes.
     pub handback: Arc<Handback>,
 }
@@ -376,12 +375,14 @@ impl Relay {
                 .await?;
             let peer = service.peer(lease.addr, announced.then_some(&settings));
             // The pool first; a new connection's future is small for a plain origin, boxed
-            // for a TLS one (`connect::origin`), so this future, which every request
+            // for a TLS one (`Connector::connect`), so this future, which every request
             // carries, stays small.
-            let pooled = self.connector.reused_stream(&*peer).await;
+            let pooled = self.connector.reused(&peer).await;
             let connected = match pooled {
                 Some(stream) => Ok((stream, true)),
-                None => connect::origin(&self.connector, &peer, service.tcp())
+                None => self
+                    .connector
+                    .connect(&peer, service.tcp())
                     .await
                     .map(|stream| (stream, false)),
             };
@@ -408,7 +409,9 @@ impl Relay {
                     "a pooled connection to {} was closed by the origin; sending again on a new one",
                     peer.address()
                 );
-                let stream = connect::origin(&self.connector, &peer, service.tcp())
+                let stream = self
+                    .connector
+                    .connect(&peer, service.tcp())
                     .await
                     .map_err(|e| e.into_up())?;
                 conn = OriginConn::new(stream, false);
@@ -739,7 +742,7 @@ impl Relay {
     pub fn release(&self, link: Link, ctx: &RequestCtx) {
         let idle = ctx.route.as_ref().and_then(|r| r.service.timeouts.idle);
         if let Some(stream) = link.conn.into_reusable() {
-            self.connector.release_stream(stream, link.pool_key, idle);
+            self.connector.release(stream, link.pool_key, idle);
         }
     }
 }

@@ -11,7 +11,7 @@
 //! connection is made (it is then, or the connect failed, or it is still under way), and
 //! only one still under way is waited for, within the service's connect timeout.
 //!
-//! A new connection to a plain (not TLS) origin is made here directly ([`origin`]), set up
+//! A new connection to a plain (not TLS) origin is made here directly ([`Connector`]), set up
 //! as Pingora's connector sets one up: Pingora's connect future holds room for a TLS
 //! handshake (8 KiB, boxed and moved twice per connection, even when no TLS is spoken),
 //! all of it on the way from a request to its origin. TLS origins go through Pingora's
@@ -24,10 +24,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use pingora_core::connectors::l4::Connect;
-use pingora_core::connectors::TransportConnector;
+use pingora_core::connectors::{ConnectorOptions, TransportConnector};
 use pingora_core::protocols::l4::socket::SocketAddr;
 use pingora_core::protocols::l4::stream::Stream;
-use pingora_core::protocols::{GetSocketDigest, SocketDigest};
+use pingora_core::protocols::{GetSocketDigest, SocketDigest, Stream as IoStream};
+use pingora_core::server::configuration::ServerConf;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType, OrErr, Result};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -50,31 +51,56 @@ impl Connect for TcpConnect {
     }
 }
 
-/// A new connection for `peer`, a peer of a service whose TCP connect is `tcp`: made here
-/// when the peer is a plain TCP one (see the module docs), with what Pingora's connector
-/// gives a new connection (`TCP_NODELAY`, TCP keepalive when the peer asks for it, the
-/// socket's digest with the peer's address); through `connector` otherwise.
-pub async fn origin(
-    connector: &TransportConnector,
-    peer: &HttpPeer,
-    tcp: &TcpConnect,
-) -> Result<pingora_core::protocols::Stream> {
-    let plain = !peer.tls() && peer.get_proxy().is_none() && peer.options.tracer.is_none();
-    let SocketAddr::Inet(addr) = peer.address() else {
-        return Box::pin(connector.new_stream(peer)).await;
-    };
-    if !plain {
-        return Box::pin(connector.new_stream(peer)).await;
+/// Connections to origins: Pingora's connector and its pool, with new connections to plain
+/// origins made here (see the module docs), unless Pingora's settings move connects to
+/// threads of their own (`upstream_connect_offload_threadpools`), which its connector does.
+pub struct Connector {
+    pingora: TransportConnector,
+    direct: bool,
+}
+
+impl Connector {
+    /// With Pingora's connector options from `server` (its `ca_file`, the default trust
+    /// for https origins, and the pool size included).
+    pub fn new(server: &ServerConf) -> Self {
+        Connector {
+            pingora: TransportConnector::new(Some(ConnectorOptions::from_server_conf(server))),
+            direct: server.upstream_connect_offload_threadpool().is_none(),
+        }
     }
-    let mut stream = tcp.tcp(addr).await?;
-    if let Some(keepalive) = &peer.options.tcp_keepalive {
-        stream.set_keepalive(keepalive)?;
+
+    /// An idle pooled connection for `peer`, if there is one.
+    pub async fn reused(&self, peer: &HttpPeer) -> Option<IoStream> {
+        self.pingora.reused_stream(peer).await
     }
-    stream.set_nodelay()?;
-    let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
-    let _ = digest.peer_addr.set(Some(SocketAddr::Inet(*addr)));
-    stream.set_socket_digest(digest);
-    Ok(Box::new(stream))
+
+    /// Gives `stream` to the pool under `key` (the peer's reuse hash), for `idle` at most.
+    pub fn release(&self, stream: IoStream, key: u64, idle: Option<Duration>) {
+        self.pingora.release_stream(stream, key, idle);
+    }
+
+    /// A new connection for `peer`, a peer of a service whose TCP connect is `tcp`: made
+    /// here when the peer is a plain TCP one, with what Pingora's connector gives a new
+    /// connection (`TCP_NODELAY`, TCP keepalive when the peer asks for it, the socket's
+    /// digest with the peer's address); by Pingora's connector otherwise.
+    pub async fn connect(&self, peer: &HttpPeer, tcp: &TcpConnect) -> Result<IoStream> {
+        let plain = self.direct
+            && !peer.tls()
+            && peer.get_proxy().is_none()
+            && peer.options.tracer.is_none();
+        let (true, SocketAddr::Inet(addr)) = (plain, peer.address()) else {
+            return Box::pin(self.pingora.new_stream(peer)).await;
+        };
+        let mut stream = tcp.tcp(addr).await?;
+        if let Some(keepalive) = &peer.options.tcp_keepalive {
+            stream.set_keepalive(keepalive)?;
+        }
+        stream.set_nodelay()?;
+        let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
+        let _ = digest.peer_addr.set(Some(SocketAddr::Inet(*addr)));
+        stream.set_socket_digest(digest);
+        Ok(Box::new(stream))
+    }
 }
 
 impl TcpConnect {
@@ -192,8 +218,8 @@ mod tests {
         peer.options.custom_l4 = Some(std::sync::Arc::new(TcpConnect {
             timeout: tcp.timeout,
         }));
-        let connector = TransportConnector::new(None);
-        let mut stream = origin(&connector, &peer, &tcp).await.expect("connects");
+        let connector = Connector::new(&ServerConf::default());
+        let mut stream = connector.connect(&peer, &tcp).await.expect("connects");
         let digest = stream.get_socket_digest().expect("a digest");
         assert_eq!(digest.peer_addr(), Some(&target));
         let fd = pingora_core::protocols::UniqueID::id(&*stream);
@@ -210,7 +236,8 @@ mod tests {
         accepted.read_exact(&mut got).await.expect("read");
         assert_eq!(&got, b"hello");
         drop(listener);
-        let refused = origin(&connector, &peer, &tcp)
+        let refused = connector
+            .connect(&peer, &tcp)
             .await
             .expect_err("nobody listens");
         assert_eq!(refused.etype(), &ErrorType::ConnectRefused);

@@ -5,7 +5,8 @@
 //! - [`affinity`]: session affinity learned from responses, and the pin table;
 //! - [`endpoints`]: a service's live set of endpoints and the choice of one per request;
 //! - [`balancing`]: the load-balancing algorithms; [`health`]: active and passive health;
-//! - [`connect`]: the TCP connect to an origin, without a loop turn when it is made at once;
+//! - [`connect`]: connections to origins (Pingora's pool; a plain origin's new connection
+//!   made without Pingora's connect future, and without a loop turn when it is made at once);
 //! - [`discovery`]: where endpoints come from (static, DNS, files, the system resolver);
 //! - [`registry`]: every service's endpoints across reloads, and the upkeep task;
 //! - [`origin_tls`]: TLS toward https origins.
