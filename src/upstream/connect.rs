@@ -188,16 +188,24 @@ mod tests {
     use super::testing::{connected, loopback};
     use super::*;
 
-    #[tokio::test]
-    async fn a_loopback_connection_is_ready_at_once_and_failures_keep_their_type() {
-        let (listener, target) = loopback().await;
-        let mut stream = connected(&target).await.expect("connects");
+    /// What `stream` writes arrives at the connection `listener` accepts.
+    async fn reaches<S>(listener: &tokio::net::TcpListener, stream: &mut S)
+    where
+        S: tokio::io::AsyncWrite + Unpin + ?Sized,
+    {
         let (mut accepted, _) = listener.accept().await.expect("accept");
         stream.write_all(b"hello").await.expect("write");
         stream.flush().await.expect("flush");
         let mut got = [0u8; 5];
         accepted.read_exact(&mut got).await.expect("read");
         assert_eq!(&got, b"hello");
+    }
+
+    #[tokio::test]
+    async fn a_loopback_connection_is_ready_at_once_and_failures_keep_their_type() {
+        let (listener, target) = loopback().await;
+        let mut stream = connected(&target).await.expect("connects");
+        reaches(&listener, &mut stream).await;
         drop(listener);
         let refused = connected(&target).await.expect_err("nobody listens");
         assert_eq!(refused.etype(), &ErrorType::ConnectRefused);
@@ -214,10 +222,7 @@ mod tests {
         let tcp = TcpConnect {
             timeout: Some(Duration::from_secs(1)),
         };
-        let mut peer = HttpPeer::new(addr, false, String::new());
-        peer.options.custom_l4 = Some(std::sync::Arc::new(TcpConnect {
-            timeout: tcp.timeout,
-        }));
+        let peer = HttpPeer::new(addr, false, String::new());
         let connector = Connector::new(&ServerConf::default());
         let mut stream = connector.connect(&peer, &tcp).await.expect("connects");
         let digest = stream.get_socket_digest().expect("a digest");
@@ -229,12 +234,7 @@ mod tests {
             .tcp_nodelay()
             .expect("TCP_NODELAY");
         assert!(nodelay, "TCP_NODELAY on");
-        let (mut accepted, _) = listener.accept().await.expect("accept");
-        stream.write_all(b"hello").await.expect("write");
-        stream.flush().await.expect("flush");
-        let mut got = [0u8; 5];
-        accepted.read_exact(&mut got).await.expect("read");
-        assert_eq!(&got, b"hello");
+        reaches(&listener, &mut stream).await;
         drop(listener);
         let refused = connector
             .connect(&peer, &tcp)
