@@ -25,8 +25,8 @@
 //! loop, so an event stream gets its whole lifecycle (heartbeats, timeouts, limits,
 //! lifetime, drain) whatever request it answers: Pingora's loop calls the proxy only when
 //! the origin sends something, and an event stream has to act while its origin is silent.
-//! Pingora still accepts and parses requests, runs TLS and HTTP/2, pools and connects to
-//! origins, and serves keep-alive connections.
+//! Pingora still accepts and parses requests, runs TLS and HTTP/2, pools origin
+//! connections and makes TLS ones (`upstream::connect`), and serves keep-alive connections.
 
 pub mod answer;
 

@@ -4,9 +4,10 @@
 //!
 //! ```text
 //! request_filter ...   routing, the chain's request hooks, announced-stream limits
-//! connect              an endpoint by the service's balancing, through Pingora's connector
-//!                      (TCP or TLS, pooled); a failed connect moves on while `retries`
-//!                      allow (Attempts)
+//! connect              an endpoint by the service's balancing (`upstream::connect`: Pingora's
+//!                      pool, a plain TCP connect of streamgate's own, TLS through Pingora's
+//!                      connector); a failed connect moves on while `retries` allow
+//!                      (Attempts)
 //! request              the client's head after the hop-by-hop rules, the service's
 //!                      rewriting and the chain's upstream_request hooks; the body streamed
 //!                      as it arrives, through the chain's request_body hooks (size limits);

@@ -1,5 +1,5 @@
 //! The origin side of an exchange: one HTTP/1.1 request and its response over a connection
-//! from Pingora's connector (TCP or TLS, pooled), framed here.
+//! from `upstream::connect` (TCP or TLS, pooled in Pingora's pool), framed here.
 //!
 //! Why our own framing rather than Pingora's HTTP client session: the relay decides what to
 //! do with every byte the origin sends (an event stream is scanned, paced and ended at event
