@@ -2,7 +2,8 @@
 //! style lists, response framing, and who and what a request addresses.
 
 use std::borrow::Cow;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
@@ -10,6 +11,9 @@ use http::header::{HeaderName, HeaderValue};
 use http::Version;
 use ipnet::IpNet;
 use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::l4::socket::SocketAddr as PeerAddr;
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
+use pingora_core::protocols::{GetSocketDigest, SocketDigest};
 use pingora_http::{RequestHeader, ResponseHeader};
 use serde::{Deserialize, Deserializer};
 
@@ -158,6 +162,17 @@ pub fn request_cookie<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]
             let (k, v) = pair.split_at(pair.iter().position(|b| *b == b'=')?);
             (k.trim_ascii() == name.as_bytes()).then(|| v[1..].trim_ascii())
         })
+}
+
+/// Gives `stream` its socket digest, with the `peer` and (when known) `local` addresses
+/// Pingora's sessions and logs read from it, as Pingora's own accept and connect do.
+pub fn set_addresses(stream: &mut L4Stream, peer: SocketAddr, local: Option<SocketAddr>) {
+    let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
+    let _ = digest.peer_addr.set(Some(PeerAddr::Inet(peer)));
+    if let Some(local) = local {
+        let _ = digest.local_addr.set(Some(PeerAddr::Inet(local)));
+    }
+    stream.set_socket_digest(digest);
 }
 
 /// `ip` as text, as `Display` writes it: an IPv4 address digit by digit (the formatting

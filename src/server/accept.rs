@@ -34,20 +34,18 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pingora_core::apps::ServerApp;
 use pingora_core::listeners::tls::Acceptor;
-use pingora_core::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::{GetSocketDigest, SocketDigest};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::listening::Service;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
+use crate::http_util::set_addresses;
 use crate::listen::admission::Workers;
 use crate::relay::exchange::{start, Apart};
 
@@ -234,12 +232,7 @@ fn connection(tcp: TcpStream, peer: SocketAddr, local: Option<SocketAddr>) -> Op
         log::debug!("a connection from {peer} closed as it was accepted: {e}");
         return None;
     }
-    let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
-    let _ = digest.peer_addr.set(Some(PeerAddr::Inet(peer)));
-    if let Some(local) = local {
-        let _ = digest.local_addr.set(Some(PeerAddr::Inet(local)));
-    }
-    stream.set_socket_digest(digest);
+    set_addresses(&mut stream, peer, local);
     Some(stream)
 }
 

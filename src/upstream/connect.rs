@@ -18,20 +18,20 @@
 //! connector, which calls [`TcpConnect`] for their TCP part.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use async_trait::async_trait;
-
 use pingora_core::connectors::l4::Connect;
 use pingora_core::connectors::{ConnectorOptions, TransportConnector};
 use pingora_core::protocols::l4::socket::SocketAddr;
 use pingora_core::protocols::l4::stream::Stream;
-use pingora_core::protocols::{GetSocketDigest, SocketDigest, Stream as IoStream};
+use pingora_core::protocols::Stream as IoStream;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType, OrErr, Result};
 use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::http_util::set_addresses;
 
 /// Pingora's L4 connect for TCP origins (`PeerOptions::custom_l4`): what Pingora does
 /// after it (TCP keepalive, `TCP_NODELAY`, the socket's digest, TLS) is unchanged.
@@ -96,9 +96,7 @@ impl Connector {
             stream.set_keepalive(keepalive)?;
         }
         stream.set_nodelay()?;
-        let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
-        let _ = digest.peer_addr.set(Some(SocketAddr::Inet(*addr)));
-        stream.set_socket_digest(digest);
+        set_addresses(&mut stream, *addr, None);
         Ok(Box::new(stream))
     }
 }
