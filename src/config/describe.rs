@@ -60,6 +60,12 @@ impl Config {
                     String::new()
                 }
             ));
+            if service.preconnect > 0 {
+                out.push_str(&format!(
+                    "  {:<20} preconnect: {} spare connections per endpoint and worker\n",
+                    "", service.preconnect
+                ));
+            }
             if let Some(tls) = &service.tls {
                 out.push_str(&format!("  {:<20} tls: {tls}\n", ""));
             }

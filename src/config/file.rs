@@ -163,6 +163,10 @@ pub struct ServiceFile {
     /// Further endpoints to try when connecting fails (never once a request was sent).
     #[serde(default)]
     pub retries: Option<u32>,
+    /// Spare connections to each endpoint in use, made ahead of the requests that take
+    /// them, per worker thread (default 0: none).
+    #[serde(default)]
+    pub preconnect: Option<usize>,
     /// How much of a request body is gathered before the request goes to the origin
     /// (default 64 KiB; 0: streamed from its first byte).
     #[serde(default)]

@@ -953,6 +953,7 @@ fn services_with_many_endpoints_load() {
     let feed = &config.services["feed"];
     assert_eq!(feed.endpoints.algorithm(), Algorithm::ConsistentHash);
     assert_eq!(feed.retries, 1);
+    assert_eq!(feed.preconnect, 0, "no spare connections unless asked for");
     assert_eq!(feed.request_buffer, crate::upstream::DEFAULT_REQUEST_BUFFER);
     let buffered = load(
         "services:\n  up:\n    url: \"http://127.0.0.1:1\"\n    request_buffer: 64KiB\n    \
@@ -960,6 +961,9 @@ fn services_with_many_endpoints_load() {
     )
     .expect("loads");
     assert_eq!(buffered.services["up"].request_buffer, 64 * 1024);
+    let spares =
+        load("services:\n  up: { url: \"http://127.0.0.1:1\", preconnect: 4 }\n").expect("loads");
+    assert_eq!(spares.services["up"].preconnect, 4);
     assert_eq!(
         buffered.services["up"].request_buffer_wait,
         std::time::Duration::from_millis(5)
@@ -989,6 +993,8 @@ fn bad_endpoint_settings_are_refused_at_their_key() {
         "request_buffer: 17MiB",
         "request_buffer: lots",
         "request_buffer_wait: soon",
+        "preconnect: 257",
+        "preconnect: -1",
     ] {
         let key = bad.split(':').next().expect("key");
         let e = refused(

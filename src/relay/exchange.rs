@@ -5,9 +5,10 @@
 //! ```text
 //! request_filter ...   routing, the chain's request hooks, announced-stream limits
 //! connect              an endpoint by the service's balancing (`upstream::connect`: Pingora's
-//!                      pool, a plain TCP connect of streamgate's own, TLS through Pingora's
-//!                      connector); a failed connect moves on while `retries` allow
-//!                      (Attempts)
+//!                      pool, then a spare made ahead (`preconnect`), else a plain TCP
+//!                      connect of streamgate's own, TLS through Pingora's connector); a
+//!                      failed connect moves on while `retries` allow (Attempts); with
+//!                      `preconnect`, spares for the next requests are made meanwhile
 //! request              the client's head after the hop-by-hop rules, the service's
 //!                      rewriting and the chain's upstream_request hooks; the body streamed
 //!                      as it arrives, through the chain's request_body hooks (size limits);
@@ -375,9 +376,9 @@ impl Relay {
                 .next(service, request, ctx.chain.client)
                 .await?;
             let peer = service.peer(lease.addr, announced.then_some(&settings));
-            // The pool first; a new connection's future is small for a plain origin, boxed
-            // for a TLS one (`Connector::connect`), so this future, which every request
-            // carries, stays small.
+            // The pool first, then a spare; a new connection's future is small for a plain
+            // origin, boxed for a TLS one (`Connector::connect`), so this future, which
+            // every request carries, stays small.
             let pooled = self.connector.reused(&peer).await;
             let connected = match pooled {
                 Some(stream) => Ok((stream, true)),
@@ -396,6 +397,11 @@ impl Relay {
                     return Err(e.into_up());
                 }
             };
+            if service.preconnect > 0 {
+                // Spares for the next requests, made once this one has gone out.
+                self.connector
+                    .preconnect(&peer, service.tcp(), service.preconnect);
+            }
             ctx.upstream.lease = Some(lease);
             let mut conn = OriginConn::new(stream, reused);
             let mut sent = self

@@ -16,16 +16,24 @@
 //! handshake (8 KiB, boxed and moved twice per connection, even when no TLS is spoken),
 //! all of it on the way from a request to its origin. TLS origins go through Pingora's
 //! connector, which calls [`TcpConnect`] for their TCP part.
+//!
+//! A service with `preconnect` has spare connections made here ahead of its requests
+//! ([`Connector::preconnect`]): a new stream then takes one the origin has already
+//! accepted, and its request goes out without a connect or a wait for the origin's accept
+//! loop. Spares are kept beside Pingora's pool, not in it, so that how many are ready is
+//! known exactly, per worker thread and peer.
 
+use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora_core::connectors::l4::Connect;
 use pingora_core::connectors::{ConnectorOptions, TransportConnector};
 use pingora_core::protocols::l4::socket::SocketAddr;
 use pingora_core::protocols::l4::stream::Stream;
-use pingora_core::protocols::Stream as IoStream;
+use pingora_core::protocols::{Stream as IoStream, IO};
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType, OrErr, Result};
@@ -53,30 +61,53 @@ impl Connect for TcpConnect {
 
 /// Connections to origins: Pingora's connector and its pool, with new connections to plain
 /// origins made here (see the module docs), unless Pingora's settings move connects to
-/// threads of their own (`upstream_connect_offload_threadpools`), which its connector does.
-pub struct Connector {
+/// threads of their own (`upstream_connect_offload_threadpools`), which its connector does;
+/// and the spare connections a service's `preconnect` asks for ([`Connector::preconnect`]).
+/// Cloned, it is the same connector.
+#[derive(Clone)]
+pub struct Connector(Arc<Inner>);
+
+struct Inner {
     pingora: TransportConnector,
     direct: bool,
+    /// Spare connections by peer (its reuse hash), made ahead of the requests that take
+    /// them.
+    spares: parking_lot::Mutex<HashMap<u64, Spares>>,
+}
+
+/// A peer's spare connections: made and never used, oldest first; how many are being
+/// made; whether a task closes them as they pass the idle timeout.
+#[derive(Default)]
+struct Spares {
+    ready: VecDeque<(Instant, IoStream)>,
+    making: usize,
+    sweeping: bool,
 }
 
 impl Connector {
     /// With Pingora's connector options from `server` (its `ca_file`, the default trust
     /// for https origins, and the pool size included).
     pub fn new(server: &ServerConf) -> Self {
-        Connector {
+        Connector(Arc::new(Inner {
             pingora: TransportConnector::new(Some(ConnectorOptions::from_server_conf(server))),
             direct: server.upstream_connect_offload_threadpool().is_none(),
-        }
+            spares: parking_lot::Mutex::new(HashMap::new()),
+        }))
     }
 
-    /// An idle pooled connection for `peer`, if there is one.
+    /// An idle connection for `peer`, if there is one: a pooled one (used before), else a
+    /// spare (never used). Either may have been closed by the origin meanwhile; a spare
+    /// found closed, or older than the peer's idle timeout, is dropped here.
     pub async fn reused(&self, peer: &HttpPeer) -> Option<IoStream> {
-        self.pingora.reused_stream(peer).await
+        match self.0.pingora.reused_stream(peer).await {
+            Some(stream) => Some(stream),
+            None => self.spare(peer.reuse_hash(), peer.options.idle_timeout),
+        }
     }
 
     /// Gives `stream` to the pool under `key` (the peer's reuse hash), for `idle` at most.
     pub fn release(&self, stream: IoStream, key: u64, idle: Option<Duration>) {
-        self.pingora.release_stream(stream, key, idle);
+        self.0.pingora.release_stream(stream, key, idle);
     }
 
     /// A new connection for `peer`, a peer of a service whose TCP connect is `tcp`: made
@@ -84,12 +115,12 @@ impl Connector {
     /// connection (`TCP_NODELAY`, TCP keepalive when the peer asks for it, the socket's
     /// digest with the peer's address); by Pingora's connector otherwise.
     pub async fn connect(&self, peer: &HttpPeer, tcp: &TcpConnect) -> Result<IoStream> {
-        let plain = self.direct
+        let plain = self.0.direct
             && !peer.tls()
             && peer.get_proxy().is_none()
             && peer.options.tracer.is_none();
         let (true, SocketAddr::Inet(addr)) = (plain, peer.address()) else {
-            return Box::pin(self.pingora.new_stream(peer)).await;
+            return Box::pin(self.0.pingora.new_stream(peer)).await;
         };
         let mut stream = tcp.tcp(addr).await?;
         if let Some(keepalive) = &peer.options.tcp_keepalive {
@@ -99,6 +130,107 @@ impl Connector {
         set_addresses(&mut stream, *addr, None);
         Ok(Box::new(stream))
     }
+
+    /// Makes spare connections to `peer` in the background, each in a task of its own,
+    /// until `want` are ready or being made (a service's `preconnect`): the next requests
+    /// to it take one instead of connecting, so their head goes out without a connect and
+    /// without waiting for the origin to accept. A connect that fails is logged (at
+    /// debug) and not tried again until the next request asks. A spare not taken within
+    /// the peer's idle timeout is closed then.
+    pub fn preconnect(&self, peer: &HttpPeer, tcp: &Arc<TcpConnect>, want: usize) {
+        let key = peer.reuse_hash();
+        let missing = {
+            let mut spares = self.0.spares.lock();
+            let spares = spares.entry(key).or_default();
+            let missing = want.saturating_sub(spares.ready.len() + spares.making);
+            spares.making += missing;
+            missing
+        };
+        for _ in 0..missing {
+            let (connector, peer, tcp) = (self.clone(), peer.clone(), tcp.clone());
+            tokio::spawn(async move {
+                let made = connector.connect(&peer, &tcp).await;
+                let sweep = {
+                    let mut spares = connector.0.spares.lock();
+                    let spares = spares.entry(key).or_default();
+                    spares.making -= 1;
+                    match made {
+                        Ok(stream) => spares.ready.push_back((Instant::now(), stream)),
+                        Err(e) => log::debug!("a spare connection to {}: {e}", peer.address()),
+                    }
+                    let idle = peer.options.idle_timeout;
+                    let sweep = idle.filter(|_| !spares.sweeping && !spares.ready.is_empty());
+                    spares.sweeping |= sweep.is_some();
+                    sweep
+                };
+                if let Some(idle) = sweep {
+                    connector.sweep(key, idle).await;
+                }
+            });
+        }
+    }
+
+    /// Closes the spares under `key` as they pass `idle`, until there are none (one such
+    /// loop per peer at a time: the first spare made when none was sweeping starts it).
+    async fn sweep(&self, key: u64, idle: Duration) {
+        loop {
+            let next = {
+                let mut all = self.0.spares.lock();
+                let Some(spares) = all.get_mut(&key) else {
+                    return;
+                };
+                while spares
+                    .ready
+                    .front()
+                    .is_some_and(|(made, _)| made.elapsed() >= idle)
+                {
+                    spares.ready.pop_front();
+                }
+                match spares.ready.front() {
+                    Some((made, _)) => *made + idle,
+                    None => {
+                        spares.sweeping = false;
+                        if spares.making == 0 {
+                            all.remove(&key);
+                        }
+                        return;
+                    }
+                }
+            };
+            tokio::time::sleep_until(next.into()).await;
+        }
+    }
+
+    /// The oldest spare connection under `key` that is still open and within `idle` of
+    /// being made; the ones found closed or too old are dropped (closed) on the way.
+    fn spare(&self, key: u64, idle: Option<Duration>) -> Option<IoStream> {
+        let mut all = self.0.spares.lock();
+        let spares = all.get_mut(&key)?;
+        let mut found = None;
+        while let Some((made, stream)) = spares.ready.pop_front() {
+            if idle.is_none_or(|idle| made.elapsed() < idle) && untouched(&*stream) {
+                found = Some(stream);
+                break;
+            }
+        }
+        if spares.ready.is_empty() && spares.making == 0 && !spares.sweeping {
+            all.remove(&key);
+        }
+        found
+    }
+}
+
+/// Whether an idle connection is open and nothing came on it: a peek at it would wait.
+/// Closed by the origin (an end, a reset) or sent something unasked (an HTTP server's
+/// timeout answer, a TLS alert), it is not to be used.
+fn untouched(stream: &dyn IO) -> bool {
+    let fd = stream.id();
+    // SAFETY: `fd` is the stream's socket, open while `stream` is.
+    let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    let peeked = socket2::SockRef::from(&socket)
+        .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT);
+    matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 impl TcpConnect {

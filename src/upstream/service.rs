@@ -255,6 +255,9 @@ pub struct Service {
     pub hash_key: HashKey,
     /// Further endpoints a request may try when connecting fails.
     pub retries: u32,
+    /// Spare connections kept ready to each endpoint a request went to, per worker
+    /// thread (`preconnect`; `upstream::connect::Connector::preconnect`).
+    pub preconnect: usize,
     /// How many bytes of a request body are gathered before the request goes to the
     /// origin (`request_buffer`): a body that ends within them goes whole with its head.
     pub request_buffer: usize,
@@ -307,6 +310,7 @@ impl Service {
             endpoints,
             hash_key: HashKey::ClientIp,
             retries: 0,
+            preconnect: 0,
             request_buffer: DEFAULT_REQUEST_BUFFER,
             request_buffer_wait: DEFAULT_REQUEST_BUFFER_WAIT,
             discovery: None,

@@ -19,6 +19,7 @@ mod https_upstream;
 mod lifecycle;
 mod middleware;
 mod paths;
+mod preconnect;
 mod properties;
 mod proxy;
 mod reload;

@@ -59,6 +59,8 @@ const MAX_REQUEST_BUFFER: usize = 16 << 20;
 
 /// The longest `request_buffer_wait`: how long a request may be held back from its origin.
 const MAX_REQUEST_BUFFER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Most spare connections `preconnect` may ask for, per endpoint and worker thread.
+const MAX_PRECONNECT: usize = 256;
 
 /// `timeouts:` over the defaults.
 fn timeouts(file: Option<&TimeoutsFile>) -> Timeouts {
@@ -199,6 +201,13 @@ fn service(
     service.timeouts = timeouts(file.timeouts.as_ref());
     service.hash_key = file.hash_key.clone().unwrap_or(HashKey::ClientIp);
     service.retries = file.retries.unwrap_or(0);
+    if let Some(spares) = file.preconnect {
+        if spares > MAX_PRECONNECT {
+            let why = format!("at most {MAX_PRECONNECT} spare connections per endpoint");
+            return Err(source.error(path.key("preconnect"), Kind::Invalid(why)));
+        }
+        service.preconnect = spares;
+    }
     if let Some(ByteSize(size)) = file.request_buffer {
         service.request_buffer = usize::try_from(size)
             .ok()
