@@ -82,6 +82,8 @@ struct Spares {
     ready: VecDeque<(Instant, IoStream)>,
     making: usize,
     sweeping: bool,
+    /// They speak TLS (see [`usable`]).
+    tls: bool,
 }
 
 impl Connector {
@@ -142,6 +144,7 @@ impl Connector {
         let missing = {
             let mut spares = self.0.spares.lock();
             let spares = spares.entry(key).or_default();
+            spares.tls = peer.tls();
             let missing = want.saturating_sub(spares.ready.len() + spares.making);
             spares.making += missing;
             missing
@@ -208,7 +211,7 @@ impl Connector {
         let spares = all.get_mut(&key)?;
         let mut found = None;
         while let Some((made, stream)) = spares.ready.pop_front() {
-            if idle.is_none_or(|idle| made.elapsed() < idle) && untouched(&*stream) {
+            if idle.is_none_or(|idle| made.elapsed() < idle) && usable(&*stream, spares.tls) {
                 found = Some(stream);
                 break;
             }
@@ -220,17 +223,22 @@ impl Connector {
     }
 }
 
-/// Whether an idle connection is open and nothing came on it: a peek at it would wait.
-/// Closed by the origin (an end, a reset) or sent something unasked (an HTTP server's
-/// timeout answer, a TLS alert), it is not to be used.
-fn untouched(stream: &dyn IO) -> bool {
+/// Whether an idle spare can carry a request, by a peek at its socket: not if the origin
+/// closed it (an end, a reset), nor, over plain TCP, if the origin sent anything unasked
+/// (an HTTP server's timeout answer). Over TLS bytes may come unasked from a live origin
+/// (TLS 1.3 session tickets follow the handshake), so only an end or a reset counts; an
+/// alert before the close is met when the request is sent, as on any pooled connection.
+fn usable(stream: &dyn IO, tls: bool) -> bool {
     let fd = stream.id();
     // SAFETY: `fd` is the stream's socket, open while `stream` is.
     let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
     let peeked = socket2::SockRef::from(&socket)
         .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT);
-    matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    match peeked {
+        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        Ok(n) => tls && n > 0,
+    }
 }
 
 impl TcpConnect {

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::ca::{Ca, Issued};
 use common::{client, guard, read_head, sse_get, Events, Head, Proxy};
@@ -417,4 +418,54 @@ fn check_prints_https_services_and_refuses_a_missing_ca_file() {
             && stderr.contains("certs/missing.pem"),
         "{stderr}"
     );
+}
+
+/// Spare connections (`preconnect`) to an https origin: made with their handshake done, kept
+/// although the origin sends session tickets on them unasked, and the next stream goes out
+/// on one without a handshake of its own.
+#[tokio::test]
+async fn the_next_stream_takes_a_spare_whose_handshake_is_done() {
+    let ca = Ca::new();
+    let mut origin = TlsOrigin::start(localhost().await, &ca.issue(&["localhost"])).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ca(dir.path(), &ca);
+    let port = common::free_port();
+    let text = format!(
+        "threads: 1\nlisten: [\"127.0.0.1:{port}\"]\nservices:\n  feed:\n    \
+         url: \"https://localhost:{}\"\n    tls: {{ ca_file: ca.pem }}\n    preconnect: 2\n\
+         host_rules:\n  - {{ pattern: \"*\", target: feed }}\n",
+        origin.addr.port()
+    );
+    let path = dir.path().join("streamgate.yaml");
+    std::fs::write(&path, text).expect("write config");
+    let proxy = Proxy::start_file(&path).await;
+    let stream = |origin: &mut TlsOrigin| {
+        let acks = origin.acks.clone();
+        let url = proxy.url("/events");
+        async move {
+            let mut events = Events::new(sse_get(url).await);
+            for _ in 0..EVENTS {
+                events.next().await.expect("an event");
+                acks.send(()).expect("ack");
+            }
+            assert_eq!(events.next().await, None, "the stream ends cleanly");
+        }
+    };
+    // The first stream connects (a handshake), and two spares follow (two more).
+    stream(&mut origin).await;
+    for _ in 0..3 {
+        origin.next_hello().await;
+    }
+    // Their session tickets have reached the proxy by the time the next stream comes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stream(&mut origin).await;
+    // The second stream took a spare: one more handshake, for the spare that replaces it.
+    origin.next_hello().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        origin.hellos.try_recv().is_err(),
+        "four handshakes in all: the first stream's, two spares, one replacement"
+    );
+    assert_eq!(origin.next_request().await.target, "/events");
+    assert_eq!(origin.next_request().await.target, "/events");
 }
