@@ -50,10 +50,13 @@ pub struct EventScanner {
     /// The `id` being read on the current line.
     id_line: Vec<u8>,
     id_line_nul: bool,
-    /// The last event ID buffer (set by `id` lines, applied at dispatch).
-    id_buffer: Vec<u8>,
-    /// The last event id dispatched to the client.
-    last_id: Vec<u8>,
+    /// The last event ID buffer (set by `id` lines, applied at dispatch) is `ids[buffer]`,
+    /// the last event id dispatched to the client `ids[last]`: a dispatch points `last` at
+    /// the buffer rather than copying it, and an `id` line, which must not change the
+    /// dispatched id, is written into the other slot when both point at one.
+    ids: [Vec<u8>; 2],
+    buffer: usize,
+    last: usize,
     events: u64,
     bytes: u64,
 }
@@ -69,8 +72,9 @@ impl Default for EventScanner {
             in_event: false,
             id_line: Vec::with_capacity(32),
             id_line_nul: false,
-            id_buffer: Vec::with_capacity(32),
-            last_id: Vec::with_capacity(32),
+            ids: [Vec::with_capacity(32), Vec::with_capacity(32)],
+            buffer: 0,
+            last: 0,
             events: 0,
             bytes: 0,
         }
@@ -202,11 +206,12 @@ impl EventScanner {
                 let value = line.get(3..).unwrap_or_default();
                 // One space after the colon is part of the syntax, not the value.
                 let id = value.strip_prefix(b" ").unwrap_or(value);
-                // An id containing NUL is ignored.
-                if memchr::memchr(0, id).is_none() {
-                    self.id_buffer.clear();
-                    self.id_buffer
-                        .extend_from_slice(&id[..id.len().min(MAX_ID)]);
+                // An id containing NUL is ignored. (Ids are short: a plain loop, not memchr's
+                // setup.)
+                if !id.contains(&0) {
+                    let slot = self.id_slot();
+                    self.ids[slot].clear();
+                    self.ids[slot].extend_from_slice(&id[..id.len().min(MAX_ID)]);
                 }
             }
             _ => self.in_event = true,
@@ -284,17 +289,25 @@ impl EventScanner {
 
     fn set_id_buffer(&mut self) {
         if !self.id_line_nul {
-            self.id_buffer.clear();
-            self.id_buffer.extend_from_slice(&self.id_line);
+            let slot = self.id_slot();
+            self.ids[slot].clear();
+            self.ids[slot].extend_from_slice(&self.id_line);
         }
+    }
+
+    /// The slot the last event ID buffer is to be written in: not the dispatched id's.
+    fn id_slot(&mut self) -> usize {
+        if self.buffer == self.last {
+            self.buffer ^= 1;
+        }
+        self.buffer
     }
 
     fn dispatch(&mut self) {
         if !self.in_event {
             return;
         }
-        self.last_id.clear();
-        self.last_id.extend_from_slice(&self.id_buffer);
+        self.last = self.buffer;
         if self.has_data {
             self.events += 1;
         }
@@ -335,7 +348,7 @@ impl EventScanner {
 
     /// The id of the last dispatched event (what a client would send as `Last-Event-ID`).
     pub fn last_id(&self) -> &[u8] {
-        &self.last_id
+        &self.ids[self.last]
     }
 
     /// Whether the stream is between events: at the start of a line, with no field of an
@@ -374,6 +387,30 @@ mod tests {
         assert!(s.at_boundary());
         s.feed(b"data: y\n");
         assert!(!s.at_boundary());
+    }
+
+    /// The dispatched id changes only at a dispatch: an `id` line of an event still open
+    /// does not show, an event without an id keeps the one before, the last of two `id`
+    /// lines wins (whether each line came whole or byte by byte).
+    #[test]
+    fn the_last_id_changes_only_when_an_event_is_dispatched() {
+        let steps: [(&[u8], &[u8]); 5] = [
+            (b"id: 7\ndata: a\n\n", b"7"),
+            (b"id: 8\n", b"7"),
+            (b"data: b\n\n", b"8"),
+            (b"data: c\n\n", b"8"),
+            (b"id: 9\nid: 10\ndata: d\n\n", b"10"),
+        ];
+        let mut whole = EventScanner::new();
+        let mut bytes = EventScanner::new();
+        for (chunk, last) in steps {
+            whole.feed(chunk);
+            for b in chunk {
+                bytes.feed(std::slice::from_ref(b));
+            }
+            assert_eq!(whole.last_id(), last);
+            assert_eq!(bytes.last_id(), last);
+        }
     }
 
     #[test]
