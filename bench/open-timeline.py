@@ -4,8 +4,8 @@ prints the median, 90th percentile and mean of each step in microseconds.
 
 A stream is followed by its client descriptor: accepted; its request head read (the
 first read that returns bytes); the connect to the origin that the same thread starts
-next; the first write on that origin connection; the first read on it that returns
-bytes; and the first write on the client descriptor after that.
+next; the first write on that origin connection that sends bytes; the first read on it
+that returns bytes; and the first write on the client descriptor after that.
 """
 
 import re
@@ -13,6 +13,7 @@ import sys
 
 LINE = re.compile(r"^\s*(\d+)/(\d+)\s+([\d.]+):\s+syscalls:(\S+):\s*(.*)$")
 FD = re.compile(r"fd: 0x([0-9a-f]+)")
+EMPTY_SEND = re.compile(r"\blen: 0x0+\b")
 STEPS = ["accept > request", "request > connect", "connect > send", "send > answer", "answer > first"]
 
 
@@ -61,6 +62,10 @@ def main():
             if client is not None:
                 p.origin[fd] = [client, t, None, None]
         elif event in ("sys_enter_sendto", "sys_enter_writev", "sys_enter_write"):
+            if EMPTY_SEND.search(args):
+                # A send of nothing (streamgate's check that a connect is made) sends
+                # no request.
+                continue
             if fd in p.origin:
                 if p.origin[fd][2] is None:
                     p.origin[fd][2] = t
