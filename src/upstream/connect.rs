@@ -84,6 +84,22 @@ struct Spares {
     sweeping: bool,
     /// They speak TLS (see [`usable`]).
     tls: bool,
+    /// When a spare last failed to connect: none are made for [`SPARE_BACKOFF`] after.
+    failed: Option<Instant>,
+}
+
+/// How long no spare is made to a peer after one failed to connect, so that a peer
+/// that refuses them is not asked again by every request.
+const SPARE_BACKOFF: Duration = Duration::from_secs(1);
+
+impl Spares {
+    /// Nothing ready, being made, swept or remembered: the entry can go.
+    fn unused(&self) -> bool {
+        self.ready.is_empty()
+            && self.making == 0
+            && !self.sweeping
+            && self.failed.is_none_or(|at| at.elapsed() >= SPARE_BACKOFF)
+    }
 }
 
 impl Connector {
@@ -137,15 +153,20 @@ impl Connector {
     /// until `want` are ready or being made (a service's `preconnect`): the next requests
     /// to it take one instead of connecting, so their head goes out without a connect and
     /// without waiting for the origin to accept. A connect that fails is logged (at
-    /// debug) and not tried again until the next request asks. A spare not taken within
-    /// the peer's idle timeout is closed then.
+    /// debug), and none is made to the peer for [`SPARE_BACKOFF`] after it. A spare not
+    /// taken within the peer's idle timeout is closed then.
     pub fn preconnect(&self, peer: &HttpPeer, tcp: &Arc<TcpConnect>, want: usize) {
         let key = peer.reuse_hash();
         let missing = {
             let mut spares = self.0.spares.lock();
             let spares = spares.entry(key).or_default();
             spares.tls = peer.tls();
-            let missing = want.saturating_sub(spares.ready.len() + spares.making);
+            let backoff = spares.failed.is_some_and(|at| at.elapsed() < SPARE_BACKOFF);
+            let missing = if backoff {
+                0
+            } else {
+                want.saturating_sub(spares.ready.len() + spares.making)
+            };
             spares.making += missing;
             missing
         };
@@ -159,7 +180,10 @@ impl Connector {
                     spares.making -= 1;
                     match made {
                         Ok(stream) => spares.ready.push_back((Instant::now(), stream)),
-                        Err(e) => log::debug!("a spare connection to {}: {e}", peer.address()),
+                        Err(e) => {
+                            log::debug!("a spare connection to {}: {e}", peer.address());
+                            spares.failed = Some(Instant::now());
+                        }
                     }
                     let idle = peer.options.idle_timeout;
                     let sweep = idle.filter(|_| !spares.sweeping && !spares.ready.is_empty());
@@ -193,7 +217,7 @@ impl Connector {
                     Some((made, _)) => *made + idle,
                     None => {
                         spares.sweeping = false;
-                        if spares.making == 0 {
+                        if spares.unused() {
                             all.remove(&key);
                         }
                         return;
@@ -216,7 +240,7 @@ impl Connector {
                 break;
             }
         }
-        if spares.ready.is_empty() && spares.making == 0 && !spares.sweeping {
+        if spares.unused() {
             all.remove(&key);
         }
         found
@@ -379,5 +403,60 @@ mod tests {
             .await
             .expect_err("nobody listens");
         assert_eq!(refused.etype(), &ErrorType::ConnectRefused);
+    }
+
+    /// A peer that refuses spares is not asked for more by every request: none for
+    /// `SPARE_BACKOFF` after a failure, then again.
+    #[tokio::test]
+    async fn spares_that_fail_to_connect_are_not_asked_for_again_at_once() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let peer = HttpPeer::new(addr, false, String::new());
+        let tcp = Arc::new(TcpConnect {
+            timeout: Some(Duration::from_secs(1)),
+        });
+        let connector = Connector::new(&ServerConf::default());
+        let key = peer.reuse_hash();
+        let settled = || async {
+            while connector
+                .0
+                .spares
+                .lock()
+                .get(&key)
+                .is_none_or(|s| s.making > 0)
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        // Nobody listens: both are refused.
+        connector.preconnect(&peer, &tcp, 2);
+        settled().await;
+        assert!(connector.0.spares.lock()[&key].failed.is_some());
+        // The origin is back, but within the backoff no spare is made.
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+        connector.preconnect(&peer, &tcp, 2);
+        let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+        assert!(accepted.is_err(), "no spare within the backoff");
+        assert!(connector.spare(key, None).is_none());
+        // After it, both are made.
+        connector
+            .0
+            .spares
+            .lock()
+            .get_mut(&key)
+            .expect("remembered")
+            .failed = Some(Instant::now() - SPARE_BACKOFF);
+        connector.preconnect(&peer, &tcp, 2);
+        let mut origin_sides = Vec::new();
+        for _ in 0..2 {
+            origin_sides.push(listener.accept().await.expect("a spare"));
+        }
+        settled().await;
+        assert!(connector.spare(key, None).is_some());
+        assert!(connector.spare(key, None).is_some());
+        assert!(connector.spare(key, None).is_none(), "two, as asked");
     }
 }
