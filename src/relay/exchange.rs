@@ -379,7 +379,7 @@ impl Relay {
             // The pool first, then a spare; a new connection's future is small for a plain
             // origin, boxed for a TLS one (`Connector::connect`), so this future, which
             // every request carries, stays small.
-            let pooled = self.connector.reused(&peer).await;
+            let pooled = self.connector.reused(&peer, service.preconnect > 0).await;
             let connected = match pooled {
                 Some(stream) => Ok((stream, true)),
                 None => self

@@ -82,8 +82,6 @@ struct Spares {
     ready: VecDeque<(Instant, IoStream)>,
     making: usize,
     sweeping: bool,
-    /// They speak TLS (see [`usable`]).
-    tls: bool,
     /// When a spare last failed to connect: none are made for [`SPARE_BACKOFF`] after.
     failed: Option<Instant>,
 }
@@ -113,13 +111,15 @@ impl Connector {
         }))
     }
 
-    /// An idle connection for `peer`, if there is one: a pooled one (used before), else a
-    /// spare (never used). Either may have been closed by the origin meanwhile; a spare
-    /// found closed, or older than the peer's idle timeout, is dropped here.
-    pub async fn reused(&self, peer: &HttpPeer) -> Option<IoStream> {
+    /// An idle connection for `peer`, if there is one: a pooled one (used before), else,
+    /// with `spares` (the service's `preconnect`), a spare (never used). Either may have
+    /// been closed by the origin meanwhile; a spare found closed, or older than the peer's
+    /// idle timeout, is dropped here.
+    pub async fn reused(&self, peer: &HttpPeer, spares: bool) -> Option<IoStream> {
         match self.0.pingora.reused_stream(peer).await {
             Some(stream) => Some(stream),
-            None => self.spare(peer.reuse_hash(), peer.options.idle_timeout),
+            None if spares => self.spare(peer),
+            None => None,
         }
     }
 
@@ -160,7 +160,6 @@ impl Connector {
         let missing = {
             let mut spares = self.0.spares.lock();
             let spares = spares.entry(key).or_default();
-            spares.tls = peer.tls();
             let backoff = spares.failed.is_some_and(|at| at.elapsed() < SPARE_BACKOFF);
             let missing = if backoff {
                 0
@@ -228,14 +227,16 @@ impl Connector {
         }
     }
 
-    /// The oldest spare connection under `key` that is still open and within `idle` of
-    /// being made; the ones found closed or too old are dropped (closed) on the way.
-    fn spare(&self, key: u64, idle: Option<Duration>) -> Option<IoStream> {
+    /// The oldest spare connection to `peer` that is still open and within the peer's
+    /// idle timeout of being made; the ones found closed or too old are dropped (closed)
+    /// on the way.
+    fn spare(&self, peer: &HttpPeer) -> Option<IoStream> {
+        let (key, idle) = (peer.reuse_hash(), peer.options.idle_timeout);
         let mut all = self.0.spares.lock();
         let spares = all.get_mut(&key)?;
         let mut found = None;
         while let Some((made, stream)) = spares.ready.pop_front() {
-            if idle.is_none_or(|idle| made.elapsed() < idle) && usable(&*stream, spares.tls) {
+            if idle.is_none_or(|idle| made.elapsed() < idle) && usable(&*stream, peer.tls()) {
                 found = Some(stream);
                 break;
             }
@@ -440,7 +441,7 @@ mod tests {
         connector.preconnect(&peer, &tcp, 2);
         let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
         assert!(accepted.is_err(), "no spare within the backoff");
-        assert!(connector.spare(key, None).is_none());
+        assert!(connector.spare(&peer).is_none());
         // After it, both are made.
         connector
             .0
@@ -455,8 +456,8 @@ mod tests {
             origin_sides.push(listener.accept().await.expect("a spare"));
         }
         settled().await;
-        assert!(connector.spare(key, None).is_some());
-        assert!(connector.spare(key, None).is_some());
-        assert!(connector.spare(key, None).is_none(), "two, as asked");
+        assert!(connector.spare(&peer).is_some());
+        assert!(connector.spare(&peer).is_some());
+        assert!(connector.spare(&peer).is_none(), "two, as asked");
     }
 }

@@ -100,16 +100,19 @@ impl Origin {
     }
 }
 
-/// One worker thread (the spares are per worker), `preconnect: 2`, and `extra` lines of
-/// the service.
-async fn proxy(origin: &Origin, extra: &str) -> Proxy {
-    Proxy::start(&format!(
+/// The config: one worker thread (the spares are per worker), `preconnect: 2`, and
+/// `extra` lines of the service.
+fn config(origin: &Origin, extra: &str) -> String {
+    format!(
         "threads: 1\n\
          services:\n  web:\n    url: \"http://{}\"\n    preconnect: 2\n{extra}\
          host_rules:\n  - {{ pattern: \"*\", target: web }}\n",
         origin.addr
-    ))
-    .await
+    )
+}
+
+async fn proxy(origin: &Origin, extra: &str) -> Proxy {
+    Proxy::start(&config(origin, extra)).await
 }
 
 async fn get(proxy: &Proxy) -> (u16, String) {
@@ -185,4 +188,30 @@ async fn a_spare_not_taken_within_the_idle_timeout_is_closed() {
     let before = origin.accepted();
     assert_eq!(get(&proxy).await, (200, "ok".into()));
     assert!(origin.last_request_on() > before, "a new connection");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_clients_requests_take_spares_too() {
+    let origin = Origin::start(None).await;
+    let proxy = Proxy::start_h2c(&config(&origin, "")).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let get = |path: &'static str| h2.get(proxy.url(path)).send();
+    let r = get("/x").await.expect("answer");
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.text().await.expect("body"), "ok");
+    origin.wait_accepted(3).await;
+    for n in 2..=3 {
+        let before = origin.accepted();
+        let r = get("/x").await.expect("answer");
+        assert_eq!(r.text().await.expect("body"), "ok");
+        let on = origin.last_request_on();
+        assert!(
+            on <= before,
+            "request {n} came on connection {on}, made after it"
+        );
+        origin.wait_accepted(before + 1).await;
+    }
 }
