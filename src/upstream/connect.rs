@@ -12,10 +12,14 @@
 //! only one still under way is waited for, within the service's connect timeout.
 //!
 //! A new connection to a plain (not TLS) origin is made here directly ([`Connector`]), set up
-//! as Pingora's connector sets one up: Pingora's connect future holds room for a TLS
-//! handshake (8 KiB, boxed and moved twice per connection, even when no TLS is spoken),
-//! all of it on the way from a request to its origin. TLS origins go through Pingora's
-//! connector, which calls [`TcpConnect`] for their TCP part.
+//! as Pingora's connector sets one up (`TCP_NODELAY`, TCP keepalive) but for the socket
+//! digest: Pingora's connect future holds room for a TLS handshake (8 KiB, boxed and moved
+//! twice per connection, even when no TLS is spoken), all of it on the way from a request
+//! to its origin. The digest (the connection's addresses, 400 bytes) is what Pingora's
+//! proxy reads for its upstream logging; streamgate's relay knows the origin's address
+//! from the endpoint it chose, and nothing reads it, so an origin connection (each event
+//! stream holds one) goes without. TLS origins go through Pingora's connector, which calls
+//! [`TcpConnect`] for their TCP part.
 //!
 //! A service with `preconnect` has spare connections made here ahead of its requests
 //! ([`Connector::preconnect`]): a new stream then takes one the origin has already
@@ -38,8 +42,6 @@ use pingora_core::server::configuration::ServerConf;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType, OrErr, Result};
 use socket2::{Domain, Protocol, Socket, Type};
-
-use crate::http_util::set_addresses;
 
 /// Pingora's L4 connect for TCP origins (`PeerOptions::custom_l4`): what Pingora does
 /// after it (TCP keepalive, `TCP_NODELAY`, the socket's digest, TLS) is unchanged.
@@ -130,8 +132,8 @@ impl Connector {
 
     /// A new connection for `peer`, a peer of a service whose TCP connect is `tcp`: made
     /// here when the peer is a plain TCP one, with what Pingora's connector gives a new
-    /// connection (`TCP_NODELAY`, TCP keepalive when the peer asks for it, the socket's
-    /// digest with the peer's address); by Pingora's connector otherwise.
+    /// connection (`TCP_NODELAY`, TCP keepalive when the peer asks for it) but no socket
+    /// digest (see the module docs); by Pingora's connector otherwise.
     pub async fn connect(&self, peer: &HttpPeer, tcp: &TcpConnect) -> Result<IoStream> {
         let plain = self.0.direct
             && !peer.tls()
@@ -145,7 +147,6 @@ impl Connector {
             stream.set_keepalive(keepalive)?;
         }
         stream.set_nodelay()?;
-        set_addresses(&mut stream, *addr, None);
         Ok(Box::new(stream))
     }
 
@@ -374,8 +375,9 @@ mod tests {
         assert_eq!(refused.etype(), &ErrorType::ConnectRefused);
     }
 
-    /// A plain peer is connected here, set up as Pingora's connector sets up its own:
-    /// `TCP_NODELAY` on, the peer's address in the socket's digest; a failure keeps its type.
+    /// A plain peer is connected here, set up as Pingora's connector sets up its own
+    /// (`TCP_NODELAY` on) but without a socket digest, which nothing reads and each event
+    /// stream would hold; a failure keeps its type.
     #[tokio::test]
     async fn a_plain_origin_is_connected_as_pingora_connects_one() {
         let (listener, target) = loopback().await;
@@ -388,11 +390,12 @@ mod tests {
         let peer = HttpPeer::new(addr, false, String::new());
         let connector = Connector::new(&ServerConf::default());
         let mut stream = connector.connect(&peer, &tcp).await.expect("connects");
-        let digest = stream.get_socket_digest().expect("a digest");
-        assert_eq!(digest.peer_addr(), Some(&target));
+        assert!(stream.get_socket_digest().is_none(), "no digest held");
         let fd = pingora_core::protocols::UniqueID::id(&*stream);
         // SAFETY: `fd` is the stream's socket, open while `stream` is.
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let reached = socket2::SockRef::from(&socket).peer_addr().expect("peer");
+        assert_eq!(reached.as_socket(), Some(addr));
         let nodelay = socket2::SockRef::from(&socket)
             .tcp_nodelay()
             .expect("TCP_NODELAY");
