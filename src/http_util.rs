@@ -3,7 +3,6 @@
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
@@ -12,8 +11,7 @@ use http::Version;
 use ipnet::IpNet;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::l4::socket::SocketAddr as PeerAddr;
-use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::{GetSocketDigest, SocketDigest};
+use pingora_core::protocols::SocketDigest;
 use pingora_http::{RequestHeader, ResponseHeader};
 use serde::{Deserialize, Deserializer};
 
@@ -164,15 +162,18 @@ pub fn request_cookie<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a [u8]
         })
 }
 
-/// Gives `stream` its socket digest, with the `peer` and (when known) `local` addresses
-/// Pingora's sessions and logs read from it, as Pingora's own accept and connect do.
-pub fn set_addresses(stream: &mut L4Stream, peer: SocketAddr, local: Option<SocketAddr>) {
-    let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
-    let _ = digest.peer_addr.set(Some(PeerAddr::Inet(peer)));
+/// A socket digest for the connection `fd` whose `peer` and (when known) `local` addresses
+/// are given, as Pingora's own accept and connect fill them in: Pingora's sessions and
+/// logs read them from it without asking the kernel.
+pub fn socket_digest(fd: i32, peer: Option<SocketAddr>, local: Option<SocketAddr>) -> SocketDigest {
+    let digest = SocketDigest::from_raw_fd(fd);
+    if let Some(peer) = peer {
+        let _ = digest.peer_addr.set(Some(PeerAddr::Inet(peer)));
+    }
     if let Some(local) = local {
         let _ = digest.local_addr.set(Some(PeerAddr::Inet(local)));
     }
-    stream.set_socket_digest(digest);
+    digest
 }
 
 /// `ip` as text, as `Display` writes it: an IPv4 address digit by digit (the formatting

@@ -27,6 +27,7 @@
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -34,16 +35,18 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use pingora_core::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::tls::{SslDigest, TlsRef};
 use pingora_core::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
-    TimingDigest, UniqueID, UniqueIDType, ALPN,
+    TimingDigest, UniqueID, UniqueIDType, ALPN, IO,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
 use super::Listener;
+use crate::http_util::socket_digest;
 use crate::metrics::{ListenerMetrics, Metrics};
 
 /// Writes smaller than this are gathered until a flush, or until the next write would not
@@ -96,7 +99,10 @@ impl Gate {
             self.refused();
             return None;
         };
+        let (peer, local) = addresses(&*stream, &self.listener);
         Some(Admitted {
+            peer,
+            local,
             gathered: Vec::new(),
             first: first_deadline(&self.listener),
             in_head: false,
@@ -248,12 +254,56 @@ pub fn admitted(stream: &Stream) -> Option<&Admitted> {
     stream.as_any().downcast_ref()
 }
 
+/// The addresses of the client connection `stream`, accepted on `listener`: from its
+/// digest when it has one, else asked of the kernel (the local one only when the listener
+/// is bound to the unspecified address: otherwise it is the listener's).
+fn addresses(stream: &dyn IO, listener: &Listener) -> (Option<SocketAddr>, Option<SocketAddr>) {
+    if let Some(digest) = stream.get_socket_digest() {
+        return (inet(digest.peer_addr()), inet(digest.local_addr()));
+    }
+    let peer = socket2::SockRef::from(&socket(stream))
+        .peer_addr()
+        .ok()
+        .and_then(|a| a.as_socket());
+    let local = Some(listener.addr)
+        .filter(|addr| !addr.ip().is_unspecified())
+        .or_else(|| local_addr(stream));
+    (peer, local)
+}
+
+/// The address the client connection `stream` reached: from its digest when it has one,
+/// else asked of the kernel.
+pub fn local_addr(stream: &dyn IO) -> Option<SocketAddr> {
+    match stream.get_socket_digest() {
+        Some(digest) => inet(digest.local_addr()),
+        None => socket2::SockRef::from(&socket(stream))
+            .local_addr()
+            .ok()?
+            .as_socket(),
+    }
+}
+
+fn inet(addr: Option<&PeerAddr>) -> Option<SocketAddr> {
+    addr.and_then(PeerAddr::as_inet).copied()
+}
+
+/// The socket of `stream`, to ask the kernel about.
+fn socket(stream: &dyn IO) -> std::os::fd::BorrowedFd<'_> {
+    // SAFETY: the descriptor is the stream's socket, open while `stream` is borrowed.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(stream.id()) }
+}
+
 /// An admitted client connection: the stream itself, the listener's slot, and, until its
 /// first bytes arrive, the deadline for them (`idle_timeout`), then, until the head of its
 /// first request is read, the deadline for that (`request_header_timeout`); and the same
 /// deadline for the head of each later request on the connection, from its first byte.
 pub struct Admitted {
     stream: Stream,
+    /// The client's address and the address it reached, for the socket digest each
+    /// request's session is given ([`GetSocketDigest`]): kept here, 64 bytes, rather than
+    /// as a digest (400) the connection would hold for as long as it is open.
+    peer: Option<SocketAddr>,
+    local: Option<SocketAddr>,
     /// Bytes written but not sent yet; empty and unallocated between flushes.
     gathered: Vec<u8>,
     gate: Arc<Gate>,
@@ -549,8 +599,15 @@ impl GetProxyDigest for Admitted {
 }
 
 impl GetSocketDigest for Admitted {
+    /// The stream's own digest when it has one; else one made now from the addresses kept
+    /// here. Pingora asks once per request (an HTTP/1.x session holds it for the request)
+    /// or per connection (HTTP/2), so an event stream carried apart from its request
+    /// holds none.
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.stream.get_socket_digest()
+        self.stream.get_socket_digest().or_else(|| {
+            let digest = socket_digest(self.stream.id(), self.peer, self.local);
+            Some(Arc::new(digest))
+        })
     }
 
     fn set_socket_digest(&mut self, digest: SocketDigest) {
@@ -602,8 +659,11 @@ mod tests {
         );
         let slot = gate.enter().expect("a slot");
         let stream: Stream = Box::new(L4Stream::from(accepted));
+        let (peer_addr, local) = addresses(&*stream, gate.listener());
         let admitted = Admitted {
             stream,
+            peer: peer_addr,
+            local,
             gathered: Vec::new(),
             gate,
             first: None,
@@ -614,6 +674,64 @@ mod tests {
             _served: None,
         };
         (admitted, peer)
+    }
+
+    /// A client of a listener bound to `bind`, and its connection as the gate admits it.
+    async fn admit(bind: &str) -> (Admitted, TcpStream) {
+        let listener = TcpListener::bind(bind).await.expect("bind");
+        let addr: SocketAddr = listener.local_addr().expect("address");
+        let port = addr.port();
+        let client = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        let gate = Gate::new(
+            &Listener::new(addr, ListenerKind::Plain { h2c: false }),
+            &Metrics::new(),
+        );
+        let admitted = gate
+            .admit(Box::new(L4Stream::from(accepted)), None)
+            .expect("admitted");
+        (admitted, client)
+    }
+
+    /// The connection holds its two addresses, not a digest of them: each request's
+    /// session is given a digest made when it asks, with both (the local one the
+    /// listener's, not asked of the kernel), which goes with the session.
+    #[tokio::test]
+    async fn each_session_is_given_a_digest_of_the_addresses_and_the_connection_holds_none() {
+        let (admitted, client) = admit("127.0.0.1:0").await;
+        assert!(admitted.stream.get_socket_digest().is_none());
+        let digest = admitted.get_socket_digest().expect("a digest");
+        let inet = |a: Option<&PeerAddr>| a.and_then(PeerAddr::as_inet).copied();
+        assert_eq!(
+            inet(digest.peer_addr.get().and_then(Option::as_ref)),
+            Some(client.local_addr().expect("address"))
+        );
+        assert_eq!(
+            inet(digest.local_addr.get().and_then(Option::as_ref)),
+            Some(client.peer_addr().expect("address")),
+            "set, not asked of the kernel"
+        );
+        let again = admitted.get_socket_digest().expect("a digest");
+        assert!(!Arc::ptr_eq(&digest, &again), "made for each session");
+        assert_eq!(Arc::strong_count(&digest), 1, "held by nobody else");
+    }
+
+    /// On the unspecified address only the kernel knows which address a connection
+    /// reached: it is asked once, as the connection is admitted.
+    #[tokio::test]
+    async fn a_connection_to_the_unspecified_address_asks_for_its_local_address() {
+        let (admitted, client) = admit("0.0.0.0:0").await;
+        let digest = admitted.get_socket_digest().expect("a digest");
+        assert_eq!(
+            digest.local_addr().and_then(PeerAddr::as_inet).copied(),
+            Some(client.peer_addr().expect("address"))
+        );
+        assert_eq!(
+            digest.peer_addr().and_then(PeerAddr::as_inet).copied(),
+            Some(client.local_addr().expect("address"))
+        );
     }
 
     /// Reads from `peer` until `want` bytes arrived.

@@ -13,9 +13,12 @@
 //! then moved to its own task.
 //!
 //! What a connection is given is what Pingora's loop gives it: Pingora's L4 stream,
-//! `TCP_NODELAY` on, its peer's address known, the listener's keepalive inherited from the
-//! listening socket; over TLS, the handshake made by Pingora's acceptor within 60 s. The
-//! stream has no read or write buffer of its own. Pingora's listeners default to a 64 KiB
+//! `TCP_NODELAY` on, the listener's keepalive inherited from the listening socket; over
+//! TLS, the handshake made by Pingora's acceptor within 60 s. But not its socket digest
+//! (its addresses, 400 bytes for as long as it is open): its admission keeps the two
+//! addresses and gives each request's session a digest of them
+//! (`listen::admission::Admitted`), so an event stream carried apart from its request
+//! holds none. The stream has no read or write buffer of its own. Pingora's listeners default to a 64 KiB
 //! read buffer per connection, zeroed when it is accepted: for an event stream, whose
 //! client sends one request head and then only listens, most of what the stream would
 //! cost; Pingora reads request heads and bodies into buffers of their own, so the socket
@@ -45,7 +48,6 @@ use pingora_core::services::listening::Service;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
-use crate::http_util::set_addresses;
 use crate::listen::admission::Workers;
 use crate::relay::exchange::{start, Apart};
 
@@ -152,13 +154,6 @@ pub async fn serve<A: ServerApp + Send + Sync + 'static>(
             return;
         }
     };
-    // On a listener bound to one address, every connection's local address is that one:
-    // known without asking the kernel (admission and each request look their listener
-    // up by it). On the unspecified address only the kernel knows which was reached.
-    let local = listener
-        .local_addr()
-        .ok()
-        .filter(|addr| !addr.ip().is_unspecified());
     let watch = shutdown.clone();
     let serve_one = |(stream, peer): Accepted| {
         let (app, shutdown) = (app.clone(), watch.clone());
@@ -187,7 +182,7 @@ pub async fn serve<A: ServerApp + Send + Sync + 'static>(
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let Some(stream) = connection(tcp, peer, local) else {
+                let Some(stream) = connection(tcp, peer) else {
                     continue;
                 };
                 let conn = match &spread {
@@ -223,16 +218,14 @@ async fn handed(spread: Option<&Spread>) {
     }
 }
 
-/// Pingora's L4 stream over an accepted connection, with `TCP_NODELAY` on and its peer's
-/// address known, and its local address when the listener's says it. `None` (logged at
-/// debug) when the socket cannot be set up: the peer is gone already.
-fn connection(tcp: TcpStream, peer: SocketAddr, local: Option<SocketAddr>) -> Option<L4Stream> {
+/// Pingora's L4 stream over an accepted connection, with `TCP_NODELAY` on. `None` (logged
+/// at debug) when the socket cannot be set up: the peer is gone already.
+fn connection(tcp: TcpStream, peer: SocketAddr) -> Option<L4Stream> {
     let mut stream = L4Stream::from(tcp);
     if let Err(e) = stream.set_nodelay() {
         log::debug!("a connection from {peer} closed as it was accepted: {e}");
         return None;
     }
-    set_addresses(&mut stream, peer, local);
     Some(stream)
 }
 
@@ -269,12 +262,9 @@ mod tests {
         /// The task its first turn ran in, and the task the rest ran in.
         first: Option<Id>,
         rest: Option<Id>,
-        peer: Option<SocketAddr>,
         nodelay: bool,
-        /// Whether its local address was known before anyone asked the kernel, and what
-        /// it is.
-        local_known: bool,
-        local: Option<SocketAddr>,
+        /// Whether the stream holds a socket digest.
+        digest: bool,
     }
 
     /// Answers `hello` with `ok`, then waits for `bye`.
@@ -295,27 +285,23 @@ mod tests {
             stream.flush().await.ok()?;
             let mut bye = [0u8; 3];
             stream.read_exact(&mut bye).await.ok()?;
-            let digest = stream.get_socket_digest()?;
-            let local_known = digest.local_addr.get().is_some();
             // SAFETY: the stream owns its descriptor and keeps it open for this borrow.
             let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(stream.id()) };
             self.0.lock().expect("lock").push(Seen {
                 first,
                 rest: tokio::task::try_id(),
-                peer: digest.peer_addr().and_then(|a| a.as_inet().copied()),
                 nodelay: socket2::SockRef::from(&socket)
                     .tcp_nodelay()
                     .unwrap_or(false),
-                local_known,
-                local: digest.local_addr().and_then(|a| a.as_inet().copied()),
+                digest: stream.get_socket_digest().is_some(),
             });
             None
         }
     }
 
     /// Serves one connection to 127.0.0.1 on a listener bound to `bind`, stops the loop
-    /// and reports what the app saw, the addresses of both ends and the loop's task.
-    async fn greet(bind: &str) -> (Seen, SocketAddr, SocketAddr, Id) {
+    /// and reports what the app saw, the address it reached and the loop's task.
+    async fn greet(bind: &str) -> (Seen, SocketAddr, Id) {
         let listener = std::net::TcpListener::bind(bind).expect("bind");
         listener.set_nonblocking(true).expect("non-blocking");
         let port = listener.local_addr().expect("address").port();
@@ -341,27 +327,25 @@ mod tests {
         let task = serving.id();
         stop.send(true).expect("the loop listens");
         serving.await.expect("the loop ends");
-        let client = client.local_addr().expect("address");
-        (seen, client, reached, task)
+        drop(client);
+        (seen, reached, task)
     }
 
     /// A connection is served in the accept loop's task up to its first wait (its answer
-    /// to `hello` is written there), and in a task of its own after it; it is given its
-    /// peer's address, `TCP_NODELAY`, and its local address without a `getsockname` when
-    /// the listener is bound to one address. The loop ends when the server shuts down, and
-    /// closes its listening socket.
+    /// to `hello` is written there), and in a task of its own after it; it is given
+    /// `TCP_NODELAY`, and no socket digest (its admission keeps the addresses, see
+    /// `listen::admission`). The loop ends when the server shuts down, and closes its
+    /// listening socket.
     #[tokio::test]
     async fn a_connection_takes_its_first_turn_in_the_accept_loop() {
-        let (seen, client, reached, task) = greet("127.0.0.1:0").await;
+        let (seen, reached, task) = greet("127.0.0.1:0").await;
         assert_eq!(seen.first, Some(task), "the first turn, in the loop's task");
         assert!(
             seen.rest.is_some() && seen.rest != seen.first,
             "the rest, in a task of its own"
         );
-        assert_eq!(seen.peer, Some(client));
         assert!(seen.nodelay);
-        assert!(seen.local_known, "known at accept, no getsockname");
-        assert_eq!(seen.local, Some(reached));
+        assert!(!seen.digest, "no digest held by the connection");
         assert!(
             TcpStream::connect(reached).await.is_err(),
             "the listening socket is closed with the loop"
@@ -452,14 +436,5 @@ mod tests {
         for thread in threads {
             thread.join().expect("the loop ends");
         }
-    }
-
-    /// On the unspecified address only the kernel knows which address a connection
-    /// reached: it is asked when needed.
-    #[tokio::test]
-    async fn a_connection_to_the_unspecified_address_asks_for_its_local_address() {
-        let (seen, _, reached, _) = greet("0.0.0.0:0").await;
-        assert!(!seen.local_known);
-        assert_eq!(seen.local, Some(reached));
     }
 }

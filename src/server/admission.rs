@@ -13,7 +13,7 @@ use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 
-use crate::listen::admission::{admitted, Gate, Workers};
+use crate::listen::admission::{admitted, local_addr, Gate, Workers};
 use crate::relay::client::Handback;
 
 /// The app of a listening service, behind the admission of its listeners.
@@ -55,8 +55,7 @@ impl<A> Admitting<A> {
         if let [only] = self.gates.as_slice() {
             return Some(only);
         }
-        let digest = stream.get_socket_digest()?;
-        let local = *digest.local_addr()?.as_inet()?;
+        let local = local_addr(&**stream)?;
         self.gates
             .iter()
             .find(|g| g.listener().addr == local)
