@@ -19,7 +19,6 @@
 //! ```
 
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -27,13 +26,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{Method, Version};
 use pingora_core::protocols::http::v1::client::http_req_header_to_wire;
-use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::Stream;
 use pingora_error::{Error, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use socket2::SockRef;
 
 use crate::http_util::AddedHeaders;
+use crate::upstream::connect::OriginTcp;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
@@ -195,12 +194,10 @@ impl OriginConn {
         if self.reused {
             return 0;
         }
-        let Some(tcp) = self.stream.as_any().downcast_ref::<L4Stream>() else {
+        let Some(tcp) = self.stream.as_any().downcast_ref::<OriginTcp>() else {
             return 0;
         };
-        // SAFETY: `tcp` owns the descriptor and keeps it open for this borrow.
-        let fd = unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) };
-        SockRef::from(&fd)
+        SockRef::from(tcp.socket())
             .send_with_flags(data, libc::MSG_NOSIGNAL)
             .unwrap_or(0)
     }
@@ -776,12 +773,7 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upstream::connect::testing::{connected, loopback};
-
-    /// A new connection to `target`, made as the services make them.
-    async fn connect(target: &pingora_core::protocols::l4::socket::SocketAddr) -> L4Stream {
-        connected(target).await.expect("connect")
-    }
+    use crate::upstream::connect::testing::{loopback, plain as connect};
 
     /// On a connection just made, the request head goes out in the same turn (tokio alone
     /// would wait for the socket's first readiness event, a turn of the loop away); on a
@@ -793,7 +785,7 @@ mod tests {
         let (listener, target) = loopback().await;
         let request = RequestHeader::build("GET", b"/events", None).expect("request");
         let added = AddedHeaders::default();
-        let mut conn = OriginConn::new(Box::new(connect(&target).await), false);
+        let mut conn = OriginConn::new(connect(&target).await, false);
         let sent = conn
             .send_head(&request, &added, Framing::None)
             .now_or_never();
@@ -803,7 +795,7 @@ mod tests {
         let n = origin.read(&mut head).await.expect("read");
         assert!(head[..n].starts_with(b"GET /events HTTP/1.1\r\n"));
         // A pooled connection is written through tokio.
-        let mut pooled = OriginConn::new(Box::new(connect(&target).await), true);
+        let mut pooled = OriginConn::new(connect(&target).await, true);
         assert_eq!(pooled.send_at_once(b"x"), 0);
         pooled
             .send_head(&request, &added, Framing::None)
@@ -824,7 +816,7 @@ mod tests {
             _ => request.insert_header("transfer-encoding", "chunked"),
         }
         .expect("header");
-        let mut conn = OriginConn::new(Box::new(connect(target).await), false);
+        let mut conn = OriginConn::new(connect(target).await, false);
         let (origin, _) = listener.accept().await.expect("accept");
         conn.send_head(&request, &AddedHeaders::default(), body)
             .await

@@ -12,13 +12,14 @@
 //! only one still under way is waited for, within the service's connect timeout.
 //!
 //! A new connection to a plain (not TLS) origin is made here directly ([`Connector`]), set up
-//! as Pingora's connector sets one up (`TCP_NODELAY`, TCP keepalive) but for the socket
-//! digest: Pingora's connect future holds room for a TLS handshake (8 KiB, boxed and moved
-//! twice per connection, even when no TLS is spoken), all of it on the way from a request
-//! to its origin. The digest (the connection's addresses, 400 bytes) is what Pingora's
-//! proxy reads for its upstream logging; streamgate's relay knows the origin's address
-//! from the endpoint it chose, and nothing reads it, so an origin connection (each event
-//! stream holds one) goes without. TLS origins go through Pingora's connector, which calls
+//! as Pingora's connector sets one up (`TCP_NODELAY`, TCP keepalive): Pingora's connect
+//! future holds room for a TLS handshake (8 KiB, boxed and moved twice per connection, even
+//! when no TLS is spoken), all of it on the way from a request to its origin. It is an
+//! [`OriginTcp`], the socket and nothing else (40 bytes), not Pingora's L4 stream (376
+//! bytes: write buffering, pushed-back reads, timing and socket digests, a tracer), none of
+//! which the relay uses: it frames and gathers its own writes, knows the origin's address
+//! from the endpoint it chose, and each event stream holds its origin connection for as
+//! long as it is open. TLS origins go through Pingora's connector, which calls
 //! [`TcpConnect`] for their TCP part.
 //!
 //! A service with `preconnect` has spare connections made here ahead of its requests
@@ -29,19 +30,28 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora_core::connectors::l4::Connect;
 use pingora_core::connectors::{ConnectorOptions, TransportConnector};
+use pingora_core::protocols::l4::ext::set_tcp_keepalive;
 use pingora_core::protocols::l4::socket::SocketAddr;
 use pingora_core::protocols::l4::stream::Stream;
-use pingora_core::protocols::{Stream as IoStream, IO};
+use pingora_core::protocols::raw_connect::ProxyDigest;
+use pingora_core::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
+    Stream as IoStream, TimingDigest, UniqueID, UniqueIDType, IO,
+};
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType, OrErr, Result};
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Pingora's L4 connect for TCP origins (`PeerOptions::custom_l4`): what Pingora does
 /// after it (TCP keepalive, `TCP_NODELAY`, the socket's digest, TLS) is unchanged.
@@ -132,8 +142,8 @@ impl Connector {
 
     /// A new connection for `peer`, a peer of a service whose TCP connect is `tcp`: made
     /// here when the peer is a plain TCP one, with what Pingora's connector gives a new
-    /// connection (`TCP_NODELAY`, TCP keepalive when the peer asks for it) but no socket
-    /// digest (see the module docs); by Pingora's connector otherwise.
+    /// connection (`TCP_NODELAY`, TCP keepalive when the peer asks for it), as an
+    /// [`OriginTcp`] (see the module docs); by Pingora's connector otherwise.
     pub async fn connect(&self, peer: &HttpPeer, tcp: &TcpConnect) -> Result<IoStream> {
         let plain = self.0.direct
             && !peer.tls()
@@ -142,12 +152,14 @@ impl Connector {
         let (true, SocketAddr::Inet(addr)) = (plain, peer.address()) else {
             return Box::pin(self.0.pingora.new_stream(peer)).await;
         };
-        let mut stream = tcp.tcp(addr).await?;
+        let socket = tcp.socket(addr).await?;
         if let Some(keepalive) = &peer.options.tcp_keepalive {
-            stream.set_keepalive(keepalive)?;
+            set_tcp_keepalive(&socket, keepalive)?;
         }
-        stream.set_nodelay()?;
-        Ok(Box::new(stream))
+        socket
+            .set_nodelay(true)
+            .or_err(ErrorType::ConnectError, "failed to set_nodelay")?;
+        Ok(Box::new(OriginTcp(socket)))
     }
 
     /// Makes spare connections to `peer` in the background, each in a task of its own,
@@ -268,8 +280,13 @@ fn usable(stream: &dyn IO, tls: bool) -> bool {
 }
 
 impl TcpConnect {
-    /// The TCP connection to `addr`.
+    /// The TCP connection to `addr`, as Pingora's L4 stream (which its TLS connector takes).
     async fn tcp(&self, addr: &std::net::SocketAddr) -> Result<Stream> {
+        Ok(Stream::from(self.socket(addr).await?))
+    }
+
+    /// The TCP connection to `addr`.
+    async fn socket(&self, addr: &std::net::SocketAddr) -> Result<tokio::net::TcpStream> {
         let socket = Socket::new(
             Domain::for_address(*addr),
             Type::STREAM.nonblocking(),
@@ -306,9 +323,97 @@ impl TcpConnect {
                 return Err(failed(e, addr));
             }
         }
-        Ok(Stream::from(tcp))
+        Ok(tcp)
     }
 }
+
+/// A plain TCP connection to an origin: the socket alone (see the module docs), with what
+/// Pingora asks of a connection it pools or speaks HTTP/2 over; no digests, no TLS.
+#[derive(Debug)]
+pub struct OriginTcp(tokio::net::TcpStream);
+
+impl OriginTcp {
+    /// The socket.
+    pub fn socket(&self) -> &tokio::net::TcpStream {
+        &self.0
+    }
+}
+
+impl AsyncRead for OriginTcp {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for OriginTcp {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for OriginTcp {
+    async fn shutdown(&mut self) {
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.0).await;
+    }
+}
+
+impl UniqueID for OriginTcp {
+    fn id(&self) -> UniqueIDType {
+        self.0.as_raw_fd()
+    }
+}
+
+impl Ssl for OriginTcp {}
+
+impl GetTimingDigest for OriginTcp {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        Vec::new()
+    }
+}
+
+impl GetProxyDigest for OriginTcp {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        None
+    }
+}
+
+impl GetSocketDigest for OriginTcp {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        None
+    }
+}
+
+#[async_trait]
+impl Peek for OriginTcp {}
 
 /// A connect that failed, typed as Pingora types its own (refused, no route, timed out).
 fn failed(e: io::Error, addr: &std::net::SocketAddr) -> Box<Error> {
@@ -335,13 +440,28 @@ pub(crate) mod testing {
         (listener, SocketAddr::Inet(addr))
     }
 
-    /// A new connection to `target`, made as the services make them.
+    /// A new TCP connection to `target`, made as a TLS origin's is under its handshake.
     pub async fn connected(target: &SocketAddr) -> Result<Stream> {
         TcpConnect {
             timeout: Some(Duration::from_secs(1)),
         }
         .connect(target)
         .await
+    }
+
+    /// A new connection to the plain origin `target`, made as the services make them.
+    pub async fn plain(target: &SocketAddr) -> IoStream {
+        let SocketAddr::Inet(addr) = target else {
+            unreachable!("a TCP address")
+        };
+        let tcp = TcpConnect {
+            timeout: Some(Duration::from_secs(1)),
+        };
+        let peer = HttpPeer::new(*addr, false, String::new());
+        Connector::new(&ServerConf::default())
+            .connect(&peer, &tcp)
+            .await
+            .expect("connects")
     }
 }
 
@@ -376,8 +496,8 @@ mod tests {
     }
 
     /// A plain peer is connected here, set up as Pingora's connector sets up its own
-    /// (`TCP_NODELAY` on) but without a socket digest, which nothing reads and each event
-    /// stream would hold; a failure keeps its type.
+    /// (`TCP_NODELAY` on), as the socket alone: no digest, nothing of Pingora's L4 stream,
+    /// which each event stream would hold; a failure keeps its type.
     #[tokio::test]
     async fn a_plain_origin_is_connected_as_pingora_connects_one() {
         let (listener, target) = loopback().await;
@@ -391,6 +511,11 @@ mod tests {
         let connector = Connector::new(&ServerConf::default());
         let mut stream = connector.connect(&peer, &tcp).await.expect("connects");
         assert!(stream.get_socket_digest().is_none(), "no digest held");
+        assert!(stream.as_any().is::<OriginTcp>(), "the socket alone");
+        assert!(
+            std::mem::size_of::<OriginTcp>() <= 64,
+            "tokio's socket and no more"
+        );
         let fd = pingora_core::protocols::UniqueID::id(&*stream);
         // SAFETY: `fd` is the stream's socket, open while `stream` is.
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
