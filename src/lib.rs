@@ -34,6 +34,7 @@ pub mod listen;
 pub mod logging;
 pub mod metrics;
 pub mod middleware;
+pub mod net;
 pub mod pattern;
 pub mod proxy;
 pub mod relay;

@@ -32,7 +32,6 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use socket2::SockRef;
 
 use crate::http_util::AddedHeaders;
-use crate::upstream::connect::OriginTcp;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
@@ -194,7 +193,7 @@ impl OriginConn {
         if self.reused {
             return 0;
         }
-        let Some(tcp) = self.stream.as_any().downcast_ref::<OriginTcp>() else {
+        let Some(tcp) = crate::net::tcp(&*self.stream) else {
             return 0;
         };
         SockRef::from(tcp.socket())

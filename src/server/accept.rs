@@ -12,13 +12,14 @@
 //! as the first turn of an event stream does (`relay::exchange::start`), whose future is
 //! then moved to its own task.
 //!
-//! What a connection is given is what Pingora's loop gives it: Pingora's L4 stream,
-//! `TCP_NODELAY` on, the listener's keepalive inherited from the listening socket; over
-//! TLS, the handshake made by Pingora's acceptor within 60 s. But not its socket digest
-//! (its addresses, 400 bytes for as long as it is open): its admission keeps the two
-//! addresses and gives each request's session a digest of them
-//! (`listen::admission::Admitted`), so an event stream carried apart from its request
-//! holds none. The stream has no read or write buffer of its own. Pingora's listeners default to a 64 KiB
+//! What a connection is given is what Pingora's loop gives it: `TCP_NODELAY` on, the
+//! listener's keepalive inherited from the listening socket; over TLS, the handshake made
+//! by Pingora's acceptor within 60 s. A plain connection is the socket alone
+//! (`net::Tcp`), not Pingora's L4 stream (376 bytes for as long as it is open, see `net`),
+//! which TLS's acceptor takes, and neither holds a socket digest (its addresses, 400
+//! bytes): its admission keeps the two addresses and gives each request's session a digest
+//! of them (`listen::admission::Admitted`), so an event stream carried apart from its
+//! request holds none. The stream has no read or write buffer of its own. Pingora's listeners default to a 64 KiB
 //! read buffer per connection, zeroed when it is accepted: for an event stream, whose
 //! client sends one request head and then only listens, most of what the stream would
 //! cost; Pingora reads request heads and bodies into buffers of their own, so the socket
@@ -49,6 +50,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use crate::listen::admission::Workers;
+use crate::net::Tcp;
 use crate::relay::exchange::{start, Apart};
 
 /// How long accepting pauses after the process ran out of descriptors (as Pingora's loop
@@ -59,7 +61,7 @@ const OUT_OF_DESCRIPTORS_PAUSE: Duration = Duration::from_secs(1);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A connection accepted, with its peer's address.
-type Accepted = (L4Stream, SocketAddr);
+type Accepted = (TcpStream, SocketAddr);
 
 /// Where one worker's loop on one listener takes connections that other workers accepted
 /// on it and handed over.
@@ -158,8 +160,18 @@ pub async fn serve<A: ServerApp + Send + Sync + 'static>(
     let serve_one = |(stream, peer): Accepted| {
         let (app, shutdown) = (app.clone(), watch.clone());
         let served: Apart = match &tls {
-            None => Box::pin(Service::<A>::handle_event(Box::new(stream), app, shutdown)),
-            Some(tls) => Box::pin(secured(tls.clone(), stream, peer, app, shutdown)),
+            None => Box::pin(Service::<A>::handle_event(
+                Box::new(Tcp::from(stream)),
+                app,
+                shutdown,
+            )),
+            Some(tls) => Box::pin(secured(
+                tls.clone(),
+                L4Stream::from(stream),
+                peer,
+                app,
+                shutdown,
+            )),
         };
         start(served)
     };
@@ -218,15 +230,14 @@ async fn handed(spread: Option<&Spread>) {
     }
 }
 
-/// Pingora's L4 stream over an accepted connection, with `TCP_NODELAY` on. `None` (logged
-/// at debug) when the socket cannot be set up: the peer is gone already.
-fn connection(tcp: TcpStream, peer: SocketAddr) -> Option<L4Stream> {
-    let mut stream = L4Stream::from(tcp);
-    if let Err(e) = stream.set_nodelay() {
+/// An accepted connection with `TCP_NODELAY` on. `None` (logged at debug) when the socket
+/// cannot be set up: the peer is gone already.
+fn connection(tcp: TcpStream, peer: SocketAddr) -> Option<TcpStream> {
+    if let Err(e) = tcp.set_nodelay(true) {
         log::debug!("a connection from {peer} closed as it was accepted: {e}");
         return None;
     }
-    Some(stream)
+    Some(tcp)
 }
 
 /// Serves `stream` over TLS once its handshake is made (within [`HANDSHAKE_TIMEOUT`]);
@@ -265,6 +276,8 @@ mod tests {
         nodelay: bool,
         /// Whether the stream holds a socket digest.
         digest: bool,
+        /// Whether it is the socket alone (`net::Tcp`).
+        socket_alone: bool,
     }
 
     /// Answers `hello` with `ok`, then waits for `bye`.
@@ -294,6 +307,7 @@ mod tests {
                     .tcp_nodelay()
                     .unwrap_or(false),
                 digest: stream.get_socket_digest().is_some(),
+                socket_alone: crate::net::tcp(&*stream).is_some(),
             });
             None
         }
@@ -333,8 +347,8 @@ mod tests {
 
     /// A connection is served in the accept loop's task up to its first wait (its answer
     /// to `hello` is written there), and in a task of its own after it; it is given
-    /// `TCP_NODELAY`, and no socket digest (its admission keeps the addresses, see
-    /// `listen::admission`). The loop ends when the server shuts down, and closes its
+    /// `TCP_NODELAY`, as the socket alone, with no socket digest (its admission keeps the
+    /// addresses, see `listen::admission`). The loop ends when the server shuts down, and closes its
     /// listening socket.
     #[tokio::test]
     async fn a_connection_takes_its_first_turn_in_the_accept_loop() {
@@ -346,6 +360,7 @@ mod tests {
         );
         assert!(seen.nodelay);
         assert!(!seen.digest, "no digest held by the connection");
+        assert!(seen.socket_alone, "not Pingora's L4 stream");
         assert!(
             TcpStream::connect(reached).await.is_err(),
             "the listening socket is closed with the loop"

@@ -14,13 +14,9 @@
 //! A new connection to a plain (not TLS) origin is made here directly ([`Connector`]), set up
 //! as Pingora's connector sets one up (`TCP_NODELAY`, TCP keepalive): Pingora's connect
 //! future holds room for a TLS handshake (8 KiB, boxed and moved twice per connection, even
-//! when no TLS is spoken), all of it on the way from a request to its origin. It is an
-//! [`OriginTcp`], the socket and nothing else (40 bytes), not Pingora's L4 stream (376
-//! bytes: write buffering, pushed-back reads, timing and socket digests, a tracer), none of
-//! which the relay uses: it frames and gathers its own writes, knows the origin's address
-//! from the endpoint it chose, and each event stream holds its origin connection for as
-//! long as it is open. TLS origins go through Pingora's connector, which calls
-//! [`TcpConnect`] for their TCP part.
+//! when no TLS is spoken), all of it on the way from a request to its origin. It is a
+//! [`Tcp`], the socket alone, not Pingora's L4 stream (see `net`). TLS origins go through
+//! Pingora's connector, which calls [`TcpConnect`] for their TCP part.
 //!
 //! A service with `preconnect` has spare connections made here ahead of its requests
 //! ([`Connector::preconnect`]): a new stream then takes one the origin has already
@@ -30,10 +26,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::AsRawFd;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -42,16 +35,13 @@ use pingora_core::connectors::{ConnectorOptions, TransportConnector};
 use pingora_core::protocols::l4::ext::set_tcp_keepalive;
 use pingora_core::protocols::l4::socket::SocketAddr;
 use pingora_core::protocols::l4::stream::Stream;
-use pingora_core::protocols::raw_connect::ProxyDigest;
-use pingora_core::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
-    Stream as IoStream, TimingDigest, UniqueID, UniqueIDType, IO,
-};
+use pingora_core::protocols::{Stream as IoStream, IO};
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType, OrErr, Result};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::net::Tcp;
 
 /// Pingora's L4 connect for TCP origins (`PeerOptions::custom_l4`): what Pingora does
 /// after it (TCP keepalive, `TCP_NODELAY`, the socket's digest, TLS) is unchanged.
@@ -142,8 +132,8 @@ impl Connector {
 
     /// A new connection for `peer`, a peer of a service whose TCP connect is `tcp`: made
     /// here when the peer is a plain TCP one, with what Pingora's connector gives a new
-    /// connection (`TCP_NODELAY`, TCP keepalive when the peer asks for it), as an
-    /// [`OriginTcp`] (see the module docs); by Pingora's connector otherwise.
+    /// connection (`TCP_NODELAY`, TCP keepalive when the peer asks for it), as a [`Tcp`]
+    /// (see the module docs); by Pingora's connector otherwise.
     pub async fn connect(&self, peer: &HttpPeer, tcp: &TcpConnect) -> Result<IoStream> {
         let plain = self.0.direct
             && !peer.tls()
@@ -159,7 +149,7 @@ impl Connector {
         socket
             .set_nodelay(true)
             .or_err(ErrorType::ConnectError, "failed to set_nodelay")?;
-        Ok(Box::new(OriginTcp(socket)))
+        Ok(Box::new(Tcp::from(socket)))
     }
 
     /// Makes spare connections to `peer` in the background, each in a task of its own,
@@ -327,94 +317,6 @@ impl TcpConnect {
     }
 }
 
-/// A plain TCP connection to an origin: the socket alone (see the module docs), with what
-/// Pingora asks of a connection it pools or speaks HTTP/2 over; no digests, no TLS.
-#[derive(Debug)]
-pub struct OriginTcp(tokio::net::TcpStream);
-
-impl OriginTcp {
-    /// The socket.
-    pub fn socket(&self) -> &tokio::net::TcpStream {
-        &self.0
-    }
-}
-
-impl AsyncRead for OriginTcp {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for OriginTcp {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-#[async_trait]
-impl Shutdown for OriginTcp {
-    async fn shutdown(&mut self) {
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.0).await;
-    }
-}
-
-impl UniqueID for OriginTcp {
-    fn id(&self) -> UniqueIDType {
-        self.0.as_raw_fd()
-    }
-}
-
-impl Ssl for OriginTcp {}
-
-impl GetTimingDigest for OriginTcp {
-    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        Vec::new()
-    }
-}
-
-impl GetProxyDigest for OriginTcp {
-    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        None
-    }
-}
-
-impl GetSocketDigest for OriginTcp {
-    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        None
-    }
-}
-
-#[async_trait]
-impl Peek for OriginTcp {}
-
 /// A connect that failed, typed as Pingora types its own (refused, no route, timed out).
 fn failed(e: io::Error, addr: &std::net::SocketAddr) -> Box<Error> {
     let etype = match e.raw_os_error() {
@@ -511,11 +413,7 @@ mod tests {
         let connector = Connector::new(&ServerConf::default());
         let mut stream = connector.connect(&peer, &tcp).await.expect("connects");
         assert!(stream.get_socket_digest().is_none(), "no digest held");
-        assert!(stream.as_any().is::<OriginTcp>(), "the socket alone");
-        assert!(
-            std::mem::size_of::<OriginTcp>() <= 64,
-            "tokio's socket and no more"
-        );
+        assert!(crate::net::tcp(&*stream).is_some(), "the socket alone");
         let fd = pingora_core::protocols::UniqueID::id(&*stream);
         // SAFETY: `fd` is the stream's socket, open while `stream` is.
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
