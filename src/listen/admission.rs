@@ -35,7 +35,6 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use pingora_core::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::tls::{SslDigest, TlsRef};
 use pingora_core::protocols::{
@@ -254,13 +253,10 @@ pub fn admitted(stream: &Stream) -> Option<&Admitted> {
     stream.as_any().downcast_ref()
 }
 
-/// The addresses of the client connection `stream`, accepted on `listener`: from its
-/// digest when it has one, else asked of the kernel (the local one only when the listener
-/// is bound to the unspecified address: otherwise it is the listener's).
+/// The addresses of the client connection `stream`, accepted on `listener`, asked of the
+/// kernel (the accept loop sets no digest): the local one only when the listener is bound
+/// to the unspecified address, otherwise it is the listener's.
 fn addresses(stream: &dyn IO, listener: &Listener) -> (Option<SocketAddr>, Option<SocketAddr>) {
-    if let Some(digest) = stream.get_socket_digest() {
-        return (inet(digest.peer_addr()), inet(digest.local_addr()));
-    }
     let peer = socket2::SockRef::from(&socket(stream))
         .peer_addr()
         .ok()
@@ -271,20 +267,12 @@ fn addresses(stream: &dyn IO, listener: &Listener) -> (Option<SocketAddr>, Optio
     (peer, local)
 }
 
-/// The address the client connection `stream` reached: from its digest when it has one,
-/// else asked of the kernel.
+/// The address the client connection `stream` reached, asked of the kernel.
 pub fn local_addr(stream: &dyn IO) -> Option<SocketAddr> {
-    match stream.get_socket_digest() {
-        Some(digest) => inet(digest.local_addr()),
-        None => socket2::SockRef::from(&socket(stream))
-            .local_addr()
-            .ok()?
-            .as_socket(),
-    }
-}
-
-fn inet(addr: Option<&PeerAddr>) -> Option<SocketAddr> {
-    addr.and_then(PeerAddr::as_inet).copied()
+    socket2::SockRef::from(&socket(stream))
+        .local_addr()
+        .ok()?
+        .as_socket()
 }
 
 /// The socket of `stream`, to ask the kernel about.
@@ -599,15 +587,12 @@ impl GetProxyDigest for Admitted {
 }
 
 impl GetSocketDigest for Admitted {
-    /// The stream's own digest when it has one; else one made now from the addresses kept
-    /// here. Pingora asks once per request (an HTTP/1.x session holds it for the request)
-    /// or per connection (HTTP/2), so an event stream carried apart from its request
-    /// holds none.
+    /// One made now from the addresses kept here. Pingora asks once per request (an
+    /// HTTP/1.x session holds it for the request) or per connection (HTTP/2), so an event
+    /// stream carried apart from its request holds none.
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.stream.get_socket_digest().or_else(|| {
-            let digest = socket_digest(self.stream.id(), self.peer, self.local);
-            Some(Arc::new(digest))
-        })
+        let digest = socket_digest(self.stream.id(), self.peer, self.local);
+        Some(Arc::new(digest))
     }
 
     fn set_socket_digest(&mut self, digest: SocketDigest) {
@@ -639,6 +624,7 @@ impl Peek for Admitted {
 mod tests {
     use std::net::SocketAddr;
 
+    use pingora_core::protocols::l4::socket::SocketAddr as PeerAddr;
     use pingora_core::protocols::l4::stream::Stream as L4Stream;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
