@@ -18,6 +18,7 @@ use crate::listen::LoadedCert;
 use crate::middleware::MiddlewareConfig;
 use crate::sse::SseSettings;
 use crate::state::State;
+use crate::upstream::origin_tls::CaBundle;
 use crate::yaml::{KeyPath, Source};
 
 /// Loads `path` and what it includes for the server `state` belongs to. `previous` are the
@@ -60,6 +61,7 @@ pub fn from_text(
             Kind::Invalid(format!("Pingora server setting: {e}")),
         )
     })?;
+    default_trust(&main, &mut server, base)?;
     let parsed: MainFile = main.parse()?;
     let mut sources = vec![main];
     let mut included = Vec::new();
@@ -207,6 +209,22 @@ fn sse_middleware_periods(parts: &[Parts]) -> Vec<std::time::Duration> {
 
 /// `admin:`; an address other machines can reach needs a token. The token is inline, or
 /// read from an environment variable or a file, each checked here.
+/// Pingora's top-level `ca_file`, the trust of https services without a `ca_file` of their
+/// own: relative to the main file (as every path in the config is), and loaded and checked
+/// as a service's bundle is. Pingora reads it in each connector it builds at start and
+/// panics on a file it cannot load, so a missing or broken one is refused here, with its
+/// line, at start and by `-t`.
+fn default_trust(main: &Source, server: &mut ServerConf, base: &Path) -> Result<(), ConfigError> {
+    let Some(ca_file) = &server.ca_file else {
+        return Ok(());
+    };
+    let path = base.join(ca_file);
+    CaBundle::load(&path)
+        .map_err(|why| main.error(KeyPath::root().key("ca_file"), Kind::Invalid(why)))?;
+    server.ca_file = Some(path.display().to_string());
+    Ok(())
+}
+
 fn admin(
     main: &Source,
     file: Option<&file::AdminFile>,

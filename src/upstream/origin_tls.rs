@@ -110,6 +110,44 @@ impl CaBundle {
     }
 }
 
+/// The environment variables that replace the platform's store of trusted certificates.
+const TRUST_VARIABLES: [&str; 2] = ["SSL_CERT_FILE", "SSL_CERT_DIR"];
+
+/// Loads the system's store of trusted certificates as each of Pingora's connectors loads
+/// it when the server starts and the top-level `ca_file` is not set (the files
+/// `SSL_CERT_FILE` and `SSL_CERT_DIR` name when set, else the platform's bundle); how many
+/// certificates it holds. Pingora panics when it cannot load them, so the start (and
+/// `-t`) loads them first and ends with this reason instead. A system without a store
+/// loads none: https origins then need a `ca_file` (or `verify: false`).
+pub fn system_trust() -> Result<usize, String> {
+    let mut store = pingora_rustls::RootCertStore::empty();
+    match pingora_rustls::load_platform_certs_incl_env_into_store(&mut store) {
+        Ok(()) => Ok(store.len()),
+        Err(e) => {
+            let set: Vec<String> = TRUST_VARIABLES
+                .iter()
+                .filter_map(|var| Some(format!("{var}={}", std::env::var(var).ok()?)))
+                .collect();
+            let cause = e
+                .cause
+                .as_ref()
+                .map_or_else(|| e.to_string(), |c| c.to_string());
+            let (from, fix) = if set.is_empty() {
+                (String::new(), "install a CA bundle")
+            } else {
+                (
+                    format!(" ({})", set.join(", ")),
+                    "point them at a CA bundle or unset them",
+                )
+            };
+            Err(format!(
+                "the system's trusted certificates{from} cannot be loaded: {cause}; {fix}, \
+                 or set the top-level `ca_file`"
+            ))
+        }
+    }
+}
+
 /// Checks an `sni` value: a DNS name or an IP address, as rustls takes it.
 pub fn check_sni(name: &str) -> Result<(), String> {
     if name.is_empty() {

@@ -420,6 +420,133 @@ fn check_prints_https_services_and_refuses_a_missing_ca_file() {
     );
 }
 
+/// The top-level `ca_file` (Pingora's) is the trust of https services without a `ca_file`
+/// of their own, found beside the config file whatever the working directory, and checked
+/// when the config loads as a service's is: a missing one is refused by `-t` and at start
+/// with its file, line and key (Pingora's connectors, which load it at start, panicked).
+#[tokio::test]
+async fn the_top_level_ca_file_is_the_trust_of_services_without_one() {
+    let ca = Ca::new();
+    let origin = TlsOrigin::start(localhost().await, &ca.issue(&["localhost"])).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ca(dir.path(), &ca);
+    let config = |ca_file: &str| {
+        let text = format!(
+            "ca_file: {ca_file}\nlisten: [\"127.0.0.1:{}\"]\nservices:\n  feed:\n    \
+             url: \"https://localhost:{}\"\nhost_rules:\n  - pattern: \"*\"\n    target: feed\n",
+            common::free_port(),
+            origin.addr.port()
+        );
+        let path = dir.path().join("streamgate.yaml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    };
+    let check = |path: &Path| {
+        Command::new(common::binary::BIN)
+            .args(["-t", "-c"])
+            .arg(path)
+            .current_dir("/")
+            .output()
+            .expect("run streamgate -t")
+    };
+
+    let path = config("ca.pem");
+    let out = check(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected = format!("trust ca_file {}", dir.path().join("ca.pem").display());
+    assert!(stdout.contains(&expected), "{stdout}");
+    let proxy = Proxy::start_file(&path).await;
+    let response = sse_get(proxy.url("/events")).await;
+    assert_eq!(response.status(), 200);
+    let mut events = Events::new(response);
+    for i in 0..EVENTS {
+        assert_eq!(
+            events.next().await.expect("an event"),
+            format!("id: {i}\ndata: event {i}")
+        );
+        origin.acks.send(()).expect("ack");
+    }
+    assert_eq!(events.next().await, None, "the stream ends cleanly");
+    assert_eq!(get(&proxy, "/plain").await, (200, "hello over tls".into()));
+
+    let path = config("missing.pem");
+    let out = check(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let at = format!("{}:1:1: `ca_file`: cannot read ", path.display());
+    assert!(
+        stderr.contains(&at) && stderr.contains("missing.pem"),
+        "{stderr}"
+    );
+    let out = Command::new(common::binary::BIN)
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .expect("run streamgate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&at) && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
+
+/// Pingora's connectors load the system's store of trusted certificates at start (the
+/// files `SSL_CERT_FILE` and `SSL_CERT_DIR` name, when set) and panicked when they could
+/// not: `-t` and the start load it first and end with the reason; a store that loads is
+/// counted by `-t`.
+#[test]
+fn a_system_store_that_cannot_load_ends_the_start_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(
+        dir.path(),
+        common::free_port(),
+        "    url: \"https://feed.internal\"\n",
+    );
+    let run = |args: &[&str], file: &Path, dir: &Path| {
+        Command::new(common::binary::BIN)
+            .args(args)
+            .arg(&path)
+            .env("SSL_CERT_FILE", file)
+            .env("SSL_CERT_DIR", dir)
+            .output()
+            .expect("run streamgate")
+    };
+    let (absent, no_dir) = (dir.path().join("absent.pem"), dir.path().join("absent"));
+    for args in [&["-t", "-c"][..], &["-c"]] {
+        let out = run(args, &absent, &no_dir);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("the system's trusted certificates (SSL_CERT_FILE=")
+                && stderr.contains("absent.pem")
+                && stderr.contains("cannot be loaded")
+                && !stderr.contains("panicked"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let ca = Ca::new();
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).expect("store dir");
+    std::fs::write(dir.path().join("bundle.pem"), ca.pem() + &Ca::new().pem()).expect("bundle");
+    let out = run(&["-t", "-c"], &dir.path().join("bundle.pem"), &store);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("trust the system's store (2 certificates)"),
+        "{stdout}"
+    );
+}
+
 /// Spare connections (`preconnect`) to an https origin: made with their handshake done, kept
 /// although the origin sends session tickets on them unasked, and the next stream goes out
 /// on one without a handshake of its own.
