@@ -87,6 +87,20 @@ impl Config {
                 "each with its own proxy and upstream pool (work stealing off)"
             }
         ));
+        let from: Vec<&str> = [
+            &self.server.client_bind_to_ipv4,
+            &self.server.client_bind_to_ipv6,
+        ]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+        if !from.is_empty() {
+            out.push_str(&format!(
+                "connections to origins are made from: {} (one of the origin's address family, at random)\n",
+                from.join(", ")
+            ));
+        }
         if let Some(grace) = self.server.grace_period_seconds {
             // Pingora's own default for the second part, when the file does not set it.
             let stop = self.server.graceful_shutdown_timeout_seconds.unwrap_or(5);

@@ -3,6 +3,7 @@
 //! [`super::build`] makes into a [`Config`].
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -18,6 +19,7 @@ use crate::listen::LoadedCert;
 use crate::middleware::MiddlewareConfig;
 use crate::sse::SseSettings;
 use crate::state::State;
+use crate::upstream::connect::LocalAddrs;
 use crate::upstream::origin_tls::CaBundle;
 use crate::yaml::{KeyPath, Source};
 
@@ -62,6 +64,7 @@ pub fn from_text(
         )
     })?;
     default_trust(&main, &mut server, base)?;
+    let local = Arc::new(local_addrs(&main, &server)?);
     let parsed: MainFile = main.parse()?;
     let mut sources = vec![main];
     let mut included = Vec::new();
@@ -92,7 +95,7 @@ pub fn from_text(
         Some(sse) => SseSettings::default().overlay(sse),
         None => SseSettings::default(),
     };
-    let services = build::services(&sources, &parts, &global_sse, base, state)?;
+    let services = build::services(&sources, &parts, &global_sse, base, state, &local)?;
     let middlewares = build::middlewares(&sources, &parts, base, state, previous)?;
     let routes = build::routes(
         &sources,
@@ -223,6 +226,32 @@ fn default_trust(main: &Source, server: &mut ServerConf, base: &Path) -> Result<
         .map_err(|why| main.error(KeyPath::root().key("ca_file"), Kind::Invalid(why)))?;
     server.ca_file = Some(path.display().to_string());
     Ok(())
+}
+
+/// Pingora's `client_bind_to_ipv4` and `client_bind_to_ipv6`, the local addresses of
+/// connections to origins: each entry an address of its family, or the entry's line is
+/// the error (Pingora parses them when it builds its connectors at start, and panics on
+/// one that does not parse).
+fn local_addrs(main: &Source, server: &ServerConf) -> Result<LocalAddrs, ConfigError> {
+    let parse = |key: &str, list: &[String], v4: bool| {
+        list.iter()
+            .enumerate()
+            .map(|(i, text)| match text.parse::<IpAddr>() {
+                Ok(ip) if ip.is_ipv4() == v4 => Ok(ip),
+                _ => Err(main.error(
+                    KeyPath::root().key(key).index(i),
+                    Kind::Invalid(format!(
+                        "`{text}` is not an IPv{} address",
+                        if v4 { 4 } else { 6 }
+                    )),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(LocalAddrs {
+        v4: parse("client_bind_to_ipv4", &server.client_bind_to_ipv4, true)?,
+        v6: parse("client_bind_to_ipv6", &server.client_bind_to_ipv6, false)?,
+    })
 }
 
 fn admin(

@@ -26,6 +26,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,33 @@ use crate::net::Tcp;
 pub struct TcpConnect {
     /// The service's connect timeout (Pingora applies it to its own connect only).
     pub timeout: Option<Duration>,
+    /// The local addresses connections are made from.
+    pub local: Arc<LocalAddrs>,
+}
+
+/// The local addresses connections to origins are made from: Pingora's
+/// `client_bind_to_ipv4` and `client_bind_to_ipv6` (which its own connect reads, and this
+/// one, taking its place, must too), one of the origin's address family at random for
+/// each connection, its port the kernel's choice when the connection is made
+/// (`IP_BIND_ADDRESS_NO_PORT`, so that binding does not use up ports as a listener's
+/// bind would); none for a family: the kernel chooses the address too.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct LocalAddrs {
+    pub v4: Vec<IpAddr>,
+    pub v6: Vec<IpAddr>,
+}
+
+impl LocalAddrs {
+    /// The address a connection to `to` is made from, if one is set for its family.
+    fn pick(&self, to: &std::net::SocketAddr) -> Option<std::net::SocketAddr> {
+        let list = if to.is_ipv4() { &self.v4 } else { &self.v6 };
+        let ip = match list.len() {
+            0 => return None,
+            1 => list[0],
+            n => list[fastrand::usize(..n)],
+        };
+        Some(std::net::SocketAddr::new(ip, 0))
+    }
 }
 
 #[async_trait]
@@ -283,6 +311,15 @@ impl TcpConnect {
             Some(Protocol::TCP),
         )
         .or_err(ErrorType::SocketError, "creating a socket to the origin")?;
+        if let Some(local) = self.local.pick(addr) {
+            bind_without_port(&socket, local).map_err(|e| {
+                Error::because(
+                    ErrorType::BindError,
+                    format!("binding the connection to {addr} to {}", local.ip()),
+                    e,
+                )
+            })?;
+        }
         match socket.connect(&(*addr).into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -317,6 +354,30 @@ impl TcpConnect {
     }
 }
 
+/// Binds `socket`, not yet connected, to `local`'s address, its port chosen when it
+/// connects.
+fn bind_without_port(socket: &Socket, local: std::net::SocketAddr) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let on: libc::c_int = 1;
+        // SAFETY: a valid descriptor, and an int option given its size.
+        let set = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if set != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    socket.bind(&local.into())
+}
+
 /// A connect that failed, typed as Pingora types its own (refused, no route, timed out).
 fn failed(e: io::Error, addr: &std::net::SocketAddr) -> Box<Error> {
     let etype = match e.raw_os_error() {
@@ -346,6 +407,7 @@ pub(crate) mod testing {
     pub async fn connected(target: &SocketAddr) -> Result<Stream> {
         TcpConnect {
             timeout: Some(Duration::from_secs(1)),
+            local: Arc::default(),
         }
         .connect(target)
         .await
@@ -358,6 +420,7 @@ pub(crate) mod testing {
         };
         let tcp = TcpConnect {
             timeout: Some(Duration::from_secs(1)),
+            local: Arc::default(),
         };
         let peer = HttpPeer::new(*addr, false, String::new());
         Connector::new(&ServerConf::default())
@@ -397,6 +460,44 @@ mod tests {
         assert_eq!(refused.etype(), &ErrorType::ConnectRefused);
     }
 
+    /// `client_bind_to_ipv4`: a connection is made from one of the addresses given (every
+    /// 127/8 address is the loopback's), and one that is not the host's fails with the
+    /// reason, named a bind error.
+    #[tokio::test]
+    async fn connections_are_made_from_the_local_addresses_given() {
+        let (listener, target) = loopback().await;
+        let SocketAddr::Inet(addr) = target else {
+            unreachable!("a TCP address")
+        };
+        let from = |ips: &[[u8; 4]]| TcpConnect {
+            timeout: Some(Duration::from_secs(1)),
+            local: Arc::new(LocalAddrs {
+                v4: ips.iter().map(|ip| IpAddr::from(*ip)).collect(),
+                v6: Vec::new(),
+            }),
+        };
+        let locals = [[127, 0, 0, 2], [127, 0, 0, 3]];
+        let tcp = from(&locals);
+        let peer = HttpPeer::new(addr, false, String::new());
+        let connector = Connector::new(&ServerConf::default());
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..32 {
+            let _stream = connector.connect(&peer, &tcp).await.expect("connects");
+            let (_, client) = listener.accept().await.expect("accept");
+            seen.insert(client.ip());
+        }
+        let expected = locals.iter().map(|ip| IpAddr::from(*ip)).collect();
+        assert_eq!(seen, expected, "each of the addresses, and only they");
+
+        let tcp = from(&[[192, 0, 2, 1]]);
+        let Err(e) = connector.connect(&peer, &tcp).await else {
+            panic!("connected from an address not the host's")
+        };
+        assert_eq!(e.etype, ErrorType::BindError);
+        let reason = e.to_string();
+        assert!(reason.contains("to 192.0.2.1"), "{reason}");
+    }
+
     /// A plain peer is connected here, set up as Pingora's connector sets up its own
     /// (`TCP_NODELAY` on), as the socket alone: no digest, nothing of Pingora's L4 stream,
     /// which each event stream would hold; a failure keeps its type.
@@ -408,6 +509,7 @@ mod tests {
         };
         let tcp = TcpConnect {
             timeout: Some(Duration::from_secs(1)),
+            local: Arc::default(),
         };
         let peer = HttpPeer::new(addr, false, String::new());
         let connector = Connector::new(&ServerConf::default());
@@ -444,6 +546,7 @@ mod tests {
         let peer = HttpPeer::new(addr, false, String::new());
         let tcp = Arc::new(TcpConnect {
             timeout: Some(Duration::from_secs(1)),
+            local: Arc::default(),
         });
         let connector = Connector::new(&ServerConf::default());
         let key = peer.reuse_hash();

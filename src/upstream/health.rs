@@ -7,12 +7,15 @@
 //! passive_health: { failures: 3, cooldown: 10s }
 //! ```
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use pingora_core::upstreams::peer::PeerOptions;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
 use serde::Deserialize;
 
+use super::connect::{LocalAddrs, TcpConnect};
 use super::origin_tls::OriginTls;
 use super::service::ServiceUrl;
 use crate::values::Dur;
@@ -71,13 +74,26 @@ pub struct PassiveHealthFile {
 /// A setting of `health_check:` that cannot be used: the key and why.
 pub type CheckError = (&'static str, String);
 
+/// With local addresses set, a check connects through streamgate's connect, which binds
+/// to them, instead of Pingora's, which a check's connector would make from none.
+fn from_local(options: &mut PeerOptions, timeout: Duration, local: &Arc<LocalAddrs>) {
+    if *local.as_ref() != LocalAddrs::default() {
+        options.custom_l4 = Some(Arc::new(TcpConnect {
+            timeout: Some(timeout),
+            local: local.clone(),
+        }));
+    }
+}
+
 impl HealthCheckFile {
     /// The active check this block asks for against `url` (over TLS with `tls`), and how
     /// often it runs.
+    /// Checks connect from one of the `local` addresses, as the service's requests do.
     pub fn build(
         &self,
         url: &ServiceUrl,
         tls: Option<&OriginTls>,
+        local: &Arc<LocalAddrs>,
     ) -> Result<(Box<dyn HealthCheck + Send + Sync>, Duration), CheckError> {
         let threshold = |value: Option<usize>, default: usize, key: &'static str| match value {
             Some(0) => Err((key, "at least 1".to_string())),
@@ -100,6 +116,7 @@ impl HealthCheckFile {
                 check.consecutive_failure = unhealthy;
                 check.peer_template.options.connection_timeout = Some(timeout);
                 check.peer_template.options.total_connection_timeout = Some(timeout);
+                from_local(&mut check.peer_template.options, timeout, local);
                 check
             }
             HealthCheckKind::Http => {
@@ -126,6 +143,7 @@ impl HealthCheckFile {
                 check.peer_template.options.connection_timeout = Some(timeout);
                 check.peer_template.options.total_connection_timeout = Some(timeout);
                 check.peer_template.options.read_timeout = Some(timeout);
+                from_local(&mut check.peer_template.options, timeout, local);
                 check.validator = Some(Box::new(|resp: &ResponseHeader| {
                     let status = resp.status.as_u16();
                     if (200..400).contains(&status) {

@@ -31,7 +31,7 @@ use pingora_load_balancing::health_check::HealthCheck;
 
 use super::affinity::Affinity;
 use super::balancing::{Algorithm, HashKey};
-use super::connect::TcpConnect;
+use super::connect::{LocalAddrs, TcpConnect};
 use super::discovery::{static_discovery, SystemResolver};
 use super::endpoints::{Endpoints, Lease, Timing, Unavailable};
 use super::health::PassiveHealth;
@@ -274,6 +274,9 @@ pub struct Service {
     /// What the config's author should know about this service although it is valid
     /// (file, line, key and why), for `-t` and the log.
     pub warnings: Vec<String>,
+    /// The local addresses its connections are made from (the top-level
+    /// `client_bind_to_ipv4` and `client_bind_to_ipv6`).
+    pub local_addrs: Arc<LocalAddrs>,
     /// The connect every peer of this service uses, made at the first request (after the
     /// config has set `timeouts`), shared by the rest.
     connect: OnceLock<Arc<TcpConnect>>,
@@ -317,6 +320,7 @@ impl Service {
             tls: None,
             affinity: None,
             warnings: Vec::new(),
+            local_addrs: Arc::default(),
             connect: OnceLock::new(),
         }
     }
@@ -427,6 +431,7 @@ impl Service {
         self.connect.get_or_init(|| {
             Arc::new(TcpConnect {
                 timeout: self.timeouts.connect,
+                local: self.local_addrs.clone(),
             })
         })
     }

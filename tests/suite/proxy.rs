@@ -141,6 +141,106 @@ async fn refused_connection_is_a_502_naming_the_service() {
     assert!(body.contains("refused"), "{body}");
 }
 
+/// `client_bind_to_ipv4` (Pingora's, read by streamgate's own connect, which takes the
+/// place of Pingora's): every connection to an origin is made from one of the addresses
+/// given, for plain requests and event streams alike; an address that is not the host's
+/// is a 502 with the reason; an entry that is not an address of its family is refused
+/// with its file, line and key (Pingora's connector panicked on it at start).
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_to_origins_are_made_from_client_bind_to_ipv4() {
+    let (from_tx, mut from) = tokio::sync::mpsc::unbounded_channel();
+    let origin = Origin::start(move |head, mut conn| {
+        let from_tx = from_tx.clone();
+        async move {
+            let peer = conn.reader.get_ref().peer_addr().expect("peer");
+            let _ = from_tx.send((head.target.clone(), peer.ip()));
+            if head.header("accept") == Some("text/event-stream") {
+                let _ = conn.sse_head().await;
+                let _ = conn.chunk("data: one\n\n").await;
+                let _ = conn.end().await;
+            } else {
+                let _ = conn.respond(200, "ok").await;
+            }
+            After::Close
+        }
+    })
+    .await;
+    let routes = format!(
+        "services:\n  o:\n    url: \"{}\"\n    health_check: {{ path: /health, interval: 200ms }}\n\
+         host_rules:\n  - {{ pattern: \"*\", target: o }}\n",
+        origin.url()
+    );
+    let proxy = Proxy::start(&format!(
+        "client_bind_to_ipv4: [\"127.0.0.2\", \"127.0.0.3\"]\n{routes}"
+    ))
+    .await;
+    for _ in 0..32 {
+        assert_eq!(get(&proxy, "h", "/plain").await, (200, "ok".into()));
+    }
+    let response = common::sse_get(proxy.url("/events")).await;
+    let mut events = common::Events::new(response);
+    assert_eq!(events.next().await.as_deref(), Some("data: one"));
+    let expected: std::collections::HashSet<std::net::IpAddr> = ["127.0.0.2", "127.0.0.3"]
+        .map(|ip| ip.parse().expect("ip"))
+        .into();
+    let mut seen = std::collections::HashMap::<String, std::collections::HashSet<_>>::new();
+    // The requests' connections, and the health checks' (every 200 ms) from both too.
+    common::guard("the health checks from both addresses", async {
+        while seen.get("/health") != Some(&expected) || seen.len() < 3 {
+            let (target, ip) = from.recv().await.expect("a connection");
+            seen.entry(target).or_default().insert(ip);
+        }
+    })
+    .await;
+    assert_eq!(seen["/plain"], expected, "from each address given");
+    assert!(
+        seen.values().all(|ips| ips.is_subset(&expected)),
+        "{seen:?}"
+    );
+
+    let bound = format!("client_bind_to_ipv4: [\"127.0.0.2\", \"127.0.0.3\"]\n{routes}");
+    let described = streamgate::Config::from_text(
+        std::path::Path::new("t.yaml"),
+        &bound,
+        std::path::Path::new("."),
+    )
+    .expect("loads")
+    .describe();
+    assert!(
+        described.contains("connections to origins are made from: 127.0.0.2, 127.0.0.3 "),
+        "{described}"
+    );
+
+    let unchecked = routes.replace("    health_check: { path: /health, interval: 200ms }\n", "");
+    let away = Proxy::start(&format!(
+        "client_bind_to_ipv4: [\"192.0.2.1\"]\n{unchecked}"
+    ))
+    .await;
+    let (status, body) = get(&away, "h", "/").await;
+    assert_eq!(status, 502, "{body}");
+    let reason = format!(
+        "service `o`: binding the connection to {} to 192.0.2.1: ",
+        origin.addr
+    );
+    assert!(body.contains(&reason), "{body}");
+
+    for (key, good, value) in [
+        ("client_bind_to_ipv4", "127.0.0.9", "10.0.0.300"),
+        ("client_bind_to_ipv4", "127.0.0.9", "::1"),
+        ("client_bind_to_ipv6", "::1", "127.0.0.1"),
+    ] {
+        let error = common::config_error(&format!("{key}: [\"{good}\", \"{value}\"]\n"));
+        assert!(
+            error.contains("test.yaml:1:") && error.contains(&format!("`{key}[1]`")),
+            "{error}"
+        );
+        assert!(
+            error.contains(&format!("`{value}` is not an IPv")),
+            "{error}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn silent_origin_is_a_504_naming_the_service() {
     let origin = Origin::start(|_, mut conn| async move {

@@ -13,6 +13,7 @@ use crate::error::{ConfigError, ConfigErrorKind as Kind};
 use crate::middleware::size_limit::ByteSize;
 use crate::sse::SseSettings;
 use crate::state::State;
+use crate::upstream::connect::LocalAddrs;
 use crate::upstream::discovery::{self, DiscoveryFile};
 use crate::upstream::endpoints::Timing;
 use crate::upstream::origin_tls::{self, CaBundle, OriginTls};
@@ -28,6 +29,7 @@ pub fn services(
     global_sse: &SseSettings,
     base: &Path,
     state: &State,
+    local: &Arc<LocalAddrs>,
 ) -> Result<BTreeMap<String, Arc<Service>>, ConfigError> {
     let mut services = BTreeMap::new();
     let mut defined_in: BTreeMap<String, usize> = BTreeMap::new();
@@ -46,7 +48,11 @@ pub fn services(
             }
             // Paths in a service (`tls.ca_file`) are relative to the file defining it.
             let dir = dir_of(sources, src, base);
-            let built = service(&sources[src], &path, name, file, global_sse, dir, state)?;
+            let defaults = Defaults {
+                sse: global_sse,
+                local,
+            };
+            let built = service(&sources[src], &path, name, file, &defaults, dir, state)?;
             defined_in.insert(name.clone(), src);
             services.insert(name.clone(), Arc::new(built));
         }
@@ -76,12 +82,20 @@ fn timeouts(file: Option<&TimeoutsFile>) -> Timeouts {
     }
 }
 
+/// What a service takes from the top level of the config.
+struct Defaults<'a> {
+    /// The top-level `sse` settings, which the service's own overlay.
+    sse: &'a SseSettings,
+    /// The local addresses of connections to origins (`client_bind_to_ipv4`/`_ipv6`).
+    local: &'a Arc<LocalAddrs>,
+}
+
 fn service(
     source: &Source,
     path: &KeyPath,
     name: &str,
     file: &ServiceFile,
-    global_sse: &SseSettings,
+    defaults: &Defaults<'_>,
     dir: &Path,
     state: &State,
 ) -> Result<Service, ConfigError> {
@@ -120,8 +134,8 @@ fn service(
         })?),
     };
     let sse = match &file.sse {
-        Some(sse) => global_sse.overlay(sse),
-        None => *global_sse,
+        Some(sse) => defaults.sse.overlay(sse),
+        None => *defaults.sse,
     };
     let algorithm = file.load_balancing.unwrap_or(if sse.enabled {
         Algorithm::LeastConnections
@@ -145,7 +159,7 @@ fn service(
     let health = file
         .health_check
         .as_ref()
-        .map(|check| check.build(&url, tls.as_ref()))
+        .map(|check| check.build(&url, tls.as_ref(), defaults.local))
         .transpose()
         .map_err(|(key, why)| {
             source.error(path.key("health_check").key(key), Kind::Invalid(why))
@@ -197,6 +211,7 @@ fn service(
         &state.metrics,
     )
     .with_tls(tls);
+    service.local_addrs = defaults.local.clone();
     service.host_header = host_header;
     service.timeouts = timeouts(file.timeouts.as_ref());
     service.hash_key = file.hash_key.clone().unwrap_or(HashKey::ClientIp);
