@@ -64,6 +64,7 @@ pub fn from_text(
         )
     })?;
     default_trust(&main, &mut server, base)?;
+    upgrade_paths(&main, &server)?;
     let local = Arc::new(local_addrs(&main, &server)?);
     let parsed: MainFile = main.parse()?;
     let mut sources = vec![main];
@@ -225,6 +226,43 @@ fn default_trust(main: &Source, server: &mut ServerConf, base: &Path) -> Result<
     CaBundle::load(&path)
         .map_err(|why| main.error(KeyPath::root().key("ca_file"), Kind::Invalid(why)))?;
     server.ca_file = Some(path.display().to_string());
+    Ok(())
+}
+
+/// The files Pingora makes in the middle of an upgrade or a start as a daemon: the
+/// `upgrade_sock`, which a new process (`-u`) listens on for the old one's sockets, and
+/// the `pid_file` (written with `daemon` or `-d`, and read to find the old process).
+/// Pingora finds a missing directory only then: the new process panics, and the old one,
+/// told to hand over, gives up and shuts down with no one taking its listeners. So a
+/// directory that is not there is refused at load, with the line.
+fn upgrade_paths(main: &Source, server: &ServerConf) -> Result<(), ConfigError> {
+    for (key, file, fails) in [
+        (
+            "upgrade_sock",
+            &server.upgrade_sock,
+            "a `-u` upgrade would fail, and the old process exit with no one taking its \
+             listeners",
+        ),
+        (
+            "pid_file",
+            &server.pid_file,
+            "`-d` could not write it, nor an upgrade find the old process",
+        ),
+    ] {
+        let dir = match Path::new(file).parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(main.error(
+                KeyPath::root().key(key),
+                Kind::Invalid(format!(
+                    "{file}: the directory {} does not exist: {fails}",
+                    dir.display()
+                )),
+            ));
+        }
+    }
     Ok(())
 }
 

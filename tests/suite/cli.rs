@@ -76,6 +76,18 @@ fn broken_configs_fail_the_check_naming_file_line_and_key() {
             "services:\n  w:\n    url: \"127.0.0.1:80\"\n",
             ":3:5: `services.w.url`: invalid service URL",
         ),
+        (
+            "upgrade.yaml",
+            "threads: 1\nupgrade_sock: /nonexistent-streamgate/u.sock\n",
+            ":2:1: `upgrade_sock`: /nonexistent-streamgate/u.sock: the directory \
+             /nonexistent-streamgate does not exist: a `-u` upgrade would fail",
+        ),
+        (
+            "pid.yaml",
+            "pid_file: /nonexistent-streamgate/s.pid\n",
+            ":1:1: `pid_file`: /nonexistent-streamgate/s.pid: the directory \
+             /nonexistent-streamgate does not exist",
+        ),
     ];
     for (name, text, expected) in cases {
         let file = dir.path().join(name);
