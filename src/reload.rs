@@ -43,8 +43,9 @@ impl Reloader {
 pub struct Reloaded {
     pub config: Arc<Config>,
     /// Settings that changed in the files but keep their old values until a restart or a
-    /// `-u` upgrade: `listen`, `http2`, `threads`, `demo`, `admin`. (Certificates do change.)
-    pub not_applied: Vec<&'static str>,
+    /// `-u` upgrade: `listen`, `http2`, `threads`, `demo`, `admin`, and Pingora's settings
+    /// but the local addresses of origin connections. (Certificates do change.)
+    pub not_applied: Vec<String>,
     pub loaded: Vec<String>,
     pub unloaded: Vec<String>,
 }
@@ -85,9 +86,12 @@ fn read(old: &Config) -> Result<Arc<Config>, ConfigError> {
     })
 }
 
+/// Pingora's settings that a reload does apply (`threads` is told apart above).
+const APPLIED_AT_RELOAD: [&str; 3] = ["client_bind_to_ipv4", "client_bind_to_ipv6", "threads"];
+
 /// Makes `new` the live config in place of `old`.
 fn swap_in(current: &ArcSwap<Config>, old: Arc<Config>, new: Arc<Config>) -> Reloaded {
-    let not_applied: Vec<&'static str> = [
+    let mut not_applied: Vec<String> = [
         ("listen", new.listeners != old.listeners),
         ("http2", new.http2 != old.http2),
         ("threads", new.threads != old.threads),
@@ -95,8 +99,19 @@ fn swap_in(current: &ArcSwap<Config>, old: Arc<Config>, new: Arc<Config>) -> Rel
         ("admin", new.admin != old.admin),
     ]
     .into_iter()
-    .filter_map(|(key, changed)| changed.then_some(key))
+    .filter(|(_, changed)| *changed)
+    .map(|(key, _)| key.to_string())
     .collect();
+    // Pingora reads its settings once, as the server starts; streamgate's own connect
+    // reads the local addresses of origin connections from each config.
+    not_applied.extend(
+        new.pingora
+            .iter()
+            .filter(|(key, value)| old.pingora.get(*key) != Some(*value))
+            .filter_map(|(key, _)| key.as_str())
+            .filter(|key| !APPLIED_AT_RELOAD.contains(key))
+            .map(str::to_string),
+    );
     if !not_applied.is_empty() {
         log::warn!(
             "config reload: [{}] cannot change in a running process; they stay as they were \

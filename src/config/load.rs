@@ -174,6 +174,10 @@ pub fn from_text(
         version,
         loaded_at: SystemTime::now(),
         threads: server.threads,
+        pingora: match serde_yaml::to_value(&server) {
+            Ok(serde_yaml::Value::Mapping(settings)) => settings,
+            _ => serde_yaml::Mapping::new(),
+        },
         server,
         listen: listeners.listeners.iter().map(|l| l.addr).collect(),
         listeners: listeners.listeners,
