@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::binary::{exited, signal, start_binary, wait_listening, Running, BIN};
+use common::binary::{exited, signal, start_binary, succeeded, wait_listening, Running, BIN};
 use common::resume::{contiguous, counting_origin, Resumer};
 use common::{client, eventually, free_port, guard, read_until, server_side, Events};
 use tokio::io::AsyncWriteExt;
@@ -739,12 +739,7 @@ fn the_image_serves_the_production_config_and_checks_it_with_dash_t() {
     let entrypoint = dockerfile_command("ENTRYPOINT", &production);
     // `docker run IMAGE -t`
     let out = run(&entrypoint, &["-t"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     assert!(
         stdout.contains(&format!("configuration ok: {}", production.display())),
         "{stdout}"

@@ -6,6 +6,7 @@
 //! accepts an untrusted certificate; `-t` shows the https URL and refuses a missing CA file.
 
 use crate::common;
+use common::binary::succeeded;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -452,12 +453,7 @@ async fn the_top_level_ca_file_is_the_trust_of_services_without_one() {
 
     let path = config("ca.pem");
     let out = check(&path);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     let expected = format!("trust ca_file {}", dir.path().join("ca.pem").display());
     assert!(stdout.contains(&expected), "{stdout}");
     let proxy = Proxy::start_file(&path).await;
@@ -535,12 +531,7 @@ fn a_system_store_that_cannot_load_ends_the_start_with_the_reason() {
     std::fs::create_dir(&store).expect("store dir");
     std::fs::write(dir.path().join("bundle.pem"), ca.pem() + &Ca::new().pem()).expect("bundle");
     let out = run(&["-t", "-c"], &dir.path().join("bundle.pem"), &store);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     assert!(
         stdout.contains("trust the system's store (2 certificates)"),
         "{stdout}"

@@ -4,6 +4,7 @@
 //! certificates renewed on disk, broken ones refused, and `-t`'s certificate report.
 
 use crate::common;
+use common::binary::succeeded;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -828,12 +829,7 @@ fn dash_t_reports_certificates_and_refuses_mismatched_keys() {
             .expect("run streamgate -t")
     };
     let out = check();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     assert!(
         stdout.contains("names: example.test, *.example.test"),
         "{stdout}"

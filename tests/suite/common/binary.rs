@@ -2,7 +2,7 @@
 //! exit.
 
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{client, guard};
@@ -18,6 +18,17 @@ impl Drop for Running {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The standard output of a run of the binary that must have succeeded (its standard
+/// error is the failure's message otherwise).
+pub fn succeeded(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Sends `sig` (`-TERM`, `-QUIT`, ...) to process `pid`.
