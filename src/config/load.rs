@@ -234,25 +234,33 @@ fn default_trust(main: &Source, server: &mut ServerConf, base: &Path) -> Result<
 }
 
 /// The files Pingora makes in the middle of an upgrade or a start as a daemon: the
-/// `upgrade_sock`, which a new process (`-u`) listens on for the old one's sockets, and
-/// the `pid_file` (written with `daemon` or `-d`, and read to find the old process).
+/// `upgrade_sock`, which a new process (`-u`) listens on for the old one's sockets, the
+/// `pid_file` (written with `daemon` or `-d`, and read to find the old process) and the
+/// `error_log` (opened with `-d`).
 /// Pingora finds a missing directory only then: the new process panics, and the old one,
 /// told to hand over, gives up and shuts down with no one taking its listeners. So a
 /// directory that is not there is refused at load, with the line.
 fn upgrade_paths(main: &Source, server: &ServerConf) -> Result<(), ConfigError> {
-    for (key, file, fails) in [
+    let files = [
         (
             "upgrade_sock",
-            &server.upgrade_sock,
+            Some(&server.upgrade_sock),
             "a `-u` upgrade would fail, and the old process exit with no one taking its \
              listeners",
         ),
         (
             "pid_file",
-            &server.pid_file,
+            Some(&server.pid_file),
             "`-d` could not write it, nor an upgrade find the old process",
         ),
-    ] {
+        (
+            "error_log",
+            server.error_log.as_ref(),
+            "`-d` could not open it (Pingora panics)",
+        ),
+    ];
+    for (key, file, fails) in files {
+        let Some(file) = file else { continue };
         let dir = match Path::new(file).parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir,
             _ => Path::new("."),

@@ -88,6 +88,12 @@ fn broken_configs_fail_the_check_naming_file_line_and_key() {
             ":1:1: `pid_file`: /nonexistent-streamgate/s.pid: the directory \
              /nonexistent-streamgate does not exist",
         ),
+        (
+            "log.yaml",
+            "error_log: /nonexistent-streamgate/e.log\n",
+            ":1:1: `error_log`: /nonexistent-streamgate/e.log: the directory \
+             /nonexistent-streamgate does not exist: `-d` could not open it",
+        ),
     ];
     for (name, text, expected) in cases {
         let file = dir.path().join(name);
