@@ -298,10 +298,10 @@ fn local_addrs(main: &Source, server: &ServerConf) -> Result<LocalAddrs, ConfigE
             })
             .collect::<Result<Vec<_>, _>>()
     };
-    Ok(LocalAddrs {
-        v4: parse("client_bind_to_ipv4", &server.client_bind_to_ipv4, true)?,
-        v6: parse("client_bind_to_ipv6", &server.client_bind_to_ipv6, false)?,
-    })
+    Ok(LocalAddrs::new(
+        parse("client_bind_to_ipv4", &server.client_bind_to_ipv4, true)?,
+        parse("client_bind_to_ipv6", &server.client_bind_to_ipv6, false)?,
+    ))
 }
 
 fn admin(

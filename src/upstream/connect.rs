@@ -62,11 +62,35 @@ pub struct TcpConnect {
 /// bind would); none for a family: the kernel chooses the address too.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct LocalAddrs {
-    pub v4: Vec<IpAddr>,
-    pub v6: Vec<IpAddr>,
+    v4: Vec<IpAddr>,
+    v6: Vec<IpAddr>,
+    /// A hash of both lists (0 when both are empty), for the pool: see [`LocalAddrs::key`].
+    key: u64,
 }
 
 impl LocalAddrs {
+    pub fn new(v4: Vec<IpAddr>, v6: Vec<IpAddr>) -> LocalAddrs {
+        use std::hash::{Hash, Hasher};
+        let key = if v4.is_empty() && v6.is_empty() {
+            0
+        } else {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            (&v4, &v6).hash(&mut hasher);
+            hasher.finish()
+        };
+        LocalAddrs { v4, v6, key }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    /// Mixed into a peer's pool group, so that a connection made from other addresses (a
+    /// reload changed them) is not taken from the pool for a request made with these.
+    pub fn key(&self) -> u64 {
+        self.key
+    }
+
     /// The address a connection to `to` is made from, if one is set for its family.
     fn pick(&self, to: &std::net::SocketAddr) -> Option<std::net::SocketAddr> {
         let list = if to.is_ipv4() { &self.v4 } else { &self.v6 };
@@ -471,10 +495,10 @@ mod tests {
         };
         let from = |ips: &[[u8; 4]]| TcpConnect {
             timeout: Some(Duration::from_secs(1)),
-            local: Arc::new(LocalAddrs {
-                v4: ips.iter().map(|ip| IpAddr::from(*ip)).collect(),
-                v6: Vec::new(),
-            }),
+            local: Arc::new(LocalAddrs::new(
+                ips.iter().map(|ip| IpAddr::from(*ip)).collect(),
+                Vec::new(),
+            )),
         };
         let locals = [[127, 0, 0, 2], [127, 0, 0, 3]];
         let tcp = from(&locals);

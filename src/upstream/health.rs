@@ -77,7 +77,7 @@ pub type CheckError = (&'static str, String);
 /// With local addresses set, a check connects through streamgate's connect, which binds
 /// to them, instead of Pingora's, which a check's connector would make from none.
 fn from_local(options: &mut PeerOptions, timeout: Duration, local: &Arc<LocalAddrs>) {
-    if *local.as_ref() != LocalAddrs::default() {
+    if !local.is_empty() {
         options.custom_l4 = Some(Arc::new(TcpConnect {
             timeout: Some(timeout),
             local: local.clone(),

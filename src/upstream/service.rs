@@ -449,6 +449,7 @@ impl Service {
         if let Some(tls) = &self.tls {
             tls.apply(&mut peer);
         }
+        peer.group_key ^= self.local_addrs.key();
         let options = &mut peer.options;
         options.connection_timeout = self.timeouts.connect;
         options.custom_l4 = Some(self.tcp().clone());
@@ -624,6 +625,35 @@ mod tests {
         assert!(Arc::ptr_eq(&connect(&one), &connect(&two)));
         let shown = format!("{:?}", connect(&one));
         assert!(shown.contains("250ms"), "{shown}");
+    }
+
+    /// Connections made from other local addresses (`client_bind_to_ipv4`, changed by a
+    /// reload) are pooled apart: a peer's pool key follows the addresses; none set keeps
+    /// the key a service without them has.
+    #[test]
+    fn the_local_addresses_are_part_of_the_pool_key() {
+        use pingora_core::upstreams::peer::Peer;
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let key = |local: Option<[u8; 4]>| {
+            let mut service = Service::for_tests("t");
+            if let Some(ip) = local {
+                service.local_addrs = Arc::new(LocalAddrs::new(vec![ip.into()], Vec::new()));
+            }
+            service.peer(addr, None).reuse_hash()
+        };
+        let (none, two, three) = (
+            key(None),
+            key(Some([127, 0, 0, 2])),
+            key(Some([127, 0, 0, 3])),
+        );
+        assert_ne!(two, three);
+        assert_ne!(none, two);
+        assert_eq!(
+            key(Some([127, 0, 0, 2])),
+            two,
+            "the same addresses, the same key"
+        );
+        assert_eq!(Service::for_tests("t").peer(addr, None).reuse_hash(), none);
     }
 
     #[tokio::test]
