@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use pingora_core::server::configuration::Opt;
 use streamgate::diagnose::{self, Invocation};
-use streamgate::{build_server, upstream, Config};
+use streamgate::{build_server, Config};
 
 fn main() -> ExitCode {
     streamgate::logging::init();
@@ -29,33 +29,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Pingora's connectors load the trust of https origins as the server starts, and
-    // panic when they cannot: checked here first, with the reason.
-    let trust = match &config.server.ca_file {
-        Some(file) => format!("ca_file {file}"),
-        None => match upstream::origin_tls::system_trust() {
-            Ok(0) => {
-                let verified = config.services.values().filter(|s| {
-                    s.tls
-                        .as_ref()
-                        .is_some_and(|tls| tls.verify && tls.ca.is_none())
-                });
-                for service in verified {
-                    log::warn!(
-                        "service `{}`: the system's store of trusted certificates is empty: \
-                         its origin's certificate cannot be verified (give it a `tls.ca_file`)",
-                        service.name
-                    );
-                }
-                "the system's store (empty)".to_string()
-            }
-            Ok(1) => "the system's store (1 certificate)".to_string(),
-            Ok(n) => format!("the system's store ({n} certificates)"),
-            Err(e) => {
-                eprintln!("streamgate: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
+    let trust = match config.default_trust() {
+        Ok(trust) => trust,
+        Err(e) => {
+            eprintln!("streamgate: {e}");
+            return ExitCode::FAILURE;
+        }
     };
     if opt.test {
         let files: Vec<String> = config

@@ -146,6 +146,36 @@ impl Config {
         load::from_file(path, &State::new(), &BTreeMap::new())
     }
 
+    /// What https origins without a `ca_file` of their own trust, for `-t`: the top-level
+    /// `ca_file` (checked as it loaded), or the system's store, loaded here. Pingora's
+    /// connectors load it as the server starts and panic when they cannot, so the start
+    /// calls this first and ends with its error. An empty store is warned about for each
+    /// service verified against it.
+    pub fn default_trust(&self) -> Result<String, String> {
+        if let Some(file) = &self.server.ca_file {
+            return Ok(format!("ca_file {file}"));
+        }
+        Ok(match crate::upstream::origin_tls::system_trust()? {
+            0 => {
+                let verified = self.services.values().filter(|s| {
+                    s.tls
+                        .as_ref()
+                        .is_some_and(|tls| tls.verify && tls.ca.is_none())
+                });
+                for service in verified {
+                    log::warn!(
+                        "service `{}`: the system's store of trusted certificates is empty: \
+                         its origin's certificate cannot be verified (give it a `tls.ca_file`)",
+                        service.name
+                    );
+                }
+                "the system's store (empty)".to_string()
+            }
+            1 => "the system's store (1 certificate)".to_string(),
+            n => format!("the system's store ({n} certificates)"),
+        })
+    }
+
     /// The embedded default config, for a new server.
     pub fn embedded() -> Result<Config, ConfigError> {
         load::from_text(
