@@ -155,7 +155,9 @@ impl Config {
         if let Some(file) = &self.server.ca_file {
             return Ok(format!("ca_file {file}"));
         }
-        Ok(match crate::upstream::origin_tls::system_trust()? {
+        let loaded = crate::upstream::origin_tls::system_trust()
+            .map_err(|e| format!("{e}, or set the top-level `ca_file`"))?;
+        Ok(match loaded {
             0 => {
                 let verified = self.services.values().filter(|s| {
                     s.tls

@@ -141,8 +141,7 @@ pub fn system_trust() -> Result<usize, String> {
                 )
             };
             Err(format!(
-                "the system's trusted certificates{from} cannot be loaded: {cause}; {fix}, \
-                 or set the top-level `ca_file`"
+                "the system's trusted certificates{from} cannot be loaded: {cause}; {fix}"
             ))
         }
     }

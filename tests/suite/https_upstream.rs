@@ -526,7 +526,32 @@ fn a_system_store_that_cannot_load_ends_the_start_with_the_reason() {
             "{args:?}: {stderr}"
         );
     }
+    // Pingora's health checks load the system's store whatever the top-level `ca_file`
+    // (their connectors take no options): a service with one names its key.
     let ca = Ca::new();
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write CA");
+    let checked = dir.path().join("checked.yaml");
+    std::fs::write(
+        &checked,
+        "ca_file: ca.pem\nservices:\n  feed:\n    url: \"http://127.0.0.1:1\"\n    \
+         health_check: { type: tcp }\n",
+    )
+    .expect("write config");
+    let out = Command::new(common::binary::BIN)
+        .args(["-t", "-c"])
+        .arg(&checked)
+        .env("SSL_CERT_FILE", &absent)
+        .env("SSL_CERT_DIR", &no_dir)
+        .output()
+        .expect("run streamgate -t");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("checked.yaml:5:5: `services.feed.health_check`: the system's trusted")
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+
     let store = dir.path().join("store");
     std::fs::create_dir(&store).expect("store dir");
     std::fs::write(dir.path().join("bundle.pem"), ca.pem() + &Ca::new().pem()).expect("bundle");

@@ -156,6 +156,13 @@ fn service(
         .map_err(|(key, why)| {
             source.error(path.key("passive_health").key(key), Kind::Invalid(why))
         })?;
+    if file.health_check.is_some() {
+        // Pingora's checks each build a connector, which loads the system's store of
+        // trusted certificates (whatever the top-level `ca_file`) and panics when it
+        // cannot: loaded first here, its failure this key's error.
+        origin_tls::system_trust()
+            .map_err(|why| source.error(path.key("health_check"), Kind::Invalid(why)))?;
+    }
     let health = file
         .health_check
         .as_ref()
