@@ -86,15 +86,14 @@ fn read(old: &Config) -> Result<Arc<Config>, ConfigError> {
     })
 }
 
-/// Pingora's settings that a reload does apply (`threads` is told apart above).
-const APPLIED_AT_RELOAD: [&str; 3] = ["client_bind_to_ipv4", "client_bind_to_ipv6", "threads"];
+/// Pingora's settings that a reload does apply: streamgate's own connect reads them.
+const APPLIED_AT_RELOAD: [&str; 2] = ["client_bind_to_ipv4", "client_bind_to_ipv6"];
 
 /// Makes `new` the live config in place of `old`.
 fn swap_in(current: &ArcSwap<Config>, old: Arc<Config>, new: Arc<Config>) -> Reloaded {
     let mut not_applied: Vec<String> = [
         ("listen", new.listeners != old.listeners),
         ("http2", new.http2 != old.http2),
-        ("threads", new.threads != old.threads),
         ("demo", new.demo != old.demo),
         ("admin", new.admin != old.admin),
     ]
@@ -102,8 +101,7 @@ fn swap_in(current: &ArcSwap<Config>, old: Arc<Config>, new: Arc<Config>) -> Rel
     .filter(|(_, changed)| *changed)
     .map(|(key, _)| key.to_string())
     .collect();
-    // Pingora reads its settings once, as the server starts; streamgate's own connect
-    // reads the local addresses of origin connections from each config.
+    // Pingora reads its settings once, as the server starts.
     not_applied.extend(
         new.pingora
             .iter()

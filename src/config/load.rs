@@ -63,7 +63,7 @@ pub fn from_text(
             Kind::Invalid(format!("Pingora server setting: {e}")),
         )
     })?;
-    default_trust(&main, &mut server, base)?;
+    top_level_ca_file(&main, &mut server, base)?;
     upgrade_paths(&main, &server)?;
     let local = Arc::new(local_addrs(&main, &server)?);
     let parsed: MainFile = main.parse()?;
@@ -173,7 +173,6 @@ pub fn from_text(
         files,
         version,
         loaded_at: SystemTime::now(),
-        threads: server.threads,
         pingora: match serde_yaml::to_value(&server) {
             Ok(serde_yaml::Value::Mapping(settings)) => settings,
             _ => serde_yaml::Mapping::new(),
@@ -215,14 +214,16 @@ fn sse_middleware_periods(parts: &[Parts]) -> Vec<std::time::Duration> {
         .collect()
 }
 
-/// `admin:`; an address other machines can reach needs a token. The token is inline, or
-/// read from an environment variable or a file, each checked here.
 /// Pingora's top-level `ca_file`, the trust of https services without a `ca_file` of their
 /// own: relative to the main file (as every path in the config is), and loaded and checked
 /// as a service's bundle is. Pingora reads it in each connector it builds at start and
 /// panics on a file it cannot load, so a missing or broken one is refused here, with its
 /// line, at start and by `-t`.
-fn default_trust(main: &Source, server: &mut ServerConf, base: &Path) -> Result<(), ConfigError> {
+fn top_level_ca_file(
+    main: &Source,
+    server: &mut ServerConf,
+    base: &Path,
+) -> Result<(), ConfigError> {
     let Some(ca_file) = &server.ca_file else {
         return Ok(());
     };
@@ -304,6 +305,8 @@ fn local_addrs(main: &Source, server: &ServerConf) -> Result<LocalAddrs, ConfigE
     ))
 }
 
+/// `admin:`; an address other machines can reach needs a token. The token is inline, or
+/// read from an environment variable or a file, each checked here.
 fn admin(
     main: &Source,
     file: Option<&file::AdminFile>,

@@ -60,10 +60,9 @@ pub struct Config {
     pub loaded_at: SystemTime,
     /// Pingora's own settings from the main file. [`crate::build_server`] takes them out.
     pub server: ServerConf,
-    /// Pingora's worker thread count, kept to tell a reload that it cannot change it.
-    pub threads: usize,
     /// Pingora's settings as they took effect (the file's, with streamgate's defaults),
-    /// by key, kept to tell a reload which of them it cannot change.
+    /// by key, kept to tell a reload which of them it cannot change (`threads` among
+    /// them).
     pub pingora: serde_yaml::Mapping,
     /// Every listener's address, in file order (what each one is: [`Config::listeners`]).
     pub listen: Vec<SocketAddr>,

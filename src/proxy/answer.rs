@@ -29,12 +29,11 @@ pub fn error_response(e: &Error, service: Option<&str>) -> Option<(u16, String)>
         // A connection made from a local address the host does not have
         // (`client_bind_to_ipv4`/`_ipv6`): which, and the system's reason.
         ErrorType::BindError if e.esource() == &ErrorSource::Upstream => {
-            let context = e.context.as_ref().map(|c| c.as_str().to_string());
+            let context = e.context.as_ref().map_or("binding failed", |c| c.as_str());
             let cause = e
                 .cause
                 .as_ref()
                 .map_or_else(String::new, |c| format!(": {c}"));
-            let context = context.unwrap_or_else(|| "binding the connection failed".into());
             return Some((502, format!("{service}{context}{cause}")));
         }
         _ => match e.esource() {

@@ -653,7 +653,6 @@ mod tests {
             two,
             "the same addresses, the same key"
         );
-        assert_eq!(Service::for_tests("t").peer(addr, None).reuse_hash(), none);
     }
 
     #[tokio::test]

@@ -504,10 +504,10 @@ fn a_system_store_that_cannot_load_ends_the_start_with_the_reason() {
         common::free_port(),
         "    url: \"https://feed.internal\"\n",
     );
-    let run = |args: &[&str], file: &Path, dir: &Path| {
+    let run = |args: &[&str], config: &Path, file: &Path, dir: &Path| {
         Command::new(common::binary::BIN)
             .args(args)
-            .arg(&path)
+            .arg(config)
             .env("SSL_CERT_FILE", file)
             .env("SSL_CERT_DIR", dir)
             .output()
@@ -515,7 +515,7 @@ fn a_system_store_that_cannot_load_ends_the_start_with_the_reason() {
     };
     let (absent, no_dir) = (dir.path().join("absent.pem"), dir.path().join("absent"));
     for args in [&["-t", "-c"][..], &["-c"]] {
-        let out = run(args, &absent, &no_dir);
+        let out = run(args, &path, &absent, &no_dir);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(
@@ -537,13 +537,7 @@ fn a_system_store_that_cannot_load_ends_the_start_with_the_reason() {
          health_check: { type: tcp }\n",
     )
     .expect("write config");
-    let out = Command::new(common::binary::BIN)
-        .args(["-t", "-c"])
-        .arg(&checked)
-        .env("SSL_CERT_FILE", &absent)
-        .env("SSL_CERT_DIR", &no_dir)
-        .output()
-        .expect("run streamgate -t");
+    let out = run(&["-t", "-c"], &checked, &absent, &no_dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -555,7 +549,7 @@ fn a_system_store_that_cannot_load_ends_the_start_with_the_reason() {
     let store = dir.path().join("store");
     std::fs::create_dir(&store).expect("store dir");
     std::fs::write(dir.path().join("bundle.pem"), ca.pem() + &Ca::new().pem()).expect("bundle");
-    let out = run(&["-t", "-c"], &dir.path().join("bundle.pem"), &store);
+    let out = run(&["-t", "-c"], &path, &dir.path().join("bundle.pem"), &store);
     let stdout = succeeded(&out);
     assert!(
         stdout.contains("trust the system's store (2 certificates)"),

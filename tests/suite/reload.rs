@@ -236,9 +236,9 @@ async fn a_reload_says_which_settings_need_an_upgrade() {
     // origin connections, which streamgate's connect reads from each config.
     let text = |port: u16, mw: &str| {
         let pingora = if port == 1 {
-            "upstream_keepalive_pool_size: 8\nclient_bind_to_ipv4: [\"127.0.0.2\"]\n"
+            "threads: 1\nupstream_keepalive_pool_size: 8\nclient_bind_to_ipv4: [\"127.0.0.2\"]\n"
         } else {
-            "upstream_keepalive_pool_size: 16\nclient_bind_to_ipv4: [\"127.0.0.3\"]\n"
+            "threads: 2\nupstream_keepalive_pool_size: 16\nclient_bind_to_ipv4: [\"127.0.0.3\"]\n"
         };
         format!(
             "{pingora}listen: [\"127.0.0.1:{port}\"]\nservices: {{}}\nmiddleware_services:\n{mw}"
@@ -248,7 +248,10 @@ async fn a_reload_says_which_settings_need_an_upgrade() {
     let current = ArcSwap::from_pointee(Config::load(&main).expect("loads"));
     write_config(&main, &text(2, "  - { name: b, type: request_id }\n"));
     let done = streamgate::reload::reload(&current).expect("reloads");
-    assert_eq!(done.not_applied, ["listen", "upstream_keepalive_pool_size"]);
+    assert_eq!(
+        done.not_applied,
+        ["listen", "threads", "upstream_keepalive_pool_size"]
+    );
     assert_eq!(
         (done.loaded, done.unloaded),
         (vec!["b".to_string()], vec!["a".to_string()])

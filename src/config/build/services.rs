@@ -1,6 +1,7 @@
 //! `services`: each service's URL or discovery, TLS to its origins, `Host` policy,
 //! timeouts, SSE settings, load balancing, health checks, retries and session affinity.
 
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -33,6 +34,11 @@ pub fn services(
 ) -> Result<BTreeMap<String, Arc<Service>>, ConfigError> {
     let mut services = BTreeMap::new();
     let mut defined_in: BTreeMap<String, usize> = BTreeMap::new();
+    let defaults = Defaults {
+        sse: global_sse,
+        local,
+        system_trust: OnceCell::new(),
+    };
     for (src, part) in parts.iter().enumerate() {
         for (name, file) in part.services {
             let path = KeyPath::root().key("services").key(name);
@@ -48,10 +54,6 @@ pub fn services(
             }
             // Paths in a service (`tls.ca_file`) are relative to the file defining it.
             let dir = dir_of(sources, src, base);
-            let defaults = Defaults {
-                sse: global_sse,
-                local,
-            };
             let built = service(&sources[src], &path, name, file, &defaults, dir, state)?;
             defined_in.insert(name.clone(), src);
             services.insert(name.clone(), Arc::new(built));
@@ -88,6 +90,9 @@ struct Defaults<'a> {
     sse: &'a SseSettings,
     /// The local addresses of connections to origins (`client_bind_to_ipv4`/`_ipv6`).
     local: &'a Arc<LocalAddrs>,
+    /// The system's store of trusted certificates, loaded at most once per config load
+    /// (`origin_tls::system_trust`), for the health checks.
+    system_trust: OnceCell<Result<usize, String>>,
 }
 
 fn service(
@@ -160,8 +165,9 @@ fn service(
         // Pingora's checks each build a connector, which loads the system's store of
         // trusted certificates (whatever the top-level `ca_file`) and panics when it
         // cannot: loaded first here, its failure this key's error.
-        origin_tls::system_trust()
-            .map_err(|why| source.error(path.key("health_check"), Kind::Invalid(why)))?;
+        if let Err(why) = defaults.system_trust.get_or_init(origin_tls::system_trust) {
+            return Err(source.error(path.key("health_check"), Kind::Invalid(why.clone())));
+        }
     }
     let health = file
         .health_check
