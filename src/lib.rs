@@ -9,7 +9,8 @@
 //! own layer without a cycle; `tests/suite/architecture.rs` checks it):
 //!
 //! ```text
-//! values error http_util pattern yaml   leaf types and helpers
+//! values error http_util net pattern    leaf types and helpers; certificate files
+//! pem yaml
 //! sse                                    event-stream rules, scanner, limits, tracker, drain
 //! metrics access_log logging             Prometheus families; the access log and logger
 //! upstream                               services, endpoints, balancing, health, discovery
@@ -36,6 +37,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod net;
 pub mod pattern;
+pub mod pem;
 pub mod proxy;
 pub mod relay;
 pub mod reload;

@@ -192,6 +192,10 @@ pub struct OriginTlsFile {
     /// PEM bundle of trusted CAs, relative to the file that defines the service (default:
     /// the system's store).
     pub ca_file: Option<String>,
+    /// PEM certificate (its chain after it) presented to an origin that asks for one, and
+    /// its PEM private key; relative to the file that defines the service.
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
 }
 
 /// `services.<name>.timeouts`: for ordinary requests. SSE reads use `sse.read_timeout`.

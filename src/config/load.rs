@@ -152,15 +152,20 @@ pub fn from_text(
         })
         .collect();
     // Every file a change to which should reload the config: config files, certificates,
-    // CA bundles.
+    // CA bundles, client certificates toward origins.
     let mut files: Vec<PathBuf> = sources.into_iter().map(|s| s.file).collect();
-    let ca_files = services
-        .values()
-        .filter_map(|s| s.tls.as_ref()?.ca.as_ref().map(|ca| &ca.path));
+    let origin_tls = services.values().filter_map(|s| s.tls.as_ref());
+    let ca_files = origin_tls
+        .clone()
+        .filter_map(|tls| tls.ca.as_ref().map(|ca| &ca.path));
+    let client_files = origin_tls
+        .filter_map(|tls| tls.client.as_ref())
+        .flat_map(|client| [&client.cert_path, &client.key_path]);
     for path in certs
         .iter()
         .flat_map(|cert| [&cert.cert_path, &cert.key_path])
         .chain(ca_files)
+        .chain(client_files)
     {
         if !files.contains(path) {
             files.push(path.clone());

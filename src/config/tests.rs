@@ -790,7 +790,7 @@ services:
     host_header: upstream
   ip:
     url: "https://[::1]:9443"
-    tls: { verify: false }
+    tls: { verify: false, client_cert: certs/ca.pem, client_key: certs/ca.key }
   web:
     url: "http://web.example"
     scheme: http
@@ -846,6 +846,29 @@ services:
     );
     let peer = ip.peer("[::1]:9443".parse().expect("addr"), None);
     assert!(!peer.options.verify_cert && !peer.options.verify_hostname);
+    let client = tls.client.as_ref().expect("client_cert");
+    assert_eq!(client.subject, "CN=rcgen self signed cert");
+    for path in ["certs/ca.pem", "certs/ca.key"] {
+        assert!(
+            config.files.contains(&dir.path().join(path)),
+            "{path} is watched like the config files"
+        );
+    }
+    assert!(peer.client_cert_key.is_some(), "presented to the origin");
+    let without = crate::upstream::origin_tls::OriginTls {
+        client: None,
+        ..tls.clone()
+    };
+    let mut bare = pingora_core::upstreams::peer::HttpPeer::new(
+        "[::1]:9443".parse::<std::net::SocketAddr>().expect("addr"),
+        true,
+        "::1".into(),
+    );
+    without.apply(&mut bare);
+    assert_ne!(
+        peer.group_key, bare.group_key,
+        "connections made with the certificate are pooled apart from ones made without"
+    );
 
     let web = &config.services["web"];
     assert!(web.tls.is_none());
@@ -867,7 +890,8 @@ services:
         "https://origin.example\n",
         "tls: verify, sni origin.example, system CA store",
         "https://[::1]:9443",
-        "tls: NO certificate verification, no SNI (IP ::1)",
+        "tls: NO certificate verification, no SNI (IP ::1), system CA store, client \
+         certificate CN=rcgen self signed cert (",
         "http://web.example\n",
     ] {
         assert!(described.contains(line), "{line:?} in:\n{described}");

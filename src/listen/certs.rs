@@ -20,17 +20,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pingora_proxy::Session;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::ClientHello;
 use rustls::sign::CertifiedKey;
-use x509_parser::extensions::GeneralName;
 
 use super::TlsVersion;
 use crate::pattern::HostPattern;
+use crate::pem::{self, PairError};
 
 /// A certificate chain and its key, loaded and checked.
 #[derive(Debug)]
@@ -49,75 +46,20 @@ pub struct LoadedCert {
 impl LoadedCert {
     /// `2027-01-01T00:00:00Z (in 400 days)`, or `(EXPIRED)`.
     pub fn expiry(&self) -> String {
-        let at = UNIX_EPOCH + Duration::from_secs(self.not_after.max(0).unsigned_abs());
-        let date = humantime::format_rfc3339_seconds(at);
-        match at.duration_since(SystemTime::now()) {
-            Ok(left) => format!("{date} (in {} days)", left.as_secs() / 86_400),
-            Err(_) => format!("{date} (EXPIRED)"),
-        }
+        pem::expiry(self.not_after)
     }
 }
 
-/// Which file of a pair is at fault.
-#[derive(Debug)]
-pub enum PairError {
-    Cert(String),
-    Key(String),
-}
-
-/// Loads a PEM certificate chain and its PEM private key, and checks that the key belongs
-/// to the certificate.
+/// Loads a TLS listener's certificate chain and key ([`pem::read_pair`]); `hosts` are the SNI
+/// names it is chosen for (default: its DNS names).
 pub fn load_pair(
     cert_path: &Path,
     key_path: &Path,
     hosts: Option<Vec<HostPattern>>,
 ) -> Result<LoadedCert, PairError> {
-    let cert_name = cert_path.display();
-    let key_name = key_path.display();
-    let pem = std::fs::read(cert_path)
-        .map_err(|e| PairError::Cert(format!("cannot read {cert_name}: {e}")))?;
-    let chain = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| PairError::Cert(format!("{cert_name} is not a PEM certificate file: {e}")))?;
-    let leaf = chain.first().ok_or_else(|| {
-        PairError::Cert(format!(
-            "{cert_name} holds no certificate (no `BEGIN CERTIFICATE` block)"
-        ))
-    })?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(|e| {
-        PairError::Cert(format!("{cert_name}: the certificate does not parse: {e}"))
-    })?;
-    let mut names = Vec::new();
-    if let Ok(Some(san)) = parsed.subject_alternative_name() {
-        for name in &san.value.general_names {
-            match name {
-                GeneralName::DNSName(dns) => names.push(dns.to_ascii_lowercase()),
-                GeneralName::IPAddress(ip) => names.push(ip_text(ip)),
-                _ => {}
-            }
-        }
-    }
-    let not_after = parsed.validity().not_after.timestamp();
-
-    let pem = std::fs::read(key_path)
-        .map_err(|e| PairError::Key(format!("cannot read {key_name}: {e}")))?;
-    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
-        PairError::Key(format!(
-            "{key_name} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"
-        ))
-    })?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| PairError::Key(format!("{key_name}: unsupported private key: {e}")))?;
-    let key = CertifiedKey::new(chain, signer);
-    if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
-        key.keys_match()
-    {
-        return Err(PairError::Key(format!(
-            "{key_name} is not the private key of the certificate in {cert_name}"
-        )));
-    }
+    let pair = pem::read_pair(cert_path, key_path)?;
     let hosts = hosts.unwrap_or_else(|| {
-        names
+        pair.names
             .iter()
             .filter_map(|n| HostPattern::try_from(n.clone()).ok())
             .collect()
@@ -125,25 +67,11 @@ pub fn load_pair(
     Ok(LoadedCert {
         cert_path: cert_path.to_path_buf(),
         key_path: key_path.to_path_buf(),
-        key: Arc::new(key),
-        names,
+        key: Arc::new(CertifiedKey::new(pair.chain, pair.signer)),
+        names: pair.names,
         hosts,
-        not_after,
+        not_after: pair.not_after,
     })
-}
-
-fn ip_text(octets: &[u8]) -> String {
-    match octets.len() {
-        4 => {
-            let v4: [u8; 4] = octets.try_into().unwrap_or_default();
-            std::net::Ipv4Addr::from(v4).to_string()
-        }
-        16 => {
-            let v6: [u8; 16] = octets.try_into().unwrap_or_default();
-            std::net::Ipv6Addr::from(v6).to_string()
-        }
-        _ => String::new(),
-    }
 }
 
 /// One TLS listener's certificates and protocol floor.

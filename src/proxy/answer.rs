@@ -37,11 +37,14 @@ pub fn error_response(e: &Error, service: Option<&str>) -> Option<(u16, String)>
             return Some((502, format!("{service}{context}{cause}")));
         }
         _ => match e.esource() {
+            // A TLS alert from the origin after the handshake seemed done (as a TLS 1.3
+            // origin refuses a missing or unknown client certificate): rustls' words.
             ErrorSource::Upstream => {
-                return Some((
-                    502,
-                    format!("{service}the origin failed: {}", e.etype().as_str()),
-                ))
+                let why = match alert(e) {
+                    Some(alert) => format!("TLS to the origin failed: {alert}"),
+                    None => format!("the origin failed: {}", e.etype().as_str()),
+                };
+                return Some((502, format!("{service}{why}")));
             }
             ErrorSource::Downstream => match e.etype() {
                 ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
@@ -53,6 +56,24 @@ pub fn error_response(e: &Error, service: Option<&str>) -> Option<(u16, String)>
         },
     };
     Some((what.0, format!("{service}{}", what.1)))
+}
+
+/// The TLS alert an origin sent, found under the error's causes (Pingora's errors around
+/// the I/O error around rustls').
+fn alert(e: &Error) -> Option<&rustls::Error> {
+    let mut cause = e.cause.as_deref()?;
+    for _ in 0..4 {
+        if let Some(inner) = cause.downcast_ref::<Error>() {
+            cause = inner.cause.as_deref()?;
+        } else {
+            let tls = cause
+                .downcast_ref::<std::io::Error>()?
+                .get_ref()?
+                .downcast_ref::<rustls::Error>()?;
+            return matches!(tls, rustls::Error::AlertReceived(_)).then_some(tls);
+        }
+    }
+    None
 }
 
 /// The reason for a failed TLS handshake, on one line: rustls' words after Pingora's
@@ -101,6 +122,20 @@ mod tests {
                 502,
                 "service `feed`: TLS to the origin failed: invalid peer certificate: \
                  UnknownIssuer, SNI: feed.internal"
+                    .into()
+            ))
+        );
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired),
+        );
+        let alerted = Error::because(ErrorType::ReadError, "reading the head", io).into_up();
+        assert_eq!(
+            error_response(&alerted, Some("feed")),
+            Some((
+                502,
+                "service `feed`: TLS to the origin failed: received fatal alert: \
+                 CertificateRequired"
                     .into()
             ))
         );

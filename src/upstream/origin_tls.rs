@@ -18,6 +18,12 @@
 //!   that service only. Pingora's connection pool does not key on the CA, so the peer's
 //!   `group_key` is set from the bundle's contents: connections verified against one CA are
 //!   never reused for a service that trusts another.
+//! - **A client certificate is per peer** (`HttpPeer::client_cert_key`, from `tls.client_cert`
+//!   and `tls.client_key`): presented to an origin that asks for one (mutual TLS). Pingora's
+//!   connector parses it with `expect` and its key with `unwrap` at each handshake, so both
+//!   are parsed here, every certificate of the chain, the key as Pingora will read it, and
+//!   the key checked against the leaf. The pool keys on the certificates' serials; the
+//!   peer's `group_key` takes a hash of the certificates and key as well.
 //! - **ALPN is `http/1.1` only.** The SSE relay (`proxy/relay.rs`) drives Pingora's HTTP/1
 //!   client session; h2 to origins is not offered.
 
@@ -29,10 +35,12 @@ use std::sync::Arc;
 use pingora_core::protocols::tls::CaType;
 use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_core::utils::tls::WrappedX509;
+use pingora_core::utils::tls::{CertKey, WrappedX509};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::pem::{expiry, read_pair, PairError};
 
 /// The TLS settings of an `https` service.
 #[derive(Debug, Clone)]
@@ -44,6 +52,77 @@ pub struct OriginTls {
     pub sni: String,
     /// The `ca_file` bundle; `None` trusts the system's store.
     pub ca: Option<CaBundle>,
+    /// The certificate presented to an origin that asks for one.
+    pub client: Option<ClientCert>,
+}
+
+/// A client certificate (`tls.client_cert`, its chain after it) and its key
+/// (`tls.client_key`), loaded and checked.
+#[derive(Clone)]
+pub struct ClientCert {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    /// The leaf's subject (`CN=...`).
+    pub subject: String,
+    /// End of the leaf's validity, in seconds since the Unix epoch.
+    pub not_after: i64,
+    cert_key: Arc<CertKey>,
+    /// A hash of the certificates and key: part of the peer's pool group.
+    fingerprint: u64,
+}
+
+impl fmt::Debug for ClientCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientCert")
+            .field("cert_path", &self.cert_path)
+            .field("subject", &self.subject)
+            .finish()
+    }
+}
+
+impl ClientCert {
+    pub fn expired(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.not_after < i64::try_from(now).unwrap_or(i64::MAX)
+    }
+
+    /// Reads the PEM certificate chain at `cert` and the PEM key at `key` (see
+    /// `listen::certs::read_pair`), and checks them as Pingora's connector will read them.
+    pub fn load(cert: &Path, key: &Path) -> Result<ClientCert, PairError> {
+        let pair = read_pair(cert, key)?;
+        let name = cert.display();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        let mut ders = Vec::with_capacity(pair.chain.len());
+        for (i, der) in pair.chain.into_iter().enumerate() {
+            WrappedX509::try_new(der.to_vec(), |raw| {
+                X509Certificate::from_der(raw).map(|(_, cert)| cert)
+            })
+            .map_err(|e| {
+                PairError::Cert(format!("{name}: certificate {} does not parse: {e}", i + 1))
+            })?;
+            der.as_ref().hash(&mut hasher);
+            ders.push(der.to_vec());
+        }
+        let secret = pair.key.secret_der().to_vec();
+        if PrivateKeyDer::try_from(secret.as_slice()).is_err() {
+            return Err(PairError::Key(format!(
+                "{}: the key's type cannot be told from its DER encoding; write it as PKCS#8 \
+                 (`BEGIN PRIVATE KEY`)",
+                key.display()
+            )));
+        }
+        secret.hash(&mut hasher);
+        Ok(ClientCert {
+            cert_path: cert.to_path_buf(),
+            key_path: key.to_path_buf(),
+            subject: pair.subject,
+            not_after: pair.not_after,
+            cert_key: Arc::new(CertKey::new(ders, secret)),
+            fingerprint: hasher.finish(),
+        })
+    }
 }
 
 /// A PEM bundle of trusted certificates, loaded and checked.
@@ -168,6 +247,10 @@ impl OriginTls {
             options.ca = Some(ca.certs.clone());
             peer.group_key = ca.fingerprint;
         }
+        if let Some(client) = &self.client {
+            peer.client_cert_key = Some(client.cert_key.clone());
+            peer.group_key ^= client.fingerprint;
+        }
     }
 }
 
@@ -191,8 +274,18 @@ impl fmt::Display for OriginTls {
                 ca.path.display(),
                 ca.len(),
                 if ca.len() == 1 { "" } else { "s" }
-            ),
-            None => f.write_str(", system CA store"),
+            )?,
+            None => f.write_str(", system CA store")?,
         }
+        if let Some(client) = &self.client {
+            write!(
+                f,
+                ", client certificate {} ({}, expires {})",
+                client.subject,
+                client.cert_path.display(),
+                expiry(client.not_after)
+            )?;
+        }
+        Ok(())
     }
 }

@@ -9,7 +9,15 @@ use std::path::{Path, PathBuf};
 /// The layers, bottom first. A module may import modules of lower layers, and of its own
 /// layer as long as no cycle forms.
 const LAYERS: &[&[&str]] = &[
-    &["values", "error", "http_util", "net", "pattern", "yaml"],
+    &[
+        "values",
+        "error",
+        "http_util",
+        "net",
+        "pattern",
+        "pem",
+        "yaml",
+    ],
     &["sse"],
     &["metrics", "access_log", "logging"],
     &["upstream"],

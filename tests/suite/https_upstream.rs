@@ -39,16 +39,37 @@ struct TlsOrigin {
     hellos: mpsc::UnboundedReceiver<Hello>,
     requests: mpsc::UnboundedReceiver<Head>,
     acks: mpsc::UnboundedSender<()>,
+    /// The client certificate (DER) presented in each completed handshake, if any.
+    client_certs: mpsc::UnboundedReceiver<Option<Vec<u8>>>,
 }
 
 impl TlsOrigin {
     async fn start(bind: SocketAddr, cert: &Issued) -> TlsOrigin {
+        TlsOrigin::start_with(bind, cert, None).await
+    }
+
+    /// An origin that requires a client certificate issued by `clients`, when given.
+    async fn start_with(bind: SocketAddr, cert: &Issued, clients: Option<&Ca>) -> TlsOrigin {
         let (chain, key) = cert.rustls_pair();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
+            .expect("versions");
+        let builder = match clients {
+            None => builder.with_no_client_auth(),
+            Some(clients) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(clients.cert.der().clone()).expect("client CA");
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .expect("client verifier");
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder
             .with_single_cert(chain, key)
             .expect("origin certificate");
         // Offer h2 too: the proxy must still pick http/1.1.
@@ -60,9 +81,11 @@ impl TlsOrigin {
         let (request_tx, requests) = mpsc::unbounded_channel();
         let (acks, ack_rx) = mpsc::unbounded_channel::<()>();
         let ack_rx = Arc::new(Mutex::new(ack_rx));
+        let (client_tx, client_certs) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let config = config.clone();
+                let client_tx = client_tx.clone();
                 let hello_tx = hello_tx.clone();
                 let request_tx = request_tx.clone();
                 let ack_rx = ack_rx.clone();
@@ -86,6 +109,8 @@ impl TlsOrigin {
                     let Ok(tls) = start.into_stream(config).await else {
                         return;
                     };
+                    let presented = tls.get_ref().1.peer_certificates();
+                    let _ = client_tx.send(presented.and_then(|c| c.first()).map(|c| c.to_vec()));
                     let mut conn = BufReader::new(tls);
                     while let Some(head) = read_head(&mut conn).await {
                         let events = head.target.starts_with("/events");
@@ -107,6 +132,7 @@ impl TlsOrigin {
             hellos,
             requests,
             acks,
+            client_certs,
         }
     }
 
@@ -120,6 +146,16 @@ impl TlsOrigin {
         guard("a request at the origin", self.requests.recv())
             .await
             .expect("request channel")
+    }
+
+    /// The next request for `target`, past any other (a health check's, say).
+    async fn next_request_for(&mut self, target: &str) -> Head {
+        loop {
+            let head = self.next_request().await;
+            if head.target == target {
+                return head;
+            }
+        }
     }
 }
 
@@ -605,4 +641,145 @@ async fn the_next_stream_takes_a_spare_whose_handshake_is_done() {
     );
     assert_eq!(origin.next_request().await.target, "/events");
     assert_eq!(origin.next_request().await.target, "/events");
+}
+
+/// Mutual TLS toward the origin: with `tls.client_cert` and `tls.client_key` the proxy
+/// presents that certificate to an origin that requires one, on event streams (the relay),
+/// plain requests (Pingora's proxy path) and HTTP health checks alike; without them such
+/// an origin is a 502 naming the service and the origin's TLS alert.
+#[tokio::test]
+async fn a_client_certificate_is_presented_to_an_origin_that_asks_for_one() {
+    let ca = Ca::new();
+    let clients = Ca::new();
+    let issued = ca.issue(&["localhost"]);
+    let mut origin = TlsOrigin::start_with(localhost().await, &issued, Some(&clients)).await;
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ca(dir.path(), &ca);
+    let client = clients.issue_client("streamgate-proxy", false);
+    client.write(dir.path(), "proxy");
+    let proxy = start_proxy(
+        dir.path(),
+        &format!(
+            "    url: \"https://localhost:{port}\"\n    tls: {{ ca_file: ca.pem, \
+             client_cert: proxy.pem, client_key: proxy.key }}\n    health_check: \
+             {{ type: http, path: /health, interval: 100ms }}\n"
+        ),
+    )
+    .await;
+
+    let response = sse_get(proxy.url("/events")).await;
+    assert_eq!(response.status(), 200);
+    let mut events = Events::new(response);
+    for i in 0..EVENTS {
+        let event = events.next().await.expect("an event");
+        assert_eq!(event, format!("id: {i}\ndata: event {i}"));
+        origin.acks.send(()).expect("ack");
+    }
+    assert_eq!(events.next().await, None, "the stream ends cleanly");
+    origin.next_request_for("/events").await;
+    assert_eq!(get(&proxy, "/plain").await, (200, "hello over tls".into()));
+    origin.next_request_for("/plain").await;
+    origin.next_request_for("/health").await;
+    let mut presented = Vec::new();
+    while let Ok(cert) = origin.client_certs.try_recv() {
+        presented.push(cert);
+    }
+    assert!(presented.len() >= 3, "{} handshakes", presented.len());
+    assert!(
+        presented
+            .iter()
+            .all(|c| c.as_deref() == Some(client.der.as_ref())),
+        "every handshake presented the configured certificate"
+    );
+
+    // The same origin behind a proxy without a client certificate: refused.
+    let other = tempfile::tempdir().expect("tempdir");
+    write_ca(other.path(), &ca);
+    let without = start_proxy(
+        other.path(),
+        &format!("    url: \"https://localhost:{port}\"\n    tls: {{ ca_file: ca.pem }}\n"),
+    )
+    .await;
+    for (status, body) in [get(&without, "/x").await, get_events(&without).await] {
+        assert_eq!(status, 502, "{body}");
+        assert_eq!(
+            body.trim_end(),
+            "502 service `feed`: TLS to the origin failed: received fatal alert: \
+             CertificateRequired"
+        );
+    }
+}
+
+/// `-t` names the client certificate and when it expires, warns of an expired one, and
+/// refuses half a pair, a key that is not the certificate's, and a missing file, each at
+/// its line and key.
+#[test]
+fn check_shows_the_client_certificate_and_refuses_a_broken_pair() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clients = Ca::new();
+    clients
+        .issue_client("streamgate-proxy", false)
+        .write(dir.path(), "proxy");
+    clients
+        .issue_client("old-proxy", true)
+        .write(dir.path(), "old");
+    std::fs::copy(dir.path().join("old.key"), dir.path().join("other.key")).expect("copy");
+    let check = |tls: &str| {
+        let service = format!("    url: \"https://feed.internal\"\n    tls:\n{tls}");
+        let path = write_config(dir.path(), 18443, &service);
+        Command::new(common::binary::BIN)
+            .args(["-t", "-c"])
+            .arg(&path)
+            .output()
+            .expect("run streamgate -t")
+    };
+    let stdout = succeeded(&check(
+        "      client_cert: proxy.pem\n      client_key: proxy.key\n",
+    ));
+    assert!(
+        stdout.contains("client certificate CN=streamgate-proxy (")
+            && stdout.contains("proxy.pem, expires ")
+            && stdout.contains(" days)"),
+        "{stdout}"
+    );
+    let stdout = succeeded(&check(
+        "      client_cert: old.pem\n      client_key: old.key\n",
+    ));
+    assert!(
+        stdout.contains("warning: ")
+            && stdout.contains("`services.feed.tls.client_cert`")
+            && stdout.contains("(EXPIRED)"),
+        "{stdout}"
+    );
+    for (tls, line_key, says) in [
+        (
+            "      client_cert: proxy.pem\n",
+            "streamgate.yaml:6:7: `services.feed.tls.client_cert`",
+            "needs `client_key`",
+        ),
+        (
+            "      client_key: proxy.key\n",
+            "streamgate.yaml:6:7: `services.feed.tls.client_key`",
+            "needs `client_cert`",
+        ),
+        (
+            "      client_cert: proxy.pem\n      client_key: other.key\n",
+            "streamgate.yaml:7:7: `services.feed.tls.client_key`",
+            "is not the private key of the certificate in",
+        ),
+        (
+            "      client_cert: missing.pem\n      client_key: proxy.key\n",
+            "streamgate.yaml:6:7: `services.feed.tls.client_cert`",
+            "missing.pem",
+        ),
+    ] {
+        let out = check(tls);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{tls}: {stderr}");
+        assert!(
+            stderr.contains(line_key) && stderr.contains(says) && !stderr.contains("panick"),
+            "{tls}: {stderr}"
+        );
+    }
 }

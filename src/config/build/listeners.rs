@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use crate::config::file::{Http2File, ListenAddr, ListenFile};
 use crate::error::{ConfigError, ConfigErrorKind as Kind};
-use crate::listen::certs::{load_pair, PairError};
+use crate::listen::certs::load_pair;
 use crate::listen::{Http2Settings, Listener, ListenerKind, ListenerTls};
+use crate::pem::PairError;
 use crate::yaml::{KeyPath, Source};
 
 /// Listen address when the main file has no `listen`.

@@ -12,12 +12,13 @@ use super::{dir_of, Parts};
 use crate::config::file::{OriginTlsFile, ServiceFile, TimeoutsFile};
 use crate::error::{ConfigError, ConfigErrorKind as Kind};
 use crate::middleware::size_limit::ByteSize;
+use crate::pem::{expiry, PairError};
 use crate::sse::SseSettings;
 use crate::state::State;
 use crate::upstream::connect::LocalAddrs;
 use crate::upstream::discovery::{self, DiscoveryFile};
 use crate::upstream::endpoints::Timing;
-use crate::upstream::origin_tls::{self, CaBundle, OriginTls};
+use crate::upstream::origin_tls::{self, CaBundle, ClientCert, OriginTls};
 use crate::upstream::{
     url_endpoints, Algorithm, Endpoints, HashKey, HostHeader, Scheme, Service, ServiceUrl, Timeouts,
 };
@@ -224,6 +225,16 @@ fn service(
         &state.metrics,
     )
     .with_tls(tls);
+    let client_cert = service.tls.as_ref().and_then(|tls| tls.client.as_ref());
+    if let Some(client) = client_cert.filter(|c| c.expired()) {
+        let why = format!(
+            "the client certificate {} expires {}: an origin that checks it refuses it",
+            client.cert_path.display(),
+            expiry(client.not_after)
+        );
+        let warning = source.error(path.key("tls").key("client_cert"), Kind::Invalid(why));
+        service.warnings.push(format!("warning: {warning}"));
+    }
     service.local_addrs = defaults.local.clone();
     service.host_header = host_header;
     service.timeouts = timeouts(file.timeouts.as_ref());
@@ -348,9 +359,31 @@ fn origin_tls(
         ),
         None => None,
     };
+    let client = match (&tls_file.client_cert, &tls_file.client_key) {
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(invalid(
+                tls_path.key("client_cert"),
+                "`client_cert` needs `client_key`, the file of its private key".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                tls_path.key("client_key"),
+                "`client_key` needs `client_cert`, the file of its certificate".into(),
+            ))
+        }
+        (Some(cert), Some(key)) => Some(
+            ClientCert::load(&dir.join(cert), &dir.join(key)).map_err(|e| match e {
+                PairError::Cert(why) => invalid(tls_path.key("client_cert"), why),
+                PairError::Key(why) => invalid(tls_path.key("client_key"), why),
+            })?,
+        ),
+    };
     Ok(Some(OriginTls {
         verify: tls_file.verify.unwrap_or(true),
         sni,
         ca,
+        client,
     }))
 }

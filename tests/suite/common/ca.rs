@@ -48,6 +48,27 @@ impl Ca {
         }
     }
 
+    /// A client certificate for `cn` (the subject's common name, no subjectAltName),
+    /// valid now, or one whose validity ended in 2020 when `expired`.
+    pub fn issue_client(&self, cn: &str, expired: bool) -> Issued {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::new()).expect("params");
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        }
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("certificate");
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+        }
+    }
+
     pub fn pem(&self) -> String {
         self.cert.pem()
     }
