@@ -96,12 +96,8 @@ impl ClientCert {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         let mut ders = Vec::with_capacity(pair.chain.len());
         for (i, der) in pair.chain.into_iter().enumerate() {
-            WrappedX509::try_new(der.to_vec(), |raw| {
-                X509Certificate::from_der(raw).map(|(_, cert)| cert)
-            })
-            .map_err(|e| {
-                PairError::Cert(format!("{name}: certificate {} does not parse: {e}", i + 1))
-            })?;
+            parsed(&der)
+                .map_err(|e| PairError::Cert(format!("{name}: certificate {} {e}", i + 1)))?;
             der.as_ref().hash(&mut hasher);
             ders.push(der.to_vec());
         }
@@ -161,12 +157,7 @@ impl CaBundle {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         for (i, der) in ders.into_iter().enumerate() {
             let n = i + 1;
-            // Parsed here so that Pingora's connector never meets a certificate it cannot
-            // parse (its own parser panics on one).
-            let wrapped = WrappedX509::try_new(der.to_vec(), |raw| {
-                X509Certificate::from_der(raw).map(|(_, cert)| cert)
-            })
-            .map_err(|e| format!("{name}: certificate {n} does not parse: {e}"))?;
+            let wrapped = parsed(&der).map_err(|e| format!("{name}: certificate {n} {e}"))?;
             anchors
                 .add(der.clone())
                 .map_err(|e| format!("{name}: certificate {n} cannot be a trust anchor: {e}"))?;
@@ -187,6 +178,15 @@ impl CaBundle {
     pub fn is_empty(&self) -> bool {
         self.certs.is_empty()
     }
+}
+
+/// A certificate parsed as Pingora's connector parses it: checked here, when the config
+/// loads, because its own parser panics on one it cannot read.
+fn parsed(der: &CertificateDer) -> Result<WrappedX509, String> {
+    WrappedX509::try_new(der.to_vec(), |raw| {
+        X509Certificate::from_der(raw).map(|(_, cert)| cert)
+    })
+    .map_err(|e| format!("does not parse: {e}"))
 }
 
 /// The environment variables that replace the platform's store of trusted certificates.

@@ -237,6 +237,20 @@ async fn get(proxy: &Proxy, path: &str) -> (u16, String) {
     (status, response.text().await.expect("body"))
 }
 
+/// An event stream through the proxy from `origin`, acknowledging each event as it
+/// arrives, to its clean end.
+async fn lockstep_stream(proxy: &Proxy, origin: &TlsOrigin) {
+    let response = sse_get(proxy.url("/events")).await;
+    assert_eq!(response.status(), 200);
+    let mut events = Events::new(response);
+    for i in 0..EVENTS {
+        let event = events.next().await.expect("an event");
+        assert_eq!(event, format!("id: {i}\ndata: event {i}"));
+        origin.acks.send(()).expect("ack");
+    }
+    assert_eq!(events.next().await, None, "the stream ends cleanly");
+}
+
 async fn get_events(proxy: &Proxy) -> (u16, String) {
     let response = sse_get(proxy.url("/events")).await;
     let status = response.status().as_u16();
@@ -257,15 +271,7 @@ async fn event_streams_and_plain_requests_reach_an_https_origin_verified_with_it
     .await;
 
     // An event stream, through the relay: each event arrives before the next is sent.
-    let response = sse_get(proxy.url("/events")).await;
-    assert_eq!(response.status(), 200);
-    let mut events = Events::new(response);
-    for i in 0..EVENTS {
-        let event = events.next().await.expect("an event");
-        assert_eq!(event, format!("id: {i}\ndata: event {i}"));
-        origin.acks.send(()).expect("ack");
-    }
-    assert_eq!(events.next().await, None, "the stream ends cleanly");
+    lockstep_stream(&proxy, &origin).await;
     let hello = origin.next_hello().await;
     assert_eq!(
         hello.sni.as_deref(),
@@ -668,15 +674,7 @@ async fn a_client_certificate_is_presented_to_an_origin_that_asks_for_one() {
     )
     .await;
 
-    let response = sse_get(proxy.url("/events")).await;
-    assert_eq!(response.status(), 200);
-    let mut events = Events::new(response);
-    for i in 0..EVENTS {
-        let event = events.next().await.expect("an event");
-        assert_eq!(event, format!("id: {i}\ndata: event {i}"));
-        origin.acks.send(()).expect("ack");
-    }
-    assert_eq!(events.next().await, None, "the stream ends cleanly");
+    lockstep_stream(&proxy, &origin).await;
     origin.next_request_for("/events").await;
     assert_eq!(get(&proxy, "/plain").await, (200, "hello over tls".into()));
     origin.next_request_for("/plain").await;

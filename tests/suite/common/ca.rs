@@ -35,23 +35,13 @@ impl Ca {
     /// A certificate for `names` (DNS names, or IP addresses, which rcgen puts in the
     /// subjectAltName as IPs).
     pub fn issue(&self, names: &[&str]) -> Issued {
-        let key = KeyPair::generate().expect("key");
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let params = CertificateParams::new(names).expect("params");
-        let cert = params
-            .signed_by(&key, &self.cert, &self.key)
-            .expect("certificate");
-        Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().clone(),
-        }
+        self.sign(CertificateParams::new(names).expect("params"))
     }
 
     /// A client certificate for `cn` (the subject's common name, no subjectAltName),
     /// valid now, or one whose validity ended in 2020 when `expired`.
     pub fn issue_client(&self, cn: &str, expired: bool) -> Issued {
-        let key = KeyPair::generate().expect("key");
         let mut params = CertificateParams::new(Vec::new()).expect("params");
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, cn);
@@ -59,6 +49,12 @@ impl Ca {
             params.not_before = rcgen::date_time_ymd(2019, 1, 1);
             params.not_after = rcgen::date_time_ymd(2020, 1, 1);
         }
+        self.sign(params)
+    }
+
+    /// A certificate made from `params`, with a new key, signed by this CA.
+    fn sign(&self, params: CertificateParams) -> Issued {
+        let key = KeyPair::generate().expect("key");
         let cert = params
             .signed_by(&key, &self.cert, &self.key)
             .expect("certificate");
