@@ -97,7 +97,7 @@ pub fn from_text(
         None => SseSettings::default(),
     };
     let services = build::services(&sources, &parts, &global_sse, base, state, &local)?;
-    let middlewares = build::middlewares(&sources, &parts, base, state, previous)?;
+    let middlewares = build::middlewares(&sources, &parts, base, state, previous, &services)?;
     let routes = build::routes(
         &sources,
         &parts,

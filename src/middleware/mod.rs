@@ -9,7 +9,8 @@
 //!
 //! | hook | Pingora phase | may |
 //! | --- | --- | --- |
-//! | `request` (async) | `request_filter` | answer directly with [`Outcome::Respond`] |
+//! | `request` | `request_filter` | answer directly with [`Outcome::Respond`], or have the proxy ask another service first ([`Outcome::Ask`]) |
+//! | `answered` | `request_filter` | decide on that service's answer, as `request` would |
 //! | `request_body` | `request_body_filter` | refuse the body with an error status |
 //! | `upstream_request` | `upstream_request_filter` | change what the origin sees |
 //! | `response` | `response_filter` | change the response header; return a [`BodyFilter`] |
@@ -47,6 +48,7 @@ pub mod body_replace;
 pub mod compress;
 pub mod cors;
 mod credentials;
+pub mod forward_auth;
 pub mod headers;
 pub mod ip_filter;
 pub mod rate_limit;
@@ -56,6 +58,7 @@ pub mod rewrite;
 pub mod size_limit;
 pub mod sse;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -68,7 +71,9 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
 use crate::http_util::AddedHeaders;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::sse::{limits, SseRequest};
+use crate::upstream::service::Service;
 
 /// What the middlewares of a chain read and write of a request.
 #[derive(Debug, Default)]
@@ -154,6 +159,21 @@ impl Reply {
 pub enum Outcome {
     Continue,
     Respond(Reply),
+    /// Ask another service first (`forward_auth`): the proxy sends the request and hands
+    /// the answer to the middleware's `answered` hook, which decides.
+    Ask(Box<Ask>),
+}
+
+/// A request a middleware has the proxy send before it decides ([`Outcome::Ask`]): a
+/// head alone, to a service of the config, through its endpoints, retries, pool, TLS and
+/// timeouts as a request routed there goes.
+#[derive(Debug)]
+pub struct Ask {
+    pub service: Arc<Service>,
+    pub request: RequestHeader,
+    /// The route name its requests are counted under, and its handles.
+    pub route: String,
+    pub metrics: Arc<RouteMetrics>,
 }
 
 /// Per-request state for rewriting a response body, created by a `response` hook.
@@ -166,6 +186,18 @@ pub trait BodyFilter: Send + Sync {
 /// A middleware type.
 pub trait Middleware: Send + Sync {
     fn request(&self, _session: &mut Session, _ctx: &mut Context) -> Result<Outcome> {
+        Ok(Outcome::Continue)
+    }
+
+    /// The answer to the request `request` had the proxy send ([`Outcome::Ask`]), with its
+    /// whole body: decides as `request` would have (an `Ask` here is an error).
+    fn answered(
+        &self,
+        _answer: &ResponseHeader,
+        _body: &Bytes,
+        _session: &mut Session,
+        _ctx: &mut Context,
+    ) -> Result<Outcome> {
         Ok(Outcome::Continue)
     }
 
@@ -237,6 +269,9 @@ pub struct Build<'a> {
     pub base: &'a std::path::Path,
     /// The server's limit counters (the `sse` type's `max_connections`).
     pub limits: &'a limits::Registry,
+    /// The config's services (the one `forward_auth` asks).
+    pub services: &'a BTreeMap<String, Arc<Service>>,
+    pub metrics: &'a Metrics,
 }
 
 /// The one list of middleware types: each row is the type name as written in the config,
@@ -310,6 +345,8 @@ middleware_types! {
     "request_size_limit" => RequestSizeLimit(size_limit) = size_limit::SizeLimit::new(c);
     "body_replace" => BodyReplace(body_replace) = body_replace::BodyReplace::new(c)?;
     "compress" => Compress(compress) = compress::Compress::new(c)?;
+    "forward_auth" => ForwardAuth(forward_auth) =
+        forward_auth::ForwardAuth::new(c, b.name, b.services, b.metrics)?;
 }
 
 impl MiddlewareConfig {

@@ -31,7 +31,7 @@
 pub mod answer;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -46,7 +46,7 @@ use crate::config::Config;
 use crate::http_util::{answer_written, request_host, session_client};
 use crate::listen::admission;
 use crate::listen::certs::below_min_version;
-use crate::middleware::{Outcome, Reply};
+use crate::middleware::{Ask, Instance, Outcome, Reply};
 use crate::relay::client::Handback;
 use crate::relay::reply::{answer, write_reply};
 use crate::relay::{self, Relay, RequestCtx};
@@ -86,6 +86,38 @@ impl StreamGate {
             config,
             state,
         }
+    }
+
+    /// Sends the request a middleware asked for ([`Outcome::Ask`]) and hands it the answer
+    /// ([`crate::middleware::Middleware::answered`]), counting the exchange under the middleware's route. A
+    /// failure answers the client with its status and a reason naming the middleware and
+    /// its service (not the request's own).
+    async fn ask(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        instance: &Instance,
+        ask: Ask,
+    ) -> Result<Outcome> {
+        let metrics = ask.metrics.clone();
+        let service = ask.service.name.clone();
+        let started = Instant::now();
+        let asked = self.relay.ask(session, ctx.chain.client, ask).await;
+        let (answer, body) = match asked {
+            Ok(answered) => answered,
+            Err(e) => {
+                let Some((status, reason)) = error_response(&e, Some(&service)) else {
+                    return Err(e);
+                };
+                metrics.request(status, started.elapsed());
+                let reason = format!("middleware `{}`: {reason}", instance.name);
+                return Err(crate::error::http_error(status, reason));
+            }
+        };
+        metrics.request(answer.status.as_u16(), started.elapsed());
+        instance
+            .middleware
+            .answered(&answer, &body, session, &mut ctx.chain)
     }
 }
 
@@ -171,10 +203,22 @@ impl ProxyHttp for StreamGate {
         relay::limits::collect(&config, &route, ctx);
 
         for instance in route.chain.iter() {
-            let outcome = instance.middleware.request(session, &mut ctx.chain)?;
-            if let Outcome::Respond(reply) = outcome {
-                Box::pin(answer(session, ctx, &route, reply)).await?;
-                return Ok(true);
+            let mut outcome = instance.middleware.request(session, &mut ctx.chain)?;
+            if let Outcome::Ask(ask) = outcome {
+                outcome = Box::pin(self.ask(session, ctx, instance, *ask)).await?;
+            }
+            match outcome {
+                Outcome::Continue => {}
+                Outcome::Respond(reply) => {
+                    Box::pin(answer(session, ctx, &route, reply)).await?;
+                    return Ok(true);
+                }
+                Outcome::Ask(_) => {
+                    return Err(Error::explain(
+                        ErrorType::InternalError,
+                        format!("middleware `{}` asked twice", instance.name),
+                    ))
+                }
             }
         }
         if ctx.chain.sse.announced {

@@ -65,10 +65,17 @@ impl Client<'_> {
     }
 
     /// Resolves when the client goes away (an error), or sends bytes where none belong
-    /// (`Err` of type `ConnectError`); pending otherwise.
+    /// (`Err` of type `ConnectError`); pending otherwise, and while the request body is
+    /// still to be read (a request asked of a middleware's service before it is sent):
+    /// what the watch read then would be taken from the body.
     pub async fn gone(&mut self) -> Result<()> {
         match self {
-            Client::Session(session) => session.read_body_or_idle(true).await.map(|_| ()),
+            Client::Session(session) => {
+                if !session.is_body_done() {
+                    return std::future::pending().await;
+                }
+                session.read_body_or_idle(true).await.map(|_| ())
+            }
             Client::Raw(raw) => raw.gone().await,
         }
     }

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt as _;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, EXPECT, TRANSFER_ENCODING};
 use http::{Method, Version};
@@ -59,10 +59,13 @@ use super::stream::apply_filters;
 use crate::config::AccessLog;
 use crate::error::http_error;
 use crate::http_util::remove_request_header;
+use crate::middleware::Ask;
+use crate::routing::Route;
 use crate::sse;
 use crate::sse::drain::drain_deadline;
 use crate::state::State;
 use crate::upstream::connect::Connector;
+use crate::upstream::Attempts;
 
 /// How long an origin that stopped reading a request body is given to show its answer.
 const EARLY_ANSWER: Duration = Duration::from_millis(200);
@@ -745,6 +748,59 @@ impl Relay {
         }
     }
 
+    /// Sends a middleware's request ([`Ask`]: a head alone) to its service and reads the
+    /// answer whole, the body up to [`ASK_BODY_LIMIT`], as a request routed to that service
+    /// would go (its endpoints, retries, pool, TLS, timeouts, the client watched meanwhile)
+    /// under the middleware's own route; hop-by-hop headers are taken out of the answer.
+    pub async fn ask(
+        &self,
+        session: &mut Session,
+        client: Option<std::net::IpAddr>,
+        ask: Ask,
+    ) -> Result<(ResponseHeader, Bytes)> {
+        let Ask {
+            service,
+            request,
+            route,
+            metrics,
+        } = ask;
+        let mut ctx = RequestCtx::default();
+        ctx.chain.client = client;
+        ctx.upstream.attempts = Attempts::new(service.retries);
+        let read_timeout = service.timeouts.read;
+        ctx.route = Some(Arc::new(Route {
+            name: route,
+            service,
+            chain: Arc::new([]),
+            metrics,
+        }));
+        let mut client = Client::Session(session.as_mut());
+        let Opened { mut link, mut head } = self
+            .open(&mut client, &mut ctx, &request, Framing::None)
+            .await?;
+        strip_response_hop_by_hop(&mut head, false);
+        let mut body = BytesMut::new();
+        while !link.conn.body_done() {
+            let read = link.conn.read_body();
+            let Some(chunk) = within(read_timeout, read, "reading the answer's body").await? else {
+                break;
+            };
+            if body.len() + chunk.len() > ASK_BODY_LIMIT {
+                return Err(http_error(
+                    502,
+                    format!(
+                        "service `{}`: an answer with a body over {} KiB",
+                        ctx.route()?.service.name,
+                        ASK_BODY_LIMIT >> 10
+                    ),
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        self.release(link, &ctx);
+        Ok((head, body.freeze()))
+    }
+
     /// Gives the connection back to the pool when the exchange ended cleanly.
     pub fn release(&self, link: Link, ctx: &RequestCtx) {
         let idle = ctx.route.as_ref().and_then(|r| r.service.timeouts.idle);
@@ -753,6 +809,9 @@ impl Relay {
         }
     }
 }
+
+/// The most of an answer's body a middleware's request ([`Relay::ask`]) reads.
+pub const ASK_BODY_LIMIT: usize = 64 << 10;
 
 /// A future to be started (see [`start`]): a stream carried apart, a new connection.
 pub type Apart = Pin<Box<dyn Future<Output = ()> + Send>>;

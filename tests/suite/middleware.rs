@@ -955,3 +955,247 @@ fn gunzip_prefix(wire: &[u8]) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// An authentication service for `forward_auth`: `Bearer good` is alice (2xx, naming her
+/// in `x-user-id`), anything else a `401` with a challenge, a cookie and a body.
+async fn auth_service() -> Origin {
+    Origin::start(|head, mut conn| async move {
+        let answer = match head.header("authorization") {
+            Some("Bearer good") => {
+                "HTTP/1.1 204 No Content\r\nx-user-id: alice\r\nx-other: kept back\r\n\r\n"
+                    .to_string()
+            }
+            _ => {
+                let body = "sign in first";
+                format!(
+                    "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Bearer realm=\"feed\"\r\n\
+                     set-cookie: next=/page\r\nkeep-alive: timeout=99\r\n\
+                     content-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            }
+        };
+        match conn.write(answer.as_bytes()).await {
+            Ok(()) => After::KeepAlive(conn),
+            Err(_) => After::Close,
+        }
+    })
+    .await
+}
+
+/// `forward_auth`: every request, plain or an LLM's `POST` event stream, is first put to
+/// the auth service (through the service's URL path, with the client's credentials and
+/// where it was going); a 2xx lets it through with the user the service named (what the
+/// client sent under that name never arrives), anything else is the client's answer as
+/// the service gave it, its requests are counted under the middleware's own route, and
+/// an auth service that cannot be reached is a 502 naming the middleware and service.
+#[tokio::test(flavor = "multi_thread")]
+async fn forward_auth_asks_the_auth_service_first() {
+    let mut auth = auth_service().await;
+    let mut origin = Origin::post_streams("hello").await;
+    let dead = common::free_port();
+    let proxy = Proxy::start(&format!(
+        "services:\n  app: {{ url: \"{}\" }}\n  auth: {{ url: \"{}/auth\" }}\n  \
+         dead: {{ url: \"http://127.0.0.1:{dead}\" }}\n\
+         middleware_services:\n  - name: sso\n    type: forward_auth\n    config: \
+         {{ service: auth, path: /verify, response_headers: [x-user-id] }}\n  \
+         - {{ name: down, type: forward_auth, config: {{ service: dead }} }}\n\
+         host_rules:\n  - pattern: \"*\"\n    target: app\n    middlewares: [sso]\n    \
+         route_rules:\n      - {{ pattern: /down, target: app, middlewares: [down] }}\n",
+        origin.url(),
+        auth.url()
+    ))
+    .await;
+
+    let ok = client()
+        .get(proxy.url("/page?q=1"))
+        .header("authorization", "Bearer good")
+        .header("x-user-id", "mallory")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.text().await.expect("body"), "hello");
+    let asked = auth.next_request().await;
+    assert_eq!(
+        (asked.method.as_str(), asked.target.as_str()),
+        ("GET", "/auth/verify")
+    );
+    for (name, value) in [
+        ("host", auth.addr.to_string()),
+        ("authorization", "Bearer good".into()),
+        ("x-forwarded-method", "GET".into()),
+        ("x-forwarded-proto", "http".into()),
+        ("x-forwarded-host", proxy.addr.to_string()),
+        ("x-forwarded-uri", "/page?q=1".into()),
+        ("x-forwarded-for", "127.0.0.1".into()),
+    ] {
+        assert_eq!(asked.header(name), Some(value.as_str()), "{name}");
+    }
+    assert_eq!(asked.header("x-user-id"), None);
+    let seen = origin.next_request().await;
+    assert_eq!(
+        seen.headers_named("x-user-id"),
+        ["alice"],
+        "the spoofed one is gone"
+    );
+    assert_eq!(seen.header("x-other"), None, "only the headers named pass");
+
+    // An LLM's request: a POST answered by an event stream, authenticated first.
+    let stream = client()
+        .post(proxy.url("/v1/chat"))
+        .header("authorization", "Bearer good")
+        .header("accept", "text/event-stream")
+        .body("{\"prompt\":\"hi\"}")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(stream.status(), 200);
+    assert_eq!(
+        Events::new(stream).next().await.as_deref(),
+        Some("data: token")
+    );
+    assert_eq!(
+        auth.next_request().await.header("x-forwarded-method"),
+        Some("POST")
+    );
+    let seen = origin.next_request().await;
+    assert_eq!(
+        (seen.method.as_str(), seen.header("x-user-id")),
+        ("POST", Some("alice"))
+    );
+
+    // Refused: the auth service's answer, as it gave it (its hop-by-hop headers aside).
+    let refused = sse_get(proxy.url("/events")).await;
+    assert_eq!(refused.status(), 401);
+    assert_eq!(
+        refused.headers()["www-authenticate"],
+        "Bearer realm=\"feed\""
+    );
+    assert_eq!(refused.headers()["set-cookie"], "next=/page");
+    assert!(refused.headers().get("keep-alive").is_none());
+    assert_eq!(refused.text().await.expect("body"), "sign in first");
+    auth.next_request().await;
+    assert!(
+        origin.requests.try_recv().is_err(),
+        "nothing reached the origin"
+    );
+
+    // The route's own chain runs after the host's: alice is let through by `sso`, then
+    // `down` cannot reach its service.
+    let down = client()
+        .get(proxy.url("/down"))
+        .header("authorization", "Bearer good")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(down.status(), 502);
+    assert_eq!(
+        down.text().await.expect("body").trim_end(),
+        "502 middleware `down`: service `dead`: the origin refused the connection"
+    );
+
+    let metrics = proxy.state.metrics.render();
+    for line in [
+        "streamgate_requests_total{class=\"2xx\",route=\"forward_auth:sso\",service=\"auth\"} 3",
+        "streamgate_requests_total{class=\"4xx\",route=\"forward_auth:sso\",service=\"auth\"} 1",
+        "streamgate_requests_total{class=\"5xx\",route=\"forward_auth:down\",service=\"dead\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
+}
+
+#[test]
+fn forward_auth_settings_are_checked_at_load() {
+    let text = |config: &str| {
+        format!(
+            "services:\n  auth: {{ url: \"http://127.0.0.1:9\" }}\n\
+             middleware_services:\n  - name: sso\n    type: forward_auth\n    config: {config}\n"
+        )
+    };
+    for (config, says) in [
+        (
+            "{ service: nope }",
+            "no service `nope` (the services: auth)",
+        ),
+        (
+            "{ service: auth, path: verify }",
+            "`path: verify` must start with /",
+        ),
+        (
+            "{ service: auth, response_headers: [x-forwarded-for] }",
+            "`response_headers` cannot name `x-forwarded-for`",
+        ),
+        (
+            "{ service: auth, request_headers: [\"bad name\"] }",
+            "`bad name` is not a valid header name",
+        ),
+        ("{ path: / }", "missing field `service`"),
+    ] {
+        let error = common::config_error(&text(config));
+        assert!(
+            error.contains("test.yaml:6:") && error.contains(says),
+            "{config}: {error}"
+        );
+    }
+}
+
+/// A request body that arrives while the auth service is still deciding is left for the
+/// origin, whole: watching the client for a close meanwhile would have read it.
+#[tokio::test(flavor = "multi_thread")]
+async fn forward_auth_leaves_a_body_that_comes_later_to_the_origin() {
+    use tokio::io::AsyncWriteExt;
+    let (decide, decisions) = mpsc::unbounded_channel::<()>();
+    let decisions = Arc::new(Mutex::new(decisions));
+    let mut auth = Origin::start(move |_, mut conn| {
+        let decisions = decisions.clone();
+        async move {
+            decisions.lock().await.recv().await;
+            match conn
+                .write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+            {
+                Ok(()) => After::KeepAlive(conn),
+                Err(_) => After::Close,
+            }
+        }
+    })
+    .await;
+    let origin = Origin::start(|head, mut conn| async move {
+        let body = conn.read_body(&head).await.unwrap_or_default();
+        let echo = format!("got {}", String::from_utf8_lossy(&body));
+        match conn.respond(200, &echo).await {
+            Ok(()) => After::KeepAlive(conn),
+            Err(_) => After::Close,
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "services:\n  app: {{ url: \"{}\" }}\n  auth: {{ url: \"{}\" }}\n\
+         middleware_services:\n  - {{ name: sso, type: forward_auth, config: {{ service: auth }} }}\n\
+         middlewares: [sso]\nhost_rules:\n  - {{ pattern: \"*\", target: app }}\n",
+        origin.url(),
+        auth.url()
+    ))
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    conn.write_all(b"POST /v1/chat HTTP/1.1\r\nhost: x\r\ncontent-length: 13\r\n\r\n")
+        .await
+        .expect("head");
+    auth.next_request().await;
+    conn.write_all(b"{\"prompt\":1}\n").await.expect("body");
+    // The body is in the proxy's socket before the auth service answers.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    decide.send(()).expect("decide");
+    let answer = common::read_until(&mut conn, "the origin's answer", |got| {
+        got.ends_with(b"got {\"prompt\":1}\n")
+    })
+    .await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}

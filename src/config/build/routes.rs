@@ -23,6 +23,7 @@ pub fn middlewares(
     base: &Path,
     state: &State,
     previous: &Instances,
+    services: &BTreeMap<String, Arc<Service>>,
 ) -> Result<Instances, ConfigError> {
     let mut middlewares: Instances = BTreeMap::new();
     let mut defined_in: BTreeMap<String, usize> = BTreeMap::new();
@@ -40,7 +41,7 @@ pub fn middlewares(
                     },
                 ));
             }
-            let instance = instance(source, &path, entry, dir, state, previous)?;
+            let instance = instance(source, &path, entry, dir, state, previous, services)?;
             defined_in.insert(entry.name.clone(), src);
             middlewares.insert(entry.name.clone(), Arc::new(instance));
         }
@@ -119,6 +120,7 @@ fn instance(
     dir: &Path,
     state: &State,
     previous: &Instances,
+    services: &BTreeMap<String, Arc<Service>>,
 ) -> Result<Instance, ConfigError> {
     let fingerprint = format!("{:?}", entry.config);
     let middleware = match previous.get(&entry.name) {
@@ -131,6 +133,8 @@ fn instance(
                 name: &entry.name,
                 base: dir,
                 limits: &state.limits,
+                services,
+                metrics: &state.metrics,
             })
             .map_err(|e| source.error(path.key("config"), Kind::Invalid(e)))?
             .into(),

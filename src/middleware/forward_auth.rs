@@ -1,0 +1,209 @@
+//! `forward_auth`: each request is first put to an authentication service, as nginx's
+//! `auth_request`, Traefik's `forwardAuth` and Caddy's `forward_auth` do. The proxy sends
+//! that service a `GET` with the client's credentials and where the request was going; a
+//! 2xx answer lets the request through, with headers of the answer (the user it
+//! authenticated, say) added to the request the origin sees; any other answer (a `401`
+//! with `WWW-Authenticate`, a `403`, a `302` to a login page) is what the client gets:
+//! its status, headers and body.
+//!
+//! ```yaml
+//! services:
+//!   auth: { url: "http://127.0.0.1:9000" }
+//! middleware_services:
+//!   - name: sso
+//!     type: forward_auth
+//!     config:
+//!       service: auth                   # a service of `services`: its endpoints,
+//!                                       # balancing, retries, TLS and timeouts
+//!       path: /verify                   # the target asked for, after the service's
+//!                                       # URL path (default /)
+//!       request_headers: [authorization, cookie]   # copied from the client (default)
+//!       response_headers: [x-user-id]   # copied from a 2xx answer to the origin's request
+//! ```
+//!
+//! Phase: `request` (the proxy sends the request, see `Outcome::Ask`, and hands the answer
+//! to `answered`). The request to the auth service carries `X-Forwarded-Method`,
+//! `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Forwarded-Uri` and `X-Forwarded-For` (the
+//! client's address, through `trusted_proxies`). What the client itself sent under a
+//! `response_headers` name never reaches the origin, whatever the answer: only the auth
+//! service sets those. An auth service that cannot be reached, fails or does not answer
+//! in time answers the client 502, 503 or 504 naming the middleware and the service: no
+//! request passes unasked. The answer's body is read whole, up to 64 KiB. Its requests
+//! are counted as a route of their own, `forward_auth:<name>` (`streamgate_requests_total`
+//! and the duration histogram).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use pingora_error::Result;
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+use serde::Deserialize;
+
+use super::{header_name, Ask, Context, Middleware, Outcome, Reply};
+use crate::http_util::{request_host, scheme};
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::upstream::service::Service;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub service: String,
+    #[serde(default = "default_path")]
+    pub path: String,
+    #[serde(default = "default_request_headers")]
+    pub request_headers: Vec<String>,
+    #[serde(default)]
+    pub response_headers: Vec<String>,
+}
+
+fn default_path() -> String {
+    "/".into()
+}
+
+fn default_request_headers() -> Vec<String> {
+    vec!["authorization".into(), "cookie".into()]
+}
+
+/// The headers the auth service is told where the request was going by.
+const FORWARDED: [&str; 5] = [
+    "x-forwarded-method",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-uri",
+    "x-forwarded-for",
+];
+
+pub struct ForwardAuth {
+    service: Arc<Service>,
+    /// The target asked for: the service's URL path, then `path`.
+    target: String,
+    request_headers: Vec<HeaderName>,
+    response_headers: Vec<HeaderName>,
+    /// The name its requests are counted under, and their handles.
+    route: String,
+    metrics: Arc<RouteMetrics>,
+}
+
+impl ForwardAuth {
+    pub fn new(
+        config: &Config,
+        name: &str,
+        services: &BTreeMap<String, Arc<Service>>,
+        metrics: &Metrics,
+    ) -> Result<Self, String> {
+        let service = services.get(&config.service).cloned().ok_or_else(|| {
+            let known: Vec<&str> = services.keys().map(String::as_str).collect();
+            format!(
+                "no service `{}` (the services: {})",
+                config.service,
+                known.join(", ")
+            )
+        })?;
+        if !config.path.starts_with('/') {
+            return Err(format!("`path: {}` must start with /", config.path));
+        }
+        let target = format!("{}{}", service.url.prefix, config.path);
+        // Checked here, so that building the request cannot fail.
+        RequestHeader::build("GET", target.as_bytes(), None)
+            .map_err(|e| format!("`path: {}` is not a request target: {e}", config.path))?;
+        let names = |list: &[String]| -> Result<Vec<HeaderName>, String> {
+            list.iter().map(|n| header_name(n)).collect()
+        };
+        let request_headers = names(&config.request_headers)?;
+        let response_headers = names(&config.response_headers)?;
+        if let Some(name) = response_headers
+            .iter()
+            .find(|n| FORWARDED.contains(&n.as_str()) || **n == HOST)
+        {
+            return Err(format!(
+                "`response_headers` cannot name `{name}`: the proxy sets it"
+            ));
+        }
+        let route = format!("forward_auth:{name}");
+        let metrics = metrics.route(&route, &service.name);
+        Ok(ForwardAuth {
+            service,
+            target,
+            request_headers,
+            response_headers,
+            route,
+            metrics,
+        })
+    }
+
+    /// The request to the auth service for the client's request in `session`.
+    fn ask(&self, session: &Session, ctx: &Context) -> Result<RequestHeader> {
+        let req = session.req_header();
+        let mut ask = RequestHeader::build("GET", self.target.as_bytes(), None)?;
+        ask.insert_header(HOST, self.service.url.authority())?;
+        let uri = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let client = ctx.client.map(|ip| ip.to_string());
+        let values = [
+            Some(req.method.as_str()),
+            Some(scheme(session.as_downstream())),
+            request_host(req),
+            Some(uri),
+            client.as_deref(),
+        ];
+        for (name, value) in FORWARDED.iter().zip(values) {
+            if let Some(value) = value {
+                ask.insert_header(*name, value)?;
+            }
+        }
+        for name in &self.request_headers {
+            for value in req.headers.get_all(name) {
+                ask.append_header(name.clone(), value.clone())?;
+            }
+        }
+        Ok(ask)
+    }
+}
+
+impl Middleware for ForwardAuth {
+    fn request(&self, session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
+        let request = self.ask(session, ctx)?;
+        // Only the auth service speaks under these names.
+        for name in &self.response_headers {
+            ctx.added.remove(session.req_header_mut(), name);
+        }
+        Ok(Outcome::Ask(Box::new(Ask {
+            service: self.service.clone(),
+            request,
+            route: self.route.clone(),
+            metrics: self.metrics.clone(),
+        })))
+    }
+
+    fn answered(
+        &self,
+        answer: &ResponseHeader,
+        body: &Bytes,
+        _session: &mut Session,
+        ctx: &mut Context,
+    ) -> Result<Outcome> {
+        if answer.status.is_success() {
+            for name in &self.response_headers {
+                for value in answer.headers.get_all(name) {
+                    let spelled = Bytes::copy_from_slice(name.as_str().as_bytes());
+                    ctx.added.add(spelled, value.clone());
+                }
+            }
+            return Ok(Outcome::Continue);
+        }
+        // The answer goes to the client as the auth service gave it, framed anew.
+        let headers = answer
+            .headers
+            .iter()
+            .filter(|(name, _)| **name != CONTENT_LENGTH && **name != TRANSFER_ENCODING)
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect::<Vec<(HeaderName, HeaderValue)>>();
+        Ok(Outcome::Respond(Reply {
+            status: answer.status.as_u16(),
+            headers,
+            body: body.clone(),
+        }))
+    }
+}
