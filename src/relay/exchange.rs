@@ -3,7 +3,9 @@
 //! HTTP/2 from the client).
 //!
 //! ```text
-//! request_filter ...   routing, the chain's request hooks, announced-stream limits
+//! request_filter ...   routing, the chain's request hooks (a hook's own request, such as
+//!                      `forward_auth`'s, goes to its service as below: Relay::ask),
+//!                      announced-stream limits
 //! connect              an endpoint by the service's balancing (`upstream::connect`: Pingora's
 //!                      pool, then a spare made ahead (`preconnect`), else a plain TCP
 //!                      connect of streamgate's own, TLS through Pingora's connector); a

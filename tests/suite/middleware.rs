@@ -994,7 +994,7 @@ async fn forward_auth_asks_the_auth_service_first() {
     let mut auth = auth_service().await;
     let mut origin = Origin::post_streams("hello").await;
     let dead = common::free_port();
-    let proxy = Proxy::start(&format!(
+    let proxy = Proxy::start_h2c(&format!(
         "services:\n  app: {{ url: \"{}\" }}\n  auth: {{ url: \"{}/auth\" }}\n  \
          dead: {{ url: \"http://127.0.0.1:{dead}\" }}\n\
          middleware_services:\n  - name: sso\n    type: forward_auth\n    config: \
@@ -1041,29 +1041,38 @@ async fn forward_auth_asks_the_auth_service_first() {
     );
     assert_eq!(seen.header("x-other"), None, "only the headers named pass");
 
-    // An LLM's request: a POST answered by an event stream, authenticated first.
-    let stream = client()
-        .post(proxy.url("/v1/chat"))
-        .header("authorization", "Bearer good")
-        .header("accept", "text/event-stream")
-        .body("{\"prompt\":\"hi\"}")
-        .send()
-        .await
-        .expect("answer");
-    assert_eq!(stream.status(), 200);
-    assert_eq!(
-        Events::new(stream).next().await.as_deref(),
-        Some("data: token")
-    );
-    assert_eq!(
-        auth.next_request().await.header("x-forwarded-method"),
-        Some("POST")
-    );
-    let seen = origin.next_request().await;
-    assert_eq!(
-        (seen.method.as_str(), seen.header("x-user-id")),
-        ("POST", Some("alice"))
-    );
+    // An LLM's request: a POST answered by an event stream, authenticated first, over
+    // HTTP/1.1 and over HTTP/2 (h2c).
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    for (client, version) in [(client(), "1.1"), (h2c, "2")] {
+        let stream = client
+            .post(proxy.url("/v1/chat"))
+            .header("authorization", "Bearer good")
+            .header("accept", "text/event-stream")
+            .body("{\"prompt\":\"hi\"}")
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(stream.status(), 200, "HTTP/{version}");
+        assert_eq!(
+            Events::new(stream).next().await.as_deref(),
+            Some("data: token"),
+            "HTTP/{version}"
+        );
+        assert_eq!(
+            auth.next_request().await.header("x-forwarded-method"),
+            Some("POST")
+        );
+        let seen = origin.next_request().await;
+        assert_eq!(
+            (seen.method.as_str(), seen.header("x-user-id")),
+            ("POST", Some("alice")),
+            "HTTP/{version}"
+        );
+    }
 
     // Refused: the auth service's answer, as it gave it (its hop-by-hop headers aside).
     let refused = sse_get(proxy.url("/events")).await;
@@ -1097,7 +1106,7 @@ async fn forward_auth_asks_the_auth_service_first() {
 
     let metrics = proxy.state.metrics.render();
     for line in [
-        "streamgate_requests_total{class=\"2xx\",route=\"forward_auth:sso\",service=\"auth\"} 3",
+        "streamgate_requests_total{class=\"2xx\",route=\"forward_auth:sso\",service=\"auth\"} 4",
         "streamgate_requests_total{class=\"4xx\",route=\"forward_auth:sso\",service=\"auth\"} 1",
         "streamgate_requests_total{class=\"5xx\",route=\"forward_auth:down\",service=\"dead\"} 1",
     ] {
