@@ -20,7 +20,7 @@ use crate::middleware::MiddlewareConfig;
 use crate::sse::SseSettings;
 use crate::state::State;
 use crate::upstream::connect::LocalAddrs;
-use crate::upstream::origin_tls::CaBundle;
+use crate::upstream::origin_tls::{CaBundle, OriginTls};
 use crate::yaml::{KeyPath, Source};
 
 /// Loads `path` and what it includes for the server `state` belongs to. `previous` are the
@@ -136,7 +136,11 @@ pub fn from_text(
         server.grace_period_seconds = Some(drain.as_secs_f64().ceil() as u64 + DRAIN_MARGIN_SECS);
     }
     let certs: Vec<&LoadedCert> = listeners.tls.values().flat_map(|t| &t.certs).collect();
-    let version = version_of(&sources, &certs);
+    let origin_tls: Vec<u64> = services
+        .values()
+        .filter_map(|s| s.tls.as_ref().map(OriginTls::identity))
+        .collect();
+    let version = version_of(&sources, &certs, &origin_tls);
     let texts = sources
         .iter()
         .map(|s| (s.file.clone(), s.text.clone()))
@@ -477,8 +481,10 @@ fn glob_has_wildcard(pattern: &str) -> bool {
     pattern.contains(['*', '?', '['])
 }
 
-/// A short hash of every file's text and every certificate.
-fn version_of(sources: &[Source], certs: &[&LoadedCert]) -> String {
+/// A short hash of every file's text and every certificate: the listeners', and what each
+/// https service trusts and presents (`origin_tls`, see `OriginTls::identity`), so that
+/// a renewed CA bundle or client certificate is a new version the watcher reloads.
+fn version_of(sources: &[Source], certs: &[&LoadedCert], origin_tls: &[u64]) -> String {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     for source in sources {
@@ -490,5 +496,6 @@ fn version_of(sources: &[Source], certs: &[&LoadedCert]) -> String {
             der.as_ref().hash(&mut hasher);
         }
     }
+    origin_tls.hash(&mut hasher);
     format!("{:016x}", hasher.finish())
 }

@@ -218,15 +218,22 @@ impl Config {
             .as_secs()
     }
 
-    /// The label sets this config's metrics use: (route, service) pairs, services, and
-    /// services with affinity.
+    /// The label sets this config's metrics use: (route, service) pairs (the route table's,
+    /// and those middlewares count their own requests under), services, and services with
+    /// affinity.
     pub fn metric_labels(&self) -> MetricLabels {
+        let own = self
+            .middlewares
+            .values()
+            .filter_map(|i| i.middleware.counted_as())
+            .map(|(route, service)| (route.to_string(), service.to_string()));
         let routes = self
             .routes
             .describe()
             .into_iter()
             .flat_map(|(_, routes)| routes)
             .map(|(_, route)| (route.name.clone(), route.service.name.clone()))
+            .chain(own)
             .collect();
         let affinity = self
             .services

@@ -19,24 +19,32 @@
 //!                                       # URL path (default /)
 //!       request_headers: [authorization, cookie]   # copied from the client (default)
 //!       response_headers: [x-user-id]   # copied from a 2xx answer to the origin's request
+//!       timeout: 10s                    # for the whole exchange (default 10s; 0: the
+//!                                       # service's own timeouts only)
 //! ```
 //!
 //! Phase: `request` (the proxy sends the request, see `Outcome::Ask`, and hands the answer
 //! to `answered`). The request to the auth service carries `X-Forwarded-Method`,
 //! `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Forwarded-Uri` and `X-Forwarded-For` (the
-//! client's address, through `trusted_proxies`). What the client itself sent under a
-//! `response_headers` name never reaches the origin, whatever the answer: only the auth
-//! service sets those. An auth service that cannot be reached, fails or does not answer
-//! in time answers the client 502, 503 or 504 naming the middleware and the service: no
-//! request passes unasked. The answer's body is read whole, up to 64 KiB. Its requests
-//! are counted as a route of their own, `forward_auth:<name>` (`streamgate_requests_total`
-//! and the duration histogram).
+//! client's address, through `trusted_proxies`); several `Cookie` lines (HTTP/2 sends one
+//! per cookie) go as one. What the client itself sent under a `response_headers` name
+//! never reaches the origin, whatever the answer, nor under the name spelled with
+//! underscores (`X_User_Id`, which CGI-style servers read as `X-User-Id`): only the auth
+//! service sets those. Names that frame or route a request (`Host`, `Content-Length`,
+//! `Transfer-Encoding`, `Connection` ...) and the forwarding headers the proxy sets are
+//! refused in both lists when the config loads. An auth service that cannot be reached,
+//! fails, answers `1xx` or does not answer within `timeout` answers the client 502, 503
+//! or 504 naming the middleware and the service: no request passes unasked. A refusal's
+//! body is relayed up to 64 KiB (larger: 502); a 2xx answer's body is not used. Its
+//! requests are counted as a route of their own, `forward_auth:<name>`
+//! (`streamgate_requests_total` and the duration histogram), kept across reloads.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, COOKIE, TRANSFER_ENCODING};
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
@@ -46,6 +54,7 @@ use super::{header_name, Ask, Context, Middleware, Outcome, Reply};
 use crate::http_util::{request_host, scheme};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::upstream::service::Service;
+use crate::values::Dur;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +66,8 @@ pub struct Config {
     pub request_headers: Vec<String>,
     #[serde(default)]
     pub response_headers: Vec<String>,
+    #[serde(default)]
+    pub timeout: Option<Dur>,
 }
 
 fn default_path() -> String {
@@ -76,12 +87,35 @@ const FORWARDED: [&str; 5] = [
     "x-forwarded-for",
 ];
 
+/// Names that frame or route a request, or that the proxy sets on the origin's request:
+/// neither copied to the auth service nor from its answer.
+const RESERVED: [&str; 14] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+];
+
+/// How long the whole exchange with the auth service may take, unless `timeout` says.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub struct ForwardAuth {
     service: Arc<Service>,
     /// The target asked for: the service's URL path, then `path`.
     target: String,
     request_headers: Vec<HeaderName>,
     response_headers: Vec<HeaderName>,
+    timeout: Option<Duration>,
     /// The name its requests are counted under, and their handles.
     route: String,
     metrics: Arc<RouteMetrics>,
@@ -109,19 +143,24 @@ impl ForwardAuth {
         // Checked here, so that building the request cannot fail.
         RequestHeader::build("GET", target.as_bytes(), None)
             .map_err(|e| format!("`path: {}` is not a request target: {e}", config.path))?;
-        let names = |list: &[String]| -> Result<Vec<HeaderName>, String> {
-            list.iter().map(|n| header_name(n)).collect()
+        let names = |key: &str, list: &[String]| -> Result<Vec<HeaderName>, String> {
+            let mut names: Vec<HeaderName> = Vec::with_capacity(list.len());
+            for raw in list {
+                let name = header_name(raw)?;
+                if RESERVED.contains(&name.as_str()) || FORWARDED.contains(&name.as_str()) {
+                    return Err(format!(
+                        "`{key}` cannot name `{name}`: it frames or routes the request, or \
+                         the proxy sets it"
+                    ));
+                }
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+            Ok(names)
         };
-        let request_headers = names(&config.request_headers)?;
-        let response_headers = names(&config.response_headers)?;
-        if let Some(name) = response_headers
-            .iter()
-            .find(|n| FORWARDED.contains(&n.as_str()) || **n == HOST)
-        {
-            return Err(format!(
-                "`response_headers` cannot name `{name}`: the proxy sets it"
-            ));
-        }
+        let request_headers = names("request_headers", &config.request_headers)?;
+        let response_headers = names("response_headers", &config.response_headers)?;
         let route = format!("forward_auth:{name}");
         let metrics = metrics.route(&route, &service.name);
         Ok(ForwardAuth {
@@ -129,6 +168,7 @@ impl ForwardAuth {
             target,
             request_headers,
             response_headers,
+            timeout: config.timeout.map_or(Some(DEFAULT_TIMEOUT), |d| d.limit()),
             route,
             metrics,
         })
@@ -138,7 +178,7 @@ impl ForwardAuth {
     fn ask(&self, session: &Session, ctx: &Context) -> Result<RequestHeader> {
         let req = session.req_header();
         let mut ask = RequestHeader::build("GET", self.target.as_bytes(), None)?;
-        ask.insert_header(HOST, self.service.url.authority())?;
+        ask.insert_header(http::header::HOST, self.service.url.authority())?;
         let uri = req.uri.path_and_query().map_or("/", |p| p.as_str());
         let client = ctx.client.map(|ip| ip.to_string());
         let values = [
@@ -154,11 +194,39 @@ impl ForwardAuth {
             }
         }
         for name in &self.request_headers {
+            if *name == COOKIE {
+                // One line, as HTTP/1.1 wants it (RFC 9113 8.2.3).
+                let cookies: Vec<&[u8]> = req
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .map(|v| v.as_bytes())
+                    .collect();
+                if !cookies.is_empty() {
+                    ask.insert_header(COOKIE, cookies.join(&b"; "[..]))?;
+                }
+                continue;
+            }
             for value in req.headers.get_all(name) {
                 ask.append_header(name.clone(), value.clone())?;
             }
         }
         Ok(ask)
+    }
+
+    /// Whether the client's header `name` is one of `response_headers`, spelled with
+    /// underscores for dashes.
+    fn disguised(&self, name: &HeaderName) -> bool {
+        let name = name.as_str();
+        name.contains('_')
+            && self.response_headers.iter().any(|own| {
+                own.as_str().len() == name.len()
+                    && own
+                        .as_str()
+                        .bytes()
+                        .zip(name.bytes())
+                        .all(|(a, b)| a == b || (a == b'-' && b == b'_'))
+            })
     }
 }
 
@@ -166,12 +234,20 @@ impl Middleware for ForwardAuth {
     fn request(&self, session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
         let request = self.ask(session, ctx)?;
         // Only the auth service speaks under these names.
-        for name in &self.response_headers {
+        let disguised: Vec<HeaderName> = session
+            .req_header()
+            .headers
+            .keys()
+            .filter(|name| self.disguised(name))
+            .cloned()
+            .collect();
+        for name in self.response_headers.iter().chain(&disguised) {
             ctx.added.remove(session.req_header_mut(), name);
         }
         Ok(Outcome::Ask(Box::new(Ask {
             service: self.service.clone(),
             request,
+            timeout: self.timeout,
             route: self.route.clone(),
             metrics: self.metrics.clone(),
         })))
@@ -184,6 +260,16 @@ impl Middleware for ForwardAuth {
         _session: &mut Session,
         ctx: &mut Context,
     ) -> Result<Outcome> {
+        if answer.status.is_informational() {
+            return Err(crate::error::http_error(
+                502,
+                format!(
+                    "service `{}`: an informational answer ({}) where a final one belongs",
+                    self.service.name,
+                    answer.status.as_u16()
+                ),
+            ));
+        }
         if answer.status.is_success() {
             for name in &self.response_headers {
                 for value in answer.headers.get_all(name) {
@@ -205,5 +291,9 @@ impl Middleware for ForwardAuth {
             headers,
             body: body.clone(),
         }))
+    }
+
+    fn counted_as(&self) -> Option<(&str, &str)> {
+        Some((&self.route, &self.service.name))
     }
 }

@@ -165,12 +165,15 @@ pub enum Outcome {
 }
 
 /// A request a middleware has the proxy send before it decides ([`Outcome::Ask`]): a
-/// head alone, to a service of the config, through its endpoints, retries, pool, TLS and
+/// head alone, written as it is (the service's `host_header` and path rules are not
+/// applied), to a service of the config, through its endpoints, retries, pool, TLS and
 /// timeouts as a request routed there goes.
 #[derive(Debug)]
 pub struct Ask {
     pub service: Arc<Service>,
     pub request: RequestHeader,
+    /// For the whole exchange, the answer's body included.
+    pub timeout: Option<std::time::Duration>,
     /// The route name its requests are counted under, and its handles.
     pub route: String,
     pub metrics: Arc<RouteMetrics>,
@@ -229,6 +232,13 @@ pub trait Middleware: Send + Sync {
     }
 
     fn logging(&self, _request: &RequestHeader, _ctx: &Context) {}
+
+    /// The (route, service) labels the requests it asks ([`Outcome::Ask`]) are counted
+    /// under, kept across reloads like the route table's.
+    fn counted_as(&self) -> Option<(&str, &str)> {
+        None
+    }
+
     /// A query parameter that carries a credential for this middleware (`api_key`'s
     /// `query`): the access log redacts its value whatever its name.
     fn secret_query_param(&self) -> Option<&str> {

@@ -105,6 +105,8 @@ impl StreamGate {
         let asked = self.relay.ask(session, ctx.chain.client, ask).await;
         let (answer, body) = match asked {
             Ok(answered) => answered,
+            // The client's own failure (gone, reset) is not the service's.
+            Err(e) if e.esource() == &ErrorSource::Downstream => return Err(e),
             Err(e) => {
                 let Some((status, reason)) = error_response(&e, Some(&service)) else {
                     return Err(e);

@@ -65,13 +65,14 @@ impl Client<'_> {
     }
 
     /// Resolves when the client goes away (an error), or sends bytes where none belong
-    /// (`Err` of type `ConnectError`); pending otherwise, and while the request body is
-    /// still to be read (a request asked of a middleware's service before it is sent):
-    /// what the watch read then would be taken from the body.
+    /// (`Err` of type `ConnectError`); pending otherwise, and, over HTTP/1.x, while the
+    /// request body is still to be read (a request asked of a middleware's service before
+    /// it is sent): what the watch read then would be taken from the body. (HTTP/2's watch
+    /// waits for the stream's reset and reads nothing.)
     pub async fn gone(&mut self) -> Result<()> {
         match self {
             Client::Session(session) => {
-                if !session.is_body_done() {
+                if matches!(session, ServerSession::H1(_)) && !session.is_body_done() {
                     return std::future::pending().await;
                 }
                 session.read_body_or_idle(true).await.map(|_| ())

@@ -751,9 +751,13 @@ impl Relay {
     }
 
     /// Sends a middleware's request ([`Ask`]: a head alone) to its service and reads the
-    /// answer whole, the body up to [`ASK_BODY_LIMIT`], as a request routed to that service
-    /// would go (its endpoints, retries, pool, TLS, timeouts, the client watched meanwhile)
-    /// under the middleware's own route; hop-by-hop headers are taken out of the answer.
+    /// answer, as a request routed to that service would go (its endpoints, retries,
+    /// passive health, pool, TLS and timeouts; the client watched while the head is awaited,
+    /// unless its request body is still to come) under the middleware's own route, all of
+    /// it within the ask's `timeout`. The answer's `Connection`-named headers are taken out;
+    /// its body is read whole up to [`ASK_BODY_LIMIT`]: past that, a 2xx answer's is left
+    /// unread (its connection is closed) and any other is a 502. An informational answer
+    /// (`101`) is a 502 too.
     pub async fn ask(
         &self,
         session: &mut Session,
@@ -763,43 +767,84 @@ impl Relay {
         let Ask {
             service,
             request,
+            timeout,
             route,
             metrics,
         } = ask;
+        let name = service.name.clone();
         let mut ctx = RequestCtx::default();
         ctx.chain.client = client;
         ctx.upstream.attempts = Attempts::new(service.retries);
-        let read_timeout = service.timeouts.read;
         ctx.route = Some(Arc::new(Route {
             name: route,
             service,
             chain: Arc::new([]),
             metrics,
         }));
+        let exchange = self.ask_within(session, &mut ctx, &request);
+        match timeout {
+            None => exchange.await,
+            Some(limit) => tokio::time::timeout(limit, exchange)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(http_error(
+                        504,
+                        format!(
+                            "service `{name}`: no whole answer within {}",
+                            humantime::format_duration(limit)
+                        ),
+                    ))
+                }),
+        }
+    }
+
+    async fn ask_within(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        request: &RequestHeader,
+    ) -> Result<(ResponseHeader, Bytes)> {
+        let service = ctx.route()?.service.clone();
         let mut client = Client::Session(session.as_mut());
-        let Opened { mut link, mut head } = self
-            .open(&mut client, &mut ctx, &request, Framing::None)
-            .await?;
+        let Opened { mut link, mut head } =
+            self.open(&mut client, ctx, request, Framing::None).await?;
+        if let Some(lease) = &ctx.upstream.lease {
+            lease.succeeded();
+        }
+        if head.status.is_informational() {
+            return Err(http_error(
+                502,
+                format!(
+                    "service `{}`: an informational answer ({}) where a final one belongs",
+                    service.name,
+                    head.status.as_u16()
+                ),
+            ));
+        }
         strip_response_hop_by_hop(&mut head, false);
         let mut body = BytesMut::new();
         while !link.conn.body_done() {
             let read = link.conn.read_body();
-            let Some(chunk) = within(read_timeout, read, "reading the answer's body").await? else {
+            let what = "reading the answer's body";
+            let Some(chunk) = within(service.timeouts.read, read, what).await? else {
                 break;
             };
             if body.len() + chunk.len() > ASK_BODY_LIMIT {
+                if head.status.is_success() {
+                    return Ok((head, Bytes::new()));
+                }
                 return Err(http_error(
                     502,
                     format!(
                         "service `{}`: an answer with a body over {} KiB",
-                        ctx.route()?.service.name,
+                        service.name,
                         ASK_BODY_LIMIT >> 10
                     ),
                 ));
             }
             body.extend_from_slice(&chunk);
         }
-        self.release(link, &ctx);
+        self.release(link, ctx);
         Ok((head, body.freeze()))
     }
 

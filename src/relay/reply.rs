@@ -9,6 +9,7 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
 use super::context::RequestCtx;
+use super::stream::apply_filters;
 use crate::middleware::Reply;
 use crate::routing::Route;
 
@@ -25,13 +26,23 @@ pub async fn answer(
     if ctx.chain.sse.announced && matches!(reply.status, 429 | 503) {
         route.metrics.sse_refused();
     }
+    let mut filters = Vec::new();
     for instance in route.chain.iter() {
-        // A direct answer's body is complete: body filters are not needed.
-        let _ = instance
+        let hook = instance
             .middleware
             .response(session, &mut header, &mut ctx.chain)?;
+        filters.extend(hook);
     }
-    write(session, header, reply.body).await
+    // The body goes through the filters the hooks installed (a `compress` that announced
+    // an encoding, a `body_replace`), whole: an answer relayed from a middleware's service
+    // (`forward_auth`) may be a page of any size.
+    let mut body = Some(reply.body);
+    apply_filters(&mut filters, &mut body, true)?;
+    let body = body.unwrap_or_default();
+    if header.headers.contains_key(CONTENT_LENGTH) {
+        header.insert_header(CONTENT_LENGTH, body.len())?;
+    }
+    write(session, header, body).await
 }
 
 fn reply_header(reply: &Reply) -> Result<ResponseHeader> {

@@ -89,23 +89,35 @@ impl ClientCert {
     }
 
     /// Reads the PEM certificate chain at `cert` and the PEM key at `key` (see
-    /// `listen::certs::read_pair`), and checks them as Pingora's connector will read them.
+    /// [`crate::pem::read_pair`]), and checks them as Pingora's connector will read them:
+    /// every certificate parsed, the key's type told from its DER, and rustls' client
+    /// configuration made from them (a leaf it cannot use fails every handshake).
     pub fn load(cert: &Path, key: &Path) -> Result<ClientCert, PairError> {
         let pair = read_pair(cert, key)?;
         let name = cert.display();
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         let mut ders = Vec::with_capacity(pair.chain.len());
-        for (i, der) in pair.chain.into_iter().enumerate() {
-            parsed(&der)
+        let chain = pair.chain;
+        for (i, der) in chain.iter().enumerate() {
+            parsed(der)
                 .map_err(|e| PairError::Cert(format!("{name}: certificate {} {e}", i + 1)))?;
             der.as_ref().hash(&mut hasher);
             ders.push(der.to_vec());
         }
+        // The key as Pingora's connector reads it at each handshake (its type told from
+        // its DER, `unwrap`ped), and rustls' client configuration made from it.
         let secret = pair.key.secret_der().to_vec();
-        if PrivateKeyDer::try_from(secret.as_slice()).is_err() {
+        let Ok(as_read) = PrivateKeyDer::try_from(secret.clone()) else {
             return Err(PairError::Key(format!(
                 "{}: the key's type cannot be told from its DER encoding; write it as PKCS#8 \
                  (`BEGIN PRIVATE KEY`)",
+                key.display()
+            )));
+        };
+        let provider = rustls::crypto::ring::default_provider();
+        if let Err(e) = rustls::sign::CertifiedKey::from_der(chain, as_read, &provider) {
+            return Err(PairError::Cert(format!(
+                "{name} cannot be presented with {}: {e}",
                 key.display()
             )));
         }
@@ -237,6 +249,20 @@ pub fn check_sni(name: &str) -> Result<(), String> {
 }
 
 impl OriginTls {
+    /// A hash of what the handshake presents and trusts (verification, name, the CA's and
+    /// the client certificate's contents): a health check made with other settings is made
+    /// anew when a reload changes them, a renewed file included.
+    pub fn identity(&self) -> u64 {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (self.verify, &self.sni).hash(&mut hasher);
+        self.ca.as_ref().map(|ca| ca.fingerprint).hash(&mut hasher);
+        self.client
+            .as_ref()
+            .map(|c| c.fingerprint)
+            .hash(&mut hasher);
+        hasher.finish()
+    }
+
     /// Copies these settings into a peer made with `HttpPeer::new(addr, true, sni)`.
     pub fn apply(&self, peer: &mut HttpPeer) {
         let options = &mut peer.options;

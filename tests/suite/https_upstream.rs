@@ -1,6 +1,6 @@
 //! HTTPS upstreams end to end: an origin served over TLS (tokio-rustls, with certificates
 //! from a test CA made here) behind the proxy. Event streams go through the relay
-//! (`Accept: text/event-stream`), plain requests through Pingora's proxy path; both verify
+//! (`Accept: text/event-stream`) and plain requests alike; both verify
 //! the origin with the configured CA, send the configured SNI (none for an IP), offer only
 //! http/1.1, and answer 502 with a TLS reason when verification fails. `verify: false`
 //! accepts an untrusted certificate; `-t` shows the https URL and refuses a missing CA file.
@@ -283,7 +283,7 @@ async fn event_streams_and_plain_requests_reach_an_https_origin_verified_with_it
     assert_eq!(head.target, "/events");
     assert_eq!(head.header("accept"), Some("text/event-stream"));
 
-    // A plain GET, through Pingora's proxy path.
+    // A plain GET.
     assert_eq!(get(&proxy, "/plain").await, (200, "hello over tls".into()));
     let hello = origin.next_hello().await;
     assert_eq!(hello.sni.as_deref(), Some("localhost"));
@@ -651,7 +651,7 @@ async fn the_next_stream_takes_a_spare_whose_handshake_is_done() {
 
 /// Mutual TLS toward the origin: with `tls.client_cert` and `tls.client_key` the proxy
 /// presents that certificate to an origin that requires one, on event streams (the relay),
-/// plain requests (Pingora's proxy path) and HTTP health checks alike; without them such
+/// plain requests and HTTP health checks alike; without them such
 /// an origin is a 502 naming the service and the origin's TLS alert.
 #[tokio::test]
 async fn a_client_certificate_is_presented_to_an_origin_that_asks_for_one() {
@@ -780,4 +780,54 @@ fn check_shows_the_client_certificate_and_refuses_a_broken_pair() {
             "{tls}: {stderr}"
         );
     }
+}
+
+/// A renewed client certificate (its files written again: the watcher reloads the config)
+/// is presented from then on by requests and by the health checks alike: the checks are
+/// made anew when the TLS they present changes.
+#[tokio::test]
+async fn a_renewed_client_certificate_reaches_the_health_checks_too() {
+    let ca = Ca::new();
+    let clients = Ca::new();
+    let issued = ca.issue(&["localhost"]);
+    let mut origin = TlsOrigin::start_with(localhost().await, &issued, Some(&clients)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ca(dir.path(), &ca);
+    let first = clients.issue_client("proxy-2026", false);
+    first.write(dir.path(), "proxy");
+    let port = origin.addr.port();
+    let _proxy = start_proxy(
+        dir.path(),
+        &format!(
+            "    url: \"https://localhost:{port}\"\n    tls: {{ ca_file: ca.pem, \
+             client_cert: proxy.pem, client_key: proxy.key }}\n    health_check: \
+             {{ type: http, path: /health, interval: 100ms }}\n"
+        ),
+    )
+    .await;
+    let presented = |origin: &mut TlsOrigin| {
+        let mut seen = Vec::new();
+        while let Ok(cert) = origin.client_certs.try_recv() {
+            seen.push(cert.unwrap_or_default());
+        }
+        seen
+    };
+    common::eventually("a health check with the first certificate", || {
+        let found = presented(&mut origin)
+            .iter()
+            .any(|c| c[..] == first.der[..]);
+        async move { found }
+    })
+    .await;
+    // Renewed (a reload that meets the new key beside the old certificate is refused;
+    // the one after the second file is written loads both).
+    let renewed = clients.issue_client("proxy-2027", false);
+    renewed.write(dir.path(), "proxy");
+    common::eventually("a health check with the renewed certificate", || {
+        let found = presented(&mut origin)
+            .iter()
+            .any(|c| c[..] == renewed.der[..]);
+        async move { found }
+    })
+    .await;
 }

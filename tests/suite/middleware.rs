@@ -1136,6 +1136,14 @@ fn forward_auth_settings_are_checked_at_load() {
             "`response_headers` cannot name `x-forwarded-for`",
         ),
         (
+            "{ service: auth, response_headers: [Transfer-Encoding] }",
+            "`response_headers` cannot name `transfer-encoding`: it frames or routes",
+        ),
+        (
+            "{ service: auth, request_headers: [host] }",
+            "`request_headers` cannot name `host`",
+        ),
+        (
             "{ service: auth, request_headers: [\"bad name\"] }",
             "`bad name` is not a valid header name",
         ),
@@ -1206,5 +1214,98 @@ async fn forward_auth_leaves_a_body_that_comes_later_to_the_origin() {
         answer.starts_with(b"HTTP/1.1 200"),
         "{}",
         String::from_utf8_lossy(&answer)
+    );
+}
+
+/// A refusal page passes through the chain's `compress` as any answer does (its body
+/// compressed, as its header then says), a client's header spelled with underscores for a
+/// `response_headers` name never reaches the origin, and an auth service that does not
+/// answer within `timeout` is a 504 naming the middleware and the service.
+#[tokio::test(flavor = "multi_thread")]
+async fn forward_auth_refusals_are_compressed_and_slow_services_time_out() {
+    let page = format!("<html>{}</html>", "please sign in ".repeat(200));
+    let login = page.clone();
+    let auth = Origin::start(move |head, mut conn| {
+        let page = login.clone();
+        async move {
+            let answer = match head.header("authorization") {
+                Some("Bearer good") => "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".into(),
+                _ => format!(
+                    "HTTP/1.1 401 Unauthorized\r\ncontent-type: text/html\r\n\
+                     content-length: {}\r\n\r\n{page}",
+                    page.len()
+                ),
+            };
+            match conn.write(answer.as_bytes()).await {
+                Ok(()) => After::KeepAlive(conn),
+                Err(_) => After::Close,
+            }
+        }
+    })
+    .await;
+    // Accepts, reads the request, never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
+    let mut origin = Origin::plain("hello").await;
+    let proxy = Proxy::start(&format!(
+        "services:\n  app: {{ url: \"{}\" }}\n  auth: {{ url: \"{}\" }}\n  \
+         silent: {{ url: \"http://{silent_addr}\" }}\n\
+         middleware_services:\n  \
+         - {{ name: sso, type: forward_auth, config: {{ service: auth, response_headers: [x-user-id] }} }}\n  \
+         - {{ name: slow, type: forward_auth, config: {{ service: silent, timeout: 300ms }} }}\n  \
+         - {{ name: zip, type: compress, config: {{ algorithms: [gzip], content_types: [text/html] }} }}\n\
+         middlewares: [zip]\n\
+         host_rules:\n  - pattern: \"*\"\n    target: app\n    middlewares: [sso]\n    \
+         route_rules:\n      - {{ pattern: /slow, target: app, middlewares: [slow] }}\n",
+        origin.url(),
+        auth.url()
+    ))
+    .await;
+
+    let refused = client()
+        .get(proxy.url("/"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.headers()["content-encoding"], "gzip");
+    let wire = refused.bytes().await.expect("body");
+    assert!(wire.len() < page.len(), "compressed");
+    assert_eq!(gunzip_prefix(&wire), page);
+
+    let ok = client()
+        .get(proxy.url("/"))
+        .header("authorization", "Bearer good")
+        .header("x_user_id", "mallory")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(ok.status(), 200);
+    let seen = origin.next_request().await;
+    assert_eq!(
+        seen.header("x_user_id"),
+        None,
+        "the disguised spelling is gone too"
+    );
+
+    let slow = client()
+        .get(proxy.url("/slow"))
+        .header("authorization", "Bearer good")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(slow.status(), 504);
+    assert_eq!(
+        slow.text().await.expect("body").trim_end(),
+        "504 middleware `slow`: service `silent`: no whole answer within 300ms"
     );
 }

@@ -310,3 +310,31 @@ async fn a_file_written_again_unchanged_reloads_nothing() {
     })
     .await;
 }
+
+/// The requests a middleware asks (`forward_auth`) are counted under its own route, and
+/// a reload, which drops the series of routes that are gone, keeps those.
+#[tokio::test]
+async fn a_reload_keeps_the_series_of_a_middlewares_own_route() {
+    use arc_swap::ArcSwap;
+    use streamgate::Config;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let main = dir.path().join("streamgate.yaml");
+    let text = |extra: &str| {
+        format!(
+            "listen: [\"127.0.0.1:1\"]\nservices:\n  auth: {{ url: \"http://127.0.0.1:9\" }}\n{extra}\
+             middleware_services:\n  - {{ name: sso, type: forward_auth, config: {{ service: auth }} }}\n"
+        )
+    };
+    write_config(&main, &text(""));
+    let current = ArcSwap::from_pointee(Config::load(&main).expect("loads"));
+    let series = "route=\"forward_auth:sso\",service=\"auth\"";
+    let metrics = || current.load().state.metrics.render();
+    assert!(metrics().contains(series), "{}", metrics());
+    write_config(&main, &text("  other: { url: \"http://127.0.0.1:10\" }\n"));
+    streamgate::reload::reload(&current).expect("reloads");
+    assert!(
+        metrics().contains(series),
+        "kept across the reload:\n{}",
+        metrics()
+    );
+}

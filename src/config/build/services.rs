@@ -178,12 +178,17 @@ fn service(
         .map_err(|(key, why)| {
             source.error(path.key("health_check").key(key), Kind::Invalid(why))
         })?;
+    // What the endpoints and their health checks are made of: the checks' TLS and local
+    // addresses too, so that a reload that changes them (a renewed client certificate, a
+    // new bind list) makes them anew.
     let fingerprint = format!(
-        "{url:?} {:?} {algorithm:?} {:?} {:?} {}",
+        "{url:?} {:?} {algorithm:?} {:?} {:?} {} {:?} {}",
         file.discovery,
         file.health_check,
         file.passive_health,
-        dir.display()
+        dir.display(),
+        tls.as_ref().map(OriginTls::identity),
+        defaults.local.key()
     );
     let endpoints = state
         .endpoints
