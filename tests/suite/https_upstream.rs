@@ -649,6 +649,27 @@ async fn the_next_stream_takes_a_spare_whose_handshake_is_done() {
     assert_eq!(origin.next_request().await.target, "/events");
 }
 
+/// An origin (certificate by `ca`) that requires a client certificate by `clients`, and a
+/// proxy in front of it that presents `client` (written into `dir`), its HTTP health
+/// checks every 100 ms.
+async fn mutual_tls(dir: &Path, ca: &Ca, clients: &Ca, client: &Issued) -> (TlsOrigin, Proxy) {
+    let origin =
+        TlsOrigin::start_with(localhost().await, &ca.issue(&["localhost"]), Some(clients)).await;
+    write_ca(dir, ca);
+    client.write(dir, "proxy");
+    let port = origin.addr.port();
+    let proxy = start_proxy(
+        dir,
+        &format!(
+            "    url: \"https://localhost:{port}\"\n    tls: {{ ca_file: ca.pem, \
+             client_cert: proxy.pem, client_key: proxy.key }}\n    health_check: \
+             {{ type: http, path: /health, interval: 100ms }}\n"
+        ),
+    )
+    .await;
+    (origin, proxy)
+}
+
 /// Mutual TLS toward the origin: with `tls.client_cert` and `tls.client_key` the proxy
 /// presents that certificate to an origin that requires one, on event streams (the relay),
 /// plain requests and HTTP health checks alike; without them such
@@ -657,22 +678,10 @@ async fn the_next_stream_takes_a_spare_whose_handshake_is_done() {
 async fn a_client_certificate_is_presented_to_an_origin_that_asks_for_one() {
     let ca = Ca::new();
     let clients = Ca::new();
-    let issued = ca.issue(&["localhost"]);
-    let mut origin = TlsOrigin::start_with(localhost().await, &issued, Some(&clients)).await;
-    let port = origin.addr.port();
     let dir = tempfile::tempdir().expect("tempdir");
-    write_ca(dir.path(), &ca);
     let client = clients.issue_client("streamgate-proxy", false);
-    client.write(dir.path(), "proxy");
-    let proxy = start_proxy(
-        dir.path(),
-        &format!(
-            "    url: \"https://localhost:{port}\"\n    tls: {{ ca_file: ca.pem, \
-             client_cert: proxy.pem, client_key: proxy.key }}\n    health_check: \
-             {{ type: http, path: /health, interval: 100ms }}\n"
-        ),
-    )
-    .await;
+    let (mut origin, proxy) = mutual_tls(dir.path(), &ca, &clients, &client).await;
+    let port = origin.addr.port();
 
     lockstep_stream(&proxy, &origin).await;
     origin.next_request_for("/events").await;
@@ -789,22 +798,9 @@ fn check_shows_the_client_certificate_and_refuses_a_broken_pair() {
 async fn a_renewed_client_certificate_reaches_the_health_checks_too() {
     let ca = Ca::new();
     let clients = Ca::new();
-    let issued = ca.issue(&["localhost"]);
-    let mut origin = TlsOrigin::start_with(localhost().await, &issued, Some(&clients)).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    write_ca(dir.path(), &ca);
     let first = clients.issue_client("proxy-2026", false);
-    first.write(dir.path(), "proxy");
-    let port = origin.addr.port();
-    let _proxy = start_proxy(
-        dir.path(),
-        &format!(
-            "    url: \"https://localhost:{port}\"\n    tls: {{ ca_file: ca.pem, \
-             client_cert: proxy.pem, client_key: proxy.key }}\n    health_check: \
-             {{ type: http, path: /health, interval: 100ms }}\n"
-        ),
-    )
-    .await;
+    let (mut origin, _proxy) = mutual_tls(dir.path(), &ca, &clients, &first).await;
     let presented = |origin: &mut TlsOrigin| {
         let mut seen = Vec::new();
         while let Ok(cert) = origin.client_certs.try_recv() {
