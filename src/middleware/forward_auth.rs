@@ -19,12 +19,14 @@
 //!                                       # URL path (default /)
 //!       request_headers: [authorization, cookie]   # copied from the client (default)
 //!       response_headers: [x-user-id]   # copied from a 2xx answer to the origin's request
+//!       client_headers: [set-cookie]    # copied from a 2xx answer to the client's response
 //!       timeout: 10s                    # for the whole exchange (default 10s; 0: the
 //!                                       # service's own timeouts only)
 //! ```
 //!
-//! Phase: `request` (the proxy sends the request, see `Outcome::Ask`, and hands the answer
-//! to `answered`). The request to the auth service carries `X-Forwarded-Method`,
+//! Phases: `request` (the proxy sends the request, see `Outcome::Ask`, and hands the
+//! answer to `answered`), and `response`, which adds a 2xx answer's `client_headers` (a
+//! session cookie the auth service renewed, say) to the response, an event stream's too. The request to the auth service carries `X-Forwarded-Method`,
 //! `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Forwarded-Uri` and `X-Forwarded-For` (the
 //! client's address, through `trusted_proxies`); several `Cookie` lines (HTTP/2 sends one
 //! per cookie) go as one. What the client itself sent under a `response_headers` name
@@ -50,7 +52,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use serde::Deserialize;
 
-use super::{header_name, Ask, Context, Middleware, Outcome, Reply};
+use super::{header_name, Ask, BodyFilter, Context, Middleware, Outcome, Reply};
 use crate::http_util::{request_host, scheme};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::upstream::service::Service;
@@ -66,6 +68,8 @@ pub struct Config {
     pub request_headers: Vec<String>,
     #[serde(default)]
     pub response_headers: Vec<String>,
+    #[serde(default)]
+    pub client_headers: Vec<String>,
     #[serde(default)]
     pub timeout: Option<Dur>,
 }
@@ -106,6 +110,11 @@ const RESERVED: [&str; 14] = [
     "x-real-ip",
 ];
 
+/// The headers of 2xx answers for the client's response (`client_headers`), kept in the
+/// request's values until the response hook adds them.
+#[derive(Clone, Default)]
+struct ForClient(Vec<(HeaderName, HeaderValue)>);
+
 /// How long the whole exchange with the auth service may take, unless `timeout` says.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -115,6 +124,7 @@ pub struct ForwardAuth {
     target: String,
     request_headers: Vec<HeaderName>,
     response_headers: Vec<HeaderName>,
+    client_headers: Vec<HeaderName>,
     timeout: Option<Duration>,
     /// The name its requests are counted under, and their handles.
     route: String,
@@ -161,6 +171,7 @@ impl ForwardAuth {
         };
         let request_headers = names("request_headers", &config.request_headers)?;
         let response_headers = names("response_headers", &config.response_headers)?;
+        let client_headers = names("client_headers", &config.client_headers)?;
         let route = format!("forward_auth:{name}");
         let metrics = metrics.route(&route, &service.name);
         Ok(ForwardAuth {
@@ -168,6 +179,7 @@ impl ForwardAuth {
             target,
             request_headers,
             response_headers,
+            client_headers,
             timeout: config.timeout.map_or(Some(DEFAULT_TIMEOUT), |d| d.limit()),
             route,
             metrics,
@@ -277,6 +289,20 @@ impl Middleware for ForwardAuth {
                     ctx.added.add(spelled, value.clone());
                 }
             }
+            let for_client: Vec<(HeaderName, HeaderValue)> = self
+                .client_headers
+                .iter()
+                .flat_map(|name| {
+                    let values = answer.headers.get_all(name).iter();
+                    values.map(move |value| (name.clone(), value.clone()))
+                })
+                .collect();
+            if !for_client.is_empty() {
+                ctx.values
+                    .get_or_insert_default::<ForClient>()
+                    .0
+                    .extend(for_client);
+            }
             return Ok(Outcome::Continue);
         }
         // The answer goes to the client as the auth service gave it, framed anew.
@@ -291,6 +317,21 @@ impl Middleware for ForwardAuth {
             headers,
             body: body.clone(),
         }))
+    }
+
+    fn response(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut Context,
+    ) -> Result<Option<Box<dyn BodyFilter>>> {
+        // Whichever `forward_auth` of the chain comes first adds every one's.
+        if let Some(ForClient(headers)) = ctx.values.remove::<ForClient>() {
+            for (name, value) in headers {
+                response.append_header(name, value)?;
+            }
+        }
+        Ok(None)
     }
 
     fn counted_as(&self) -> Option<(&str, &str)> {

@@ -962,7 +962,8 @@ async fn auth_service() -> Origin {
     Origin::start(|head, mut conn| async move {
         let answer = match head.header("authorization") {
             Some("Bearer good") => {
-                "HTTP/1.1 204 No Content\r\nx-user-id: alice\r\nx-other: kept back\r\n\r\n"
+                "HTTP/1.1 204 No Content\r\nx-user-id: alice\r\nx-other: kept back\r\n\
+                 set-cookie: session=renewed\r\n\r\n"
                     .to_string()
             }
             _ => {
@@ -998,7 +999,8 @@ async fn forward_auth_asks_the_auth_service_first() {
         "services:\n  app: {{ url: \"{}\" }}\n  auth: {{ url: \"{}/auth\" }}\n  \
          dead: {{ url: \"http://127.0.0.1:{dead}\" }}\n\
          middleware_services:\n  - name: sso\n    type: forward_auth\n    config: \
-         {{ service: auth, path: /verify, response_headers: [x-user-id] }}\n  \
+         {{ service: auth, path: /verify, response_headers: [x-user-id], \
+         client_headers: [set-cookie] }}\n  \
          - {{ name: down, type: forward_auth, config: {{ service: dead }} }}\n\
          host_rules:\n  - pattern: \"*\"\n    target: app\n    middlewares: [sso]\n    \
          route_rules:\n      - {{ pattern: /down, target: app, middlewares: [down] }}\n",
@@ -1015,6 +1017,11 @@ async fn forward_auth_asks_the_auth_service_first() {
         .await
         .expect("answer");
     assert_eq!(ok.status(), 200);
+    assert_eq!(
+        ok.headers()["set-cookie"],
+        "session=renewed",
+        "client_headers reach the client"
+    );
     assert_eq!(ok.text().await.expect("body"), "hello");
     let asked = auth.next_request().await;
     assert_eq!(
@@ -1057,6 +1064,7 @@ async fn forward_auth_asks_the_auth_service_first() {
             .await
             .expect("answer");
         assert_eq!(stream.status(), 200, "HTTP/{version}");
+        assert_eq!(stream.headers()["set-cookie"], "session=renewed");
         assert_eq!(
             Events::new(stream).next().await.as_deref(),
             Some("data: token"),
@@ -1142,6 +1150,10 @@ fn forward_auth_settings_are_checked_at_load() {
         (
             "{ service: auth, request_headers: [host] }",
             "`request_headers` cannot name `host`",
+        ),
+        (
+            "{ service: auth, client_headers: [content-length] }",
+            "`client_headers` cannot name `content-length`",
         ),
         (
             "{ service: auth, request_headers: [\"bad name\"] }",
