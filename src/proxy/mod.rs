@@ -88,10 +88,10 @@ impl StreamGate {
         }
     }
 
-    /// Sends the request a middleware asked for ([`Outcome::Ask`]) and hands it the answer
-    /// ([`crate::middleware::Middleware::answered`]), counting the exchange under the middleware's route. A
-    /// failure answers the client with its status and a reason naming the middleware and
-    /// its service (not the request's own).
+    /// Sends the request a middleware asked for ([`Outcome::Ask`]) and hands it the
+    /// answer ([`crate::middleware::Middleware::answered`]), counting the exchange under
+    /// the middleware's route. A failure answers the client with its status and a reason
+    /// naming the middleware and its service (not the request's own).
     async fn ask(
         &self,
         session: &mut Session,
