@@ -94,12 +94,21 @@ pub fn read_pair(cert_path: &Path, key_path: &Path) -> Result<PemPair, PairError
 /// `2027-01-01T00:00:00Z (in 400 days)`, or `(EXPIRED)`: when a certificate whose validity
 /// ends at `not_after` (seconds since the Unix epoch) expires.
 pub fn expiry(not_after: i64) -> String {
-    let at = UNIX_EPOCH + Duration::from_secs(not_after.max(0).unsigned_abs());
+    let at = end_of_validity(not_after);
     let date = humantime::format_rfc3339_seconds(at);
     match at.duration_since(SystemTime::now()) {
         Ok(left) => format!("{date} (in {} days)", left.as_secs() / 86_400),
         Err(_) => format!("{date} (EXPIRED)"),
     }
+}
+
+/// Whether a certificate whose validity ends at `not_after` has expired.
+pub fn expired(not_after: i64) -> bool {
+    end_of_validity(not_after) < SystemTime::now()
+}
+
+fn end_of_validity(not_after: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(not_after.max(0).unsigned_abs())
 }
 
 fn ip_text(octets: &[u8]) -> String {

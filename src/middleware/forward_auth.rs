@@ -26,15 +26,15 @@
 //!
 //! Phases: `request` (the proxy sends the request, see `Outcome::Ask`, and hands the
 //! answer to `answered`), and `response`, which adds a 2xx answer's `client_headers` (a
-//! session cookie the auth service renewed, say) to the response, an event stream's too. The request to the auth service carries `X-Forwarded-Method`,
-//! `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Forwarded-Uri` and `X-Forwarded-For` (the
+//! session cookie the auth service renewed, say) to the response, an event stream's too.
+//! The request to the auth service carries `X-Forwarded-Method`, `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Forwarded-Uri` and `X-Forwarded-For` (the
 //! client's address, through `trusted_proxies`); several `Cookie` lines (HTTP/2 sends one
 //! per cookie) go as one. What the client itself sent under a `response_headers` name
 //! never reaches the origin, whatever the answer, nor under the name spelled with
 //! underscores (`X_User_Id`, which CGI-style servers read as `X-User-Id`): only the auth
 //! service sets those. Names that frame or route a request (`Host`, `Content-Length`,
 //! `Transfer-Encoding`, `Connection` ...) and the forwarding headers the proxy sets are
-//! refused in both lists when the config loads. An auth service that cannot be reached,
+//! refused in all three lists when the config loads. An auth service that cannot be reached,
 //! fails, answers `1xx` or does not answer within `timeout` answers the client 502, 503
 //! or 504 naming the middleware and the service: no request passes unasked. A refusal's
 //! body is relayed up to 64 KiB (larger: 502); a 2xx answer's body is not used. Its
@@ -272,16 +272,6 @@ impl Middleware for ForwardAuth {
         _session: &mut Session,
         ctx: &mut Context,
     ) -> Result<Outcome> {
-        if answer.status.is_informational() {
-            return Err(crate::error::http_error(
-                502,
-                format!(
-                    "service `{}`: an informational answer ({}) where a final one belongs",
-                    self.service.name,
-                    answer.status.as_u16()
-                ),
-            ));
-        }
         if answer.status.is_success() {
             for name in &self.response_headers {
                 for value in answer.headers.get_all(name) {

@@ -19,10 +19,11 @@
 //!   `group_key` is set from the bundle's contents: connections verified against one CA are
 //!   never reused for a service that trusts another.
 //! - **A client certificate is per peer** (`HttpPeer::client_cert_key`, from `tls.client_cert`
-//!   and `tls.client_key`): presented to an origin that asks for one (mutual TLS). Pingora's
-//!   connector parses it with `expect` and its key with `unwrap` at each handshake, so both
-//!   are parsed here, every certificate of the chain, the key as Pingora will read it, and
-//!   the key checked against the leaf. The pool keys on the certificates' serials; the
+//!   and `tls.client_key`): presented to an origin that asks for one (mutual TLS).
+//!   Pingora's `CertKey` parses the chain with `expect` (made here, at load) and its
+//!   connector converts the key with `unwrap` at each handshake, so every certificate of
+//!   the chain is parsed first, the key read as Pingora will read it, and rustls' client
+//!   configuration made from them once. The pool keys on the certificates' serials; the
 //!   peer's `group_key` takes a hash of the certificates and key as well.
 //! - **ALPN is `http/1.1` only.** The SSE relay (`proxy/relay.rs`) drives Pingora's HTTP/1
 //!   client session; h2 to origins is not offered.
@@ -81,13 +82,6 @@ impl fmt::Debug for ClientCert {
 }
 
 impl ClientCert {
-    pub fn expired(&self) -> bool {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        self.not_after < i64::try_from(now).unwrap_or(i64::MAX)
-    }
-
     /// Reads the PEM certificate chain at `cert` and the PEM key at `key` (see
     /// [`crate::pem::read_pair`]), and checks them as Pingora's connector will read them:
     /// every certificate parsed, the key's type told from its DER, and rustls' client

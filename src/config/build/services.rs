@@ -12,7 +12,7 @@ use super::{dir_of, Parts};
 use crate::config::file::{OriginTlsFile, ServiceFile, TimeoutsFile};
 use crate::error::{ConfigError, ConfigErrorKind as Kind};
 use crate::middleware::size_limit::ByteSize;
-use crate::pem::{expiry, PairError};
+use crate::pem::{expired, expiry, PairError};
 use crate::sse::SseSettings;
 use crate::state::State;
 use crate::upstream::connect::LocalAddrs;
@@ -231,7 +231,7 @@ fn service(
     )
     .with_tls(tls);
     let client_cert = service.tls.as_ref().and_then(|tls| tls.client.as_ref());
-    if let Some(client) = client_cert.filter(|c| c.expired()) {
+    if let Some(client) = client_cert.filter(|c| expired(c.not_after)) {
         let why = format!(
             "the client certificate {} expires {}: an origin that checks it refuses it",
             client.cert_path.display(),
