@@ -27,6 +27,8 @@
 //! to be one; a full limit answers `503` (`429` for the per-client limit) with
 //! `Retry-After`.
 
+use std::sync::Arc;
+
 use http::header::{HeaderValue, ACCEPT, RETRY_AFTER};
 use pingora_error::Result;
 use pingora_proxy::Session;
@@ -68,7 +70,7 @@ impl SseMiddleware {
 impl Middleware for SseMiddleware {
     fn request(&self, session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
         let sse = &mut ctx.sse;
-        sse.settings = sse.settings.overlay(&self.config);
+        sse.settings = Arc::new(sse.settings.overlay(&self.config));
         sse.announced = sse.settings.enabled
             && session
                 .get_header(ACCEPT)

@@ -195,7 +195,7 @@ impl ProxyHttp for StreamGate {
         };
         ctx.chain.client = session_client(session, &config.trusted_proxies);
         let sse = &mut ctx.chain.sse;
-        sse.settings = route.service.sse;
+        sse.settings = route.service.sse.clone();
         sse.announced = sse.settings.enabled
             && session
                 .get_header(ACCEPT)

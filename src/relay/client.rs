@@ -15,19 +15,22 @@
 //! kept-alive connection is; any other is closed.
 
 use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::OnceLock;
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::FutureExt;
-use http::header::{CONNECTION, DATE, HOST, REFERER, TRANSFER_ENCODING, USER_AGENT};
+use http::header::{HeaderName, CONNECTION, DATE, HOST, REFERER, TRANSFER_ENCODING, USER_AGENT};
+use http::{Method, Version};
 use pingora_core::apps::{HttpPersistentSettings, ReusedHttpStream};
 use pingora_core::protocols::http::date::get_cached_date;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
 use pingora_error::{Error, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// A write timeout that never runs out (tokio caps far deadlines).
 const NO_LIMIT: Duration = Duration::from_secs(86_400 * 365 * 30);
@@ -59,7 +62,11 @@ impl Client<'_> {
     /// failure is the client's (gone, or too slow for `write_timeout`).
     pub async fn write(&mut self, body: Option<Bytes>, end: bool) -> Result<()> {
         match self {
-            Client::Session(session) => super::exchange::write_body(session, body, end).await,
+            // Boxed: Pingora's write would take 768 bytes of the stream's future, for as
+            // long as the stream is open, whichever client it has.
+            Client::Session(session) => {
+                Box::pin(super::exchange::write_body(session, body, end)).await
+            }
             Client::Raw(raw) => raw.write(body, end).await,
         }
     }
@@ -75,7 +82,8 @@ impl Client<'_> {
                 if matches!(session, ServerSession::H1(_)) && !session.is_body_done() {
                     return std::future::pending().await;
                 }
-                session.read_body_or_idle(true).await.map(|_| ())
+                // Boxed, as the session's write is (272 bytes).
+                Box::pin(session.read_body_or_idle(true)).await.map(|_| ())
             }
             Client::Raw(raw) => raw.gone().await,
         }
@@ -159,43 +167,47 @@ impl Raw {
         })
     }
 
+    /// Writes `body` (and the head, when it is still to go) framed for the client, and with
+    /// `end` the body's end. The usual write completes at once: it is tried here, with no
+    /// timer and no room for waiting in the stream's future, which holds that room for as
+    /// long as the stream is open. Only a write that has to wait (a slow client) is boxed,
+    /// and gets the write timeout.
     async fn write(&mut self, body: Option<Bytes>, end: bool) -> Result<()> {
-        let written = async {
-            let head = self.head.take();
-            let head = head.as_deref().unwrap_or_default();
-            if let Some(data) = body.filter(|d| !d.is_empty()) {
-                let mut size = [0u8; 18];
-                let (size, crlf): (&[u8], &[u8]) = if self.chunked {
-                    let n = super::origin::chunk_size_line(&mut size, data.len());
-                    (&size[..n], b"\r\n")
-                } else {
-                    (&[], &[])
-                };
-                write_all(&mut self.stream, [head, size, &data, crlf]).await?;
-                self.sent += data.len();
-            } else if !head.is_empty() {
-                self.stream.write_all(head).await?;
-            }
-            if end && self.chunked {
-                self.stream.write_all(b"0\r\n\r\n").await?;
-            }
-            self.stream.flush().await
+        let len = body.as_ref().map_or(0, Bytes::len);
+        let result = match self.write_at_once(body, end) {
+            Ok(result) => result,
+            Err(waiting) => waiting.await,
         };
-        // The usual write completes at once, and is made without a timer; only one that
-        // has to wait gets the write timeout.
-        let mut written = std::pin::pin!(written);
-        let result = match written.as_mut().now_or_never() {
-            Some(result) => result,
-            None => {
-                let limit = self.write_timeout.unwrap_or(NO_LIMIT);
-                tokio::time::timeout(limit, written)
-                    .await
-                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-            }
-        };
+        if result.is_ok() {
+            self.sent += len;
+        }
         result
             .or_err(ErrorType::WriteError, "writing to the client")
             .map_err(|e| e.into_down())
+    }
+
+    /// Writes what the connection takes now; what has to wait is given back as a future
+    /// (boxed, with the write timeout), which the caller awaits.
+    fn write_at_once(
+        &mut self,
+        body: Option<Bytes>,
+        end: bool,
+    ) -> Result<std::io::Result<()>, Waiting<'_>> {
+        let mut frame = Frame::new(self.head.take(), body, end, self.chunked);
+        let at_once = frame.poll_write(&mut self.stream, &mut Context::from_waker(Waker::noop()));
+        match at_once {
+            Poll::Ready(result) => Ok(result),
+            Poll::Pending => {
+                let limit = self.write_timeout.unwrap_or(NO_LIMIT);
+                let stream = &mut self.stream;
+                let rest = std::future::poll_fn(move |cx| frame.poll_write(stream, cx));
+                Err(Box::pin(async move {
+                    tokio::time::timeout(limit, rest)
+                        .await
+                        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+                }))
+            }
+        }
     }
 
     /// Bytes from a client that keeps its connection alive are the start of its next
@@ -280,50 +292,248 @@ fn head_wire(mut head: ResponseHeader, keep_alive: bool) -> Bytes {
     wire.freeze()
 }
 
-/// Writes every byte of `parts` (the head, a chunk's size line, data and end), in as few
-/// writes as the connection takes.
-async fn write_all(stream: &mut Stream, parts: [&[u8]; 4]) -> std::io::Result<()> {
-    let mut slices = parts.map(IoSlice::new);
-    let mut left = &mut slices[..];
-    while !left.is_empty() {
-        let n = stream.write_vectored(left).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
+/// The rest of a write to the client that has to wait for the connection.
+type Waiting<'a> = Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send + 'a>>;
+
+/// One write to the client: the response head while it is still to go, a chunk's size
+/// line, the data, the line end after it, and the last chunk when the body ends (chunked
+/// framing; a body as it is has only the data); `written` bytes of it are out.
+struct Frame {
+    head: Option<Bytes>,
+    data: Bytes,
+    size: [u8; 18],
+    size_len: u8,
+    chunked: bool,
+    end: bool,
+    written: usize,
+}
+
+impl Frame {
+    fn new(head: Option<Bytes>, body: Option<Bytes>, end: bool, chunked: bool) -> Frame {
+        let data = body.unwrap_or_default();
+        let mut size = [0u8; 18];
+        let size_len = if chunked && !data.is_empty() {
+            super::origin::chunk_size_line(&mut size, data.len()) as u8
+        } else {
+            0
+        };
+        Frame {
+            head,
+            data,
+            size,
+            size_len,
+            chunked,
+            end,
+            written: 0,
         }
-        IoSlice::advance_slices(&mut left, n);
     }
-    Ok(())
+
+    /// The frame's pieces, in order; some may be empty.
+    fn parts(&self) -> [&[u8]; 5] {
+        let chunk_end: &[u8] = if self.size_len > 0 { b"\r\n" } else { b"" };
+        let last: &[u8] = if self.end && self.chunked {
+            b"0\r\n\r\n"
+        } else {
+            b""
+        };
+        [
+            self.head.as_deref().unwrap_or_default(),
+            &self.size[..usize::from(self.size_len)],
+            &self.data,
+            chunk_end,
+            last,
+        ]
+    }
+
+    /// Writes what is left of the frame, in as few writes as the connection takes, then
+    /// flushes.
+    fn poll_write(
+        &mut self,
+        stream: &mut Stream,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        loop {
+            let parts = self.parts();
+            let total: usize = parts.iter().map(|p| p.len()).sum();
+            if self.written >= total {
+                break;
+            }
+            let mut slices = [IoSlice::new(&[]); 5];
+            let mut count = 0;
+            for part in parts.into_iter().filter(|p| !p.is_empty()) {
+                slices[count] = IoSlice::new(part);
+                count += 1;
+            }
+            let mut left = &mut slices[..count];
+            IoSlice::advance_slices(&mut left, self.written);
+            let n = ready!(Pin::new(&mut *stream).poll_write_vectored(cx, left))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        Pin::new(stream).poll_flush(cx)
+    }
 }
 
 /// What the logs need of a request, copied out of it (nothing shared with the buffer the
-/// request was read into): method, target, version, `Host`, `Referer`, `User-Agent`.
-pub fn log_facts(req: &RequestHeader) -> RequestHeader {
-    let target = req
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .as_bytes();
-    let mut facts = match RequestHeader::build_no_case(req.method.as_str(), target, Some(3)) {
-        Ok(facts) => facts,
-        Err(_) => {
-            return RequestHeader::build_no_case("GET", b"/", Some(0))
-                .unwrap_or_else(|_| req.clone())
+/// request was read into) for a stream carried apart: method, target, version, `Host`,
+/// `Referer`, `User-Agent`, the text of all four in one allocation (a copied request head
+/// took about 660 bytes, for as long as the stream is open). The request head the logs
+/// take is made of them when the stream ends ([`LogFacts::request`]).
+pub struct LogFacts {
+    pub method: Method,
+    version: Version,
+    /// The target, then the values of `Host`, `Referer` and `User-Agent`, one after another.
+    text: Box<[u8]>,
+    /// Where the target and each value end in `text`.
+    ends: [u32; 4],
+    /// Which of the three headers the request had (bit 0: `Host`).
+    present: u8,
+}
+
+/// The headers [`LogFacts`] keeps, in its order.
+const LOGGED: [HeaderName; 3] = [HOST, REFERER, USER_AGENT];
+
+impl LogFacts {
+    pub fn of(req: &RequestHeader) -> LogFacts {
+        let target = req
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes();
+        let authority = req.uri.authority().map(|a| a.as_str().as_bytes());
+        let values = LOGGED.map(|name| match req.headers.get(&name) {
+            Some(value) => Some(value.as_bytes()),
+            None if name == HOST => authority,
+            None => None,
+        });
+        let parts = [Some(target), values[0], values[1], values[2]];
+        let mut text = Vec::with_capacity(parts.iter().flatten().map(|p| p.len()).sum());
+        let mut ends = [0u32; 4];
+        for (end, part) in ends.iter_mut().zip(parts) {
+            text.extend_from_slice(part.unwrap_or_default());
+            *end = u32::try_from(text.len()).unwrap_or(u32::MAX);
         }
-    };
-    facts.set_version(req.version);
-    for name in [HOST, REFERER, USER_AGENT] {
-        if let Some(value) = req.headers.get(&name) {
-            if let Ok(copy) = http::HeaderValue::from_bytes(value.as_bytes()) {
-                let _ = facts.insert_header(name, copy);
-            }
+        let present = values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_some())
+            .fold(0, |bits, (i, _)| bits | 1 << i);
+        LogFacts {
+            method: req.method.clone(),
+            version: req.version,
+            text: text.into_boxed_slice(),
+            ends,
+            present,
         }
     }
-    if let Some(authority) = req.uri.authority() {
-        if !facts.headers.contains_key(HOST) {
-            if let Ok(copy) = http::HeaderValue::from_str(authority.as_str()) {
-                let _ = facts.insert_header(HOST, copy);
+
+    /// Part `i` of the text (0: the target).
+    fn part(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        self.text
+            .get(start..self.ends[i] as usize)
+            .unwrap_or_default()
+    }
+
+    /// The request head the logs take: the facts, as a head of their own.
+    pub fn request(&self) -> RequestHeader {
+        // The parts came out of a request head, so they make one again; if not, `GET /`.
+        let mut facts = RequestHeader::build_no_case(self.method.as_str(), self.part(0), Some(3))
+            .unwrap_or_else(|_| RequestHeader::from(http::Request::new(()).into_parts().0));
+        facts.set_version(self.version);
+        for (i, name) in LOGGED.into_iter().enumerate() {
+            if self.present & (1 << i) != 0 {
+                if let Ok(value) = http::HeaderValue::from_bytes(self.part(i + 1)) {
+                    let _ = facts.insert_header(name, value);
+                }
             }
         }
+        facts
     }
-    facts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn raw(stream: tokio::io::DuplexStream, write_timeout: Option<Duration>) -> Raw {
+        Raw {
+            stream: Box::new(stream),
+            head: Some(Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\n")),
+            chunked: true,
+            write_timeout,
+            sent: 0,
+            next: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_the_client_takes_slowly_goes_out_whole_and_in_order() {
+        // Room for 7 bytes at a time: every write waits for the reader many times.
+        let (ours, mut theirs) = tokio::io::duplex(7);
+        let mut raw = raw(ours, None);
+        let data: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            theirs.read_to_end(&mut got).await.map(|_| got)
+        });
+        raw.write(Some(Bytes::from(data.clone())), false)
+            .await
+            .unwrap();
+        raw.write(Some(Bytes::from_static(b"data: x\n\n")), true)
+            .await
+            .unwrap();
+        assert_eq!(raw.sent, 1009);
+        drop(raw);
+        let got = reader.await.unwrap().unwrap();
+        let mut want = b"HTTP/1.1 200 OK\r\n\r\n3e8\r\n".to_vec();
+        want.extend_from_slice(&data);
+        want.extend_from_slice(b"\r\n9\r\ndata: x\n\n\r\n0\r\n\r\n");
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_takes_nothing_runs_into_the_write_timeout() {
+        let (ours, _theirs) = tokio::io::duplex(7);
+        let mut raw = raw(ours, Some(Duration::from_millis(50)));
+        let e = raw
+            .write(Some(Bytes::from_static(b"more than seven bytes")), false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.etype(), &ErrorType::WriteError);
+        assert_eq!(raw.sent, 0);
+    }
+
+    #[test]
+    fn log_facts_keep_what_the_logs_read() {
+        let mut req = RequestHeader::build("POST", b"/v1/chat?stream=1", None).unwrap();
+        req.set_version(Version::HTTP_10);
+        req.insert_header(HOST, "api.example").unwrap();
+        req.insert_header(USER_AGENT, "sdk/1.0").unwrap();
+        req.insert_header("authorization", "Bearer secret").unwrap();
+        let facts = LogFacts::of(&req);
+        assert_eq!(facts.method, Method::POST);
+        let head = facts.request();
+        assert_eq!(head.method, Method::POST);
+        assert_eq!(head.uri, "/v1/chat?stream=1");
+        assert_eq!(head.version, Version::HTTP_10);
+        assert_eq!(head.headers.get(HOST).unwrap(), "api.example");
+        assert_eq!(head.headers.get(USER_AGENT).unwrap(), "sdk/1.0");
+        assert!(head.headers.get(REFERER).is_none());
+        assert!(head.headers.get("authorization").is_none());
+
+        // An absolute-form target: its authority stands for the missing Host; an empty
+        // header is still one.
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.set_uri(http::Uri::from_static("http://feed.example/events"));
+        req.insert_header(REFERER, "").unwrap();
+        let head = LogFacts::of(&req).request();
+        assert_eq!(head.uri, "/events");
+        assert_eq!(head.headers.get(HOST).unwrap(), "feed.example");
+        assert_eq!(head.headers.get(REFERER).unwrap(), "");
+        assert!(head.headers.get(USER_AGENT).is_none());
+    }
 }

@@ -82,7 +82,7 @@ pub async fn relay(
         drain_period,
         finish_period,
         ..
-    } = ctx.chain.sse.settings;
+    } = *ctx.chain.sse.settings;
     // With `resume`, only whole events go to the client (the rest is held), so a stream
     // continued from another origin never shows half an event; ids recently sent are
     // remembered so an origin that repeats them is not believed twice. Boxed: most
@@ -272,7 +272,7 @@ async fn try_resume(
     e: &Error,
     request: &RequestHeader,
 ) -> Option<Opened> {
-    let settings = ctx.chain.sse.settings;
+    let settings = *ctx.chain.sse.settings;
     if relay.state.drain.draining() {
         return None;
     }
@@ -375,9 +375,10 @@ async fn relay_chunk(
     };
     let mut body = Some(chunk);
     if let Some(delay) = stream.chunk(now, &mut body, &mut ctx.body_filters, ending)? {
-        // Held back by `flush_interval`; the head is not.
+        // Held back by `flush_interval`; the head is not. The timer is boxed: only paced
+        // streams need one, and the loop's future is held for as long as a stream is open.
         client.send_head().await?;
-        tokio::time::sleep(delay).await;
+        Box::pin(tokio::time::sleep(delay)).await;
     }
     client.write(body, false).await
 }

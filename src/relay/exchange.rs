@@ -113,7 +113,7 @@ impl Relay {
             .open(&mut Client::Session(session.as_mut()), ctx, &request, body)
             .await?;
         let route = ctx.route()?.clone();
-        let settings = ctx.chain.sse.settings;
+        let settings = *ctx.chain.sse.settings;
         let is_stream = settings.enabled
             && opened
                 .head
@@ -217,7 +217,7 @@ impl Relay {
         resume: Option<Box<RequestHeader>>,
         access_log: AccessLog,
     ) -> Result<Apart> {
-        let facts = super::client::log_facts(session.req_header());
+        let facts = super::client::LogFacts::of(session.req_header());
         let reconnects = facts.method == Method::GET;
         let downstream = take_session(session);
         let write_timeout = ctx.chain.sse.settings.write_timeout;
@@ -230,7 +230,13 @@ impl Relay {
             let error = relay
                 .relay_apart(client, &mut owned, link, resume.as_deref(), reconnects)
                 .await;
-            relay.record_apart(&facts, raw.sent, error.as_deref(), owned, access_log);
+            relay.record_apart(
+                &facts.request(),
+                raw.sent,
+                error.as_deref(),
+                owned,
+                access_log,
+            );
             if error.is_none() {
                 let handback = (!relay.state.drain.draining()).then_some(&*relay.handback);
                 raw.finish(handback).await;
@@ -373,7 +379,7 @@ impl Relay {
         let route = ctx.route()?.clone();
         let service = &route.service;
         let announced = ctx.chain.sse.announced;
-        let settings = ctx.chain.sse.settings;
+        let settings = *ctx.chain.sse.settings;
         loop {
             let lease = ctx
                 .upstream

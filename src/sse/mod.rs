@@ -22,10 +22,12 @@ pub mod settings;
 pub mod supervisor;
 pub mod tracker;
 
-use bytes::Bytes;
+use std::sync::Arc;
 
+use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CACHE_CONTROL};
 use http::Version;
+use once_cell::sync::Lazy;
 use pingora_http::ResponseHeader;
 
 pub use close::CloseReason;
@@ -36,16 +38,30 @@ use crate::http_util::{drop_content_length, list_accepts, media_essence};
 
 /// What a request knows about event streams before its response arrives: the settings it
 /// runs with, whether it asked for a stream, and the limits a stream of it counts against.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SseRequest {
-    /// The effective settings: the service's, overlaid by any `sse` middleware.
-    pub settings: SseSettings,
+    /// The effective settings: the service's (shared), overlaid by any `sse` middleware
+    /// (a copy of the request's own). Held for as long as a stream is open, by every
+    /// stream: shared, it is a pointer rather than 208 bytes.
+    pub settings: Arc<SseSettings>,
     /// The client asked for an event stream (`Accept: text/event-stream`) and SSE is
     /// enabled: stream limits are taken before the origin is contacted. Any other request
     /// whose answer is an event stream takes them when the answer arrives.
     pub announced: bool,
     /// The limits that apply, and the slots held while the request lives.
     pub limits: limits::Limits,
+}
+
+impl Default for SseRequest {
+    fn default() -> Self {
+        /// The settings of a request not routed yet, shared rather than made each time.
+        static DEFAULT: Lazy<Arc<SseSettings>> = Lazy::new(Arc::default);
+        SseRequest {
+            settings: DEFAULT.clone(),
+            announced: false,
+            limits: limits::Limits::default(),
+        }
+    }
 }
 
 static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");

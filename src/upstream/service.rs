@@ -243,7 +243,7 @@ pub struct Service {
     pub url: ServiceUrl,
     pub host_header: HostHeader,
     pub timeouts: Timeouts,
-    pub sse: SseSettings,
+    pub sse: Arc<SseSettings>,
     /// The counter behind `sse.max_connections` of this service.
     pub sse_limit: Option<Arc<Slots>>,
     /// The counters behind `sse.max_connections_per_client` of this service.
@@ -306,7 +306,7 @@ impl Service {
             url,
             host_header: HostHeader::Passthrough,
             timeouts: Timeouts::default(),
-            sse,
+            sse: Arc::new(sse),
             sse_limit,
             sse_client_limit,
             metrics,
