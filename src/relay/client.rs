@@ -17,7 +17,7 @@
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::OnceLock;
-use std::task::{ready, Context, Poll, Waker};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -194,7 +194,10 @@ impl Raw {
         end: bool,
     ) -> Result<std::io::Result<()>, Waiting<'_>> {
         let mut frame = Frame::new(self.head.take(), body, end, self.chunked);
-        let at_once = frame.poll_write(&mut self.stream, &mut Context::from_waker(Waker::noop()));
+        let at_once = frame.poll_write(
+            &mut self.stream,
+            &mut Context::from_waker(futures_util::task::noop_waker_ref()),
+        );
         match at_once {
             Poll::Ready(result) => Ok(result),
             Poll::Pending => {
@@ -482,13 +485,13 @@ mod tests {
         });
         raw.write(Some(Bytes::from(data.clone())), false)
             .await
-            .unwrap();
+            .expect("written");
         raw.write(Some(Bytes::from_static(b"data: x\n\n")), true)
             .await
-            .unwrap();
+            .expect("written");
         assert_eq!(raw.sent, 1009);
         drop(raw);
-        let got = reader.await.unwrap().unwrap();
+        let got = reader.await.expect("reader").expect("read");
         let mut want = b"HTTP/1.1 200 OK\r\n\r\n3e8\r\n".to_vec();
         want.extend_from_slice(&data);
         want.extend_from_slice(b"\r\n9\r\ndata: x\n\n\r\n0\r\n\r\n");
@@ -502,38 +505,39 @@ mod tests {
         let e = raw
             .write(Some(Bytes::from_static(b"more than seven bytes")), false)
             .await
-            .unwrap_err();
+            .expect_err("timed out");
         assert_eq!(e.etype(), &ErrorType::WriteError);
         assert_eq!(raw.sent, 0);
     }
 
     #[test]
     fn log_facts_keep_what_the_logs_read() {
-        let mut req = RequestHeader::build("POST", b"/v1/chat?stream=1", None).unwrap();
+        let mut req = RequestHeader::build("POST", b"/v1/chat?stream=1", None).expect("request");
         req.set_version(Version::HTTP_10);
-        req.insert_header(HOST, "api.example").unwrap();
-        req.insert_header(USER_AGENT, "sdk/1.0").unwrap();
-        req.insert_header("authorization", "Bearer secret").unwrap();
+        req.insert_header(HOST, "api.example").expect("header");
+        req.insert_header(USER_AGENT, "sdk/1.0").expect("header");
+        req.insert_header("authorization", "Bearer secret")
+            .expect("header");
         let facts = LogFacts::of(&req);
         assert_eq!(facts.method, Method::POST);
         let head = facts.request();
         assert_eq!(head.method, Method::POST);
         assert_eq!(head.uri, "/v1/chat?stream=1");
         assert_eq!(head.version, Version::HTTP_10);
-        assert_eq!(head.headers.get(HOST).unwrap(), "api.example");
-        assert_eq!(head.headers.get(USER_AGENT).unwrap(), "sdk/1.0");
+        assert_eq!(head.headers.get(HOST).expect("kept"), "api.example");
+        assert_eq!(head.headers.get(USER_AGENT).expect("kept"), "sdk/1.0");
         assert!(head.headers.get(REFERER).is_none());
         assert!(head.headers.get("authorization").is_none());
 
         // An absolute-form target: its authority stands for the missing Host; an empty
         // header is still one.
-        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        let mut req = RequestHeader::build("GET", b"/", None).expect("request");
         req.set_uri(http::Uri::from_static("http://feed.example/events"));
-        req.insert_header(REFERER, "").unwrap();
+        req.insert_header(REFERER, "").expect("header");
         let head = LogFacts::of(&req).request();
         assert_eq!(head.uri, "/events");
-        assert_eq!(head.headers.get(HOST).unwrap(), "feed.example");
-        assert_eq!(head.headers.get(REFERER).unwrap(), "");
+        assert_eq!(head.headers.get(HOST).expect("kept"), "feed.example");
+        assert_eq!(head.headers.get(REFERER).expect("kept"), "");
         assert!(head.headers.get(USER_AGENT).is_none());
     }
 }
