@@ -53,7 +53,10 @@ impl Client<'_> {
     /// Writes the response head now if it is still pending.
     pub async fn send_head(&mut self) -> Result<()> {
         match self {
-            Client::Raw(raw) if raw.head.is_some() => raw.write(None, false).await,
+            Client::Raw(raw) if raw.head.is_some() => match raw.write(None, false)? {
+                Some(waiting) => waiting.await,
+                None => Ok(()),
+            },
             _ => Ok(()),
         }
     }
@@ -67,7 +70,10 @@ impl Client<'_> {
             Client::Session(session) => {
                 Box::pin(super::exchange::write_body(session, body, end)).await
             }
-            Client::Raw(raw) => raw.write(body, end).await,
+            Client::Raw(raw) => match raw.write(body, end)? {
+                Some(waiting) => waiting.await,
+                None => Ok(()),
+            },
         }
     }
 
@@ -168,47 +174,35 @@ impl Raw {
     }
 
     /// Writes `body` (and the head, when it is still to go) framed for the client, and with
-    /// `end` the body's end. The usual write completes at once: it is tried here, with no
-    /// timer and no room for waiting in the stream's future, which holds that room for as
-    /// long as the stream is open. Only a write that has to wait (a slow client) is boxed,
-    /// and gets the write timeout.
-    async fn write(&mut self, body: Option<Bytes>, end: bool) -> Result<()> {
-        let len = body.as_ref().map_or(0, Bytes::len);
-        let result = match self.write_at_once(body, end) {
-            Ok(result) => result,
-            Err(waiting) => waiting.await,
-        };
-        if result.is_ok() {
-            self.sent += len;
-        }
-        result
-            .or_err(ErrorType::WriteError, "writing to the client")
-            .map_err(|e| e.into_down())
-    }
-
-    /// Writes what the connection takes now; what has to wait is given back as a future
-    /// (boxed, with the write timeout), which the caller awaits.
-    fn write_at_once(
-        &mut self,
-        body: Option<Bytes>,
-        end: bool,
-    ) -> Result<std::io::Result<()>, Waiting<'_>> {
+    /// `end` the body's end. The usual write completes at once, and is made here, with no
+    /// timer and no room for waiting in the stream's future (which holds that room for as
+    /// long as the stream is open). A write that has to wait (a slow client) is given back
+    /// to be awaited: boxed, with the write timeout.
+    fn write(&mut self, body: Option<Bytes>, end: bool) -> Result<Option<Waiting<'_>>> {
         let mut frame = Frame::new(self.head.take(), body, end, self.chunked);
-        let at_once = frame.poll_write(
-            &mut self.stream,
-            &mut Context::from_waker(futures_util::task::noop_waker_ref()),
-        );
-        match at_once {
-            Poll::Ready(result) => Ok(result),
+        let len = frame.data.len();
+        let mut at_once = Context::from_waker(futures_util::task::noop_waker_ref());
+        match frame.poll_write(&mut self.stream, &mut at_once) {
+            Poll::Ready(result) => {
+                result
+                    .or_err(ErrorType::WriteError, "writing to the client")
+                    .map_err(|e| e.into_down())?;
+                self.sent += len;
+                Ok(None)
+            }
             Poll::Pending => {
                 let limit = self.write_timeout.unwrap_or(NO_LIMIT);
-                let stream = &mut self.stream;
+                let (stream, sent) = (&mut self.stream, &mut self.sent);
                 let rest = std::future::poll_fn(move |cx| frame.poll_write(stream, cx));
-                Err(Box::pin(async move {
+                Ok(Some(Box::pin(async move {
                     tokio::time::timeout(limit, rest)
                         .await
                         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-                }))
+                        .or_err(ErrorType::WriteError, "writing to the client")
+                        .map_err(|e| e.into_down())?;
+                    *sent += len;
+                    Ok(())
+                })))
             }
         }
     }
@@ -296,7 +290,7 @@ fn head_wire(mut head: ResponseHeader, keep_alive: bool) -> Bytes {
 }
 
 /// The rest of a write to the client that has to wait for the connection.
-type Waiting<'a> = Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send + 'a>>;
+type Waiting<'a> = Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
 
 /// One write to the client: the response head while it is still to go, a chunk's size
 /// line, the data, the line end after it, and the last chunk when the body ends (chunked
@@ -483,10 +477,12 @@ mod tests {
             let mut got = Vec::new();
             theirs.read_to_end(&mut got).await.map(|_| got)
         });
-        raw.write(Some(Bytes::from(data.clone())), false)
+        Client::Raw(&mut raw)
+            .write(Some(Bytes::from(data.clone())), false)
             .await
             .expect("written");
-        raw.write(Some(Bytes::from_static(b"data: x\n\n")), true)
+        Client::Raw(&mut raw)
+            .write(Some(Bytes::from_static(b"data: x\n\n")), true)
             .await
             .expect("written");
         assert_eq!(raw.sent, 1009);
@@ -502,7 +498,7 @@ mod tests {
     async fn a_client_that_takes_nothing_runs_into_the_write_timeout() {
         let (ours, _theirs) = tokio::io::duplex(7);
         let mut raw = raw(ours, Some(Duration::from_millis(50)));
-        let e = raw
+        let e = Client::Raw(&mut raw)
             .write(Some(Bytes::from_static(b"more than seven bytes")), false)
             .await
             .expect_err("timed out");

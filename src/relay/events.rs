@@ -75,14 +75,9 @@ pub async fn relay(
     resume: Option<&RequestHeader>,
     reconnects: bool,
 ) -> Result<()> {
-    let SseSettings {
-        read_timeout,
-        heartbeat_interval,
-        max_lifetime,
-        drain_period,
-        finish_period,
-        ..
-    } = *ctx.chain.sse.settings;
+    // The route's settings, shared: the loop's future holds a pointer, not a copy of each
+    // duration it reads, for as long as the stream is open.
+    let settings = ctx.chain.sse.settings.clone();
     // With `resume`, only whole events go to the client (the rest is held), so a stream
     // continued from another origin never shows half an event; ids recently sent are
     // remembered so an origin that repeats them is not believed twice. Boxed: most
@@ -90,17 +85,13 @@ pub async fn relay(
     let mut held = resume.is_some().then(Box::<Held>::default);
     let mut resumes: std::collections::VecDeque<Instant> = Default::default();
     let started = Instant::now();
-    let lifetime_end = max_lifetime.and_then(|d| started.checked_add(d));
+    let lifetime_end = settings.max_lifetime.and_then(|d| started.checked_add(d));
     let drain = relay.state.drain.watch();
-    let drain_at = |t: Instant| {
-        if reconnects {
-            drain_deadline(t, drain_period)
-        } else {
-            t.checked_add(finish_period)
-                .unwrap_or_else(|| t + Duration::from_secs(86_400 * 365))
-        }
-    };
-    let mut drain_end = relay.state.drain.started_at().map(drain_at);
+    let mut drain_end = relay
+        .state
+        .drain
+        .started_at()
+        .map(|t| drain_at(&settings, reconnects, t));
     let entry = ctx.stream.as_ref().and_then(|s| s.entry()).cloned();
     let mut watch_client = true;
     // The last bytes from the origin (read timeout) and to the client (heartbeats).
@@ -138,8 +129,11 @@ pub async fn relay(
         .flatten()
         .min_by_key(|(t, _)| *t)
         .filter(|_| ending.is_none());
-        let silent_limit = read_timeout.and_then(|t| last_origin.checked_add(t));
-        let heartbeat_at = heartbeat_interval
+        let silent_limit = settings
+            .read_timeout
+            .and_then(|t| last_origin.checked_add(t));
+        let heartbeat_at = settings
+            .heartbeat_interval
             .and_then(|i| last_sent.checked_add(i))
             .filter(|_| at_boundary);
         let next = [timed_end.map(|(t, _)| t), silent_limit, heartbeat_at]
@@ -215,7 +209,7 @@ pub async fn relay(
                     ending = Some(end);
                 }
                 if silent_limit.is_some_and(|t| t <= now) {
-                    let limit = read_timeout.unwrap_or_default();
+                    let limit = settings.read_timeout.unwrap_or_default();
                     let e = Error::explain(
                         ErrorType::ReadTimedout,
                         format!(
@@ -230,7 +224,7 @@ pub async fn relay(
                 }
             }
             started = poll_fn(|cx| drain.poll_started(cx)), if drain_end.is_none() => {
-                drain_end = Some(drain_at(started));
+                drain_end = Some(drain_at(&settings, reconnects, started));
             }
         }
         if let Some(e) = failed {
@@ -258,6 +252,17 @@ pub async fn relay(
             }
             return Box::pin(origin_failed(client, ctx, e)).await;
         }
+    }
+}
+
+/// When a stream ends once a drain started at `t`: a `GET` stream (its client reconnects)
+/// at a random moment within `drain_period`, any other after `finish_period`.
+fn drain_at(settings: &SseSettings, reconnects: bool, t: Instant) -> Instant {
+    if reconnects {
+        drain_deadline(t, settings.drain_period)
+    } else {
+        t.checked_add(settings.finish_period)
+            .unwrap_or_else(|| t + Duration::from_secs(86_400 * 365))
     }
 }
 
@@ -375,12 +380,18 @@ async fn relay_chunk(
     };
     let mut body = Some(chunk);
     if let Some(delay) = stream.chunk(now, &mut body, &mut ctx.body_filters, ending)? {
-        // Held back by `flush_interval`; the head is not. The timer is boxed: only paced
-        // streams need one, and the loop's future is held for as long as a stream is open.
-        client.send_head().await?;
-        Box::pin(tokio::time::sleep(delay)).await;
+        // Boxed: only paced streams wait here, and the loop's future, which would hold the
+        // room for it, is held for as long as a stream is open.
+        Box::pin(hold_back(client, delay)).await?;
     }
     client.write(body, false).await
+}
+
+/// Holds a chunk back for `delay` (`flush_interval`); the head is not.
+async fn hold_back(client: &mut Client<'_>, delay: Duration) -> Result<()> {
+    client.send_head().await?;
+    tokio::time::sleep(delay).await;
+    Ok(())
 }
 
 /// Writes bytes of the proxy's own (a heartbeat, a hint, an error event) through the
