@@ -70,8 +70,8 @@ impl SseMiddleware {
 impl Middleware for SseMiddleware {
     fn request(&self, session: &mut Session, ctx: &mut Context) -> Result<Outcome> {
         let sse = &mut ctx.sse;
-        sse.settings = Arc::new(sse.settings.overlay(&self.config));
-        sse.announced = sse.settings.enabled
+        sse.set_settings(Arc::new(sse.settings().overlay(&self.config)));
+        sse.announced = sse.settings().enabled
             && session
                 .get_header(ACCEPT)
                 .is_some_and(|v| sse::accepts_event_stream(v.as_bytes()));

@@ -195,8 +195,8 @@ impl ProxyHttp for StreamGate {
         };
         ctx.chain.client = session_client(session, &config.trusted_proxies);
         let sse = &mut ctx.chain.sse;
-        sse.settings = route.service.sse.clone();
-        sse.announced = sse.settings.enabled
+        sse.set_settings(route.service.sse.clone());
+        sse.announced = sse.settings().enabled
             && session
                 .get_header(ACCEPT)
                 .is_some_and(|v| sse::accepts_event_stream(v.as_bytes()));

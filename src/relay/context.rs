@@ -101,3 +101,16 @@ impl RequestCtx {
         self.chain.request_id()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every open stream holds its request's context: the SSE settings are shared with
+    /// the service, not copied into it (872 bytes with the copy).
+    #[test]
+    fn a_request_context_holds_no_copy_of_its_settings() {
+        let size = std::mem::size_of::<RequestCtx>();
+        assert!(size <= 680, "RequestCtx is {size} bytes");
+    }
+}

@@ -77,7 +77,7 @@ pub async fn relay(
 ) -> Result<()> {
     // The route's settings, shared: the loop's future holds a pointer, not a copy of each
     // duration it reads, for as long as the stream is open.
-    let settings = ctx.chain.sse.settings.clone();
+    let settings = ctx.chain.sse.shared_settings();
     // With `resume`, only whole events go to the client (the rest is held), so a stream
     // continued from another origin never shows half an event; ids recently sent are
     // remembered so an origin that repeats them is not believed twice. Boxed: most
@@ -277,7 +277,7 @@ async fn try_resume(
     e: &Error,
     request: &RequestHeader,
 ) -> Option<Opened> {
-    let settings = *ctx.chain.sse.settings;
+    let settings = *ctx.chain.sse.settings();
     if relay.state.drain.draining() {
         return None;
     }
@@ -425,12 +425,12 @@ async fn end_stream(
         }
         Ending::Cut => {
             drained(relay, ctx, Outcome::Cut);
-            let period = humantime::format_duration(ctx.chain.sse.settings.finish_period);
+            let period = humantime::format_duration(ctx.chain.sse.settings().finish_period);
             let why = format!("the proxy shut down; the answer was cut after {period}");
             if let Some(stream) = ctx.stream.as_mut() {
                 stream.close_with(CloseReason::Cut, why.clone());
             }
-            if ctx.chain.sse.settings.on_upstream_error == OnUpstreamError::Event {
+            if ctx.chain.sse.settings().on_upstream_error == OnUpstreamError::Event {
                 let event = sse::error_event("shutdown", &why);
                 return send_own(client, ctx, event, true).await;
             }
@@ -456,7 +456,7 @@ async fn origin_failed(client: &mut Client<'_>, ctx: &mut RequestCtx, e: Box<Err
         CloseReason::OriginError
     };
     let at_boundary = ctx.stream.as_ref().is_some_and(|s| s.at_boundary());
-    if ctx.chain.sse.settings.on_upstream_error == OnUpstreamError::Event && at_boundary {
+    if ctx.chain.sse.settings().on_upstream_error == OnUpstreamError::Event && at_boundary {
         // Ended cleanly, so `logging` sees no error to count.
         if reason == CloseReason::IdleTimeout {
             if let Some(route) = &ctx.route {

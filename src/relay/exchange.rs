@@ -113,8 +113,12 @@ impl Relay {
             .open(&mut Client::Session(session.as_mut()), ctx, &request, body)
             .await?;
         let route = ctx.route()?.clone();
-        let settings = *ctx.chain.sse.settings;
-        let is_stream = settings.enabled
+        let sse::SseSettings {
+            enabled,
+            resume: resumable,
+            ..
+        } = *ctx.chain.sse.settings();
+        let is_stream = enabled
             && opened
                 .head
                 .headers
@@ -156,7 +160,7 @@ impl Relay {
             && !upgraded
             && request.method != Method::HEAD
             && (reconnects || downstream.is_body_done());
-        let resume = |request| (settings.resume && reconnects).then(|| Box::new(request));
+        let resume = |request| (resumable && reconnects).then(|| Box::new(request));
         if apart && matches!(downstream, ServerSession::H1(_)) {
             let resume = resume(request);
             let stream = self.detach(session, ctx, Box::new(link), head, resume, access_log)?;
@@ -182,7 +186,7 @@ impl Relay {
         }
         if ctx.stream.is_some() {
             let link = Box::new(link);
-            let resume = (settings.resume && reconnects).then_some(&request);
+            let resume = (resumable && reconnects).then_some(&request);
             let mut client = Client::Session(downstream);
             let stream = events::relay(self, &mut client, ctx, link, resume, reconnects);
             return Box::pin(stream).await;
@@ -220,7 +224,7 @@ impl Relay {
         let facts = super::client::LogFacts::of(session.req_header());
         let reconnects = facts.method == Method::GET;
         let downstream = take_session(session);
-        let write_timeout = ctx.chain.sse.settings.write_timeout;
+        let write_timeout = ctx.chain.sse.settings().write_timeout;
         let mut raw = Raw::take(downstream, head, write_timeout, !reconnects)?;
         let mut owned = std::mem::take(ctx);
         ctx.detached = true;
@@ -379,14 +383,16 @@ impl Relay {
         let route = ctx.route()?.clone();
         let service = &route.service;
         let announced = ctx.chain.sse.announced;
-        let settings = *ctx.chain.sse.settings;
+        // A stream's settings shape its origin connection (its read timeout); shared, so
+        // this future, which every request carries, holds a pointer.
+        let settings = announced.then(|| ctx.chain.sse.shared_settings());
         loop {
             let lease = ctx
                 .upstream
                 .attempts
                 .next(service, request, ctx.chain.client)
                 .await?;
-            let peer = service.peer(lease.addr, announced.then_some(&settings));
+            let peer = service.peer(lease.addr, settings.as_deref());
             // The pool first, then a spare; a new connection's future is small for a plain
             // origin, boxed for a TLS one (`Connector::connect`), so this future, which
             // every request carries, stays small.
@@ -533,7 +539,7 @@ impl Relay {
         let limit = ctx
             .chain
             .sse
-            .settings
+            .settings()
             .head_limit(ctx.chain.sse.announced, service.timeouts.read);
         let method = request.method.clone();
         let head = async {
@@ -705,7 +711,7 @@ impl Relay {
             write_body(session, Some(early.freeze()), false).await?;
         }
         let drain = self.state.drain.clone();
-        let period = ctx.chain.sse.settings.drain_period;
+        let period = ctx.chain.sse.settings().drain_period;
         let drained = async move {
             let at = drain_deadline(drain.started().await, period);
             tokio::time::sleep_until(at.into()).await;

@@ -100,7 +100,7 @@ pub async fn response(
         let request = session.req_header();
         route.service.learn_affinity(request, response, lease.addr);
     }
-    let settings = *ctx.chain.sse.settings;
+    let settings = *ctx.chain.sse.settings();
     if is_sse {
         sse::fix_response_header(response, session.req_header().version)?;
         if settings.write_timeout.is_some() {

@@ -38,12 +38,12 @@ use crate::http_util::{drop_content_length, list_accepts, media_essence};
 
 /// What a request knows about event streams before its response arrives: the settings it
 /// runs with, whether it asked for a stream, and the limits a stream of it counts against.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct SseRequest {
     /// The effective settings: the service's (shared), overlaid by any `sse` middleware
-    /// (a copy of the request's own). Held for as long as a stream is open, by every
-    /// stream: shared, it is a pointer rather than 208 bytes.
-    pub settings: Arc<SseSettings>,
+    /// (a copy of the request's own); none before the request is routed. Held for as long
+    /// as a stream is open, by every stream: shared, it is a pointer rather than 208 bytes.
+    shared: Option<Arc<SseSettings>>,
     /// The client asked for an event stream (`Accept: text/event-stream`) and SSE is
     /// enabled: stream limits are taken before the origin is contacted. Any other request
     /// whose answer is an event stream takes them when the answer arrives.
@@ -52,15 +52,25 @@ pub struct SseRequest {
     pub limits: limits::Limits,
 }
 
-impl Default for SseRequest {
-    fn default() -> Self {
-        /// The settings of a request not routed yet, shared rather than made each time.
-        static DEFAULT: Lazy<Arc<SseSettings>> = Lazy::new(Arc::default);
-        SseRequest {
-            settings: DEFAULT.clone(),
-            announced: false,
-            limits: limits::Limits::default(),
-        }
+/// The settings of a request not routed yet.
+static UNROUTED: Lazy<SseSettings> = Lazy::new(SseSettings::default);
+
+impl SseRequest {
+    /// The settings the request runs with.
+    pub fn settings(&self) -> &SseSettings {
+        self.shared.as_deref().unwrap_or(&UNROUTED)
+    }
+
+    /// The settings, to keep beside the request (a stream's loop).
+    pub fn shared_settings(&self) -> Arc<SseSettings> {
+        self.shared
+            .clone()
+            .unwrap_or_else(|| Arc::new(SseSettings::default()))
+    }
+
+    /// Runs the request with `settings` (its service's, or a middleware's overlay).
+    pub fn set_settings(&mut self, settings: Arc<SseSettings>) {
+        self.shared = Some(settings);
     }
 }
 
